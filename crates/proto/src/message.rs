@@ -1,0 +1,479 @@
+//! The parsed message: one `Bytes` buffer and spans into it.
+//!
+//! Parsing is split in two steps, as a server needs: [`Message::parse`] finds the start line,
+//! the header fields and the body (it fails only when nothing could be answered), and
+//! [`Message::validate`] checks the headers a transaction needs, so that a request with a bad
+//! header can still be answered with a 400 naming it.
+
+use bytes::Bytes;
+
+use crate::error::{ParseError, ParseErrorKind as K};
+use crate::header::HeaderName;
+use crate::method::Method;
+use crate::name_addr::NameAddr;
+use crate::scan;
+use crate::uri::Uri;
+use crate::via::Via;
+
+/// Bounds applied while parsing untrusted input.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseLimits {
+    /// Largest message accepted, in bytes.
+    pub max_size: usize,
+    /// Most header fields accepted.
+    pub max_headers: usize,
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        Self { max_size: 64 * 1024, max_headers: 128 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn new(start: usize, end: usize) -> Self {
+        // Messages are bounded by ParseLimits::max_size, far below u32::MAX.
+        Self { start: start as u32, end: end as u32 }
+    }
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+}
+
+/// Request or status line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartLine {
+    /// A request; the method token and URI are read with [`Message::method_str`] and
+    /// [`Message::request_uri_str`].
+    Request(Method),
+    /// A response with its status code.
+    Response(u16),
+}
+
+/// One header field as received.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderField {
+    /// The classified name.
+    pub name: HeaderName,
+    name_span: Span,
+    value: Span,
+    line: Span,
+}
+
+/// A SIP message.
+#[derive(Debug, Clone)]
+pub struct Message {
+    buf: Bytes,
+    start: StartLine,
+    first: Span,
+    second: Span,
+    start_line: Span,
+    headers: Vec<HeaderField>,
+    body: Span,
+    defect: Option<ParseError>,
+}
+
+impl Message {
+    /// Parses one complete message (a datagram, or a frame cut by [`crate::framing`]).
+    pub fn parse(buf: Bytes, limits: &ParseLimits) -> Result<Self, ParseError> {
+        if buf.len() > limits.max_size || buf.len() >= u32::MAX as usize {
+            return Err(ParseError::new(K::TooLarge));
+        }
+        let b = &buf[..];
+        // RFC 3261 §7.5: CRLFs before the start line are ignored.
+        let mut pos = 0;
+        while pos < b.len() && (b[pos] == b'\r' || b[pos] == b'\n') {
+            pos += 1;
+        }
+        let (head_end, body_start) = find_head_end(b, pos).ok_or(ParseError::new(K::MissingHeaderEnd))?;
+        let head = std::str::from_utf8(&b[pos..head_end]).map_err(|_| ParseError::new(K::NotUtf8))?;
+
+        let mut defect = None;
+        let line_end = head.find('\n').map_or(head.len(), |i| i + 1);
+        let sl = head[..line_end].trim_end_matches(['\r', '\n']);
+        let (start, first, second) = parse_start_line(sl, pos, &mut defect)?;
+        let start_line = Span::new(pos, pos + line_end);
+
+        let mut headers: Vec<HeaderField> = Vec::with_capacity(16);
+        let mut off = pos + line_end;
+        while off < head_end {
+            let rel = off - pos;
+            let nl = head[rel..].find('\n').map_or(head.len(), |i| rel + i + 1);
+            let line_end_abs = pos + nl;
+            let line = head[rel..nl].trim_end_matches(['\r', '\n']);
+            if line.starts_with([' ', '\t']) {
+                // Folded continuation (RFC 3261 §7.3.1): extends the previous value.
+                match headers.last_mut() {
+                    Some(h) => {
+                        if !scan::trim(line).is_empty() {
+                            h.value.end = (off + line.len()) as u32;
+                        }
+                        h.line.end = line_end_abs as u32;
+                    }
+                    None => set_defect(&mut defect, ParseError::new(K::BadHeaderLine)),
+                }
+                off = line_end_abs;
+                continue;
+            }
+            if headers.len() >= limits.max_headers {
+                return Err(ParseError::new(K::TooManyHeaders));
+            }
+            match line.find(':') {
+                Some(colon) => {
+                    let name = line[..colon].trim_end_matches([' ', '\t']);
+                    if !scan::is_token(name) {
+                        set_defect(&mut defect, ParseError::new(K::BadHeaderLine));
+                    } else {
+                        let vstart = colon + 1 + (line.len() - colon - 1 - line[colon + 1..].trim_start().len());
+                        headers.push(HeaderField {
+                            name: HeaderName::from_bytes(name.as_bytes()),
+                            name_span: Span::new(off, off + name.len()),
+                            value: Span::new(off + vstart, off + line.trim_end().len().max(vstart)),
+                            line: Span::new(off, line_end_abs),
+                        });
+                    }
+                }
+                None => set_defect(&mut defect, ParseError::new(K::BadHeaderLine)),
+            }
+            off = line_end_abs;
+        }
+
+        let mut msg = Self {
+            buf,
+            start,
+            first,
+            second,
+            start_line,
+            headers,
+            body: Span::new(body_start, body_start),
+            defect,
+        };
+        msg.frame_body(body_start);
+        Ok(msg)
+    }
+
+    /// Applies Content-Length (RFC 3261 §18.3): extra bytes are discarded, missing bytes are
+    /// an error; several Content-Length fields must agree.
+    fn frame_body(&mut self, body_start: usize) {
+        let total = self.buf.len();
+        let mut cl: Option<u64> = None;
+        let mut bad = false;
+        for v in self.headers_named(HeaderName::ContentLength) {
+            match (scan::parse_u64(v), cl) {
+                (None, _) => bad = true,
+                (Some(n), Some(prev)) if n != prev => bad = true,
+                (Some(n), _) => cl = Some(n),
+            }
+        }
+        let avail = (total - body_start) as u64;
+        let end = match cl {
+            Some(n) if n <= avail => body_start + n as usize,
+            Some(_) => {
+                bad = true;
+                total
+            }
+            None => total,
+        };
+        self.body = Span::new(body_start, end);
+        if bad {
+            set_defect(&mut self.defect, ParseError::in_header(K::BadContentLength, "Content-Length"));
+        }
+    }
+
+    /// Checks the header fields a server relies on (RFC 3261 §8.1.1, §16.3). An error here
+    /// still leaves the message readable enough to answer 400.
+    pub fn validate(&self) -> Result<(), ParseError> {
+        if let Some(d) = self.defect {
+            return Err(d);
+        }
+        let mut vias = 0;
+        for v in self.values(HeaderName::Via) {
+            Via::parse(v).ok_or(ParseError::in_header(K::BadHeaderValue, "Via"))?;
+            vias += 1;
+        }
+        if vias == 0 {
+            return Err(ParseError::in_header(K::MissingHeader, "Via"));
+        }
+        self.single(HeaderName::From, "From", |v| NameAddr::parse(v).is_some())?;
+        self.single(HeaderName::To, "To", |v| NameAddr::parse(v).is_some())?;
+        self.single(HeaderName::CallId, "Call-ID", |v| !v.is_empty() && !v.contains(char::is_whitespace))?;
+        self.single(HeaderName::CSeq, "CSeq", |v| parse_cseq(v).is_some())?;
+        if let Some(mf) = self.header(HeaderName::MaxForwards) {
+            if !scan::parse_u64(mf).is_some_and(|n| n <= 255) {
+                return Err(ParseError::in_header(K::BadHeaderValue, "Max-Forwards"));
+            }
+        }
+        if let Some(e) = self.header(HeaderName::Expires) {
+            if !scan::parse_u64(e).is_some_and(|n| n <= u64::from(u32::MAX)) {
+                return Err(ParseError::in_header(K::BadHeaderValue, "Expires"));
+            }
+        }
+        if let StartLine::Request(_) = self.start {
+            if let Some((_, m)) = self.cseq() {
+                if m != self.method_str() {
+                    return Err(ParseError::in_header(K::CSeqMismatch, "CSeq"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn single(&self, name: HeaderName, label: &'static str, ok: impl Fn(&str) -> bool) -> Result<(), ParseError> {
+        let mut it = self.headers_named(name);
+        let first = it.next().ok_or(ParseError::in_header(K::MissingHeader, label))?;
+        if !ok(first) {
+            return Err(ParseError::in_header(K::BadHeaderValue, label));
+        }
+        if it.next().is_some() {
+            return Err(ParseError::in_header(K::DuplicateHeader, label));
+        }
+        Ok(())
+    }
+
+    /// The whole buffer the message was parsed from.
+    pub fn bytes(&self) -> &Bytes {
+        &self.buf
+    }
+
+    /// Request or response, with method or status.
+    pub fn start_line(&self) -> StartLine {
+        self.start
+    }
+
+    /// True for requests.
+    pub fn is_request(&self) -> bool {
+        matches!(self.start, StartLine::Request(_))
+    }
+
+    /// The request method (`Method::Other` for extension methods and for responses).
+    pub fn method(&self) -> Method {
+        match self.start {
+            StartLine::Request(m) => m,
+            StartLine::Response(_) => Method::Other,
+        }
+    }
+
+    /// The method token as written (requests), or "" for responses.
+    pub fn method_str(&self) -> &str {
+        match self.start {
+            StartLine::Request(_) => self.text(self.first),
+            StartLine::Response(_) => "",
+        }
+    }
+
+    /// The Request-URI text (requests) or "" (responses).
+    pub fn request_uri_str(&self) -> &str {
+        match self.start {
+            StartLine::Request(_) => self.text(self.second),
+            StartLine::Response(_) => "",
+        }
+    }
+
+    /// The parsed Request-URI.
+    pub fn request_uri(&self) -> Option<Uri<'_>> {
+        Uri::parse(self.request_uri_str())
+    }
+
+    /// Status code of a response.
+    pub fn status(&self) -> Option<u16> {
+        match self.start {
+            StartLine::Response(c) => Some(c),
+            StartLine::Request(_) => None,
+        }
+    }
+
+    /// Reason phrase of a response.
+    pub fn reason(&self) -> &str {
+        match self.start {
+            StartLine::Response(_) => self.text(self.second),
+            StartLine::Request(_) => "",
+        }
+    }
+
+    /// The raw start line including its line ending.
+    pub fn start_line_bytes(&self) -> &[u8] {
+        &self.buf[self.start_line.range()]
+    }
+
+    /// All header fields in order.
+    pub fn fields(&self) -> &[HeaderField] {
+        &self.headers
+    }
+
+    /// The name of a field as written.
+    pub fn field_name(&self, f: &HeaderField) -> &str {
+        self.text(f.name_span)
+    }
+
+    /// The value of a field (may contain folded line breaks; scanners treat them as spaces).
+    pub fn field_value(&self, f: &HeaderField) -> &str {
+        self.text(f.value)
+    }
+
+    /// The raw bytes of a field including continuation lines and the final CRLF, for
+    /// byte-exact passthrough.
+    pub fn field_line(&self, f: &HeaderField) -> &[u8] {
+        &self.buf[f.line.range()]
+    }
+
+    /// Values of every field with this name, in order (not split at commas).
+    pub fn headers_named(&self, name: HeaderName) -> impl Iterator<Item = &str> + '_ {
+        self.headers.iter().filter(move |h| h.name == name).map(|h| self.text(h.value))
+    }
+
+    /// The first field with this name.
+    pub fn header(&self, name: HeaderName) -> Option<&str> {
+        self.headers_named(name).next()
+    }
+
+    /// Values of an unrecognised header, by case-insensitive name.
+    pub fn other_header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.name == HeaderName::Other && self.text(h.name_span).eq_ignore_ascii_case(name))
+            .map(|h| self.text(h.value))
+    }
+
+    /// Every element of a list header across all its fields (RFC 3261 §7.3.1).
+    pub fn values(&self, name: HeaderName) -> impl Iterator<Item = &str> + '_ {
+        self.headers_named(name).flat_map(scan::split_list).filter(|v| !v.is_empty())
+    }
+
+    /// The topmost Via.
+    pub fn top_via(&self) -> Option<Via<'_>> {
+        self.values(HeaderName::Via).next().and_then(Via::parse)
+    }
+
+    /// The From header.
+    pub fn from(&self) -> Option<NameAddr<'_>> {
+        self.header(HeaderName::From).and_then(NameAddr::parse)
+    }
+
+    /// The To header.
+    pub fn to(&self) -> Option<NameAddr<'_>> {
+        self.header(HeaderName::To).and_then(NameAddr::parse)
+    }
+
+    /// Call-ID, trimmed.
+    pub fn call_id(&self) -> Option<&str> {
+        self.header(HeaderName::CallId).map(scan::trim)
+    }
+
+    /// CSeq number and method.
+    pub fn cseq(&self) -> Option<(u32, &str)> {
+        self.header(HeaderName::CSeq).and_then(parse_cseq)
+    }
+
+    /// The message body (already cut to Content-Length).
+    pub fn body(&self) -> &[u8] {
+        &self.buf[self.body.range()]
+    }
+
+    /// Byte offset where the body starts (end of the header section).
+    pub fn body_offset(&self) -> usize {
+        self.body.start as usize
+    }
+
+    fn text(&self, s: Span) -> &str {
+        // The header section was checked to be UTF-8 in parse(), and spans end on ASCII
+        // delimiters, so this cannot fail; "" keeps it panic-free regardless.
+        std::str::from_utf8(&self.buf[s.range()]).unwrap_or("")
+    }
+}
+
+/// Parses `CSeq: 0009 INVITE` into (9, "INVITE"); numbers must be below 2^31 (RFC 3261 §8.1.1.5).
+fn parse_cseq(v: &str) -> Option<(u32, &str)> {
+    let v = scan::trim(v);
+    let split = v.find(|c: char| c.is_ascii_whitespace())?;
+    let n = scan::parse_u64(&v[..split])?;
+    let m = scan::trim(&v[split..]);
+    if n >= 1 << 31 || !scan::is_token(m) {
+        return None;
+    }
+    Some((n as u32, m))
+}
+
+fn set_defect(slot: &mut Option<ParseError>, e: ParseError) {
+    if slot.is_none() {
+        *slot = Some(e);
+    }
+}
+
+/// Returns (end of header lines incl. the last line's CRLF, start of body).
+fn find_head_end(b: &[u8], from: usize) -> Option<(usize, usize)> {
+    let hay = &b[from..];
+    if let Some(i) = find(hay, b"\r\n\r\n") {
+        return Some((from + i + 2, from + i + 4));
+    }
+    if let Some(i) = find(hay, b"\n\n") {
+        return Some((from + i + 1, from + i + 2));
+    }
+    // A datagram that ends right after its last header line, without the empty line.
+    if hay.ends_with(b"\r\n") || hay.ends_with(b"\n") {
+        return Some((b.len(), b.len()));
+    }
+    None
+}
+
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_start_line(
+    sl: &str,
+    base: usize,
+    defect: &mut Option<ParseError>,
+) -> Result<(StartLine, Span, Span), ParseError> {
+    let bad = ParseError::new(K::BadStartLine);
+    if let Some(rest) = sl.strip_prefix("SIP/") {
+        // Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
+        let mut it = rest.splitn(3, ' ');
+        let ver = it.next().ok_or(bad)?;
+        let code = it.next().ok_or(bad)?;
+        let _reason = it.next();
+        let code_n = scan::parse_u64(code).filter(|c| (100..700).contains(c) && code.len() == 3).ok_or(bad)?;
+        if ver != "2.0" {
+            return Err(ParseError::new(K::UnsupportedVersion));
+        }
+        let cstart = base + 4 + ver.len() + 1;
+        let rstart = (cstart + code.len() + 1).min(base + sl.len());
+        return Ok((
+            StartLine::Response(code_n as u16),
+            Span::new(cstart, cstart + code.len()),
+            Span::new(rstart, base + sl.len()),
+        ));
+    }
+    // Request-Line = Method SP Request-URI SP SIP-Version
+    let sp1 = sl.find(' ').ok_or(bad)?;
+    let sp2 = sl.rfind(' ').ok_or(bad)?;
+    if sp2 <= sp1 {
+        return Err(bad);
+    }
+    let method = &sl[..sp1];
+    if !scan::is_token(method) {
+        return Err(bad);
+    }
+    let uri = &sl[sp1 + 1..sp2];
+    let version = &sl[sp2 + 1..];
+    if !version.eq_ignore_ascii_case("SIP/2.0") {
+        if version.len() > 4 && version[..4].eq_ignore_ascii_case("SIP/") {
+            set_defect(defect, ParseError::new(K::UnsupportedVersion));
+        } else {
+            set_defect(defect, bad);
+        }
+    }
+    if uri.is_empty() || uri.contains([' ', '\t']) || Uri::parse(uri).is_none() {
+        set_defect(defect, ParseError::new(K::BadRequestUri));
+    }
+    Ok((
+        StartLine::Request(Method::from_token(method.as_bytes())),
+        Span::new(base, base + sp1),
+        Span::new(base + sp1 + 1, base + sp2),
+    ))
+}

@@ -1,0 +1,188 @@
+//! `name-addr` / `addr-spec` values (From, To, Contact, Route, Record-Route) and generic
+//! `;name=value` parameter lists.
+
+use crate::scan;
+use crate::uri::Uri;
+
+/// A `;`-separated parameter list, kept as text and scanned on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params<'a>(&'a str);
+
+impl<'a> Params<'a> {
+    /// Wraps the text after the first `;` (without it).
+    pub fn new(raw: &'a str) -> Self {
+        Self(raw)
+    }
+
+    /// The raw text.
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+
+    /// Iterates `(name, value)`; names and values are trimmed, values may be quoted.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + 'a {
+        let mut rest = Some(self.0);
+        std::iter::from_fn(move || {
+            loop {
+                let s = rest?;
+                let (item, next) = match scan::find_unquoted(s, b';') {
+                    Some(i) => (&s[..i], Some(&s[i + 1..])),
+                    None => (s, None),
+                };
+                rest = next;
+                let item = scan::trim(item);
+                if item.is_empty() {
+                    if rest.is_none() {
+                        return None;
+                    }
+                    continue;
+                }
+                return Some(match item.find('=') {
+                    Some(eq) => (scan::trim(&item[..eq]), Some(scan::trim(&item[eq + 1..]))),
+                    None => (item, None),
+                });
+            }
+        })
+    }
+
+    /// Looks a parameter up by name (case-insensitive). `Some(None)` means present without value.
+    pub fn get(&self, name: &str) -> Option<Option<&'a str>> {
+        self.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    }
+
+    /// True when the parameter is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Checks every name is a token and every value a token, quoted string or host-ish text.
+    pub fn well_formed(&self) -> bool {
+        self.iter().all(|(n, v)| {
+            scan::is_token(n)
+                && match v {
+                    None => true,
+                    Some(v) if v.starts_with('"') => {
+                        scan::quoted_end(v.as_bytes(), 0) == Some(v.len())
+                    }
+                    Some(v) => {
+                        !v.is_empty()
+                            && v.bytes().all(|b| {
+                                scan::is_token_char(b) || matches!(b, b'[' | b']' | b':')
+                            })
+                    }
+                }
+        })
+    }
+}
+
+/// A name-addr or addr-spec with its header parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameAddr<'a> {
+    /// Display name as written (quoted or tokens), if any.
+    pub display: Option<&'a str>,
+    /// The URI.
+    pub uri: Uri<'a>,
+    /// Header parameters after the URI (`tag`, `expires`, `q`, ...).
+    pub params: Params<'a>,
+}
+
+impl<'a> NameAddr<'a> {
+    /// Parses one name-addr / addr-spec (one element of a list header).
+    pub fn parse(s: &'a str) -> Option<Self> {
+        let s = scan::trim(s);
+        let b = s.as_bytes();
+        if b.is_empty() {
+            return None;
+        }
+        let (display, after_display) = if b[0] == b'"' {
+            let end = scan::quoted_end(b, 0)?;
+            let rest = scan::trim(&s[end..]);
+            if !rest.starts_with('<') {
+                return None;
+            }
+            (Some(&s[..end]), rest)
+        } else if let Some(lt) = s.find('<') {
+            let d = scan::trim(&s[..lt]);
+            if !d.bytes().all(|c| scan::is_token_char(c) || scan::is_lws(c)) {
+                return None;
+            }
+            (if d.is_empty() { None } else { Some(d) }, &s[lt..])
+        } else {
+            // addr-spec: parameters after the URI belong to the header (RFC 3261 §20).
+            let (u, p) = match s.find(';') {
+                Some(i) => (&s[..i], &s[i + 1..]),
+                None => (s, ""),
+            };
+            let uri = Uri::parse(u)?;
+            if uri.raw.contains(['?', ',']) {
+                return None;
+            }
+            let params = Params::new(p);
+            if !params.well_formed() {
+                return None;
+            }
+            return Some(Self { display: None, uri, params });
+        };
+        let inner_end = after_display.find('>')?;
+        let inner = &after_display[1..inner_end];
+        // "< sip:x@y >" is not allowed (RFC 4475 §3.1.2.15).
+        if inner.starts_with(|c: char| c.is_ascii_whitespace())
+            || inner.ends_with(|c: char| c.is_ascii_whitespace())
+        {
+            return None;
+        }
+        let uri = Uri::parse(inner)?;
+        let rest = scan::trim(&after_display[inner_end + 1..]);
+        let params = if rest.is_empty() {
+            Params::new("")
+        } else {
+            Params::new(rest.strip_prefix(';')?)
+        };
+        if !params.well_formed() {
+            return None;
+        }
+        Some(Self { display, uri, params })
+    }
+
+    /// The `tag` parameter.
+    pub fn tag(&self) -> Option<&'a str> {
+        self.params.get("tag").flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_addr_forms() {
+        let n = NameAddr::parse(r#""Bell, A" <sip:a@b.com;lr>;tag=1 ; expires=60"#).unwrap();
+        assert_eq!(n.display, Some(r#""Bell, A""#));
+        assert_eq!(n.uri.params.get("lr"), Some(None));
+        assert_eq!(n.tag(), Some("1"));
+        assert_eq!(n.params.get("expires"), Some(Some("60")));
+        let n = NameAddr::parse("sip:a@b.com;tag=x").unwrap();
+        assert_eq!(n.tag(), Some("x"));
+        assert!(n.uri.params.as_str().is_empty());
+        let n = NameAddr::parse("token1~` token2'+_ <sip:m@example.com>;tag=_t~1").unwrap();
+        assert_eq!(n.display, Some("token1~` token2'+_"));
+    }
+
+    #[test]
+    fn name_addr_rejects() {
+        assert!(NameAddr::parse("< sip:t.watson@example.org >").is_none());
+        assert!(NameAddr::parse(r#""unterminated <sip:a@b>"#).is_none());
+        assert!(NameAddr::parse("<sip:a@b").is_none());
+        assert!(NameAddr::parse("").is_none());
+    }
+
+    #[test]
+    fn params_iter() {
+        let p = Params::new(" newparam =\r\n      newvalue ;\r\n  secondparam ; q = 0.33");
+        let v: Vec<_> = p.iter().collect();
+        assert_eq!(
+            v,
+            vec![("newparam", Some("newvalue")), ("secondparam", None), ("q", Some("0.33"))]
+        );
+    }
+}

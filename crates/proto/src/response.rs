@@ -1,0 +1,251 @@
+//! Building responses to a received request (RFC 3261 §8.2.6): Via, From, To, Call-ID and
+//! CSeq are copied byte for byte, the top Via gets `received`/`rport` (RFC 3581).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::header::HeaderName;
+use crate::message::Message;
+use crate::scan;
+use crate::via::Via;
+
+/// Builds one response. Extra headers are appended in the order given.
+#[derive(Debug)]
+pub struct ResponseBuilder<'m> {
+    req: &'m Message,
+    code: u16,
+    reason: Option<&'m str>,
+    to_tag: Option<String>,
+    source: Option<SocketAddr>,
+    extra: String,
+    body: &'m [u8],
+}
+
+impl<'m> ResponseBuilder<'m> {
+    /// A response with `code` to `req`.
+    pub fn new(req: &'m Message, code: u16) -> Self {
+        Self { req, code, reason: None, to_tag: None, source: None, extra: String::new(), body: &[] }
+    }
+
+    /// Overrides the default reason phrase.
+    pub fn reason(mut self, reason: &'m str) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+
+    /// The To tag to add when the request's To has none (ignored for 100).
+    pub fn to_tag(mut self, tag: impl Into<String>) -> Self {
+        self.to_tag = Some(tag.into());
+        self
+    }
+
+    /// The address the request came from: sets `received` and fills `rport` in the top Via.
+    pub fn source(mut self, src: SocketAddr) -> Self {
+        self.source = Some(src);
+        self
+    }
+
+    /// Appends `Name: value`.
+    pub fn header(mut self, name: &str, value: impl std::fmt::Display) -> Self {
+        let _ = write!(self.extra, "{name}: {value}\r\n");
+        self
+    }
+
+    /// Sets the body (Content-Type must be added with [`Self::header`]).
+    pub fn body(mut self, body: &'m [u8]) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Serializes the response.
+    pub fn build(self) -> Bytes {
+        let req = self.req;
+        let reason = self.reason.unwrap_or_else(|| reason_phrase(self.code));
+        let mut out = BytesMut::with_capacity(512 + self.extra.len() + self.body.len());
+        let _ = write!(Writer(&mut out), "SIP/2.0 {} {}\r\n", self.code, reason);
+        let mut first_via = true;
+        for f in req.fields() {
+            match f.name {
+                HeaderName::Via if first_via => {
+                    first_via = false;
+                    write_top_via(&mut out, req.field_value(f), self.source);
+                }
+                HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
+                    out.put_slice(req.field_line(f));
+                }
+                HeaderName::To => {
+                    let value = req.field_value(f);
+                    let needs_tag = self.code > 100
+                        && self.to_tag.is_some()
+                        && crate::NameAddr::parse(value).is_some_and(|n| n.tag().is_none());
+                    if needs_tag {
+                        let _ = write!(
+                            Writer(&mut out),
+                            "To: {};tag={}\r\n",
+                            scan::trim(value),
+                            self.to_tag.as_deref().unwrap_or_default()
+                        );
+                    } else {
+                        out.put_slice(req.field_line(f));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.put_slice(self.extra.as_bytes());
+        let _ = write!(Writer(&mut out), "Content-Length: {}\r\n\r\n", self.body.len());
+        out.put_slice(self.body);
+        out.freeze()
+    }
+}
+
+/// Writes the first Via value with `received` and a filled `rport` (the value is rebuilt from
+/// its parsed parts; that is allowed for the hop we answer), keeping any further values of the
+/// same field line unchanged.
+fn write_top_via(out: &mut BytesMut, value: &str, source: Option<SocketAddr>) {
+    let (first, rest) = match scan::find_unquoted(value, b',') {
+        Some(i) => (scan::trim(&value[..i]), Some(&value[i..])),
+        None => (scan::trim(value), None),
+    };
+    out.put_slice(b"Via: ");
+    match (source, Via::parse(first)) {
+        (Some(src), Some(via)) => {
+            let mut w = Writer(out);
+            let _ = write!(w, "SIP/2.0/{} {}", via.transport, via.host.as_str());
+            if let Some(p) = via.port {
+                let _ = write!(w, ":{p}");
+            }
+            let mut has_rport = false;
+            for (name, v) in via.params.iter() {
+                if name.eq_ignore_ascii_case("received") {
+                    continue;
+                }
+                if name.eq_ignore_ascii_case("rport") {
+                    has_rport = true;
+                    let _ = write!(w, ";rport={}", src.port());
+                    continue;
+                }
+                match v {
+                    Some(v) => {
+                        let _ = write!(w, ";{name}={v}");
+                    }
+                    None => {
+                        let _ = write!(w, ";{name}");
+                    }
+                }
+            }
+            if has_rport || via.host.ip() != Some(src.ip()) {
+                let _ = write!(w, ";received={}", fmt_ip(src.ip()));
+            }
+        }
+        _ => out.put_slice(first.as_bytes()),
+    }
+    if let Some(rest) = rest {
+        out.put_slice(rest.as_bytes());
+    }
+    out.put_slice(b"\r\n");
+}
+
+fn fmt_ip(ip: IpAddr) -> String {
+    // RFC 3261 §20.42 and RFC 5118: received carries an IPv6 address without brackets.
+    ip.to_string()
+}
+
+struct Writer<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for Writer<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.put_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Default reason phrases (RFC 3261 §21 and extensions).
+pub fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        100 => "Trying",
+        180 => "Ringing",
+        181 => "Call Is Being Forwarded",
+        182 => "Queued",
+        183 => "Session Progress",
+        200 => "OK",
+        202 => "Accepted",
+        300 => "Multiple Choices",
+        301 => "Moved Permanently",
+        302 => "Moved Temporarily",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        413 => "Request Entity Too Large",
+        415 => "Unsupported Media Type",
+        416 => "Unsupported URI Scheme",
+        420 => "Bad Extension",
+        423 => "Interval Too Brief",
+        429 => "Too Many Requests",
+        480 => "Temporarily Unavailable",
+        481 => "Call/Transaction Does Not Exist",
+        482 => "Loop Detected",
+        483 => "Too Many Hops",
+        486 => "Busy Here",
+        487 => "Request Terminated",
+        488 => "Not Acceptable Here",
+        500 => "Server Internal Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        504 => "Server Time-out",
+        505 => "Version Not Supported",
+        513 => "Message Too Large",
+        600 => "Busy Everywhere",
+        603 => "Decline",
+        604 => "Does Not Exist Anywhere",
+        606 => "Not Acceptable",
+        _ => match code / 100 {
+            1 => "Progress",
+            2 => "OK",
+            3 => "Redirect",
+            4 => "Client Error",
+            5 => "Server Error",
+            _ => "Global Failure",
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::ParseLimits;
+
+    fn req(s: &str) -> Message {
+        Message::parse(Bytes::from(s.replace('\n', "\r\n")), &ParseLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn copies_and_fills_via() {
+        let r = req("REGISTER sip:example.com SIP/2.0\nVia: SIP/2.0/UDP 10.0.0.5:5060;rport;branch=z9hG4bK1, SIP/2.0/UDP x.y\nVia: SIP/2.0/UDP second\nFrom: <sip:a@example.com>;tag=f\nTo: <sip:a@example.com>\nCall-ID: c1\nCSeq: 1 REGISTER\nX-Other: y\nContent-Length: 0\n\n");
+        let src: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+        let out = ResponseBuilder::new(&r, 200).source(src).to_tag("t1").header("Expires", 60).build();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert!(s.starts_with("SIP/2.0 200 OK\r\n"));
+        assert!(s.contains("Via: SIP/2.0/UDP 10.0.0.5:5060;rport=40000;branch=z9hG4bK1;received=203.0.113.9, SIP/2.0/UDP x.y\r\nVia: SIP/2.0/UDP second\r\n"), "{s}");
+        assert!(s.contains("To: <sip:a@example.com>;tag=t1\r\n"));
+        assert!(!s.contains("X-Other"));
+        assert!(s.ends_with("Expires: 60\r\nContent-Length: 0\r\n\r\n"));
+        let parsed = Message::parse(out.clone(), &ParseLimits::default()).unwrap();
+        parsed.validate().unwrap();
+        assert_eq!(parsed.status(), Some(200));
+    }
+
+    #[test]
+    fn no_received_when_host_matches() {
+        let r = req("OPTIONS sip:example.com SIP/2.0\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK2;received=1.1.1.1\nFrom: <sip:a@example.com>;tag=f\nTo: <sip:a@example.com>\nCall-ID: c1\nCSeq: 1 OPTIONS\n\n");
+        let out = ResponseBuilder::new(&r, 200).source("127.0.0.1:5062".parse().unwrap()).build();
+        let s = std::str::from_utf8(&out).unwrap();
+        assert!(s.contains("Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK2\r\n"), "{s}");
+    }
+}

@@ -1,0 +1,202 @@
+//! Low-level scanning shared by the typed header views.
+//!
+//! Header values are kept as slices of the received message. Folded lines (CRLF followed by
+//! whitespace) are equivalent to a space (RFC 3261 §7.3.1), so every scanner here treats CR and
+//! LF as whitespace instead of copying the value to unfold it.
+
+use std::borrow::Cow;
+
+/// Whitespace including the CR/LF of folded lines.
+pub fn is_lws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// `token` characters of RFC 3261 §25.1.
+pub fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(b, b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~')
+}
+
+/// True when `s` is a non-empty token.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(is_token_char)
+}
+
+/// Trims linear whitespace (including folding) from both ends.
+pub fn trim(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_ascii() && is_lws(c as u8))
+}
+
+/// Splits a list header value at commas that are outside quoted strings and `<...>`.
+pub fn split_list(s: &str) -> ListIter<'_> {
+    ListIter { rest: Some(s) }
+}
+
+/// Iterator returned by [`split_list`]; yields trimmed, possibly empty elements.
+#[derive(Debug, Clone)]
+pub struct ListIter<'a> {
+    rest: Option<&'a str>,
+}
+
+impl<'a> Iterator for ListIter<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let s = self.rest?;
+        match find_unquoted(s, b',') {
+            Some(i) => {
+                self.rest = Some(&s[i + 1..]);
+                Some(trim(&s[..i]))
+            }
+            None => {
+                self.rest = None;
+                Some(trim(s))
+            }
+        }
+    }
+}
+
+/// Position of the first `sep` outside quoted strings and angle brackets.
+pub fn find_unquoted(s: &str, sep: u8) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut in_quotes = false;
+    let mut in_angle = false;
+    while i < b.len() {
+        let c = b[i];
+        if in_quotes {
+            match c {
+                b'\\' => i += 1,
+                b'"' => in_quotes = false,
+                _ => {}
+            }
+        } else if in_angle {
+            if c == b'>' {
+                in_angle = false;
+            }
+        } else if c == b'"' {
+            in_quotes = true;
+        } else if c == b'<' {
+            in_angle = true;
+        } else if c == sep {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Removes surrounding quotes and resolves `\x` quoted-pairs. Unquoted input is returned trimmed.
+pub fn unquote(s: &str) -> Cow<'_, str> {
+    let s = trim(s);
+    let Some(inner) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
+        return Cow::Borrowed(s);
+    };
+    if !inner.contains('\\') {
+        return Cow::Borrowed(inner);
+    }
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Checks a quoted string is closed and its escapes complete; returns the index after it.
+pub fn quoted_end(s: &[u8], start: usize) -> Option<usize> {
+    debug_assert_eq!(s.get(start), Some(&b'"'));
+    let mut i = start + 1;
+    while i < s.len() {
+        match s[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Parses an unsigned decimal with optional surrounding whitespace; leading zeros allowed.
+/// Returns `None` for empty, non-digit or overflowing values: never wraps.
+pub fn parse_u64(s: &str) -> Option<u64> {
+    let s = trim(s);
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for b in s.bytes() {
+        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(v)
+}
+
+/// Case-insensitive ASCII comparison.
+pub fn eq_ic(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Decodes `%HH` escapes (RFC 3261 §19.1.4 URI comparison); invalid escapes stay as they are.
+pub fn pct_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    match String::from_utf8(out) {
+        Ok(s) => Cow::Owned(s),
+        Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_split_respects_quotes_and_angles() {
+        let v: Vec<_> =
+            split_list(r#""a,b" <sip:x@y;p=1,2>;q=1 , <sip:z@w>,"c\",d" <sip:e>"#).collect();
+        assert_eq!(v, vec![r#""a,b" <sip:x@y;p=1,2>;q=1"#, "<sip:z@w>", r#""c\",d" <sip:e>"#]);
+    }
+
+    #[test]
+    fn unquote_escapes() {
+        assert_eq!(unquote(r#" "J Rosenberg \\\"" "#), r#"J Rosenberg \""#);
+        assert_eq!(unquote("plain"), "plain");
+    }
+
+    #[test]
+    fn numbers_never_wrap() {
+        assert_eq!(parse_u64(" 0068 "), Some(68));
+        assert_eq!(parse_u64("18446744073709551616"), None);
+        assert_eq!(parse_u64("12a"), None);
+        assert_eq!(parse_u64(""), None);
+    }
+
+    #[test]
+    fn pct() {
+        assert_eq!(pct_decode("%75se%72"), "user");
+        assert_eq!(pct_decode("%Z%45"), "%ZE");
+        assert_eq!(pct_decode("100%"), "100%");
+    }
+}
