@@ -1,1 +1,19 @@
-//! placeholder
+//! Sans-IO logic of careflow-sip.
+//!
+//! Everything here takes the current time as an argument and returns decisions; nothing reads
+//! a clock, touches a socket or a database. The `careflow-server` crate drives it.
+//!
+//! - [`nonce`]: stateless HMAC nonces and nonce-count replay tracking.
+//! - [`auth`]: digest challenges and verification (RFC 3261 §22, RFC 7616/8760).
+//! - [`registrar`]: which bindings a REGISTER adds, refreshes or removes (RFC 3261 §10.3).
+//! - [`transaction`]: non-INVITE server transactions (RFC 3261 §17.2.2).
+//! - [`binding`]: the location-service record shared by the registrar and the stores.
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod binding;
+pub mod nonce;
+pub mod registrar;
+pub mod transaction;
+
+pub use binding::{Binding, Transport};

@@ -1,0 +1,258 @@
+//! Digest authentication decisions (RFC 3261 §22, RFC 7616, RFC 8760).
+//!
+//! Verification is split in two so the caller can load the subscriber in between without
+//! this crate doing I/O: [`Authenticator::prepare`] checks everything that needs no
+//! subscriber (realm, algorithm, nonce), then [`Authenticator::finish`] checks the response
+//! against the stored HA1, or against a decoy HA1 when there is no such subscriber, so an
+//! unknown user and a wrong password take the same path and produce the same answer.
+
+use std::sync::Mutex;
+
+use careflow_proto::digest::{Algorithm, Credentials, expected_response};
+use subtle::ConstantTimeEq;
+
+use crate::nonce::{NonceCheck, NonceId, NonceIssuer, ReplayGuard};
+
+/// Outcome of verifying credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The credentials are valid for the subscriber.
+    Accepted,
+    /// Answer with a new challenge; `stale` when only the nonce had expired.
+    Challenge {
+        /// `stale=true` in the challenge.
+        stale: bool,
+    },
+}
+
+/// Why credentials were refused, for logs and metrics only: never sent to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Realm differs from ours.
+    WrongRealm,
+    /// Algorithm not offered.
+    UnsupportedAlgorithm,
+    /// Nonce not issued by us.
+    BadNonce,
+    /// Nonce expired (not a failure of the user).
+    StaleNonce,
+    /// No such subscriber, or disabled.
+    UnknownUser,
+    /// Response did not match.
+    WrongPassword,
+    /// Nonce count replayed.
+    Replay,
+    /// qop other than auth, or qop without nc/cnonce.
+    BadQop,
+}
+
+/// Checks that passed before the subscriber lookup.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    /// The algorithm the client used; pick the matching HA1.
+    pub algorithm: Algorithm,
+    nonce: Option<NonceId>,
+}
+
+/// Issues challenges and verifies credentials.
+#[derive(Debug)]
+pub struct Authenticator {
+    nonces: NonceIssuer,
+    replay: Mutex<ReplayGuard>,
+    algorithms: Vec<Algorithm>,
+}
+
+impl Authenticator {
+    /// `algorithms` in the order challenges are sent (one header per algorithm).
+    pub fn new(nonces: NonceIssuer, algorithms: Vec<Algorithm>, max_tracked_nonces: usize) -> Self {
+        Self { nonces, replay: Mutex::new(ReplayGuard::new(max_tracked_nonces)), algorithms }
+    }
+
+    /// The challenge header values (for WWW-Authenticate or Proxy-Authenticate).
+    pub fn challenges(&self, realm: &str, now: u64, stale: bool) -> Vec<String> {
+        let nonce = self.nonces.issue(realm, now);
+        self.algorithms
+            .iter()
+            .map(|a| {
+                format!(
+                    "Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{}",
+                    a.as_str(),
+                    if stale { ", stale=true" } else { "" }
+                )
+            })
+            .collect()
+    }
+
+    /// First step: realm, algorithm, qop and nonce.
+    pub fn prepare(&self, c: &Credentials<'_>, realm: &str, now: u64) -> Result<Pending, Failure> {
+        if c.realm != realm {
+            return Err(Failure::WrongRealm);
+        }
+        let algorithm = Algorithm::from_token(c.algorithm).ok_or(Failure::UnsupportedAlgorithm)?;
+        if !self.algorithms.contains(&algorithm) {
+            return Err(Failure::UnsupportedAlgorithm);
+        }
+        match c.qop {
+            None => {}
+            Some(q) if q.eq_ignore_ascii_case("auth") => {
+                if c.nc_value().is_none() || c.cnonce.as_deref().is_none_or(str::is_empty) {
+                    return Err(Failure::BadQop);
+                }
+            }
+            Some(_) => return Err(Failure::BadQop),
+        }
+        match self.nonces.check(&c.nonce, realm, now) {
+            NonceCheck::Fresh(id) => Ok(Pending { algorithm, nonce: Some(id) }),
+            NonceCheck::Stale => Ok(Pending { algorithm, nonce: None }),
+            NonceCheck::Invalid => Err(Failure::BadNonce),
+        }
+    }
+
+    /// Second step: the response against the subscriber's HA1 for `pending.algorithm`
+    /// (`None` when the subscriber does not exist or is disabled).
+    pub fn finish(
+        &self,
+        pending: Pending,
+        c: &Credentials<'_>,
+        method: &str,
+        ha1: Option<&str>,
+        now: u64,
+    ) -> Result<(), (Failure, Verdict)> {
+        let decoy;
+        let ha1_used = match ha1 {
+            Some(h) => h,
+            None => {
+                decoy = self.nonces.decoy_ha1(&c.username, pending.algorithm.hex_len());
+                &decoy
+            }
+        };
+        let expected = expected_response(pending.algorithm, ha1_used, c, method);
+        let given = c.response.to_ascii_lowercase();
+        let matches = expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()));
+        let Some(id) = pending.nonce else {
+            // RFC 7616 §3.3: stale=true only when the digest itself was right.
+            let right = matches && ha1.is_some();
+            return Err((Failure::StaleNonce, Verdict::Challenge { stale: right }));
+        };
+        if ha1.is_none() {
+            return Err((Failure::UnknownUser, Verdict::Challenge { stale: false }));
+        }
+        if !matches {
+            return Err((Failure::WrongPassword, Verdict::Challenge { stale: false }));
+        }
+        let nc = c.nc_value().unwrap_or(0);
+        let fresh = match self.replay.lock() {
+            Ok(mut g) => g.accept(id, nc, now, self.nonces.ttl_secs()),
+            Err(_) => false,
+        };
+        if !fresh {
+            return Err((Failure::Replay, Verdict::Challenge { stale: false }));
+        }
+        Ok(())
+    }
+
+    /// Drops replay state for expired nonces; call periodically.
+    pub fn sweep(&self, now: u64) {
+        if let Ok(mut g) = self.replay.lock() {
+            g.sweep(now, self.nonces.ttl_secs());
+        }
+    }
+
+    /// Nonces currently tracked for replay protection.
+    pub fn tracked_nonces(&self) -> usize {
+        self.replay.lock().map(|g| g.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use careflow_proto::digest::ha1;
+
+    use super::*;
+
+    fn auth() -> Authenticator {
+        Authenticator::new(NonceIssuer::new([1; 32], 300, 0), vec![Algorithm::Sha256, Algorithm::Md5], 1000)
+    }
+
+    fn nonce_of(ch: &str) -> &str {
+        let i = ch.find("nonce=\"").unwrap() + 7;
+        &ch[i..i + 64]
+    }
+
+    fn creds(alg: Algorithm, user: &str, pass: &str, nonce: &str, nc: &str) -> String {
+        let h = ha1(alg, user, "example.com", pass);
+        let mut c = Credentials {
+            username: user.into(),
+            realm: "example.com".into(),
+            nonce: nonce.into(),
+            uri: "sip:example.com".into(),
+            response: "".into(),
+            algorithm: Some(alg.as_str()),
+            cnonce: Some("abc".into()),
+            qop: Some("auth"),
+            nc: Some(nc),
+            opaque: None,
+        };
+        c.response = expected_response(alg, &h, &c, "REGISTER").into();
+        format!(
+            "Digest username=\"{user}\", realm=\"example.com\", nonce=\"{nonce}\", uri=\"sip:example.com\", response=\"{}\", algorithm={}, cnonce=\"abc\", qop=auth, nc={nc}",
+            c.response,
+            alg.as_str()
+        )
+    }
+
+    fn run(a: &Authenticator, header: &str, stored_pass: Option<&str>, now: u64) -> Result<(), (Failure, Verdict)> {
+        let c = Credentials::parse(header).unwrap();
+        let p = a.prepare(&c, "example.com", now).map_err(|f| (f, Verdict::Challenge { stale: false }))?;
+        let h = stored_pass.map(|pw| ha1(p.algorithm, &c.username, "example.com", pw));
+        a.finish(p, &c, "REGISTER", h.as_deref(), now)
+    }
+
+    #[test]
+    fn both_algorithms_accept_and_replay_is_refused() {
+        let a = auth();
+        let ch = a.challenges("example.com", 100, false);
+        assert_eq!(ch.len(), 2);
+        assert!(ch[0].contains("algorithm=SHA-256") && ch[1].contains("algorithm=MD5"));
+        let nonce = nonce_of(&ch[0]).to_string();
+        for alg in [Algorithm::Md5, Algorithm::Sha256] {
+            let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
+            assert_eq!(run(&a, &creds(alg, "alice", "pw", &nonce, "00000001"), Some("pw"), 101), Ok(()));
+            assert_eq!(
+                run(&a, &creds(alg, "alice", "pw", &nonce, "00000001"), Some("pw"), 102).unwrap_err().0,
+                Failure::Replay
+            );
+            assert_eq!(run(&a, &creds(alg, "alice", "pw", &nonce, "00000002"), Some("pw"), 102), Ok(()));
+        }
+        let _ = nonce;
+    }
+
+    #[test]
+    fn unknown_user_and_wrong_password_look_alike() {
+        let a = auth();
+        let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
+        let wrong = run(&a, &creds(Algorithm::Md5, "alice", "bad", &nonce, "00000001"), Some("pw"), 101);
+        let unknown = run(&a, &creds(Algorithm::Md5, "mallory", "x", &nonce, "00000001"), None, 101);
+        assert_eq!(wrong.unwrap_err().1, unknown.unwrap_err().1);
+    }
+
+    #[test]
+    fn stale_only_when_digest_was_right() {
+        let a = auth();
+        let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
+        let ok = run(&a, &creds(Algorithm::Md5, "alice", "pw", &nonce, "00000001"), Some("pw"), 500);
+        assert_eq!(ok.unwrap_err(), (Failure::StaleNonce, Verdict::Challenge { stale: true }));
+        let bad = run(&a, &creds(Algorithm::Md5, "alice", "no", &nonce, "00000001"), Some("pw"), 500);
+        assert_eq!(bad.unwrap_err().1, Verdict::Challenge { stale: false });
+    }
+
+    #[test]
+    fn wrong_realm_and_algorithm() {
+        let a = Authenticator::new(NonceIssuer::new([1; 32], 300, 0), vec![Algorithm::Md5], 10);
+        let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
+        let h = creds(Algorithm::Sha256, "alice", "pw", &nonce, "00000001");
+        assert_eq!(run(&a, &h, Some("pw"), 101).unwrap_err().0, Failure::UnsupportedAlgorithm);
+        let h = creds(Algorithm::Md5, "alice", "pw", &nonce, "00000001").replace("realm=\"example.com\"", "realm=\"x\"");
+        assert_eq!(run(&a, &h, Some("pw"), 101).unwrap_err().0, Failure::WrongRealm);
+    }
+}

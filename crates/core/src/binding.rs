@@ -1,0 +1,107 @@
+//! A registered contact (one row of the location service).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+/// A SIP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP
+    Udp,
+    /// TCP
+    Tcp,
+    /// TLS over TCP
+    Tls,
+    /// WebSocket (RFC 7118)
+    Ws,
+    /// Secure WebSocket
+    Wss,
+}
+
+impl Transport {
+    /// Lower-case name, as used in config and storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+            Self::Ws => "ws",
+            Self::Wss => "wss",
+        }
+    }
+
+    /// The token written in a Via header.
+    pub fn via_token(self) -> &'static str {
+        match self {
+            Self::Udp => "UDP",
+            Self::Tcp => "TCP",
+            Self::Tls => "TLS",
+            Self::Ws => "WS",
+            Self::Wss => "WSS",
+        }
+    }
+
+    /// Connection-oriented transports need no retransmissions (RFC 3261 §17).
+    pub fn is_reliable(self) -> bool {
+        !matches!(self, Self::Udp)
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Transport {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "udp" => Self::Udp,
+            "tcp" => Self::Tcp,
+            "tls" => Self::Tls,
+            "ws" => Self::Ws,
+            "wss" => Self::Wss,
+            _ => return Err(()),
+        })
+    }
+}
+
+/// One binding of an address-of-record to a contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// Stable id, for deregistering one device from the API.
+    pub id: u64,
+    /// Address-of-record key `user@domain`.
+    pub aor: String,
+    /// The contact URI as registered.
+    pub contact: String,
+    /// Call-ID of the registering UA (RFC 3261 §10.3 step 7 ordering).
+    pub call_id: String,
+    /// CSeq of the last REGISTER that touched this binding.
+    pub cseq: u32,
+    /// Unix seconds when it expires.
+    pub expires_at: u64,
+    /// Unix seconds when it was first registered.
+    pub registered_at: u64,
+    /// `q` value times 1000, when given.
+    pub q: Option<u16>,
+    /// `+sip.instance` (RFC 5626), stored for outbound support.
+    pub instance: Option<String>,
+    /// `reg-id` (RFC 5626).
+    pub reg_id: Option<u32>,
+    /// Transport the REGISTER arrived over.
+    pub transport: Transport,
+    /// Source address of the REGISTER (where a NATed device is reachable).
+    pub source: SocketAddr,
+    /// User-Agent of the registering device.
+    pub user_agent: Option<String>,
+}
+
+impl Binding {
+    /// Seconds left at `now` (0 once expired).
+    pub fn expires_in(&self, now: u64) -> u64 {
+        self.expires_at.saturating_sub(now)
+    }
+}

@@ -1,0 +1,233 @@
+//! Stateless digest nonces and replay tracking.
+//!
+//! A nonce is `hex(issued_at) hex(counter) hex(mac)` where the MAC is HMAC-SHA-256 over the
+//! first two fields and the realm with a server secret, truncated to 128 bits. Any node that
+//! shares the secret can verify it; no per-nonce state is kept until a client uses it.
+//! Nonce counts (`nc`) are then tracked per nonce so a replayed request is refused.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Result of checking a nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    /// Ours and fresh; the id keys replay tracking.
+    Fresh(NonceId),
+    /// Ours but older than the lifetime: answer with `stale=true`.
+    Stale,
+    /// Not issued by us (or for another realm).
+    Invalid,
+}
+
+/// Identity of one issued nonce (issue time and counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NonceId {
+    issued_at: u64,
+    counter: u64,
+}
+
+/// Issues and verifies nonces.
+pub struct NonceIssuer {
+    secret: [u8; 32],
+    ttl_secs: u64,
+    counter: AtomicU64,
+}
+
+impl std::fmt::Debug for NonceIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NonceIssuer").field("ttl_secs", &self.ttl_secs).finish_non_exhaustive()
+    }
+}
+
+impl NonceIssuer {
+    /// `counter_start` should be random so restarted servers do not reissue old values.
+    pub fn new(secret: [u8; 32], ttl_secs: u64, counter_start: u64) -> Self {
+        Self { secret, ttl_secs, counter: AtomicU64::new(counter_start) }
+    }
+
+    /// Lifetime of a nonce in seconds.
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl_secs
+    }
+
+    /// A new nonce for `realm` at unix time `now`.
+    pub fn issue(&self, realm: &str, now: u64) -> String {
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mac = self.mac(now, counter, realm);
+        let mut s = String::with_capacity(64);
+        push_hex(&mut s, &now.to_be_bytes());
+        push_hex(&mut s, &counter.to_be_bytes());
+        push_hex(&mut s, &mac);
+        s
+    }
+
+    /// Verifies a nonce presented by a client.
+    pub fn check(&self, nonce: &str, realm: &str, now: u64) -> NonceCheck {
+        let Some(raw) = decode_hex::<32>(nonce) else { return NonceCheck::Invalid };
+        let issued_at = u64::from_be_bytes(raw[0..8].try_into().unwrap_or_default());
+        let counter = u64::from_be_bytes(raw[8..16].try_into().unwrap_or_default());
+        let mac = self.mac(issued_at, counter, realm);
+        if !bool::from(mac.ct_eq(&raw[16..32])) {
+            return NonceCheck::Invalid;
+        }
+        // A nonce "from the future" (clock stepped back) is treated as fresh but bounded.
+        if now > issued_at.saturating_add(self.ttl_secs) || issued_at > now.saturating_add(60) {
+            return NonceCheck::Stale;
+        }
+        NonceCheck::Fresh(NonceId { issued_at, counter })
+    }
+
+    fn mac(&self, issued_at: u64, counter: u64, realm: &str) -> [u8; 16] {
+        let mut m = HmacSha256::new_from_slice(&self.secret).unwrap_or_else(|_| unreachable!());
+        m.update(&issued_at.to_be_bytes());
+        m.update(&counter.to_be_bytes());
+        m.update(realm.as_bytes());
+        let full = m.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+
+    /// A deterministic fake HA1 for a username that does not exist, so that verifying it
+    /// costs the same as a real one (anti-enumeration).
+    pub fn decoy_ha1(&self, username: &str, hex_len: usize) -> String {
+        let mut m = HmacSha256::new_from_slice(&self.secret).unwrap_or_else(|_| unreachable!());
+        m.update(b"decoy-ha1");
+        m.update(username.as_bytes());
+        let d = m.finalize().into_bytes();
+        let mut s = String::with_capacity(64);
+        push_hex(&mut s, &d);
+        s.truncate(hex_len);
+        s
+    }
+}
+
+/// Remembers the highest nonce count seen per nonce, for the nonce lifetime.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    seen: HashMap<NonceId, u32>,
+    max_entries: usize,
+}
+
+impl ReplayGuard {
+    /// A guard holding at most `max_entries` nonces (older ones are dropped first when full).
+    pub fn new(max_entries: usize) -> Self {
+        Self { seen: HashMap::new(), max_entries }
+    }
+
+    /// Accepts `nc` for `id` if it is higher than any seen before. Requests without qop
+    /// (no nc) may use a nonce once (`nc` = 0 then).
+    pub fn accept(&mut self, id: NonceId, nc: u32, now: u64, ttl: u64) -> bool {
+        if let Some(last) = self.seen.get_mut(&id) {
+            if nc <= *last {
+                return false;
+            }
+            *last = nc;
+            return true;
+        }
+        if self.seen.len() >= self.max_entries {
+            self.sweep(now, ttl);
+            if self.seen.len() >= self.max_entries {
+                // Still full of live nonces: refuse, the client gets a new challenge.
+                return false;
+            }
+        }
+        self.seen.insert(id, nc);
+        true
+    }
+
+    /// Forgets nonces that can no longer be used.
+    pub fn sweep(&mut self, now: u64, ttl: u64) {
+        self.seen.retain(|id, _| id.issued_at.saturating_add(ttl) >= now);
+    }
+
+    /// Nonces tracked.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// True when no nonce is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+fn push_hex(s: &mut String, b: &[u8]) {
+    s.push_str(&careflow_proto::digest::hex(b));
+}
+
+fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let b = s.as_bytes();
+    if b.len() != N * 2 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        let h = (b[2 * i] as char).to_digit(16)?;
+        let l = (b[2 * i + 1] as char).to_digit(16)?;
+        *o = (h * 16 + l) as u8;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer() -> NonceIssuer {
+        NonceIssuer::new([7; 32], 300, 42)
+    }
+
+    #[test]
+    fn fresh_stale_invalid() {
+        let n = issuer();
+        let nonce = n.issue("example.com", 1000);
+        assert!(matches!(n.check(&nonce, "example.com", 1100), NonceCheck::Fresh(_)));
+        assert_eq!(n.check(&nonce, "example.com", 1301), NonceCheck::Stale);
+        assert_eq!(n.check(&nonce, "other.com", 1100), NonceCheck::Invalid);
+        let mut forged = nonce.clone().into_bytes();
+        forged[63] = if forged[63] == b'0' { b'1' } else { b'0' };
+        assert_eq!(n.check(std::str::from_utf8(&forged).unwrap(), "example.com", 1100), NonceCheck::Invalid);
+        assert_eq!(n.check("zz", "example.com", 1100), NonceCheck::Invalid);
+        assert_ne!(n.issue("example.com", 1000), nonce, "nonces are unique within a second");
+        // another node with another secret cannot verify it
+        let other = NonceIssuer::new([8; 32], 300, 0);
+        assert_eq!(other.check(&nonce, "example.com", 1100), NonceCheck::Invalid);
+    }
+
+    #[test]
+    fn replayed_nc_is_refused() {
+        let n = issuer();
+        let nonce = n.issue("r", 10);
+        let NonceCheck::Fresh(id) = n.check(&nonce, "r", 10) else { panic!() };
+        let mut g = ReplayGuard::new(10);
+        assert!(g.accept(id, 1, 10, 300));
+        assert!(!g.accept(id, 1, 11, 300));
+        assert!(g.accept(id, 2, 11, 300));
+        assert!(!g.accept(id, 2, 11, 300));
+        g.sweep(400, 300);
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn guard_is_bounded() {
+        let n = issuer();
+        let mut g = ReplayGuard::new(2);
+        let ids: Vec<_> = (0..3)
+            .map(|_| match n.check(&n.issue("r", 10), "r", 10) {
+                NonceCheck::Fresh(id) => id,
+                _ => panic!(),
+            })
+            .collect();
+        assert!(g.accept(ids[0], 1, 10, 300));
+        assert!(g.accept(ids[1], 1, 10, 300));
+        assert!(!g.accept(ids[2], 1, 10, 300));
+        assert_eq!(g.len(), 2);
+    }
+}
