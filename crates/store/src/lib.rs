@@ -1,1 +1,88 @@
-//! placeholder
+//! Storage for careflow-sip, behind two traits that state what the SIP side needs:
+//!
+//! - [`SubscriberStore`]: subscribers with HA1 digests (never passwords).
+//! - [`LocationStore`]: registered bindings per address-of-record, updated atomically.
+//!
+//! Backends are modules: [`sqlite`] (the embedded default, subscribers) and [`location`]
+//! (in-memory bindings persisted to an SQLite journal in the data directory). PostgreSQL,
+//! MySQL and Redis backends implement the same traits.
+#![warn(missing_docs)]
+
+pub mod location;
+mod migrations;
+pub mod sqlite;
+mod subscriber;
+
+use async_trait::async_trait;
+use careflow_core::Binding;
+use careflow_core::registrar::{Outcome, Reject};
+
+pub use subscriber::{NewSubscriber, Subscriber};
+
+/// Storage failures. Callers treat every variant as "fail safe": no one is authenticated
+/// while the store is unavailable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be opened or answered with an error.
+    #[error("database error: {0}")]
+    Database(String),
+    /// A subscriber with that username and domain exists already.
+    #[error("subscriber {0} exists already")]
+    Conflict(String),
+    /// The URL names a backend this build does not have.
+    #[error("unsupported database URL: {0}")]
+    Unsupported(String),
+    /// Bad input (e.g. a malformed import row), with the reason.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Self::Conflict("(username, domain)".into())
+            }
+            other => Self::Database(other.to_string()),
+        }
+    }
+}
+
+/// Subscriber records.
+#[async_trait]
+pub trait SubscriberStore: Send + Sync {
+    /// The subscriber `username@domain`, enabled or not.
+    async fn find(&self, username: &str, domain: &str) -> Result<Option<Subscriber>, StoreError>;
+    /// Adds a subscriber; [`StoreError::Conflict`] when it exists.
+    async fn add(&self, s: NewSubscriber) -> Result<(), StoreError>;
+    /// Replaces both HA1 digests; false when there is no such subscriber.
+    async fn set_ha1(&self, username: &str, domain: &str, md5: &str, sha256: &str) -> Result<bool, StoreError>;
+    /// Enables or disables; false when there is no such subscriber.
+    async fn set_enabled(&self, username: &str, domain: &str, enabled: bool) -> Result<bool, StoreError>;
+    /// Removes; false when there was no such subscriber.
+    async fn remove(&self, username: &str, domain: &str) -> Result<bool, StoreError>;
+    /// Every subscriber, ordered by domain and username.
+    async fn list(&self) -> Result<Vec<Subscriber>, StoreError>;
+    /// Inserts or updates many subscribers in one transaction; returns how many.
+    async fn import(&self, rows: Vec<NewSubscriber>) -> Result<usize, StoreError>;
+}
+
+/// A registrar decision applied to the current bindings of one AoR.
+pub type UpdateFn<'a> = &'a (dyn Fn(&[Binding]) -> Result<Outcome, Reject> + Send + Sync);
+
+/// The location service.
+#[async_trait]
+pub trait LocationStore: Send + Sync {
+    /// Applies `decide` to the AoR's bindings atomically and stores the result durably
+    /// before returning it.
+    async fn update(&self, aor: &str, decide: UpdateFn<'_>) -> Result<Result<Outcome, Reject>, StoreError>;
+    /// Live bindings of an AoR at `now`.
+    async fn lookup(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError>;
+    /// Every live binding at `now`.
+    async fn all(&self, now: u64) -> Result<Vec<Binding>, StoreError>;
+    /// Removes bindings expired at `now`; returns how many.
+    async fn remove_expired(&self, now: u64) -> Result<usize, StoreError>;
+    /// Number of bindings held (for metrics).
+    fn count(&self) -> usize;
+}

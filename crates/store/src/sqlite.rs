@@ -1,0 +1,224 @@
+//! The embedded subscriber store: one SQLite file, opened in WAL mode.
+//!
+//! Calls run inline under a mutex: a primary-key lookup in a local SQLite file takes a few
+//! microseconds, less than handing the work to a blocking thread would cost.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::migrations::{SUBSCRIBER_MIGRATIONS, migrate};
+use crate::{NewSubscriber, StoreError, Subscriber, SubscriberStore};
+
+/// Where the subscriber store lives, parsed from `DB_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbUrl {
+    /// `sqlite://PATH` or `sqlite:PATH`.
+    Sqlite(PathBuf),
+    /// `postgres://...` (not in this build yet).
+    Postgres(String),
+    /// `mysql://...` (not in this build yet).
+    Mysql(String),
+}
+
+impl DbUrl {
+    /// Parses a database URL; the error says what is accepted.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(p) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            if p.is_empty() {
+                return Err("sqlite URL needs a file path, e.g. sqlite:///var/lib/careflow-sip/careflow.db".into());
+            }
+            return Ok(Self::Sqlite(PathBuf::from(p)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_string()));
+        }
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            return Ok(Self::Mysql(url.to_string()));
+        }
+        Err("expected sqlite://PATH, postgres://... or mysql://...".into())
+    }
+}
+
+/// Subscribers in SQLite.
+#[derive(Debug)]
+pub struct SqliteSubscribers {
+    conn: Mutex<Connection>,
+}
+
+pub(crate) fn open_sqlite(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
+        }
+    }
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;")?;
+    Ok(conn)
+}
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl SqliteSubscribers {
+    /// Opens (creating if needed) and migrates the store.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = open_sqlite(path)?;
+        migrate(&mut conn, SUBSCRIBER_MIGRATIONS)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut c = self.conn.lock().map_err(|_| StoreError::Database("store lock poisoned".into()))?;
+        f(&mut c)
+    }
+}
+
+const COLUMNS: &str = "id, username, domain, email, careflow_user_id, careflow_care4w_id, enabled, ha1_md5, ha1_sha256, created_at, updated_at";
+
+fn row_to_subscriber(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscriber> {
+    Ok(Subscriber {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        domain: r.get(2)?,
+        email: r.get(3)?,
+        careflow_user_id: r.get(4)?,
+        careflow_care4w_id: r.get(5)?,
+        enabled: r.get::<_, i64>(6)? != 0,
+        ha1_md5: r.get(7)?,
+        ha1_sha256: r.get(8)?,
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+    })
+}
+
+#[async_trait]
+impl SubscriberStore for SqliteSubscribers {
+    async fn find(&self, username: &str, domain: &str) -> Result<Option<Subscriber>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(&format!("SELECT {COLUMNS} FROM subscriber WHERE username = ?1 AND domain = ?2"))?;
+            Ok(st.query_row(params![username, domain], row_to_subscriber).optional()?)
+        })
+    }
+
+    async fn add(&self, s: NewSubscriber) -> Result<(), StoreError> {
+        let now = unix_now();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO subscriber (username, domain, email, careflow_user_id, careflow_care4w_id, enabled, ha1_md5, ha1_sha256, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, ?8)",
+                params![s.username, s.domain, s.email, s.careflow_user_id, s.careflow_care4w_id, s.ha1_md5, s.ha1_sha256, now],
+            )
+            .map_err(|e| match StoreError::from(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("{}@{}", s.username, s.domain)),
+                other => other,
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn set_ha1(&self, username: &str, domain: &str, md5: &str, sha256: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE subscriber SET ha1_md5 = ?3, ha1_sha256 = ?4, updated_at = ?5 WHERE username = ?1 AND domain = ?2",
+                params![username, domain, md5, sha256, unix_now()],
+            )? > 0)
+        })
+    }
+
+    async fn set_enabled(&self, username: &str, domain: &str, enabled: bool) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE subscriber SET enabled = ?3, updated_at = ?4 WHERE username = ?1 AND domain = ?2",
+                params![username, domain, i64::from(enabled), unix_now()],
+            )? > 0)
+        })
+    }
+
+    async fn remove(&self, username: &str, domain: &str) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM subscriber WHERE username = ?1 AND domain = ?2", params![username, domain])? > 0))
+    }
+
+    async fn list(&self) -> Result<Vec<Subscriber>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!("SELECT {COLUMNS} FROM subscriber ORDER BY domain, username"))?;
+            let rows = st.query_map([], row_to_subscriber)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    async fn import(&self, rows: Vec<NewSubscriber>) -> Result<usize, StoreError> {
+        let now = unix_now();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare(
+                    "INSERT INTO subscriber (username, domain, email, careflow_user_id, careflow_care4w_id, enabled, ha1_md5, ha1_sha256, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, NULL, NULL, 1, ?4, ?5, ?6, ?6)
+                     ON CONFLICT (username, domain) DO UPDATE SET
+                        ha1_md5 = excluded.ha1_md5, ha1_sha256 = excluded.ha1_sha256,
+                        email = COALESCE(excluded.email, subscriber.email), updated_at = excluded.updated_at",
+                )?;
+                for s in &rows {
+                    st.execute(params![s.username, s.domain, s.email, s.ha1_md5, s.ha1_sha256, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(rows.len())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(u: &str) -> NewSubscriber {
+        NewSubscriber {
+            username: u.into(),
+            domain: "example.com".into(),
+            email: None,
+            careflow_user_id: Some("uid".into()),
+            careflow_care4w_id: None,
+            ha1_md5: "a".repeat(32),
+            ha1_sha256: "b".repeat(64),
+        }
+    }
+
+    #[tokio::test]
+    async fn crud_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db/careflow.db");
+        let s = SqliteSubscribers::open(&path).unwrap();
+        s.add(sub("alice")).await.unwrap();
+        assert!(matches!(s.add(sub("alice")).await, Err(StoreError::Conflict(_))));
+        assert!(s.set_enabled("alice", "example.com", false).await.unwrap());
+        assert!(!s.find("alice", "example.com").await.unwrap().unwrap().enabled);
+        assert!(s.set_ha1("alice", "example.com", "c", "d").await.unwrap());
+        assert_eq!(s.import(vec![sub("bob"), sub("alice")]).await.unwrap(), 2);
+        drop(s);
+        let s = SqliteSubscribers::open(&path).unwrap();
+        let all = s.list().await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].username, "alice");
+        assert_eq!(all[0].ha1_md5, "a".repeat(32));
+        assert!(s.remove("bob", "example.com").await.unwrap());
+        assert!(!s.remove("bob", "example.com").await.unwrap());
+        assert!(s.find("bob", "example.com").await.unwrap().is_none());
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(DbUrl::parse("sqlite:///tmp/x.db").unwrap(), DbUrl::Sqlite("/tmp/x.db".into()));
+        assert_eq!(DbUrl::parse("sqlite:data/x.db").unwrap(), DbUrl::Sqlite("data/x.db".into()));
+        assert!(matches!(DbUrl::parse("postgres://h/db").unwrap(), DbUrl::Postgres(_)));
+        assert!(DbUrl::parse("http://x").is_err());
+        assert!(DbUrl::parse("sqlite://").is_err());
+    }
+}
