@@ -1,1 +1,236 @@
-//! placeholder
+//! SIP transports: UDP sockets and TCP connections (TLS and WebSocket plug in beside them).
+//!
+//! Turns bytes into [`Inbound`] messages for the application and sends [`Outbound`] ones.
+//! Stream transports are framed with `careflow_proto::framing`; the connection table lets
+//! responses and later requests reuse the connection a device registered over.
+#![warn(missing_docs)]
+
+mod conn;
+mod tcp;
+mod udp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+pub use careflow_core::Transport;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use conn::ConnId;
+use conn::ConnTable;
+
+/// A listener to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// udp or tcp (tls, ws, wss come with the TLS/WebSocket work).
+    pub transport: Transport,
+    /// Address to bind.
+    pub addr: SocketAddr,
+}
+
+/// Limits applied by the transports.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportLimits {
+    /// Largest message accepted.
+    pub max_message_size: usize,
+    /// Most simultaneous stream connections.
+    pub max_connections: usize,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self { max_message_size: 64 * 1024, max_connections: 10_000, idle_timeout: std::time::Duration::from_secs(3900) }
+    }
+}
+
+/// A message received from the network.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Transport it came over.
+    pub transport: Transport,
+    /// The peer address.
+    pub source: SocketAddr,
+    /// Our address it arrived at.
+    pub local: SocketAddr,
+    /// The connection, for stream transports.
+    pub conn: Option<ConnId>,
+    /// The raw message (one datagram or one framed message).
+    pub bytes: Bytes,
+}
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Transport to use.
+    pub transport: Transport,
+    /// Destination.
+    pub dest: SocketAddr,
+    /// Preferred connection (stream transports); when closed, a new one is opened to `dest`.
+    pub conn: Option<ConnId>,
+    /// Our address to send from (UDP: picks the socket).
+    pub local: Option<SocketAddr>,
+    /// The bytes.
+    pub bytes: Bytes,
+}
+
+/// Receives inbound messages. Called on the transport's task: implementations hand work off
+/// quickly (parse, then spawn if they must wait).
+pub trait InboundHandler: Send + Sync + 'static {
+    /// One message arrived.
+    fn handle(&self, inbound: Inbound);
+}
+
+/// Transport failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Binding a listener failed.
+    #[error("cannot listen on {transport}:{addr}: {source}")]
+    Bind {
+        /// transport
+        transport: Transport,
+        /// address
+        addr: SocketAddr,
+        /// cause
+        source: std::io::Error,
+    },
+    /// No listener for this transport.
+    #[error("no {0} listener")]
+    NoListener(Transport),
+    /// Sending failed.
+    #[error("send to {dest} failed: {source}")]
+    Send {
+        /// destination
+        dest: SocketAddr,
+        /// cause
+        source: std::io::Error,
+    },
+    /// Transport not supported yet.
+    #[error("{0} transport is not available")]
+    Unsupported(Transport),
+}
+
+/// Counters the transports keep (read by metrics).
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    /// Datagrams or stream messages dropped for size.
+    pub oversize: AtomicU64,
+    /// Stream connections currently open.
+    pub connections: AtomicU64,
+    /// Connections refused at the limit.
+    pub refused_connections: AtomicU64,
+}
+
+/// Handle to the running transports; cheap to clone.
+#[derive(Clone)]
+pub struct Transports {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    udp: Vec<Arc<UdpSocket>>,
+    conns: ConnTable,
+    limits: TransportLimits,
+    handler: Arc<dyn InboundHandler>,
+    stats: Arc<TransportStats>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Transports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transports").field("udp", &self.inner.udp.len()).finish_non_exhaustive()
+    }
+}
+
+impl Transports {
+    /// Binds every listener (all or nothing), then starts receiving. Returns the handle and
+    /// the bound addresses in the order of `specs` (port 0 resolved).
+    pub async fn start(
+        specs: &[ListenSpec],
+        limits: TransportLimits,
+        handler: Arc<dyn InboundHandler>,
+        cancel: CancellationToken,
+    ) -> Result<(Self, Vec<ListenSpec>), TransportError> {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        let mut bound = Vec::new();
+        for s in specs {
+            let bind_err = |e| TransportError::Bind { transport: s.transport, addr: s.addr, source: e };
+            match s.transport {
+                Transport::Udp => {
+                    let sock = UdpSocket::bind(s.addr).await.map_err(bind_err)?;
+                    let addr = sock.local_addr().map_err(bind_err)?;
+                    bound.push(ListenSpec { transport: s.transport, addr });
+                    udp.push(Arc::new(sock));
+                }
+                Transport::Tcp => {
+                    let l = TcpListener::bind(s.addr).await.map_err(bind_err)?;
+                    let addr = l.local_addr().map_err(bind_err)?;
+                    bound.push(ListenSpec { transport: s.transport, addr });
+                    tcp.push(l);
+                }
+                other => return Err(TransportError::Unsupported(other)),
+            }
+        }
+        let me = Self {
+            inner: Arc::new(Inner {
+                udp,
+                conns: ConnTable::default(),
+                limits,
+                handler,
+                stats: Arc::new(TransportStats::default()),
+                tracker: TaskTracker::new(),
+                cancel,
+            }),
+        };
+        for sock in &me.inner.udp {
+            // Two receive loops per socket so both cores parse datagrams.
+            for _ in 0..2 {
+                let t = me.clone();
+                let s = sock.clone();
+                me.inner.tracker.spawn(async move { udp::recv_loop(t, s).await });
+            }
+        }
+        for l in tcp {
+            let t = me.clone();
+            me.inner.tracker.spawn(async move { tcp::accept_loop(t, l).await });
+        }
+        Ok((me, bound))
+    }
+
+    /// Sends a message; never blocks on a slow peer (stream writes are queued).
+    pub async fn send(&self, out: Outbound) -> Result<(), TransportError> {
+        match out.transport {
+            Transport::Udp => udp::send(self, out).await,
+            Transport::Tcp => tcp::send(self, out).await,
+            other => Err(TransportError::Unsupported(other)),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Arc<TransportStats> {
+        &self.inner.stats
+    }
+
+    /// Waits until every transport task has ended (after the cancel token fired).
+    pub async fn closed(&self) {
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+
+    fn deliver(&self, inbound: Inbound) {
+        self.inner.handler.handle(inbound);
+    }
+}
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+fn next_conn_id() -> ConnId {
+    ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed))
+}
