@@ -1,1 +1,128 @@
-//! placeholder
+//! The SIP application of careflow-sip: wires the transports, the sans-IO logic of
+//! `careflow-core` and the stores together.
+//!
+//! - [`app`]: parses what the transports deliver, absorbs retransmissions, dispatches by method.
+//! - [`register`]: REGISTER with digest authentication and the location service.
+//! - [`metrics`]: counters for `/metrics`.
+//! - [`routing`]: where responses go.
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod metrics;
+pub mod register;
+pub mod routing;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use careflow_core::auth::Authenticator;
+use careflow_core::nonce::NonceIssuer;
+use careflow_core::registrar::RegistrarConfig;
+use careflow_core::transaction::{ServerTransactions, TimerConfig};
+use careflow_proto::ParseLimits;
+use careflow_proto::digest::Algorithm;
+use careflow_store::{LocationStore, SubscriberStore};
+use careflow_transport::{ListenSpec, TransportError, TransportLimits, Transports};
+use tokio_util::sync::CancellationToken;
+
+pub use app::App;
+pub use metrics::{Gauges, Metrics};
+
+/// Everything the SIP side needs, already validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Domains served; the first is the default realm.
+    pub domains: Vec<String>,
+    /// Listeners.
+    pub listen: Vec<ListenSpec>,
+    /// Registrar limits.
+    pub registrar: RegistrarConfig,
+    /// Digest algorithms offered, in challenge order.
+    pub auth_algorithms: Vec<Algorithm>,
+    /// Nonce lifetime in seconds.
+    pub nonce_ttl_secs: u64,
+    /// Secret for nonces (shared by all nodes of a cluster).
+    pub secret: [u8; 32],
+    /// Message size and header bounds.
+    pub parse_limits: ParseLimits,
+    /// Transport limits.
+    pub transport: TransportLimits,
+    /// Transaction timers.
+    pub timers: TimerConfig,
+    /// Bound on open server transactions.
+    pub max_transactions: usize,
+    /// Value of the Server / User-Agent header we send.
+    pub server_header: String,
+}
+
+/// A running SIP server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The application (metrics and gauges are read from it).
+    pub app: Arc<App>,
+    /// The bound listeners (port 0 resolved).
+    pub bound: Vec<ListenSpec>,
+    transports: Transports,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl RunningServer {
+    /// Waits until the transports and background tasks have stopped (after cancel).
+    pub async fn wait(mut self) {
+        self.transports.closed().await;
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Binds the listeners and starts serving until `cancel` fires.
+pub async fn start(
+    cfg: ServerConfig,
+    subscribers: Arc<dyn SubscriberStore>,
+    location: Arc<dyn LocationStore>,
+    cancel: CancellationToken,
+) -> Result<RunningServer, TransportError> {
+    let mut counter = [0u8; 8];
+    let _ = getrandom::fill(&mut counter);
+    let auth = Authenticator::new(
+        NonceIssuer::new(cfg.secret, cfg.nonce_ttl_secs, u64::from_le_bytes(counter)),
+        cfg.auth_algorithms.clone(),
+        1_000_000,
+    );
+    let txs = ServerTransactions::new(cfg.timers, cfg.max_transactions);
+    let app = Arc::new_cyclic(|weak| App::new(cfg.clone(), auth, txs, subscribers, location, weak.clone()));
+    let (transports, bound) =
+        Transports::start(&cfg.listen, cfg.transport, app.clone(), cancel.clone()).await?;
+    app.set_transports(transports.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(sweep_transactions(app.clone(), cancel.clone()));
+    tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
+    Ok(RunningServer { app, bound, transports, tasks })
+}
+
+/// Drops finished transactions; one timer for the whole table.
+async fn sweep_transactions(app: Arc<App>, cancel: CancellationToken) {
+    loop {
+        let next = app.next_transaction_deadline().unwrap_or_else(|| tokio::time::Instant::now().into_std() + Duration::from_secs(1));
+        let sleep_until = tokio::time::Instant::from_std(next.min(std::time::Instant::now() + Duration::from_secs(1)));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(sleep_until) => app.expire_transactions(std::time::Instant::now()),
+        }
+    }
+}
+
+/// Removes expired bindings and replay state.
+async fn sweep_bindings(app: Arc<App>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => app.sweep(unix_now()).await,
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Configuration: a TOML file (`--config PATH`) and environment variables that override it.
+//!
+//! Every key has one name: lower case in the file, upper case in the environment
+//! (`sip_domain` / `SIP_DOMAIN`). Values are parsed once, here, into typed settings; an
+//! invalid value stops startup with a message naming the key. [`KEYS`] is the single list of
+//! keys, defaults and documentation: `docs/configuration.md` is checked against it by a test.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use careflow_core::Transport;
+use careflow_proto::digest::Algorithm;
+use careflow_store::sqlite::DbUrl;
+use careflow_transport::ListenSpec;
+
+/// (key, default, description). The default "" means unset.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("sip_domain", "localhost", "SIP domain served; also the digest realm and the domain of new users."),
+    ("sip_listen", "udp:0.0.0.0:5060,tcp:0.0.0.0:5060", "Comma-separated SIP listeners, each `udp:HOST:PORT` or `tcp:HOST:PORT` (IPv6 as `udp:[::]:5060`)."),
+    ("http_listen", "127.0.0.1:8080", "Address of the HTTP server (`/healthz`, `/metrics`)."),
+    ("data_dir", "./data", "Directory for the embedded database, the registration journal and the nonce secret."),
+    ("db_url", "", "Subscriber database. Default: `sqlite://DATA_DIR/careflow.db`."),
+    ("nonce_secret", "", "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`."),
+    ("auth_algorithms", "MD5,SHA-256", "Digest algorithms offered, in challenge order (`MD5`, `SHA-256`); one WWW-Authenticate header each."),
+    ("nonce_ttl", "300", "Seconds a nonce stays valid; older ones get `stale=true`."),
+    ("min_expires", "60", "Shortest registration accepted, seconds (423 Interval Too Brief below)."),
+    ("max_expires", "3600", "Longest registration granted, seconds; longer requests are shortened."),
+    ("default_expires", "3600", "Registration time when the REGISTER names none, seconds."),
+    ("max_contacts", "10", "Most contacts per address-of-record; more is refused with 403."),
+    ("max_message_size", "65536", "Largest SIP message accepted, bytes."),
+    ("max_headers", "128", "Most header fields in one message."),
+    ("max_connections", "10000", "Most simultaneous TCP connections."),
+    ("tcp_idle_timeout", "3900", "Seconds without traffic after which a TCP connection is closed."),
+    ("t1_ms", "500", "RFC 3261 timer T1 in milliseconds; server transactions live 64*T1."),
+    ("max_transactions", "100000", "Most server transactions in progress; beyond it requests get 503."),
+];
+
+/// Typed, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// SIP domain.
+    pub sip_domain: String,
+    /// SIP listeners.
+    pub sip_listen: Vec<ListenSpec>,
+    /// HTTP listener.
+    pub http_listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Subscriber database.
+    pub db_url: DbUrl,
+    /// Nonce secret, when configured.
+    pub nonce_secret: Option<[u8; 32]>,
+    /// Digest algorithms in order.
+    pub auth_algorithms: Vec<Algorithm>,
+    /// Nonce lifetime.
+    pub nonce_ttl: u64,
+    /// Registrar limits.
+    pub registrar: careflow_core::registrar::RegistrarConfig,
+    /// Maximum message size.
+    pub max_message_size: usize,
+    /// Maximum header count.
+    pub max_headers: usize,
+    /// Maximum TCP connections.
+    pub max_connections: usize,
+    /// TCP idle timeout.
+    pub tcp_idle_timeout: Duration,
+    /// Timer T1.
+    pub t1: Duration,
+    /// Transaction bound.
+    pub max_transactions: usize,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// path
+        path: PathBuf,
+        /// cause
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// path
+        path: PathBuf,
+        /// parser message
+        message: String,
+    },
+    /// A key is unknown.
+    #[error("unknown configuration key `{0}` (see docs/configuration.md)")]
+    UnknownKey(String),
+    /// A value is invalid.
+    #[error("invalid value for {key}: {message}")]
+    Invalid {
+        /// the key, as named in the environment
+        key: String,
+        /// what is wrong
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads the file (if any) and applies environment overrides from `env`.
+    pub fn load(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut raw: BTreeMap<String, String> =
+            KEYS.iter().filter(|(_, d, _)| !d.is_empty()).map(|(k, d, _)| (k.to_string(), d.to_string())).collect();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.into(), source: e })?;
+            let table: toml::Table =
+                text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax { path: path.into(), message: e.message().to_string() })?;
+            for (k, v) in table {
+                if !KEYS.iter().any(|(key, _, _)| *key == k) {
+                    return Err(ConfigError::UnknownKey(k));
+                }
+                let s = match v {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Array(a) => a
+                        .iter()
+                        .map(|x| match x {
+                            toml::Value::String(s) => s.clone(),
+                            toml::Value::Integer(i) => i.to_string(),
+                            other => other.type_str().to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => {
+                        return Err(invalid(&k, format!("expected a string, number or list, got {}", other.type_str())));
+                    }
+                };
+                raw.insert(k, s);
+            }
+        }
+        for (k, _, _) in KEYS {
+            if let Some(v) = env(&k.to_ascii_uppercase()) {
+                raw.insert(k.to_string(), v);
+            }
+        }
+        Self::from_raw(&raw)
+    }
+
+    fn from_raw(raw: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| raw.get(k).map(|s| s.trim()).unwrap_or("");
+        let sip_domain = get("sip_domain").to_ascii_lowercase();
+        if sip_domain.is_empty()
+            || !sip_domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':' || b == b'[' || b == b']')
+        {
+            return Err(invalid("sip_domain", "expected a host name such as sip.example.com"));
+        }
+        let sip_listen = parse_listen(get("sip_listen"))?;
+        let http_listen = get("http_listen")
+            .parse()
+            .map_err(|_| invalid("http_listen", format!("expected HOST:PORT such as 127.0.0.1:8080, got `{}`", get("http_listen"))))?;
+        let data_dir = PathBuf::from(get("data_dir"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let db_url = match get("db_url") {
+            "" => DbUrl::Sqlite(data_dir.join("careflow.db")),
+            url => DbUrl::parse(url).map_err(|m| invalid("db_url", m))?,
+        };
+        if let DbUrl::Postgres(_) | DbUrl::Mysql(_) = db_url {
+            return Err(invalid("db_url", "PostgreSQL and MySQL backends are not in this build yet; use sqlite://PATH"));
+        }
+        let nonce_secret = match get("nonce_secret") {
+            "" => None,
+            s => Some(parse_secret(s).ok_or_else(|| invalid("nonce_secret", "expected 64 hex digits"))?),
+        };
+        let mut auth_algorithms = Vec::new();
+        for a in get("auth_algorithms").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let alg = Algorithm::from_token(Some(a))
+                .ok_or_else(|| invalid("auth_algorithms", format!("unknown algorithm `{a}` (use MD5 and/or SHA-256)")))?;
+            if !auth_algorithms.contains(&alg) {
+                auth_algorithms.push(alg);
+            }
+        }
+        if auth_algorithms.is_empty() {
+            return Err(invalid("auth_algorithms", "at least one of MD5, SHA-256"));
+        }
+        let num = |k: &str, min: u64, max: u64| -> Result<u64, ConfigError> {
+            let v = get(k);
+            let n: u64 = v.parse().map_err(|_| invalid(k, format!("expected a whole number, got `{v}`")))?;
+            if n < min || n > max {
+                return Err(invalid(k, format!("{n} is out of range {min}..={max}")));
+            }
+            Ok(n)
+        };
+        let registrar = careflow_core::registrar::RegistrarConfig {
+            min_expires: num("min_expires", 1, 86_400)? as u32,
+            max_expires: num("max_expires", 1, 604_800)? as u32,
+            default_expires: num("default_expires", 1, 604_800)? as u32,
+            max_contacts: num("max_contacts", 1, 1000)? as usize,
+        };
+        if registrar.min_expires > registrar.max_expires {
+            return Err(invalid("min_expires", "must not exceed max_expires"));
+        }
+        if registrar.default_expires < registrar.min_expires || registrar.default_expires > registrar.max_expires {
+            return Err(invalid("default_expires", "must lie between min_expires and max_expires"));
+        }
+        Ok(Self {
+            sip_domain,
+            sip_listen,
+            http_listen,
+            data_dir,
+            db_url,
+            nonce_secret,
+            auth_algorithms,
+            nonce_ttl: num("nonce_ttl", 10, 86_400)?,
+            registrar,
+            max_message_size: num("max_message_size", 1024, 1 << 20)? as usize,
+            max_headers: num("max_headers", 16, 10_000)? as usize,
+            max_connections: num("max_connections", 1, 1_000_000)? as usize,
+            tcp_idle_timeout: Duration::from_secs(num("tcp_idle_timeout", 1, 86_400)?),
+            t1: Duration::from_millis(num("t1_ms", 10, 10_000)?),
+            max_transactions: num("max_transactions", 100, 10_000_000)? as usize,
+        })
+    }
+
+    /// Path of the registration journal.
+    pub fn location_path(&self) -> PathBuf {
+        self.data_dir.join("location.db")
+    }
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_ascii_uppercase(), message: message.into() }
+}
+
+fn parse_listen(s: &str) -> Result<Vec<ListenSpec>, ConfigError> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (proto, addr) = item
+            .split_once(':')
+            .ok_or_else(|| invalid("sip_listen", format!("`{item}`: expected TRANSPORT:HOST:PORT such as udp:0.0.0.0:5060")))?;
+        let transport: Transport = proto
+            .parse()
+            .map_err(|_| invalid("sip_listen", format!("`{item}`: unknown transport `{proto}` (udp, tcp)")))?;
+        if !matches!(transport, Transport::Udp | Transport::Tcp) {
+            return Err(invalid("sip_listen", format!("`{item}`: {transport} listeners are not in this build yet (udp, tcp)")));
+        }
+        let addr: SocketAddr =
+            addr.parse().map_err(|_| invalid("sip_listen", format!("`{item}`: `{addr}` is not HOST:PORT (IP address and port)")))?;
+        out.push(ListenSpec { transport, addr });
+    }
+    if out.is_empty() {
+        return Err(invalid("sip_listen", "at least one listener is needed"));
+    }
+    Ok(out)
+}
+
+fn parse_secret(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        let h = (b[2 * i] as char).to_digit(16)?;
+        let l = (b[2 * i + 1] as char).to_digit(16)?;
+        *o = (h * 16 + l) as u8;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests;

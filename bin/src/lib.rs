@@ -1,0 +1,70 @@
+//! careflow-sip: command line, configuration loading and server start-up.
+
+pub mod config;
+mod serve;
+mod users;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+/// SIP registrar and proxy for CareFlow.
+#[derive(Debug, Parser)]
+#[command(name = "careflow-sip", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML configuration file; environment variables override its keys.
+    #[arg(long, global = true, value_name = "PATH", env = "CAREFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the SIP server and its HTTP endpoint until SIGINT/SIGTERM.
+    Serve,
+    /// Manage subscribers.
+    #[command(subcommand)]
+    User(users::UserCommand),
+    /// Show current registrations (all, or one user's).
+    Registrations {
+        /// Username (in SIP_DOMAIN) or user@domain.
+        user: Option<String>,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("careflow-sip: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("careflow-sip: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve => serve::run(config).await,
+            Command::User(cmd) => users::run(&config, cmd).await,
+            Command::Registrations { user } => users::registrations(&config, user.as_deref()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("careflow-sip: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

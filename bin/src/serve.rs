@@ -1,0 +1,149 @@
+//! `careflow-sip serve`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use careflow_core::transaction::TimerConfig;
+use careflow_proto::ParseLimits;
+use careflow_server::{App, ServerConfig};
+use careflow_store::location::EmbeddedLocation;
+use careflow_store::{LocationStore, SubscriberStore};
+use careflow_transport::TransportLimits;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+use crate::users::open_subscribers;
+
+struct Status {
+    app: Arc<App>,
+    ready: AtomicBool,
+}
+
+impl careflow_api::Status for Status {
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+    fn metrics(&self) -> String {
+        self.app.render_metrics()
+    }
+}
+
+pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_target(true)
+        .init();
+
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create DATA_DIR {}", cfg.data_dir.display()))?;
+    let secret = match cfg.nonce_secret {
+        Some(s) => s,
+        None => load_or_create_secret(&cfg.data_dir.join("secret"))?,
+    };
+    let subscribers: Arc<dyn SubscriberStore> = Arc::new(open_subscribers(&cfg)?);
+    let location: Arc<dyn LocationStore> = Arc::new(
+        EmbeddedLocation::open(&cfg.location_path(), careflow_server::unix_now())
+            .with_context(|| format!("cannot open registration journal {}", cfg.location_path().display()))?,
+    );
+    tracing::info!(bindings = location.count(), "location service loaded");
+
+    let server_cfg = ServerConfig {
+        domains: vec![cfg.sip_domain.clone()],
+        listen: cfg.sip_listen.clone(),
+        registrar: cfg.registrar,
+        auth_algorithms: cfg.auth_algorithms.clone(),
+        nonce_ttl_secs: cfg.nonce_ttl,
+        secret,
+        parse_limits: ParseLimits { max_size: cfg.max_message_size, max_headers: cfg.max_headers },
+        transport: TransportLimits {
+            max_message_size: cfg.max_message_size,
+            max_connections: cfg.max_connections,
+            idle_timeout: cfg.tcp_idle_timeout,
+        },
+        timers: TimerConfig { t1: cfg.t1 },
+        max_transactions: cfg.max_transactions,
+        server_header: format!("careflow-sip/{}", env!("CARGO_PKG_VERSION")),
+    };
+    let cancel = CancellationToken::new();
+    let server = careflow_server::start(server_cfg, subscribers, location, cancel.clone())
+        .await
+        .context("cannot start SIP listeners (check SIP_LISTEN)")?;
+    for l in &server.bound {
+        tracing::info!(transport = %l.transport, addr = %l.addr, domain = %cfg.sip_domain, "sip listener bound");
+    }
+    let http = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on HTTP_LISTEN {}", cfg.http_listen))?;
+    tracing::info!(addr = %cfg.http_listen, "http listener bound");
+    let status = Arc::new(Status { app: server.app.clone(), ready: AtomicBool::new(false) });
+    let http_cancel = cancel.clone();
+    let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), async move { http_cancel.cancelled().await }));
+    status.ready.store(true, Ordering::Release);
+    tracing::info!("careflow-sip ready");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    server.wait().await;
+    let _ = http_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The nonce secret: read from `path`, or generated once and written with mode 0600.
+fn load_or_create_secret(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let t = text.trim();
+        let mut out = [0u8; 32];
+        if t.len() == 64 {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = u8::from_str_radix(&t[2 * i..2 * i + 2], 16)
+                    .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+            }
+            return Ok(out);
+        }
+        anyhow::bail!("{} is not 64 hex digits; remove it to generate a new secret", path.display());
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let hex = careflow_proto::digest::hex(&secret);
+    write_private(path, hex.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "generated nonce secret");
+    Ok(secret)
+}
+
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(data)
+}

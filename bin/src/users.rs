@@ -1,0 +1,314 @@
+//! `careflow-sip user ...` and `careflow-sip registrations`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use careflow_proto::digest::{Algorithm, ha1};
+use careflow_store::sqlite::{DbUrl, SqliteSubscribers};
+use careflow_store::{NewSubscriber, StoreError, SubscriberStore};
+use clap::Subcommand;
+
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UserCommand {
+    /// Add a subscriber. Without --password a strong one is generated and printed once.
+    Add {
+        /// Username.
+        user: String,
+        /// Domain (default: SIP_DOMAIN).
+        #[arg(long)]
+        domain: Option<String>,
+        /// Password (avoid: it lands in shell history; prefer the generated one).
+        #[arg(long)]
+        password: Option<String>,
+        /// E-mail address.
+        #[arg(long)]
+        email: Option<String>,
+    },
+    /// List subscribers.
+    List,
+    /// Set a new password (generated and printed once without --password).
+    Passwd {
+        /// Username.
+        user: String,
+        /// Domain (default: SIP_DOMAIN).
+        #[arg(long)]
+        domain: Option<String>,
+        /// New password.
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Disable a subscriber: it can no longer authenticate.
+    Disable {
+        /// Username.
+        user: String,
+        /// Domain (default: SIP_DOMAIN).
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Enable a disabled subscriber.
+    Enable {
+        /// Username.
+        user: String,
+        /// Domain (default: SIP_DOMAIN).
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Remove a subscriber.
+    Remove {
+        /// Username.
+        user: String,
+        /// Domain (default: SIP_DOMAIN).
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Import subscribers from CSV: `username,password[,email]` rows (passwords are hashed, not
+    /// stored) or `username,realm,ha1_md5,ha1_sha256` rows. All rows or none are imported.
+    Import {
+        /// CSV file.
+        file: PathBuf,
+        /// Domain for password rows (default: SIP_DOMAIN).
+        #[arg(long)]
+        domain: Option<String>,
+    },
+}
+
+pub(crate) fn open_subscribers(cfg: &Config) -> anyhow::Result<SqliteSubscribers> {
+    match &cfg.db_url {
+        DbUrl::Sqlite(path) => {
+            SqliteSubscribers::open(path).with_context(|| format!("cannot open subscriber database {}", path.display()))
+        }
+        _ => bail!("DB_URL: only sqlite is available in this build"),
+    }
+}
+
+pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
+    let store = open_subscribers(cfg)?;
+    let dom = |d: Option<String>| d.unwrap_or_else(|| cfg.sip_domain.clone()).to_ascii_lowercase();
+    match cmd {
+        UserCommand::Add { user, domain, password, email } => {
+            let domain = dom(domain);
+            check_username(&user)?;
+            let (password, generated) = password_or_generate(password)?;
+            let (md5, sha) = hashes(&user, &domain, &password);
+            store
+                .add(NewSubscriber {
+                    username: user.clone(),
+                    domain: domain.clone(),
+                    email,
+                    careflow_user_id: None,
+                    careflow_care4w_id: None,
+                    ha1_md5: md5,
+                    ha1_sha256: sha,
+                })
+                .await
+                .map_err(|e| match e {
+                    StoreError::Conflict(_) => anyhow::anyhow!("user {user}@{domain} exists already"),
+                    other => other.into(),
+                })?;
+            println!("added {user}@{domain}");
+            if generated {
+                println!("password (shown once, not stored): {password}");
+            }
+        }
+        UserCommand::List => {
+            let all = store.list().await?;
+            println!("{:<32} {:<24} {:<8} EMAIL", "USERNAME", "DOMAIN", "ENABLED");
+            for s in &all {
+                println!(
+                    "{:<32} {:<24} {:<8} {}",
+                    s.username,
+                    s.domain,
+                    if s.enabled { "yes" } else { "no" },
+                    s.email.as_deref().unwrap_or("-")
+                );
+            }
+            println!("{} subscriber(s)", all.len());
+        }
+        UserCommand::Passwd { user, domain, password } => {
+            let domain = dom(domain);
+            let (password, generated) = password_or_generate(password)?;
+            let (md5, sha) = hashes(&user, &domain, &password);
+            if !store.set_ha1(&user, &domain, &md5, &sha).await? {
+                bail!("no user {user}@{domain}");
+            }
+            println!("password changed for {user}@{domain}");
+            if generated {
+                println!("password (shown once, not stored): {password}");
+            }
+        }
+        UserCommand::Disable { user, domain } => {
+            let domain = dom(domain);
+            if !store.set_enabled(&user, &domain, false).await? {
+                bail!("no user {user}@{domain}");
+            }
+            println!("disabled {user}@{domain}");
+        }
+        UserCommand::Enable { user, domain } => {
+            let domain = dom(domain);
+            if !store.set_enabled(&user, &domain, true).await? {
+                bail!("no user {user}@{domain}");
+            }
+            println!("enabled {user}@{domain}");
+        }
+        UserCommand::Remove { user, domain } => {
+            let domain = dom(domain);
+            if !store.remove(&user, &domain).await? {
+                bail!("no user {user}@{domain}");
+            }
+            println!("removed {user}@{domain}");
+        }
+        UserCommand::Import { file, domain } => {
+            let domain = dom(domain);
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let rows = parse_import(&text, &domain)?;
+            let started = std::time::Instant::now();
+            let n = store.import(rows).await?;
+            println!("imported {n} subscriber(s) in {:.2}s", started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn registrations(cfg: &Config, user: Option<&str>) -> anyhow::Result<()> {
+    let now = careflow_server::unix_now();
+    let all = careflow_store::location::read_journal(&cfg.location_path(), now)?;
+    let filter = user.map(|u| if u.contains('@') { u.to_string() } else { format!("{u}@{}", cfg.sip_domain) });
+    let rows: Vec<_> = all.iter().filter(|b| filter.as_deref().is_none_or(|f| b.aor == f)).collect();
+    println!("{:<32} {:<48} {:<9} {:<24} {:<24} EXPIRES_IN", "AOR", "CONTACT", "TRANSPORT", "SOURCE", "USER_AGENT");
+    for b in &rows {
+        println!(
+            "{:<32} {:<48} {:<9} {:<24} {:<24} {}s",
+            b.aor,
+            b.contact,
+            b.transport,
+            b.source,
+            b.user_agent.as_deref().unwrap_or("-"),
+            b.expires_in(now)
+        );
+    }
+    println!("{} binding(s)", rows.len());
+    Ok(())
+}
+
+fn check_username(user: &str) -> anyhow::Result<()> {
+    // RFC 3261 user part without escapes: unreserved characters and a few marks.
+    if user.is_empty()
+        || user.len() > 64
+        || !user.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.!~*'()&=+$,;?/".contains(&b))
+    {
+        bail!("invalid username `{user}`: use letters, digits and - _ . (at most 64)");
+    }
+    Ok(())
+}
+
+fn hashes(user: &str, realm: &str, password: &str) -> (String, String) {
+    (ha1(Algorithm::Md5, user, realm, password), ha1(Algorithm::Sha256, user, realm, password))
+}
+
+/// 22 characters from a 62-symbol alphabet: 130 bits of entropy.
+pub(crate) fn generate_password() -> anyhow::Result<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut out = String::with_capacity(22);
+    while out.len() < 22 {
+        let mut buf = [0u8; 32];
+        getrandom::fill(&mut buf).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        // Rejection sampling keeps every symbol equally likely (248 = 4 * 62).
+        for b in buf {
+            if b < 248 && out.len() < 22 {
+                out.push(ALPHABET[usize::from(b % 62)] as char);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn password_or_generate(p: Option<String>) -> anyhow::Result<(String, bool)> {
+    match p {
+        Some(p) if p.is_empty() => bail!("--password must not be empty"),
+        Some(p) => Ok((p, false)),
+        None => Ok((generate_password()?, true)),
+    }
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Parses an import file; any bad row fails the whole import, naming the line.
+pub(crate) fn parse_import(text: &str, domain: &str) -> anyhow::Result<Vec<NewSubscriber>> {
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        if i == 0 && (f[0].eq_ignore_ascii_case("username") || f[0].eq_ignore_ascii_case("user")) {
+            continue;
+        }
+        let n = i + 1;
+        let row = if f.len() == 4 && is_hex(f[2], 32) && is_hex(f[3], 64) {
+            NewSubscriber {
+                username: f[0].to_string(),
+                domain: f[1].to_ascii_lowercase(),
+                email: None,
+                careflow_user_id: None,
+                careflow_care4w_id: None,
+                ha1_md5: f[2].to_ascii_lowercase(),
+                ha1_sha256: f[3].to_ascii_lowercase(),
+            }
+        } else if f.len() == 2 || f.len() == 3 {
+            if f[1].is_empty() {
+                bail!("line {n}: empty password");
+            }
+            let (md5, sha) = hashes(f[0], domain, f[1]);
+            NewSubscriber {
+                username: f[0].to_string(),
+                domain: domain.to_string(),
+                email: f.get(2).filter(|e| !e.is_empty()).map(|e| e.to_string()),
+                careflow_user_id: None,
+                careflow_care4w_id: None,
+                ha1_md5: md5,
+                ha1_sha256: sha,
+            }
+        } else {
+            bail!("line {n}: expected `username,password[,email]` or `username,realm,ha1_md5,ha1_sha256`");
+        };
+        check_username(&row.username).with_context(|| format!("line {n}"))?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_passwords_are_long_and_distinct() {
+        let a = generate_password().unwrap();
+        let b = generate_password().unwrap();
+        assert_eq!(a.len(), 22);
+        assert_ne!(a, b);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn import_formats() {
+        let rows = parse_import("username,password,email\nalice,pw1,a@example.com\nbob,pw2\n", "example.com").unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].ha1_md5, ha1(Algorithm::Md5, "alice", "example.com", "pw1"));
+        assert_eq!(rows[0].email.as_deref(), Some("a@example.com"));
+        let h = format!(
+            "username,realm,ha1_md5,ha1_sha256\nuser1,bench.local,{},{}\n",
+            ha1(Algorithm::Md5, "user1", "bench.local", "x"),
+            ha1(Algorithm::Sha256, "user1", "bench.local", "x")
+        );
+        let rows = parse_import(&h, "ignored").unwrap();
+        assert_eq!(rows[0].domain, "bench.local");
+        let e = parse_import("alice,pw\nbad line with no commas\n", "d").unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,286 @@
+//! Receives parsed requests, keeps the transaction table and dispatches by method.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Instant;
+
+use bytes::Bytes;
+use careflow_core::Transport;
+use careflow_core::auth::Authenticator;
+use careflow_core::transaction::{Received, ServerTransactions, TxKey};
+use careflow_proto::{HeaderName, Message, Method, ParseErrorKind, ResponseBuilder};
+use careflow_store::{LocationStore, SubscriberStore};
+use careflow_transport::{ConnId, Inbound, InboundHandler, Outbound, Transports};
+
+use crate::metrics::{Gauges, Metrics};
+use crate::{ServerConfig, routing};
+
+/// Methods this server handles itself today; listed in Allow.
+pub(crate) const ALLOW: &str = "REGISTER, OPTIONS";
+
+/// Where a request came from, kept while it is processed.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    pub(crate) transport: Transport,
+    pub(crate) source: SocketAddr,
+    pub(crate) local: SocketAddr,
+    pub(crate) conn: Option<ConnId>,
+    pub(crate) key: Option<TxKey>,
+}
+
+/// The SIP application.
+pub struct App {
+    pub(crate) cfg: ServerConfig,
+    pub(crate) auth: Authenticator,
+    txs: Mutex<ServerTransactions>,
+    pub(crate) subscribers: Arc<dyn SubscriberStore>,
+    pub(crate) location: Arc<dyn LocationStore>,
+    transports: OnceLock<Transports>,
+    /// Counters.
+    pub metrics: Metrics,
+    me: Weak<App>,
+    binding_ids: AtomicU64,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("domains", &self.cfg.domains).finish_non_exhaustive()
+    }
+}
+
+impl App {
+    pub(crate) fn new(
+        cfg: ServerConfig,
+        auth: Authenticator,
+        txs: ServerTransactions,
+        subscribers: Arc<dyn SubscriberStore>,
+        location: Arc<dyn LocationStore>,
+        me: Weak<App>,
+    ) -> Self {
+        // Binding ids start from the clock in milliseconds, shifted, so they stay unique across
+        // restarts while remaining below 2^53 (exact in JSON numbers).
+        let start = (crate::unix_now().saturating_mul(1000) << 10) & ((1 << 53) - 1);
+        Self {
+            cfg,
+            auth,
+            txs: Mutex::new(txs),
+            subscribers,
+            location,
+            transports: OnceLock::new(),
+            metrics: Metrics::default(),
+            me,
+            binding_ids: AtomicU64::new(start),
+        }
+    }
+
+    pub(crate) fn set_transports(&self, t: Transports) {
+        let _ = self.transports.set(t);
+    }
+
+    pub(crate) fn next_binding_id(&self) -> u64 {
+        self.binding_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Current gauges.
+    pub fn gauges(&self) -> Gauges {
+        let stats = self.transports.get().map(|t| t.stats().clone());
+        Gauges {
+            bindings: self.location.count() as u64,
+            transactions: self.txs.lock().map(|t| t.len() as u64).unwrap_or(0),
+            connections: stats.as_ref().map_or(0, |s| s.connections.load(Ordering::Relaxed)),
+            tracked_nonces: self.auth.tracked_nonces() as u64,
+            oversize: stats.as_ref().map_or(0, |s| s.oversize.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.gauges())
+    }
+
+    pub(crate) fn next_transaction_deadline(&self) -> Option<Instant> {
+        self.txs.lock().ok()?.poll_timeout()
+    }
+
+    pub(crate) fn expire_transactions(&self, now: Instant) {
+        if let Ok(mut t) = self.txs.lock() {
+            t.handle_timeout(now);
+        }
+    }
+
+    pub(crate) async fn sweep(&self, now: u64) {
+        match self.location.remove_expired(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "expired bindings removed"),
+            Err(e) => {
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "sweeping expired bindings failed");
+            }
+        }
+        self.auth.sweep(now);
+    }
+
+    /// True when `host` is one of our domains.
+    pub(crate) fn serves_domain(&self, host: &str) -> bool {
+        self.cfg.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+    }
+
+    /// A response builder with what every response of ours carries.
+    pub(crate) fn reply<'m>(&self, msg: &'m Message, ctx: &Ctx, code: u16) -> ResponseBuilder<'m> {
+        ResponseBuilder::new(msg, code)
+            .source(ctx.source)
+            .to_tag(to_tag(msg))
+            .header("Server", &self.cfg.server_header)
+    }
+
+    /// Records a final response in the transaction and sends it back where the request came from.
+    pub(crate) fn send_response(&self, msg: &Message, ctx: &Ctx, code: u16, bytes: Bytes) {
+        self.metrics.response(code);
+        if code >= 200 {
+            if let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock()) {
+                t.on_final_response(key, bytes.clone(), ctx.transport.is_reliable(), Instant::now());
+            }
+        }
+        let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
+        self.send(Outbound { transport: ctx.transport, dest, conn: ctx.conn, local: Some(ctx.local), bytes });
+    }
+
+    fn send(&self, out: Outbound) {
+        let Some(t) = self.transports.get() else { return };
+        let t = t.clone();
+        tokio::spawn(async move {
+            let dest = out.dest;
+            if let Err(e) = t.send(out).await {
+                tracing::debug!(%dest, error = %e, "send failed");
+            }
+        });
+    }
+
+    fn forget_transaction(&self, ctx: &Ctx) {
+        if let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock()) {
+            t.forget(key);
+        }
+    }
+
+    fn handle_invalid(&self, msg: &Message, ctx: &Ctx, kind: ParseErrorKind, reason: &'static str) {
+        self.metrics.parse_errors.fetch_add(1, Ordering::Relaxed);
+        // A response needs a Via to route it and the dialog identifiers to be matched.
+        let answerable = msg.method() != Method::Ack
+            && msg.top_via().is_some()
+            && msg.call_id().is_some()
+            && msg.header(HeaderName::CSeq).is_some()
+            && msg.header(HeaderName::From).is_some()
+            && msg.header(HeaderName::To).is_some();
+        tracing::debug!(source = %ctx.source, reason, answerable, "invalid request");
+        if !answerable {
+            return;
+        }
+        let code = if kind == ParseErrorKind::UnsupportedVersion { 505 } else { 400 };
+        let resp = self.reply(msg, ctx, code).reason(reason).build();
+        self.send_response(msg, ctx, code, resp);
+    }
+
+    fn dispatch(&self, msg: Message, ctx: Ctx) {
+        match msg.method() {
+            Method::Register => {
+                let Some(app) = self.me.upgrade() else { return };
+                tokio::spawn(async move { app.handle_register(msg, ctx).await });
+            }
+            Method::Options => {
+                let resp = self
+                    .reply(&msg, &ctx, 200)
+                    .header("Allow", ALLOW)
+                    .header("Accept", "application/sdp")
+                    .build();
+                self.send_response(&msg, &ctx, 200, resp);
+            }
+            Method::Ack => {}
+            Method::Cancel => {
+                let resp = self.reply(&msg, &ctx, 481).build();
+                self.send_response(&msg, &ctx, 481, resp);
+            }
+            Method::Other => {
+                let resp = self.reply(&msg, &ctx, 501).header("Allow", ALLOW).build();
+                self.send_response(&msg, &ctx, 501, resp);
+            }
+            _ => {
+                // Known methods that this build does not route yet (RFC 3261 §8.2.1).
+                let resp = self.reply(&msg, &ctx, 405).header("Allow", ALLOW).build();
+                self.send_response(&msg, &ctx, 405, resp);
+            }
+        }
+    }
+}
+
+impl InboundHandler for App {
+    fn handle(&self, inbound: Inbound) {
+        let msg = match Message::parse(inbound.bytes, &self.cfg.parse_limits) {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics.parse_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(source = %inbound.source, reason = e.reason(), "unparseable message dropped");
+                return;
+            }
+        };
+        // Responses would belong to client transactions; this build sends no requests.
+        if !msg.is_request() {
+            return;
+        }
+        self.metrics.request(msg.method());
+        let mut ctx = Ctx {
+            transport: inbound.transport,
+            source: inbound.source,
+            local: inbound.local,
+            conn: inbound.conn,
+            key: None,
+        };
+        if let Err(e) = msg.validate() {
+            self.handle_invalid(&msg, &ctx, e.kind, e.reason());
+            return;
+        }
+        if msg.method() == Method::Ack {
+            return;
+        }
+        let Some(key) = TxKey::of(&msg) else { return };
+        let verdict = match self.txs.lock() {
+            Ok(mut t) => t.on_request(&key, Instant::now()),
+            Err(_) => return,
+        };
+        match verdict {
+            Received::New => {}
+            Received::Absorb => {
+                self.metrics.retransmissions.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Received::Resend(bytes) => {
+                self.metrics.retransmissions.fetch_add(1, Ordering::Relaxed);
+                let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
+                self.send(Outbound { transport: ctx.transport, dest, conn: ctx.conn, local: Some(ctx.local), bytes });
+                return;
+            }
+            Received::Overloaded => {
+                let resp = self.reply(&msg, &ctx, 503).header("Retry-After", 5).build();
+                self.send_response(&msg, &ctx, 503, resp);
+                return;
+            }
+        }
+        ctx.key = Some(key);
+        if msg.method() == Method::Register && msg.to().is_none() {
+            self.forget_transaction(&ctx);
+            return;
+        }
+        self.dispatch(msg, ctx);
+    }
+}
+
+/// A To tag that is the same for every response in a transaction, so a resent response and
+/// a recomputed one agree.
+fn to_tag(msg: &Message) -> String {
+    let mut h = DefaultHasher::new();
+    msg.call_id().hash(&mut h);
+    msg.from().and_then(|f| f.tag()).hash(&mut h);
+    format!("cf{:x}", h.finish())
+}

@@ -1,0 +1,119 @@
+//! Server counters, rendered in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use careflow_proto::Method;
+
+const METHODS: [&str; 15] = [
+    "INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "INFO", "UPDATE", "PRACK", "SUBSCRIBE", "NOTIFY", "REFER",
+    "MESSAGE", "PUBLISH", "other",
+];
+
+fn method_index(m: Method) -> usize {
+    match m {
+        Method::Invite => 0,
+        Method::Ack => 1,
+        Method::Bye => 2,
+        Method::Cancel => 3,
+        Method::Register => 4,
+        Method::Options => 5,
+        Method::Info => 6,
+        Method::Update => 7,
+        Method::Prack => 8,
+        Method::Subscribe => 9,
+        Method::Notify => 10,
+        Method::Refer => 11,
+        Method::Message => 12,
+        Method::Publish => 13,
+        Method::Other => 14,
+    }
+}
+
+/// Counters shared by the handlers.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: [AtomicU64; 15],
+    responses: [AtomicU64; 6],
+    /// Successful REGISTER requests (200 OK).
+    pub registrations: AtomicU64,
+    /// Failed digest verifications (not counting the first, credential-less challenge).
+    pub auth_failures: AtomicU64,
+    /// Messages that could not be parsed or validated.
+    pub parse_errors: AtomicU64,
+    /// Retransmitted requests absorbed or answered from the transaction table.
+    pub retransmissions: AtomicU64,
+    /// Subscriber or location store errors.
+    pub store_errors: AtomicU64,
+}
+
+/// Gauges read at render time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Bindings in the location service.
+    pub bindings: u64,
+    /// Open server transactions.
+    pub transactions: u64,
+    /// Open stream connections.
+    pub connections: u64,
+    /// Nonces tracked for replay protection.
+    pub tracked_nonces: u64,
+    /// Messages dropped for size by the transports.
+    pub oversize: u64,
+}
+
+impl Metrics {
+    /// Counts a request.
+    pub fn request(&self, m: Method) {
+        self.requests[method_index(m)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a response we sent.
+    pub fn response(&self, code: u16) {
+        let class = usize::from(code / 100).clamp(1, 6) - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests counted for a method name (tests, dashboards).
+    pub fn requests_for(&self, m: Method) -> u64 {
+        self.requests[method_index(m)].load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut s = String::with_capacity(2048);
+        s.push_str("# HELP careflow_sip_requests_total SIP requests received, by method.\n# TYPE careflow_sip_requests_total counter\n");
+        for (i, m) in METHODS.iter().enumerate() {
+            let _ = writeln!(s, "careflow_sip_requests_total{{method=\"{m}\"}} {}", self.requests[i].load(Ordering::Relaxed));
+        }
+        s.push_str("# HELP careflow_sip_responses_total SIP responses sent, by status class.\n# TYPE careflow_sip_responses_total counter\n");
+        for (i, c) in ["1xx", "2xx", "3xx", "4xx", "5xx", "6xx"].iter().enumerate() {
+            let _ = writeln!(s, "careflow_sip_responses_total{{class=\"{c}\"}} {}", self.responses[i].load(Ordering::Relaxed));
+        }
+        let counters = [
+            ("careflow_sip_registrations_total", "REGISTER requests answered 200 OK.", &self.registrations),
+            ("careflow_sip_auth_failures_total", "Digest authentications that failed.", &self.auth_failures),
+            ("careflow_sip_parse_errors_total", "Messages that could not be parsed or were invalid.", &self.parse_errors),
+            ("careflow_sip_retransmissions_total", "Retransmitted requests absorbed by transactions.", &self.retransmissions),
+            ("careflow_sip_store_errors_total", "Subscriber or location store errors.", &self.store_errors),
+        ];
+        for (name, help, v) in counters {
+            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed));
+        }
+        let gauges = [
+            ("careflow_sip_active_bindings", "Registered contacts in the location service.", g.bindings),
+            ("careflow_sip_active_transactions", "Server transactions in progress.", g.transactions),
+            ("careflow_sip_open_connections", "Open TCP connections.", g.connections),
+            ("careflow_sip_tracked_nonces", "Nonces tracked for replay protection.", g.tracked_nonces),
+        ];
+        for (name, help, v) in gauges {
+            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+        }
+        let _ = write!(
+            s,
+            "# HELP careflow_sip_oversize_dropped_total Messages dropped for exceeding the size limit.\n# TYPE careflow_sip_oversize_dropped_total counter\ncareflow_sip_oversize_dropped_total {}\n",
+            g.oversize
+        );
+        s
+    }
+}

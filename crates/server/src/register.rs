@@ -1,0 +1,209 @@
+//! REGISTER: digest authentication, then the registrar rules applied to the location service.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use careflow_core::auth::{Failure, Verdict};
+use careflow_core::registrar::{self, ContactValue, Outcome, RegisterRequest, Reject};
+use careflow_proto::digest::Credentials;
+use careflow_proto::{HeaderName, Message, scan};
+
+use crate::app::{App, Ctx};
+use crate::unix_now;
+
+/// Option tags this registrar supports (Require: anything else gets 420).
+const SUPPORTED: &[&str] = &[];
+
+impl App {
+    pub(crate) async fn handle_register(self: Arc<Self>, msg: Message, ctx: Ctx) {
+        let (code, bytes) = self.register(&msg, &ctx).await;
+        self.send_response(&msg, &ctx, code, bytes);
+    }
+
+    async fn register(&self, msg: &Message, ctx: &Ctx) -> (u16, bytes::Bytes) {
+        let now = unix_now();
+        let unsupported: Vec<&str> = msg
+            .values(HeaderName::Require)
+            .filter(|t| !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)))
+            .collect();
+        if !unsupported.is_empty() {
+            return (420, self.reply(msg, ctx, 420).header("Unsupported", unsupported.join(", ")).build());
+        }
+        // validate() guaranteed To parses.
+        let Some(to) = msg.to() else { return (400, self.reply(msg, ctx, 400).build()) };
+        let (Some(aor), true) = (to.uri.aor(), to.uri.is_sip()) else {
+            return (400, self.reply(msg, ctx, 400).reason("Bad To URI").build());
+        };
+        let domain = to.uri.host.as_str().to_ascii_lowercase();
+        if !self.serves_domain(&domain) {
+            return (403, self.reply(msg, ctx, 403).reason("Domain Not Served").build());
+        }
+        let user = scan::pct_decode(to.uri.user.unwrap_or_default());
+
+        let mut contacts = Vec::new();
+        for v in msg.values(HeaderName::Contact) {
+            match ContactValue::parse(v) {
+                Some(c) => contacts.push(c),
+                None => return (400, self.reply(msg, ctx, 400).reason("Bad Contact").build()),
+            }
+        }
+        let expires = msg.header(HeaderName::Expires).and_then(scan::parse_u64).map(|n| n as u32);
+
+        // Digest authentication (RFC 3261 §22.4).
+        let creds = msg
+            .headers_named(HeaderName::Authorization)
+            .filter_map(Credentials::parse)
+            .find(|c| c.realm.eq_ignore_ascii_case(&domain));
+        let Some(creds) = creds else {
+            return self.challenge(msg, ctx, &domain, now, false);
+        };
+        if creds.username != user {
+            self.auth_failed(ctx, &creds.username, &domain, "username does not match To");
+            return (403, self.reply(msg, ctx, 403).reason("Username Does Not Match AoR").build());
+        }
+        let pending = match self.auth.prepare(&creds, &domain, now) {
+            Ok(p) => p,
+            Err(f) => {
+                self.auth_failed(ctx, &creds.username, &domain, failure_text(f));
+                return self.challenge(msg, ctx, &domain, now, false);
+            }
+        };
+        let subscriber = match self.subscribers.find(&creds.username, &domain).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Fail safe: nobody is authenticated while the store is unavailable.
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "subscriber lookup failed");
+                return (503, self.reply(msg, ctx, 503).header("Retry-After", 5).build());
+            }
+        };
+        let ha1 = subscriber.as_ref().filter(|s| s.enabled).map(|s| s.ha1(pending.algorithm));
+        if let Err((f, verdict)) = self.auth.finish(pending, &creds, msg.method_str(), ha1, now) {
+            let stale = matches!(verdict, Verdict::Challenge { stale: true });
+            if f != Failure::StaleNonce {
+                self.auth_failed(ctx, &creds.username, &domain, failure_text(f));
+            }
+            return self.challenge(msg, ctx, &domain, now, stale);
+        }
+
+        let req = RegisterRequest {
+            aor: &aor,
+            call_id: msg.call_id().unwrap_or_default(),
+            cseq: msg.cseq().map_or(0, |c| c.0),
+            expires,
+            contacts,
+            transport: ctx.transport,
+            source: ctx.source,
+            user_agent: msg.header(HeaderName::UserAgent).map(scan::trim),
+            now,
+        };
+        let cfg = self.cfg.registrar;
+        let decide = |current: &[careflow_core::Binding]| {
+            registrar::apply(&cfg, current, &req, &mut || self.next_binding_id())
+        };
+        match self.location.update(&aor, &decide).await {
+            Ok(Ok(outcome)) => {
+                self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,
+                    transport = %ctx.transport, "registered"
+                );
+                (200, self.ok(msg, ctx, &outcome, now))
+            }
+            Ok(Err(reject)) => {
+                let (code, reason) = reject.status();
+                tracing::info!(aor = %aor, code, reason, source = %ctx.source, "registration refused");
+                let mut b = self.reply(msg, ctx, code).reason(reason);
+                if let Reject::IntervalTooBrief(min) = reject {
+                    b = b.header("Min-Expires", min);
+                }
+                (code, b.build())
+            }
+            Err(e) => {
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, aor = %aor, "location update failed");
+                (500, self.reply(msg, ctx, 500).build())
+            }
+        }
+    }
+
+    fn ok(&self, msg: &Message, ctx: &Ctx, outcome: &Outcome, now: u64) -> bytes::Bytes {
+        let mut b = self.reply(msg, ctx, 200);
+        // One Contact line per binding with the expiry actually granted (RFC 3261 §10.3 step 8).
+        let mut line = String::new();
+        for binding in &outcome.bindings {
+            line.clear();
+            let _ = write!(line, "<{}>;expires={}", binding.contact, binding.expires_in(now));
+            b = b.header("Contact", &line);
+        }
+        b.header("Date", httpdate(now)).build()
+    }
+
+    fn challenge(&self, msg: &Message, ctx: &Ctx, realm: &str, now: u64, stale: bool) -> (u16, bytes::Bytes) {
+        let mut b = self.reply(msg, ctx, 401);
+        for c in self.auth.challenges(realm, now, stale) {
+            b = b.header("WWW-Authenticate", c);
+        }
+        (401, b.build())
+    }
+
+    fn auth_failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
+        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            target: "careflow::security",
+            event = "auth_failed", src_ip = %ctx.source.ip(), src_port = ctx.source.port(),
+            user = %user, realm = %realm, reason, "authentication failed"
+        );
+    }
+}
+
+fn failure_text(f: Failure) -> &'static str {
+    match f {
+        Failure::WrongRealm => "wrong realm",
+        Failure::UnsupportedAlgorithm => "unsupported algorithm",
+        Failure::BadNonce => "invalid nonce",
+        Failure::StaleNonce => "stale nonce",
+        // Logged alike on purpose: the log must not become an enumeration oracle either.
+        Failure::UnknownUser | Failure::WrongPassword => "bad credentials",
+        Failure::Replay => "replayed nonce count",
+        Failure::BadQop => "bad qop",
+    }
+}
+
+/// RFC 7231 IMF-fixdate for the Date header.
+fn httpdate(unix: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let days = unix / 86400;
+    let secs = unix % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn httpdate_known_values() {
+        assert_eq!(super::httpdate(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(super::httpdate(1_795_000_000), "Sun, 18 Nov 2026 02:26:40 GMT");
+    }
+}
