@@ -32,8 +32,12 @@ impl careflow_api::Status for Status {
 
 pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_target(true)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .init();
 
     std::fs::create_dir_all(&cfg.data_dir)
@@ -44,8 +48,14 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let subscribers: Arc<dyn SubscriberStore> = Arc::new(open_subscribers(&cfg)?);
     let location: Arc<dyn LocationStore> = Arc::new(
-        EmbeddedLocation::open(&cfg.location_path(), careflow_server::unix_now())
-            .with_context(|| format!("cannot open registration journal {}", cfg.location_path().display()))?,
+        EmbeddedLocation::open(&cfg.location_path(), careflow_server::unix_now()).with_context(
+            || {
+                format!(
+                    "cannot open registration journal {}",
+                    cfg.location_path().display()
+                )
+            },
+        )?,
     );
     tracing::info!(bindings = location.count(), "location service loaded");
 
@@ -56,7 +66,10 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         auth_algorithms: cfg.auth_algorithms.clone(),
         nonce_ttl_secs: cfg.nonce_ttl,
         secret,
-        parse_limits: ParseLimits { max_size: cfg.max_message_size, max_headers: cfg.max_headers },
+        parse_limits: ParseLimits {
+            max_size: cfg.max_message_size,
+            max_headers: cfg.max_headers,
+        },
         transport: TransportLimits {
             max_message_size: cfg.max_message_size,
             max_connections: cfg.max_connections,
@@ -77,9 +90,14 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on HTTP_LISTEN {}", cfg.http_listen))?;
     tracing::info!(addr = %cfg.http_listen, "http listener bound");
-    let status = Arc::new(Status { app: server.app.clone(), ready: AtomicBool::new(false) });
+    let status = Arc::new(Status {
+        app: server.app.clone(),
+        ready: AtomicBool::new(false),
+    });
     let http_cancel = cancel.clone();
-    let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), async move { http_cancel.cancelled().await }));
+    let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), async move {
+        http_cancel.cancelled().await
+    }));
     status.ready.store(true, Ordering::Release);
     tracing::info!("careflow-sip ready");
 
@@ -126,12 +144,16 @@ fn load_or_create_secret(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
             }
             return Ok(out);
         }
-        anyhow::bail!("{} is not 64 hex digits; remove it to generate a new secret", path.display());
+        anyhow::bail!(
+            "{} is not 64 hex digits; remove it to generate a new secret",
+            path.display()
+        );
     }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let hex = careflow_proto::digest::hex(&secret);
-    write_private(path, hex.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    write_private(path, hex.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     tracing::info!(path = %path.display(), "generated nonce secret");
     Ok(secret)
 }

@@ -76,18 +76,25 @@ pub(crate) enum UserCommand {
 
 pub(crate) fn open_subscribers(cfg: &Config) -> anyhow::Result<SqliteSubscribers> {
     match &cfg.db_url {
-        DbUrl::Sqlite(path) => {
-            SqliteSubscribers::open(path).with_context(|| format!("cannot open subscriber database {}", path.display()))
-        }
+        DbUrl::Sqlite(path) => SqliteSubscribers::open(path)
+            .with_context(|| format!("cannot open subscriber database {}", path.display())),
         _ => bail!("DB_URL: only sqlite is available in this build"),
     }
 }
 
 pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
     let store = open_subscribers(cfg)?;
-    let dom = |d: Option<String>| d.unwrap_or_else(|| cfg.sip_domain.clone()).to_ascii_lowercase();
+    let dom = |d: Option<String>| {
+        d.unwrap_or_else(|| cfg.sip_domain.clone())
+            .to_ascii_lowercase()
+    };
     match cmd {
-        UserCommand::Add { user, domain, password, email } => {
+        UserCommand::Add {
+            user,
+            domain,
+            password,
+            email,
+        } => {
             let domain = dom(domain);
             check_username(&user)?;
             let (password, generated) = password_or_generate(password)?;
@@ -104,7 +111,9 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(|e| match e {
-                    StoreError::Conflict(_) => anyhow::anyhow!("user {user}@{domain} exists already"),
+                    StoreError::Conflict(_) => {
+                        anyhow::anyhow!("user {user}@{domain} exists already")
+                    }
                     other => other.into(),
                 })?;
             println!("added {user}@{domain}");
@@ -126,7 +135,11 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             }
             println!("{} subscriber(s)", all.len());
         }
-        UserCommand::Passwd { user, domain, password } => {
+        UserCommand::Passwd {
+            user,
+            domain,
+            password,
+        } => {
             let domain = dom(domain);
             let (password, generated) = password_or_generate(password)?;
             let (md5, sha) = hashes(&user, &domain, &password);
@@ -161,11 +174,15 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::Import { file, domain } => {
             let domain = dom(domain);
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
             let rows = parse_import(&text, &domain)?;
             let started = std::time::Instant::now();
             let n = store.import(rows).await?;
-            println!("imported {n} subscriber(s) in {:.2}s", started.elapsed().as_secs_f64());
+            println!(
+                "imported {n} subscriber(s) in {:.2}s",
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     Ok(())
@@ -174,9 +191,21 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
 pub(crate) fn registrations(cfg: &Config, user: Option<&str>) -> anyhow::Result<()> {
     let now = careflow_server::unix_now();
     let all = careflow_store::location::read_journal(&cfg.location_path(), now)?;
-    let filter = user.map(|u| if u.contains('@') { u.to_string() } else { format!("{u}@{}", cfg.sip_domain) });
-    let rows: Vec<_> = all.iter().filter(|b| filter.as_deref().is_none_or(|f| b.aor == f)).collect();
-    println!("{:<32} {:<48} {:<9} {:<24} {:<24} EXPIRES_IN", "AOR", "CONTACT", "TRANSPORT", "SOURCE", "USER_AGENT");
+    let filter = user.map(|u| {
+        if u.contains('@') {
+            u.to_string()
+        } else {
+            format!("{u}@{}", cfg.sip_domain)
+        }
+    });
+    let rows: Vec<_> = all
+        .iter()
+        .filter(|b| filter.as_deref().is_none_or(|f| b.aor == f))
+        .collect();
+    println!(
+        "{:<32} {:<48} {:<9} {:<24} {:<24} EXPIRES_IN",
+        "AOR", "CONTACT", "TRANSPORT", "SOURCE", "USER_AGENT"
+    );
     for b in &rows {
         println!(
             "{:<32} {:<48} {:<9} {:<24} {:<24} {}s",
@@ -196,7 +225,9 @@ fn check_username(user: &str) -> anyhow::Result<()> {
     // RFC 3261 user part without escapes: unreserved characters and a few marks.
     if user.is_empty()
         || user.len() > 64
-        || !user.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.!~*'()&=+$,;?/".contains(&b))
+        || !user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.!~*'()&=+$,;?/".contains(&b))
     {
         bail!("invalid username `{user}`: use letters, digits and - _ . (at most 64)");
     }
@@ -204,7 +235,10 @@ fn check_username(user: &str) -> anyhow::Result<()> {
 }
 
 fn hashes(user: &str, realm: &str, password: &str) -> (String, String) {
-    (ha1(Algorithm::Md5, user, realm, password), ha1(Algorithm::Sha256, user, realm, password))
+    (
+        ha1(Algorithm::Md5, user, realm, password),
+        ha1(Algorithm::Sha256, user, realm, password),
+    )
 }
 
 /// 22 characters from a 62-symbol alphabet: 130 bits of entropy.
@@ -274,7 +308,9 @@ pub(crate) fn parse_import(text: &str, domain: &str) -> anyhow::Result<Vec<NewSu
                 ha1_sha256: sha,
             }
         } else {
-            bail!("line {n}: expected `username,password[,email]` or `username,realm,ha1_md5,ha1_sha256`");
+            bail!(
+                "line {n}: expected `username,password[,email]` or `username,realm,ha1_md5,ha1_sha256`"
+            );
         };
         check_username(&row.username).with_context(|| format!("line {n}"))?;
         rows.push(row);
@@ -297,9 +333,16 @@ mod tests {
 
     #[test]
     fn import_formats() {
-        let rows = parse_import("username,password,email\nalice,pw1,a@example.com\nbob,pw2\n", "example.com").unwrap();
+        let rows = parse_import(
+            "username,password,email\nalice,pw1,a@example.com\nbob,pw2\n",
+            "example.com",
+        )
+        .unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].ha1_md5, ha1(Algorithm::Md5, "alice", "example.com", "pw1"));
+        assert_eq!(
+            rows[0].ha1_md5,
+            ha1(Algorithm::Md5, "alice", "example.com", "pw1")
+        );
         assert_eq!(rows[0].email.as_deref(), Some("a@example.com"));
         let h = format!(
             "username,realm,ha1_md5,ha1_sha256\nuser1,bench.local,{},{}\n",
@@ -308,7 +351,9 @@ mod tests {
         );
         let rows = parse_import(&h, "ignored").unwrap();
         assert_eq!(rows[0].domain, "bench.local");
-        let e = parse_import("alice,pw\nbad line with no commas\n", "d").unwrap_err().to_string();
+        let e = parse_import("alice,pw\nbad line with no commas\n", "d")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2"), "{e}");
     }
 }

@@ -17,24 +17,92 @@ use careflow_transport::ListenSpec;
 
 /// (key, default, description). The default "" means unset.
 pub const KEYS: &[(&str, &str, &str)] = &[
-    ("sip_domain", "localhost", "SIP domain served; also the digest realm and the domain of new users."),
-    ("sip_listen", "udp:0.0.0.0:5060,tcp:0.0.0.0:5060", "Comma-separated SIP listeners, each `udp:HOST:PORT` or `tcp:HOST:PORT` (IPv6 as `udp:[::]:5060`)."),
-    ("http_listen", "127.0.0.1:8080", "Address of the HTTP server (`/healthz`, `/metrics`)."),
-    ("data_dir", "./data", "Directory for the embedded database, the registration journal and the nonce secret."),
-    ("db_url", "", "Subscriber database. Default: `sqlite://DATA_DIR/careflow.db`."),
-    ("nonce_secret", "", "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`."),
-    ("auth_algorithms", "MD5,SHA-256", "Digest algorithms offered, in challenge order (`MD5`, `SHA-256`); one WWW-Authenticate header each."),
-    ("nonce_ttl", "300", "Seconds a nonce stays valid; older ones get `stale=true`."),
-    ("min_expires", "60", "Shortest registration accepted, seconds (423 Interval Too Brief below)."),
-    ("max_expires", "3600", "Longest registration granted, seconds; longer requests are shortened."),
-    ("default_expires", "3600", "Registration time when the REGISTER names none, seconds."),
-    ("max_contacts", "10", "Most contacts per address-of-record; more is refused with 403."),
-    ("max_message_size", "65536", "Largest SIP message accepted, bytes."),
+    (
+        "sip_domain",
+        "localhost",
+        "SIP domain served; also the digest realm and the domain of new users.",
+    ),
+    (
+        "sip_listen",
+        "udp:0.0.0.0:5060,tcp:0.0.0.0:5060",
+        "Comma-separated SIP listeners, each `udp:HOST:PORT` or `tcp:HOST:PORT` (IPv6 as `udp:[::]:5060`).",
+    ),
+    (
+        "http_listen",
+        "127.0.0.1:8080",
+        "Address of the HTTP server (`/healthz`, `/metrics`).",
+    ),
+    (
+        "data_dir",
+        "./data",
+        "Directory for the embedded database, the registration journal and the nonce secret.",
+    ),
+    (
+        "db_url",
+        "",
+        "Subscriber database. Default: `sqlite://DATA_DIR/careflow.db`.",
+    ),
+    (
+        "nonce_secret",
+        "",
+        "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",
+    ),
+    (
+        "auth_algorithms",
+        "MD5",
+        "Digest algorithms offered, in challenge order (`MD5`, `SHA-256`); one WWW-Authenticate header each. MD5 alone is the default because some clients (baresip 1.0) fail on any challenge they cannot answer; see docs/interop.md.",
+    ),
+    (
+        "nonce_ttl",
+        "300",
+        "Seconds a nonce stays valid; older ones get `stale=true`.",
+    ),
+    (
+        "min_expires",
+        "60",
+        "Shortest registration accepted, seconds (423 Interval Too Brief below).",
+    ),
+    (
+        "max_expires",
+        "3600",
+        "Longest registration granted, seconds; longer requests are shortened.",
+    ),
+    (
+        "default_expires",
+        "3600",
+        "Registration time when the REGISTER names none, seconds.",
+    ),
+    (
+        "max_contacts",
+        "10",
+        "Most contacts per address-of-record; more is refused with 403.",
+    ),
+    (
+        "max_message_size",
+        "65536",
+        "Largest SIP message accepted, bytes.",
+    ),
     ("max_headers", "128", "Most header fields in one message."),
-    ("max_connections", "10000", "Most simultaneous TCP connections."),
-    ("tcp_idle_timeout", "3900", "Seconds without traffic after which a TCP connection is closed."),
-    ("t1_ms", "500", "RFC 3261 timer T1 in milliseconds; server transactions live 64*T1."),
-    ("max_transactions", "100000", "Most server transactions in progress; beyond it requests get 503."),
+    (
+        "max_connections",
+        "10000",
+        "Most simultaneous TCP connections.",
+    ),
+    (
+        "tcp_idle_timeout",
+        "3900",
+        "Seconds without traffic after which a TCP connection is closed.",
+    ),
+    (
+        "t1_ms",
+        "500",
+        "RFC 3261 timer T1 in milliseconds; server transactions live 64*T1.",
+    ),
+    (
+        "max_transactions",
+        "100000",
+        "Most server transactions in progress; beyond it requests get 503.",
+    ),
 ];
 
 /// Typed, validated configuration.
@@ -106,13 +174,26 @@ pub enum ConfigError {
 
 impl Config {
     /// Loads the file (if any) and applies environment overrides from `env`.
-    pub fn load(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut raw: BTreeMap<String, String> =
-            KEYS.iter().filter(|(_, d, _)| !d.is_empty()).map(|(k, d, _)| (k.to_string(), d.to_string())).collect();
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw: BTreeMap<String, String> = KEYS
+            .iter()
+            .filter(|(_, d, _)| !d.is_empty())
+            .map(|(k, d, _)| (k.to_string(), d.to_string()))
+            .collect();
         if let Some(path) = path {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.into(), source: e })?;
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                path: path.into(),
+                source: e,
+            })?;
             let table: toml::Table =
-                text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax { path: path.into(), message: e.message().to_string() })?;
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: path.into(),
+                        message: e.message().to_string(),
+                    })?;
             for (k, v) in table {
                 if !KEYS.iter().any(|(key, _, _)| *key == k) {
                     return Err(ConfigError::UnknownKey(k));
@@ -130,7 +211,13 @@ impl Config {
                         .collect::<Vec<_>>()
                         .join(","),
                     other => {
-                        return Err(invalid(&k, format!("expected a string, number or list, got {}", other.type_str())));
+                        return Err(invalid(
+                            &k,
+                            format!(
+                                "expected a string, number or list, got {}",
+                                other.type_str()
+                            ),
+                        ));
                     }
                 };
                 raw.insert(k, s);
@@ -148,14 +235,30 @@ impl Config {
         let get = |k: &str| raw.get(k).map(|s| s.trim()).unwrap_or("");
         let sip_domain = get("sip_domain").to_ascii_lowercase();
         if sip_domain.is_empty()
-            || !sip_domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':' || b == b'[' || b == b']')
+            || !sip_domain.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || b == b'-'
+                    || b == b'.'
+                    || b == b':'
+                    || b == b'['
+                    || b == b']'
+            })
         {
-            return Err(invalid("sip_domain", "expected a host name such as sip.example.com"));
+            return Err(invalid(
+                "sip_domain",
+                "expected a host name such as sip.example.com",
+            ));
         }
         let sip_listen = parse_listen(get("sip_listen"))?;
-        let http_listen = get("http_listen")
-            .parse()
-            .map_err(|_| invalid("http_listen", format!("expected HOST:PORT such as 127.0.0.1:8080, got `{}`", get("http_listen"))))?;
+        let http_listen = get("http_listen").parse().map_err(|_| {
+            invalid(
+                "http_listen",
+                format!(
+                    "expected HOST:PORT such as 127.0.0.1:8080, got `{}`",
+                    get("http_listen")
+                ),
+            )
+        })?;
         let data_dir = PathBuf::from(get("data_dir"));
         if data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
@@ -165,16 +268,29 @@ impl Config {
             url => DbUrl::parse(url).map_err(|m| invalid("db_url", m))?,
         };
         if let DbUrl::Postgres(_) | DbUrl::Mysql(_) = db_url {
-            return Err(invalid("db_url", "PostgreSQL and MySQL backends are not in this build yet; use sqlite://PATH"));
+            return Err(invalid(
+                "db_url",
+                "PostgreSQL and MySQL backends are not in this build yet; use sqlite://PATH",
+            ));
         }
         let nonce_secret = match get("nonce_secret") {
             "" => None,
-            s => Some(parse_secret(s).ok_or_else(|| invalid("nonce_secret", "expected 64 hex digits"))?),
+            s => Some(
+                parse_secret(s).ok_or_else(|| invalid("nonce_secret", "expected 64 hex digits"))?,
+            ),
         };
         let mut auth_algorithms = Vec::new();
-        for a in get("auth_algorithms").split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let alg = Algorithm::from_token(Some(a))
-                .ok_or_else(|| invalid("auth_algorithms", format!("unknown algorithm `{a}` (use MD5 and/or SHA-256)")))?;
+        for a in get("auth_algorithms")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let alg = Algorithm::from_token(Some(a)).ok_or_else(|| {
+                invalid(
+                    "auth_algorithms",
+                    format!("unknown algorithm `{a}` (use MD5 and/or SHA-256)"),
+                )
+            })?;
             if !auth_algorithms.contains(&alg) {
                 auth_algorithms.push(alg);
             }
@@ -184,7 +300,9 @@ impl Config {
         }
         let num = |k: &str, min: u64, max: u64| -> Result<u64, ConfigError> {
             let v = get(k);
-            let n: u64 = v.parse().map_err(|_| invalid(k, format!("expected a whole number, got `{v}`")))?;
+            let n: u64 = v
+                .parse()
+                .map_err(|_| invalid(k, format!("expected a whole number, got `{v}`")))?;
             if n < min || n > max {
                 return Err(invalid(k, format!("{n} is out of range {min}..={max}")));
             }
@@ -199,8 +317,13 @@ impl Config {
         if registrar.min_expires > registrar.max_expires {
             return Err(invalid("min_expires", "must not exceed max_expires"));
         }
-        if registrar.default_expires < registrar.min_expires || registrar.default_expires > registrar.max_expires {
-            return Err(invalid("default_expires", "must lie between min_expires and max_expires"));
+        if registrar.default_expires < registrar.min_expires
+            || registrar.default_expires > registrar.max_expires
+        {
+            return Err(invalid(
+                "default_expires",
+                "must lie between min_expires and max_expires",
+            ));
         }
         Ok(Self {
             sip_domain,
@@ -228,23 +351,39 @@ impl Config {
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_ascii_uppercase(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.to_ascii_uppercase(),
+        message: message.into(),
+    }
 }
 
 fn parse_listen(s: &str) -> Result<Vec<ListenSpec>, ConfigError> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (proto, addr) = item
-            .split_once(':')
-            .ok_or_else(|| invalid("sip_listen", format!("`{item}`: expected TRANSPORT:HOST:PORT such as udp:0.0.0.0:5060")))?;
-        let transport: Transport = proto
-            .parse()
-            .map_err(|_| invalid("sip_listen", format!("`{item}`: unknown transport `{proto}` (udp, tcp)")))?;
+        let (proto, addr) = item.split_once(':').ok_or_else(|| {
+            invalid(
+                "sip_listen",
+                format!("`{item}`: expected TRANSPORT:HOST:PORT such as udp:0.0.0.0:5060"),
+            )
+        })?;
+        let transport: Transport = proto.parse().map_err(|_| {
+            invalid(
+                "sip_listen",
+                format!("`{item}`: unknown transport `{proto}` (udp, tcp)"),
+            )
+        })?;
         if !matches!(transport, Transport::Udp | Transport::Tcp) {
-            return Err(invalid("sip_listen", format!("`{item}`: {transport} listeners are not in this build yet (udp, tcp)")));
+            return Err(invalid(
+                "sip_listen",
+                format!("`{item}`: {transport} listeners are not in this build yet (udp, tcp)"),
+            ));
         }
-        let addr: SocketAddr =
-            addr.parse().map_err(|_| invalid("sip_listen", format!("`{item}`: `{addr}` is not HOST:PORT (IP address and port)")))?;
+        let addr: SocketAddr = addr.parse().map_err(|_| {
+            invalid(
+                "sip_listen",
+                format!("`{item}`: `{addr}` is not HOST:PORT (IP address and port)"),
+            )
+        })?;
         out.push(ListenSpec { transport, addr });
     }
     if out.is_empty() {

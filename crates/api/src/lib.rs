@@ -22,7 +22,10 @@ pub trait Status: Send + Sync + 'static {
 
 /// The router (exposed for in-process tests).
 pub fn router(status: Arc<dyn Status>) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/metrics", get(metrics)).with_state(status)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(status)
 }
 
 /// Serves HTTP on `listener` until `shutdown` completes.
@@ -31,7 +34,9 @@ pub async fn serve(
     status: Arc<dyn Status>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(status)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(status))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn healthz(State(s): State<Arc<dyn Status>>) -> impl IntoResponse {
@@ -43,5 +48,8 @@ async fn healthz(State(s): State<Arc<dyn Status>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<Arc<dyn Status>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics(),
+    )
 }

@@ -65,7 +65,11 @@ pub struct Authenticator {
 impl Authenticator {
     /// `algorithms` in the order challenges are sent (one header per algorithm).
     pub fn new(nonces: NonceIssuer, algorithms: Vec<Algorithm>, max_tracked_nonces: usize) -> Self {
-        Self { nonces, replay: Mutex::new(ReplayGuard::new(max_tracked_nonces)), algorithms }
+        Self {
+            nonces,
+            replay: Mutex::new(ReplayGuard::new(max_tracked_nonces)),
+            algorithms,
+        }
     }
 
     /// The challenge header values (for WWW-Authenticate or Proxy-Authenticate).
@@ -102,8 +106,14 @@ impl Authenticator {
             Some(_) => return Err(Failure::BadQop),
         }
         match self.nonces.check(&c.nonce, realm, now) {
-            NonceCheck::Fresh(id) => Ok(Pending { algorithm, nonce: Some(id) }),
-            NonceCheck::Stale => Ok(Pending { algorithm, nonce: None }),
+            NonceCheck::Fresh(id) => Ok(Pending {
+                algorithm,
+                nonce: Some(id),
+            }),
+            NonceCheck::Stale => Ok(Pending {
+                algorithm,
+                nonce: None,
+            }),
             NonceCheck::Invalid => Err(Failure::BadNonce),
         }
     }
@@ -122,13 +132,16 @@ impl Authenticator {
         let ha1_used = match ha1 {
             Some(h) => h,
             None => {
-                decoy = self.nonces.decoy_ha1(&c.username, pending.algorithm.hex_len());
+                decoy = self
+                    .nonces
+                    .decoy_ha1(&c.username, pending.algorithm.hex_len());
                 &decoy
             }
         };
         let expected = expected_response(pending.algorithm, ha1_used, c, method);
         let given = c.response.to_ascii_lowercase();
-        let matches = expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()));
+        let matches = expected.len() == given.len()
+            && bool::from(expected.as_bytes().ct_eq(given.as_bytes()));
         let Some(id) = pending.nonce else {
             // RFC 7616 §3.3: stale=true only when the digest itself was right.
             let right = matches && ha1.is_some();
@@ -171,7 +184,11 @@ mod tests {
     use super::*;
 
     fn auth() -> Authenticator {
-        Authenticator::new(NonceIssuer::new([1; 32], 300, 0), vec![Algorithm::Sha256, Algorithm::Md5], 1000)
+        Authenticator::new(
+            NonceIssuer::new([1; 32], 300, 0),
+            vec![Algorithm::Sha256, Algorithm::Md5],
+            1000,
+        )
     }
 
     fn nonce_of(ch: &str) -> &str {
@@ -201,9 +218,16 @@ mod tests {
         )
     }
 
-    fn run(a: &Authenticator, header: &str, stored_pass: Option<&str>, now: u64) -> Result<(), (Failure, Verdict)> {
+    fn run(
+        a: &Authenticator,
+        header: &str,
+        stored_pass: Option<&str>,
+        now: u64,
+    ) -> Result<(), (Failure, Verdict)> {
         let c = Credentials::parse(header).unwrap();
-        let p = a.prepare(&c, "example.com", now).map_err(|f| (f, Verdict::Challenge { stale: false }))?;
+        let p = a
+            .prepare(&c, "example.com", now)
+            .map_err(|f| (f, Verdict::Challenge { stale: false }))?;
         let h = stored_pass.map(|pw| ha1(p.algorithm, &c.username, "example.com", pw));
         a.finish(p, &c, "REGISTER", h.as_deref(), now)
     }
@@ -217,12 +241,35 @@ mod tests {
         let nonce = nonce_of(&ch[0]).to_string();
         for alg in [Algorithm::Md5, Algorithm::Sha256] {
             let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
-            assert_eq!(run(&a, &creds(alg, "alice", "pw", &nonce, "00000001"), Some("pw"), 101), Ok(()));
             assert_eq!(
-                run(&a, &creds(alg, "alice", "pw", &nonce, "00000001"), Some("pw"), 102).unwrap_err().0,
+                run(
+                    &a,
+                    &creds(alg, "alice", "pw", &nonce, "00000001"),
+                    Some("pw"),
+                    101
+                ),
+                Ok(())
+            );
+            assert_eq!(
+                run(
+                    &a,
+                    &creds(alg, "alice", "pw", &nonce, "00000001"),
+                    Some("pw"),
+                    102
+                )
+                .unwrap_err()
+                .0,
                 Failure::Replay
             );
-            assert_eq!(run(&a, &creds(alg, "alice", "pw", &nonce, "00000002"), Some("pw"), 102), Ok(()));
+            assert_eq!(
+                run(
+                    &a,
+                    &creds(alg, "alice", "pw", &nonce, "00000002"),
+                    Some("pw"),
+                    102
+                ),
+                Ok(())
+            );
         }
         let _ = nonce;
     }
@@ -231,8 +278,18 @@ mod tests {
     fn unknown_user_and_wrong_password_look_alike() {
         let a = auth();
         let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
-        let wrong = run(&a, &creds(Algorithm::Md5, "alice", "bad", &nonce, "00000001"), Some("pw"), 101);
-        let unknown = run(&a, &creds(Algorithm::Md5, "mallory", "x", &nonce, "00000001"), None, 101);
+        let wrong = run(
+            &a,
+            &creds(Algorithm::Md5, "alice", "bad", &nonce, "00000001"),
+            Some("pw"),
+            101,
+        );
+        let unknown = run(
+            &a,
+            &creds(Algorithm::Md5, "mallory", "x", &nonce, "00000001"),
+            None,
+            101,
+        );
         assert_eq!(wrong.unwrap_err().1, unknown.unwrap_err().1);
     }
 
@@ -240,9 +297,22 @@ mod tests {
     fn stale_only_when_digest_was_right() {
         let a = auth();
         let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
-        let ok = run(&a, &creds(Algorithm::Md5, "alice", "pw", &nonce, "00000001"), Some("pw"), 500);
-        assert_eq!(ok.unwrap_err(), (Failure::StaleNonce, Verdict::Challenge { stale: true }));
-        let bad = run(&a, &creds(Algorithm::Md5, "alice", "no", &nonce, "00000001"), Some("pw"), 500);
+        let ok = run(
+            &a,
+            &creds(Algorithm::Md5, "alice", "pw", &nonce, "00000001"),
+            Some("pw"),
+            500,
+        );
+        assert_eq!(
+            ok.unwrap_err(),
+            (Failure::StaleNonce, Verdict::Challenge { stale: true })
+        );
+        let bad = run(
+            &a,
+            &creds(Algorithm::Md5, "alice", "no", &nonce, "00000001"),
+            Some("pw"),
+            500,
+        );
         assert_eq!(bad.unwrap_err().1, Verdict::Challenge { stale: false });
     }
 
@@ -251,8 +321,15 @@ mod tests {
         let a = Authenticator::new(NonceIssuer::new([1; 32], 300, 0), vec![Algorithm::Md5], 10);
         let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
         let h = creds(Algorithm::Sha256, "alice", "pw", &nonce, "00000001");
-        assert_eq!(run(&a, &h, Some("pw"), 101).unwrap_err().0, Failure::UnsupportedAlgorithm);
-        let h = creds(Algorithm::Md5, "alice", "pw", &nonce, "00000001").replace("realm=\"example.com\"", "realm=\"x\"");
-        assert_eq!(run(&a, &h, Some("pw"), 101).unwrap_err().0, Failure::WrongRealm);
+        assert_eq!(
+            run(&a, &h, Some("pw"), 101).unwrap_err().0,
+            Failure::UnsupportedAlgorithm
+        );
+        let h = creds(Algorithm::Md5, "alice", "pw", &nonce, "00000001")
+            .replace("realm=\"example.com\"", "realm=\"x\"");
+        assert_eq!(
+            run(&a, &h, Some("pw"), 101).unwrap_err().0,
+            Failure::WrongRealm
+        );
     }
 }

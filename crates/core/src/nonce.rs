@@ -41,14 +41,20 @@ pub struct NonceIssuer {
 
 impl std::fmt::Debug for NonceIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NonceIssuer").field("ttl_secs", &self.ttl_secs).finish_non_exhaustive()
+        f.debug_struct("NonceIssuer")
+            .field("ttl_secs", &self.ttl_secs)
+            .finish_non_exhaustive()
     }
 }
 
 impl NonceIssuer {
     /// `counter_start` should be random so restarted servers do not reissue old values.
     pub fn new(secret: [u8; 32], ttl_secs: u64, counter_start: u64) -> Self {
-        Self { secret, ttl_secs, counter: AtomicU64::new(counter_start) }
+        Self {
+            secret,
+            ttl_secs,
+            counter: AtomicU64::new(counter_start),
+        }
     }
 
     /// Lifetime of a nonce in seconds.
@@ -69,7 +75,9 @@ impl NonceIssuer {
 
     /// Verifies a nonce presented by a client.
     pub fn check(&self, nonce: &str, realm: &str, now: u64) -> NonceCheck {
-        let Some(raw) = decode_hex::<32>(nonce) else { return NonceCheck::Invalid };
+        let Some(raw) = decode_hex::<32>(nonce) else {
+            return NonceCheck::Invalid;
+        };
         let issued_at = u64::from_be_bytes(raw[0..8].try_into().unwrap_or_default());
         let counter = u64::from_be_bytes(raw[8..16].try_into().unwrap_or_default());
         let mac = self.mac(issued_at, counter, realm);
@@ -118,7 +126,10 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     /// A guard holding at most `max_entries` nonces (older ones are dropped first when full).
     pub fn new(max_entries: usize) -> Self {
-        Self { seen: HashMap::new(), max_entries }
+        Self {
+            seen: HashMap::new(),
+            max_entries,
+        }
     }
 
     /// Accepts `nc` for `id` if it is higher than any seen before. Requests without qop
@@ -144,7 +155,8 @@ impl ReplayGuard {
 
     /// Forgets nonces that can no longer be used.
     pub fn sweep(&mut self, now: u64, ttl: u64) {
-        self.seen.retain(|id, _| id.issued_at.saturating_add(ttl) >= now);
+        self.seen
+            .retain(|id, _| id.issued_at.saturating_add(ttl) >= now);
     }
 
     /// Nonces tracked.
@@ -188,24 +200,39 @@ mod tests {
     fn fresh_stale_invalid() {
         let n = issuer();
         let nonce = n.issue("example.com", 1000);
-        assert!(matches!(n.check(&nonce, "example.com", 1100), NonceCheck::Fresh(_)));
+        assert!(matches!(
+            n.check(&nonce, "example.com", 1100),
+            NonceCheck::Fresh(_)
+        ));
         assert_eq!(n.check(&nonce, "example.com", 1301), NonceCheck::Stale);
         assert_eq!(n.check(&nonce, "other.com", 1100), NonceCheck::Invalid);
         let mut forged = nonce.clone().into_bytes();
         forged[63] = if forged[63] == b'0' { b'1' } else { b'0' };
-        assert_eq!(n.check(std::str::from_utf8(&forged).unwrap(), "example.com", 1100), NonceCheck::Invalid);
+        assert_eq!(
+            n.check(std::str::from_utf8(&forged).unwrap(), "example.com", 1100),
+            NonceCheck::Invalid
+        );
         assert_eq!(n.check("zz", "example.com", 1100), NonceCheck::Invalid);
-        assert_ne!(n.issue("example.com", 1000), nonce, "nonces are unique within a second");
+        assert_ne!(
+            n.issue("example.com", 1000),
+            nonce,
+            "nonces are unique within a second"
+        );
         // another node with another secret cannot verify it
         let other = NonceIssuer::new([8; 32], 300, 0);
-        assert_eq!(other.check(&nonce, "example.com", 1100), NonceCheck::Invalid);
+        assert_eq!(
+            other.check(&nonce, "example.com", 1100),
+            NonceCheck::Invalid
+        );
     }
 
     #[test]
     fn replayed_nc_is_refused() {
         let n = issuer();
         let nonce = n.issue("r", 10);
-        let NonceCheck::Fresh(id) = n.check(&nonce, "r", 10) else { panic!() };
+        let NonceCheck::Fresh(id) = n.check(&nonce, "r", 10) else {
+            panic!()
+        };
         let mut g = ReplayGuard::new(10);
         assert!(g.accept(id, 1, 10, 300));
         assert!(!g.accept(id, 1, 11, 300));

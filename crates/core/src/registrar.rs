@@ -22,7 +22,12 @@ pub struct RegistrarConfig {
 
 impl Default for RegistrarConfig {
     fn default() -> Self {
-        Self { min_expires: 60, max_expires: 3600, default_expires: 3600, max_contacts: 10 }
+        Self {
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            max_contacts: 10,
+        }
     }
 }
 
@@ -110,14 +115,25 @@ pub fn apply(
     req: &RegisterRequest<'_>,
     next_id: &mut dyn FnMut() -> u64,
 ) -> Result<Outcome, Reject> {
-    let live: Vec<Binding> = existing.iter().filter(|b| b.expires_at > req.now).cloned().collect();
+    let live: Vec<Binding> = existing
+        .iter()
+        .filter(|b| b.expires_at > req.now)
+        .cloned()
+        .collect();
     let mut changed = live.len() != existing.len();
 
     if req.contacts.is_empty() {
-        return Ok(Outcome { bindings: live, changed });
+        return Ok(Outcome {
+            bindings: live,
+            changed,
+        });
     }
 
-    if req.contacts.iter().any(|c| matches!(c, ContactValue::Wildcard)) {
+    if req
+        .contacts
+        .iter()
+        .any(|c| matches!(c, ContactValue::Wildcard))
+    {
         // RFC 3261 §10.3 step 6: "*" only alone and with Expires: 0.
         if req.contacts.len() != 1 || req.expires != Some(0) {
             return Err(Reject::BadRequest("Invalid Wildcard Contact"));
@@ -127,18 +143,25 @@ pub fn apply(
                 return Err(Reject::OutOfOrder);
             }
         }
-        return Ok(Outcome { bindings: Vec::new(), changed: changed || !live.is_empty() });
+        return Ok(Outcome {
+            bindings: Vec::new(),
+            changed: changed || !live.is_empty(),
+        });
     }
 
     let mut bindings = live;
     for c in &req.contacts {
-        let ContactValue::Address(na) = c else { continue };
+        let ContactValue::Address(na) = c else {
+            continue;
+        };
         let expires = contact_expires(cfg, na, req.expires);
         if expires != 0 && expires < cfg.min_expires {
             return Err(Reject::IntervalTooBrief(cfg.min_expires));
         }
         let uri = na.uri.raw;
-        let pos = bindings.iter().position(|b| b.contact.eq_ignore_ascii_case(uri));
+        let pos = bindings
+            .iter()
+            .position(|b| b.contact.eq_ignore_ascii_case(uri));
         if let Some(i) = pos {
             let b = &bindings[i];
             if b.call_id == req.call_id && req.cseq <= b.cseq {
@@ -211,7 +234,9 @@ fn q_value(na: &NameAddr<'_>) -> Option<u16> {
 }
 
 fn instance(na: &NameAddr<'_>) -> Option<String> {
-    na.params.get("+sip.instance")?.map(|v| scan::unquote(v).into_owned())
+    na.params
+        .get("+sip.instance")?
+        .map(|v| scan::unquote(v).into_owned())
 }
 
 fn reg_id(na: &NameAddr<'_>) -> Option<u32> {
@@ -222,13 +247,22 @@ fn reg_id(na: &NameAddr<'_>) -> Option<u32> {
 mod tests {
     use super::*;
 
-    fn req<'a>(contacts: &'a [&'a str], expires: Option<u32>, call_id: &'a str, cseq: u32, now: u64) -> RegisterRequest<'a> {
+    fn req<'a>(
+        contacts: &'a [&'a str],
+        expires: Option<u32>,
+        call_id: &'a str,
+        cseq: u32,
+        now: u64,
+    ) -> RegisterRequest<'a> {
         RegisterRequest {
             aor: "alice@example.com",
             call_id,
             cseq,
             expires,
-            contacts: contacts.iter().map(|c| ContactValue::parse(c).unwrap()).collect(),
+            contacts: contacts
+                .iter()
+                .map(|c| ContactValue::parse(c).unwrap())
+                .collect(),
             transport: Transport::Udp,
             source: "192.0.2.1:5060".parse().unwrap(),
             user_agent: Some("test"),
@@ -248,22 +282,52 @@ mod tests {
     fn add_refresh_remove() {
         let cfg = RegistrarConfig::default();
         let mut id = ids();
-        let o = apply(&cfg, &[], &req(&["<sip:a@192.0.2.1>"], Some(600), "c1", 1, 1000), &mut id).unwrap();
+        let o = apply(
+            &cfg,
+            &[],
+            &req(&["<sip:a@192.0.2.1>"], Some(600), "c1", 1, 1000),
+            &mut id,
+        )
+        .unwrap();
         assert_eq!(o.bindings.len(), 1);
         assert_eq!(o.bindings[0].expires_at, 1600);
-        let o = apply(&cfg, &o.bindings, &req(&["<sip:a@192.0.2.1>;expires=120"], Some(600), "c1", 2, 1100), &mut id).unwrap();
+        let o = apply(
+            &cfg,
+            &o.bindings,
+            &req(&["<sip:a@192.0.2.1>;expires=120"], Some(600), "c1", 2, 1100),
+            &mut id,
+        )
+        .unwrap();
         assert_eq!(o.bindings.len(), 1);
         assert_eq!(o.bindings[0].expires_at, 1220);
         assert_eq!(o.bindings[0].registered_at, 1000);
-        let o2 = apply(&cfg, &o.bindings, &req(&["<sip:b@192.0.2.2>;q=0.5"], None, "c2", 1, 1100), &mut id).unwrap();
+        let o2 = apply(
+            &cfg,
+            &o.bindings,
+            &req(&["<sip:b@192.0.2.2>;q=0.5"], None, "c2", 1, 1100),
+            &mut id,
+        )
+        .unwrap();
         assert_eq!(o2.bindings.len(), 2);
         assert_eq!(o2.bindings[1].q, Some(500));
         assert_eq!(o2.bindings[1].expires_at, 1100 + 3600);
-        let o3 = apply(&cfg, &o2.bindings, &req(&["<sip:a@192.0.2.1>"], Some(0), "c1", 3, 1100), &mut id).unwrap();
+        let o3 = apply(
+            &cfg,
+            &o2.bindings,
+            &req(&["<sip:a@192.0.2.1>"], Some(0), "c1", 3, 1100),
+            &mut id,
+        )
+        .unwrap();
         assert_eq!(o3.bindings.len(), 1);
         let fetch = apply(&cfg, &o3.bindings, &req(&[], None, "c9", 1, 1100), &mut id).unwrap();
         assert!(!fetch.changed);
-        let all = apply(&cfg, &o2.bindings, &req(&["*"], Some(0), "c3", 1, 1100), &mut id).unwrap();
+        let all = apply(
+            &cfg,
+            &o2.bindings,
+            &req(&["*"], Some(0), "c3", 1, 1100),
+            &mut id,
+        )
+        .unwrap();
         assert!(all.bindings.is_empty());
     }
 
@@ -271,17 +335,63 @@ mod tests {
     fn refusals() {
         let cfg = RegistrarConfig::default();
         let mut id = ids();
-        assert_eq!(apply(&cfg, &[], &req(&["<sip:a@h>"], Some(30), "c", 1, 0), &mut id), Err(Reject::IntervalTooBrief(60)));
-        assert!(matches!(apply(&cfg, &[], &req(&["*"], Some(5), "c", 1, 0), &mut id), Err(Reject::BadRequest(_))));
-        assert!(matches!(apply(&cfg, &[], &req(&["*", "<sip:a@h>"], Some(0), "c", 1, 0), &mut id), Err(Reject::BadRequest(_))));
+        assert_eq!(
+            apply(
+                &cfg,
+                &[],
+                &req(&["<sip:a@h>"], Some(30), "c", 1, 0),
+                &mut id
+            ),
+            Err(Reject::IntervalTooBrief(60))
+        );
+        assert!(matches!(
+            apply(&cfg, &[], &req(&["*"], Some(5), "c", 1, 0), &mut id),
+            Err(Reject::BadRequest(_))
+        ));
+        assert!(matches!(
+            apply(
+                &cfg,
+                &[],
+                &req(&["*", "<sip:a@h>"], Some(0), "c", 1, 0),
+                &mut id
+            ),
+            Err(Reject::BadRequest(_))
+        ));
         let o = apply(&cfg, &[], &req(&["<sip:a@h>"], None, "c", 5, 0), &mut id).unwrap();
-        assert_eq!(apply(&cfg, &o.bindings, &req(&["<sip:a@h>"], None, "c", 5, 1), &mut id), Err(Reject::OutOfOrder));
-        assert_eq!(apply(&cfg, &o.bindings, &req(&["<sip:a@h>"], None, "c", 4, 1), &mut id), Err(Reject::OutOfOrder));
+        assert_eq!(
+            apply(
+                &cfg,
+                &o.bindings,
+                &req(&["<sip:a@h>"], None, "c", 5, 1),
+                &mut id
+            ),
+            Err(Reject::OutOfOrder)
+        );
+        assert_eq!(
+            apply(
+                &cfg,
+                &o.bindings,
+                &req(&["<sip:a@h>"], None, "c", 4, 1),
+                &mut id
+            ),
+            Err(Reject::OutOfOrder)
+        );
         // another Call-ID may use any CSeq
-        assert!(apply(&cfg, &o.bindings, &req(&["<sip:a@h>"], None, "d", 1, 1), &mut id).is_ok());
+        assert!(
+            apply(
+                &cfg,
+                &o.bindings,
+                &req(&["<sip:a@h>"], None, "d", 1, 1),
+                &mut id
+            )
+            .is_ok()
+        );
         let many: Vec<String> = (0..11).map(|i| format!("<sip:a@h{i}>")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert_eq!(apply(&cfg, &[], &req(&many, None, "c", 1, 0), &mut id), Err(Reject::TooManyContacts(10)));
+        assert_eq!(
+            apply(&cfg, &[], &req(&many, None, "c", 1, 0), &mut id),
+            Err(Reject::TooManyContacts(10))
+        );
     }
 
     #[test]
@@ -307,7 +417,10 @@ mod tests {
             &mut id,
         )
         .unwrap();
-        assert_eq!(o.bindings[0].instance.as_deref(), Some("<urn:uuid:00000000-0000-1000-8000-AABBCCDDEEFF>"));
+        assert_eq!(
+            o.bindings[0].instance.as_deref(),
+            Some("<urn:uuid:00000000-0000-1000-8000-AABBCCDDEEFF>")
+        );
         assert_eq!(o.bindings[0].reg_id, Some(1));
         let later = apply(&cfg, &o.bindings, &req(&[], None, "x", 1, 61), &mut id).unwrap();
         assert!(later.bindings.is_empty() && later.changed);

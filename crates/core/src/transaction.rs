@@ -40,9 +40,15 @@ impl TxKey {
             k.push('|');
             k.push_str(msg.call_id().unwrap_or(""));
             k.push('|');
-            k.push_str(scan::trim(msg.header(careflow_proto::HeaderName::CSeq).unwrap_or("")));
+            k.push_str(scan::trim(
+                msg.header(careflow_proto::HeaderName::CSeq).unwrap_or(""),
+            ));
             k.push('|');
-            k.push_str(msg.values(careflow_proto::HeaderName::Via).next().unwrap_or(""));
+            k.push_str(
+                msg.values(careflow_proto::HeaderName::Via)
+                    .next()
+                    .unwrap_or(""),
+            );
         }
         Some(Self(k))
     }
@@ -70,7 +76,9 @@ pub struct TimerConfig {
 
 impl Default for TimerConfig {
     fn default() -> Self {
-        Self { t1: Duration::from_millis(500) }
+        Self {
+            t1: Duration::from_millis(500),
+        }
     }
 }
 
@@ -92,7 +100,12 @@ pub struct ServerTransactions {
 impl ServerTransactions {
     /// A table holding at most `max_entries` transactions.
     pub fn new(timers: TimerConfig, max_entries: usize) -> Self {
-        Self { entries: HashMap::new(), deadlines: BinaryHeap::new(), timers, max_entries }
+        Self {
+            entries: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            timers,
+            max_entries,
+        }
     }
 
     /// A request arrived.
@@ -110,14 +123,26 @@ impl ServerTransactions {
             }
         }
         let deadline = now + 64 * self.timers.t1;
-        self.entries.insert(key.clone(), Entry { response: None, deadline });
+        self.entries.insert(
+            key.clone(),
+            Entry {
+                response: None,
+                deadline,
+            },
+        );
         self.deadlines.push(Reverse((deadline, key.clone())));
         Received::New
     }
 
     /// The final response was sent. Over reliable transports the transaction ends at once
     /// (Timer J is zero); over UDP it absorbs retransmissions for 64*T1.
-    pub fn on_final_response(&mut self, key: &TxKey, response: Bytes, reliable: bool, now: Instant) {
+    pub fn on_final_response(
+        &mut self,
+        key: &TxKey,
+        response: Bytes,
+        reliable: bool,
+        now: Instant,
+    ) {
         if reliable {
             self.entries.remove(key);
             return;
@@ -146,7 +171,9 @@ impl ServerTransactions {
             if *d > now {
                 break;
             }
-            let Some(Reverse((d, key))) = self.deadlines.pop() else { break };
+            let Some(Reverse((d, key))) = self.deadlines.pop() else {
+                break;
+            };
             // Entries whose deadline moved have a newer heap item; only the current one counts.
             if self.entries.get(&key).is_some_and(|e| e.deadline == d) {
                 self.entries.remove(&key);
@@ -181,7 +208,9 @@ mod tests {
     use super::*;
 
     fn msg(branch: &str) -> Message {
-        let s = format!("REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch={branch}\r\nFrom: <sip:a@example.com>;tag=1\r\nTo: <sip:a@example.com>\r\nCall-ID: x\r\nCSeq: 1 REGISTER\r\n\r\n");
+        let s = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch={branch}\r\nFrom: <sip:a@example.com>;tag=1\r\nTo: <sip:a@example.com>\r\nCall-ID: x\r\nCSeq: 1 REGISTER\r\n\r\n"
+        );
         Message::parse(Bytes::from(s), &ParseLimits::default()).unwrap()
     }
 
@@ -193,11 +222,17 @@ mod tests {
         assert_eq!(t.on_request(&k, now), Received::New);
         assert_eq!(t.on_request(&k, now), Received::Absorb);
         t.on_final_response(&k, Bytes::from_static(b"resp"), false, now);
-        assert_eq!(t.on_request(&k, now + Duration::from_secs(1)), Received::Resend(Bytes::from_static(b"resp")));
+        assert_eq!(
+            t.on_request(&k, now + Duration::from_secs(1)),
+            Received::Resend(Bytes::from_static(b"resp"))
+        );
         assert_eq!(t.poll_timeout(), Some(now + Duration::from_secs(32)));
         t.handle_timeout(now + Duration::from_secs(32));
         assert!(t.is_empty());
-        assert_eq!(t.on_request(&k, now + Duration::from_secs(33)), Received::New);
+        assert_eq!(
+            t.on_request(&k, now + Duration::from_secs(33)),
+            Received::New
+        );
     }
 
     #[test]

@@ -83,7 +83,12 @@ pub fn ha1(alg: Algorithm, username: &str, realm: &str, password: &str) -> Strin
 }
 
 /// The expected `response` for the given HA1 (RFC 7616 §3.4.1, qop=auth or none).
-pub fn expected_response(alg: Algorithm, ha1_hex: &str, c: &Credentials<'_>, method: &str) -> String {
+pub fn expected_response(
+    alg: Algorithm,
+    ha1_hex: &str,
+    c: &Credentials<'_>,
+    method: &str,
+) -> String {
     let ha2 = alg.hash_hex(&[method.as_bytes(), c.uri.as_bytes()]);
     match (c.qop, c.nc, c.cnonce.as_deref()) {
         (Some(qop), Some(nc), Some(cnonce)) => alg.hash_hex(&[
@@ -195,7 +200,12 @@ mod tests {
             r#"Digest username="Mufasa", realm="testrealm@host.com", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", uri="/dir/index.html", qop=auth, nc=00000001, cnonce="0a4f113b", response="6629fae49393a05397450978507c4ef1", opaque="5ccc069c403ebaf9f0171e9517f40e41""#,
         )
         .unwrap();
-        let h = ha1(Algorithm::Md5, "Mufasa", "testrealm@host.com", "Circle Of Life");
+        let h = ha1(
+            Algorithm::Md5,
+            "Mufasa",
+            "testrealm@host.com",
+            "Circle Of Life",
+        );
         assert_eq!(expected_response(Algorithm::Md5, &h, &c, "GET"), c.response);
         assert_eq!(c.nc_value(), Some(1));
     }

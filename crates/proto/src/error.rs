@@ -48,7 +48,10 @@ impl ParseError {
     }
 
     pub(crate) const fn in_header(kind: ParseErrorKind, header: &'static str) -> Self {
-        Self { kind, header: Some(header) }
+        Self {
+            kind,
+            header: Some(header),
+        }
     }
 
     /// A short reason phrase suitable for a 400 response.

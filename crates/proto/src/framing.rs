@@ -69,10 +69,13 @@ pub fn next_frame(buf: &[u8], max_size: usize) -> Result<Frame, FrameError> {
 
 fn content_length(head: &[u8]) -> Result<usize, FrameError> {
     for line in head.split(|&b| b == b'\n').skip(1) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
         let name = trim_bytes(&line[..colon]);
         if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
-            let v = std::str::from_utf8(&line[colon + 1..]).map_err(|_| FrameError::BadContentLength)?;
+            let v = std::str::from_utf8(&line[colon + 1..])
+                .map_err(|_| FrameError::BadContentLength)?;
             let n = scan::parse_u64(v).ok_or(FrameError::BadContentLength)?;
             return usize::try_from(n).map_err(|_| FrameError::TooLarge);
         }
@@ -83,7 +86,10 @@ fn content_length(head: &[u8]) -> Result<usize, FrameError> {
 
 fn trim_bytes(b: &[u8]) -> &[u8] {
     let s = b.iter().position(|c| !scan::is_lws(*c)).unwrap_or(b.len());
-    let e = b.iter().rposition(|c| !scan::is_lws(*c)).map_or(s, |e| e + 1);
+    let e = b
+        .iter()
+        .rposition(|c| !scan::is_lws(*c))
+        .map_or(s, |e| e + 1);
     &b[s..e]
 }
 
@@ -96,7 +102,10 @@ mod tests {
     #[test]
     fn frames_by_content_length() {
         assert_eq!(next_frame(&MSG[..10], 1000), Ok(Frame::Incomplete));
-        assert_eq!(next_frame(&MSG[..MSG.len() - 1], 1000), Ok(Frame::Incomplete));
+        assert_eq!(
+            next_frame(&MSG[..MSG.len() - 1], 1000),
+            Ok(Frame::Incomplete)
+        );
         assert_eq!(next_frame(MSG, 1000), Ok(Frame::Message(MSG.len())));
         let mut two = MSG.to_vec();
         two.extend_from_slice(MSG);
@@ -106,16 +115,31 @@ mod tests {
 
     #[test]
     fn keepalives() {
-        assert_eq!(next_frame(b"\r\n\r\n", 100), Ok(Frame::KeepAlive { len: 4, ping: true }));
+        assert_eq!(
+            next_frame(b"\r\n\r\n", 100),
+            Ok(Frame::KeepAlive { len: 4, ping: true })
+        );
         assert_eq!(next_frame(b"\r\n", 100), Ok(Frame::Incomplete));
-        assert_eq!(next_frame(b"\r\nINV", 100), Ok(Frame::KeepAlive { len: 2, ping: false }));
+        assert_eq!(
+            next_frame(b"\r\nINV", 100),
+            Ok(Frame::KeepAlive {
+                len: 2,
+                ping: false
+            })
+        );
     }
 
     #[test]
     fn bad_length() {
-        assert_eq!(next_frame(b"A b SIP/2.0\r\nContent-Length: x\r\n\r\n", 100), Err(FrameError::BadContentLength));
         assert_eq!(
-            next_frame(b"A b SIP/2.0\r\nContent-Length: 99999999999999999999999\r\n\r\n", 100),
+            next_frame(b"A b SIP/2.0\r\nContent-Length: x\r\n\r\n", 100),
+            Err(FrameError::BadContentLength)
+        );
+        assert_eq!(
+            next_frame(
+                b"A b SIP/2.0\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                100
+            ),
             Err(FrameError::BadContentLength)
         );
     }

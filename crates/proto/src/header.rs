@@ -167,7 +167,10 @@ mod tests {
         assert_eq!(HeaderName::from_bytes(b"v"), HeaderName::Via);
         assert_eq!(HeaderName::from_bytes(b"I"), HeaderName::CallId);
         assert_eq!(HeaderName::from_bytes(b"cAlL-iD"), HeaderName::CallId);
-        assert_eq!(HeaderName::from_bytes(b"MaX-fOrWaRdS"), HeaderName::MaxForwards);
+        assert_eq!(
+            HeaderName::from_bytes(b"MaX-fOrWaRdS"),
+            HeaderName::MaxForwards
+        );
         assert_eq!(HeaderName::from_bytes(b"X-Foo"), HeaderName::Other);
         assert_eq!(HeaderName::CallId.as_str(), "Call-ID");
     }

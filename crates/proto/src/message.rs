@@ -26,7 +26,10 @@ pub struct ParseLimits {
 
 impl Default for ParseLimits {
     fn default() -> Self {
-        Self { max_size: 64 * 1024, max_headers: 128 }
+        Self {
+            max_size: 64 * 1024,
+            max_headers: 128,
+        }
     }
 }
 
@@ -39,7 +42,10 @@ struct Span {
 impl Span {
     fn new(start: usize, end: usize) -> Self {
         // Messages are bounded by ParseLimits::max_size, far below u32::MAX.
-        Self { start: start as u32, end: end as u32 }
+        Self {
+            start: start as u32,
+            end: end as u32,
+        }
     }
     fn range(self) -> std::ops::Range<usize> {
         self.start as usize..self.end as usize
@@ -91,8 +97,10 @@ impl Message {
         while pos < b.len() && (b[pos] == b'\r' || b[pos] == b'\n') {
             pos += 1;
         }
-        let (head_end, body_start) = find_head_end(b, pos).ok_or(ParseError::new(K::MissingHeaderEnd))?;
-        let head = std::str::from_utf8(&b[pos..head_end]).map_err(|_| ParseError::new(K::NotUtf8))?;
+        let (head_end, body_start) =
+            find_head_end(b, pos).ok_or(ParseError::new(K::MissingHeaderEnd))?;
+        let head =
+            std::str::from_utf8(&b[pos..head_end]).map_err(|_| ParseError::new(K::NotUtf8))?;
 
         let mut defect = None;
         let line_end = head.find('\n').map_or(head.len(), |i| i + 1);
@@ -130,7 +138,9 @@ impl Message {
                     if !scan::is_token(name) {
                         set_defect(&mut defect, ParseError::new(K::BadHeaderLine));
                     } else {
-                        let vstart = colon + 1 + (line.len() - colon - 1 - line[colon + 1..].trim_start().len());
+                        let vstart = colon
+                            + 1
+                            + (line.len() - colon - 1 - line[colon + 1..].trim_start().len());
                         headers.push(HeaderField {
                             name: HeaderName::from_bytes(name.as_bytes()),
                             name_span: Span::new(off, off + name.len()),
@@ -182,7 +192,10 @@ impl Message {
         };
         self.body = Span::new(body_start, end);
         if bad {
-            set_defect(&mut self.defect, ParseError::in_header(K::BadContentLength, "Content-Length"));
+            set_defect(
+                &mut self.defect,
+                ParseError::in_header(K::BadContentLength, "Content-Length"),
+            );
         }
     }
 
@@ -202,7 +215,9 @@ impl Message {
         }
         self.single(HeaderName::From, "From", |v| NameAddr::parse(v).is_some())?;
         self.single(HeaderName::To, "To", |v| NameAddr::parse(v).is_some())?;
-        self.single(HeaderName::CallId, "Call-ID", |v| !v.is_empty() && !v.contains(char::is_whitespace))?;
+        self.single(HeaderName::CallId, "Call-ID", |v| {
+            !v.is_empty() && !v.contains(char::is_whitespace)
+        })?;
         self.single(HeaderName::CSeq, "CSeq", |v| parse_cseq(v).is_some())?;
         if let Some(mf) = self.header(HeaderName::MaxForwards) {
             if !scan::parse_u64(mf).is_some_and(|n| n <= 255) {
@@ -224,9 +239,16 @@ impl Message {
         Ok(())
     }
 
-    fn single(&self, name: HeaderName, label: &'static str, ok: impl Fn(&str) -> bool) -> Result<(), ParseError> {
+    fn single(
+        &self,
+        name: HeaderName,
+        label: &'static str,
+        ok: impl Fn(&str) -> bool,
+    ) -> Result<(), ParseError> {
         let mut it = self.headers_named(name);
-        let first = it.next().ok_or(ParseError::in_header(K::MissingHeader, label))?;
+        let first = it
+            .next()
+            .ok_or(ParseError::in_header(K::MissingHeader, label))?;
         if !ok(first) {
             return Err(ParseError::in_header(K::BadHeaderValue, label));
         }
@@ -324,7 +346,10 @@ impl Message {
 
     /// Values of every field with this name, in order (not split at commas).
     pub fn headers_named(&self, name: HeaderName) -> impl Iterator<Item = &str> + '_ {
-        self.headers.iter().filter(move |h| h.name == name).map(|h| self.text(h.value))
+        self.headers
+            .iter()
+            .filter(move |h| h.name == name)
+            .map(|h| self.text(h.value))
     }
 
     /// The first field with this name.
@@ -336,13 +361,17 @@ impl Message {
     pub fn other_header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
-            .find(|h| h.name == HeaderName::Other && self.text(h.name_span).eq_ignore_ascii_case(name))
+            .find(|h| {
+                h.name == HeaderName::Other && self.text(h.name_span).eq_ignore_ascii_case(name)
+            })
             .map(|h| self.text(h.value))
     }
 
     /// Every element of a list header across all its fields (RFC 3261 §7.3.1).
     pub fn values(&self, name: HeaderName) -> impl Iterator<Item = &str> + '_ {
-        self.headers_named(name).flat_map(scan::split_list).filter(|v| !v.is_empty())
+        self.headers_named(name)
+            .flat_map(scan::split_list)
+            .filter(|v| !v.is_empty())
     }
 
     /// The topmost Via.
@@ -437,7 +466,9 @@ fn parse_start_line(
         let ver = it.next().ok_or(bad)?;
         let code = it.next().ok_or(bad)?;
         let _reason = it.next();
-        let code_n = scan::parse_u64(code).filter(|c| (100..700).contains(c) && code.len() == 3).ok_or(bad)?;
+        let code_n = scan::parse_u64(code)
+            .filter(|c| (100..700).contains(c) && code.len() == 3)
+            .ok_or(bad)?;
         if ver != "2.0" {
             return Err(ParseError::new(K::UnsupportedVersion));
         }

@@ -47,7 +47,9 @@ impl<'a> Params<'a> {
 
     /// Looks a parameter up by name (case-insensitive). `Some(None)` means present without value.
     pub fn get(&self, name: &str) -> Option<Option<&'a str>> {
-        self.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     /// True when the parameter is present.
@@ -66,9 +68,8 @@ impl<'a> Params<'a> {
                     }
                     Some(v) => {
                         !v.is_empty()
-                            && v.bytes().all(|b| {
-                                scan::is_token_char(b) || matches!(b, b'[' | b']' | b':')
-                            })
+                            && v.bytes()
+                                .all(|b| scan::is_token_char(b) || matches!(b, b'[' | b']' | b':'))
                     }
                 }
         })
@@ -121,7 +122,11 @@ impl<'a> NameAddr<'a> {
             if !params.well_formed() {
                 return None;
             }
-            return Some(Self { display: None, uri, params });
+            return Some(Self {
+                display: None,
+                uri,
+                params,
+            });
         };
         let inner_end = after_display.find('>')?;
         let inner = &after_display[1..inner_end];
@@ -141,7 +146,11 @@ impl<'a> NameAddr<'a> {
         if !params.well_formed() {
             return None;
         }
-        Some(Self { display, uri, params })
+        Some(Self {
+            display,
+            uri,
+            params,
+        })
     }
 
     /// The `tag` parameter.
@@ -182,7 +191,11 @@ mod tests {
         let v: Vec<_> = p.iter().collect();
         assert_eq!(
             v,
-            vec![("newparam", Some("newvalue")), ("secondparam", None), ("q", Some("0.33"))]
+            vec![
+                ("newparam", Some("newvalue")),
+                ("secondparam", None),
+                ("q", Some("0.33"))
+            ]
         );
     }
 }

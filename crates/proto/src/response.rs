@@ -26,7 +26,15 @@ pub struct ResponseBuilder<'m> {
 impl<'m> ResponseBuilder<'m> {
     /// A response with `code` to `req`.
     pub fn new(req: &'m Message, code: u16) -> Self {
-        Self { req, code, reason: None, to_tag: None, source: None, extra: String::new(), body: &[] }
+        Self {
+            req,
+            code,
+            reason: None,
+            to_tag: None,
+            source: None,
+            extra: String::new(),
+            body: &[],
+        }
     }
 
     /// Overrides the default reason phrase.
@@ -95,7 +103,11 @@ impl<'m> ResponseBuilder<'m> {
             }
         }
         out.put_slice(self.extra.as_bytes());
-        let _ = write!(Writer(&mut out), "Content-Length: {}\r\n\r\n", self.body.len());
+        let _ = write!(
+            Writer(&mut out),
+            "Content-Length: {}\r\n\r\n",
+            self.body.len()
+        );
         out.put_slice(self.body);
         out.freeze()
     }
@@ -222,14 +234,24 @@ mod tests {
     use crate::message::ParseLimits;
 
     fn req(s: &str) -> Message {
-        Message::parse(Bytes::from(s.replace('\n', "\r\n")), &ParseLimits::default()).unwrap()
+        Message::parse(
+            Bytes::from(s.replace('\n', "\r\n")),
+            &ParseLimits::default(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn copies_and_fills_via() {
-        let r = req("REGISTER sip:example.com SIP/2.0\nVia: SIP/2.0/UDP 10.0.0.5:5060;rport;branch=z9hG4bK1, SIP/2.0/UDP x.y\nVia: SIP/2.0/UDP second\nFrom: <sip:a@example.com>;tag=f\nTo: <sip:a@example.com>\nCall-ID: c1\nCSeq: 1 REGISTER\nX-Other: y\nContent-Length: 0\n\n");
+        let r = req(
+            "REGISTER sip:example.com SIP/2.0\nVia: SIP/2.0/UDP 10.0.0.5:5060;rport;branch=z9hG4bK1, SIP/2.0/UDP x.y\nVia: SIP/2.0/UDP second\nFrom: <sip:a@example.com>;tag=f\nTo: <sip:a@example.com>\nCall-ID: c1\nCSeq: 1 REGISTER\nX-Other: y\nContent-Length: 0\n\n",
+        );
         let src: SocketAddr = "203.0.113.9:40000".parse().unwrap();
-        let out = ResponseBuilder::new(&r, 200).source(src).to_tag("t1").header("Expires", 60).build();
+        let out = ResponseBuilder::new(&r, 200)
+            .source(src)
+            .to_tag("t1")
+            .header("Expires", 60)
+            .build();
         let s = std::str::from_utf8(&out).unwrap();
         assert!(s.starts_with("SIP/2.0 200 OK\r\n"));
         assert!(s.contains("Via: SIP/2.0/UDP 10.0.0.5:5060;rport=40000;branch=z9hG4bK1;received=203.0.113.9, SIP/2.0/UDP x.y\r\nVia: SIP/2.0/UDP second\r\n"), "{s}");
@@ -243,9 +265,16 @@ mod tests {
 
     #[test]
     fn no_received_when_host_matches() {
-        let r = req("OPTIONS sip:example.com SIP/2.0\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK2;received=1.1.1.1\nFrom: <sip:a@example.com>;tag=f\nTo: <sip:a@example.com>\nCall-ID: c1\nCSeq: 1 OPTIONS\n\n");
-        let out = ResponseBuilder::new(&r, 200).source("127.0.0.1:5062".parse().unwrap()).build();
+        let r = req(
+            "OPTIONS sip:example.com SIP/2.0\nVia: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK2;received=1.1.1.1\nFrom: <sip:a@example.com>;tag=f\nTo: <sip:a@example.com>\nCall-ID: c1\nCSeq: 1 OPTIONS\n\n",
+        );
+        let out = ResponseBuilder::new(&r, 200)
+            .source("127.0.0.1:5062".parse().unwrap())
+            .build();
         let s = std::str::from_utf8(&out).unwrap();
-        assert!(s.contains("Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK2\r\n"), "{s}");
+        assert!(
+            s.contains("Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK2\r\n"),
+            "{s}"
+        );
     }
 }

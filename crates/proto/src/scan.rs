@@ -14,7 +14,10 @@ pub fn is_lws(b: u8) -> bool {
 /// `token` characters of RFC 3261 §25.1.
 pub fn is_token_char(b: u8) -> bool {
     b.is_ascii_alphanumeric()
-        || matches!(b, b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~')
+        || matches!(
+            b,
+            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+        )
 }
 
 /// True when `s` is a non-empty token.
@@ -176,7 +179,14 @@ mod tests {
     fn list_split_respects_quotes_and_angles() {
         let v: Vec<_> =
             split_list(r#""a,b" <sip:x@y;p=1,2>;q=1 , <sip:z@w>,"c\",d" <sip:e>"#).collect();
-        assert_eq!(v, vec![r#""a,b" <sip:x@y;p=1,2>;q=1"#, "<sip:z@w>", r#""c\",d" <sip:e>"#]);
+        assert_eq!(
+            v,
+            vec![
+                r#""a,b" <sip:x@y;p=1,2>;q=1"#,
+                "<sip:z@w>",
+                r#""c\",d" <sip:e>"#
+            ]
+        );
     }
 
     #[test]

@@ -39,7 +39,10 @@ impl<'a> Host<'a> {
 
     /// The host without IPv6 brackets, for address parsing.
     pub fn unbracketed(&self) -> &'a str {
-        self.0.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(self.0)
+        self.0
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(self.0)
     }
 
     /// Parses the host as an IP address when it is one.
@@ -172,7 +175,9 @@ fn valid_host(h: &str) -> bool {
     if let Some(inner) = h.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
         return inner.parse::<std::net::Ipv6Addr>().is_ok();
     }
-    !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 #[cfg(test)]
@@ -202,7 +207,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(u.host.as_str(), "example.com");
-        assert_eq!(u.user, Some("1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*"));
+        assert_eq!(
+            u.user,
+            Some("1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*")
+        );
     }
 
     #[test]

@@ -44,7 +44,9 @@ impl<'a> Via<'a> {
         if host.is_empty()
             || host.bytes().any(|b| scan::is_lws(b))
             || !(host.starts_with('[')
-                || host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+                || host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
         {
             return None;
         }
@@ -52,7 +54,12 @@ impl<'a> Via<'a> {
         if !params.well_formed() {
             return None;
         }
-        Some(Self { transport, host: Host(host), port, params })
+        Some(Self {
+            transport,
+            host: Host(host),
+            port,
+            params,
+        })
     }
 
     /// The branch parameter.
@@ -62,7 +69,8 @@ impl<'a> Via<'a> {
 
     /// True when the branch carries the RFC 3261 magic cookie (and something after it).
     pub fn has_rfc3261_branch(&self) -> bool {
-        self.branch().is_some_and(|b| b.len() > MAGIC_COOKIE.len() && b.starts_with(MAGIC_COOKIE))
+        self.branch()
+            .is_some_and(|b| b.len() > MAGIC_COOKIE.len() && b.starts_with(MAGIC_COOKIE))
     }
 
     /// `Some(None)` for a bare `rport` (the client asks for it), `Some(Some(v))` when filled.
@@ -82,7 +90,10 @@ impl<'a> Via<'a> {
 }
 
 fn take_token(s: &str) -> Option<(&str, &str)> {
-    let end = s.bytes().position(|b| !scan::is_token_char(b)).unwrap_or(s.len());
+    let end = s
+        .bytes()
+        .position(|b| !scan::is_token_char(b))
+        .unwrap_or(s.len());
     if end == 0 {
         return None;
     }
@@ -95,7 +106,8 @@ mod tests {
 
     #[test]
     fn folded_via() {
-        let v = Via::parse("SIP  /   2.0\r\n /UDP\r\n    192.0.2.2;rport;branch=390skdjuw").unwrap();
+        let v =
+            Via::parse("SIP  /   2.0\r\n /UDP\r\n    192.0.2.2;rport;branch=390skdjuw").unwrap();
         assert_eq!(v.transport, "UDP");
         assert_eq!(v.host.as_str(), "192.0.2.2");
         assert_eq!(v.rport(), Some(None));

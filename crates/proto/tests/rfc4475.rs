@@ -72,8 +72,14 @@ fn wsinv_short_tortuous_invite() {
     assert_eq!(m.method_str(), "INVITE");
     assert_eq!(m.cseq(), Some((9, "INVITE")));
     assert_eq!(m.call_id(), Some("wsinv.ndaksdj@192.0.2.1"));
-    assert_eq!(m.header(HeaderName::MaxForwards).map(str::trim), Some("0068"));
-    let vias: Vec<_> = m.values(HeaderName::Via).map(|v| Via::parse(v).unwrap()).collect();
+    assert_eq!(
+        m.header(HeaderName::MaxForwards).map(str::trim),
+        Some("0068")
+    );
+    let vias: Vec<_> = m
+        .values(HeaderName::Via)
+        .map(|v| Via::parse(v).unwrap())
+        .collect();
     assert_eq!(vias.len(), 3);
     assert_eq!(vias[0].host.as_str(), "192.0.2.2");
     assert_eq!(vias[1].transport, "TCP");
@@ -85,7 +91,10 @@ fn wsinv_short_tortuous_invite() {
     assert_eq!(c.params.get("q"), Some(Some("0.33")));
     assert_eq!(c.params.get("secondparam"), Some(None));
     assert_eq!(m.body().len(), 150);
-    assert_eq!(m.other_header("unknownheaderwithunusualvalue"), Some(";;,,;;,;"));
+    assert_eq!(
+        m.other_header("unknownheaderwithunusualvalue"),
+        Some(";;,,;;,;")
+    );
 }
 
 #[test]
@@ -109,7 +118,8 @@ Content-Length: 0
 
 #[test]
 fn esc01_valid_escaping() {
-    let m = valid("INVITE sip:sips%3Auser%40example.com@example.net SIP/2.0
+    let m = valid(
+        "INVITE sip:sips%3Auser%40example.com@example.net SIP/2.0
 To: sip:%75se%72@example.com
 From: <sip:I%20have%20spaces@example.net>;tag=938
 Max-Forwards: 87
@@ -121,14 +131,16 @@ Contact:
   <sip:cal%6Cer@host5.example.net;%6C%72;n%61me=v%61lue%25%34%31>
 Content-Length: 0
 
-");
+",
+    );
     assert_eq!(m.to().unwrap().uri.aor().unwrap(), "user@example.com");
     assert_eq!(m.request_uri().unwrap().host.as_str(), "example.net");
 }
 
 #[test]
 fn escnull_and_esc02() {
-    valid("REGISTER sip:example.com SIP/2.0
+    valid(
+        "REGISTER sip:example.com SIP/2.0
 To: sip:null-%00-null@example.com
 From: sip:null-%00-null@example.com;tag=839923423
 Max-Forwards: 70
@@ -139,8 +151,10 @@ Contact: <sip:%00@host5.example.com>
 Contact: <sip:%00%00@host5.example.com>
 L:0
 
-");
-    let m = valid("RE%47IST%45R sip:registrar.example.com SIP/2.0
+",
+    );
+    let m = valid(
+        "RE%47IST%45R sip:registrar.example.com SIP/2.0
 To: \"%Z%45\" <sip:resource@example.com>
 From: \"%Z%45\" <sip:resource@example.com>;tag=f232jadfj23
 Call-ID: esc02.asdfnqwo34rq23i34jrjasdcnl23nrlknsdf
@@ -152,7 +166,8 @@ C%6Fntact: <sip:alias2@host2.example.com>
 Contact: <sip:alias3@host3.example.com>
 l: 0
 
-");
+",
+    );
     // RE%47IST%45R is an unknown method, not REGISTER; C%6Fntact is an unknown header.
     assert_eq!(m.method(), careflow_proto::Method::Other);
     assert_eq!(m.values(HeaderName::Contact).count(), 2);
@@ -160,7 +175,8 @@ l: 0
 
 #[test]
 fn lwsdisp_and_semiuri_and_transports() {
-    valid("OPTIONS sip:user@example.com SIP/2.0
+    valid(
+        "OPTIONS sip:user@example.com SIP/2.0
 To: sip:user@example.com
 From: caller<sip:caller@example.com>;tag=323
 Max-Forwards: 70
@@ -169,8 +185,10 @@ CSeq: 60 OPTIONS
 Via: SIP/2.0/UDP funky.example.com;branch=z9hG4bKkdjuw
 l: 0
 
-");
-    let m = valid("OPTIONS sip:user;par=u%40example.net@example.com SIP/2.0
+",
+    );
+    let m = valid(
+        "OPTIONS sip:user;par=u%40example.net@example.com SIP/2.0
 To: sip:j_user@example.com
 From: sip:caller@example.org;tag=33242
 Max-Forwards: 3
@@ -182,9 +200,14 @@ Accept: application/sdp, application/pkcs7-mime,
 Via: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKkdjuw
 l: 0
 
-");
-    assert_eq!(m.request_uri().unwrap().user, Some("user;par=u%40example.net"));
-    valid("OPTIONS sip:user@example.com SIP/2.0
+",
+    );
+    assert_eq!(
+        m.request_uri().unwrap().user,
+        Some("user;par=u%40example.net")
+    );
+    valid(
+        "OPTIONS sip:user@example.com SIP/2.0
 To: sip:user@example.com
 From: <sip:caller@example.com>;tag=323
 Max-Forwards: 70
@@ -198,7 +221,8 @@ Via: SIP/2.0/UNKNOWN t4.example.com;branch=z9hG4bKasd0f3en
 Via: SIP/2.0/TCP t5.example.com;branch=z9hG4bK0a9idfnee
 l: 0
 
-");
+",
+    );
 }
 
 #[test]
@@ -213,7 +237,8 @@ Content-Length: 0
 
 ");
     assert_eq!(m.status(), Some(200));
-    let m = valid("SIP/2.0 100 
+    let m = valid(
+        "SIP/2.0 100 
 Via: SIP/2.0/UDP 192.0.2.105;branch=z9hG4bK2398ndaoe
 Call-ID: noreason.asndj203insdf99223ndf
 CSeq: 35 INVITE
@@ -221,13 +246,15 @@ From: <sip:user@example.com>;tag=39ansfi3
 To: <sip:user@example.edu>;tag=902jndnke3
 Content-Length: 0
 
-");
+",
+    );
     assert_eq!(m.status(), Some(100));
 }
 
 #[test]
 fn dblreq_extra_bytes_after_content_length_are_ignored() {
-    let m = valid("REGISTER sip:example.com SIP/2.0
+    let m = valid(
+        "REGISTER sip:example.com SIP/2.0
 To: sip:j.user@example.com
 From: sip:j.user@example.com;tag=43251j3j324
 Max-Forwards: 8
@@ -247,7 +274,8 @@ CSeq: 8 INVITE
 Via: SIP/2.0/UDP 192.0.2.15;branch=z9hG4bKkdjuw380234
 Content-Length: 0
 
-");
+",
+    );
     assert_eq!(m.method(), careflow_proto::Method::Register);
     assert!(m.body().is_empty());
 }
@@ -258,7 +286,8 @@ fn invalid_messages_are_refused() {
     // 3.1.2.1 badinv01: extraneous header field separators / missing To.
     // clerr: Content-Length larger than the body.
     assert_eq!(
-        invalid("INVITE sip:user@example.com SIP/2.0
+        invalid(
+            "INVITE sip:user@example.com SIP/2.0
 Max-Forwards: 80
 To: sip:j.user@example.com
 From: sip:caller@example.net;tag=93942939o2
@@ -270,12 +299,14 @@ Content-Type: application/sdp
 Content-Length: 9999
 
 v=0
-"),
+"
+        ),
         K::BadContentLength
     );
     // scalar02: overlarge values.
     assert_eq!(
-        invalid("REGISTER sip:example.com SIP/2.0
+        invalid(
+            "REGISTER sip:example.com SIP/2.0
 Via: SIP/2.0/TCP host129.example.com;branch=z9hG4bK342sdfoi3
 To: <sip:user@example.com>
 From: <sip:user@example.com>;tag=239232jh3
@@ -287,12 +318,14 @@ Contact: <sip:user@host129.example.com>
   ;expires=280297596632815
 Content-Length: 0
 
-"),
+"
+        ),
         K::BadHeaderValue
     );
     // ltgtruri: Request-URI in angle brackets.
     assert_eq!(
-        invalid("INVITE <sip:user@example.com> SIP/2.0
+        invalid(
+            "INVITE <sip:user@example.com> SIP/2.0
 To: sip:user@example.com
 From: sip:caller@example.net;tag=39291
 Max-Forwards: 23
@@ -301,12 +334,14 @@ CSeq: 1 INVITE
 Via: SIP/2.0/UDP 192.0.2.5
 l: 0
 
-"),
+"
+        ),
         K::BadRequestUri
     );
     // lwsruri: whitespace inside the Request-URI.
     assert_eq!(
-        invalid("INVITE sip:user@example.com; lr SIP/2.0
+        invalid(
+            "INVITE sip:user@example.com; lr SIP/2.0
 To: sip:user@example.com;tag=3xfe-9921883-z9f
 From: sip:caller@example.net;tag=231413434
 Max-Forwards: 5
@@ -315,12 +350,14 @@ CSeq: 2130706432 INVITE
 Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKkdjuw2395
 l: 0
 
-"),
+"
+        ),
         K::BadRequestUri
     );
     // lwsstart: several spaces in the request line.
     assert!(matches!(
-        invalid("INVITE  sip:user@example.com  SIP/2.0
+        invalid(
+            "INVITE  sip:user@example.com  SIP/2.0
 Max-Forwards: 8
 To: sip:user@example.com
 From: sip:caller@example.net;tag=8814
@@ -329,12 +366,14 @@ CSeq: 1893884 INVITE
 Via: SIP/2.0/UDP host1.example.com;branch=z9hG4bKkdjuw3923
 l: 0
 
-"),
+"
+        ),
         K::BadRequestUri | K::BadStartLine
     ));
     // badaspec: spaces inside <>.
     assert_eq!(
-        invalid("OPTIONS sip:user@example.org SIP/2.0
+        invalid(
+            "OPTIONS sip:user@example.org SIP/2.0
 Via: SIP/2.0/UDP host4.example.com:5060;branch=z9hG4bKkdju43234
 Max-Forwards: 70
 From: \"Bell, Alexander\" <sip:a.g.bell@example.com>;tag=433423
@@ -344,12 +383,14 @@ Accept: application/sdp
 CSeq: 3923239 OPTIONS
 l: 0
 
-"),
+"
+        ),
         K::BadHeaderValue
     );
     // quotbal: unbalanced quotes in the display name.
     assert_eq!(
-        invalid("INVITE sip:user@example.com SIP/2.0
+        invalid(
+            "INVITE sip:user@example.com SIP/2.0
 To: \"Mr. J. User <sip:j.user@example.com>
 From: sip:caller@example.net;tag=93334
 Max-Forwards: 10
@@ -359,12 +400,14 @@ CSeq: 8 INVITE
 Via: SIP/2.0/UDP 192.0.2.59:5050;branch=z9hG4bKkdjuw39234
 Content-Length: 0
 
-"),
+"
+        ),
         K::BadHeaderValue
     );
     // badvers: unknown protocol version gets 505.
     assert_eq!(
-        invalid("OPTIONS sip:t.watson@example.org SIP/7.0
+        invalid(
+            "OPTIONS sip:t.watson@example.org SIP/7.0
 Via:     SIP/7.0/UDP c.example.com;branch=z9hG4bKkdjuw
 Max-Forwards:     70
 From:    A. Bell <sip:a.g.bell@example.com>;tag=qweoiqpe
@@ -373,12 +416,14 @@ Call-ID: badvers.31417@c.example.com
 CSeq:    1 OPTIONS
 l: 0
 
-"),
+"
+        ),
         K::UnsupportedVersion
     );
     // mismatch01: CSeq method differs from request method.
     assert_eq!(
-        invalid("OPTIONS sip:user@example.com SIP/2.0
+        invalid(
+            "OPTIONS sip:user@example.com SIP/2.0
 To: sip:j.user@example.com
 From: sip:caller@example.net;tag=34525
 Max-Forwards: 6
@@ -387,12 +432,14 @@ CSeq: 8 INVITE
 Via: SIP/2.0/UDP host.example.com;branch=z9hG4bKkdjuw
 l: 0
 
-"),
+"
+        ),
         K::CSeqMismatch
     );
     // multi01: several To/From/Call-ID headers.
     assert_eq!(
-        invalid("INVITE sip:user@company.com SIP/2.0
+        invalid(
+            "INVITE sip:user@company.com SIP/2.0
 Contact: <sip:caller@host25.example.net>
 Via: SIP/2.0/UDP 192.0.2.25;branch=z9hG4bKkdjuw
 Max-Forwards: 70
@@ -406,12 +453,14 @@ To: sip:other@example.net
 From: sip:caller@example.net;tag=2923420123
 Content-Length: 0
 
-"),
+"
+        ),
         K::DuplicateHeader
     );
     // mcl01: conflicting Content-Lengths.
     assert_eq!(
-        invalid("OPTIONS sip:user@example.com SIP/2.0
+        invalid(
+            "OPTIONS sip:user@example.com SIP/2.0
 Via: SIP/2.0/UDP host5.example.net;branch=z9hG4bK293423
 To: sip:user@example.com
 From: sip:other@example.net;tag=3923942
@@ -423,31 +472,43 @@ Content-Length: 5
 Content-Type: text/plain
 
 There's no way to know how many octets are supposed to be here.
-"),
+"
+        ),
         K::BadContentLength
     );
     // missing mandatory headers (RFC 4475 3.1.2.x "insuf").
     assert_eq!(
-        invalid("INVITE sip:user@example.com SIP/2.0
+        invalid(
+            "INVITE sip:user@example.com SIP/2.0
 CSeq: 193942 INVITE
 Via: SIP/2.0/UDP 192.0.2.95;branch=z9hG4bKkdj.insuf
 Content-Type: application/sdp
 l: 0
 
-"),
+"
+        ),
         K::MissingHeader
     );
 }
 
 #[test]
 fn garbage_is_refused_without_panicking() {
-    for s in ["", "\r\n", "garbage", "SIP/2.0 99 x\r\n\r\n", "INVITE\r\n\r\n", "SIP/2.0 abc OK\r\n\r\n"] {
+    for s in [
+        "",
+        "\r\n",
+        "garbage",
+        "SIP/2.0 99 x\r\n\r\n",
+        "INVITE\r\n\r\n",
+        "SIP/2.0 abc OK\r\n\r\n",
+    ] {
         let r = Message::parse(Bytes::from(s), &ParseLimits::default());
         assert!(r.is_err() || r.unwrap().validate().is_err(), "{s:?}");
     }
     let big = "x".repeat(70_000);
     assert_eq!(
-        Message::parse(Bytes::from(big), &ParseLimits::default()).unwrap_err().kind,
+        Message::parse(Bytes::from(big), &ParseLimits::default())
+            .unwrap_err()
+            .kind,
         ParseErrorKind::TooLarge
     );
 }

@@ -47,7 +47,9 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").field("domains", &self.cfg.domains).finish_non_exhaustive()
+        f.debug_struct("App")
+            .field("domains", &self.cfg.domains)
+            .finish_non_exhaustive()
     }
 }
 
@@ -60,9 +62,11 @@ impl App {
         location: Arc<dyn LocationStore>,
         me: Weak<App>,
     ) -> Self {
-        // Binding ids start from the clock in milliseconds, shifted, so they stay unique across
-        // restarts while remaining below 2^53 (exact in JSON numbers).
-        let start = (crate::unix_now().saturating_mul(1000) << 10) & ((1 << 53) - 1);
+        // Binding ids count up from a random start below 2^52: unique across restarts without
+        // reading the store, and exact as JSON numbers (below 2^53).
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        let start = u64::from_le_bytes(seed) & ((1 << 52) - 1);
         Self {
             cfg,
             auth,
@@ -90,9 +94,13 @@ impl App {
         Gauges {
             bindings: self.location.count() as u64,
             transactions: self.txs.lock().map(|t| t.len() as u64).unwrap_or(0),
-            connections: stats.as_ref().map_or(0, |s| s.connections.load(Ordering::Relaxed)),
+            connections: stats
+                .as_ref()
+                .map_or(0, |s| s.connections.load(Ordering::Relaxed)),
             tracked_nonces: self.auth.tracked_nonces() as u64,
-            oversize: stats.as_ref().map_or(0, |s| s.oversize.load(Ordering::Relaxed)),
+            oversize: stats
+                .as_ref()
+                .map_or(0, |s| s.oversize.load(Ordering::Relaxed)),
         }
     }
 
@@ -125,7 +133,10 @@ impl App {
 
     /// True when `host` is one of our domains.
     pub(crate) fn serves_domain(&self, host: &str) -> bool {
-        self.cfg.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+        self.cfg
+            .domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(host))
     }
 
     /// A response builder with what every response of ours carries.
@@ -141,15 +152,28 @@ impl App {
         self.metrics.response(code);
         if code >= 200 {
             if let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock()) {
-                t.on_final_response(key, bytes.clone(), ctx.transport.is_reliable(), Instant::now());
+                t.on_final_response(
+                    key,
+                    bytes.clone(),
+                    ctx.transport.is_reliable(),
+                    Instant::now(),
+                );
             }
         }
         let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
-        self.send(Outbound { transport: ctx.transport, dest, conn: ctx.conn, local: Some(ctx.local), bytes });
+        self.send(Outbound {
+            transport: ctx.transport,
+            dest,
+            conn: ctx.conn,
+            local: Some(ctx.local),
+            bytes,
+        });
     }
 
     fn send(&self, out: Outbound) {
-        let Some(t) = self.transports.get() else { return };
+        let Some(t) = self.transports.get() else {
+            return;
+        };
         let t = t.clone();
         tokio::spawn(async move {
             let dest = out.dest;
@@ -178,7 +202,11 @@ impl App {
         if !answerable {
             return;
         }
-        let code = if kind == ParseErrorKind::UnsupportedVersion { 505 } else { 400 };
+        let code = if kind == ParseErrorKind::UnsupportedVersion {
+            505
+        } else {
+            400
+        };
         let resp = self.reply(msg, ctx, code).reason(reason).build();
         self.send_response(msg, ctx, code, resp);
     }
@@ -258,7 +286,13 @@ impl InboundHandler for App {
             Received::Resend(bytes) => {
                 self.metrics.retransmissions.fetch_add(1, Ordering::Relaxed);
                 let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
-                self.send(Outbound { transport: ctx.transport, dest, conn: ctx.conn, local: Some(ctx.local), bytes });
+                self.send(Outbound {
+                    transport: ctx.transport,
+                    dest,
+                    conn: ctx.conn,
+                    local: Some(ctx.local),
+                    bytes,
+                });
                 return;
             }
             Received::Overloaded => {

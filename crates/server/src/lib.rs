@@ -76,7 +76,9 @@ impl RunningServer {
 
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Binds the listeners and starts serving until `cancel` fires.
@@ -94,21 +96,32 @@ pub async fn start(
         1_000_000,
     );
     let txs = ServerTransactions::new(cfg.timers, cfg.max_transactions);
-    let app = Arc::new_cyclic(|weak| App::new(cfg.clone(), auth, txs, subscribers, location, weak.clone()));
+    let app = Arc::new_cyclic(|weak| {
+        App::new(cfg.clone(), auth, txs, subscribers, location, weak.clone())
+    });
     let (transports, bound) =
         Transports::start(&cfg.listen, cfg.transport, app.clone(), cancel.clone()).await?;
     app.set_transports(transports.clone());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sweep_transactions(app.clone(), cancel.clone()));
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
-    Ok(RunningServer { app, bound, transports, tasks })
+    Ok(RunningServer {
+        app,
+        bound,
+        transports,
+        tasks,
+    })
 }
 
 /// Drops finished transactions; one timer for the whole table.
 async fn sweep_transactions(app: Arc<App>, cancel: CancellationToken) {
     loop {
-        let next = app.next_transaction_deadline().unwrap_or_else(|| tokio::time::Instant::now().into_std() + Duration::from_secs(1));
-        let sleep_until = tokio::time::Instant::from_std(next.min(std::time::Instant::now() + Duration::from_secs(1)));
+        let next = app
+            .next_transaction_deadline()
+            .unwrap_or_else(|| tokio::time::Instant::now().into_std() + Duration::from_secs(1));
+        let sleep_until = tokio::time::Instant::from_std(
+            next.min(std::time::Instant::now() + Duration::from_secs(1)),
+        );
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(sleep_until) => app.expire_transactions(std::time::Instant::now()),

@@ -6,8 +6,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use careflow_proto::Method;
 
 const METHODS: [&str; 15] = [
-    "INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "INFO", "UPDATE", "PRACK", "SUBSCRIBE", "NOTIFY", "REFER",
-    "MESSAGE", "PUBLISH", "other",
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "REGISTER",
+    "OPTIONS",
+    "INFO",
+    "UPDATE",
+    "PRACK",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "REFER",
+    "MESSAGE",
+    "PUBLISH",
+    "other",
 ];
 
 fn method_index(m: Method) -> usize {
@@ -84,27 +97,78 @@ impl Metrics {
         let mut s = String::with_capacity(2048);
         s.push_str("# HELP careflow_sip_requests_total SIP requests received, by method.\n# TYPE careflow_sip_requests_total counter\n");
         for (i, m) in METHODS.iter().enumerate() {
-            let _ = writeln!(s, "careflow_sip_requests_total{{method=\"{m}\"}} {}", self.requests[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "careflow_sip_requests_total{{method=\"{m}\"}} {}",
+                self.requests[i].load(Ordering::Relaxed)
+            );
         }
         s.push_str("# HELP careflow_sip_responses_total SIP responses sent, by status class.\n# TYPE careflow_sip_responses_total counter\n");
-        for (i, c) in ["1xx", "2xx", "3xx", "4xx", "5xx", "6xx"].iter().enumerate() {
-            let _ = writeln!(s, "careflow_sip_responses_total{{class=\"{c}\"}} {}", self.responses[i].load(Ordering::Relaxed));
+        for (i, c) in ["1xx", "2xx", "3xx", "4xx", "5xx", "6xx"]
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(
+                s,
+                "careflow_sip_responses_total{{class=\"{c}\"}} {}",
+                self.responses[i].load(Ordering::Relaxed)
+            );
         }
         let counters = [
-            ("careflow_sip_registrations_total", "REGISTER requests answered 200 OK.", &self.registrations),
-            ("careflow_sip_auth_failures_total", "Digest authentications that failed.", &self.auth_failures),
-            ("careflow_sip_parse_errors_total", "Messages that could not be parsed or were invalid.", &self.parse_errors),
-            ("careflow_sip_retransmissions_total", "Retransmitted requests absorbed by transactions.", &self.retransmissions),
-            ("careflow_sip_store_errors_total", "Subscriber or location store errors.", &self.store_errors),
+            (
+                "careflow_sip_registrations_total",
+                "REGISTER requests answered 200 OK.",
+                &self.registrations,
+            ),
+            (
+                "careflow_sip_auth_failures_total",
+                "Digest authentications that failed.",
+                &self.auth_failures,
+            ),
+            (
+                "careflow_sip_parse_errors_total",
+                "Messages that could not be parsed or were invalid.",
+                &self.parse_errors,
+            ),
+            (
+                "careflow_sip_retransmissions_total",
+                "Retransmitted requests absorbed by transactions.",
+                &self.retransmissions,
+            ),
+            (
+                "careflow_sip_store_errors_total",
+                "Subscriber or location store errors.",
+                &self.store_errors,
+            ),
         ];
         for (name, help, v) in counters {
-            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed));
+            let _ = write!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            );
         }
         let gauges = [
-            ("careflow_sip_active_bindings", "Registered contacts in the location service.", g.bindings),
-            ("careflow_sip_active_transactions", "Server transactions in progress.", g.transactions),
-            ("careflow_sip_open_connections", "Open TCP connections.", g.connections),
-            ("careflow_sip_tracked_nonces", "Nonces tracked for replay protection.", g.tracked_nonces),
+            (
+                "careflow_sip_active_bindings",
+                "Registered contacts in the location service.",
+                g.bindings,
+            ),
+            (
+                "careflow_sip_active_transactions",
+                "Server transactions in progress.",
+                g.transactions,
+            ),
+            (
+                "careflow_sip_open_connections",
+                "Open TCP connections.",
+                g.connections,
+            ),
+            (
+                "careflow_sip_tracked_nonces",
+                "Nonces tracked for replay protection.",
+                g.tracked_nonces,
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");

@@ -28,16 +28,28 @@ impl App {
             .filter(|t| !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)))
             .collect();
         if !unsupported.is_empty() {
-            return (420, self.reply(msg, ctx, 420).header("Unsupported", unsupported.join(", ")).build());
+            return (
+                420,
+                self.reply(msg, ctx, 420)
+                    .header("Unsupported", unsupported.join(", "))
+                    .build(),
+            );
         }
         // validate() guaranteed To parses.
-        let Some(to) = msg.to() else { return (400, self.reply(msg, ctx, 400).build()) };
+        let Some(to) = msg.to() else {
+            return (400, self.reply(msg, ctx, 400).build());
+        };
         let (Some(aor), true) = (to.uri.aor(), to.uri.is_sip()) else {
             return (400, self.reply(msg, ctx, 400).reason("Bad To URI").build());
         };
         let domain = to.uri.host.as_str().to_ascii_lowercase();
         if !self.serves_domain(&domain) {
-            return (403, self.reply(msg, ctx, 403).reason("Domain Not Served").build());
+            return (
+                403,
+                self.reply(msg, ctx, 403)
+                    .reason("Domain Not Served")
+                    .build(),
+            );
         }
         let user = scan::pct_decode(to.uri.user.unwrap_or_default());
 
@@ -48,7 +60,10 @@ impl App {
                 None => return (400, self.reply(msg, ctx, 400).reason("Bad Contact").build()),
             }
         }
-        let expires = msg.header(HeaderName::Expires).and_then(scan::parse_u64).map(|n| n as u32);
+        let expires = msg
+            .header(HeaderName::Expires)
+            .and_then(scan::parse_u64)
+            .map(|n| n as u32);
 
         // Digest authentication (RFC 3261 §22.4).
         let creds = msg
@@ -60,7 +75,12 @@ impl App {
         };
         if creds.username != user {
             self.auth_failed(ctx, &creds.username, &domain, "username does not match To");
-            return (403, self.reply(msg, ctx, 403).reason("Username Does Not Match AoR").build());
+            return (
+                403,
+                self.reply(msg, ctx, 403)
+                    .reason("Username Does Not Match AoR")
+                    .build(),
+            );
         }
         let pending = match self.auth.prepare(&creds, &domain, now) {
             Ok(p) => p,
@@ -75,11 +95,20 @@ impl App {
                 // Fail safe: nobody is authenticated while the store is unavailable.
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "subscriber lookup failed");
-                return (503, self.reply(msg, ctx, 503).header("Retry-After", 5).build());
+                return (
+                    503,
+                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+                );
             }
         };
-        let ha1 = subscriber.as_ref().filter(|s| s.enabled).map(|s| s.ha1(pending.algorithm));
-        if let Err((f, verdict)) = self.auth.finish(pending, &creds, msg.method_str(), ha1, now) {
+        let ha1 = subscriber
+            .as_ref()
+            .filter(|s| s.enabled)
+            .map(|s| s.ha1(pending.algorithm));
+        if let Err((f, verdict)) = self
+            .auth
+            .finish(pending, &creds, msg.method_str(), ha1, now)
+        {
             let stale = matches!(verdict, Verdict::Challenge { stale: true });
             if f != Failure::StaleNonce {
                 self.auth_failed(ctx, &creds.username, &domain, failure_text(f));
@@ -134,13 +163,25 @@ impl App {
         let mut line = String::new();
         for binding in &outcome.bindings {
             line.clear();
-            let _ = write!(line, "<{}>;expires={}", binding.contact, binding.expires_in(now));
+            let _ = write!(
+                line,
+                "<{}>;expires={}",
+                binding.contact,
+                binding.expires_in(now)
+            );
             b = b.header("Contact", &line);
         }
         b.header("Date", httpdate(now)).build()
     }
 
-    fn challenge(&self, msg: &Message, ctx: &Ctx, realm: &str, now: u64, stale: bool) -> (u16, bytes::Bytes) {
+    fn challenge(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        realm: &str,
+        now: u64,
+        stale: bool,
+    ) -> (u16, bytes::Bytes) {
         let mut b = self.reply(msg, ctx, 401);
         for c in self.auth.challenges(realm, now, stale) {
             b = b.header("WWW-Authenticate", c);
@@ -174,7 +215,9 @@ fn failure_text(f: Failure) -> &'static str {
 /// RFC 7231 IMF-fixdate for the Date header.
 fn httpdate(unix: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let days = unix / 86400;
     let secs = unix % 86400;
     // Civil-from-days (Howard Hinnant's algorithm).
@@ -204,6 +247,9 @@ mod tests {
     #[test]
     fn httpdate_known_values() {
         assert_eq!(super::httpdate(0), "Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(super::httpdate(1_795_000_000), "Sun, 18 Nov 2026 02:26:40 GMT");
+        assert_eq!(
+            super::httpdate(1_795_000_000),
+            "Sun, 18 Nov 2026 02:26:40 GMT"
+        );
     }
 }

@@ -26,9 +26,15 @@ mod tests {
         let v = Via::parse("SIP/2.0/UDP 10.0.0.2:5062;rport;branch=z9hG4bKa").unwrap();
         assert_eq!(response_destination(Some(&v), src), src);
         let v = Via::parse("SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKa").unwrap();
-        assert_eq!(response_destination(Some(&v), src).to_string(), "203.0.113.5:5062");
+        assert_eq!(
+            response_destination(Some(&v), src).to_string(),
+            "203.0.113.5:5062"
+        );
         let v = Via::parse("SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKa").unwrap();
-        assert_eq!(response_destination(Some(&v), src).to_string(), "203.0.113.5:5060");
+        assert_eq!(
+            response_destination(Some(&v), src).to_string(),
+            "203.0.113.5:5060"
+        );
         let v = Via::parse("SIP/2.0/TCP 10.0.0.2:5062;branch=z9hG4bKa").unwrap();
         assert_eq!(response_destination(Some(&v), src), src);
     }

@@ -41,7 +41,9 @@ pub enum StoreError {
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
                 Self::Conflict("(username, domain)".into())
             }
             other => Self::Database(other.to_string()),
@@ -57,9 +59,20 @@ pub trait SubscriberStore: Send + Sync {
     /// Adds a subscriber; [`StoreError::Conflict`] when it exists.
     async fn add(&self, s: NewSubscriber) -> Result<(), StoreError>;
     /// Replaces both HA1 digests; false when there is no such subscriber.
-    async fn set_ha1(&self, username: &str, domain: &str, md5: &str, sha256: &str) -> Result<bool, StoreError>;
+    async fn set_ha1(
+        &self,
+        username: &str,
+        domain: &str,
+        md5: &str,
+        sha256: &str,
+    ) -> Result<bool, StoreError>;
     /// Enables or disables; false when there is no such subscriber.
-    async fn set_enabled(&self, username: &str, domain: &str, enabled: bool) -> Result<bool, StoreError>;
+    async fn set_enabled(
+        &self,
+        username: &str,
+        domain: &str,
+        enabled: bool,
+    ) -> Result<bool, StoreError>;
     /// Removes; false when there was no such subscriber.
     async fn remove(&self, username: &str, domain: &str) -> Result<bool, StoreError>;
     /// Every subscriber, ordered by domain and username.
@@ -76,7 +89,11 @@ pub type UpdateFn<'a> = &'a (dyn Fn(&[Binding]) -> Result<Outcome, Reject> + Sen
 pub trait LocationStore: Send + Sync {
     /// Applies `decide` to the AoR's bindings atomically and stores the result durably
     /// before returning it.
-    async fn update(&self, aor: &str, decide: UpdateFn<'_>) -> Result<Result<Outcome, Reject>, StoreError>;
+    async fn update(
+        &self,
+        aor: &str,
+        decide: UpdateFn<'_>,
+    ) -> Result<Result<Outcome, Reject>, StoreError>;
     /// Live bindings of an AoR at `now`.
     async fn lookup(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError>;
     /// Every live binding at `now`.

@@ -44,7 +44,11 @@ struct JournalOp {
 impl EmbeddedLocation {
     /// Bindings in memory only (tests, or a node whose bindings live elsewhere).
     pub fn in_memory() -> Self {
-        Self { shards: (0..SHARDS).map(|_| Mutex::default()).collect(), count: AtomicUsize::new(0), journal: None }
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            count: AtomicUsize::new(0),
+            journal: None,
+        }
     }
 
     /// Opens the journal at `path`, loads the bindings still alive at `now` and starts the
@@ -76,10 +80,19 @@ impl EmbeddedLocation {
         &self.shards[(h.finish() as usize) % SHARDS]
     }
 
-    fn set(&self, map: &mut HashMap<String, Vec<Binding>>, aor: &str, new: Vec<Binding>) -> Vec<Binding> {
+    fn set(
+        &self,
+        map: &mut HashMap<String, Vec<Binding>>,
+        aor: &str,
+        new: Vec<Binding>,
+    ) -> Vec<Binding> {
         let old_len = map.get(aor).map_or(0, Vec::len);
         let new_len = new.len();
-        let journal_copy = if self.journal.is_some() { new.clone() } else { Vec::new() };
+        let journal_copy = if self.journal.is_some() {
+            new.clone()
+        } else {
+            Vec::new()
+        };
         if new.is_empty() {
             map.remove(aor);
         } else {
@@ -95,7 +108,9 @@ impl EmbeddedLocation {
 
     fn send(&self, op: JournalOp) -> Result<(), StoreError> {
         match &self.journal {
-            Some(tx) => tx.send(op).map_err(|_| StoreError::Database("location journal stopped".into())),
+            Some(tx) => tx
+                .send(op)
+                .map_err(|_| StoreError::Database("location journal stopped".into())),
             None => {
                 if let Some(done) = op.done {
                     let _ = done.send(Ok(()));
@@ -112,7 +127,11 @@ fn poisoned() -> StoreError {
 
 #[async_trait]
 impl LocationStore for EmbeddedLocation {
-    async fn update(&self, aor: &str, decide: UpdateFn<'_>) -> Result<Result<Outcome, Reject>, StoreError> {
+    async fn update(
+        &self,
+        aor: &str,
+        decide: UpdateFn<'_>,
+    ) -> Result<Result<Outcome, Reject>, StoreError> {
         let rx = {
             let mut map = self.shard(aor).lock().map_err(|_| poisoned())?;
             let current = map.get(aor).map_or(&[][..], Vec::as_slice);
@@ -126,7 +145,11 @@ impl LocationStore for EmbeddedLocation {
             let copy = self.set(&mut map, aor, outcome.bindings.clone());
             let (done, rx) = oneshot::channel();
             // Sent under the shard lock so journal order matches the order of changes.
-            self.send(JournalOp { aor: aor.to_string(), bindings: copy, done: Some(done) })?;
+            self.send(JournalOp {
+                aor: aor.to_string(),
+                bindings: copy,
+                done: Some(done),
+            })?;
             (rx, outcome)
         };
         let (rx, outcome) = rx;
@@ -139,14 +162,22 @@ impl LocationStore for EmbeddedLocation {
 
     async fn lookup(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError> {
         let map = self.shard(aor).lock().map_err(|_| poisoned())?;
-        Ok(map.get(aor).map(|v| v.iter().filter(|b| b.expires_at > now).cloned().collect()).unwrap_or_default())
+        Ok(map
+            .get(aor)
+            .map(|v| v.iter().filter(|b| b.expires_at > now).cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn all(&self, now: u64) -> Result<Vec<Binding>, StoreError> {
         let mut out = Vec::new();
         for s in &self.shards {
             let map = s.lock().map_err(|_| poisoned())?;
-            out.extend(map.values().flatten().filter(|b| b.expires_at > now).cloned());
+            out.extend(
+                map.values()
+                    .flatten()
+                    .filter(|b| b.expires_at > now)
+                    .cloned(),
+            );
         }
         out.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.id.cmp(&b.id)));
         Ok(out)
@@ -162,11 +193,17 @@ impl LocationStore for EmbeddedLocation {
                 .map(|(k, _)| k.clone())
                 .collect();
             for aor in stale {
-                let live: Vec<Binding> =
-                    map.get(&aor).map(|v| v.iter().filter(|b| b.expires_at > now).cloned().collect()).unwrap_or_default();
+                let live: Vec<Binding> = map
+                    .get(&aor)
+                    .map(|v| v.iter().filter(|b| b.expires_at > now).cloned().collect())
+                    .unwrap_or_default();
                 removed += map.get(&aor).map_or(0, Vec::len) - live.len();
                 let copy = self.set(&mut map, &aor, live);
-                self.send(JournalOp { aor, bindings: copy, done: None })?;
+                self.send(JournalOp {
+                    aor,
+                    bindings: copy,
+                    done: None,
+                })?;
             }
         }
         Ok(removed)
@@ -288,7 +325,12 @@ mod tests {
 
     use super::*;
 
-    fn register(contact: &str, expires: u32, cseq: u32, now: u64) -> impl Fn(&[Binding]) -> Result<Outcome, Reject> + Send + Sync {
+    fn register(
+        contact: &str,
+        expires: u32,
+        cseq: u32,
+        now: u64,
+    ) -> impl Fn(&[Binding]) -> Result<Outcome, Reject> + Send + Sync {
         let contact = contact.to_string();
         move |cur: &[Binding]| {
             let req = RegisterRequest {
@@ -311,7 +353,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("location.db");
         let loc = EmbeddedLocation::open(&path, 1000).unwrap();
-        let o = loc.update("alice@example.com", &register("<sip:a@192.0.2.7:5070>", 600, 1, 1000)).await.unwrap().unwrap();
+        let o = loc
+            .update(
+                "alice@example.com",
+                &register("<sip:a@192.0.2.7:5070>", 600, 1, 1000),
+            )
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(o.bindings.len(), 1);
         assert_eq!(loc.count(), 1);
         drop(loc);
@@ -324,7 +373,10 @@ mod tests {
         assert_eq!(loc.remove_expired(1700).await.unwrap(), 1);
         assert_eq!(loc.count(), 0);
         // refused updates change nothing
-        let r = loc.update("alice@example.com", &register("<sip:a@h>", 5, 2, 1700)).await.unwrap();
+        let r = loc
+            .update("alice@example.com", &register("<sip:a@h>", 5, 2, 1700))
+            .await
+            .unwrap();
         assert!(r.is_err());
         drop(loc);
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -50,8 +50,11 @@ pub(crate) fn migrate(conn: &mut Connection, steps: &[(i64, &str)]) -> Result<i6
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
     )?;
-    let current: i64 =
-        conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+    let current: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
     let mut version = current;
     for (v, sql) in steps.iter().filter(|(v, _)| *v > current) {
         let tx = conn.transaction()?;

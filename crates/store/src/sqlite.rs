@@ -27,9 +27,15 @@ pub enum DbUrl {
 impl DbUrl {
     /// Parses a database URL; the error says what is accepted.
     pub fn parse(url: &str) -> Result<Self, String> {
-        if let Some(p) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if let Some(p) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
             if p.is_empty() {
-                return Err("sqlite URL needs a file path, e.g. sqlite:///var/lib/careflow-sip/careflow.db".into());
+                return Err(
+                    "sqlite URL needs a file path, e.g. sqlite:///var/lib/careflow-sip/careflow.db"
+                        .into(),
+                );
             }
             return Ok(Self::Sqlite(PathBuf::from(p)));
         }
@@ -52,18 +58,23 @@ pub struct SqliteSubscribers {
 pub(crate) fn open_sqlite(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Database(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
     }
     let conn = Connection::open(path)
         .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
-    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;")?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+    )?;
     Ok(conn)
 }
 
 pub(crate) fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl SqliteSubscribers {
@@ -71,11 +82,19 @@ impl SqliteSubscribers {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut conn = open_sqlite(path)?;
         migrate(&mut conn, SUBSCRIBER_MIGRATIONS)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut c = self.conn.lock().map_err(|_| StoreError::Database("store lock poisoned".into()))?;
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError::Database("store lock poisoned".into()))?;
         f(&mut c)
     }
 }
@@ -102,8 +121,12 @@ fn row_to_subscriber(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscriber> {
 impl SubscriberStore for SqliteSubscribers {
     async fn find(&self, username: &str, domain: &str) -> Result<Option<Subscriber>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare_cached(&format!("SELECT {COLUMNS} FROM subscriber WHERE username = ?1 AND domain = ?2"))?;
-            Ok(st.query_row(params![username, domain], row_to_subscriber).optional()?)
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM subscriber WHERE username = ?1 AND domain = ?2"
+            ))?;
+            Ok(st
+                .query_row(params![username, domain], row_to_subscriber)
+                .optional()?)
         })
     }
 
@@ -123,7 +146,13 @@ impl SubscriberStore for SqliteSubscribers {
         })
     }
 
-    async fn set_ha1(&self, username: &str, domain: &str, md5: &str, sha256: &str) -> Result<bool, StoreError> {
+    async fn set_ha1(
+        &self,
+        username: &str,
+        domain: &str,
+        md5: &str,
+        sha256: &str,
+    ) -> Result<bool, StoreError> {
         self.with(|c| {
             Ok(c.execute(
                 "UPDATE subscriber SET ha1_md5 = ?3, ha1_sha256 = ?4, updated_at = ?5 WHERE username = ?1 AND domain = ?2",
@@ -132,7 +161,12 @@ impl SubscriberStore for SqliteSubscribers {
         })
     }
 
-    async fn set_enabled(&self, username: &str, domain: &str, enabled: bool) -> Result<bool, StoreError> {
+    async fn set_enabled(
+        &self,
+        username: &str,
+        domain: &str,
+        enabled: bool,
+    ) -> Result<bool, StoreError> {
         self.with(|c| {
             Ok(c.execute(
                 "UPDATE subscriber SET enabled = ?3, updated_at = ?4 WHERE username = ?1 AND domain = ?2",
@@ -142,12 +176,19 @@ impl SubscriberStore for SqliteSubscribers {
     }
 
     async fn remove(&self, username: &str, domain: &str) -> Result<bool, StoreError> {
-        self.with(|c| Ok(c.execute("DELETE FROM subscriber WHERE username = ?1 AND domain = ?2", params![username, domain])? > 0))
+        self.with(|c| {
+            Ok(c.execute(
+                "DELETE FROM subscriber WHERE username = ?1 AND domain = ?2",
+                params![username, domain],
+            )? > 0)
+        })
     }
 
     async fn list(&self) -> Result<Vec<Subscriber>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare(&format!("SELECT {COLUMNS} FROM subscriber ORDER BY domain, username"))?;
+            let mut st = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM subscriber ORDER BY domain, username"
+            ))?;
             let rows = st.query_map([], row_to_subscriber)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -197,9 +238,18 @@ mod tests {
         let path = dir.path().join("db/careflow.db");
         let s = SqliteSubscribers::open(&path).unwrap();
         s.add(sub("alice")).await.unwrap();
-        assert!(matches!(s.add(sub("alice")).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.add(sub("alice")).await,
+            Err(StoreError::Conflict(_))
+        ));
         assert!(s.set_enabled("alice", "example.com", false).await.unwrap());
-        assert!(!s.find("alice", "example.com").await.unwrap().unwrap().enabled);
+        assert!(
+            !s.find("alice", "example.com")
+                .await
+                .unwrap()
+                .unwrap()
+                .enabled
+        );
         assert!(s.set_ha1("alice", "example.com", "c", "d").await.unwrap());
         assert_eq!(s.import(vec![sub("bob"), sub("alice")]).await.unwrap(), 2);
         drop(s);
@@ -215,9 +265,18 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(DbUrl::parse("sqlite:///tmp/x.db").unwrap(), DbUrl::Sqlite("/tmp/x.db".into()));
-        assert_eq!(DbUrl::parse("sqlite:data/x.db").unwrap(), DbUrl::Sqlite("data/x.db".into()));
-        assert!(matches!(DbUrl::parse("postgres://h/db").unwrap(), DbUrl::Postgres(_)));
+        assert_eq!(
+            DbUrl::parse("sqlite:///tmp/x.db").unwrap(),
+            DbUrl::Sqlite("/tmp/x.db".into())
+        );
+        assert_eq!(
+            DbUrl::parse("sqlite:data/x.db").unwrap(),
+            DbUrl::Sqlite("data/x.db".into())
+        );
+        assert!(matches!(
+            DbUrl::parse("postgres://h/db").unwrap(),
+            DbUrl::Postgres(_)
+        ));
         assert!(DbUrl::parse("http://x").is_err());
         assert!(DbUrl::parse("sqlite://").is_err());
     }

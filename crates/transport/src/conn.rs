@@ -47,7 +47,11 @@ impl ConnTable {
     }
 
     /// The writer of a connection: by id first, else any connection to `peer`.
-    pub(crate) fn writer(&self, id: Option<ConnId>, peer: SocketAddr) -> Option<mpsc::Sender<Bytes>> {
+    pub(crate) fn writer(
+        &self,
+        id: Option<ConnId>,
+        peer: SocketAddr,
+    ) -> Option<mpsc::Sender<Bytes>> {
         let t = self.inner.lock().ok()?;
         if let Some(e) = id.and_then(|id| t.by_id.get(&id)) {
             return Some(e.tx.clone());

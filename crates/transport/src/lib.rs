@@ -44,7 +44,11 @@ pub struct TransportLimits {
 
 impl Default for TransportLimits {
     fn default() -> Self {
-        Self { max_message_size: 64 * 1024, max_connections: 10_000, idle_timeout: std::time::Duration::from_secs(3900) }
+        Self {
+            max_message_size: 64 * 1024,
+            max_connections: 10_000,
+            idle_timeout: std::time::Duration::from_secs(3900),
+        }
     }
 }
 
@@ -144,7 +148,9 @@ struct Inner {
 
 impl std::fmt::Debug for Transports {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transports").field("udp", &self.inner.udp.len()).finish_non_exhaustive()
+        f.debug_struct("Transports")
+            .field("udp", &self.inner.udp.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,18 +167,28 @@ impl Transports {
         let mut tcp = Vec::new();
         let mut bound = Vec::new();
         for s in specs {
-            let bind_err = |e| TransportError::Bind { transport: s.transport, addr: s.addr, source: e };
+            let bind_err = |e| TransportError::Bind {
+                transport: s.transport,
+                addr: s.addr,
+                source: e,
+            };
             match s.transport {
                 Transport::Udp => {
                     let sock = UdpSocket::bind(s.addr).await.map_err(bind_err)?;
                     let addr = sock.local_addr().map_err(bind_err)?;
-                    bound.push(ListenSpec { transport: s.transport, addr });
+                    bound.push(ListenSpec {
+                        transport: s.transport,
+                        addr,
+                    });
                     udp.push(Arc::new(sock));
                 }
                 Transport::Tcp => {
                     let l = TcpListener::bind(s.addr).await.map_err(bind_err)?;
                     let addr = l.local_addr().map_err(bind_err)?;
-                    bound.push(ListenSpec { transport: s.transport, addr });
+                    bound.push(ListenSpec {
+                        transport: s.transport,
+                        addr,
+                    });
                     tcp.push(l);
                 }
                 other => return Err(TransportError::Unsupported(other)),
@@ -194,12 +210,16 @@ impl Transports {
             for _ in 0..2 {
                 let t = me.clone();
                 let s = sock.clone();
-                me.inner.tracker.spawn(async move { udp::recv_loop(t, s).await });
+                me.inner
+                    .tracker
+                    .spawn(async move { udp::recv_loop(t, s).await });
             }
         }
         for l in tcp {
             let t = me.clone();
-            me.inner.tracker.spawn(async move { tcp::accept_loop(t, l).await });
+            me.inner
+                .tracker
+                .spawn(async move { tcp::accept_loop(t, l).await });
         }
         Ok((me, bound))
     }

@@ -21,7 +21,10 @@ pub(crate) async fn accept_loop(t: Transports, listener: TcpListener) {
             Ok((stream, peer)) => {
                 let open = t.inner.stats.connections.load(Ordering::Relaxed);
                 if open >= t.inner.limits.max_connections as u64 {
-                    t.inner.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                    t.inner
+                        .stats
+                        .refused_connections
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%peer, open, "connection limit reached, refusing");
                     continue;
                 }
@@ -87,7 +90,13 @@ async fn read_loop(
                 }
                 Ok(Frame::Message(n)) => {
                     let bytes = buf.split_to(n).freeze();
-                    t.deliver(Inbound { transport: Transport::Tcp, source: peer, local, conn: Some(id), bytes });
+                    t.deliver(Inbound {
+                        transport: Transport::Tcp,
+                        source: peer,
+                        local,
+                        conn: Some(id),
+                        bytes,
+                    });
                 }
                 Err(e) => {
                     t.inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
@@ -118,13 +127,19 @@ pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportE
     let tx = match t.inner.conns.writer(out.conn, out.dest) {
         Some(tx) => tx,
         None => {
-            let stream = tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(out.dest))
-                .await
-                .map_err(|_| TransportError::Send {
-                    dest: out.dest,
-                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-                })?
-                .map_err(|e| TransportError::Send { dest: out.dest, source: e })?;
+            let stream = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                TcpStream::connect(out.dest),
+            )
+            .await
+            .map_err(|_| TransportError::Send {
+                dest: out.dest,
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            })?
+            .map_err(|e| TransportError::Send {
+                dest: out.dest,
+                source: e,
+            })?;
             let _ = stream.set_nodelay(true);
             spawn_connection(t, stream, out.dest)
         }

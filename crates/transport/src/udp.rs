@@ -47,10 +47,18 @@ pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportE
         None => None,
     }
     .or_else(|| {
-        t.inner.udp.iter().find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == out.dest.is_ipv4()))
+        t.inner.udp.iter().find(|s| {
+            s.local_addr()
+                .is_ok_and(|a| a.is_ipv4() == out.dest.is_ipv4())
+        })
     })
     .or(t.inner.udp.first())
     .ok_or(TransportError::NoListener(Transport::Udp))?;
-    sock.send_to(&out.bytes, out.dest).await.map_err(|e| TransportError::Send { dest: out.dest, source: e })?;
+    sock.send_to(&out.bytes, out.dest)
+        .await
+        .map_err(|e| TransportError::Send {
+            dest: out.dest,
+            source: e,
+        })?;
     Ok(())
 }

@@ -1,0 +1,161 @@
+//! Raw SIP against the running server: invalid input, methods, retransmissions, TCP framing.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::support::*;
+
+const MISMATCH: &str = "OPTIONS sip:user@example.test SIP/2.0\r\nTo: sip:j.user@example.test\r\nFrom: sip:caller@example.net;tag=34525\r\nMax-Forwards: 6\r\nCall-ID: mismatch01.dj0234sxdfl3\r\nCSeq: 8 INVITE\r\nVia: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bKmm\r\nl: 0\r\n\r\n";
+
+fn options(port: u16, branch: &str, method: &str) -> String {
+    format!(
+        "{method} sip:example.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{branch};rport\r\nMax-Forwards: 70\r\nFrom: <sip:x@example.test>;tag=1\r\nTo: <sip:example.test>\r\nCall-ID: {branch}\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+#[test]
+fn invalid_requests_get_400_or_505_and_garbage_is_dropped() {
+    let server = Server::start_with("example.test", &[("MAX_MESSAGE_SIZE", "4096")]);
+    let ua = Ua::new(server.sip_addr());
+    let r = ua.request(&MISMATCH.replace("PORT", &ua.port().to_string()));
+    assert!(r.starts_with("SIP/2.0 400 CSeq Method Mismatch\r\n"), "{r}");
+    let badvers = options(ua.port(), "bv", "OPTIONS").replacen("SIP/2.0\r\n", "SIP/7.0\r\n", 1);
+    let r = ua.request(&badvers);
+    assert_eq!(status(&r), 505, "{r}");
+    let no_callid = options(ua.port(), "nc", "OPTIONS").replace("Call-ID: nc\r\n", "");
+    ua.send(&no_callid); // no Call-ID: nothing to answer with
+    for junk in [
+        "\u{0}\u{1}\u{2}garbage",
+        "INVITE\r\n\r\n",
+        "SIP/2.0 200 OK\r\n\r\n",
+    ] {
+        ua.send(junk);
+    }
+    ua.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert_eq!(ua.recv(), None, "nothing answers unparseable input");
+    ua.sock
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    // the server is still fine
+    let r = ua.request(&options(ua.port(), "after", "OPTIONS"));
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(server.metric("careflow_sip_parse_errors_total") >= 4);
+    // a datagram over the size limit is dropped
+    let big = options(ua.port(), "big", "OPTIONS").replace(
+        "Content-Length: 0",
+        &format!("X-Pad: {}\r\nContent-Length: 0", "a".repeat(5000)),
+    );
+    ua.send(&big);
+    ua.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert_eq!(ua.recv(), None);
+}
+
+#[test]
+fn rfc4475_torture_messages_over_the_wire() {
+    let server = Server::start("example.test");
+    let ua = Ua::new(server.sip_addr());
+    // wsinv (valid, to another domain's user): parsed and answered, not 400.
+    let wsinv = include_str!("torture/wsinv.sip")
+        .replace('\n', "\r\n")
+        .replace(
+            "192.0.2.2;branch",
+            &format!("127.0.0.1:{};rport;branch", ua.port()),
+        );
+    let r = ua.request(&wsinv);
+    assert_ne!(status(&r), 400, "{r}");
+    // escaped, unusual but valid REGISTER to a domain we do not serve: 403, not 400.
+    let esc02 = include_str!("torture/esc02.sip")
+        .replace('\n', "\r\n")
+        .replace(
+            "host.example.com;branch",
+            &format!("127.0.0.1:{};rport;branch", ua.port()),
+        )
+        .replace("SIP/2.0/TCP", "SIP/2.0/UDP");
+    let r = ua.request(&esc02);
+    assert_eq!(status(&r), 501, "RE%47IST%45R is not REGISTER: {r}");
+}
+
+#[test]
+fn methods_get_the_right_answers() {
+    let server = Server::start("example.test");
+    let ua = Ua::new(server.sip_addr());
+    let r = ua.request(&options(ua.port(), "o1", "OPTIONS"));
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(header(&r, "Allow").unwrap().contains("REGISTER"), "{r}");
+    assert!(
+        r.contains(&format!("rport={};received=127.0.0.1", ua.port())),
+        "{r}"
+    );
+    let r = ua.request(&options(ua.port(), "o2", "FOOBAR"));
+    assert_eq!(status(&r), 501, "{r}");
+    assert!(header(&r, "Allow").is_some());
+    let r = ua.request(&options(ua.port(), "o3", "SUBSCRIBE"));
+    assert_eq!(status(&r), 405, "{r}");
+    assert!(header(&r, "Allow").is_some());
+}
+
+#[test]
+fn retransmissions_are_absorbed_with_the_same_answer() {
+    let server = Server::start("example.test");
+    let ua = Ua::new(server.sip_addr());
+    let m = ua.register_msg("zed", "example.test", "rtx", 1, "");
+    let a = ua.request(&m);
+    let b = ua.request(&m);
+    assert_eq!(a, b, "a retransmission gets the stored response");
+    assert_eq!(server.metric("careflow_sip_retransmissions_total"), 1);
+    assert_eq!(
+        server.metric("careflow_sip_requests_total{method=\"REGISTER\"}"),
+        2
+    );
+}
+
+#[test]
+fn tcp_framing_keepalive_and_pipelining() {
+    let server = Server::start("example.test");
+    let mut s = TcpStream::connect(server.sip_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let port = s.local_addr().unwrap().port();
+    let one = options(port, "t1", "OPTIONS").replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    let two = options(port, "t2", "OPTIONS").replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    // a ping, two pipelined requests, the second split across writes
+    s.write_all(format!("\r\n\r\n{one}{}", &two[..20]).as_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(two[20..].as_bytes()).unwrap();
+    let mut got = String::new();
+    let mut buf = [0u8; 8192];
+    while got.matches("SIP/2.0 200").count() < 2 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed early: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        got.starts_with("\r\n"),
+        "CRLFCRLF ping gets a CRLF pong: {got:?}"
+    );
+    assert!(got.contains("branch=z9hG4bKt1") && got.contains("branch=z9hG4bKt2"));
+    assert_eq!(server.metric("careflow_sip_open_connections"), 1);
+}
+
+#[test]
+fn health_and_metrics_endpoints() {
+    let server = Server::start("example.test");
+    assert_eq!(server.http_get("/healthz").unwrap().0, 200);
+    let (code, body) = server.http_get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    for name in [
+        "careflow_sip_requests_total{method=\"REGISTER\"}",
+        "careflow_sip_responses_total{class=\"4xx\"}",
+        "careflow_sip_registrations_total",
+        "careflow_sip_auth_failures_total",
+        "careflow_sip_parse_errors_total",
+        "careflow_sip_active_bindings",
+    ] {
+        assert!(body.contains(name), "{name} missing in:\n{body}");
+    }
+}

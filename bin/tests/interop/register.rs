@@ -1,0 +1,435 @@
+//! Registration with real clients and the registrar rules seen from the wire.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use careflow_proto::digest::Algorithm;
+
+use crate::support::*;
+
+fn sipp_users(dir: &std::path::Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let import = dir.join("users.csv");
+    let inf = dir.join("sipp-users.csv");
+    let mut a = String::from("username,password\n");
+    let mut b = String::from("SEQUENTIAL\n");
+    for i in 0..n {
+        a.push_str(&format!("user{i:04},pw-{i}-x\n"));
+        b.push_str(&format!(
+            "user{i:04};[authentication username=user{i:04} password=pw-{i}-x]\n"
+        ));
+    }
+    std::fs::write(&import, a).unwrap();
+    std::fs::write(&inf, b).unwrap();
+    (import, inf)
+}
+
+fn run_sipp(server: &Server, inf: &std::path::Path, transport: &str, count: usize) {
+    let local = free_port();
+    let out = Command::new("sipp")
+        .arg(server.sip_addr().to_string())
+        .args([
+            "-sf",
+            interop_dir()
+                .join("sipp/register-auth.xml")
+                .to_str()
+                .unwrap(),
+        ])
+        .args([
+            "-inf",
+            inf.to_str().unwrap(),
+            "-key",
+            "domain",
+            &server.domain,
+            "-auth_uri",
+            &server.domain,
+        ])
+        .args(["-i", "127.0.0.1", "-p", &local.to_string(), "-t", transport])
+        .args([
+            "-m",
+            &count.to_string(),
+            "-r",
+            "100",
+            "-nostdin",
+            "-timeout",
+            "60s",
+            "-timeout_error",
+        ])
+        .args(["-default_behaviors", "-bye"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("run sipp");
+    assert!(
+        out.status.success(),
+        "sipp over {transport} failed ({}): {}\nserver log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+}
+
+#[test]
+fn sipp_registers_many_users_over_udp_and_tcp() {
+    require("sipp", "sip-tester");
+    let server = Server::start("sipp.test");
+    let tmp = tempfile::tempdir().unwrap();
+    let (import, inf) = sipp_users(tmp.path(), 200);
+    let out = server.cli_ok(&["user", "import", import.to_str().unwrap()]);
+    assert!(out.contains("imported 200"), "{out}");
+    run_sipp(&server, &inf, "u1", 200);
+    run_sipp(&server, &inf, "t1", 200);
+    assert_eq!(server.metric("careflow_sip_registrations_total"), 400);
+    // The UDP and TCP contacts differ (transport parameter), so each user has two bindings.
+    assert_eq!(server.metric("careflow_sip_active_bindings"), 400);
+    let b = server.bindings_of("user0007");
+    assert_eq!(b.len(), 2, "{b:?}");
+    assert!(
+        b.iter().any(|l| l.contains(" udp ")) && b.iter().any(|l| l.contains(" tcp ")),
+        "{b:?}"
+    );
+    assert_eq!(server.metric("careflow_sip_auth_failures_total"), 0);
+}
+
+#[test]
+fn sipsak_registers() {
+    require("sipsak", "sipsak");
+    let server = Server::start("localhost");
+    server.add_user("carol", "s3cret-carol");
+    let out = Command::new("sipsak")
+        .args([
+            "-U",
+            "-i",
+            "-x",
+            "300",
+            "-C",
+            "sip:carol@127.0.0.1:5999",
+            "-s",
+            "sip:carol@localhost",
+        ])
+        .args([
+            "-u",
+            "carol",
+            "-a",
+            "s3cret-carol",
+            "-p",
+            &server.sip_addr().to_string(),
+        ])
+        .output()
+        .expect("run sipsak");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sipsak failed:\n{text}\n{}",
+        server.log()
+    );
+    let b = server.bindings_of("carol");
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert!(b[0].contains("sipsak"), "{b:?}");
+
+    let bad = Command::new("sipsak")
+        .args([
+            "-U",
+            "-i",
+            "-x",
+            "300",
+            "-C",
+            "sip:carol@127.0.0.1:5998",
+            "-s",
+            "sip:carol@localhost",
+        ])
+        .args([
+            "-u",
+            "carol",
+            "-a",
+            "wrong",
+            "-p",
+            &server.sip_addr().to_string(),
+        ])
+        .output()
+        .expect("run sipsak");
+    assert!(
+        !bad.status.success(),
+        "sipsak with a wrong password must fail"
+    );
+    assert_eq!(server.bindings_of("carol").len(), 1);
+}
+
+#[test]
+fn baresip_registers_from_its_own_config() {
+    require("baresip", "baresip");
+    let server = Server::start("localhost");
+    server.add_user("dave", "pw-dave-123");
+    let home = tempfile::tempdir().unwrap();
+    let sip_port = free_port();
+    std::fs::write(
+        home.path().join("config"),
+        format!(
+            "poll_method epoll\nsip_listen 127.0.0.1:{sip_port}\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\nmodule_app account.so\naudio_player aufile,/dev/null\naudio_source aufile,/dev/null\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        home.path().join("accounts"),
+        format!(
+            "<sip:dave@localhost>;auth_pass=pw-dave-123;outbound=\"sip:127.0.0.1:{};transport=udp\";regint=300\n",
+            server.port
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("baresip")
+        .args(["-f", home.path().to_str().unwrap(), "-t", "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start baresip");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut bindings = Vec::new();
+    while Instant::now() < deadline {
+        bindings = server.bindings_of("dave");
+        if !bindings.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        bindings.len(),
+        1,
+        "baresip did not register:\n{}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    assert!(bindings[0].contains("baresip"), "{bindings:?}");
+    assert_eq!(server.metric("careflow_sip_auth_failures_total"), 0);
+}
+
+/// Removes what differs between two challenges by design (nonce, tags, branch, Call-ID).
+fn normalize(resp: &str) -> String {
+    resp.lines()
+        .filter(|l| {
+            !l.starts_with("Call-ID")
+                && !l.starts_with("Via")
+                && !l.starts_with("From")
+                && !l.starts_with("To")
+        })
+        .map(|l| match l.find("nonce=\"") {
+            Some(i) => format!("{}{}", &l[..i], &l[i + 7 + 64..]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn wrong_password_and_unknown_user_get_the_same_answer() {
+    let server = Server::start("example.test");
+    server.add_user("alice", "right-password");
+    let ua = Ua::new(server.sip_addr());
+    let wrong = ua.register("alice", "wrong-password", "example.test", "c-wrong", "");
+    let unknown = ua.register("nobody", "whatever", "example.test", "c-unknown", "");
+    assert_eq!(status(&wrong), 401, "{wrong}");
+    assert_eq!(status(&unknown), 401, "{unknown}");
+    assert_eq!(normalize(&wrong), normalize(&unknown));
+    // a disabled user looks the same too
+    server.cli_ok(&["user", "disable", "alice"]);
+    let disabled = ua.register("alice", "right-password", "example.test", "c-disabled", "");
+    assert_eq!(normalize(&disabled), normalize(&unknown));
+    server.cli_ok(&["user", "enable", "alice"]);
+    let ok = ua.register("alice", "right-password", "example.test", "c-ok", "");
+    assert_eq!(status(&ok), 200, "{ok}");
+    assert_eq!(server.metric("careflow_sip_auth_failures_total"), 3);
+    // the log names neither the password nor the HA1
+    let log = server.log();
+    assert!(!log.contains("right-password") && !log.contains("wrong-password"));
+    assert!(
+        log.contains("event=\"auth_failed\" src_ip=127.0.0.1"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sha256_and_md5_both_work_and_replays_are_refused() {
+    let server = Server::start_with("example.test", &[("AUTH_ALGORITHMS", "SHA-256,MD5")]);
+    server.add_user("bob", "pw-bob");
+    let ua = Ua::new(server.sip_addr());
+    for (alg, cid) in [(Algorithm::Sha256, "sha"), (Algorithm::Md5, "md5")] {
+        let r1 = ua.request(&ua.register_msg("bob", "example.test", cid, 1, ""));
+        let auth = authorization(
+            &r1,
+            alg,
+            "bob",
+            "example.test",
+            "pw-bob",
+            "REGISTER",
+            "sip:example.test",
+            1,
+        );
+        let msg = ua.register_msg(
+            "bob",
+            "example.test",
+            cid,
+            2,
+            &format!("Authorization: {auth}\r\n"),
+        );
+        let ok = ua.request(&msg);
+        assert_eq!(status(&ok), 200, "{alg:?}: {ok}");
+        // Same credentials in a new transaction (a replay): refused.
+        let replay = ua.request(
+            &msg.replace(
+                &format!("branch=z9hG4bK{cid}2"),
+                &format!("branch=z9hG4bK{cid}r"),
+            )
+            .replace("CSeq: 2", "CSeq: 3"),
+        );
+        assert_eq!(status(&replay), 401, "{alg:?} replay: {replay}");
+    }
+}
+
+#[test]
+fn registrar_rules_on_the_wire() {
+    let server = Server::start("example.test");
+    server.add_user("erin", "pw-erin");
+    let ua = Ua::new(server.sip_addr());
+    let r = ua.register("erin", "pw-erin", "example.test", "c1", "Expires: 30\r\n");
+    assert_eq!(status(&r), 423, "{r}");
+    assert_eq!(header(&r, "Min-Expires"), Some("60"));
+    let r = ua.register("erin", "pw-erin", "example.test", "c2", "Expires: 120\r\n");
+    assert_eq!(status(&r), 200, "{r}");
+    let contact = header(&r, "Contact").unwrap();
+    assert!(
+        contact.contains("expires=12") || contact.contains("expires=119"),
+        "{contact}"
+    );
+    let r = ua.register(
+        "erin",
+        "pw-erin",
+        "example.test",
+        "c3",
+        "Expires: 999999\r\n",
+    );
+    assert!(
+        header(&r, "Contact").unwrap().ends_with("expires=3600")
+            || header(&r, "Contact").unwrap().ends_with("expires=3599"),
+        "{r}"
+    );
+    // wildcard removal
+    let star = ua
+        .register_msg("erin", "example.test", "c4", 1, "")
+        .replace(
+            &format!("Contact: <sip:erin@127.0.0.1:{}>", ua.port()),
+            "Contact: *",
+        );
+    let r1 = ua.request(&star.replace("Content-Length: 0", "Expires: 0\r\nContent-Length: 0"));
+    let auth = authorization(
+        &r1,
+        Algorithm::Md5,
+        "erin",
+        "example.test",
+        "pw-erin",
+        "REGISTER",
+        "sip:example.test",
+        1,
+    );
+    let second = star
+        .replace("CSeq: 1 REGISTER", "CSeq: 2 REGISTER")
+        .replace("z9hG4bKc41", "z9hG4bKc42");
+    let r = ua.request(&second.replace(
+        "Content-Length: 0",
+        &format!("Expires: 0\r\nAuthorization: {auth}\r\nContent-Length: 0"),
+    ));
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(header(&r, "Contact").is_none(), "{r}");
+    assert!(server.bindings_of("erin").is_empty());
+    // another user's credentials for this AoR: 403
+    server.add_user("frank", "pw-frank");
+    let r1 = ua.request(&ua.register_msg("erin", "example.test", "c5", 1, ""));
+    let auth = authorization(
+        &r1,
+        Algorithm::Md5,
+        "frank",
+        "example.test",
+        "pw-frank",
+        "REGISTER",
+        "sip:example.test",
+        1,
+    );
+    let r = ua.request(&ua.register_msg(
+        "erin",
+        "example.test",
+        "c5",
+        2,
+        &format!("Authorization: {auth}\r\n"),
+    ));
+    assert_eq!(status(&r), 403, "{r}");
+    // a domain we do not serve: 403
+    let r = ua.request(&ua.register_msg("erin", "elsewhere.test", "c6", 1, ""));
+    assert_eq!(status(&r), 403, "{r}");
+}
+
+#[test]
+fn too_many_contacts_are_refused() {
+    let server = Server::start_with("example.test", &[("MAX_CONTACTS", "2")]);
+    server.add_user("gina", "pw-gina");
+    let ua = Ua::new(server.sip_addr());
+    let extra = "Contact: <sip:gina@127.0.0.1:7001>\r\nContact: <sip:gina@127.0.0.1:7002>\r\n";
+    let r = ua.register("gina", "pw-gina", "example.test", "c1", extra);
+    assert_eq!(status(&r), 403, "{r}");
+    assert!(
+        r.starts_with("SIP/2.0 403 Too Many Registered Contacts"),
+        "{r}"
+    );
+    assert!(server.bindings_of("gina").is_empty());
+}
+
+#[test]
+fn bindings_survive_restart_and_crash() {
+    let mut server = Server::start("example.test");
+    server.add_user("hank", "pw-hank");
+    let ua = Ua::new(server.sip_addr());
+    let r = ua.register("hank", "pw-hank", "example.test", "c1", "");
+    assert_eq!(status(&r), 200, "{r}");
+    server.stop();
+    server.start_again();
+    assert_eq!(server.bindings_of("hank").len(), 1);
+    assert_eq!(server.metric("careflow_sip_active_bindings"), 1);
+    // a challenge issued before a crash is still honoured after it (the secret persists)
+    let r1 = ua.request(&ua.register_msg(
+        "hank",
+        "example.test",
+        "c2",
+        1,
+        "Contact: <sip:hank@127.0.0.1:7777>\r\n",
+    ));
+    server.crash();
+    server.start_again();
+    let auth = authorization(
+        &r1,
+        Algorithm::Md5,
+        "hank",
+        "example.test",
+        "pw-hank",
+        "REGISTER",
+        "sip:example.test",
+        1,
+    );
+    let r = ua.request(&ua.register_msg(
+        "hank",
+        "example.test",
+        "c2",
+        2,
+        &format!("Authorization: {auth}\r\nContact: <sip:hank@127.0.0.1:7777>\r\n"),
+    ));
+    assert_eq!(status(&r), 200, "{r}");
+    server.crash();
+    server.start_again();
+    assert_eq!(
+        server.bindings_of("hank").len(),
+        2,
+        "{}",
+        server.cli_ok(&["registrations"])
+    );
+    let (code, _) = server.http_get("/healthz").unwrap();
+    assert_eq!(code, 200);
+}
