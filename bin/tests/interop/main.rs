@@ -1,5 +1,5 @@
 //! End-to-end tests: the real binary against real SIP peers (sipp, sipsak, baresip) and raw
-#![allow(unreachable_pub)]
+#![allow(unreachable_pub, clippy::unwrap_used)]
 //! SIP over UDP/TCP.
 
 mod protocol;

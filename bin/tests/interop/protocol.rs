@@ -126,7 +126,7 @@ fn tcp_framing_keepalive_and_pipelining() {
     s.write_all(format!("\r\n\r\n{one}{}", &two[..20]).as_bytes())
         .unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    s.write_all(two[20..].as_bytes()).unwrap();
+    s.write_all(&two.as_bytes()[20..]).unwrap();
     let mut got = String::new();
     let mut buf = [0u8; 8192];
     while got.matches("SIP/2.0 200").count() < 2 {

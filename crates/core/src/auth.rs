@@ -98,11 +98,10 @@ impl Authenticator {
         }
         match c.qop {
             None => {}
-            Some(q) if q.eq_ignore_ascii_case("auth") => {
-                if c.nc_value().is_none() || c.cnonce.as_deref().is_none_or(str::is_empty) {
+            Some(q) if q.eq_ignore_ascii_case("auth")
+                && (c.nc_value().is_none() || c.cnonce.as_deref().is_none_or(str::is_empty)) => {
                     return Err(Failure::BadQop);
                 }
-            }
             Some(_) => return Err(Failure::BadQop),
         }
         match self.nonces.check(&c.nonce, realm, now) {

@@ -219,23 +219,19 @@ impl Message {
             !v.is_empty() && !v.contains(char::is_whitespace)
         })?;
         self.single(HeaderName::CSeq, "CSeq", |v| parse_cseq(v).is_some())?;
-        if let Some(mf) = self.header(HeaderName::MaxForwards) {
-            if !scan::parse_u64(mf).is_some_and(|n| n <= 255) {
+        if let Some(mf) = self.header(HeaderName::MaxForwards)
+            && scan::parse_u64(mf).is_none_or(|n| n > 255) {
                 return Err(ParseError::in_header(K::BadHeaderValue, "Max-Forwards"));
             }
-        }
-        if let Some(e) = self.header(HeaderName::Expires) {
-            if !scan::parse_u64(e).is_some_and(|n| n <= u64::from(u32::MAX)) {
+        if let Some(e) = self.header(HeaderName::Expires)
+            && scan::parse_u64(e).is_none_or(|n| n > u64::from(u32::MAX)) {
                 return Err(ParseError::in_header(K::BadHeaderValue, "Expires"));
             }
-        }
-        if let StartLine::Request(_) = self.start {
-            if let Some((_, m)) = self.cseq() {
-                if m != self.method_str() {
+        if let StartLine::Request(_) = self.start
+            && let Some((_, m)) = self.cseq()
+                && m != self.method_str() {
                     return Err(ParseError::in_header(K::CSeqMismatch, "CSeq"));
                 }
-            }
-        }
         Ok(())
     }
 

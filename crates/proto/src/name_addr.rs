@@ -32,9 +32,7 @@ impl<'a> Params<'a> {
                 rest = next;
                 let item = scan::trim(item);
                 if item.is_empty() {
-                    if rest.is_none() {
-                        return None;
-                    }
+                    rest?;
                     continue;
                 }
                 return Some(match item.find('=') {

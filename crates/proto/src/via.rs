@@ -42,7 +42,7 @@ impl<'a> Via<'a> {
         };
         let (host, port) = split_host_port(sent_by)?;
         if host.is_empty()
-            || host.bytes().any(|b| scan::is_lws(b))
+            || host.bytes().any(scan::is_lws)
             || !(host.starts_with('[')
                 || host
                     .bytes()

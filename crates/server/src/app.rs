@@ -150,8 +150,8 @@ impl App {
     /// Records a final response in the transaction and sends it back where the request came from.
     pub(crate) fn send_response(&self, msg: &Message, ctx: &Ctx, code: u16, bytes: Bytes) {
         self.metrics.response(code);
-        if code >= 200 {
-            if let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock()) {
+        if code >= 200
+            && let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock()) {
                 t.on_final_response(
                     key,
                     bytes.clone(),
@@ -159,7 +159,6 @@ impl App {
                     Instant::now(),
                 );
             }
-        }
         let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
         self.send(Outbound {
             transport: ctx.transport,
