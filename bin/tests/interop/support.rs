@@ -124,9 +124,10 @@ impl Server {
                 return;
             }
             if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait() {
-                    panic!("careflow-sip exited with {status}:\n{}", self.log());
-                }
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("careflow-sip exited with {status}:\n{}", self.log());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("careflow-sip did not become healthy:\n{}", self.log());

@@ -98,10 +98,11 @@ impl Authenticator {
         }
         match c.qop {
             None => {}
-            Some(q) if q.eq_ignore_ascii_case("auth")
-                && (c.nc_value().is_none() || c.cnonce.as_deref().is_none_or(str::is_empty)) => {
+            Some(q) if q.eq_ignore_ascii_case("auth") => {
+                if c.nc_value().is_none() || c.cnonce.as_deref().is_none_or(str::is_empty) {
                     return Err(Failure::BadQop);
                 }
+            }
             Some(_) => return Err(Failure::BadQop),
         }
         match self.nonces.check(&c.nonce, realm, now) {
@@ -330,5 +331,23 @@ mod tests {
             run(&a, &h, Some("pw"), 101).unwrap_err().0,
             Failure::WrongRealm
         );
+    }
+}
+
+#[cfg(test)]
+mod sipp_format {
+    use super::*;
+
+    #[test]
+    fn sipp_style_credentials_prepare() {
+        let a = Authenticator::new(NonceIssuer::new([1; 32], 300, 0), vec![Algorithm::Md5], 10);
+        let ch = a.challenges("bench.local", 100, false);
+        let i = ch[0].find("nonce=\"").unwrap() + 7;
+        let nonce = &ch[0][i..i + 64];
+        let h = format!(
+            r#"Digest username="user00001",realm="bench.local",cnonce="6b8b4567",nc=00000001,qop=auth,uri="sip:bench.local",nonce="{nonce}",response="7c73ae6297ade64058e6a253acdba65f",algorithm=MD5"#
+        );
+        let c = Credentials::parse(&h).unwrap();
+        a.prepare(&c, "bench.local", 101).unwrap();
     }
 }

@@ -228,3 +228,18 @@ mod tests {
         assert!(Credentials::parse(r#"Digest username="a""#).is_none());
     }
 }
+
+#[cfg(test)]
+mod sipp_format {
+    use super::*;
+
+    #[test]
+    fn no_spaces_after_commas() {
+        let c = Credentials::parse(r#"Digest username="user00001",realm="bench.local",cnonce="6b8b4567",nc=00000001,qop=auth,uri="sip:bench.local",nonce="000000006b072b205a930adc788427eba485cabc6ef9acc926726251867762cb",response="7c73ae6297ade64058e6a253acdba65f",algorithm=MD5"#).unwrap();
+        assert_eq!(c.username, "user00001");
+        assert_eq!(c.qop, Some("auth"));
+        assert_eq!(c.nc_value(), Some(1));
+        assert_eq!(c.cnonce.as_deref(), Some("6b8b4567"));
+        assert_eq!(c.algorithm, Some("MD5"));
+    }
+}

@@ -220,18 +220,21 @@ impl Message {
         })?;
         self.single(HeaderName::CSeq, "CSeq", |v| parse_cseq(v).is_some())?;
         if let Some(mf) = self.header(HeaderName::MaxForwards)
-            && scan::parse_u64(mf).is_none_or(|n| n > 255) {
-                return Err(ParseError::in_header(K::BadHeaderValue, "Max-Forwards"));
-            }
+            && scan::parse_u64(mf).is_none_or(|n| n > 255)
+        {
+            return Err(ParseError::in_header(K::BadHeaderValue, "Max-Forwards"));
+        }
         if let Some(e) = self.header(HeaderName::Expires)
-            && scan::parse_u64(e).is_none_or(|n| n > u64::from(u32::MAX)) {
-                return Err(ParseError::in_header(K::BadHeaderValue, "Expires"));
-            }
+            && scan::parse_u64(e).is_none_or(|n| n > u64::from(u32::MAX))
+        {
+            return Err(ParseError::in_header(K::BadHeaderValue, "Expires"));
+        }
         if let StartLine::Request(_) = self.start
             && let Some((_, m)) = self.cseq()
-                && m != self.method_str() {
-                    return Err(ParseError::in_header(K::CSeqMismatch, "CSeq"));
-                }
+            && m != self.method_str()
+        {
+            return Err(ParseError::in_header(K::CSeqMismatch, "CSeq"));
+        }
         Ok(())
     }
 

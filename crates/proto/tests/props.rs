@@ -9,10 +9,25 @@ const VALID: &str = "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0
 
 /// Touches every accessor, as the server would.
 fn exercise(bytes: Vec<u8>) {
-    let Ok(m) = Message::parse(Bytes::from(bytes), &ParseLimits::default()) else { return };
+    let Ok(m) = Message::parse(Bytes::from(bytes), &ParseLimits::default()) else {
+        return;
+    };
     let _ = m.validate();
-    let _ = (m.method(), m.method_str(), m.request_uri(), m.status(), m.reason(), m.call_id(), m.cseq(), m.body());
-    let _ = (m.top_via().map(|v| (v.branch(), v.rport(), v.received())), m.from().map(|f| f.tag()), m.to());
+    let _ = (
+        m.method(),
+        m.method_str(),
+        m.request_uri(),
+        m.status(),
+        m.reason(),
+        m.call_id(),
+        m.cseq(),
+        m.body(),
+    );
+    let _ = (
+        m.top_via().map(|v| (v.branch(), v.rport(), v.received())),
+        m.from().map(|f| f.tag()),
+        m.to(),
+    );
     for v in m.values(HeaderName::Contact) {
         let _ = NameAddr::parse(v).map(|n| (n.uri.aor(), n.params.iter().count()));
     }
@@ -23,7 +38,10 @@ fn exercise(bytes: Vec<u8>) {
         let _ = careflow_proto::digest::Credentials::parse(v).map(|c| c.nc_value());
     }
     if m.is_request() && m.top_via().is_some() {
-        let _ = ResponseBuilder::new(&m, 400).source("192.0.2.1:5060".parse().unwrap()).to_tag("x").build();
+        let _ = ResponseBuilder::new(&m, 400)
+            .source("192.0.2.1:5060".parse().unwrap())
+            .to_tag("x")
+            .build();
     }
 }
 

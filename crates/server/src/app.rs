@@ -151,14 +151,15 @@ impl App {
     pub(crate) fn send_response(&self, msg: &Message, ctx: &Ctx, code: u16, bytes: Bytes) {
         self.metrics.response(code);
         if code >= 200
-            && let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock()) {
-                t.on_final_response(
-                    key,
-                    bytes.clone(),
-                    ctx.transport.is_reliable(),
-                    Instant::now(),
-                );
-            }
+            && let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock())
+        {
+            t.on_final_response(
+                key,
+                bytes.clone(),
+                ctx.transport.is_reliable(),
+                Instant::now(),
+            );
+        }
         let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
         self.send(Outbound {
             transport: ctx.transport,

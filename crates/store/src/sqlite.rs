@@ -57,11 +57,11 @@ pub struct SqliteSubscribers {
 
 pub(crate) fn open_sqlite(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Database(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
+    }
     let conn = Connection::open(path)
         .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
     conn.execute_batch(

@@ -39,9 +39,10 @@ impl ConnTable {
     pub(crate) fn remove(&self, id: ConnId) {
         if let Ok(mut t) = self.inner.lock()
             && let Some(e) = t.by_id.remove(&id)
-                && t.by_peer.get(&e.peer) == Some(&id) {
-                    t.by_peer.remove(&e.peer);
-                }
+            && t.by_peer.get(&e.peer) == Some(&id)
+        {
+            t.by_peer.remove(&e.peer);
+        }
     }
 
     /// The writer of a connection: by id first, else any connection to `peer`.
