@@ -102,15 +102,47 @@ fn methods_get_the_right_answers() {
 #[test]
 fn retransmissions_are_absorbed_with_the_same_answer() {
     let server = Server::start("example.test");
+    server.add_user("zed", "pw-zed");
     let ua = Ua::new(server.sip_addr());
-    let m = ua.register_msg("zed", "example.test", "rtx", 1, "");
+    let o = options(ua.port(), "rtx-o", "OPTIONS");
+    assert_eq!(
+        ua.request(&o),
+        ua.request(&o),
+        "a retransmission gets the stored response"
+    );
+    // An authorized REGISTER retransmitted (same branch, same nonce count) is answered from the
+    // transaction, not refused as a replay.
+    let r1 = ua.request(&ua.register_msg("zed", "example.test", "rtx", 1, ""));
+    let auth = careflow_proto::digest::Algorithm::Md5;
+    let auth = authorization(
+        &r1,
+        auth,
+        "zed",
+        "example.test",
+        "pw-zed",
+        "REGISTER",
+        "sip:example.test",
+        1,
+    );
+    let m = ua.register_msg(
+        "zed",
+        "example.test",
+        "rtx",
+        2,
+        &format!("Authorization: {auth}\r\n"),
+    );
     let a = ua.request(&m);
     let b = ua.request(&m);
-    assert_eq!(a, b, "a retransmission gets the stored response");
-    assert_eq!(server.metric("careflow_sip_retransmissions_total"), 1);
+    assert_eq!(status(&a), 200, "{a}");
+    assert_eq!(a, b);
+    assert_eq!(server.metric("careflow_sip_retransmissions_total"), 2);
+    // Challenges are stateless: a retransmitted credential-less REGISTER gets a fresh one.
+    let c = ua.register_msg("zed", "example.test", "rtx-c", 1, "");
+    let (x, y) = (ua.request(&c), ua.request(&c));
+    assert_eq!((status(&x), status(&y)), (401, 401));
     assert_eq!(
         server.metric("careflow_sip_requests_total{method=\"REGISTER\"}"),
-        2
+        5
     );
 }
 

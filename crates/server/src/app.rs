@@ -183,7 +183,7 @@ impl App {
         });
     }
 
-    fn forget_transaction(&self, ctx: &Ctx) {
+    pub(crate) fn forget_transaction(&self, ctx: &Ctx) {
         if let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock()) {
             t.forget(key);
         }
@@ -215,7 +215,7 @@ impl App {
         match msg.method() {
             Method::Register => {
                 let Some(app) = self.me.upgrade() else { return };
-                tokio::spawn(async move { app.handle_register(msg, ctx).await });
+                app.register_or_challenge(msg, ctx);
             }
             Method::Options => {
                 let resp = self

@@ -12,44 +12,81 @@ use careflow_proto::{HeaderName, Message, scan};
 use crate::app::{App, Ctx};
 use crate::unix_now;
 
+/// A REGISTER answered before any store access.
+enum Early {
+    /// 401 with a fresh challenge: sent statelessly.
+    Challenge(bytes::Bytes),
+    /// Any other refusal.
+    Reply(u16, bytes::Bytes),
+}
+
+/// What [`App::precheck`] found.
+struct Checked<'m> {
+    aor: String,
+    domain: String,
+    creds: Credentials<'m>,
+    pending: careflow_core::auth::Pending,
+    contacts: Vec<ContactValue<'m>>,
+    expires: Option<u32>,
+}
+
 /// Option tags this registrar supports (Require: anything else gets 420).
 const SUPPORTED: &[&str] = &[];
 
 impl App {
-    pub(crate) async fn handle_register(self: Arc<Self>, msg: Message, ctx: Ctx) {
+    /// The synchronous half of REGISTER, run on the receiving task: everything that needs no
+    /// store. Challenges (the first answer to every registration) are sent from here without
+    /// spawning a task or keeping transaction state; only requests with plausible credentials
+    /// go on to [`Self::handle_register`].
+    pub(crate) fn register_or_challenge(self: &Arc<Self>, msg: Message, ctx: Ctx) {
+        match self.precheck(&msg, &ctx, unix_now()) {
+            Err(Early::Challenge(bytes)) => {
+                self.forget_transaction(&ctx);
+                self.send_response(&msg, &ctx, 401, bytes);
+            }
+            Err(Early::Reply(code, bytes)) => self.send_response(&msg, &ctx, code, bytes),
+            Ok(_) => {
+                let app = self.clone();
+                tokio::spawn(async move { app.handle_register(msg, ctx).await });
+            }
+        }
+    }
+
+    async fn handle_register(self: Arc<Self>, msg: Message, ctx: Ctx) {
         let (code, bytes) = self.register(&msg, &ctx).await;
         self.send_response(&msg, &ctx, code, bytes);
     }
 
-    async fn register(&self, msg: &Message, ctx: &Ctx) -> (u16, bytes::Bytes) {
-        let now = unix_now();
+    /// Checks that need no store: extensions, AoR, contacts, credentials and nonce.
+    fn precheck<'m>(&self, msg: &'m Message, ctx: &Ctx, now: u64) -> Result<Checked<'m>, Early> {
         let unsupported: Vec<&str> = msg
             .values(HeaderName::Require)
             .filter(|t| !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)))
             .collect();
         if !unsupported.is_empty() {
-            return (
-                420,
-                self.reply(msg, ctx, 420)
-                    .header("Unsupported", unsupported.join(", "))
-                    .build(),
-            );
+            let b = self
+                .reply(msg, ctx, 420)
+                .header("Unsupported", unsupported.join(", "));
+            return Err(Early::Reply(420, b.build()));
         }
         // validate() guaranteed To parses.
         let Some(to) = msg.to() else {
-            return (400, self.reply(msg, ctx, 400).build());
+            return Err(Early::Reply(400, self.reply(msg, ctx, 400).build()));
         };
         let (Some(aor), true) = (to.uri.aor(), to.uri.is_sip()) else {
-            return (400, self.reply(msg, ctx, 400).reason("Bad To URI").build());
+            return Err(Early::Reply(
+                400,
+                self.reply(msg, ctx, 400).reason("Bad To URI").build(),
+            ));
         };
         let domain = to.uri.host.as_str().to_ascii_lowercase();
         if !self.serves_domain(&domain) {
-            return (
+            return Err(Early::Reply(
                 403,
                 self.reply(msg, ctx, 403)
                     .reason("Domain Not Served")
                     .build(),
-            );
+            ));
         }
         let user = scan::pct_decode(to.uri.user.unwrap_or_default());
 
@@ -57,7 +94,12 @@ impl App {
         for v in msg.values(HeaderName::Contact) {
             match ContactValue::parse(v) {
                 Some(c) => contacts.push(c),
-                None => return (400, self.reply(msg, ctx, 400).reason("Bad Contact").build()),
+                None => {
+                    return Err(Early::Reply(
+                        400,
+                        self.reply(msg, ctx, 400).reason("Bad Contact").build(),
+                    ));
+                }
             }
         }
         let expires = msg
@@ -71,23 +113,49 @@ impl App {
             .filter_map(Credentials::parse)
             .find(|c| c.realm.eq_ignore_ascii_case(&domain));
         let Some(creds) = creds else {
-            return self.challenge(msg, ctx, &domain, now, false);
+            return Err(Early::Challenge(
+                self.challenge(msg, ctx, &domain, now, false),
+            ));
         };
         if creds.username != user {
             self.auth_failed(ctx, &creds.username, &domain, "username does not match To");
-            return (
-                403,
-                self.reply(msg, ctx, 403)
-                    .reason("Username Does Not Match AoR")
-                    .build(),
-            );
+            let b = self
+                .reply(msg, ctx, 403)
+                .reason("Username Does Not Match AoR");
+            return Err(Early::Reply(403, b.build()));
         }
         let pending = match self.auth.prepare(&creds, &domain, now) {
             Ok(p) => p,
             Err(f) => {
                 self.auth_failed(ctx, &creds.username, &domain, failure_text(f));
-                return self.challenge(msg, ctx, &domain, now, false);
+                return Err(Early::Challenge(
+                    self.challenge(msg, ctx, &domain, now, false),
+                ));
             }
+        };
+        Ok(Checked {
+            aor,
+            domain,
+            creds,
+            pending,
+            contacts,
+            expires,
+        })
+    }
+
+    async fn register(&self, msg: &Message, ctx: &Ctx) -> (u16, bytes::Bytes) {
+        let now = unix_now();
+        let Checked {
+            aor,
+            domain,
+            creds,
+            pending,
+            contacts,
+            expires,
+        } = match self.precheck(msg, ctx, now) {
+            Ok(c) => c,
+            Err(Early::Challenge(b)) => return (401, b),
+            Err(Early::Reply(code, b)) => return (code, b),
         };
         let subscriber = match self.subscribers.find(&creds.username, &domain).await {
             Ok(s) => s,
@@ -113,7 +181,7 @@ impl App {
             if f != Failure::StaleNonce {
                 self.auth_failed(ctx, &creds.username, &domain, failure_text(f));
             }
-            return self.challenge(msg, ctx, &domain, now, stale);
+            return (401, self.challenge(msg, ctx, &domain, now, stale));
         }
 
         let req = RegisterRequest {
@@ -181,12 +249,12 @@ impl App {
         realm: &str,
         now: u64,
         stale: bool,
-    ) -> (u16, bytes::Bytes) {
+    ) -> bytes::Bytes {
         let mut b = self.reply(msg, ctx, 401);
         for c in self.auth.challenges(realm, now, stale) {
             b = b.header("WWW-Authenticate", c);
         }
-        (401, b.build())
+        b.build()
     }
 
     fn auth_failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
@@ -249,7 +317,7 @@ mod tests {
         assert_eq!(super::httpdate(0), "Thu, 01 Jan 1970 00:00:00 GMT");
         assert_eq!(
             super::httpdate(1_795_000_000),
-            "Sun, 18 Nov 2026 02:26:40 GMT"
+            "Wed, 18 Nov 2026 11:06:40 GMT"
         );
     }
 }

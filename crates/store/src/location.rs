@@ -256,11 +256,17 @@ fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
     Ok(out)
 }
 
+/// How long the journal waits for more changes before committing, so that one commit (and
+/// its WAL write and file locks) covers many registrations under load.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
 fn journal_thread(mut conn: Connection, rx: mpsc::Receiver<JournalOp>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
+        let until = std::time::Instant::now() + LINGER;
         while batch.len() < 4096 {
-            match rx.try_recv() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }

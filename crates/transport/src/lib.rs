@@ -137,7 +137,7 @@ pub struct Transports {
 }
 
 struct Inner {
-    udp: Vec<Arc<UdpSocket>>,
+    udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
     conns: ConnTable,
     limits: TransportLimits,
     handler: Arc<dyn InboundHandler>,
@@ -180,7 +180,7 @@ impl Transports {
                         transport: s.transport,
                         addr,
                     });
-                    udp.push(Arc::new(sock));
+                    udp.push((addr, Arc::new(sock)));
                 }
                 Transport::Tcp => {
                     let l = TcpListener::bind(s.addr).await.map_err(bind_err)?;
@@ -205,7 +205,7 @@ impl Transports {
                 cancel,
             }),
         };
-        for sock in &me.inner.udp {
+        for (_, sock) in &me.inner.udp {
             // Two receive loops per socket so both cores parse datagrams.
             for _ in 0..2 {
                 let t = me.clone();
@@ -230,6 +230,16 @@ impl Transports {
             Transport::Udp => udp::send(self, out).await,
             Transport::Tcp => tcp::send(self, out).await,
             other => Err(TransportError::Unsupported(other)),
+        }
+    }
+
+    /// Sends without waiting when the socket or connection queue has room; gives the message
+    /// back when it must be sent with [`Self::send`] (UDP buffer full, no open connection).
+    pub fn try_send(&self, out: Outbound) -> Option<Outbound> {
+        match out.transport {
+            Transport::Udp => udp::try_send(self, out),
+            Transport::Tcp => tcp::try_send(self, out),
+            _ => Some(out),
         }
     }
 

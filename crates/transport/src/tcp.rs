@@ -123,6 +123,18 @@ async fn read_loop(
     }
 }
 
+pub(crate) fn try_send(t: &Transports, out: Outbound) -> Option<Outbound> {
+    let Some(tx) = t.inner.conns.writer(out.conn, out.dest) else {
+        return Some(out);
+    };
+    match tx.try_send(out.bytes) {
+        Ok(()) => None,
+        Err(mpsc::error::TrySendError::Full(bytes) | mpsc::error::TrySendError::Closed(bytes)) => {
+            Some(Outbound { bytes, ..out })
+        }
+    }
+}
+
 pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportError> {
     let tx = match t.inner.conns.writer(out.conn, out.dest) {
         Some(tx) => tx,

@@ -41,19 +41,22 @@ pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
     }
 }
 
-pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportError> {
-    let sock = match out.local {
-        Some(l) => t.inner.udp.iter().find(|s| s.local_addr().ok() == Some(l)),
-        None => None,
+pub(crate) fn try_send(t: &Transports, out: Outbound) -> Option<Outbound> {
+    let Ok(sock) = pick(t, &out) else {
+        return Some(out);
+    };
+    match sock.try_send_to(&out.bytes, out.dest) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(out),
+        Err(e) => {
+            tracing::debug!(dest = %out.dest, error = %e, "udp send failed");
+            None
+        }
     }
-    .or_else(|| {
-        t.inner.udp.iter().find(|s| {
-            s.local_addr()
-                .is_ok_and(|a| a.is_ipv4() == out.dest.is_ipv4())
-        })
-    })
-    .or(t.inner.udp.first())
-    .ok_or(TransportError::NoListener(Transport::Udp))?;
+}
+
+pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportError> {
+    let sock = pick(t, &out)?;
     sock.send_to(&out.bytes, out.dest)
         .await
         .map_err(|e| TransportError::Send {
@@ -61,4 +64,14 @@ pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportE
             source: e,
         })?;
     Ok(())
+}
+
+fn pick<'t>(t: &'t Transports, out: &Outbound) -> Result<&'t Arc<UdpSocket>, TransportError> {
+    let udp = &t.inner.udp;
+    out.local
+        .and_then(|l| udp.iter().find(|(a, _)| *a == l))
+        .or_else(|| udp.iter().find(|(a, _)| a.is_ipv4() == out.dest.is_ipv4()))
+        .or(udp.first())
+        .map(|(_, s)| s)
+        .ok_or(TransportError::NoListener(Transport::Udp))
 }
