@@ -179,6 +179,10 @@ impl ServerTransactions {
                 self.entries.remove(&key);
             }
         }
+        // After a burst, give back the table's capacity (a HashMap never shrinks by itself).
+        if self.entries.capacity() > 4 * self.entries.len() + 1024 {
+            self.entries.shrink_to(2 * self.entries.len());
+        }
         if self.deadlines.len() > 4 * self.entries.len() + 1024 {
             // Keep stale heap items (from reliable transactions that ended early) bounded.
             let live = &self.entries;
@@ -187,6 +191,9 @@ impl ServerTransactions {
                 .filter(|Reverse((d, k))| live.get(k).is_some_and(|e| e.deadline == *d))
                 .collect();
             self.deadlines = v.into();
+        }
+        if self.deadlines.capacity() > 4 * self.deadlines.len() + 1024 {
+            self.deadlines.shrink_to(2 * self.deadlines.len());
         }
     }
 

@@ -71,7 +71,26 @@ impl<'m> ResponseBuilder<'m> {
     pub fn build(self) -> Bytes {
         let req = self.req;
         let reason = self.reason.unwrap_or_else(|| reason_phrase(self.code));
-        let mut out = BytesMut::with_capacity(512 + self.extra.len() + self.body.len());
+        // Sized to fit: responses may be kept for 64*T1 to answer retransmissions.
+        let copied: usize = req
+            .fields()
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.name,
+                    HeaderName::Via
+                        | HeaderName::From
+                        | HeaderName::To
+                        | HeaderName::CallId
+                        | HeaderName::CSeq
+                )
+            })
+            .map(|f| req.field_line(f).len())
+            .sum();
+        let tag_len = self.to_tag.as_ref().map_or(0, |t| t.len() + 6);
+        let mut out = BytesMut::with_capacity(
+            copied + tag_len + 96 + reason.len() + self.extra.len() + self.body.len(),
+        );
         let _ = write!(Writer(&mut out), "SIP/2.0 {} {}\r\n", self.code, reason);
         let mut first_via = true;
         for f in req.fields() {

@@ -56,6 +56,8 @@ impl EmbeddedLocation {
     pub fn open(path: &Path, now: u64) -> Result<Self, StoreError> {
         let mut conn = open_sqlite(path)?;
         migrate(&mut conn, LOCATION_MIGRATIONS)?;
+        // The journal is written, and read only at start-up: a small page cache suffices.
+        conn.execute_batch("PRAGMA cache_size=-256;")?;
         let mut me = Self::in_memory();
         let loaded = load(&conn, now)?;
         conn.execute("DELETE FROM binding WHERE expires_at <= ?1", [now as i64])?;
@@ -258,18 +260,16 @@ fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
 
 /// How long the journal waits for more changes before committing, so that one commit (and
 /// its WAL write and file locks) covers many registrations under load.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn journal_thread(mut conn: Connection, rx: mpsc::Receiver<JournalOp>) {
     while let Ok(first) = rx.recv() {
+        // Sleep instead of waiting on the channel: senders then find no parked receiver to
+        // wake, so a batch costs one wake-up instead of one per change.
+        std::thread::sleep(LINGER);
         let mut batch = vec![first];
-        let until = std::time::Instant::now() + LINGER;
-        while batch.len() < 4096 {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
+        while let Ok(op) = rx.try_recv() {
+            batch.push(op);
         }
         let result = write_batch(&mut conn, &batch).map_err(|e| e.to_string());
         if let Err(e) = &result {
