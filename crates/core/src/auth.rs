@@ -96,14 +96,17 @@ impl Authenticator {
         if !self.algorithms.contains(&algorithm) {
             return Err(Failure::UnsupportedAlgorithm);
         }
-        match c.qop {
-            None => {}
-            Some(q) if q.eq_ignore_ascii_case("auth") => {
-                if c.nc_value().is_none() || c.cnonce.as_deref().is_none_or(str::is_empty) {
-                    return Err(Failure::BadQop);
-                }
+        // qop=auth needs a well-formed nc and a cnonce; no qop is RFC 2069 compatibility.
+        let qop_ok = match c.qop {
+            None => true,
+            Some(q) => {
+                q.eq_ignore_ascii_case("auth")
+                    && c.nc_value().is_some()
+                    && c.cnonce.as_deref().is_some_and(|n| !n.is_empty())
             }
-            Some(_) => return Err(Failure::BadQop),
+        };
+        if !qop_ok {
+            return Err(Failure::BadQop);
         }
         match self.nonces.check(&c.nonce, realm, now) {
             NonceCheck::Fresh(id) => Ok(Pending {
