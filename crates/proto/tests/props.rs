@@ -1,4 +1,5 @@
 //! Property tests: the parser never panics on any input, and what we build parses back.
+#![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
 use careflow_proto::framing::{Frame, next_frame};
