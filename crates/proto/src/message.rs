@@ -492,7 +492,8 @@ fn parse_start_line(
     let uri = &sl[sp1 + 1..sp2];
     let version = &sl[sp2 + 1..];
     if !version.eq_ignore_ascii_case("SIP/2.0") {
-        if version.len() > 4 && version[..4].eq_ignore_ascii_case("SIP/") {
+        // Compared as bytes: the text may be any UTF-8, and slicing a str at 4 could split a char.
+        if version.len() > 4 && version.as_bytes()[..4].eq_ignore_ascii_case(b"SIP/") {
             set_defect(defect, ParseError::new(K::UnsupportedVersion));
         } else {
             set_defect(defect, bad);

@@ -504,6 +504,12 @@ fn garbage_is_refused_without_panicking() {
         let r = Message::parse(Bytes::from(s), &ParseLimits::default());
         assert!(r.is_err() || r.unwrap().validate().is_err(), "{s:?}");
     }
+    // Found by cargo fuzz: a multi-byte character where the SIP version starts.
+    let r = Message::parse(
+        Bytes::from_static("A b xyz\u{4cd}\r\n\r\n".as_bytes()),
+        &ParseLimits::default(),
+    );
+    assert!(r.is_err() || r.unwrap().validate().is_err());
     let big = "x".repeat(70_000);
     assert_eq!(
         Message::parse(Bytes::from(big), &ParseLimits::default())

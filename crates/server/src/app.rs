@@ -109,10 +109,6 @@ impl App {
         self.metrics.render(&self.gauges())
     }
 
-    pub(crate) fn next_transaction_deadline(&self) -> Option<Instant> {
-        self.txs.lock().ok()?.poll_timeout()
-    }
-
     pub(crate) fn expire_transactions(&self, now: Instant) {
         if let Ok(mut t) = self.txs.lock() {
             t.handle_timeout(now);
@@ -161,6 +157,11 @@ impl App {
                 Instant::now(),
             );
         }
+        self.send_back(msg, ctx, bytes);
+    }
+
+    /// Sends bytes back where the request came from (RFC 3261 §18.2.2).
+    fn send_back(&self, msg: &Message, ctx: &Ctx, bytes: Bytes) {
         let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
         self.send(Outbound {
             transport: ctx.transport,
@@ -286,14 +287,7 @@ impl InboundHandler for App {
             }
             Received::Resend(bytes) => {
                 self.metrics.retransmissions.fetch_add(1, Ordering::Relaxed);
-                let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
-                self.send(Outbound {
-                    transport: ctx.transport,
-                    dest,
-                    conn: ctx.conn,
-                    local: Some(ctx.local),
-                    bytes,
-                });
+                self.send_back(&msg, &ctx, bytes);
                 return;
             }
             Received::Overloaded => {
@@ -303,10 +297,6 @@ impl InboundHandler for App {
             }
         }
         ctx.key = Some(key);
-        if msg.method() == Method::Register && msg.to().is_none() {
-            self.forget_transaction(&ctx);
-            return;
-        }
         self.dispatch(msg, ctx);
     }
 }

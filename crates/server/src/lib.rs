@@ -113,18 +113,16 @@ pub async fn start(
     })
 }
 
-/// Drops finished transactions; one timer for the whole table.
+/// Drops finished transactions. One coarse timer for the whole table: waking at every
+/// deadline would mean thousands of wake-ups per second under load, and Timer J (32 s) does
+/// not need better than a second of precision.
 async fn sweep_transactions(app: Arc<App>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let next = app
-            .next_transaction_deadline()
-            .unwrap_or_else(|| tokio::time::Instant::now().into_std() + Duration::from_secs(1));
-        let sleep_until = tokio::time::Instant::from_std(
-            next.min(std::time::Instant::now() + Duration::from_secs(1)),
-        );
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(sleep_until) => app.expire_transactions(std::time::Instant::now()),
+            _ = tick.tick() => app.expire_transactions(std::time::Instant::now()),
         }
     }
 }

@@ -134,7 +134,7 @@ impl LocationStore for EmbeddedLocation {
         aor: &str,
         decide: UpdateFn<'_>,
     ) -> Result<Result<Outcome, Reject>, StoreError> {
-        let rx = {
+        let (rx, outcome) = {
             let mut map = self.shard(aor).lock().map_err(|_| poisoned())?;
             let current = map.get(aor).map_or(&[][..], Vec::as_slice);
             let outcome = match decide(current) {
@@ -154,7 +154,6 @@ impl LocationStore for EmbeddedLocation {
             })?;
             (rx, outcome)
         };
-        let (rx, outcome) = rx;
         match rx.await {
             Ok(Ok(())) => Ok(Ok(outcome)),
             Ok(Err(e)) => Err(StoreError::Database(e)),
