@@ -94,6 +94,13 @@ fn methods_get_the_right_answers() {
     let r = ua.request(&options(ua.port(), "o2", "FOOBAR"));
     assert_eq!(status(&r), 501, "{r}");
     assert!(header(&r, "Allow").is_some());
+    let unknown_scheme = options(ua.port(), "o4", "OPTIONS").replacen(
+        "sip:example.test",
+        "nobodyKnowsThisScheme:totallyopaquecontent",
+        1,
+    );
+    let r = ua.request(&unknown_scheme);
+    assert_eq!(status(&r), 416, "{r}");
     let r = ua.request(&options(ua.port(), "o3", "SUBSCRIBE"));
     assert_eq!(status(&r), 405, "{r}");
     assert!(header(&r, "Allow").is_some());

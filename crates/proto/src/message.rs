@@ -499,7 +499,13 @@ fn parse_start_line(
             set_defect(defect, bad);
         }
     }
-    if uri.is_empty() || uri.contains([' ', '\t']) || Uri::parse(uri).is_none() {
+    // Headers (`?...`) are not allowed in a SIP Request-URI (RFC 3261 §19.1.5, RFC 4475
+    // §3.1.2.11).
+    let parsed = Uri::parse(uri);
+    if uri.is_empty()
+        || uri.contains([' ', '\t'])
+        || parsed.is_none_or(|u| u.is_sip() && u.headers.is_some())
+    {
         set_defect(defect, ParseError::new(K::BadRequestUri));
     }
     Ok((

@@ -518,3 +518,224 @@ fn garbage_is_refused_without_panicking() {
         ParseErrorKind::TooLarge
     );
 }
+
+/// RFC 4475 §3.1.2: the remaining invalid messages.
+#[test]
+fn more_invalid_messages() {
+    use ParseErrorKind as K;
+    // 3.1.2.1 badinv01: extraneous separators in Via.
+    assert_eq!(
+        invalid(
+            "INVITE sip:user@example.com SIP/2.0
+To: sip:j.user@example.com
+From: sip:caller@example.net;tag=134161461246
+Max-Forwards: 7
+Call-ID: badinv01.0ha0isndaksdjasdf3234nas
+CSeq: 8 INVITE
+Via: SIP/2.0/UDP 192.0.2.15;;,;,,
+Contact: \"Joe\" <sip:joe@example.org>;;;;
+Content-Length: 0
+Content-Type: application/sdp
+
+"
+        ),
+        K::BadHeaderValue
+    );
+    // 3.1.2.3 ncl: negative Content-Length.
+    assert_eq!(
+        invalid(
+            "INVITE sip:user@example.com SIP/2.0
+Max-Forwards: 254
+To: sip:j.user@example.com
+From: sip:caller@example.net;tag=32394234
+Call-ID: ncl.0ha0isndaksdj2193423r542w35
+CSeq: 0 INVITE
+Via: SIP/2.0/UDP 192.0.2.53;branch=z9hG4bKkdjuw
+Contact: <sip:caller@example53.example.net>
+Content-Type: application/sdp
+Content-Length: -999
+
+v=0
+"
+        ),
+        K::BadContentLength
+    );
+    // 3.1.2.5 scalarlg: a response with overlarge scalars is invalid (and is dropped).
+    assert_eq!(
+        invalid(
+            "SIP/2.0 503 Service Unavailable
+Via: SIP/2.0/TCP host129.example.com;branch=z9hG4bKzzxdiwo34sw;received=192.0.2.129
+To: <sip:user@example.com>
+From: <sip:other@example.net>;tag=2easdjfejw
+CSeq: 9292394834772304023312 OPTIONS
+Call-ID: scalarlg.noase0of0234hn2qofoaf0232aewf2394r
+Retry-After: 949302838503028349304023988
+Warning: 1812 overture \"In Progress\"
+Content-Length: 0
+
+"
+        ),
+        K::BadHeaderValue
+    );
+    // 3.1.2.10 trws: spaces after SIP/2.0 in the request line.
+    assert_eq!(
+        invalid(
+            "OPTIONS sip:remote-target@example.com SIP/2.0  
+Via: SIP/2.0/TCP host1.example.com;branch=z9hG4bK299342093
+To: <sip:remote-target@example.com>
+From: <sip:local-resource@example.com>;tag=329429089
+Call-ID: trws.oicu34958239neffasdhr2345r
+Accept: application/sdp
+CSeq: 238923 OPTIONS
+Max-Forwards: 70
+Content-Length: 0
+
+"
+        ),
+        K::BadStartLine
+    );
+    // 3.1.2.11 escruri: headers in the Request-URI.
+    assert_eq!(
+        invalid(
+            "INVITE sip:user@example.com?Route=%3Csip:example.com%3E SIP/2.0
+To: sip:user@example.com
+From: sip:caller@example.net;tag=341518
+Max-Forwards: 7
+Contact: <sip:caller@host39923.example.net>
+Call-ID: escruri.23940-asdfhj-aje3br-234q098w-fawerh2q-h4n5
+CSeq: 149209342 INVITE
+Via: SIP/2.0/UDP host-of-the-hour.example.com;branch=z9hG4bKkdjuw
+Content-Length: 0
+
+"
+        ),
+        K::BadRequestUri
+    );
+    // 3.1.2.15 baddn: non-token characters in an unquoted display name.
+    assert_eq!(
+        invalid(
+            "OPTIONS sip:t.watson@example.org SIP/2.0
+Via:     SIP/2.0/UDP c.example.com:5060;branch=z9hG4bKkdjuw
+Max-Forwards:      70
+From:    Bell, Alexander <sip:a.g.bell@example.com>;tag=43
+To:      Watson, Thomas <sip:t.watson@example.org>
+Call-ID: baddn.31415@c.example.com
+Accept: application/sdp
+CSeq:    3923239 OPTIONS
+l: 0
+
+"
+        ),
+        K::BadHeaderValue
+    );
+    // 3.1.2.18 mismatch02: unknown method, CSeq says INVITE.
+    assert_eq!(
+        invalid(
+            "NEWMETHOD sip:user@example.com SIP/2.0
+To: sip:j.user@example.com
+From: sip:caller@example.net;tag=34525
+Max-Forwards: 6
+Call-ID: mismatch02.dj0234sxdfl3
+CSeq: 8 INVITE
+Contact: <sip:caller@host.example.net>
+Via: SIP/2.0/UDP host.example.net;branch=z9hG4bKkdjuw
+l: 0
+
+"
+        ),
+        K::CSeqMismatch
+    );
+    // 3.1.2.19 bigcode: a status code that is not three digits.
+    assert_eq!(
+        invalid(
+            "SIP/2.0 4294967301 better not break the receiver
+Via: SIP/2.0/UDP 192.0.2.105;branch=z9hG4bK2398ndaoe
+Call-ID: bigcode.asdof3uj203asdnf3429uasdhfas3ehjasdfas9i
+CSeq: 353494 INVITE
+From: <sip:user@example.com>;tag=39ansfi3
+To: <sip:user@example.edu>;tag=902jndnke3
+Content-Length: 0
+Contact: <sip:user@host105.example.com>
+
+"
+        ),
+        K::BadStartLine
+    );
+}
+
+/// 3.1.2.13 regbadct: a Contact with escaped headers must be enclosed in <>; the message
+/// parses, and the registrar refuses the Contact value.
+#[test]
+fn regbadct_contact_is_refused() {
+    let m = valid(
+        "REGISTER sip:example.com SIP/2.0
+To: sip:user@example.com
+From: sip:user@example.com;tag=998332
+Max-Forwards: 70
+Call-ID: regbadct.k345asrl3fdbv@10.0.0.1
+CSeq: 1 REGISTER
+Via: SIP/2.0/UDP 135.180.130.133:5060;branch=z9hG4bKkdjuw
+Contact: sip:user@example.com?Route=%3Csip:sip.example.com%3E
+l: 0
+
+",
+    );
+    let c = m.values(HeaderName::Contact).next().unwrap();
+    assert!(NameAddr::parse(c).is_none());
+}
+
+/// §3.1.1: other valid messages: unknown schemes (novelsc, unksm), RFC 2543 style (inv2543),
+/// Max-Forwards of zero (zeromf).
+#[test]
+fn more_valid_messages() {
+    let m = valid(
+        "OPTIONS soap.beep://192.0.2.103:3002 SIP/2.0
+To: sip:user@example.com
+From: sip:caller@example.net;tag=384
+Max-Forwards: 3
+Call-ID: novelsc.asdfasser0q239nwsdfasdkl34
+CSeq: 3923423 OPTIONS
+Via: SIP/2.0/TCP host9.example.com;branch=z9hG4bKkdjuw39234
+Content-Length: 0
+
+",
+    );
+    assert!(!m.request_uri().unwrap().is_sip());
+    valid(
+        "OPTIONS nobodyKnowsThisScheme:totallyopaquecontent SIP/2.0
+To: sip:user@example.com
+From: sip:caller@example.net;tag=384
+Max-Forwards: 3
+Call-ID: unkscm.nasdfasser0q239nwsdfasdkl34
+CSeq: 3923423 OPTIONS
+Via: SIP/2.0/TCP host9.example.com;branch=z9hG4bKkdjuw39234
+Content-Length: 0
+
+",
+    );
+    let m = valid(
+        "INVITE sip:UserB@example.com SIP/2.0
+Via: SIP/2.0/UDP 192.0.2.15
+From: <sip:UserA@example.com>
+To: <sip:UserB@example.com>
+Call-ID: 8912-87@192.0.2.15
+CSeq: 1 INVITE
+Max-Forwards: 70
+Content-Length: 0
+
+",
+    );
+    assert!(!m.top_via().unwrap().has_rfc3261_branch());
+    valid(
+        "OPTIONS sip:user@example.com SIP/2.0
+To: sip:user@example.com
+From: sip:caller@example.net;tag=3ghsd41
+Call-ID: zeromf.jfasdlfnm2o2l43r5u0asdfas
+CSeq: 39234321 OPTIONS
+Via: SIP/2.0/UDP host1.example.com;branch=z9hG4bKkdjuw2349i
+Max-Forwards: 0
+Content-Length: 0
+
+",
+    );
+}

@@ -275,6 +275,15 @@ impl InboundHandler for App {
             return;
         }
         let Some(key) = TxKey::of(&msg) else { return };
+        // RFC 3261 §8.2.2.1 (RFC 4475 unksm, novelsc): schemes we cannot route get 416.
+        let scheme_ok = msg
+            .request_uri()
+            .is_some_and(|u| u.is_sip() || u.scheme.eq_ignore_ascii_case("tel"));
+        if !scheme_ok {
+            let resp = self.reply(&msg, &ctx, 416).build();
+            self.send_response(&msg, &ctx, 416, resp);
+            return;
+        }
         let verdict = match self.txs.lock() {
             Ok(mut t) => t.on_request(&key, Instant::now()),
             Err(_) => return,
