@@ -75,7 +75,11 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
             max_connections: cfg.max_connections,
             idle_timeout: cfg.tcp_idle_timeout,
         },
-        timers: TimerConfig { t1: cfg.t1 },
+        timers: TimerConfig {
+            t1: cfg.t1,
+            t2: cfg.t2,
+            t4: cfg.t4,
+        },
         max_transactions: cfg.max_transactions,
         server_header: format!("careflow-sip/{}", env!("CARGO_PKG_VERSION")),
     };

@@ -104,6 +104,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Threads running SIP and HTTP work. One is the most CPU-efficient and handled about 10,000 registrations/s here; raise it on machines with many cores.",
     ),
     (
+        "t2_ms",
+        "4000",
+        "RFC 3261 timer T2 in milliseconds: the longest retransmission interval.",
+    ),
+    (
+        "t4_ms",
+        "5000",
+        "RFC 3261 timer T4 in milliseconds: how long a message may stay in the network.",
+    ),
+    (
         "max_transactions",
         "100000",
         "Most server transactions in progress; beyond it requests get 503.",
@@ -141,6 +151,10 @@ pub struct Config {
     pub tcp_idle_timeout: Duration,
     /// Timer T1.
     pub t1: Duration,
+    /// Timer T2.
+    pub t2: Duration,
+    /// Timer T4.
+    pub t4: Duration,
     /// Transaction bound.
     pub max_transactions: usize,
     /// Runtime worker threads.
@@ -347,6 +361,8 @@ impl Config {
             max_connections: num("max_connections", 1, 1_000_000)? as usize,
             tcp_idle_timeout: Duration::from_secs(num("tcp_idle_timeout", 1, 86_400)?),
             t1: Duration::from_millis(num("t1_ms", 10, 10_000)?),
+            t2: Duration::from_millis(num("t2_ms", 100, 60_000)?),
+            t4: Duration::from_millis(num("t4_ms", 100, 60_000)?),
             max_transactions: num("max_transactions", 100, 10_000_000)? as usize,
             worker_threads: num("worker_threads", 1, 256)? as usize,
         })

@@ -16,6 +16,7 @@ mod header;
 mod message;
 mod method;
 mod name_addr;
+pub mod request;
 mod response;
 pub mod scan;
 mod uri;

@@ -1,4 +1,8 @@
-//! Non-INVITE server transactions (RFC 3261 §17.2.2), sans-IO.
+//! Transactions (RFC 3261 §17), sans-IO.
+//!
+//! This module holds the table of non-INVITE server transactions (RFC 3261 §17.2.2);
+//! [`client`] the INVITE and non-INVITE client transactions and [`invite_server`] the INVITE
+//! server transaction, each a state machine driven by messages and deadlines.
 //!
 //! The table absorbs retransmitted requests: while the request is being processed they are
 //! dropped, once a final response was sent they get that response again. Every entry has a
@@ -11,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use careflow_proto::{Message, scan};
+
+pub mod client;
+pub mod invite_server;
 
 /// Transaction key (RFC 3261 §17.2.3): branch, sent-by and method for RFC 3261 branches,
 /// otherwise the RFC 2543 fields.
@@ -72,12 +79,19 @@ pub enum Received {
 pub struct TimerConfig {
     /// T1, the RTT estimate (default 500 ms).
     pub t1: Duration,
+    /// T2, the longest retransmission interval for non-INVITE requests and INVITE
+    /// responses (default 4 s).
+    pub t2: Duration,
+    /// T4, how long a message may stay in the network (default 5 s).
+    pub t4: Duration,
 }
 
 impl Default for TimerConfig {
     fn default() -> Self {
         Self {
             t1: Duration::from_millis(500),
+            t2: Duration::from_secs(4),
+            t4: Duration::from_secs(5),
         }
     }
 }
