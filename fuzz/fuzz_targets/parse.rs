@@ -1,5 +1,5 @@
 //! Parse arbitrary bytes as a datagram and as a stream; touch every typed view; build a
-//! response; re-parse it. Nothing may panic, and our own output must always parse.
+//! response and a forwarded request; re-parse them. Nothing may panic, and our own output must always parse.
 #![no_main]
 
 use bytes::Bytes;
@@ -31,5 +31,21 @@ fuzz_target!(|data: &[u8]| {
         let parsed = Message::parse(r, &limits).expect("our response parses");
         parsed.validate().expect("our response validates");
         assert_eq!(parsed.call_id(), m.call_id());
+        // What a proxy forwards from a valid request is valid too.
+        let fwd = careflow_proto::rewrite::RequestEdit {
+            request_uri: Some("sip:target@192.0.2.9:5062"),
+            via: Some("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKfuzz"),
+            record_route: vec!["<sip:192.0.2.1;lr>"],
+            pop_route: true,
+            max_forwards: Some(69),
+        }
+        .apply(&m);
+        let fm = Message::parse(fwd, &limits).expect("forwarded request parses");
+        fm.validate().expect("forwarded request validates");
+        assert_eq!(fm.body(), m.body());
+    }
+    if valid && !m.is_request() {
+        let r = Message::parse(careflow_proto::rewrite::strip_top_via(&m), &limits).expect("parses");
+        assert_eq!(r.body(), m.body());
     }
 });

@@ -7,12 +7,14 @@
 //! - [`auth`]: digest challenges and verification (RFC 3261 §22, RFC 7616/8760).
 //! - [`registrar`]: which bindings a REGISTER adds, refreshes or removes (RFC 3261 §10.3).
 //! - [`transaction`]: non-INVITE server transactions (RFC 3261 §17.2.2).
+//! - [`proxy`]: proxy decisions of RFC 3261 §16 (Max-Forwards, loops, branches, Route).
 //! - [`binding`]: the location-service record shared by the registrar and the stores.
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod binding;
 pub mod nonce;
+pub mod proxy;
 pub mod registrar;
 pub mod transaction;
 

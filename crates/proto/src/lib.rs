@@ -18,6 +18,7 @@ mod method;
 mod name_addr;
 pub mod request;
 mod response;
+pub mod rewrite;
 pub mod scan;
 mod uri;
 mod via;

@@ -1,0 +1,188 @@
+//! Proxy decisions of RFC 3261 §16 that need no I/O: Max-Forwards, loop detection, branch
+//! values and Route processing. The server applies them with `careflow_proto::rewrite`.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+use careflow_proto::{HeaderName, Message, NameAddr, Uri, Via};
+
+/// Max-Forwards handling (§16.3 step 3, §16.6 step 3): the value to forward with, or `None`
+/// when the request has used up its hops (answer 483).
+pub fn next_max_forwards(msg: &Message) -> Option<u32> {
+    match msg.header(HeaderName::MaxForwards) {
+        None => Some(70),
+        Some(v) => match careflow_proto::scan::parse_u64(v) {
+            Some(0) | None => None,
+            Some(n) => Some((n.min(255) - 1) as u32),
+        },
+    }
+}
+
+/// The part of our branch values that identifies a request independent of the hop (§16.6
+/// step 8): Request-URI as received, From and To tags, Call-ID, CSeq number and Route. A request
+/// that comes back to us with these unchanged is a loop; one whose Request-URI changed is a
+/// spiral and is forwarded.
+pub fn loop_hash(msg: &Message) -> String {
+    let mut h = DefaultHasher::new();
+    msg.request_uri_str().hash(&mut h);
+    msg.from().and_then(|f| f.tag()).hash(&mut h);
+    msg.to().and_then(|t| t.tag()).hash(&mut h);
+    msg.call_id().hash(&mut h);
+    msg.cseq().map(|c| c.0).hash(&mut h);
+    for r in msg.headers_named(HeaderName::Route) {
+        r.trim().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// A branch for a request we forward: magic cookie, loop hash, and a part unique per
+/// client transaction.
+pub fn branch(loop_hash: &str, unique: u64) -> String {
+    format!("{}{loop_hash}.{unique:x}", careflow_proto::MAGIC_COOKIE)
+}
+
+/// Loop detection (§16.3 step 4): a Via of ours carrying the branch prefix this request
+/// would get again.
+pub fn is_loop(msg: &Message, is_our_via: impl Fn(&Via<'_>) -> bool) -> bool {
+    let prefix = format!("{}{}.", careflow_proto::MAGIC_COOKIE, loop_hash(msg));
+    msg.values(HeaderName::Via)
+        .filter_map(Via::parse)
+        .any(|v| is_our_via(&v) && v.branch().is_some_and(|b| b.starts_with(&prefix)))
+}
+
+/// What Route processing (§16.4) decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStep {
+    /// The first Route value names us: remove it (loose routing).
+    pub pop_route: bool,
+    /// The previous hop was a strict router: the Request-URI is ours and the real target is
+    /// the last Route value, which becomes the Request-URI (and is removed).
+    pub strict_request_uri: Option<String>,
+    /// The Route value that decides the next hop, when one remains.
+    pub next_route: Option<String>,
+}
+
+/// Applies §16.4 to a received request; `is_ours` says whether a URI names this proxy.
+pub fn route_step(msg: &Message, is_ours: impl Fn(&Uri<'_>) -> bool) -> RouteStep {
+    let routes: Vec<&str> = msg.values(HeaderName::Route).collect();
+    let mut step = RouteStep {
+        pop_route: false,
+        strict_request_uri: None,
+        next_route: None,
+    };
+    let mut start = 0;
+    if msg.request_uri().is_some_and(|u| is_ours(&u)) && !routes.is_empty() {
+        // Strict-router compatibility (§16.4): our Record-Route (without lr) was put into the
+        // Request-URI by a strict router; the original Request-URI is the last Route.
+        if let Some(last) = routes.last().and_then(|r| NameAddr::parse(r)) {
+            step.strict_request_uri = Some(last.uri.raw.to_string());
+        }
+    }
+    if routes
+        .first()
+        .and_then(|r| NameAddr::parse(r))
+        .is_some_and(|first| is_ours(&first.uri))
+    {
+        step.pop_route = true;
+        start = 1;
+    }
+    let end = if step.strict_request_uri.is_some() {
+        routes.len().saturating_sub(1)
+    } else {
+        routes.len()
+    };
+    if start < end {
+        step.next_route = routes.get(start).map(|r| r.to_string());
+    }
+    step
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use careflow_proto::ParseLimits;
+
+    use super::*;
+
+    fn msg(extra: &str, ruri: &str) -> Message {
+        let s = format!(
+            "INVITE {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKa\r\n{extra}From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"
+        );
+        Message::parse(Bytes::from(s), &ParseLimits::default()).unwrap()
+    }
+
+    fn ours(u: &Uri<'_>) -> bool {
+        u.host.as_str() == "proxy.example.com"
+    }
+
+    #[test]
+    fn max_forwards() {
+        assert_eq!(next_max_forwards(&msg("", "sip:b@example.com")), Some(70));
+        assert_eq!(
+            next_max_forwards(&msg("Max-Forwards: 70\r\n", "sip:b@example.com")),
+            Some(69)
+        );
+        assert_eq!(
+            next_max_forwards(&msg("Max-Forwards: 1\r\n", "sip:b@example.com")),
+            Some(0)
+        );
+        assert_eq!(
+            next_max_forwards(&msg("Max-Forwards: 0\r\n", "sip:b@example.com")),
+            None
+        );
+    }
+
+    #[test]
+    fn loop_and_spiral() {
+        let first = msg("", "sip:b@example.com");
+        let br = branch(&loop_hash(&first), 7);
+        let looped = msg(
+            &format!("Via: SIP/2.0/UDP proxy.example.com;branch={br}\r\n"),
+            "sip:b@example.com",
+        );
+        // The loop hash of the looped request equals the first one (Via does not count).
+        assert_eq!(loop_hash(&looped), loop_hash(&first));
+        assert!(is_loop(&looped, |v| v.host.as_str() == "proxy.example.com"));
+        let spiral = msg(
+            &format!("Via: SIP/2.0/UDP proxy.example.com;branch={br}\r\n"),
+            "sip:b@192.0.2.7",
+        );
+        assert!(!is_loop(&spiral, |v| v.host.as_str() == "proxy.example.com"));
+        assert!(!is_loop(&looped, |v| v.host.as_str() == "elsewhere.example.com"));
+    }
+
+    #[test]
+    fn loose_and_strict_routing() {
+        let m = msg(
+            "Route: <sip:proxy.example.com;lr>, <sip:next.example.net;lr>\r\n",
+            "sip:b@192.0.2.7",
+        );
+        let s = route_step(&m, ours);
+        assert!(s.pop_route);
+        assert_eq!(s.next_route.as_deref(), Some("<sip:next.example.net;lr>"));
+        assert_eq!(s.strict_request_uri, None);
+        let m = msg("Route: <sip:proxy.example.com;lr>\r\n", "sip:b@192.0.2.7");
+        assert_eq!(
+            route_step(&m, ours),
+            RouteStep {
+                pop_route: true,
+                strict_request_uri: None,
+                next_route: None
+            }
+        );
+        // A strict router put our URI in the Request-URI and the target in the last Route.
+        let m = msg("Route: <sip:b@192.0.2.7>\r\n", "sip:proxy.example.com");
+        let s = route_step(&m, ours);
+        assert_eq!(s.strict_request_uri.as_deref(), Some("sip:b@192.0.2.7"));
+        assert_eq!(s.next_route, None);
+        let m = msg("", "sip:b@example.com");
+        assert_eq!(
+            route_step(&m, ours),
+            RouteStep {
+                pop_route: false,
+                strict_request_uri: None,
+                next_route: None
+            }
+        );
+    }
+}
