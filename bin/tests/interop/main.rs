@@ -2,6 +2,7 @@
 #![allow(unreachable_pub, clippy::unwrap_used)]
 //! SIP over UDP/TCP.
 
+mod calls;
 mod protocol;
 mod register;
 mod support;

@@ -37,6 +37,34 @@ pub fn ack_for(invite: &Message, response: &Message) -> Bytes {
     Bytes::from(s)
 }
 
+/// The CANCEL for an INVITE we forwarded (RFC 3261 §9.1): same Request-URI, the INVITE's top
+/// Via (so it matches the same transaction downstream), Route, From, To, Call-ID and CSeq
+/// number.
+pub fn cancel_for(invite: &Message) -> Bytes {
+    let mut s = String::with_capacity(512);
+    let _ = write!(s, "CANCEL {} SIP/2.0\r\n", invite.request_uri_str());
+    if let Some(via) = invite.values(HeaderName::Via).next() {
+        let _ = write!(s, "Via: {via}\r\n");
+    }
+    for route in invite.headers_named(HeaderName::Route) {
+        let _ = write!(s, "Route: {}\r\n", scan::trim(route));
+    }
+    for (name, h) in [("From", HeaderName::From), ("To", HeaderName::To)] {
+        if let Some(v) = invite.header(h) {
+            let _ = write!(s, "{name}: {}\r\n", scan::trim(v));
+        }
+    }
+    if let Some(call_id) = invite.call_id() {
+        let _ = write!(s, "Call-ID: {call_id}\r\n");
+    }
+    let seq = invite.cseq().map_or(0, |c| c.0);
+    let _ = write!(
+        s,
+        "CSeq: {seq} CANCEL\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    );
+    Bytes::from(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

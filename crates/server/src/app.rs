@@ -13,13 +13,13 @@ use careflow_core::auth::Authenticator;
 use careflow_core::transaction::{Received, ServerTransactions, TxKey};
 use careflow_proto::{HeaderName, Message, Method, ParseErrorKind, ResponseBuilder};
 use careflow_store::{LocationStore, SubscriberStore};
-use careflow_transport::{ConnId, Inbound, InboundHandler, Outbound, Transports};
+use careflow_transport::{ConnId, Inbound, InboundHandler, ListenSpec, Outbound, Transports};
 
 use crate::metrics::{Gauges, Metrics};
 use crate::{ServerConfig, routing};
 
 /// Methods this server handles itself today; listed in Allow.
-pub(crate) const ALLOW: &str = "REGISTER, OPTIONS";
+pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, REGISTER, OPTIONS, MESSAGE, INFO, UPDATE, REFER, SUBSCRIBE, NOTIFY, PRACK";
 
 /// Where a request came from, kept while it is processed.
 #[derive(Debug, Clone)]
@@ -43,6 +43,8 @@ pub struct App {
     pub metrics: Metrics,
     me: Weak<App>,
     binding_ids: AtomicU64,
+    pub(crate) proxy: Mutex<crate::proxy::ProxyTables>,
+    bound: OnceLock<Vec<ListenSpec>>,
 }
 
 impl std::fmt::Debug for App {
@@ -77,11 +79,18 @@ impl App {
             metrics: Metrics::default(),
             me,
             binding_ids: AtomicU64::new(start),
+            proxy: Mutex::default(),
+            bound: OnceLock::new(),
         }
     }
 
-    pub(crate) fn set_transports(&self, t: Transports) {
+    pub(crate) fn set_transports(&self, t: Transports, bound: Vec<ListenSpec>) {
         let _ = self.transports.set(t);
+        let _ = self.bound.set(bound);
+    }
+
+    pub(crate) fn bound_listeners(&self) -> &[ListenSpec] {
+        self.bound.get().map_or(&[], Vec::as_slice)
     }
 
     pub(crate) fn next_binding_id(&self) -> u64 {
@@ -93,7 +102,8 @@ impl App {
         let stats = self.transports.get().map(|t| t.stats().clone());
         Gauges {
             bindings: self.location.count() as u64,
-            transactions: self.txs.lock().map(|t| t.len() as u64).unwrap_or(0),
+            transactions: self.txs.lock().map(|t| t.len() as u64).unwrap_or(0)
+                + self.proxy.lock().map(|t| t.len() as u64).unwrap_or(0),
             connections: stats
                 .as_ref()
                 .map_or(0, |s| s.connections.load(Ordering::Relaxed)),
@@ -161,9 +171,9 @@ impl App {
     }
 
     /// Sends bytes back where the request came from (RFC 3261 §18.2.2).
-    fn send_back(&self, msg: &Message, ctx: &Ctx, bytes: Bytes) {
+    pub(crate) fn send_back(&self, msg: &Message, ctx: &Ctx, bytes: Bytes) {
         let dest = routing::response_destination(msg.top_via().as_ref(), ctx.source);
-        self.send(Outbound {
+        self.send_out(Outbound {
             transport: ctx.transport,
             dest,
             conn: ctx.conn,
@@ -172,7 +182,7 @@ impl App {
         });
     }
 
-    fn send(&self, out: Outbound) {
+    pub(crate) fn send_out(&self, out: Outbound) {
         let Some(t) = self.transports.get() else {
             return;
         };
@@ -214,11 +224,17 @@ impl App {
     }
 
     fn dispatch(&self, msg: Message, ctx: Ctx) {
+        let Some(app) = self.me.upgrade() else { return };
+        // A request whose Request-URI names a user (or carries a Route) is for the proxy;
+        // one that names this server is answered here.
+        let for_proxy = msg
+            .request_uri()
+            .is_some_and(|u| u.user.is_some() || !app.is_ours(&u))
+            || msg.header(HeaderName::Route).is_some();
         match msg.method() {
-            Method::Register => {
-                let Some(app) = self.me.upgrade() else { return };
-                app.register_or_challenge(msg, ctx);
-            }
+            Method::Register => app.register_or_challenge(msg, ctx),
+            Method::Cancel => app.proxy_cancel(msg, ctx),
+            _ if for_proxy => app.proxy_non_invite(msg, ctx),
             Method::Options => {
                 let resp = self
                     .reply(&msg, &ctx, 200)
@@ -227,17 +243,12 @@ impl App {
                     .build();
                 self.send_response(&msg, &ctx, 200, resp);
             }
-            Method::Ack => {}
-            Method::Cancel => {
-                let resp = self.reply(&msg, &ctx, 481).build();
-                self.send_response(&msg, &ctx, 481, resp);
-            }
             Method::Other => {
                 let resp = self.reply(&msg, &ctx, 501).header("Allow", ALLOW).build();
                 self.send_response(&msg, &ctx, 501, resp);
             }
             _ => {
-                // Known methods that this build does not route yet (RFC 3261 §8.2.1).
+                // Addressed to the server itself, which is no user agent for these methods.
                 let resp = self.reply(&msg, &ctx, 405).header("Allow", ALLOW).build();
                 self.send_response(&msg, &ctx, 405, resp);
             }
@@ -255,8 +266,12 @@ impl InboundHandler for App {
                 return;
             }
         };
-        // Responses would belong to client transactions; this build sends no requests.
         if !msg.is_request() {
+            if msg.validate().is_ok()
+                && let Some(app) = self.me.upgrade()
+            {
+                app.proxy_response(msg);
+            }
             return;
         }
         self.metrics.request(msg.method());
@@ -272,6 +287,9 @@ impl InboundHandler for App {
             return;
         }
         if msg.method() == Method::Ack {
+            if let Some(app) = self.me.upgrade() {
+                app.proxy_ack(msg, ctx);
+            }
             return;
         }
         let Some(key) = TxKey::of(&msg) else { return };
@@ -282,6 +300,13 @@ impl InboundHandler for App {
         if !scheme_ok {
             let resp = self.reply(&msg, &ctx, 416).build();
             self.send_response(&msg, &ctx, 416, resp);
+            return;
+        }
+        if msg.method() == Method::Invite {
+            // INVITEs have their own server transactions (RFC 3261 §17.2.1), kept by the proxy.
+            if let Some(app) = self.me.upgrade() {
+                app.proxy_invite(msg, ctx);
+            }
             return;
         }
         let verdict = match self.txs.lock() {
@@ -322,7 +347,7 @@ fn release_free_memory() {
 
 /// A To tag that is the same for every response in a transaction, so a resent response and
 /// a recomputed one agree.
-fn to_tag(msg: &Message) -> String {
+pub(crate) fn to_tag(msg: &Message) -> String {
     let mut h = DefaultHasher::new();
     msg.call_id().hash(&mut h);
     msg.from().and_then(|f| f.tag()).hash(&mut h);

@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod metrics;
+mod proxy;
 pub mod register;
 pub mod routing;
 
@@ -101,10 +102,11 @@ pub async fn start(
     });
     let (transports, bound) =
         Transports::start(&cfg.listen, cfg.transport, app.clone(), cancel.clone()).await?;
-    app.set_transports(transports.clone());
+    app.set_transports(transports.clone(), bound.clone());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sweep_transactions(app.clone(), cancel.clone()));
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
+    tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
     Ok(RunningServer {
         app,
         bound,
@@ -123,6 +125,18 @@ async fn sweep_transactions(app: Arc<App>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => app.expire_transactions(std::time::Instant::now()),
+        }
+    }
+}
+
+/// Drives the proxy's client and INVITE server transactions (Timers A-M).
+async fn proxy_timers(app: Arc<App>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(proxy::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => app.proxy_tick(std::time::Instant::now()),
         }
     }
 }

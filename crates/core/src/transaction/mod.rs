@@ -14,7 +14,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use careflow_proto::{Message, scan};
+use careflow_proto::Message;
 
 pub mod client;
 pub mod invite_server;
@@ -28,8 +28,13 @@ impl TxKey {
     /// Builds the key of a validated request; CANCEL is not folded into INVITE here
     /// because this table only holds non-INVITE transactions.
     pub fn of(msg: &Message) -> Option<Self> {
+        Self::with_method(msg, msg.cseq()?.1)
+    }
+
+    /// The key of the transaction `msg` belongs to when its own method differs: an ACK for
+    /// a non-2xx response and a CANCEL both name the INVITE transaction (§17.2.3, §9.2).
+    pub fn with_method(msg: &Message, method: &str) -> Option<Self> {
         let via = msg.top_via()?;
-        let method = msg.cseq()?.1;
         let mut k = String::with_capacity(96);
         if via.has_rfc3261_branch() {
             k.push_str(via.branch()?);
@@ -47,9 +52,9 @@ impl TxKey {
             k.push('|');
             k.push_str(msg.call_id().unwrap_or(""));
             k.push('|');
-            k.push_str(scan::trim(
-                msg.header(careflow_proto::HeaderName::CSeq).unwrap_or(""),
-            ));
+            k.push_str(&msg.cseq().map_or(0, |c| c.0).to_string());
+            k.push(' ');
+            k.push_str(method);
             k.push('|');
             k.push_str(
                 msg.values(careflow_proto::HeaderName::Via)

@@ -1,0 +1,407 @@
+//! Calls and messages through the proxy: sipp caller and callee, and raw user agents for
+//! forking, CANCEL, 404/480 and MESSAGE.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use careflow_proto::digest::Algorithm;
+use careflow_proto::{Message, ParseLimits, ResponseBuilder};
+
+use crate::support::*;
+
+const DOMAIN: &str = "calls.test";
+
+fn sipp_file(dir: &std::path::Path, name: &str, users: &[(&str, &str)]) -> std::path::PathBuf {
+    let mut s = String::from("SEQUENTIAL\n");
+    for (u, p) in users {
+        s.push_str(&format!(
+            "{u};{p};[authentication username={u} password={p}]\n"
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, s).unwrap();
+    path
+}
+
+fn scenario(name: &str) -> String {
+    interop_dir()
+        .join("sipp")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn sipp_calls(transport: &str) {
+    require("sipp", "sip-tester");
+    let server = Server::start(DOMAIN);
+    server.add_user("caller", "pw-caller");
+    server.add_user("callee", "pw-callee");
+    let tmp = tempfile::tempdir().unwrap();
+    let caller = sipp_file(tmp.path(), "caller.csv", &[("caller", "pw-caller")]);
+    let callee = sipp_file(tmp.path(), "callee.csv", &[("callee", "pw-callee")]);
+    let uas_port = free_port();
+    let mut uas = Command::new("sipp")
+        .args([
+            "-sf",
+            &scenario("uas.xml"),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &uas_port.to_string(),
+            "-t",
+            transport,
+        ])
+        .args(["-nostdin", "-timeout", "90s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sipp uas");
+    std::thread::sleep(Duration::from_millis(300));
+    let target = server.sip_addr().to_string();
+    let reg = Command::new("sipp")
+        .arg(&target)
+        .args([
+            "-sf",
+            &scenario("register-one.xml"),
+            "-inf",
+            callee.to_str().unwrap(),
+        ])
+        .args([
+            "-key",
+            "domain",
+            DOMAIN,
+            "-key",
+            "contact_host",
+            "127.0.0.1",
+            "-key",
+            "contact_port",
+            &uas_port.to_string(),
+        ])
+        .args([
+            "-auth_uri",
+            DOMAIN,
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            transport,
+        ])
+        .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("run sipp register");
+    assert!(
+        reg.status.success(),
+        "callee registration failed:\n{}",
+        server.log()
+    );
+    let calls = Command::new("sipp")
+        .arg(&target)
+        .args([
+            "-sf",
+            &scenario("uac-call.xml"),
+            "-inf",
+            caller.to_str().unwrap(),
+        ])
+        .args([
+            "-key",
+            "domain",
+            DOMAIN,
+            "-key",
+            "callee",
+            "callee",
+            "-auth_uri",
+            &format!("callee@{DOMAIN}"),
+        ])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            transport,
+        ])
+        .args([
+            "-m",
+            "100",
+            "-r",
+            "50",
+            "-d",
+            "100",
+            "-nostdin",
+            "-timeout",
+            "60s",
+            "-timeout_error",
+        ])
+        .args(["-default_behaviors", "-abortunexp"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("run sipp uac");
+    let _ = uas.kill();
+    let _ = uas.wait();
+    assert!(
+        calls.status.success(),
+        "calls over {transport} failed ({}): {}\nserver:\n{}",
+        calls.status,
+        String::from_utf8_lossy(&calls.stderr),
+        server.log()
+    );
+    assert_eq!(
+        server.metric("careflow_sip_requests_total{method=\"BYE\"}"),
+        100
+    );
+}
+
+#[test]
+fn sipp_calls_through_the_proxy_over_udp() {
+    sipp_calls("u1");
+}
+
+#[test]
+fn sipp_calls_through_the_proxy_over_tcp() {
+    sipp_calls("t1");
+}
+
+/// A raw user agent on its own port, registered as `user`.
+fn device(server: &Server, user: &str, password: &str) -> Ua {
+    let ua = Ua::new(server.sip_addr());
+    let r = ua.register(
+        user,
+        password,
+        DOMAIN,
+        &format!("reg-{user}-{}", ua.port()),
+        "",
+    );
+    assert_eq!(status(&r), 200, "{r}");
+    ua
+}
+
+fn invite(
+    ua: &Ua,
+    from: &str,
+    to: &str,
+    call_id: &str,
+    cseq: u32,
+    branch: &str,
+    extra: &str,
+) -> String {
+    let port = ua.port();
+    format!(
+        "INVITE sip:{to}@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{branch};rport\r\nMax-Forwards: 70\r\nFrom: <sip:{from}@{DOMAIN}>;tag=f-{call_id}\r\nTo: <sip:{to}@{DOMAIN}>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:{from}@127.0.0.1:{port}>\r\n{extra}Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// Sends an INVITE with proxy credentials (answering the 407 first) and returns the
+/// authorized request that was sent.
+fn invite_authorized(ua: &Ua, from: &str, pw: &str, to: &str, call_id: &str) -> String {
+    let first = invite(ua, from, to, call_id, 1, &format!("{call_id}a"), "");
+    let r = ua.request(&first);
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        from,
+        DOMAIN,
+        pw,
+        "INVITE",
+        &format!("sip:{to}@{DOMAIN}"),
+        1,
+    );
+    let second = invite(
+        ua,
+        from,
+        to,
+        call_id,
+        2,
+        &format!("{call_id}b"),
+        &format!("Proxy-Authorization: {auth}\r\n"),
+    );
+    ua.send(&second);
+    second
+}
+
+/// Receives until a message starting with `start` arrives.
+fn expect(ua: &Ua, start: &str) -> String {
+    for _ in 0..20 {
+        let m = ua
+            .recv()
+            .unwrap_or_else(|| panic!("nothing received while waiting for {start}"));
+        if m.starts_with(start) {
+            return m;
+        }
+    }
+    panic!("no {start}");
+}
+
+/// Answers a received request from a raw device back to the proxy.
+fn answer(ua: &Ua, request: &str, code: u16) {
+    let m = Message::parse(Bytes::from(request.to_string()), &ParseLimits::default()).unwrap();
+    let r = ResponseBuilder::new(&m, code)
+        .to_tag(format!("dev{}", ua.port()))
+        .header("Contact", format!("<sip:dev@127.0.0.1:{}>", ua.port()))
+        .build();
+    ua.sock.send_to(&r, ua.server).unwrap();
+}
+
+#[test]
+fn unknown_and_unregistered_users_get_404_and_480() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    invite_authorized(&a, "alice", "pw-alice", "bob", "c480");
+    let r = expect(&a, "SIP/2.0 480");
+    assert!(r.contains("CSeq: 2 INVITE"), "{r}");
+    invite_authorized(&a, "alice", "pw-alice", "nobody", "c404");
+    expect(&a, "SIP/2.0 404");
+    // A caller that is not who the From says: 403.
+    let first = invite(&a, "alice", "bob", "c403", 1, "c403a", "");
+    let r = a.request(&first);
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "bob",
+        DOMAIN,
+        "pw-bob",
+        "INVITE",
+        &format!("sip:bob@{DOMAIN}"),
+        1,
+    );
+    let r = a.request(&invite(
+        &a,
+        "alice",
+        "bob",
+        "c403",
+        2,
+        "c403b",
+        &format!("Proxy-Authorization: {auth}\r\n"),
+    ));
+    assert_eq!(status(&r), 403, "{r}");
+    // A wrong password is challenged again.
+    let r = a.request(&invite(&a, "alice", "bob", "cbad", 1, "cbada", ""));
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "alice",
+        DOMAIN,
+        "wrong",
+        "INVITE",
+        &format!("sip:bob@{DOMAIN}"),
+        1,
+    );
+    let r = a.request(&invite(
+        &a,
+        "alice",
+        "bob",
+        "cbad",
+        2,
+        "cbadb",
+        &format!("Proxy-Authorization: {auth}\r\n"),
+    ));
+    assert_eq!(status(&r), 407, "{r}");
+    // Another domain is not relayed.
+    let r = a.request(
+        &invite(&a, "alice", "bob", "crelay", 1, "crelay", "").replace(
+            &format!("INVITE sip:bob@{DOMAIN}"),
+            "INVITE sip:bob@elsewhere.test",
+        ),
+    );
+    assert_eq!(status(&r), 403, "{r}");
+}
+
+#[test]
+fn message_is_delivered() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let bob = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    let port = a.port();
+    let msg = |cseq: u32, extra: &str| {
+        format!(
+            "MESSAGE sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKm{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=m1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: msg1\r\nCSeq: {cseq} MESSAGE\r\nContent-Type: text/plain\r\n{extra}Content-Length: 5\r\n\r\nhello"
+        )
+    };
+    let r = a.request(&msg(1, ""));
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "alice",
+        DOMAIN,
+        "pw-alice",
+        "MESSAGE",
+        &format!("sip:bob@{DOMAIN}"),
+        1,
+    );
+    a.send(&msg(2, &format!("Proxy-Authorization: {auth}\r\n")));
+    let got = expect(&bob, "MESSAGE ");
+    assert!(got.ends_with("\r\n\r\nhello"), "body passes through: {got}");
+    assert!(
+        got.contains("Proxy-Authorization"),
+        "credentials are not consumed from the forwarded request"
+    );
+    answer(&bob, &got, 200);
+    let r = expect(&a, "SIP/2.0 200");
+    assert!(r.contains("CSeq: 2 MESSAGE"), "{r}");
+}
+
+#[test]
+fn forking_rings_every_device_and_cancels_the_loser() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let desk = device(&server, "bob", "pw-bob");
+    let soft = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    invite_authorized(&a, "alice", "pw-alice", "bob", "fork1");
+    expect(&a, "SIP/2.0 100");
+    let inv_desk = expect(&desk, "INVITE ");
+    let inv_soft = expect(&soft, "INVITE ");
+    assert!(inv_desk.contains("Record-Route:"), "{inv_desk}");
+    answer(&desk, &inv_desk, 180);
+    answer(&soft, &inv_soft, 180);
+    expect(&a, "SIP/2.0 180");
+    answer(&desk, &inv_desk, 200);
+    let ok = expect(&a, "SIP/2.0 200");
+    assert!(
+        ok.contains(&format!("<sip:dev@127.0.0.1:{}>", desk.port())),
+        "{ok}"
+    );
+    // The softphone's branch is cancelled.
+    let cancel = expect(&soft, "CANCEL ");
+    answer(&soft, &cancel, 200);
+    answer(&soft, &inv_soft, 487);
+    let ack = expect(&soft, "ACK ");
+    assert!(ack.contains("CSeq: 2 ACK"), "{ack}");
+}
+
+#[test]
+fn caller_cancels_a_ringing_call() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let bob = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    let sent = invite_authorized(&a, "alice", "pw-alice", "bob", "cancel1");
+    let inv = expect(&bob, "INVITE ");
+    answer(&bob, &inv, 180);
+    expect(&a, "SIP/2.0 180");
+    let cancel = sent
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 2 INVITE", "CSeq: 2 CANCEL")
+        .lines()
+        .filter(|l| !l.starts_with("Proxy-Authorization") && !l.starts_with("Contact"))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    a.send(&cancel);
+    let r = expect(&a, "SIP/2.0 200");
+    assert!(r.contains("CSeq: 2 CANCEL"), "{r}");
+    let c = expect(&bob, "CANCEL ");
+    answer(&bob, &c, 200);
+    answer(&bob, &inv, 487);
+    let r = expect(&a, "SIP/2.0 487");
+    assert!(r.contains("CSeq: 2 INVITE"), "{r}");
+}

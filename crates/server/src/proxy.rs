@@ -1,0 +1,870 @@
+//! The stateful proxy (RFC 3261 §16): requests for our users are authenticated (407), looked up
+//! in the location service and forked to every binding; responses are matched to the branch
+//! that sent the request and the best one goes back (§16.7). In-dialog requests follow the
+//! Route set we recorded. Transactions are the sans-IO machines of `careflow_core`; this
+//! module owns their tables and turns their output into sends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use careflow_core::Transport;
+use careflow_core::auth::Verdict;
+use careflow_core::proxy;
+use careflow_core::transaction::TxKey;
+use careflow_core::transaction::client::{ClientEvent, ClientTransaction};
+use careflow_core::transaction::invite_server::InviteServerTransaction;
+use careflow_proto::digest::Credentials;
+use careflow_proto::rewrite::{RequestEdit, strip_top_via};
+use careflow_proto::{HeaderName, Message, Method, ResponseBuilder, Uri, Via, request, scan};
+use careflow_transport::Outbound;
+
+use crate::app::{App, Ctx};
+use crate::unix_now;
+
+/// Where a branch sends its request.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    transport: Transport,
+    dest: SocketAddr,
+}
+
+/// One forwarded request: the server side and its branches.
+#[derive(Debug)]
+struct Forward {
+    request: Message,
+    ctx: Ctx,
+    invite: Option<InviteServerTransaction>,
+    branches: Vec<String>,
+    best: Option<(u16, Bytes)>,
+    final_sent: bool,
+    canceled: bool,
+}
+
+#[derive(Debug)]
+struct Branch {
+    tx: ClientTransaction,
+    forward: TxKey,
+    target: Target,
+    done: bool,
+}
+
+/// Proxy transaction tables.
+#[derive(Debug, Default)]
+pub(crate) struct ProxyTables {
+    forwards: HashMap<TxKey, Forward>,
+    /// By "branch|METHOD" of the requests we sent.
+    branches: HashMap<String, Branch>,
+}
+
+impl ProxyTables {
+    pub(crate) fn len(&self) -> usize {
+        self.forwards.len() + self.branches.len()
+    }
+}
+
+/// Messages to send once the tables are unlocked.
+#[derive(Default)]
+struct Sends(Vec<Outbound>);
+
+impl App {
+    /// An INVITE retransmission or a new INVITE (the non-INVITE table does not see INVITEs).
+    pub(crate) fn proxy_invite(self: &Arc<Self>, msg: Message, mut ctx: Ctx) {
+        let Some(key) = TxKey::of(&msg) else { return };
+        {
+            let Ok(mut t) = self.proxy.lock() else { return };
+            if let Some(fw) = t.forwards.get_mut(&key) {
+                self.metrics.retransmissions.fetch_add(1, Ordering::Relaxed);
+                if let Some(inv) = fw.invite.as_mut() {
+                    inv.handle_retransmission();
+                }
+                let sends = drain_forward(fw);
+                drop(t);
+                self.flush(sends);
+                return;
+            }
+        }
+        ctx.key = Some(key);
+        let app = self.clone();
+        tokio::spawn(async move { app.route_request(msg, ctx).await });
+    }
+
+    /// A non-INVITE request that is not for the registrar or the server itself.
+    pub(crate) fn proxy_non_invite(self: &Arc<Self>, msg: Message, ctx: Ctx) {
+        let app = self.clone();
+        tokio::spawn(async move { app.route_request(msg, ctx).await });
+    }
+
+    /// An ACK: absorbed by the INVITE transaction it acknowledges, dropped when it answers a
+    /// response we generated, otherwise (ACK for a 2xx) forwarded along the route set.
+    pub(crate) fn proxy_ack(self: &Arc<Self>, msg: Message, ctx: Ctx) {
+        if let Some(key) = TxKey::with_method(&msg, "INVITE")
+            && let Ok(mut t) = self.proxy.lock()
+            && let Some(inv) = t.forwards.get_mut(&key).and_then(|f| f.invite.as_mut())
+        {
+            inv.handle_ack(Instant::now());
+            return;
+        }
+        if msg.to().and_then(|t| t.tag()) == Some(crate::app::to_tag(&msg).as_str()) {
+            return;
+        }
+        let app = self.clone();
+        tokio::spawn(async move {
+            if let Some((target, bytes)) = app.stateless_forward(&msg, &ctx).await {
+                app.flush(Sends(vec![Outbound {
+                    transport: target.transport,
+                    dest: target.dest,
+                    conn: None,
+                    local: None,
+                    bytes,
+                }]));
+            }
+        });
+    }
+
+    /// CANCEL for an INVITE we are forwarding: 200 for the CANCEL, CANCEL down every branch
+    /// that has not answered finally (§16.10).
+    pub(crate) fn proxy_cancel(self: &Arc<Self>, msg: Message, ctx: Ctx) {
+        let Some(key) = TxKey::with_method(&msg, "INVITE") else {
+            return;
+        };
+        let mut sends = Sends::default();
+        let found = {
+            let Ok(mut t) = self.proxy.lock() else { return };
+            let now = Instant::now();
+            match t.forwards.get_mut(&key) {
+                Some(fw) if !fw.final_sent => {
+                    fw.canceled = true;
+                    let names = fw.branches.clone();
+                    for name in names {
+                        let Some(b) = t.branches.get(&format!("{name}|INVITE")) else {
+                            continue;
+                        };
+                        if b.done {
+                            continue;
+                        }
+                        let target = b.target;
+                        let cancel = request::cancel_for(b.tx.request());
+                        if let Ok(cm) = Message::parse(cancel, &self.cfg.parse_limits) {
+                            let mut ctx_tx = ClientTransaction::new(
+                                cm,
+                                target.transport.is_reliable(),
+                                self.cfg.timers,
+                                now,
+                            );
+                            while let Some(bytes) = ctx_tx.poll_transmit() {
+                                sends.0.push(Outbound {
+                                    transport: target.transport,
+                                    dest: target.dest,
+                                    conn: None,
+                                    local: None,
+                                    bytes,
+                                });
+                            }
+                            t.branches.insert(
+                                format!("{name}|CANCEL"),
+                                Branch {
+                                    tx: ctx_tx,
+                                    forward: key.clone(),
+                                    target,
+                                    done: false,
+                                },
+                            );
+                        }
+                    }
+                    true
+                }
+                Some(_) => true,
+                None => false,
+            }
+        };
+        let code = if found { 200 } else { 481 };
+        let resp = self.reply(&msg, &ctx, code).build();
+        self.send_response(&msg, &ctx, code, resp);
+        self.flush(sends);
+    }
+
+    /// A response arrived: match it to the branch that sent the request.
+    pub(crate) fn proxy_response(self: &Arc<Self>, msg: Message) {
+        let Some(via) = msg.top_via() else { return };
+        let Some(branch) = via.branch() else { return };
+        let Some((_, method)) = msg.cseq() else {
+            return;
+        };
+        let name = format!("{branch}|{method}");
+        let now = Instant::now();
+        let mut sends = Sends::default();
+        {
+            let Ok(mut guard) = self.proxy.lock() else {
+                return;
+            };
+            let t = &mut *guard;
+            let Some(b) = t.branches.get_mut(&name) else {
+                drop(guard);
+                // No transaction (e.g. a 2xx retransmitted after it ended): forward by Via.
+                self.forward_response_statelessly(&msg);
+                return;
+            };
+            let pass = b.tx.handle_response(&msg, now);
+            let target = b.target;
+            while let Some(bytes) = b.tx.poll_transmit() {
+                sends.0.push(Outbound {
+                    transport: target.transport,
+                    dest: target.dest,
+                    conn: None,
+                    local: None,
+                    bytes,
+                });
+            }
+            let code = msg.status().unwrap_or(0);
+            if pass && method != "CANCEL" {
+                if code >= 200 {
+                    b.done = true;
+                }
+                let fwd_key = b.forward.clone();
+                let bytes = strip_top_via(&msg);
+                self.on_branch_response(t, &fwd_key, code, bytes, now, &mut sends);
+            }
+        }
+        self.flush(sends);
+    }
+
+    fn forward_response_statelessly(self: &Arc<Self>, msg: &Message) {
+        let mut vias = msg.values(HeaderName::Via);
+        let (Some(top), Some(next)) = (
+            vias.next().and_then(Via::parse),
+            vias.next().and_then(Via::parse),
+        ) else {
+            return;
+        };
+        if !self.is_our_via(&top) {
+            return;
+        }
+        let Some(ip) = next
+            .received()
+            .and_then(|r| r.parse().ok())
+            .or_else(|| next.host.ip())
+        else {
+            return;
+        };
+        let port = next
+            .rport()
+            .flatten()
+            .and_then(|p| p.parse().ok())
+            .or(next.port)
+            .unwrap_or(5060);
+        let transport = next.transport.parse().unwrap_or(Transport::Udp);
+        self.flush(Sends(vec![Outbound {
+            transport,
+            dest: SocketAddr::new(ip, port),
+            conn: None,
+            local: None,
+            bytes: strip_top_via(msg),
+        }]));
+    }
+
+    fn on_branch_response(
+        &self,
+        t: &mut ProxyTables,
+        key: &TxKey,
+        code: u16,
+        bytes: Bytes,
+        now: Instant,
+        sends: &mut Sends,
+    ) {
+        let Some(fw) = t.forwards.get_mut(key) else {
+            return;
+        };
+        match code {
+            100 => {}
+            101..=199 => {
+                if let Some(inv) = fw.invite.as_mut() {
+                    inv.send_response(code, bytes, now);
+                }
+            }
+            200..=299 => {
+                if fw.invite.is_some() {
+                    // Every 2xx goes upstream (several branches may answer; RFC 3261 §16.7).
+                    if let Some(inv) = fw.invite.as_mut() {
+                        inv.send_response(code, bytes, now);
+                    }
+                    if !fw.final_sent {
+                        fw.final_sent = true;
+                        self.metrics.response(code);
+                        let names = fw.branches.clone();
+                        cancel_pending(self, t, key, &names, now, sends);
+                    }
+                } else if !fw.final_sent {
+                    fw.final_sent = true;
+                    let (request, ctx) = (fw.request.clone(), fw.ctx.clone());
+                    self.send_response(&request, &ctx, code, bytes);
+                }
+            }
+            _ => {
+                if fw.best.as_ref().is_none_or(|(b, _)| better(code, *b)) {
+                    fw.best = Some((code, bytes));
+                }
+                if (600..700).contains(&code) && fw.invite.is_some() {
+                    let names = fw.branches.clone();
+                    cancel_pending(self, t, key, &names, now, sends);
+                }
+                self.maybe_finish(t, key, now);
+            }
+        }
+        if let Some(fw) = t.forwards.get_mut(key) {
+            sends.0.extend(drain_forward(fw).0);
+        }
+    }
+
+    /// Sends the best final response once every branch has one (§16.7 step 6).
+    fn maybe_finish(&self, t: &mut ProxyTables, key: &TxKey, now: Instant) {
+        let Some(fw) = t.forwards.get(key) else {
+            return;
+        };
+        if fw.final_sent {
+            return;
+        }
+        let all_done = fw.branches.iter().all(|n| {
+            t.branches
+                .get(&format!("{n}|{}", fw.request.method_str()))
+                .is_none_or(|b| b.done)
+        });
+        if !all_done {
+            return;
+        }
+        let Some(fw) = t.forwards.get_mut(key) else {
+            return;
+        };
+        fw.final_sent = true;
+        let (code, bytes) = match fw.best.take() {
+            Some(b) => b,
+            None => (408, self.reply(&fw.request, &fw.ctx, 408).build()),
+        };
+        // §16.7 step 6: a 503 from downstream becomes 500 upstream.
+        let (code, bytes) = if code == 503 {
+            (500, self.reply(&fw.request, &fw.ctx, 500).build())
+        } else {
+            (code, bytes)
+        };
+        self.metrics.response(code);
+        match fw.invite.as_mut() {
+            Some(inv) => {
+                inv.send_response(code, bytes, now);
+            }
+            None => {
+                let (request, ctx) = (fw.request.clone(), fw.ctx.clone());
+                self.send_response(&request, &ctx, code, bytes);
+            }
+        }
+    }
+
+    /// Runs the proxy's timers; called every 50 ms.
+    pub(crate) fn proxy_tick(self: &Arc<Self>, now: Instant) {
+        let mut sends = Sends::default();
+        {
+            let Ok(mut guard) = self.proxy.lock() else {
+                return;
+            };
+            let t = &mut *guard;
+            let mut timed_out = Vec::new();
+            for b in t.branches.values_mut() {
+                if b.tx.poll_timeout().is_some_and(|d| d <= now) {
+                    b.tx.handle_timeout(now);
+                    while let Some(bytes) = b.tx.poll_transmit() {
+                        sends.0.push(Outbound {
+                            transport: b.target.transport,
+                            dest: b.target.dest,
+                            conn: None,
+                            local: None,
+                            bytes,
+                        });
+                    }
+                    if b.tx.poll_event() == Some(ClientEvent::TimedOut)
+                        && b.tx.request().method() != Method::Cancel
+                    {
+                        b.done = true;
+                        timed_out.push(b.forward.clone());
+                    }
+                }
+            }
+            for key in timed_out {
+                if let Some(fw) = t.forwards.get_mut(&key)
+                    && fw.best.is_none()
+                {
+                    let resp = self.reply(&fw.request, &fw.ctx, 408).build();
+                    fw.best = Some((408, resp));
+                }
+                self.maybe_finish(t, &key, now);
+            }
+            for fw in t.forwards.values_mut() {
+                if let Some(inv) = fw.invite.as_mut()
+                    && inv.poll_timeout().is_some_and(|d| d <= now)
+                {
+                    inv.handle_timeout(now);
+                }
+                sends.0.extend(drain_forward(fw).0);
+            }
+            // Remove what has ended: terminated branches, then forwards with no live branch.
+            t.branches.retain(|_, b| !b.tx.is_terminated());
+            let branches = &t.branches;
+            t.forwards.retain(|_, fw| {
+                let server_alive = match &fw.invite {
+                    Some(inv) => !inv.is_terminated(),
+                    None => !fw.final_sent,
+                };
+                let branch_alive = fw.branches.iter().any(|n| {
+                    branches.contains_key(&format!("{n}|{}", fw.request.method_str()))
+                        || branches.contains_key(&format!("{n}|CANCEL"))
+                });
+                server_alive || branch_alive
+            });
+        }
+        self.flush(sends);
+    }
+
+    fn flush(&self, sends: Sends) {
+        for out in sends.0 {
+            self.send_out(out);
+        }
+    }
+
+    /// Decides what to do with a request that is not for the registrar and forwards it.
+    async fn route_request(self: Arc<Self>, msg: Message, ctx: Ctx) {
+        match self.decide(&msg, &ctx).await {
+            Ok(targets) => self.fork(msg, ctx, targets),
+            Err((code, bytes)) => {
+                if msg.method() == Method::Invite {
+                    // Locally generated final answers to INVITE are sent statelessly; the ACK
+                    // is recognised by our To tag and absorbed.
+                    self.metrics.response(code);
+                    self.send_back(&msg, &ctx, bytes);
+                } else {
+                    self.send_response(&msg, &ctx, code, bytes);
+                }
+            }
+        }
+    }
+
+    /// Returns the targets (Request-URI, transport, address) or the answer to send.
+    async fn decide(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+    ) -> Result<Vec<(String, Target)>, (u16, Bytes)> {
+        let refuse = |code: u16, reason: &'static str| {
+            (code, self.reply(msg, ctx, code).reason(reason).build())
+        };
+        if proxy::next_max_forwards(msg).is_none() {
+            return Err(refuse(483, "Too Many Hops"));
+        }
+        if proxy::is_loop(msg, |v| self.is_our_via(v)) {
+            return Err(refuse(482, "Loop Detected"));
+        }
+        let step = proxy::route_step(msg, |u| self.is_ours(u));
+        let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
+        if in_dialog {
+            // In-dialog requests pass only along a route set we recorded; anything else would
+            // make us an open relay.
+            if !step.pop_route && step.strict_request_uri.is_none() {
+                return Err(refuse(403, "Not Routed Through Here"));
+            }
+            let uri = match &step.next_route {
+                Some(route) => careflow_proto::NameAddr::parse(route)
+                    .map(|n| n.uri.raw.to_string())
+                    .unwrap_or_default(),
+                None => step
+                    .strict_request_uri
+                    .clone()
+                    .unwrap_or_else(|| msg.request_uri_str().to_string()),
+            };
+            let target = self
+                .resolve(&uri)
+                .await
+                .ok_or_else(|| refuse(404, "Not Found"))?;
+            let new_uri = step.strict_request_uri.clone().unwrap_or_default();
+            return Ok(vec![(new_uri, target)]);
+        }
+        if step.next_route.is_some() {
+            return Err(refuse(403, "Relaying Denied"));
+        }
+        let ruri_text = msg.request_uri_str().to_string();
+        let Some(ruri) = Uri::parse(&ruri_text) else {
+            return Err(refuse(416, "Unsupported URI Scheme"));
+        };
+        let ours =
+            ruri.user.is_some() && self.serves_domain(&ruri.host.as_str().to_ascii_lowercase());
+        if !ours {
+            // No outbound gateway is configured.
+            return Err(refuse(403, "Relaying Denied"));
+        }
+        // Out of dialog, for one of our users: the caller must be ours and authenticated.
+        let from_ours = msg
+            .from()
+            .is_some_and(|f| self.serves_domain(&f.uri.host.as_str().to_ascii_lowercase()));
+        if !from_ours {
+            return Err(refuse(403, "Caller Not Served Here"));
+        }
+        self.authorize_caller(msg, ctx).await?;
+        let aor = ruri.aor().unwrap_or_default();
+        let domain = ruri.host.as_str().to_ascii_lowercase();
+        let user = scan::pct_decode(ruri.user.unwrap_or_default()).into_owned();
+        match self.subscribers.find(&user, &domain).await {
+            Ok(Some(s)) if s.enabled => {}
+            Ok(_) => return Err(refuse(404, "Not Found")),
+            Err(e) => {
+                tracing::error!(error = %e, "subscriber lookup failed");
+                return Err((
+                    503,
+                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+                ));
+            }
+        }
+        let bindings = self
+            .location
+            .lookup(&aor, unix_now())
+            .await
+            .unwrap_or_default();
+        let mut targets = Vec::new();
+        for b in &bindings {
+            if let Some(t) = self.resolve(&b.contact).await {
+                targets.push((b.contact.clone(), t));
+            }
+        }
+        if targets.is_empty() {
+            return Err(refuse(480, "Temporarily Unavailable"));
+        }
+        Ok(targets)
+    }
+
+    /// Proxy authentication (RFC 3261 §22.3): 407 until the caller proves it is the From user.
+    async fn authorize_caller(&self, msg: &Message, ctx: &Ctx) -> Result<(), (u16, Bytes)> {
+        let now = unix_now();
+        let Some(from) = msg.from() else {
+            return Err((400, self.reply(msg, ctx, 400).build()));
+        };
+        let realm = from.uri.host.as_str().to_ascii_lowercase();
+        let user = scan::pct_decode(from.uri.user.unwrap_or_default()).into_owned();
+        let challenge = |stale: bool| {
+            let mut b = self.reply(msg, ctx, 407);
+            for c in self.auth.challenges(&realm, now, stale) {
+                b = b.header("Proxy-Authenticate", c);
+            }
+            (407, b.build())
+        };
+        let Some(creds) = msg
+            .headers_named(HeaderName::ProxyAuthorization)
+            .filter_map(Credentials::parse)
+            .find(|c| c.realm.eq_ignore_ascii_case(&realm))
+        else {
+            return Err(challenge(false));
+        };
+        if creds.username != user {
+            return Err((
+                403,
+                self.reply(msg, ctx, 403)
+                    .reason("Username Does Not Match From")
+                    .build(),
+            ));
+        }
+        let pending = self.auth.prepare(&creds, &realm, now).map_err(|_| {
+            self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            challenge(false)
+        })?;
+        let sub = match self.subscribers.find(&creds.username, &realm).await {
+            Ok(s) => s,
+            Err(_) => {
+                return Err((
+                    503,
+                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+                ));
+            }
+        };
+        let ha1 = sub
+            .as_ref()
+            .filter(|s| s.enabled)
+            .map(|s| s.ha1(pending.algorithm));
+        if let Err((_, verdict)) = self
+            .auth
+            .finish(pending, &creds, msg.method_str(), ha1, now)
+        {
+            let stale = matches!(verdict, Verdict::Challenge { stale: true });
+            if !stale {
+                self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(challenge(stale));
+        }
+        Ok(())
+    }
+
+    /// Creates the forward and one branch per target, and sends.
+    fn fork(self: &Arc<Self>, msg: Message, ctx: Ctx, targets: Vec<(String, Target)>) {
+        let Some(key) = ctx.key.clone().or_else(|| TxKey::of(&msg)) else {
+            return;
+        };
+        let now = Instant::now();
+        let mf = proxy::next_max_forwards(&msg).unwrap_or(0);
+        let step = proxy::route_step(&msg, |u| self.is_ours(u));
+        let hash = proxy::loop_hash(&msg);
+        let is_invite = msg.method() == Method::Invite;
+        let record_route = self.record_route(&ctx);
+        let mut sends = Sends::default();
+        let mut invite = is_invite.then(|| {
+            InviteServerTransaction::new(ctx.transport.is_reliable(), self.cfg.timers, now)
+        });
+        if let Some(inv) = invite.as_mut() {
+            // 100 Trying at once (§16.2), so the caller stops retransmitting.
+            let trying = ResponseBuilder::new(&msg, 100).source(ctx.source).build();
+            inv.send_response(100, trying, now);
+        }
+        let Ok(mut t) = self.proxy.lock() else { return };
+        let mut names = Vec::new();
+        for (uri, target) in targets {
+            let branch = proxy::branch(&hash, self.next_binding_id());
+            let via = self.via_for(target.transport, &ctx, &branch);
+            let rr = (msg.to().and_then(|t| t.tag()).is_none() || msg.method() == Method::Invite)
+                .then_some(record_route.as_str());
+            let edit = RequestEdit {
+                request_uri: (!uri.is_empty()).then_some(uri.as_str()),
+                via: Some(&via),
+                record_route: rr.into_iter().collect(),
+                pop_route: step.pop_route,
+                max_forwards: Some(mf),
+            };
+            let Ok(out) = Message::parse(edit.apply(&msg), &self.cfg.parse_limits) else {
+                continue;
+            };
+            let mut tx =
+                ClientTransaction::new(out, target.transport.is_reliable(), self.cfg.timers, now);
+            while let Some(bytes) = tx.poll_transmit() {
+                sends.0.push(Outbound {
+                    transport: target.transport,
+                    dest: target.dest,
+                    conn: None,
+                    local: None,
+                    bytes,
+                });
+            }
+            t.branches.insert(
+                format!("{branch}|{}", msg.method_str()),
+                Branch {
+                    tx,
+                    forward: key.clone(),
+                    target,
+                    done: false,
+                },
+            );
+            names.push(branch);
+        }
+        let mut fw = Forward {
+            request: msg,
+            ctx,
+            invite,
+            branches: names,
+            best: None,
+            final_sent: false,
+            canceled: false,
+        };
+        sends.0.extend(drain_forward(&mut fw).0);
+        t.forwards.insert(key, fw);
+        drop(t);
+        self.flush(sends);
+    }
+
+    /// Forwards a request without a transaction (ACK for 2xx).
+    async fn stateless_forward(&self, msg: &Message, ctx: &Ctx) -> Option<(Target, Bytes)> {
+        let step = proxy::route_step(msg, |u| self.is_ours(u));
+        if !step.pop_route && step.strict_request_uri.is_none() {
+            return None;
+        }
+        let uri = match &step.next_route {
+            Some(r) => careflow_proto::NameAddr::parse(r)?.uri.raw.to_string(),
+            None => step
+                .strict_request_uri
+                .clone()
+                .unwrap_or_else(|| msg.request_uri_str().to_string()),
+        };
+        let target = self.resolve(&uri).await?;
+        let branch = proxy::branch(&proxy::loop_hash(msg), self.next_binding_id());
+        let via = self.via_for(target.transport, ctx, &branch);
+        let edit = RequestEdit {
+            request_uri: step.strict_request_uri.as_deref(),
+            via: Some(&via),
+            record_route: Vec::new(),
+            pop_route: step.pop_route,
+            max_forwards: Some(proxy::next_max_forwards(msg)?),
+        };
+        Some((target, edit.apply(msg)))
+    }
+
+    /// The address and transport a URI leads to (IP literals and host names).
+    async fn resolve(&self, uri: &str) -> Option<Target> {
+        let u = Uri::parse(uri)?;
+        if !u.is_sip() {
+            return None;
+        }
+        let transport = match u.params.get("transport").flatten() {
+            Some(t) => t.parse().ok()?,
+            None if u.is_sips() => Transport::Tls,
+            None => Transport::Udp,
+        };
+        if !matches!(transport, Transport::Udp | Transport::Tcp) {
+            return None;
+        }
+        let port = u.port.unwrap_or(5060);
+        let dest = match u.host.ip() {
+            Some(ip) => SocketAddr::new(ip, port),
+            None => tokio::net::lookup_host((u.host.as_str(), port))
+                .await
+                .ok()?
+                .next()?,
+        };
+        Some(Target { transport, dest })
+    }
+
+    fn via_for(&self, transport: Transport, ctx: &Ctx, branch: &str) -> String {
+        let addr = self.listener_addr(transport, ctx);
+        format!(
+            "SIP/2.0/{} {};branch={branch}",
+            transport.via_token(),
+            fmt_addr(addr)
+        )
+    }
+
+    fn record_route(&self, ctx: &Ctx) -> String {
+        let addr = self.listener_addr(ctx.transport, ctx);
+        format!("<sip:{};transport={};lr>", fmt_addr(addr), ctx.transport)
+    }
+
+    /// Our address on `transport`, with the address the request arrived at standing in for a
+    /// wildcard bind.
+    fn listener_addr(&self, transport: Transport, ctx: &Ctx) -> SocketAddr {
+        let bound = self.bound_listeners();
+        let l = bound
+            .iter()
+            .find(|l| l.transport == transport)
+            .map(|l| l.addr)
+            .unwrap_or(ctx.local);
+        if l.ip().is_unspecified() {
+            SocketAddr::new(ctx.local.ip(), l.port())
+        } else {
+            l
+        }
+    }
+
+    /// True when a Via names this server.
+    pub(crate) fn is_our_via(&self, v: &Via<'_>) -> bool {
+        let port = v.port.unwrap_or(5060);
+        self.bound_listeners().iter().any(|l| {
+            l.addr.port() == port
+                && v.host
+                    .ip()
+                    .is_some_and(|ip| ip == l.addr.ip() || l.addr.ip().is_unspecified())
+        })
+    }
+
+    /// True when a URI names this server (not one of its users).
+    pub(crate) fn is_ours(&self, u: &Uri<'_>) -> bool {
+        if u.user.is_some() {
+            return false;
+        }
+        if self.serves_domain(&u.host.as_str().to_ascii_lowercase()) && u.port.is_none() {
+            return true;
+        }
+        let port = u.port.unwrap_or(5060);
+        self.bound_listeners().iter().any(|l| {
+            l.addr.port() == port
+                && u.host
+                    .ip()
+                    .is_some_and(|ip| ip == l.addr.ip() || l.addr.ip().is_unspecified())
+        })
+    }
+}
+
+fn fmt_addr(a: SocketAddr) -> String {
+    match a {
+        SocketAddr::V4(v4) => v4.to_string(),
+        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+    }
+}
+
+/// §16.7 step 6: prefer 6xx, then the lowest class (4xx before 5xx before 3xx).
+fn better(new: u16, old: u16) -> bool {
+    let rank = |c: u16| match c / 100 {
+        6 => 0,
+        4 => 1,
+        5 => 2,
+        3 => 3,
+        _ => 4,
+    };
+    rank(new) < rank(old)
+}
+
+fn drain_forward(fw: &mut Forward) -> Sends {
+    let mut s = Sends::default();
+    if let Some(inv) = fw.invite.as_mut() {
+        while let Some(bytes) = inv.poll_transmit() {
+            s.0.push(back(&fw.request, &fw.ctx, bytes));
+        }
+    }
+    s
+}
+
+fn back(request: &Message, ctx: &Ctx, bytes: Bytes) -> Outbound {
+    let dest = crate::routing::response_destination(request.top_via().as_ref(), ctx.source);
+    Outbound {
+        transport: ctx.transport,
+        dest,
+        conn: ctx.conn,
+        local: Some(ctx.local),
+        bytes,
+    }
+}
+
+fn cancel_pending(
+    app: &App,
+    t: &mut ProxyTables,
+    key: &TxKey,
+    names: &[String],
+    now: Instant,
+    sends: &mut Sends,
+) {
+    for name in names {
+        let Some(b) = t.branches.get(&format!("{name}|INVITE")) else {
+            continue;
+        };
+        if b.done || t.branches.contains_key(&format!("{name}|CANCEL")) {
+            continue;
+        }
+        let target = b.target;
+        let Ok(cm) = Message::parse(request::cancel_for(b.tx.request()), &app.cfg.parse_limits)
+        else {
+            continue;
+        };
+        let mut tx =
+            ClientTransaction::new(cm, target.transport.is_reliable(), app.cfg.timers, now);
+        while let Some(bytes) = tx.poll_transmit() {
+            sends.0.push(Outbound {
+                transport: target.transport,
+                dest: target.dest,
+                conn: None,
+                local: None,
+                bytes,
+            });
+        }
+        t.branches.insert(
+            format!("{name}|CANCEL"),
+            Branch {
+                tx,
+                forward: key.clone(),
+                target,
+                done: false,
+            },
+        );
+    }
+}
+
+/// How often the proxy's timers are checked.
+pub(crate) const TICK: Duration = Duration::from_millis(50);
