@@ -4,7 +4,8 @@
 //! Route set we recorded. Transactions are the sans-IO machines of `careflow_core`; this
 //! module owns their tables and turns their output into sends.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -52,17 +53,81 @@ struct Branch {
     done: bool,
 }
 
+/// A transaction with a deadline.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timed {
+    Branch(String),
+    Forward(TxKey),
+}
+
 /// Proxy transaction tables.
 #[derive(Debug, Default)]
 pub(crate) struct ProxyTables {
     forwards: HashMap<TxKey, Forward>,
     /// By "branch|METHOD" of the requests we sent.
     branches: HashMap<String, Branch>,
+    /// Deadlines, one entry pushed whenever a transaction's deadline changes; entries that
+    /// no longer match the transaction's current deadline are skipped when popped.
+    timers: BinaryHeap<Reverse<(Instant, Timed)>>,
 }
 
 impl ProxyTables {
     pub(crate) fn len(&self) -> usize {
         self.forwards.len() + self.branches.len()
+    }
+
+    fn insert_branch(&mut self, name: String, branch: Branch) {
+        self.branches.insert(name.clone(), branch);
+        self.schedule_branch(&name);
+    }
+
+    fn schedule_branch(&mut self, name: &str) {
+        if let Some(at) = self.branches.get(name).and_then(|b| b.tx.poll_timeout()) {
+            self.timers
+                .push(Reverse((at, Timed::Branch(name.to_string()))));
+        }
+    }
+
+    fn schedule_forward(&mut self, key: &TxKey) {
+        if let Some(at) = self
+            .forwards
+            .get(key)
+            .and_then(|f| f.invite.as_ref())
+            .and_then(|i| i.poll_timeout())
+        {
+            self.timers.push(Reverse((at, Timed::Forward(key.clone()))));
+        }
+    }
+
+    /// Removes a terminated branch, then its forward if nothing of it is left.
+    fn reap_branch(&mut self, name: &str) {
+        let Some(b) = self.branches.get(name) else {
+            return;
+        };
+        if !b.tx.is_terminated() {
+            return;
+        }
+        let key = b.forward.clone();
+        self.branches.remove(name);
+        self.reap_forward(&key);
+    }
+
+    fn reap_forward(&mut self, key: &TxKey) {
+        let Some(fw) = self.forwards.get(key) else {
+            return;
+        };
+        let server_done = match &fw.invite {
+            Some(inv) => inv.is_terminated(),
+            None => fw.final_sent,
+        };
+        let method = fw.request.method_str();
+        let branch_alive = fw.branches.iter().any(|n| {
+            self.branches.contains_key(&format!("{n}|{method}"))
+                || self.branches.contains_key(&format!("{n}|CANCEL"))
+        });
+        if server_done && !branch_alive {
+            self.forwards.remove(key);
+        }
     }
 }
 
@@ -106,6 +171,8 @@ impl App {
             && let Some(inv) = t.forwards.get_mut(&key).and_then(|f| f.invite.as_mut())
         {
             inv.handle_ack(Instant::now());
+            t.schedule_forward(&key);
+            t.reap_forward(&key);
             return;
         }
         if msg.to().and_then(|t| t.tag()) == Some(crate::app::to_tag(&msg).as_str()) {
@@ -164,7 +231,7 @@ impl App {
                                     bytes,
                                 });
                             }
-                            t.branches.insert(
+                            t.insert_branch(
                                 format!("{name}|CANCEL"),
                                 Branch {
                                     tx: ctx_tx,
@@ -220,14 +287,17 @@ impl App {
                 });
             }
             let code = msg.status().unwrap_or(0);
+            let fwd_key = b.forward.clone();
             if pass && method != "CANCEL" {
                 if code >= 200 {
                     b.done = true;
                 }
-                let fwd_key = b.forward.clone();
                 let bytes = strip_top_via(&msg);
                 self.on_branch_response(t, &fwd_key, code, bytes, now, &mut sends);
             }
+            t.schedule_branch(&name);
+            t.schedule_forward(&fwd_key);
+            t.reap_branch(&name);
         }
         self.flush(sends);
     }
@@ -361,7 +431,8 @@ impl App {
         }
     }
 
-    /// Runs the proxy's timers; called every 50 ms.
+    /// Runs the proxy's due timers; called every 50 ms. Only transactions whose deadline has
+    /// come are touched, whatever the table size.
     pub(crate) fn proxy_tick(self: &Arc<Self>, now: Instant) {
         let mut sends = Sends::default();
         {
@@ -369,58 +440,68 @@ impl App {
                 return;
             };
             let t = &mut *guard;
-            let mut timed_out = Vec::new();
-            for b in t.branches.values_mut() {
-                if b.tx.poll_timeout().is_some_and(|d| d <= now) {
-                    b.tx.handle_timeout(now);
-                    while let Some(bytes) = b.tx.poll_transmit() {
-                        sends.0.push(Outbound {
-                            transport: b.target.transport,
-                            dest: b.target.dest,
-                            conn: None,
-                            local: None,
-                            bytes,
-                        });
-                    }
-                    if b.tx.poll_event() == Some(ClientEvent::TimedOut)
-                        && b.tx.request().method() != Method::Cancel
-                    {
-                        b.done = true;
-                        timed_out.push(b.forward.clone());
-                    }
+            while let Some(Reverse((at, _))) = t.timers.peek() {
+                if *at > now {
+                    break;
                 }
-            }
-            for key in timed_out {
-                if let Some(fw) = t.forwards.get_mut(&key)
-                    && fw.best.is_none()
-                {
-                    let resp = self.reply(&fw.request, &fw.ctx, 408).build();
-                    fw.best = Some((408, resp));
-                }
-                self.maybe_finish(t, &key, now);
-            }
-            for fw in t.forwards.values_mut() {
-                if let Some(inv) = fw.invite.as_mut()
-                    && inv.poll_timeout().is_some_and(|d| d <= now)
-                {
-                    inv.handle_timeout(now);
-                }
-                sends.0.extend(drain_forward(fw).0);
-            }
-            // Remove what has ended: terminated branches, then forwards with no live branch.
-            t.branches.retain(|_, b| !b.tx.is_terminated());
-            let branches = &t.branches;
-            t.forwards.retain(|_, fw| {
-                let server_alive = match &fw.invite {
-                    Some(inv) => !inv.is_terminated(),
-                    None => !fw.final_sent,
+                let Some(Reverse((_, timed))) = t.timers.pop() else {
+                    break;
                 };
-                let branch_alive = fw.branches.iter().any(|n| {
-                    branches.contains_key(&format!("{n}|{}", fw.request.method_str()))
-                        || branches.contains_key(&format!("{n}|CANCEL"))
-                });
-                server_alive || branch_alive
-            });
+                match timed {
+                    Timed::Branch(name) => {
+                        let Some(b) = t.branches.get_mut(&name) else {
+                            continue;
+                        };
+                        if !b.tx.poll_timeout().is_some_and(|d| d <= now) {
+                            continue;
+                        }
+                        b.tx.handle_timeout(now);
+                        while let Some(bytes) = b.tx.poll_transmit() {
+                            sends.0.push(Outbound {
+                                transport: b.target.transport,
+                                dest: b.target.dest,
+                                conn: None,
+                                local: None,
+                                bytes,
+                            });
+                        }
+                        let timed_out = b.tx.poll_event() == Some(ClientEvent::TimedOut)
+                            && b.tx.request().method() != Method::Cancel;
+                        let key = b.forward.clone();
+                        if timed_out {
+                            b.done = true;
+                            if let Some(fw) = t.forwards.get_mut(&key)
+                                && fw.best.is_none()
+                            {
+                                let resp = self.reply(&fw.request, &fw.ctx, 408).build();
+                                fw.best = Some((408, resp));
+                            }
+                            self.maybe_finish(t, &key, now);
+                            if let Some(fw) = t.forwards.get_mut(&key) {
+                                sends.0.extend(drain_forward(fw).0);
+                            }
+                            t.schedule_forward(&key);
+                        }
+                        t.schedule_branch(&name);
+                        t.reap_branch(&name);
+                    }
+                    Timed::Forward(key) => {
+                        let Some(fw) = t.forwards.get_mut(&key) else {
+                            continue;
+                        };
+                        let Some(inv) = fw.invite.as_mut() else {
+                            continue;
+                        };
+                        if !inv.poll_timeout().is_some_and(|d| d <= now) {
+                            continue;
+                        }
+                        inv.handle_timeout(now);
+                        sends.0.extend(drain_forward(fw).0);
+                        t.schedule_forward(&key);
+                        t.reap_forward(&key);
+                    }
+                }
+            }
         }
         self.flush(sends);
     }
@@ -647,7 +728,7 @@ impl App {
                     bytes,
                 });
             }
-            t.branches.insert(
+            t.insert_branch(
                 format!("{branch}|{}", msg.method_str()),
                 Branch {
                     tx,
@@ -657,6 +738,12 @@ impl App {
                 },
             );
             names.push(branch);
+        }
+        if names.is_empty() {
+            drop(t);
+            let resp = self.reply(&msg, &ctx, 500).build();
+            self.send_back(&msg, &ctx, resp);
+            return;
         }
         let mut fw = Forward {
             request: msg,
@@ -668,7 +755,9 @@ impl App {
             canceled: false,
         };
         sends.0.extend(drain_forward(&mut fw).0);
-        t.forwards.insert(key, fw);
+        t.forwards.insert(key.clone(), fw);
+        t.schedule_forward(&key);
+        t.reap_forward(&key);
         drop(t);
         self.flush(sends);
     }
@@ -854,7 +943,7 @@ fn cancel_pending(
                 bytes,
             });
         }
-        t.branches.insert(
+        t.insert_branch(
             format!("{name}|CANCEL"),
             Branch {
                 tx,
