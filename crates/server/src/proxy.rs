@@ -452,7 +452,7 @@ impl App {
                         let Some(b) = t.branches.get_mut(&name) else {
                             continue;
                         };
-                        if !b.tx.poll_timeout().is_some_and(|d| d <= now) {
+                        if b.tx.poll_timeout().is_none_or(|d| d > now) {
                             continue;
                         }
                         b.tx.handle_timeout(now);
@@ -492,7 +492,7 @@ impl App {
                         let Some(inv) = fw.invite.as_mut() else {
                             continue;
                         };
-                        if !inv.poll_timeout().is_some_and(|d| d <= now) {
+                        if inv.poll_timeout().is_none_or(|d| d > now) {
                             continue;
                         }
                         inv.handle_timeout(now);
