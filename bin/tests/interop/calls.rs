@@ -256,6 +256,7 @@ fn unknown_and_unregistered_users_get_404_and_480() {
     assert!(r.contains("CSeq: 2 INVITE"), "{r}");
     invite_authorized(&a, "alice", "pw-alice", "nobody", "c404");
     expect(&a, "SIP/2.0 404");
+    assert_eq!(server.metric("careflow_sip_calls_total{result=\"failed\",class=\"4xx\"}"), 2);
     // A caller that is not who the From says: 403.
     let first = invite(&a, "alice", "bob", "c403", 1, "c403a", "");
     let r = a.request(&first);
@@ -404,4 +405,5 @@ fn caller_cancels_a_ringing_call() {
     answer(&bob, &inv, 487);
     let r = expect(&a, "SIP/2.0 487");
     assert!(r.contains("CSeq: 2 INVITE"), "{r}");
+    assert_eq!(server.metric("careflow_sip_calls_total{result=\"failed\",class=\"4xx\"}"), 1);
 }

@@ -50,6 +50,11 @@ pub struct Metrics {
     responses: [AtomicU64; 6],
     /// Successful REGISTER requests (200 OK).
     pub registrations: AtomicU64,
+    /// Authenticated out-of-dialog INVITEs (calls the proxy tried to connect).
+    pub calls_attempted: AtomicU64,
+    /// Calls answered with a 2xx.
+    pub calls_answered: AtomicU64,
+    calls_failed: [AtomicU64; 4],
     /// Failed digest verifications (not counting the first, credential-less challenge).
     pub auth_failures: AtomicU64,
     /// Messages that could not be parsed or validated.
@@ -87,6 +92,12 @@ impl Metrics {
         self.responses[class].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a call that ended with a non-2xx final response.
+    pub fn call_failed(&self, code: u16) {
+        let class = usize::from(code / 100).clamp(3, 6) - 3;
+        self.calls_failed[class].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Requests counted for a method name (tests, dashboards).
     pub fn requests_for(&self, m: Method) -> u64 {
         self.requests[method_index(m)].load(Ordering::Relaxed)
@@ -113,6 +124,12 @@ impl Metrics {
                 "careflow_sip_responses_total{{class=\"{c}\"}} {}",
                 self.responses[i].load(Ordering::Relaxed)
             );
+        }
+        s.push_str("# HELP careflow_sip_calls_total Calls through the proxy: attempted, answered, failed by final status class.\n# TYPE careflow_sip_calls_total counter\n");
+        let _ = writeln!(s, "careflow_sip_calls_total{{result=\"attempted\"}} {}", self.calls_attempted.load(Ordering::Relaxed));
+        let _ = writeln!(s, "careflow_sip_calls_total{{result=\"answered\"}} {}", self.calls_answered.load(Ordering::Relaxed));
+        for (i, c) in ["3xx", "4xx", "5xx", "6xx"].iter().enumerate() {
+            let _ = writeln!(s, "careflow_sip_calls_total{{result=\"failed\",class=\"{c}\"}} {}", self.calls_failed[i].load(Ordering::Relaxed));
         }
         let counters = [
             (

@@ -43,6 +43,8 @@ struct Forward {
     best: Option<(u16, Bytes)>,
     final_sent: bool,
     canceled: bool,
+    /// An out-of-dialog INVITE: a call, counted in the call metrics.
+    call: bool,
 }
 
 #[derive(Debug)]
@@ -153,12 +155,27 @@ impl App {
             }
         }
         ctx.key = Some(key);
+        if self.proxy_full() {
+            let resp = self.reply(&msg, &ctx, 503).header("Retry-After", 5).build();
+            self.send_back(&msg, &ctx, resp);
+            return;
+        }
         let app = self.clone();
         tokio::spawn(async move { app.route_request(msg, ctx).await });
     }
 
+    /// The proxy tables are bounded like the server transactions (`MAX_TRANSACTIONS`).
+    fn proxy_full(&self) -> bool {
+        self.proxy.lock().map_or(true, |t| t.len() >= self.cfg.max_transactions)
+    }
+
     /// A non-INVITE request that is not for the registrar or the server itself.
     pub(crate) fn proxy_non_invite(self: &Arc<Self>, msg: Message, ctx: Ctx) {
+        if self.proxy_full() {
+            let resp = self.reply(&msg, &ctx, 503).header("Retry-After", 5).build();
+            self.send_response(&msg, &ctx, 503, resp);
+            return;
+        }
         let app = self.clone();
         tokio::spawn(async move { app.route_request(msg, ctx).await });
     }
@@ -364,6 +381,10 @@ impl App {
                     if !fw.final_sent {
                         fw.final_sent = true;
                         self.metrics.response(code);
+                        if fw.call {
+                            self.metrics.calls_answered.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(call_id = fw.request.call_id().unwrap_or_default(), code, "call answered");
+                        }
                         let names = fw.branches.clone();
                         cancel_pending(self, t, key, &names, now, sends);
                     }
@@ -420,6 +441,10 @@ impl App {
             (code, bytes)
         };
         self.metrics.response(code);
+        if fw.call {
+            self.metrics.call_failed(code);
+            tracing::info!(call_id = fw.request.call_id().unwrap_or_default(), code, "call failed");
+        }
         match fw.invite.as_mut() {
             Some(inv) => {
                 inv.send_response(code, bytes, now);
@@ -589,6 +614,30 @@ impl App {
             return Err(refuse(403, "Caller Not Served Here"));
         }
         self.authorize_caller(msg, ctx).await?;
+        let is_call = msg.method() == Method::Invite;
+        let call_id = msg.call_id().unwrap_or_default();
+        if is_call {
+            self.metrics.calls_attempted.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(call_id, to = %ruri_text, source = %ctx.source, "call attempt");
+        }
+        let result = self.lookup_targets(msg, ctx, &ruri).await;
+        if let (true, Err((code, _))) = (is_call, &result) {
+            self.metrics.call_failed(*code);
+            tracing::info!(call_id, code, "call failed");
+        }
+        result
+    }
+
+    /// Our user's bindings as targets: 404 unknown, 480 not registered.
+    async fn lookup_targets(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        ruri: &Uri<'_>,
+    ) -> Result<Vec<(String, Target)>, (u16, Bytes)> {
+        let refuse = |code: u16, reason: &'static str| {
+            (code, self.reply(msg, ctx, code).reason(reason).build())
+        };
         let aor = ruri.aor().unwrap_or_default();
         let domain = ruri.host.as_str().to_ascii_lowercase();
         let user = scan::pct_decode(ruri.user.unwrap_or_default()).into_owned();
@@ -690,6 +739,7 @@ impl App {
         let step = proxy::route_step(&msg, |u| self.is_ours(u));
         let hash = proxy::loop_hash(&msg);
         let is_invite = msg.method() == Method::Invite;
+        let is_call = is_invite && msg.to().and_then(|t| t.tag()).is_none();
         let record_route = self.record_route(&ctx);
         let mut sends = Sends::default();
         let mut invite = is_invite.then(|| {
@@ -753,6 +803,7 @@ impl App {
             best: None,
             final_sent: false,
             canceled: false,
+            call: is_call,
         };
         sends.0.extend(drain_forward(&mut fw).0);
         t.forwards.insert(key.clone(), fw);
