@@ -256,7 +256,10 @@ fn unknown_and_unregistered_users_get_404_and_480() {
     assert!(r.contains("CSeq: 2 INVITE"), "{r}");
     invite_authorized(&a, "alice", "pw-alice", "nobody", "c404");
     expect(&a, "SIP/2.0 404");
-    assert_eq!(server.metric("careflow_sip_calls_total{result=\"failed\",class=\"4xx\"}"), 2);
+    assert_eq!(
+        server.metric("careflow_sip_calls_total{result=\"failed\",class=\"4xx\"}"),
+        2
+    );
     // A caller that is not who the From says: 403.
     let first = invite(&a, "alice", "bob", "c403", 1, "c403a", "");
     let r = a.request(&first);
@@ -405,5 +408,51 @@ fn caller_cancels_a_ringing_call() {
     answer(&bob, &inv, 487);
     let r = expect(&a, "SIP/2.0 487");
     assert!(r.contains("CSeq: 2 INVITE"), "{r}");
-    assert_eq!(server.metric("careflow_sip_calls_total{result=\"failed\",class=\"4xx\"}"), 1);
+    assert_eq!(
+        server.metric("careflow_sip_calls_total{result=\"failed\",class=\"4xx\"}"),
+        1
+    );
+}
+
+#[test]
+fn a_dead_binding_does_not_delay_the_call() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    // A stale TCP binding whose device is gone (nothing listens there any more).
+    let dead = free_port();
+    let desk = Ua::new(server.sip_addr());
+    let extra = format!("Contact: <sip:bob@127.0.0.1:{dead};transport=tcp>\r\n");
+    let r = desk.register("bob", "pw-bob", DOMAIN, "reg-dead", &extra);
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(server.bindings_of("bob").len(), 2);
+    let a = Ua::new(server.sip_addr());
+    invite_authorized(&a, "alice", "pw-alice", "bob", "dead1");
+    let inv = expect(&desk, "INVITE ");
+    answer(&desk, &inv, 200);
+    expect(&a, "SIP/2.0 200");
+    // With only the dead binding left, the caller hears back at once, not after Timer B.
+    let r = desk.request(&desk.register_msg("bob", DOMAIN, "reg-dead", 3, "Expires: 0\r\n"));
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "bob",
+        DOMAIN,
+        "pw-bob",
+        "REGISTER",
+        &format!("sip:{DOMAIN}"),
+        1,
+    );
+    let r = desk.request(&desk.register_msg(
+        "bob",
+        DOMAIN,
+        "reg-dead",
+        4,
+        &format!("Expires: 0\r\nAuthorization: {auth}\r\n"),
+    ));
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(server.bindings_of("bob").len(), 1);
+    invite_authorized(&a, "alice", "pw-alice", "bob", "dead2");
+    let r = expect(&a, "SIP/2.0 5");
+    assert!(r.starts_with("SIP/2.0 500"), "{r}");
 }

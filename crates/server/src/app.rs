@@ -89,6 +89,10 @@ impl App {
         let _ = self.bound.set(bound);
     }
 
+    pub(crate) fn transports(&self) -> Option<Transports> {
+        self.transports.get().cloned()
+    }
+
     pub(crate) fn bound_listeners(&self) -> &[ListenSpec] {
         self.bound.get().map_or(&[], Vec::as_slice)
     }

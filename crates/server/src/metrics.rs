@@ -126,10 +126,22 @@ impl Metrics {
             );
         }
         s.push_str("# HELP careflow_sip_calls_total Calls through the proxy: attempted, answered, failed by final status class.\n# TYPE careflow_sip_calls_total counter\n");
-        let _ = writeln!(s, "careflow_sip_calls_total{{result=\"attempted\"}} {}", self.calls_attempted.load(Ordering::Relaxed));
-        let _ = writeln!(s, "careflow_sip_calls_total{{result=\"answered\"}} {}", self.calls_answered.load(Ordering::Relaxed));
+        let _ = writeln!(
+            s,
+            "careflow_sip_calls_total{{result=\"attempted\"}} {}",
+            self.calls_attempted.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "careflow_sip_calls_total{{result=\"answered\"}} {}",
+            self.calls_answered.load(Ordering::Relaxed)
+        );
         for (i, c) in ["3xx", "4xx", "5xx", "6xx"].iter().enumerate() {
-            let _ = writeln!(s, "careflow_sip_calls_total{{result=\"failed\",class=\"{c}\"}} {}", self.calls_failed[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "careflow_sip_calls_total{{result=\"failed\",class=\"{c}\"}} {}",
+                self.calls_failed[i].load(Ordering::Relaxed)
+            );
         }
         let counters = [
             (

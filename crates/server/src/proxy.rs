@@ -166,7 +166,9 @@ impl App {
 
     /// The proxy tables are bounded like the server transactions (`MAX_TRANSACTIONS`).
     fn proxy_full(&self) -> bool {
-        self.proxy.lock().map_or(true, |t| t.len() >= self.cfg.max_transactions)
+        self.proxy
+            .lock()
+            .map_or(true, |t| t.len() >= self.cfg.max_transactions)
     }
 
     /// A non-INVITE request that is not for the registrar or the server itself.
@@ -383,7 +385,11 @@ impl App {
                         self.metrics.response(code);
                         if fw.call {
                             self.metrics.calls_answered.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(call_id = fw.request.call_id().unwrap_or_default(), code, "call answered");
+                            tracing::info!(
+                                call_id = fw.request.call_id().unwrap_or_default(),
+                                code,
+                                "call answered"
+                            );
                         }
                         let names = fw.branches.clone();
                         cancel_pending(self, t, key, &names, now, sends);
@@ -443,7 +449,11 @@ impl App {
         self.metrics.response(code);
         if fw.call {
             self.metrics.call_failed(code);
-            tracing::info!(call_id = fw.request.call_id().unwrap_or_default(), code, "call failed");
+            tracing::info!(
+                call_id = fw.request.call_id().unwrap_or_default(),
+                code,
+                "call failed"
+            );
         }
         match fw.invite.as_mut() {
             Some(inv) => {
@@ -751,6 +761,7 @@ impl App {
             inv.send_response(100, trying, now);
         }
         let Ok(mut t) = self.proxy.lock() else { return };
+        let mut first_sends = Vec::new();
         let mut names = Vec::new();
         for (uri, target) in targets {
             let branch = proxy::branch(&hash, self.next_binding_id());
@@ -769,17 +780,21 @@ impl App {
             };
             let mut tx =
                 ClientTransaction::new(out, target.transport.is_reliable(), self.cfg.timers, now);
+            let name = format!("{branch}|{}", msg.method_str());
             while let Some(bytes) = tx.poll_transmit() {
-                sends.0.push(Outbound {
-                    transport: target.transport,
-                    dest: target.dest,
-                    conn: None,
-                    local: None,
-                    bytes,
-                });
+                first_sends.push((
+                    name.clone(),
+                    Outbound {
+                        transport: target.transport,
+                        dest: target.dest,
+                        conn: None,
+                        local: None,
+                        bytes,
+                    },
+                ));
             }
             t.insert_branch(
-                format!("{branch}|{}", msg.method_str()),
+                name,
                 Branch {
                     tx,
                     forward: key.clone(),
@@ -810,6 +825,56 @@ impl App {
         t.schedule_forward(&key);
         t.reap_forward(&key);
         drop(t);
+        self.flush(sends);
+        for (name, out) in first_sends {
+            self.send_branch(name, out);
+        }
+    }
+
+    /// Sends the first transmission of a branch; a transport failure (TCP connection refused,
+    /// no route) ends the branch at once as a 503 (§16.9) instead of waiting for Timer B/F.
+    fn send_branch(self: &Arc<Self>, name: String, out: Outbound) {
+        let Some(t) = self.transports() else { return };
+        let app = self.clone();
+        tokio::spawn(async move {
+            let dest = out.dest;
+            if let Err(e) = t.send(out).await {
+                tracing::info!(%dest, error = %e, "branch target unreachable");
+                app.proxy_branch_failed(&name);
+            }
+        });
+    }
+
+    fn proxy_branch_failed(self: &Arc<Self>, name: &str) {
+        let now = Instant::now();
+        let mut sends = Sends::default();
+        {
+            let Ok(mut guard) = self.proxy.lock() else {
+                return;
+            };
+            let t = &mut *guard;
+            let Some(b) = t.branches.get_mut(name) else {
+                return;
+            };
+            if b.done {
+                return;
+            }
+            b.done = true;
+            b.tx.abort();
+            let key = b.forward.clone();
+            if let Some(fw) = t.forwards.get_mut(&key)
+                && fw.best.as_ref().is_none_or(|(c, _)| better(503, *c))
+            {
+                let resp = self.reply(&fw.request, &fw.ctx, 503).build();
+                fw.best = Some((503, resp));
+            }
+            self.maybe_finish(t, &key, now);
+            if let Some(fw) = t.forwards.get_mut(&key) {
+                sends.0.extend(drain_forward(fw).0);
+            }
+            t.schedule_forward(&key);
+            t.reap_branch(name);
+        }
         self.flush(sends);
     }
 

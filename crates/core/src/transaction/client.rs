@@ -156,6 +156,15 @@ impl ClientTransaction {
         }
     }
 
+    /// The transport reported that the request cannot be delivered (connection refused,
+    /// unreachable): the transaction ends at once (RFC 3261 §17.1.4); the user treats it as
+    /// a 503.
+    pub fn abort(&mut self) {
+        self.state = ClientState::Terminated;
+        self.retransmit = None;
+        self.transmit.clear();
+    }
+
     /// The next deadline, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.is_terminated() {
