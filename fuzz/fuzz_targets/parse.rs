@@ -36,7 +36,8 @@ fuzz_target!(|data: &[u8]| {
             request_uri: Some("sip:target@192.0.2.9:5062"),
             via: Some("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKfuzz"),
             record_route: vec!["<sip:192.0.2.1;lr>"],
-            pop_route: true,
+            pop_routes: 2,
+            drop_last_route: true,
             max_forwards: Some(69),
         }
         .apply(&m);

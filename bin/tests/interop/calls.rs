@@ -32,7 +32,7 @@ fn scenario(name: &str) -> String {
         .into_owned()
 }
 
-fn sipp_calls(transport: &str) {
+fn sipp_calls(transport: &str, callee_transport: &str) {
     require("sipp", "sip-tester");
     let server = Server::start(DOMAIN);
     server.add_user("caller", "pw-caller");
@@ -156,12 +156,17 @@ fn sipp_calls(transport: &str) {
 
 #[test]
 fn sipp_calls_through_the_proxy_over_udp() {
-    sipp_calls("u1");
+    sipp_calls("u1", "u1");
+}
+
+#[test]
+fn sipp_calls_from_tcp_to_udp_record_route_twice() {
+    sipp_calls("t1", "u1");
 }
 
 #[test]
 fn sipp_calls_through_the_proxy_over_tcp() {
-    sipp_calls("t1");
+    sipp_calls("t1", "t1");
 }
 
 /// A raw user agent on its own port, registered as `user`.

@@ -53,8 +53,9 @@ pub fn is_loop(msg: &Message, is_our_via: impl Fn(&Via<'_>) -> bool) -> bool {
 /// What Route processing (§16.4) decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteStep {
-    /// The first Route value names us: remove it (loose routing).
-    pub pop_route: bool,
+    /// How many Route values at the top name us: remove them (loose routing; two when we
+    /// recorded the route once per transport).
+    pub pop_routes: usize,
     /// The previous hop was a strict router: the Request-URI is ours and the real target is
     /// the last Route value, which becomes the Request-URI (and is removed).
     pub strict_request_uri: Option<String>,
@@ -66,7 +67,7 @@ pub struct RouteStep {
 pub fn route_step(msg: &Message, is_ours: impl Fn(&Uri<'_>) -> bool) -> RouteStep {
     let routes: Vec<&str> = msg.values(HeaderName::Route).collect();
     let mut step = RouteStep {
-        pop_route: false,
+        pop_routes: 0,
         strict_request_uri: None,
         next_route: None,
     };
@@ -78,14 +79,14 @@ pub fn route_step(msg: &Message, is_ours: impl Fn(&Uri<'_>) -> bool) -> RouteSte
             step.strict_request_uri = Some(last.uri.raw.to_string());
         }
     }
-    if routes
-        .first()
+    while routes
+        .get(start)
         .and_then(|r| NameAddr::parse(r))
-        .is_some_and(|first| is_ours(&first.uri))
+        .is_some_and(|r| is_ours(&r.uri))
     {
-        step.pop_route = true;
-        start = 1;
+        start += 1;
     }
+    step.pop_routes = start;
     let end = if step.strict_request_uri.is_some() {
         routes.len().saturating_sub(1)
     } else {
@@ -158,14 +159,14 @@ mod tests {
             "sip:b@192.0.2.7",
         );
         let s = route_step(&m, ours);
-        assert!(s.pop_route);
+        assert_eq!(s.pop_routes, 1);
         assert_eq!(s.next_route.as_deref(), Some("<sip:next.example.net;lr>"));
         assert_eq!(s.strict_request_uri, None);
         let m = msg("Route: <sip:proxy.example.com;lr>\r\n", "sip:b@192.0.2.7");
         assert_eq!(
             route_step(&m, ours),
             RouteStep {
-                pop_route: true,
+                pop_routes: 1,
                 strict_request_uri: None,
                 next_route: None
             }
@@ -179,7 +180,7 @@ mod tests {
         assert_eq!(
             route_step(&m, ours),
             RouteStep {
-                pop_route: false,
+                pop_routes: 0,
                 strict_request_uri: None,
                 next_route: None
             }

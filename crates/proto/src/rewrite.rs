@@ -16,8 +16,11 @@ pub struct RequestEdit<'a> {
     pub via: Option<&'a str>,
     /// Record-Route values inserted on top, in order.
     pub record_route: Vec<&'a str>,
-    /// Removes the first Route value (it named us: loose routing, §16.4).
-    pub pop_route: bool,
+    /// Removes this many Route values from the top (they name us: loose routing, §16.4; two
+    /// when we recorded the route twice, once per transport).
+    pub pop_routes: usize,
+    /// Removes the last Route value (it became the Request-URI: strict-router fix, §16.4).
+    pub drop_last_route: bool,
     /// The Max-Forwards value to write (added when the request had none).
     pub max_forwards: Option<u32>,
 }
@@ -41,7 +44,13 @@ impl RequestEdit<'_> {
         for rr in &self.record_route {
             line(&mut out, "Record-Route", rr);
         }
-        let mut route_popped = !self.pop_route;
+        let mut to_pop = self.pop_routes;
+        let route_total = if self.drop_last_route {
+            msg.values(HeaderName::Route).count()
+        } else {
+            0
+        };
+        let mut route_seen = 0;
         let mut wrote_mf = false;
         for f in msg.fields() {
             match f.name {
@@ -55,15 +64,19 @@ impl RequestEdit<'_> {
                         wrote_mf = true;
                     }
                 }
-                HeaderName::Route if !route_popped => {
-                    route_popped = true;
-                    // Keep the rest of a comma-separated Route line.
-                    let value = msg.field_value(f);
-                    if let Some(i) = scan::find_unquoted(value, b',') {
-                        let rest = scan::trim(&value[i + 1..]);
-                        if !rest.is_empty() {
-                            line(&mut out, msg.field_name(f), rest);
+                HeaderName::Route if to_pop > 0 || self.drop_last_route => {
+                    // Keep the values of this line that are not removed.
+                    let mut kept: Vec<&str> = Vec::new();
+                    for v in scan::split_list(msg.field_value(f)).filter(|v| !v.is_empty()) {
+                        route_seen += 1;
+                        if to_pop > 0 {
+                            to_pop -= 1;
+                        } else if !(self.drop_last_route && route_seen == route_total) {
+                            kept.push(v);
                         }
+                    }
+                    if !kept.is_empty() {
+                        line(&mut out, msg.field_name(f), &kept.join(", "));
                     }
                 }
                 _ => out.put_slice(msg.field_line(f)),
@@ -129,7 +142,8 @@ mod tests {
             request_uri: Some("sip:bob@192.0.2.9:5062"),
             via: Some("SIP/2.0/UDP proxy.example.com;branch=z9hG4bKp"),
             record_route: vec!["<sip:proxy.example.com;lr>"],
-            pop_route: true,
+            pop_routes: 1,
+            drop_last_route: false,
             max_forwards: Some(69),
         }
         .apply(&m);

@@ -584,7 +584,7 @@ impl App {
         if in_dialog {
             // In-dialog requests pass only along a route set we recorded; anything else would
             // make us an open relay.
-            if !step.pop_route && step.strict_request_uri.is_none() {
+            if step.pop_routes == 0 && step.strict_request_uri.is_none() {
                 return Err(refuse(403, "Not Routed Through Here"));
             }
             let uri = match &step.next_route {
@@ -766,13 +766,27 @@ impl App {
         for (uri, target) in targets {
             let branch = proxy::branch(&hash, self.next_binding_id());
             let via = self.via_for(target.transport, &ctx, &branch);
-            let rr = (msg.to().and_then(|t| t.tag()).is_none() || msg.method() == Method::Invite)
-                .then_some(record_route.as_str());
+            // Record-Route (§16.6 step 4): once, or twice when the call changes transport, so
+            // each side reaches us over its own transport (RFC 5658): the top entry faces the
+            // callee, the other the caller.
+            let record = msg.to().and_then(|t| t.tag()).is_none() || msg.method() == Method::Invite;
+            let out_rr = (record && target.transport != ctx.transport)
+                .then(|| self.record_route_for(target.transport, &ctx));
+            let rr: Vec<&str> = if record {
+                out_rr
+                    .iter()
+                    .map(String::as_str)
+                    .chain(std::iter::once(record_route.as_str()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let edit = RequestEdit {
                 request_uri: (!uri.is_empty()).then_some(uri.as_str()),
                 via: Some(&via),
-                record_route: rr.into_iter().collect(),
-                pop_route: step.pop_route,
+                record_route: rr,
+                pop_routes: step.pop_routes,
+                drop_last_route: step.strict_request_uri.is_some(),
                 max_forwards: Some(mf),
             };
             let Ok(out) = Message::parse(edit.apply(&msg), &self.cfg.parse_limits) else {
@@ -881,7 +895,7 @@ impl App {
     /// Forwards a request without a transaction (ACK for 2xx).
     async fn stateless_forward(&self, msg: &Message, ctx: &Ctx) -> Option<(Target, Bytes)> {
         let step = proxy::route_step(msg, |u| self.is_ours(u));
-        if !step.pop_route && step.strict_request_uri.is_none() {
+        if step.pop_routes == 0 && step.strict_request_uri.is_none() {
             return None;
         }
         let uri = match &step.next_route {
@@ -898,7 +912,8 @@ impl App {
             request_uri: step.strict_request_uri.as_deref(),
             via: Some(&via),
             record_route: Vec::new(),
-            pop_route: step.pop_route,
+            pop_routes: step.pop_routes,
+            drop_last_route: step.strict_request_uri.is_some(),
             max_forwards: Some(proxy::next_max_forwards(msg)?),
         };
         Some((target, edit.apply(msg)))
@@ -939,8 +954,12 @@ impl App {
     }
 
     fn record_route(&self, ctx: &Ctx) -> String {
-        let addr = self.listener_addr(ctx.transport, ctx);
-        format!("<sip:{};transport={};lr>", fmt_addr(addr), ctx.transport)
+        self.record_route_for(ctx.transport, ctx)
+    }
+
+    fn record_route_for(&self, transport: Transport, ctx: &Ctx) -> String {
+        let addr = self.listener_addr(transport, ctx);
+        format!("<sip:{};transport={transport};lr>", fmt_addr(addr))
     }
 
     /// Our address on `transport`, with the address the request arrived at standing in for a
