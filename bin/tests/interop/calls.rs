@@ -50,7 +50,7 @@ fn sipp_calls(transport: &str, callee_transport: &str) {
             "-p",
             &uas_port.to_string(),
             "-t",
-            transport,
+            callee_transport,
         ])
         .args(["-nostdin", "-timeout", "90s"])
         .stdout(Stdio::null())
@@ -86,7 +86,7 @@ fn sipp_calls(transport: &str, callee_transport: &str) {
             "-p",
             &free_port().to_string(),
             "-t",
-            transport,
+            callee_transport,
         ])
         .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
         .stdout(Stdio::null())
