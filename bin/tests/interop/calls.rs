@@ -461,3 +461,115 @@ fn a_dead_binding_does_not_delay_the_call() {
     let r = expect(&a, "SIP/2.0 5");
     assert!(r.starts_with("SIP/2.0 500"), "{r}");
 }
+
+/// A port free for UDP and TCP whose successor is free too (baresip also binds port+1 for TLS).
+fn free_port_pair() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 65535
+            && std::net::UdpSocket::bind(("127.0.0.1", p + 1)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+        {
+            return p;
+        }
+    }
+}
+
+fn baresip_home(dir: &std::path::Path, user: &str, password: &str, proxy_port: u16, extra: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let tone = dir.join("tone.wav");
+    // One second of 8 kHz silence as the audio source: no sound card is needed.
+    let mut wav = Vec::new();
+    let data_len: u32 = 16000;
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data_len).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&8000u32.to_le_bytes());
+    wav.extend_from_slice(&16000u32.to_le_bytes());
+    wav.extend_from_slice(&2u16.to_le_bytes());
+    wav.extend_from_slice(&16u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&data_len.to_le_bytes());
+    wav.resize(wav.len() + data_len as usize, 0);
+    std::fs::write(&tone, wav).unwrap();
+    let port = free_port_pair();
+    std::fs::write(
+        dir.join("config"),
+        format!(
+            "poll_method epoll\nsip_listen 127.0.0.1:{port}\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\naudio_player aufile,{out}\naudio_source aufile,{src}\naudio_alert aufile,{alert}\n",
+            out = dir.join("out.wav").display(),
+            src = tone.display(),
+            alert = dir.join("alert.wav").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("accounts"),
+        format!("<sip:{user}@localhost>;auth_pass={password};outbound=\"sip:127.0.0.1:{proxy_port}\";regint=300{extra}\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn two_baresip_phones_call_each_other() {
+    require("baresip", "baresip");
+    let server = Server::start("localhost");
+    server.add_user("anna", "pw-anna-1");
+    server.add_user("ben", "pw-ben-1");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("anna"), tmp.path().join("ben"));
+    baresip_home(&a, "anna", "pw-anna-1", server.port, "");
+    baresip_home(&b, "ben", "pw-ben-1", server.port, ";answermode=auto");
+    let mut callee = Command::new("baresip")
+        .args(["-f", b.to_str().unwrap(), "-t", "40"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start baresip");
+    for _ in 0..100 {
+        if !server.bindings_of("ben").is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        server.bindings_of("ben").len(),
+        1,
+        "ben did not register:\n{}",
+        server.log()
+    );
+    // anna dials ben, talks for a few seconds and hangs up when baresip quits (-t).
+    let caller = Command::new("baresip")
+        .args([
+            "-f",
+            a.to_str().unwrap(),
+            "-e",
+            "/dial sip:ben@localhost",
+            "-t",
+            "5",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run baresip");
+    let _ = callee.kill();
+    let _ = callee.wait();
+    let out = String::from_utf8_lossy(&caller.stdout).into_owned()
+        + &String::from_utf8_lossy(&caller.stderr);
+    assert!(
+        out.contains("Call established"),
+        "anna's call was not answered:\n{out}\nserver:\n{}",
+        server.log()
+    );
+    assert_eq!(
+        server.metric("careflow_sip_calls_total{result=\"answered\"}"),
+        1
+    );
+    assert!(
+        server.metric("careflow_sip_requests_total{method=\"BYE\"}") >= 1,
+        "the call is hung up through the proxy"
+    );
+}
