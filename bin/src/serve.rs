@@ -82,6 +82,8 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         max_transactions: cfg.max_transactions,
         server_header: format!("careflow-sip/{}", env!("CARGO_PKG_VERSION")),
+        outbound_gateway: cfg.outbound_gateway.clone(),
+        allow_inbound: cfg.allow_inbound,
     };
     let cancel = CancellationToken::new();
     let server = careflow_server::start(server_cfg, subscribers, location, cancel.clone())

@@ -114,6 +114,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "RFC 3261 timer T4 in milliseconds: how long a message may stay in the network.",
     ),
     (
+        "outbound_gateway",
+        "",
+        "SIP URI of a gateway for calls to other domains, e.g. `sip:192.0.2.10:5060;transport=udp`. Unset: such requests are refused with 403.",
+    ),
+    (
+        "allow_inbound",
+        "false",
+        "`true` routes requests from other domains to our users without authentication (peering); `false` refuses them with 403.",
+    ),
+    (
         "max_transactions",
         "100000",
         "Most server transactions in progress; beyond it requests get 503.",
@@ -159,6 +169,10 @@ pub struct Config {
     pub max_transactions: usize,
     /// Runtime worker threads.
     pub worker_threads: usize,
+    /// Gateway for other domains.
+    pub outbound_gateway: Option<String>,
+    /// Accept requests from other domains.
+    pub allow_inbound: bool,
 }
 
 /// A configuration problem, naming the key.
@@ -365,6 +379,25 @@ impl Config {
             t4: Duration::from_millis(num("t4_ms", 100, 60_000)?),
             max_transactions: num("max_transactions", 100, 10_000_000)? as usize,
             worker_threads: num("worker_threads", 1, 256)? as usize,
+            outbound_gateway: match get("outbound_gateway") {
+                "" => None,
+                g => {
+                    let u = careflow_proto::Uri::parse(g)
+                        .filter(|u| u.is_sip() && u.host.ip().is_some())
+                        .ok_or_else(|| invalid("outbound_gateway", format!("`{g}` is not a SIP URI with an IP address, e.g. sip:192.0.2.10:5060")))?;
+                    Some(u.raw.to_string())
+                }
+            },
+            allow_inbound: match get("allow_inbound") {
+                "true" | "yes" | "1" => true,
+                "false" | "no" | "0" => false,
+                other => {
+                    return Err(invalid(
+                        "allow_inbound",
+                        format!("expected true or false, got `{other}`"),
+                    ));
+                }
+            },
         })
     }
 

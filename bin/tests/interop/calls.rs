@@ -573,3 +573,82 @@ fn two_baresip_phones_call_each_other() {
         "the call is hung up through the proxy"
     );
 }
+
+#[test]
+fn other_domains_go_through_the_gateway_and_peers_only_when_allowed() {
+    let gateway = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    gateway
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let gw_port = gateway.local_addr().unwrap().port();
+    let server = Server::start_with(
+        DOMAIN,
+        &[
+            ("OUTBOUND_GATEWAY", &format!("sip:127.0.0.1:{gw_port}")),
+            ("ALLOW_INBOUND", "true"),
+        ],
+    );
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    // alice calls out: authenticated, then sent to the gateway with the Request-URI unchanged.
+    let out = |cseq: u32, extra: &str| {
+        invite(
+            &a,
+            "alice",
+            "carol",
+            "gw1",
+            cseq,
+            &format!("gw1{cseq}"),
+            extra,
+        )
+        .replace(
+            &format!("INVITE sip:carol@{DOMAIN}"),
+            "INVITE sip:carol@elsewhere.test",
+        )
+    };
+    let r = a.request(&out(1, ""));
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "alice",
+        DOMAIN,
+        "pw-alice",
+        "INVITE",
+        "sip:carol@elsewhere.test",
+        1,
+    );
+    a.send(&out(2, &format!("Proxy-Authorization: {auth}\r\n")));
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = gateway.recv_from(&mut buf).unwrap();
+    let got = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        got.starts_with("INVITE sip:carol@elsewhere.test SIP/2.0\r\n"),
+        "{got}"
+    );
+    let m = Message::parse(Bytes::from(got), &ParseLimits::default()).unwrap();
+    gateway
+        .send_to(&ResponseBuilder::new(&m, 486).to_tag("gw").build(), from)
+        .unwrap();
+    expect(&a, "SIP/2.0 486");
+    // A peer from another domain reaches a registered user without credentials.
+    let bob = device(&server, "bob", "pw-bob");
+    let peer = Ua::new(server.sip_addr());
+    let port = peer.port();
+    peer.send(&format!("MESSAGE sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKpeer1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:dave@partner.test>;tag=p1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: peer1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 2\r\n\r\nhi"));
+    let got = expect(&bob, "MESSAGE ");
+    answer(&bob, &got, 200);
+    expect(&peer, "SIP/2.0 200");
+}
+
+#[test]
+fn without_peering_other_domains_are_refused() {
+    let server = Server::start(DOMAIN);
+    server.add_user("bob", "pw-bob");
+    let _bob = device(&server, "bob", "pw-bob");
+    let peer = Ua::new(server.sip_addr());
+    let port = peer.port();
+    let r = peer.request(&format!("MESSAGE sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKpeer2;rport\r\nMax-Forwards: 70\r\nFrom: <sip:dave@partner.test>;tag=p1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: peer2\r\nCSeq: 1 MESSAGE\r\nContent-Length: 2\r\n\r\nhi"));
+    assert_eq!(status(&r), 403, "{r}");
+}

@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub max_transactions: usize,
     /// Value of the Server / User-Agent header we send.
     pub server_header: String,
+    /// Where authenticated calls to other domains go (a SIP URI); none: they are refused.
+    pub outbound_gateway: Option<String>,
+    /// Route requests from other domains to our users without authentication.
+    pub allow_inbound: bool,
 }
 
 /// A running SIP server.

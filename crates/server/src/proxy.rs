@@ -612,16 +612,31 @@ impl App {
         };
         let ours =
             ruri.user.is_some() && self.serves_domain(&ruri.host.as_str().to_ascii_lowercase());
-        if !ours {
-            // No outbound gateway is configured.
-            return Err(refuse(403, "Relaying Denied"));
-        }
-        // Out of dialog, for one of our users: the caller must be ours and authenticated.
         let from_ours = msg
             .from()
             .is_some_and(|f| self.serves_domain(&f.uri.host.as_str().to_ascii_lowercase()));
+        if !ours {
+            // Another domain: only our authenticated users, only through the configured gateway.
+            let Some(gw) = self.cfg.outbound_gateway.clone() else {
+                return Err(refuse(403, "Relaying Denied"));
+            };
+            if !from_ours {
+                return Err(refuse(403, "Relaying Denied"));
+            }
+            self.authorize_caller(msg, ctx).await?;
+            let target = self
+                .resolve(&gw)
+                .await
+                .ok_or_else(|| refuse(503, "Gateway Unavailable"))?;
+            return Ok(vec![(String::new(), target)]);
+        }
         if !from_ours {
-            return Err(refuse(403, "Caller Not Served Here"));
+            // From outside to our users: only when peering is allowed, and then without our
+            // credentials (the caller has none).
+            if !self.cfg.allow_inbound {
+                return Err(refuse(403, "Caller Not Served Here"));
+            }
+            return self.lookup_targets(msg, ctx, &ruri).await;
         }
         self.authorize_caller(msg, ctx).await?;
         let is_call = msg.method() == Method::Invite;
