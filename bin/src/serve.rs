@@ -79,6 +79,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
             t1: cfg.t1,
             t2: cfg.t2,
             t4: cfg.t4,
+            c: cfg.timer_c,
         },
         max_transactions: cfg.max_transactions,
         server_header: format!("careflow-sip/{}", env!("CARGO_PKG_VERSION")),

@@ -114,6 +114,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "RFC 3261 timer T4 in milliseconds: how long a message may stay in the network.",
     ),
     (
+        "timer_c",
+        "181",
+        "RFC 3261 timer C in seconds: a branch that rings longer is cancelled and the caller gets 408.",
+    ),
+    (
         "outbound_gateway",
         "",
         "SIP URI of a gateway for calls to other domains, e.g. `sip:192.0.2.10:5060;transport=udp`. Unset: such requests are refused with 403.",
@@ -165,6 +170,8 @@ pub struct Config {
     pub t2: Duration,
     /// Timer T4.
     pub t4: Duration,
+    /// Timer C.
+    pub timer_c: Duration,
     /// Transaction bound.
     pub max_transactions: usize,
     /// Runtime worker threads.
@@ -377,6 +384,7 @@ impl Config {
             t1: Duration::from_millis(num("t1_ms", 10, 10_000)?),
             t2: Duration::from_millis(num("t2_ms", 100, 60_000)?),
             t4: Duration::from_millis(num("t4_ms", 100, 60_000)?),
+            timer_c: Duration::from_secs(num("timer_c", 1, 3600)?),
             max_transactions: num("max_transactions", 100, 10_000_000)? as usize,
             worker_threads: num("worker_threads", 1, 256)? as usize,
             outbound_gateway: match get("outbound_gateway") {

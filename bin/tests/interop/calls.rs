@@ -652,3 +652,21 @@ fn without_peering_other_domains_are_refused() {
     let r = peer.request(&format!("MESSAGE sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKpeer2;rport\r\nMax-Forwards: 70\r\nFrom: <sip:dave@partner.test>;tag=p1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: peer2\r\nCSeq: 1 MESSAGE\r\nContent-Length: 2\r\n\r\nhi"));
     assert_eq!(status(&r), 403, "{r}");
 }
+
+#[test]
+fn timer_c_cancels_a_branch_that_rings_too_long() {
+    let server = Server::start_with(DOMAIN, &[("TIMER_C", "1")]);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let bob = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    invite_authorized(&a, "alice", "pw-alice", "bob", "ring1");
+    let inv = expect(&bob, "INVITE ");
+    answer(&bob, &inv, 180);
+    expect(&a, "SIP/2.0 180");
+    // Nobody answers: Timer C cancels the branch and the caller hears 408.
+    let cancel = expect(&bob, "CANCEL ");
+    answer(&bob, &cancel, 200);
+    answer(&bob, &inv, 487);
+    expect(&a, "SIP/2.0 408");
+}

@@ -16,7 +16,7 @@ use careflow_core::Transport;
 use careflow_core::auth::Verdict;
 use careflow_core::proxy;
 use careflow_core::transaction::TxKey;
-use careflow_core::transaction::client::{ClientEvent, ClientTransaction};
+use careflow_core::transaction::client::{ClientEvent, ClientState, ClientTransaction};
 use careflow_core::transaction::invite_server::InviteServerTransaction;
 use careflow_proto::digest::Credentials;
 use careflow_proto::rewrite::{RequestEdit, strip_top_via};
@@ -503,8 +503,19 @@ impl App {
                         let timed_out = b.tx.poll_event() == Some(ClientEvent::TimedOut)
                             && b.tx.request().method() != Method::Cancel;
                         let key = b.forward.clone();
-                        if timed_out {
+                        // Timer C fired on a ringing INVITE branch (§16.8): cancel it.
+                        let ringing = timed_out
+                            && b.tx.request().method() == Method::Invite
+                            && b.tx.state() == ClientState::Proceeding;
+                        if ringing && let Some(base) = name.strip_suffix("|INVITE") {
+                            cancel_pending(self, t, &key, &[base.to_string()], now, &mut sends);
+                        }
+                        if let Some(b) = t.branches.get_mut(&name)
+                            && timed_out
+                        {
                             b.done = true;
+                        }
+                        if timed_out {
                             if let Some(fw) = t.forwards.get_mut(&key)
                                 && fw.best.is_none()
                             {

@@ -49,6 +49,8 @@ pub struct ClientTransaction {
     /// Timer B/F (no final response) or Timer D/K/M (linger before termination).
     deadline: Instant,
     ack: Option<Bytes>,
+    /// Timer C has fired once: the branch was cancelled, the next deadline ends it.
+    timer_c_fired: bool,
     transmit: VecDeque<Bytes>,
     events: VecDeque<ClientEvent>,
 }
@@ -70,6 +72,7 @@ impl ClientTransaction {
             retransmit,
             deadline: now + 64 * timers.t1,
             ack: None,
+            timer_c_fired: false,
             transmit,
             events: VecDeque::new(),
         }
@@ -100,10 +103,12 @@ impl ClientTransaction {
             (ClientState::Calling | ClientState::Proceeding, 100..=199) => {
                 self.state = ClientState::Proceeding;
                 if self.invite {
-                    // §17.1.1.2: no more INVITE retransmissions; Timer B no longer applies
-                    // (the proxy's Timer C bounds a ringing INVITE).
+                    // §17.1.1.2: no more INVITE retransmissions; Timer B no longer applies.
+                    // Timer C (§16.8) bounds the ringing and restarts with every provisional.
                     self.retransmit = None;
-                    self.deadline = now + Duration::from_secs(24 * 3600);
+                    if !self.timer_c_fired {
+                        self.deadline = now + self.timers.c;
+                    }
                 } else if let Some((_, _)) = self.retransmit {
                     // §17.1.1.2 non-INVITE: keep retransmitting, at T2.
                     self.retransmit = Some((now + self.timers.t2, self.timers.t2));
@@ -182,7 +187,17 @@ impl ClientTransaction {
             return;
         }
         if now >= self.deadline {
-            if matches!(self.state, ClientState::Calling | ClientState::Proceeding) {
+            if self.invite && self.state == ClientState::Proceeding && !self.timer_c_fired {
+                // Timer C: the user cancels the branch and waits for its final response (487)
+                // for at most 64*T1 more.
+                self.timer_c_fired = true;
+                self.events.push_back(ClientEvent::TimedOut);
+                self.deadline = now + 64 * self.timers.t1;
+                return;
+            }
+            if matches!(self.state, ClientState::Calling)
+                || (self.state == ClientState::Proceeding && !self.timer_c_fired)
+            {
                 self.events.push_back(ClientEvent::TimedOut);
             }
             self.state = ClientState::Terminated;
@@ -331,6 +346,29 @@ mod tests {
         tx.handle_timeout(t0 + Duration::from_secs(36));
         assert!(tx.is_terminated());
         assert_eq!(tx.poll_event(), None);
+    }
+
+    #[test]
+    fn timer_c_cancels_a_branch_that_rings_too_long() {
+        let t0 = Instant::now();
+        let mut tx = ClientTransaction::new(request("INVITE"), true, TimerConfig::default(), t0);
+        tx.poll_transmit();
+        assert!(tx.handle_response(&response(180, "INVITE"), t0));
+        tx.handle_timeout(t0 + Duration::from_secs(100));
+        assert_eq!(tx.poll_event(), None);
+        // Another provisional restarts Timer C.
+        assert!(tx.handle_response(&response(180, "INVITE"), t0 + Duration::from_secs(100)));
+        tx.handle_timeout(t0 + Duration::from_secs(200));
+        assert_eq!(tx.poll_event(), None);
+        tx.handle_timeout(t0 + Duration::from_secs(281));
+        assert_eq!(tx.poll_event(), Some(ClientEvent::TimedOut));
+        assert_eq!(
+            tx.state(),
+            ClientState::Proceeding,
+            "still waiting for the 487"
+        );
+        assert!(tx.handle_response(&response(487, "INVITE"), t0 + Duration::from_secs(282)));
+        assert!(tx.is_terminated(), "reliable: Timer D is zero");
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub struct TimerConfig {
     pub t2: Duration,
     /// T4, how long a message may stay in the network (default 5 s).
     pub t4: Duration,
+    /// Timer C (RFC 3261 §16.8): how long a proxy lets a branch ring before cancelling it
+    /// (default 180 s; the RFC asks for more than 3 minutes).
+    pub c: Duration,
 }
 
 impl Default for TimerConfig {
@@ -97,6 +100,7 @@ impl Default for TimerConfig {
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
+            c: Duration::from_secs(181),
         }
     }
 }
