@@ -114,6 +114,20 @@ impl ProxyTables {
         self.reap_forward(&key);
     }
 
+    /// Gives back table capacity after a burst (HashMaps never shrink by themselves, and
+    /// these hold whole transactions inline).
+    fn shrink(&mut self) {
+        if self.forwards.capacity() > 4 * self.forwards.len() + 1024 {
+            self.forwards.shrink_to(2 * self.forwards.len());
+        }
+        if self.branches.capacity() > 4 * self.branches.len() + 1024 {
+            self.branches.shrink_to(2 * self.branches.len());
+        }
+        if self.timers.capacity() > 4 * self.timers.len() + 1024 {
+            self.timers.shrink_to(2 * self.timers.len());
+        }
+    }
+
     fn reap_forward(&mut self, key: &TxKey) {
         let Some(fw) = self.forwards.get(key) else {
             return;
@@ -548,6 +562,7 @@ impl App {
                     }
                 }
             }
+            t.shrink();
         }
         self.flush(sends);
     }
