@@ -33,6 +33,18 @@ struct Target {
     dest: SocketAddr,
 }
 
+impl Target {
+    fn outbound(self, bytes: Bytes) -> Outbound {
+        Outbound {
+            transport: self.transport,
+            dest: self.dest,
+            conn: None,
+            local: None,
+            bytes,
+        }
+    }
+}
+
 /// One forwarded request: the server side and its branches.
 #[derive(Debug)]
 struct Forward {
@@ -214,13 +226,7 @@ impl App {
         let app = self.clone();
         tokio::spawn(async move {
             if let Some((target, bytes)) = app.stateless_forward(&msg, &ctx).await {
-                app.flush(Sends(vec![Outbound {
-                    transport: target.transport,
-                    dest: target.dest,
-                    conn: None,
-                    local: None,
-                    bytes,
-                }]));
+                app.flush(Sends(vec![target.outbound(bytes)]));
             }
         });
     }
@@ -233,48 +239,16 @@ impl App {
         };
         let mut sends = Sends::default();
         let found = {
-            let Ok(mut t) = self.proxy.lock() else { return };
+            let Ok(mut guard) = self.proxy.lock() else {
+                return;
+            };
+            let t = &mut *guard;
             let now = Instant::now();
             match t.forwards.get_mut(&key) {
                 Some(fw) if !fw.final_sent => {
                     fw.canceled = true;
                     let names = fw.branches.clone();
-                    for name in names {
-                        let Some(b) = t.branches.get(&format!("{name}|INVITE")) else {
-                            continue;
-                        };
-                        if b.done {
-                            continue;
-                        }
-                        let target = b.target;
-                        let cancel = request::cancel_for(b.tx.request());
-                        if let Ok(cm) = Message::parse(cancel, &self.cfg.parse_limits) {
-                            let mut ctx_tx = ClientTransaction::new(
-                                cm,
-                                target.transport.is_reliable(),
-                                self.cfg.timers,
-                                now,
-                            );
-                            while let Some(bytes) = ctx_tx.poll_transmit() {
-                                sends.0.push(Outbound {
-                                    transport: target.transport,
-                                    dest: target.dest,
-                                    conn: None,
-                                    local: None,
-                                    bytes,
-                                });
-                            }
-                            t.insert_branch(
-                                format!("{name}|CANCEL"),
-                                Branch {
-                                    tx: ctx_tx,
-                                    forward: key.clone(),
-                                    target,
-                                    done: false,
-                                },
-                            );
-                        }
-                    }
+                    cancel_pending(self, t, &key, &names, now, &mut sends);
                     true
                 }
                 Some(_) => true,
@@ -311,13 +285,7 @@ impl App {
             let pass = b.tx.handle_response(&msg, now);
             let target = b.target;
             while let Some(bytes) = b.tx.poll_transmit() {
-                sends.0.push(Outbound {
-                    transport: target.transport,
-                    dest: target.dest,
-                    conn: None,
-                    local: None,
-                    bytes,
-                });
+                sends.0.push(target.outbound(bytes));
             }
             let code = msg.status().unwrap_or(0);
             let fwd_key = b.forward.clone();
@@ -506,13 +474,7 @@ impl App {
                         }
                         b.tx.handle_timeout(now);
                         while let Some(bytes) = b.tx.poll_transmit() {
-                            sends.0.push(Outbound {
-                                transport: b.target.transport,
-                                dest: b.target.dest,
-                                conn: None,
-                                local: None,
-                                bytes,
-                            });
+                            sends.0.push(b.target.outbound(bytes));
                         }
                         let timed_out = b.tx.poll_event() == Some(ClientEvent::TimedOut)
                             && b.tx.request().method() != Method::Cancel;
@@ -837,16 +799,7 @@ impl App {
                 ClientTransaction::new(out, target.transport.is_reliable(), self.cfg.timers, now);
             let name = format!("{branch}|{}", msg.method_str());
             while let Some(bytes) = tx.poll_transmit() {
-                first_sends.push((
-                    name.clone(),
-                    Outbound {
-                        transport: target.transport,
-                        dest: target.dest,
-                        conn: None,
-                        local: None,
-                        bytes,
-                    },
-                ));
+                first_sends.push((name.clone(), target.outbound(bytes)));
             }
             t.insert_branch(
                 name,
@@ -1111,13 +1064,7 @@ fn cancel_pending(
         let mut tx =
             ClientTransaction::new(cm, target.transport.is_reliable(), app.cfg.timers, now);
         while let Some(bytes) = tx.poll_transmit() {
-            sends.0.push(Outbound {
-                transport: target.transport,
-                dest: target.dest,
-                conn: None,
-                local: None,
-                bytes,
-            });
+            sends.0.push(target.outbound(bytes));
         }
         t.insert_branch(
             format!("{name}|CANCEL"),
