@@ -243,10 +243,14 @@ fn expect(ua: &Ua, start: &str) -> String {
 /// Answers a received request from a raw device back to the proxy.
 fn answer(ua: &Ua, request: &str, code: u16) {
     let m = Message::parse(Bytes::from(request.to_string()), &ParseLimits::default()).unwrap();
-    let r = ResponseBuilder::new(&m, code)
+    let mut b = ResponseBuilder::new(&m, code)
         .to_tag(format!("dev{}", ua.port()))
-        .header("Contact", format!("<sip:dev@127.0.0.1:{}>", ua.port()))
-        .build();
+        .header("Contact", format!("<sip:dev@127.0.0.1:{}>", ua.port()));
+    // A UAS copies Record-Route into its responses (RFC 3261 §12.1.1).
+    for rr in m.headers_named(careflow_proto::HeaderName::RecordRoute) {
+        b = b.header("Record-Route", rr);
+    }
+    let r = b.build();
     ua.sock.send_to(&r, ua.server).unwrap();
 }
 
@@ -669,4 +673,71 @@ fn timer_c_cancels_a_branch_that_rings_too_long() {
     answer(&bob, &cancel, 200);
     answer(&bob, &inv, 487);
     expect(&a, "SIP/2.0 408");
+}
+
+#[test]
+fn in_dialog_requests_follow_the_record_route_and_other_methods_are_routed() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let bob = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    // OPTIONS to a user is proxied (after authentication) like any request.
+    let port = a.port();
+    let options = |cseq: u32, extra: &str| {
+        format!(
+            "OPTIONS sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKopt{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=o1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: opt1\r\nCSeq: {cseq} OPTIONS\r\n{extra}Content-Length: 0\r\n\r\n"
+        )
+    };
+    let r = a.request(&options(1, ""));
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "alice",
+        DOMAIN,
+        "pw-alice",
+        "OPTIONS",
+        &format!("sip:bob@{DOMAIN}"),
+        1,
+    );
+    a.send(&options(2, &format!("Proxy-Authorization: {auth}\r\n")));
+    let got = expect(&bob, "OPTIONS ");
+    answer(&bob, &got, 200);
+    expect(&a, "SIP/2.0 200");
+
+    // A call, then INFO and UPDATE inside the dialog along the recorded route.
+    invite_authorized(&a, "alice", "pw-alice", "bob", "dlg1");
+    let inv = expect(&bob, "INVITE ");
+    answer(&bob, &inv, 200);
+    let ok = expect(&a, "SIP/2.0 200");
+    let rr = header(&ok, "Record-Route")
+        .expect("Record-Route in the 200")
+        .to_string();
+    let remote = header(&ok, "Contact")
+        .expect("Contact")
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_string();
+    let to = header(&ok, "To").unwrap().to_string();
+    let in_dialog = |method: &str, cseq: u32| {
+        format!(
+            "{method} {remote} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKdlg{cseq};rport\r\nRoute: {rr}\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=f-dlg1\r\nTo: {to}\r\nCall-ID: dlg1\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    a.send(&in_dialog("ACK", 2).replace("CSeq: 2 ACK", "CSeq: 2 ACK"));
+    expect(&bob, "ACK ");
+    for (method, cseq) in [("INFO", 3), ("UPDATE", 4), ("BYE", 5)] {
+        a.send(&in_dialog(method, cseq));
+        let got = expect(&bob, &format!("{method} "));
+        assert!(
+            !got.contains(&format!("Route: {rr}")),
+            "our Route is removed: {got}"
+        );
+        answer(&bob, &got, 200);
+        let r = expect(&a, "SIP/2.0 200");
+        assert!(r.contains(&format!("CSeq: {cseq} {method}")), "{r}");
+    }
+    // Without our route set an in-dialog request is refused (no relaying).
+    let r = a.request(&in_dialog("INFO", 6).replace(&format!("Route: {rr}\r\n"), ""));
+    assert_eq!(status(&r), 403, "{r}");
 }
