@@ -741,3 +741,33 @@ fn in_dialog_requests_follow_the_record_route_and_other_methods_are_routed() {
     let r = a.request(&in_dialog("INFO", 6).replace(&format!("Route: {rr}\r\n"), ""));
     assert_eq!(status(&r), 403, "{r}");
 }
+
+#[test]
+fn challenges_from_every_branch_are_aggregated() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let desk = device(&server, "bob", "pw-bob");
+    let soft = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    invite_authorized(&a, "alice", "pw-alice", "bob", "agg1");
+    for (ua, realm) in [(&desk, "desk.example"), (&soft, "soft.example")] {
+        let inv = expect(ua, "INVITE ");
+        let m = Message::parse(Bytes::from(inv), &ParseLimits::default()).unwrap();
+        let r = ResponseBuilder::new(&m, 401)
+            .to_tag(format!("dev{}", ua.port()))
+            .header(
+                "WWW-Authenticate",
+                format!("Digest realm=\"{realm}\", nonce=\"n\", qop=\"auth\""),
+            )
+            .build();
+        ua.sock.send_to(&r, ua.server).unwrap();
+        expect(ua, "ACK ");
+    }
+    let r = expect(&a, "SIP/2.0 401");
+    assert!(
+        r.contains("realm=\"desk.example\"") && r.contains("realm=\"soft.example\""),
+        "{r}"
+    );
+    assert_eq!(r.matches("WWW-Authenticate:").count(), 2, "{r}");
+}

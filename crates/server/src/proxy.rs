@@ -53,6 +53,8 @@ struct Forward {
     invite: Option<InviteServerTransaction>,
     branches: Vec<String>,
     best: Option<(u16, Bytes)>,
+    /// WWW-/Proxy-Authenticate lines of every 401/407 received (§16.7 step 7).
+    challenges: Vec<String>,
     final_sent: bool,
     canceled: bool,
     /// An out-of-dialog INVITE: a call, counted in the call metrics.
@@ -383,6 +385,19 @@ impl App {
                 }
             }
             _ => {
+                if code == 401 || code == 407 {
+                    if let Ok(m) = Message::parse(bytes.clone(), &self.cfg.parse_limits) {
+                        for f in m.fields() {
+                            if matches!(
+                                f.name,
+                                HeaderName::WwwAuthenticate | HeaderName::ProxyAuthenticate
+                            ) {
+                                fw.challenges
+                                    .push(String::from_utf8_lossy(m.field_line(f)).into_owned());
+                            }
+                        }
+                    }
+                }
                 if fw.best.as_ref().is_none_or(|(b, _)| better(code, *b)) {
                     fw.best = Some((code, bytes));
                 }
@@ -421,6 +436,12 @@ impl App {
         let (code, bytes) = match fw.best.take() {
             Some(b) => b,
             None => (408, self.reply(&fw.request, &fw.ctx, 408).build()),
+        };
+        // §16.7 step 7: a 401/407 carries the challenges of every branch that sent one.
+        let bytes = if (code == 401 || code == 407) && !fw.challenges.is_empty() {
+            with_challenges(&bytes, &fw.challenges, &self.cfg.parse_limits)
+        } else {
+            bytes
         };
         // §16.7 step 6: a 503 from downstream becomes 500 upstream.
         let (code, bytes) = if code == 503 {
@@ -826,6 +847,7 @@ impl App {
             best: None,
             final_sent: false,
             canceled: false,
+            challenges: Vec::new(),
             call: is_call,
         };
         sends.0.extend(drain_forward(&mut fw).0);
@@ -1018,6 +1040,35 @@ fn better(new: u16, old: u16) -> bool {
         _ => 4,
     };
     rank(new) < rank(old)
+}
+
+/// The response with its own challenge lines replaced by all collected ones (which include
+/// its own, so nothing is lost or repeated); everything else byte for byte.
+fn with_challenges(
+    resp: &Bytes,
+    challenges: &[String],
+    limits: &careflow_proto::ParseLimits,
+) -> Bytes {
+    let Ok(m) = Message::parse(resp.clone(), limits) else {
+        return resp.clone();
+    };
+    let mut out =
+        Vec::with_capacity(resp.len() + challenges.iter().map(String::len).sum::<usize>());
+    out.extend_from_slice(m.start_line_bytes());
+    for f in m.fields() {
+        if !matches!(
+            f.name,
+            HeaderName::WwwAuthenticate | HeaderName::ProxyAuthenticate
+        ) {
+            out.extend_from_slice(m.field_line(f));
+        }
+    }
+    for c in challenges {
+        out.extend_from_slice(c.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(m.body());
+    Bytes::from(out)
 }
 
 fn drain_forward(fw: &mut Forward) -> Sends {
