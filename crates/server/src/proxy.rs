@@ -385,16 +385,16 @@ impl App {
                 }
             }
             _ => {
-                if code == 401 || code == 407 {
-                    if let Ok(m) = Message::parse(bytes.clone(), &self.cfg.parse_limits) {
-                        for f in m.fields() {
-                            if matches!(
-                                f.name,
-                                HeaderName::WwwAuthenticate | HeaderName::ProxyAuthenticate
-                            ) {
-                                fw.challenges
-                                    .push(String::from_utf8_lossy(m.field_line(f)).into_owned());
-                            }
+                if (code == 401 || code == 407)
+                    && let Ok(m) = Message::parse(bytes.clone(), &self.cfg.parse_limits)
+                {
+                    for f in m.fields() {
+                        if matches!(
+                            f.name,
+                            HeaderName::WwwAuthenticate | HeaderName::ProxyAuthenticate
+                        ) {
+                            fw.challenges
+                                .push(String::from_utf8_lossy(m.field_line(f)).into_owned());
                         }
                     }
                 }
