@@ -724,7 +724,7 @@ fn in_dialog_requests_follow_the_record_route_and_other_methods_are_routed() {
             "{method} {remote} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKdlg{cseq};rport\r\nRoute: {rr}\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=f-dlg1\r\nTo: {to}\r\nCall-ID: dlg1\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n"
         )
     };
-    a.send(&in_dialog("ACK", 2).replace("CSeq: 2 ACK", "CSeq: 2 ACK"));
+    a.send(&in_dialog("ACK", 2));
     expect(&bob, "ACK ");
     for (method, cseq) in [("INFO", 3), ("UPDATE", 4), ("BYE", 5)] {
         a.send(&in_dialog(method, cseq));
