@@ -771,3 +771,46 @@ fn challenges_from_every_branch_are_aggregated() {
     );
     assert_eq!(r.matches("WWW-Authenticate:").count(), 2, "{r}");
 }
+
+#[test]
+fn an_unreachable_udp_binding_fails_at_once() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    // A UDP contact where nothing listens: the kernel answers with ICMP port unreachable.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().port();
+    drop(closed);
+    let reg = Ua::new(server.sip_addr());
+    let r = reg.register("bob", "pw-bob", DOMAIN, "reg-icmp", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let r = reg.request(&reg.register_msg("bob", DOMAIN, "reg-icmp", 3, "Expires: 0\r\n"));
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "bob",
+        DOMAIN,
+        "pw-bob",
+        "REGISTER",
+        &format!("sip:{DOMAIN}"),
+        1,
+    );
+    let extra =
+        format!("Authorization: {auth}\r\nContact: <sip:bob@127.0.0.1:{dead}>;expires=300\r\n");
+    let r = reg.request(&reg.register_msg(
+        "bob",
+        DOMAIN,
+        "reg-icmp",
+        4,
+        &format!("Expires: 0\r\n{extra}"),
+    ));
+    assert_eq!(status(&r), 200, "{r}");
+    let b = server.bindings_of("bob");
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert!(b[0].contains(&format!(":{dead} ")), "{b:?}");
+    let a = Ua::new(server.sip_addr());
+    invite_authorized(&a, "alice", "pw-alice", "bob", "icmp1");
+    // Answered well before Timer B (32 s): the Ua waits 3 s at most.
+    let r = expect(&a, "SIP/2.0 5");
+    assert!(r.starts_with("SIP/2.0 500"), "{r}");
+}

@@ -261,6 +261,12 @@ impl App {
 }
 
 impl InboundHandler for App {
+    fn unreachable(&self, transport: Transport, dest: SocketAddr) {
+        if let Some(app) = self.me.upgrade() {
+            app.proxy_unreachable(transport, dest);
+        }
+    }
+
     fn handle(&self, inbound: Inbound) {
         let msg = match Message::parse(inbound.bytes, &self.cfg.parse_limits) {
             Ok(m) => m,

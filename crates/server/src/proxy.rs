@@ -875,6 +875,29 @@ impl App {
         });
     }
 
+    /// ICMP said `dest` is unreachable: branches still waiting for any answer from it fail
+    /// now (a stale binding must not hold a call for Timer B).
+    pub(crate) fn proxy_unreachable(self: &Arc<Self>, transport: Transport, dest: SocketAddr) {
+        let names: Vec<String> = match self.proxy.lock() {
+            Ok(t) => t
+                .branches
+                .iter()
+                .filter(|(_, b)| {
+                    !b.done
+                        && b.target.transport == transport
+                        && b.target.dest == dest
+                        && b.tx.state() == ClientState::Calling
+                })
+                .map(|(n, _)| n.clone())
+                .collect(),
+            Err(_) => return,
+        };
+        for name in names {
+            tracing::info!(%dest, "branch target unreachable (ICMP)");
+            self.proxy_branch_failed(&name);
+        }
+    }
+
     fn proxy_branch_failed(self: &Arc<Self>, name: &str) {
         let now = Instant::now();
         let mut sends = Sends::default();

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 mod conn;
+mod icmp;
 mod tcp;
 mod udp;
 
@@ -87,6 +88,12 @@ pub struct Outbound {
 pub trait InboundHandler: Send + Sync + 'static {
     /// One message arrived.
     fn handle(&self, inbound: Inbound);
+
+    /// The network reported `dest` unreachable (ICMP port or host unreachable for a datagram
+    /// we sent), so requests waiting for an answer from it can fail at once.
+    fn unreachable(&self, transport: Transport, dest: SocketAddr) {
+        let _ = (transport, dest);
+    }
 }
 
 /// Transport failures.
@@ -175,6 +182,7 @@ impl Transports {
             match s.transport {
                 Transport::Udp => {
                     let sock = UdpSocket::bind(s.addr).await.map_err(bind_err)?;
+                    icmp::enable(&sock);
                     let addr = sock.local_addr().map_err(bind_err)?;
                     bound.push(ListenSpec {
                         transport: s.transport,

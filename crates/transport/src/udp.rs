@@ -35,8 +35,15 @@ pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
                     bytes: Bytes::copy_from_slice(&buf[..n]),
                 });
             }
-            // ICMP errors surface here on Linux (ECONNREFUSED from an earlier send): not fatal.
-            Err(e) => tracing::trace!(error = %e, "udp recv error"),
+            // ICMP errors for earlier sends surface here (IP_RECVERR): tell the application
+            // which destinations are unreachable.
+            Err(e) => {
+                tracing::trace!(error = %e, "udp recv error");
+                for dest in crate::icmp::drain(&sock) {
+                    tracing::debug!(%dest, "destination unreachable (ICMP)");
+                    t.inner.handler.unreachable(Transport::Udp, dest);
+                }
+            }
         }
     }
 }
