@@ -814,3 +814,127 @@ fn an_unreachable_udp_binding_fails_at_once() {
     let r = expect(&a, "SIP/2.0 5");
     assert!(r.starts_with("SIP/2.0 500"), "{r}");
 }
+
+#[test]
+fn hop_limit_loops_and_a_6xx_end_the_search() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let desk = device(&server, "bob", "pw-bob");
+    let soft = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    // Max-Forwards: 0 -> 483.
+    let r = a.request(
+        &invite(&a, "alice", "bob", "mf0", 1, "mf0", "")
+            .replace("Max-Forwards: 70", "Max-Forwards: 0"),
+    );
+    assert_eq!(status(&r), 483, "{r}");
+    // Our own Via with the branch we would compute again -> 482.
+    let first = invite(&a, "alice", "bob", "loop1", 1, "loop1", "");
+    let m = Message::parse(Bytes::from(first.clone()), &ParseLimits::default()).unwrap();
+    let ours = format!(
+        "Via: SIP/2.0/UDP 127.0.0.1:{};branch={}\r\n",
+        server.port,
+        careflow_core::proxy::branch(&careflow_core::proxy::loop_hash(&m), 1)
+    );
+    let looped = first.replacen("Via: ", &format!("{ours}Via: "), 1);
+    let r = a.request(&looped);
+    assert_eq!(status(&r), 482, "{r}");
+    // A 6xx from one device ends the search: the other is cancelled, the caller gets the 6xx.
+    invite_authorized(&a, "alice", "pw-alice", "bob", "six1");
+    let inv_desk = expect(&desk, "INVITE ");
+    let inv_soft = expect(&soft, "INVITE ");
+    answer(&soft, &inv_soft, 180);
+    answer(&desk, &inv_desk, 603);
+    let c = expect(&soft, "CANCEL ");
+    answer(&soft, &c, 200);
+    answer(&soft, &inv_soft, 487);
+    expect(&a, "SIP/2.0 603");
+}
+
+#[test]
+fn subscribe_notify_refer_and_prack_pass_through() {
+    let server = Server::start(DOMAIN);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let bob = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    let port = a.port();
+    // SUBSCRIBE out of dialog (authenticated), then NOTIFY back along the recorded route.
+    let sub = |cseq: u32, extra: &str| {
+        format!(
+            "SUBSCRIBE sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKsub{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=s1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: sub1\r\nCSeq: {cseq} SUBSCRIBE\r\nEvent: presence\r\nExpires: 600\r\nContact: <sip:alice@127.0.0.1:{port}>\r\n{extra}Content-Length: 0\r\n\r\n"
+        )
+    };
+    let r = a.request(&sub(1, ""));
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "alice",
+        DOMAIN,
+        "pw-alice",
+        "SUBSCRIBE",
+        &format!("sip:bob@{DOMAIN}"),
+        1,
+    );
+    a.send(&sub(2, &format!("Proxy-Authorization: {auth}\r\n")));
+    let got = expect(&bob, "SUBSCRIBE ");
+    let rr = header(&got, "Record-Route")
+        .expect("SUBSCRIBE is record-routed")
+        .to_string();
+    answer(&bob, &got, 200);
+    expect(&a, "SIP/2.0 200");
+    let bport = bob.port();
+    let notify = format!(
+        "NOTIFY sip:alice@127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{bport};branch=z9hG4bKnot1;rport\r\nRoute: {rr}\r\nMax-Forwards: 70\r\nFrom: <sip:bob@{DOMAIN}>;tag=dev{bport}\r\nTo: <sip:alice@{DOMAIN}>;tag=s1\r\nCall-ID: sub1\r\nCSeq: 1 NOTIFY\r\nEvent: presence\r\nSubscription-State: active;expires=600\r\nContent-Length: 0\r\n\r\n"
+    );
+    bob.send(&notify);
+    let got = expect(&a, "NOTIFY ");
+    answer(&a, &got, 200);
+    expect(&bob, "SIP/2.0 200");
+
+    // A call with a reliable provisional (100rel): the 183 and the PRACK pass untouched; then
+    // a REFER inside the dialog.
+    invite_authorized(&a, "alice", "pw-alice", "bob", "rel1");
+    let inv = expect(&bob, "INVITE ");
+    let m = Message::parse(Bytes::from(inv.clone()), &ParseLimits::default()).unwrap();
+    let mut b183 = ResponseBuilder::new(&m, 183)
+        .to_tag(format!("dev{bport}"))
+        .header("Contact", format!("<sip:dev@127.0.0.1:{bport}>"))
+        .header("Require", "100rel")
+        .header("RSeq", 1);
+    for r in m.headers_named(careflow_proto::HeaderName::RecordRoute) {
+        b183 = b183.header("Record-Route", r);
+    }
+    bob.sock.send_to(&b183.build(), bob.server).unwrap();
+    let p = expect(&a, "SIP/2.0 183");
+    assert!(
+        p.contains("Require: 100rel") && p.contains("RSeq: 1"),
+        "{p}"
+    );
+    let rr = header(&p, "Record-Route").unwrap().to_string();
+    let to = header(&p, "To").unwrap().to_string();
+    let in_dialog = |method: &str, cseq: u32, extra: &str| {
+        format!("{method} sip:dev@127.0.0.1:{bport} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKrel{cseq};rport\r\nRoute: {rr}\r\nMax-Forwards: 70\r\nFrom: <sip:bob@{DOMAIN}>;tag=f-rel1\r\nTo: {to}\r\nCall-ID: rel1\r\nCSeq: {cseq} {method}\r\n{extra}Content-Length: 0\r\n\r\n")
+            .replace("From: <sip:bob@", "From: <sip:alice@")
+    };
+    a.send(&in_dialog("PRACK", 3, "RAck: 1 2 INVITE\r\n"));
+    let got = expect(&bob, "PRACK ");
+    assert!(got.contains("RAck: 1 2 INVITE"), "{got}");
+    answer(&bob, &got, 200);
+    expect(&a, "SIP/2.0 200");
+    answer(&bob, &inv, 200);
+    expect(&a, "SIP/2.0 200");
+    a.send(&in_dialog(
+        "REFER",
+        4,
+        &format!("Refer-To: <sip:carol@{DOMAIN}>\r\n"),
+    ));
+    let got = expect(&bob, "REFER ");
+    assert!(
+        got.contains(&format!("Refer-To: <sip:carol@{DOMAIN}>")),
+        "{got}"
+    );
+    answer(&bob, &got, 202);
+    expect(&a, "SIP/2.0 202");
+}
