@@ -1,6 +1,7 @@
 //! Calls and messages through the proxy: sipp caller and callee, and raw user agents for
 //! forking, CANCEL, 404/480 and MESSAGE.
 
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -937,4 +938,72 @@ fn subscribe_notify_refer_and_prack_pass_through() {
     );
     answer(&bob, &got, 202);
     expect(&a, "SIP/2.0 202");
+}
+
+#[test]
+fn a_call_across_two_interfaces_is_record_routed_on_both() {
+    // Two UDP listeners on different addresses; the caller comes in on 127.0.0.2, the callee
+    // is reached from 127.0.0.1.
+    let second = free_port();
+    let listen = format!("udp:127.0.0.1:{{port}},tcp:127.0.0.1:{{port}},udp:127.0.0.2:{second}");
+    let server = Server::start_with(DOMAIN, &[("SIP_LISTEN", listen.as_str())]);
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let bob = device(&server, "bob", "pw-bob");
+    let a = Ua::new(SocketAddr::from(([127, 0, 0, 2], second)));
+    invite_authorized(&a, "alice", "pw-alice", "bob", "iface1");
+    let inv = expect(&bob, "INVITE ");
+    let rrs: Vec<&str> = inv
+        .lines()
+        .filter(|l| l.starts_with("Record-Route:"))
+        .collect();
+    assert_eq!(
+        rrs,
+        vec![
+            format!(
+                "Record-Route: <sip:127.0.0.1:{};transport=udp;lr>",
+                server.port
+            )
+            .as_str(),
+            format!("Record-Route: <sip:127.0.0.2:{second};transport=udp;lr>").as_str(),
+        ],
+        "{inv}"
+    );
+    answer(&bob, &inv, 200);
+    expect(&a, "SIP/2.0 200");
+    // The callee hangs up along its route set: both of our entries are consumed.
+    let bport = bob.port();
+    let bye = format!(
+        "BYE sip:alice@127.0.0.1:{} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{bport};branch=z9hG4bKbye1;rport\r\nRoute: <sip:127.0.0.1:{};transport=udp;lr>, <sip:127.0.0.2:{second};transport=udp;lr>\r\nMax-Forwards: 70\r\nFrom: <sip:bob@{DOMAIN}>;tag=dev{bport}\r\nTo: <sip:alice@{DOMAIN}>;tag=f-iface1\r\nCall-ID: iface1\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
+        a.port(),
+        server.port
+    );
+    bob.send(&bye);
+    let got = expect(&a, "BYE ");
+    assert!(!got.contains("Route:"), "{got}");
+    answer(&a, &got, 200);
+    expect(&bob, "SIP/2.0 200");
+}
+
+#[test]
+fn a_strict_router_upstream_is_handled() {
+    let server = Server::start(DOMAIN);
+    server.add_user("bob", "pw-bob");
+    let bob = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    let (port, bport) = (a.port(), bob.port());
+    // A strict router put our address into the Request-URI and the real target last in Route.
+    let info = format!(
+        "INFO sip:127.0.0.1:{} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKstrict1;rport\r\nRoute: <sip:dev@127.0.0.1:{bport}>\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=s1\r\nTo: <sip:bob@{DOMAIN}>;tag=b1\r\nCall-ID: strict1\r\nCSeq: 7 INFO\r\nContent-Length: 0\r\n\r\n",
+        server.port
+    );
+    a.send(&info);
+    let got = expect(&bob, "INFO ");
+    assert!(
+        got.starts_with(&format!("INFO sip:dev@127.0.0.1:{bport} SIP/2.0\r\n")),
+        "{got}"
+    );
+    assert!(!got.contains("Route:"), "{got}");
+    answer(&bob, &got, 200);
+    expect(&a, "SIP/2.0 200");
 }

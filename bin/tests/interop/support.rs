@@ -96,7 +96,8 @@ impl Server {
             .env("DATA_DIR", self.data_dir())
             .env("RUST_LOG", "info");
         for (k, v) in &self.extra_env {
-            c.env(k, v);
+            // "{port}" stands for the server's own SIP port (e.g. in a custom SIP_LISTEN).
+            c.env(k, v.replace("{port}", &self.port.to_string()));
         }
         c
     }

@@ -44,6 +44,8 @@ pub struct App {
     me: Weak<App>,
     binding_ids: AtomicU64,
     pub(crate) proxy: Mutex<crate::proxy::ProxyTables>,
+    /// Local IP per destination, for choosing the interface a proxied request leaves by.
+    pub(crate) route_cache: Mutex<std::collections::HashMap<std::net::IpAddr, std::net::IpAddr>>,
     bound: OnceLock<Vec<ListenSpec>>,
 }
 
@@ -80,6 +82,7 @@ impl App {
             me,
             binding_ids: AtomicU64::new(start),
             proxy: Mutex::default(),
+            route_cache: Mutex::default(),
             bound: OnceLock::new(),
         }
     }

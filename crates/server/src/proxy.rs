@@ -6,7 +6,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -31,6 +31,8 @@ use crate::unix_now;
 struct Target {
     transport: Transport,
     dest: SocketAddr,
+    /// Our listener to send from (the interface facing `dest`).
+    local: Option<SocketAddr>,
 }
 
 impl Target {
@@ -39,7 +41,7 @@ impl Target {
             transport: self.transport,
             dest: self.dest,
             conn: None,
-            local: None,
+            local: self.local,
             bytes,
         }
     }
@@ -774,7 +776,8 @@ impl App {
         let hash = proxy::loop_hash(&msg);
         let is_invite = msg.method() == Method::Invite;
         let is_call = is_invite && msg.to().and_then(|t| t.tag()).is_none();
-        let record_route = self.record_route(&ctx);
+        let in_addr = self.inbound_addr(&ctx);
+        let record_route = Self::record_route_at(ctx.transport, in_addr);
         let mut sends = Sends::default();
         let mut invite = is_invite.then(|| {
             InviteServerTransaction::new(ctx.transport.is_reliable(), self.cfg.timers, now)
@@ -789,13 +792,18 @@ impl App {
         let mut names = Vec::new();
         for (uri, target) in targets {
             let branch = proxy::branch(&hash, self.next_binding_id());
-            let via = self.via_for(target.transport, &ctx, &branch);
-            // Record-Route (§16.6 step 4): once, or twice when the call changes transport, so
-            // each side reaches us over its own transport (RFC 5658): the top entry faces the
-            // callee, the other the caller.
+            let out_addr = self.outbound_addr(target.transport, target.dest, &ctx);
+            let target = Target {
+                local: Some(out_addr),
+                ..target
+            };
+            let via = Self::via_at(target.transport, out_addr, &branch);
+            // Record-Route (§16.6 step 4): once, or twice when the call changes transport or
+            // interface, so each side reaches us where it can (RFC 5658): the top entry faces
+            // the callee, the other the caller.
             let record = msg.to().and_then(|t| t.tag()).is_none() || msg.method() == Method::Invite;
-            let out_rr = (record && target.transport != ctx.transport)
-                .then(|| self.record_route_for(target.transport, &ctx));
+            let out_rr = (record && (target.transport != ctx.transport || out_addr != in_addr))
+                .then(|| Self::record_route_at(target.transport, out_addr));
             let rr: Vec<&str> = if record {
                 out_rr
                     .iter()
@@ -946,7 +954,11 @@ impl App {
         };
         let target = self.resolve(&uri).await?;
         let branch = proxy::branch(&proxy::loop_hash(msg), self.next_binding_id());
-        let via = self.via_for(target.transport, ctx, &branch);
+        let via = Self::via_at(
+            target.transport,
+            self.outbound_addr(target.transport, target.dest, ctx),
+            &branch,
+        );
         let edit = RequestEdit {
             request_uri: step.strict_request_uri.as_deref(),
             via: Some(&via),
@@ -980,11 +992,14 @@ impl App {
                 .ok()?
                 .next()?,
         };
-        Some(Target { transport, dest })
+        Some(Target {
+            transport,
+            dest,
+            local: None,
+        })
     }
 
-    fn via_for(&self, transport: Transport, ctx: &Ctx, branch: &str) -> String {
-        let addr = self.listener_addr(transport, ctx);
+    fn via_at(transport: Transport, addr: SocketAddr, branch: &str) -> String {
         format!(
             "SIP/2.0/{} {};branch={branch}",
             transport.via_token(),
@@ -992,29 +1007,71 @@ impl App {
         )
     }
 
-    fn record_route(&self, ctx: &Ctx) -> String {
-        self.record_route_for(ctx.transport, ctx)
-    }
-
-    fn record_route_for(&self, transport: Transport, ctx: &Ctx) -> String {
-        let addr = self.listener_addr(transport, ctx);
+    fn record_route_at(transport: Transport, addr: SocketAddr) -> String {
         format!("<sip:{};transport={transport};lr>", fmt_addr(addr))
     }
 
-    /// Our address on `transport`, with the address the request arrived at standing in for a
-    /// wildcard bind.
-    fn listener_addr(&self, transport: Transport, ctx: &Ctx) -> SocketAddr {
-        let bound = self.bound_listeners();
-        let l = bound
-            .iter()
-            .find(|l| l.transport == transport)
-            .map(|l| l.addr)
-            .unwrap_or(ctx.local);
-        if l.ip().is_unspecified() {
-            SocketAddr::new(ctx.local.ip(), l.port())
+    /// The address the request reached us at (a wildcard listener reports the interface the
+    /// kernel uses towards the sender).
+    fn inbound_addr(&self, ctx: &Ctx) -> SocketAddr {
+        if ctx.local.ip().is_unspecified() {
+            let ip = self
+                .local_ip_towards(ctx.source.ip())
+                .unwrap_or(ctx.local.ip());
+            SocketAddr::new(ip, ctx.local.port())
         } else {
-            l
+            ctx.local
         }
+    }
+
+    /// Our address for sending to `peer` over `transport`: the listener on the interface the
+    /// kernel routes `peer` through, so a call that crosses interfaces is recorded on both.
+    fn outbound_addr(&self, transport: Transport, peer: SocketAddr, ctx: &Ctx) -> SocketAddr {
+        let listeners: Vec<SocketAddr> = self
+            .bound_listeners()
+            .iter()
+            .filter(|l| l.transport == transport && l.addr.is_ipv4() == peer.is_ipv4())
+            .map(|l| l.addr)
+            .collect();
+        let ip = self.local_ip_towards(peer.ip());
+        if let Some(ip) = ip {
+            if let Some(l) = listeners.iter().find(|a| a.ip() == ip) {
+                return *l;
+            }
+            if let Some(l) = listeners.iter().find(|a| a.ip().is_unspecified()) {
+                return SocketAddr::new(ip, l.port());
+            }
+        }
+        match listeners.first() {
+            Some(l) if l.ip().is_unspecified() => {
+                SocketAddr::new(self.inbound_addr(ctx).ip(), l.port())
+            }
+            Some(l) => *l,
+            None => self.inbound_addr(ctx),
+        }
+    }
+
+    /// The local IP the kernel would use to reach `dest` (a connected UDP socket's name;
+    /// nothing is sent), cached per destination.
+    fn local_ip_towards(&self, dest: IpAddr) -> Option<IpAddr> {
+        if let Some(ip) = self.route_cache.lock().ok()?.get(&dest) {
+            return Some(*ip);
+        }
+        let any: SocketAddr = if dest.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let probe = std::net::UdpSocket::bind(any).ok()?;
+        probe.connect((dest, 9)).ok()?;
+        let ip = probe.local_addr().ok()?.ip();
+        if let Ok(mut c) = self.route_cache.lock() {
+            if c.len() > 10_000 {
+                c.clear();
+            }
+            c.insert(dest, ip);
+        }
+        Some(ip)
     }
 
     /// True when a Via names this server.
