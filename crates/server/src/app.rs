@@ -42,7 +42,7 @@ pub struct App {
     /// Counters.
     pub metrics: Metrics,
     me: Weak<App>,
-    binding_ids: AtomicU64,
+    ids: AtomicU64,
     pub(crate) proxy: Mutex<crate::proxy::ProxyTables>,
     /// Local IP per destination, for choosing the interface a proxied request leaves by.
     pub(crate) route_cache: Mutex<std::collections::HashMap<std::net::IpAddr, std::net::IpAddr>>,
@@ -80,7 +80,7 @@ impl App {
             transports: OnceLock::new(),
             metrics: Metrics::default(),
             me,
-            binding_ids: AtomicU64::new(start),
+            ids: AtomicU64::new(start),
             proxy: Mutex::default(),
             route_cache: Mutex::default(),
             bound: OnceLock::new(),
@@ -100,8 +100,9 @@ impl App {
         self.bound.get().map_or(&[], Vec::as_slice)
     }
 
-    pub(crate) fn next_binding_id(&self) -> u64 {
-        self.binding_ids.fetch_add(1, Ordering::Relaxed)
+    /// A process-unique number: binding ids and the unique part of our branches.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Current gauges.

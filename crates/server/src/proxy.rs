@@ -58,7 +58,6 @@ struct Forward {
     /// WWW-/Proxy-Authenticate lines of every 401/407 received (§16.7 step 7).
     challenges: Vec<String>,
     final_sent: bool,
-    canceled: bool,
     /// An out-of-dialog INVITE: a call, counted in the call metrics.
     call: bool,
 }
@@ -250,7 +249,6 @@ impl App {
             let now = Instant::now();
             match t.forwards.get_mut(&key) {
                 Some(fw) if !fw.final_sent => {
-                    fw.canceled = true;
                     let names = fw.branches.clone();
                     cancel_pending(self, t, &key, &names, now, &mut sends);
                     true
@@ -791,7 +789,7 @@ impl App {
         let mut first_sends = Vec::new();
         let mut names = Vec::new();
         for (uri, target) in targets {
-            let branch = proxy::branch(&hash, self.next_binding_id());
+            let branch = proxy::branch(&hash, self.next_id());
             let out_addr = self.outbound_addr(target.transport, target.dest, &ctx);
             let target = Target {
                 local: Some(out_addr),
@@ -854,7 +852,6 @@ impl App {
             branches: names,
             best: None,
             final_sent: false,
-            canceled: false,
             challenges: Vec::new(),
             call: is_call,
         };
@@ -953,7 +950,7 @@ impl App {
                 .unwrap_or_else(|| msg.request_uri_str().to_string()),
         };
         let target = self.resolve(&uri).await?;
-        let branch = proxy::branch(&proxy::loop_hash(msg), self.next_binding_id());
+        let branch = proxy::branch(&proxy::loop_hash(msg), self.next_id());
         let via = Self::via_at(
             target.transport,
             self.outbound_addr(target.transport, target.dest, ctx),

@@ -197,7 +197,7 @@ impl App {
         };
         let cfg = self.cfg.registrar;
         let decide = |current: &[careflow_core::Binding]| {
-            registrar::apply(&cfg, current, &req, &mut || self.next_binding_id())
+            registrar::apply(&cfg, current, &req, &mut || self.next_id())
         };
         match self.location.update(&aor, &decide).await {
             Ok(Ok(outcome)) => {
