@@ -129,6 +129,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "`true` routes requests from other domains to our users without authentication (peering); `false` refuses them with 403.",
     ),
     (
+        "scanner_user_agents",
+        "friendly-scanner,sipvicious,sipcli,sip-scan,sundayddr,iwar,sivus,smap,pplsip,vaxsipuseragent",
+        "Comma-separated User-Agent fragments (case-insensitive) of SIP scanners; their requests are dropped without an answer. Empty: none.",
+    ),
+    (
         "max_transactions",
         "100000",
         "Most server transactions in progress; beyond it requests get 503.",
@@ -180,6 +185,8 @@ pub struct Config {
     pub outbound_gateway: Option<String>,
     /// Accept requests from other domains.
     pub allow_inbound: bool,
+    /// User-Agent fragments of scanners (lower case).
+    pub scanner_user_agents: Vec<String>,
 }
 
 /// A configuration problem, naming the key.
@@ -396,6 +403,11 @@ impl Config {
                     Some(u.raw.to_string())
                 }
             },
+            scanner_user_agents: get("scanner_user_agents")
+                .split(',')
+                .map(|f| f.trim().to_ascii_lowercase())
+                .filter(|f| !f.is_empty())
+                .collect(),
             allow_inbound: match get("allow_inbound") {
                 "true" | "yes" | "1" => true,
                 "false" | "no" | "0" => false,

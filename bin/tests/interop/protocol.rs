@@ -199,3 +199,27 @@ fn health_and_metrics_endpoints() {
         assert!(body.contains(name), "{name} missing in:\n{body}");
     }
 }
+
+#[test]
+fn scanners_get_no_answer() {
+    let server = Server::start("example.test");
+    let ua = Ua::new(server.sip_addr());
+    let probe = options(ua.port(), "scan1", "OPTIONS").replace(
+        "Content-Length: 0",
+        "User-Agent: friendly-scanner\r\nContent-Length: 0",
+    );
+    ua.send(&probe);
+    ua.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert_eq!(ua.recv(), None, "a scanner is not answered");
+    ua.sock
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let r = ua.request(&options(ua.port(), "real1", "OPTIONS").replace(
+        "Content-Length: 0",
+        "User-Agent: Yealink SIP-T46S\r\nContent-Length: 0",
+    ));
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(server.metric("careflow_sip_scanner_drops_total"), 1);
+}

@@ -146,6 +146,18 @@ impl App {
         release_free_memory();
     }
 
+    /// True when the User-Agent names a known scanner.
+    fn is_scanner(&self, msg: &Message) -> bool {
+        let Some(ua) = msg.header(HeaderName::UserAgent) else {
+            return false;
+        };
+        let ua = ua.to_ascii_lowercase();
+        self.cfg
+            .scanner_user_agents
+            .iter()
+            .any(|f| ua.contains(f.as_str()))
+    }
+
     /// True when `host` is one of our domains.
     pub(crate) fn serves_domain(&self, host: &str) -> bool {
         self.cfg
@@ -289,6 +301,12 @@ impl InboundHandler for App {
             return;
         }
         self.metrics.request(msg.method());
+        if self.is_scanner(&msg) {
+            // Scanners get no answer at all: nothing to learn from, nothing to enumerate.
+            self.metrics.scanner_drops.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target: "careflow::security", event = "scanner_dropped", src_ip = %inbound.source.ip(), "request from a SIP scanner dropped");
+            return;
+        }
         let mut ctx = Ctx {
             transport: inbound.transport,
             source: inbound.source,

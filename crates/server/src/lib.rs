@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub outbound_gateway: Option<String>,
     /// Route requests from other domains to our users without authentication.
     pub allow_inbound: bool,
+    /// User-Agent fragments (lower case) whose requests are dropped silently.
+    pub scanner_user_agents: Vec<String>,
 }
 
 /// A running SIP server.

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub retransmissions: AtomicU64,
     /// Subscriber or location store errors.
     pub store_errors: AtomicU64,
+    /// Requests from known SIP scanners, dropped unanswered.
+    pub scanner_drops: AtomicU64,
 }
 
 /// Gauges read at render time.
@@ -168,6 +170,11 @@ impl Metrics {
                 "careflow_sip_store_errors_total",
                 "Subscriber or location store errors.",
                 &self.store_errors,
+            ),
+            (
+                "careflow_sip_scanner_drops_total",
+                "Requests from known SIP scanners, dropped unanswered.",
+                &self.scanner_drops,
             ),
         ];
         for (name, help, v) in counters {
