@@ -199,33 +199,30 @@ fn invite(
     )
 }
 
+/// Sends an out-of-dialog request that the proxy challenges: `build(cseq, extra)` makes it,
+/// the 407 is answered with `user`'s credentials. Returns the request sent the second time.
+fn send_with_proxy_auth(
+    ua: &Ua,
+    (user, password): (&str, &str),
+    (method, uri): (&str, &str),
+    build: impl Fn(u32, &str) -> String,
+) -> String {
+    let r = ua.request(&build(1, ""));
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(&r, Algorithm::Md5, user, DOMAIN, password, method, uri, 1);
+    let second = build(2, &format!("Proxy-Authorization: {auth}\r\n"));
+    ua.send(&second);
+    second
+}
+
 /// Sends an INVITE with proxy credentials (answering the 407 first) and returns the
 /// authorized request that was sent.
 fn invite_authorized(ua: &Ua, from: &str, pw: &str, to: &str, call_id: &str) -> String {
-    let first = invite(ua, from, to, call_id, 1, &format!("{call_id}a"), "");
-    let r = ua.request(&first);
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        Algorithm::Md5,
-        from,
-        DOMAIN,
-        pw,
-        "INVITE",
-        &format!("sip:{to}@{DOMAIN}"),
-        1,
-    );
-    let second = invite(
-        ua,
-        from,
-        to,
-        call_id,
-        2,
-        &format!("{call_id}b"),
-        &format!("Proxy-Authorization: {auth}\r\n"),
-    );
-    ua.send(&second);
-    second
+    let uri = format!("sip:{to}@{DOMAIN}");
+    send_with_proxy_auth(ua, (from, pw), ("INVITE", &uri), |cseq, extra| {
+        let branch = format!("{call_id}{}", if cseq == 1 { 'a' } else { 'b' });
+        invite(ua, from, to, call_id, cseq, &branch, extra)
+    })
 }
 
 /// Receives until a message starting with `start` arrives.
@@ -338,19 +335,12 @@ fn message_is_delivered() {
             "MESSAGE sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKm{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=m1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: msg1\r\nCSeq: {cseq} MESSAGE\r\nContent-Type: text/plain\r\n{extra}Content-Length: 5\r\n\r\nhello"
         )
     };
-    let r = a.request(&msg(1, ""));
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        Algorithm::Md5,
-        "alice",
-        DOMAIN,
-        "pw-alice",
-        "MESSAGE",
-        &format!("sip:bob@{DOMAIN}"),
-        1,
+    send_with_proxy_auth(
+        &a,
+        ("alice", "pw-alice"),
+        ("MESSAGE", &format!("sip:bob@{DOMAIN}")),
+        msg,
     );
-    a.send(&msg(2, &format!("Proxy-Authorization: {auth}\r\n")));
     let got = expect(&bob, "MESSAGE ");
     assert!(got.ends_with("\r\n\r\nhello"), "body passes through: {got}");
     assert!(
@@ -612,19 +602,12 @@ fn other_domains_go_through_the_gateway_and_peers_only_when_allowed() {
             "INVITE sip:carol@elsewhere.test",
         )
     };
-    let r = a.request(&out(1, ""));
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        Algorithm::Md5,
-        "alice",
-        DOMAIN,
-        "pw-alice",
-        "INVITE",
-        "sip:carol@elsewhere.test",
-        1,
+    send_with_proxy_auth(
+        &a,
+        ("alice", "pw-alice"),
+        ("INVITE", "sip:carol@elsewhere.test"),
+        out,
     );
-    a.send(&out(2, &format!("Proxy-Authorization: {auth}\r\n")));
     let mut buf = vec![0u8; 65536];
     let (n, from) = gateway.recv_from(&mut buf).unwrap();
     let got = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -690,18 +673,12 @@ fn in_dialog_requests_follow_the_record_route_and_other_methods_are_routed() {
             "OPTIONS sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKopt{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=o1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: opt1\r\nCSeq: {cseq} OPTIONS\r\n{extra}Content-Length: 0\r\n\r\n"
         )
     };
-    let r = a.request(&options(1, ""));
-    let auth = authorization(
-        &r,
-        Algorithm::Md5,
-        "alice",
-        DOMAIN,
-        "pw-alice",
-        "OPTIONS",
-        &format!("sip:bob@{DOMAIN}"),
-        1,
+    send_with_proxy_auth(
+        &a,
+        ("alice", "pw-alice"),
+        ("OPTIONS", &format!("sip:bob@{DOMAIN}")),
+        options,
     );
-    a.send(&options(2, &format!("Proxy-Authorization: {auth}\r\n")));
     let got = expect(&bob, "OPTIONS ");
     answer(&bob, &got, 200);
     expect(&a, "SIP/2.0 200");
@@ -867,18 +844,12 @@ fn subscribe_notify_refer_and_prack_pass_through() {
             "SUBSCRIBE sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKsub{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=s1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: sub1\r\nCSeq: {cseq} SUBSCRIBE\r\nEvent: presence\r\nExpires: 600\r\nContact: <sip:alice@127.0.0.1:{port}>\r\n{extra}Content-Length: 0\r\n\r\n"
         )
     };
-    let r = a.request(&sub(1, ""));
-    let auth = authorization(
-        &r,
-        Algorithm::Md5,
-        "alice",
-        DOMAIN,
-        "pw-alice",
-        "SUBSCRIBE",
-        &format!("sip:bob@{DOMAIN}"),
-        1,
+    send_with_proxy_auth(
+        &a,
+        ("alice", "pw-alice"),
+        ("SUBSCRIBE", &format!("sip:bob@{DOMAIN}")),
+        sub,
     );
-    a.send(&sub(2, &format!("Proxy-Authorization: {auth}\r\n")));
     let got = expect(&bob, "SUBSCRIBE ");
     let rr = header(&got, "Record-Route")
         .expect("SUBSCRIBE is record-routed")
