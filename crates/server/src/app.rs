@@ -337,7 +337,7 @@ impl InboundHandler for App {
         if msg.method() == Method::Invite {
             // INVITEs have their own server transactions (RFC 3261 §17.2.1), kept by the proxy.
             if let Some(app) = self.me.upgrade() {
-                app.proxy_invite(msg, ctx);
+                app.proxy_invite(msg, ctx, key);
             }
             return;
         }

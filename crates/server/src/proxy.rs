@@ -168,9 +168,8 @@ struct Sends(Vec<Outbound>);
 
 impl App {
     /// An INVITE retransmission or a new INVITE (the non-INVITE table does not see INVITEs).
-    pub(crate) fn proxy_invite(self: &Arc<Self>, msg: Message, mut ctx: Ctx) {
-        let Some(key) = TxKey::of(&msg) else { return };
-        {
+    pub(crate) fn proxy_invite(self: &Arc<Self>, msg: Message, mut ctx: Ctx, key: TxKey) {
+        let full = {
             let Ok(mut t) = self.proxy.lock() else { return };
             if let Some(fw) = t.forwards.get_mut(&key) {
                 self.metrics.retransmissions.fetch_add(1, Ordering::Relaxed);
@@ -182,9 +181,10 @@ impl App {
                 self.flush(sends);
                 return;
             }
-        }
+            t.len() >= self.cfg.max_transactions
+        };
         ctx.key = Some(key);
-        if self.proxy_full() {
+        if full {
             let resp = self.reply(&msg, &ctx, 503).header("Retry-After", 5).build();
             self.send_back(&msg, &ctx, resp);
             return;
