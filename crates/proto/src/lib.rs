@@ -22,6 +22,7 @@ pub mod rewrite;
 pub mod scan;
 mod uri;
 mod via;
+pub mod websocket;
 
 pub use error::{ParseError, ParseErrorKind};
 pub use header::HeaderName;
