@@ -9,7 +9,8 @@ use careflow_proto::ParseLimits;
 use careflow_server::{App, ServerConfig};
 use careflow_store::location::EmbeddedLocation;
 use careflow_store::{LocationStore, SubscriberStore};
-use careflow_transport::TransportLimits;
+use careflow_transport::tls::{TlsServer, TlsSettings};
+use careflow_transport::{Transport, TransportLimits, TransportOptions};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -70,10 +71,14 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
             max_size: cfg.max_message_size,
             max_headers: cfg.max_headers,
         },
-        transport: TransportLimits {
-            max_message_size: cfg.max_message_size,
-            max_connections: cfg.max_connections,
-            idle_timeout: cfg.tcp_idle_timeout,
+        transport: TransportOptions {
+            limits: TransportLimits {
+                max_message_size: cfg.max_message_size,
+                max_connections: cfg.max_connections,
+                idle_timeout: cfg.tcp_idle_timeout,
+            },
+            tls: tls_server(&cfg)?,
+            ws: cfg.ws.clone(),
         },
         timers: TimerConfig {
             t1: cfg.t1,
@@ -109,7 +114,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     status.ready.store(true, Ordering::Release);
     tracing::info!("careflow-sip ready");
 
-    wait_for_signal().await;
+    wait_for_signal(&server).await;
     tracing::info!("shutting down");
     cancel.cancel();
     server.wait().await;
@@ -118,25 +123,81 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// The TLS server for `tls:` and `wss:` listeners: the configured files, or a self-signed pair
+/// generated into DATA_DIR so the default configuration serves TLS out of the box.
+fn tls_server(cfg: &Config) -> anyhow::Result<Option<TlsServer>> {
+    let needs_tls = cfg
+        .sip_listen
+        .iter()
+        .any(|l| matches!(l.transport, Transport::Tls | Transport::Wss));
+    if !needs_tls {
+        return Ok(None);
+    }
+    let settings = match &cfg.tls_files {
+        Some((cert, key)) => TlsSettings {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+            require_client_cert: false,
+        },
+        None => {
+            let (s, generated) =
+                careflow_transport::tls::ensure_self_signed(&cfg.data_dir, &cfg.sip_domain)
+                    .context(
+                        "cannot create a self-signed TLS certificate (set TLS_CERT and TLS_KEY)",
+                    )?;
+            if generated {
+                tracing::warn!(cert = %s.cert.display(), domain = %cfg.sip_domain,
+                    "generated a self-signed TLS certificate; set TLS_CERT and TLS_KEY for one clients trust");
+            }
+            s
+        }
+    };
+    let settings = TlsSettings {
+        client_ca: cfg.tls_client_ca.clone(),
+        require_client_cert: cfg.tls_require_client_cert,
+        ..settings
+    };
+    let server = TlsServer::new(settings).context("invalid TLS_CERT / TLS_KEY / TLS_CLIENT_CA")?;
+    tracing::info!(fingerprint = %server.certs.fingerprint(), "TLS certificate loaded (SHA-256)");
+    Ok(Some(server))
+}
+
+/// Waits for SIGTERM or Ctrl-C; SIGHUP meanwhile reloads the TLS certificate.
+async fn wait_for_signal(server: &careflow_server::RunningServer) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => reload(server),
+            }
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn reload(server: &careflow_server::RunningServer) {
+    tracing::info!("SIGHUP: reloading; other settings need a restart");
+    if let Some(tls) = server.tls() {
+        match tls.certs.reload() {
+            Ok(fp) => tracing::info!(fingerprint = %fp, "TLS certificate reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "TLS certificate reload failed; keeping the old one")
+            }
+        }
     }
 }
 

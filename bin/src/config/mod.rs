@@ -24,8 +24,48 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "sip_listen",
-        "udp:0.0.0.0:5060,tcp:0.0.0.0:5060",
-        "Comma-separated SIP listeners, each `udp:HOST:PORT` or `tcp:HOST:PORT` (IPv6 as `udp:[::]:5060`).",
+        "udp:0.0.0.0:5060,tcp:0.0.0.0:5060,tls:0.0.0.0:5061,wss:0.0.0.0:8443",
+        "Comma-separated SIP listeners, each `TRANSPORT:HOST:PORT` with transport `udp`, `tcp`, `tls`, `ws` or `wss` (IPv6 as `udp:[::]:5060`). `tls` and `wss` use TLS_CERT/TLS_KEY.",
+    ),
+    (
+        "tls_cert",
+        "",
+        "PEM certificate chain (leaf first) for `tls` and `wss` listeners. Unset (with TLS_KEY unset): a self-signed certificate for SIP_DOMAIN is generated into DATA_DIR on first start and its SHA-256 fingerprint logged. Reloaded on SIGHUP and when the file changes.",
+    ),
+    (
+        "tls_key",
+        "",
+        "PEM private key for TLS_CERT (PKCS#8, PKCS#1 or SEC1).",
+    ),
+    (
+        "tls_client_ca",
+        "",
+        "PEM CA bundle; when set, client certificates offered on TLS listeners are verified against it.",
+    ),
+    (
+        "tls_require_client_cert",
+        "false",
+        "`true`: with TLS_CLIENT_CA, TLS clients without a valid certificate are refused.",
+    ),
+    (
+        "ws_path",
+        "/",
+        "HTTP path of the WebSocket upgrade on `ws` and `wss` listeners.",
+    ),
+    (
+        "ws_allowed_origins",
+        "",
+        "Comma-separated Origins (e.g. `https://app.careflow.example`) allowed to open WebSocket connections. Empty: any origin.",
+    ),
+    (
+        "ws_require_origin",
+        "false",
+        "`true` refuses WebSocket upgrades without an Origin header (non-browser clients send none).",
+    ),
+    (
+        "ws_ping_interval",
+        "30",
+        "Seconds of silence after which a WebSocket connection is pinged; two unanswered pings close it and drop its bindings.",
     ),
     (
         "http_listen",
@@ -86,12 +126,12 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "max_connections",
         "10000",
-        "Most simultaneous TCP connections.",
+        "Most simultaneous TCP, TLS and WebSocket connections.",
     ),
     (
         "tcp_idle_timeout",
         "3900",
-        "Seconds without traffic after which a TCP connection is closed.",
+        "Seconds without traffic after which a TCP, TLS or WebSocket connection is closed (bindings over it are dropped).",
     ),
     (
         "t1_ms",
@@ -187,6 +227,14 @@ pub struct Config {
     pub allow_inbound: bool,
     /// User-Agent fragments of scanners (lower case).
     pub scanner_user_agents: Vec<String>,
+    /// Certificate and key, when configured (else self-signed when a listener needs TLS).
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// CA for client certificates.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate.
+    pub tls_require_client_cert: bool,
+    /// WebSocket listener rules.
+    pub ws: careflow_transport::WsOptions,
 }
 
 /// A configuration problem, naming the key.
@@ -299,6 +347,50 @@ impl Config {
             ));
         }
         let sip_listen = parse_listen(get("sip_listen"))?;
+        let bool_key = |k: &str| match get(k) {
+            "true" | "yes" | "1" => Ok(true),
+            "false" | "no" | "0" => Ok(false),
+            other => Err(invalid(k, format!("expected true or false, got `{other}`"))),
+        };
+        let path_key = |k: &str| match get(k) {
+            "" => None,
+            p => Some(PathBuf::from(p)),
+        };
+        let tls_files = match (path_key("tls_cert"), path_key("tls_key")) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("tls_key", "TLS_CERT is set, TLS_KEY is not")),
+            (None, Some(_)) => return Err(invalid("tls_cert", "TLS_KEY is set, TLS_CERT is not")),
+        };
+        let tls_client_ca = path_key("tls_client_ca");
+        let tls_require_client_cert = bool_key("tls_require_client_cert")?;
+        if tls_require_client_cert && tls_client_ca.is_none() {
+            return Err(invalid(
+                "tls_require_client_cert",
+                "needs TLS_CLIENT_CA to verify client certificates against",
+            ));
+        }
+        let ws_path = get("ws_path").to_string();
+        if !ws_path.starts_with('/') || ws_path.contains(char::is_whitespace) {
+            return Err(invalid(
+                "ws_path",
+                format!("`{ws_path}` is not a path such as /"),
+            ));
+        }
+        let origins: Vec<String> = get("ws_allowed_origins")
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_string())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if let Some(bad) = origins
+            .iter()
+            .find(|o| !(o.starts_with("https://") || o.starts_with("http://")))
+        {
+            return Err(invalid(
+                "ws_allowed_origins",
+                format!("`{bad}` is not an origin such as https://app.example.com"),
+            ));
+        }
         let http_listen = get("http_listen").parse().map_err(|_| {
             invalid(
                 "http_listen",
@@ -374,7 +466,17 @@ impl Config {
                 "must lie between min_expires and max_expires",
             ));
         }
+        let ws = careflow_transport::WsOptions {
+            path: ws_path,
+            allowed_origins: (!origins.is_empty()).then_some(origins),
+            require_origin: bool_key("ws_require_origin")?,
+            ping_interval: Duration::from_secs(num("ws_ping_interval", 5, 3600)?),
+        };
         Ok(Self {
+            tls_files,
+            tls_client_ca,
+            tls_require_client_cert,
+            ws,
             sip_domain,
             sip_listen,
             http_listen,
@@ -446,15 +548,9 @@ fn parse_listen(s: &str) -> Result<Vec<ListenSpec>, ConfigError> {
         let transport: Transport = proto.parse().map_err(|_| {
             invalid(
                 "sip_listen",
-                format!("`{item}`: unknown transport `{proto}` (udp, tcp)"),
+                format!("`{item}`: unknown transport `{proto}` (udp, tcp, tls, ws, wss)"),
             )
         })?;
-        if !matches!(transport, Transport::Udp | Transport::Tcp) {
-            return Err(invalid(
-                "sip_listen",
-                format!("`{item}`: {transport} listeners are not in this build yet (udp, tcp)"),
-            ));
-        }
         let addr: SocketAddr = addr.parse().map_err(|_| {
             invalid(
                 "sip_listen",

@@ -14,7 +14,10 @@ fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
 fn defaults() {
     let c = Config::load(None, env(&[])).unwrap();
     assert_eq!(c.sip_domain, "localhost");
-    assert_eq!(c.sip_listen.len(), 2);
+    assert_eq!(c.sip_listen.len(), 4);
+    assert!(c.tls_files.is_none());
+    assert_eq!(c.ws.path, "/");
+    assert_eq!(c.ws.allowed_origins, None);
     assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
     assert_eq!(c.db_url, DbUrl::Sqlite(PathBuf::from("./data/careflow.db")));
     assert_eq!(c.registrar.max_contacts, 10);
@@ -58,11 +61,61 @@ fn errors_name_the_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("AUTH_ALGORITHMS"), "{e}");
+    let e = Config::load(None, env(&[("TLS_CERT", "/x.pem")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("TLS_KEY"), "{e}");
+    let e = Config::load(None, env(&[("WS_ALLOWED_ORIGINS", "app.example.com")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("WS_ALLOWED_ORIGINS"), "{e}");
+    let e = Config::load(None, env(&[("SIP_LISTEN", "sctp:0.0.0.0:5060")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SIP_LISTEN") && e.contains("sctp"), "{e}");
+    let e = Config::load(None, env(&[("TLS_REQUIRE_CLIENT_CERT", "true")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("TLS_CLIENT_CA"), "{e}");
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
     std::fs::write(&p, "sip_domian = \"typo\"\n").unwrap();
     let e = Config::load(Some(&p), env(&[])).unwrap_err().to_string();
     assert!(e.contains("sip_domian"), "{e}");
+}
+
+#[test]
+fn websocket_and_tls_settings() {
+    let c = Config::load(
+        None,
+        env(&[
+            (
+                "SIP_LISTEN",
+                "wss:0.0.0.0:8443,ws:127.0.0.1:8088,tls:[::]:5061",
+            ),
+            ("TLS_CERT", "/etc/careflow-sip/cert.pem"),
+            ("TLS_KEY", "/etc/careflow-sip/key.pem"),
+            (
+                "WS_ALLOWED_ORIGINS",
+                "https://app.careflow.example/, http://localhost:3000",
+            ),
+            ("WS_PATH", "/sip"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.sip_listen[0].transport, Transport::Wss);
+    assert_eq!(c.sip_listen[2].addr.to_string(), "[::]:5061");
+    assert!(c.tls_files.is_some());
+    assert_eq!(
+        c.ws.allowed_origins.as_deref(),
+        Some(
+            &[
+                "https://app.careflow.example".to_string(),
+                "http://localhost:3000".to_string()
+            ][..]
+        )
+    );
+    assert_eq!(c.ws.path, "/sip");
 }
 
 #[test]

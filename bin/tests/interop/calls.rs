@@ -78,7 +78,16 @@ fn sipp_calls(transport: &str, callee_transport: &str) {
             "-key",
             "contact_port",
             &uas_port.to_string(),
+            "-key",
+            "contact_transport",
+            if callee_transport == "t1" {
+                "tcp"
+            } else {
+                "udp"
+            },
         ])
+        // Registered over UDP on behalf of the UAS (a TCP registration would end with the
+        // registering process's connection, and its binding with it).
         .args([
             "-auth_uri",
             DOMAIN,
@@ -87,7 +96,7 @@ fn sipp_calls(transport: &str, callee_transport: &str) {
             "-p",
             &free_port().to_string(),
             "-t",
-            callee_transport,
+            "u1",
         ])
         .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
         .stdout(Stdio::null())

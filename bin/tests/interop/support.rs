@@ -205,6 +205,18 @@ impl Server {
         Some((code, body))
     }
 
+    /// Polls a metric until it has the value (up to 10 s); returns the last value seen.
+    pub fn metric_becomes(&self, name: &str, want: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(name);
+            if v == want || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn metric(&self, name: &str) -> u64 {
         let (_, body) = self.http_get("/metrics").expect("metrics");
         body.lines()

@@ -97,6 +97,10 @@ pub struct Binding {
     pub source: SocketAddr,
     /// User-Agent of the registering device.
     pub user_agent: Option<String>,
+    /// The stream connection it registered over (this process's numbering); requests to the
+    /// device go over it, and the binding ends with it. Not persisted: after a restart no
+    /// connection survives.
+    pub conn: Option<u64>,
 }
 
 impl Binding {

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod binding;
+pub mod flow;
 pub mod nonce;
 pub mod proxy;
 pub mod registrar;

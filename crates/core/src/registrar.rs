@@ -69,6 +69,8 @@ pub struct RegisterRequest<'a> {
     pub source: SocketAddr,
     /// User-Agent header.
     pub user_agent: Option<&'a str>,
+    /// The connection it arrived over (stream transports).
+    pub conn: Option<u64>,
     /// Unix seconds.
     pub now: u64,
 }
@@ -159,9 +161,20 @@ pub fn apply(
             return Err(Reject::IntervalTooBrief(cfg.min_expires));
         }
         let uri = na.uri.raw;
+        // The same device is recognised by its contact, or by its instance id and reg-id
+        // (RFC 5626 §6, RFC 5627 §4.1): a phone that rebooted and registers a new contact
+        // over a new connection replaces its old binding instead of adding a dead one.
+        let (inst, reg) = (instance(na), reg_id(na));
         let pos = bindings
             .iter()
-            .position(|b| b.contact.eq_ignore_ascii_case(uri));
+            .position(|b| b.contact.eq_ignore_ascii_case(uri))
+            .or_else(|| {
+                inst.as_ref().and_then(|i| {
+                    bindings
+                        .iter()
+                        .position(|b| b.instance.as_ref() == Some(i) && b.reg_id == reg)
+                })
+            });
         if let Some(i) = pos {
             let b = &bindings[i];
             if b.call_id == req.call_id && req.cseq <= b.cseq {
@@ -176,12 +189,16 @@ pub fn apply(
             (None, 0) => {}
             (Some(i), e) => {
                 let b = &mut bindings[i];
+                if !b.contact.eq_ignore_ascii_case(uri) {
+                    b.contact = uri.to_string();
+                }
                 b.call_id = req.call_id.to_string();
                 b.cseq = req.cseq;
                 b.expires_at = req.now + u64::from(e);
                 b.transport = req.transport;
                 b.source = req.source;
                 b.user_agent = req.user_agent.map(str::to_string);
+                b.conn = req.conn;
                 b.q = q_value(na);
                 b.instance = instance(na);
                 b.reg_id = reg_id(na);
@@ -200,6 +217,7 @@ pub fn apply(
                 transport: req.transport,
                 source: req.source,
                 user_agent: req.user_agent.map(str::to_string),
+                conn: req.conn,
             }),
         }
     }
@@ -266,6 +284,7 @@ mod tests {
             transport: Transport::Udp,
             source: "192.0.2.1:5060".parse().unwrap(),
             user_agent: Some("test"),
+            conn: None,
             now,
         }
     }

@@ -602,7 +602,10 @@ mod tests {
             r.push(frame(true, Opcode::Continuation, b"sip:x"), 100),
             Ok(Event::Message(Bytes::from_static(b"REGISTER sip:x")))
         );
-        assert!(r.push(frame(true, Opcode::Continuation, b"x"), 100).is_err());
+        assert!(
+            r.push(frame(true, Opcode::Continuation, b"x"), 100)
+                .is_err()
+        );
         r.push(frame(false, Opcode::Binary, b"12345"), 8).unwrap();
         assert_eq!(
             r.push(frame(true, Opcode::Continuation, b"6789"), 8),

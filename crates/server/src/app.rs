@@ -47,6 +47,8 @@ pub struct App {
     /// Local IP per destination, for choosing the interface a proxied request leaves by.
     pub(crate) route_cache: Mutex<std::collections::HashMap<std::net::IpAddr, std::net::IpAddr>>,
     bound: OnceLock<Vec<ListenSpec>>,
+    /// Which AoRs registered over which connection.
+    pub(crate) flows: crate::flows::FlowIndex,
 }
 
 impl std::fmt::Debug for App {
@@ -84,6 +86,7 @@ impl App {
             proxy: Mutex::default(),
             route_cache: Mutex::default(),
             bound: OnceLock::new(),
+            flows: crate::flows::FlowIndex::default(),
         }
     }
 
@@ -277,6 +280,30 @@ impl App {
 }
 
 impl InboundHandler for App {
+    fn closed(&self, conn: ConnId) {
+        let aors = self.flows.take(conn.0);
+        if aors.is_empty() {
+            return;
+        }
+        let location = self.location.clone();
+        let metrics_app = self.me.clone();
+        tokio::spawn(async move {
+            for aor in aors {
+                let n = crate::flows::remove_bindings(&*location, &aor, |b| b.conn == Some(conn.0))
+                    .await;
+                if n > 0 {
+                    tracing::info!(aor = %aor, conn = conn.0, removed = n,
+                        "connection closed; its bindings are removed");
+                    if let Some(app) = metrics_app.upgrade() {
+                        app.metrics
+                            .flow_bindings_dropped
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+
     fn unreachable(&self, transport: Transport, dest: SocketAddr) {
         if let Some(app) = self.me.upgrade() {
             app.proxy_unreachable(transport, dest);
@@ -384,4 +411,33 @@ pub(crate) fn to_tag(msg: &Message) -> String {
     msg.call_id().hash(&mut h);
     msg.from().and_then(|f| f.tag()).hash(&mut h);
     format!("cf{:x}", h.finish())
+}
+
+impl App {
+    /// After a restart no connection survives: bindings that were tied to one cannot be
+    /// reached and are removed (their devices re-register when they reconnect).
+    pub(crate) async fn drop_orphaned_flows(&self) {
+        let Ok(all) = self.location.all(crate::unix_now()).await else {
+            return;
+        };
+        let mut aors: Vec<&str> = all
+            .iter()
+            .filter(|b| b.transport.is_reliable() && b.conn.is_none())
+            .map(|b| b.aor.as_str())
+            .collect();
+        aors.dedup();
+        let mut removed = 0;
+        for aor in aors {
+            removed += crate::flows::remove_bindings(&*self.location, aor, |b| {
+                b.transport.is_reliable() && b.conn.is_none()
+            })
+            .await;
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "bindings over connections from before the restart removed"
+            );
+        }
+    }
 }

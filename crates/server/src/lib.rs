@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+mod flows;
 pub mod metrics;
 mod proxy;
 pub mod register;
@@ -23,7 +24,7 @@ use careflow_core::transaction::{ServerTransactions, TimerConfig};
 use careflow_proto::ParseLimits;
 use careflow_proto::digest::Algorithm;
 use careflow_store::{LocationStore, SubscriberStore};
-use careflow_transport::{ListenSpec, TransportError, TransportLimits, Transports};
+use careflow_transport::{ListenSpec, TransportError, TransportOptions, Transports};
 use tokio_util::sync::CancellationToken;
 
 pub use app::App;
@@ -46,8 +47,8 @@ pub struct ServerConfig {
     pub secret: [u8; 32],
     /// Message size and header bounds.
     pub parse_limits: ParseLimits,
-    /// Transport limits.
-    pub transport: TransportLimits,
+    /// Transport limits, TLS and WebSocket settings.
+    pub transport: TransportOptions,
     /// Transaction timers.
     pub timers: TimerConfig,
     /// Bound on open server transactions.
@@ -74,6 +75,11 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
+    /// The TLS server, when a listener uses TLS (for certificate reloads).
+    pub fn tls(&self) -> Option<&careflow_transport::tls::TlsServer> {
+        self.transports.tls()
+    }
+
     /// Waits until the transports and background tasks have stopped (after cancel).
     pub async fn wait(mut self) {
         self.transports.closed().await;
@@ -106,9 +112,15 @@ pub async fn start(
     let app = Arc::new_cyclic(|weak| {
         App::new(cfg.clone(), auth, txs, subscribers, location, weak.clone())
     });
-    let (transports, bound) =
-        Transports::start(&cfg.listen, cfg.transport, app.clone(), cancel.clone()).await?;
+    let (transports, bound) = Transports::start(
+        &cfg.listen,
+        cfg.transport.clone(),
+        app.clone(),
+        cancel.clone(),
+    )
+    .await?;
     app.set_transports(transports.clone(), bound.clone());
+    app.drop_orphaned_flows().await;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sweep_transactions(app.clone(), cancel.clone()));
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// Requests from known SIP scanners, dropped unanswered.
     pub scanner_drops: AtomicU64,
+    /// Bindings removed because their connection closed.
+    pub flow_bindings_dropped: AtomicU64,
+    /// OPTIONS keep-alives that got no answer.
+    pub keepalive_failures: AtomicU64,
 }
 
 /// Gauges read at render time.
@@ -175,6 +179,16 @@ impl Metrics {
                 "careflow_sip_scanner_drops_total",
                 "Requests from known SIP scanners, dropped unanswered.",
                 &self.scanner_drops,
+            ),
+            (
+                "careflow_sip_flow_bindings_dropped_total",
+                "Bindings removed because the connection they registered over closed.",
+                &self.flow_bindings_dropped,
+            ),
+            (
+                "careflow_sip_keepalive_failures_total",
+                "OPTIONS keep-alives to devices behind NAT that got no answer.",
+                &self.keepalive_failures,
             ),
         ];
         for (name, help, v) in counters {

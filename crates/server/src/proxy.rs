@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use careflow_core::Transport;
 use careflow_core::auth::Verdict;
+use careflow_core::flow::Flow;
 use careflow_core::proxy;
 use careflow_core::transaction::TxKey;
 use careflow_core::transaction::client::{ClientEvent, ClientState, ClientTransaction};
@@ -21,7 +22,7 @@ use careflow_core::transaction::invite_server::InviteServerTransaction;
 use careflow_proto::digest::Credentials;
 use careflow_proto::rewrite::{RequestEdit, strip_top_via};
 use careflow_proto::{HeaderName, Message, Method, ResponseBuilder, Uri, Via, request, scan};
-use careflow_transport::Outbound;
+use careflow_transport::{ConnId, Outbound};
 
 use crate::app::{App, Ctx};
 use crate::unix_now;
@@ -33,14 +34,40 @@ struct Target {
     dest: SocketAddr,
     /// Our listener to send from (the interface facing `dest`).
     local: Option<SocketAddr>,
+    /// The connection to use (a device registered over it).
+    conn: Option<ConnId>,
+    /// The device is behind NAT or on its own connection: in-dialog requests must find it by
+    /// a flow token in our Record-Route, not by its Contact.
+    flow: bool,
 }
 
 impl Target {
+    fn at(transport: Transport, dest: SocketAddr) -> Self {
+        Self {
+            transport,
+            dest,
+            local: None,
+            conn: None,
+            flow: false,
+        }
+    }
+
+    fn flow_token(&self, secret: &[u8; 32]) -> Option<String> {
+        self.flow.then(|| {
+            Flow {
+                transport: self.transport,
+                conn: self.conn.map(|c| c.0),
+                addr: self.dest,
+            }
+            .encode(secret)
+        })
+    }
+
     fn outbound(self, bytes: Bytes) -> Outbound {
         Outbound {
             transport: self.transport,
             dest: self.dest,
-            conn: None,
+            conn: self.conn,
             local: self.local,
             bytes,
         }
@@ -596,6 +623,13 @@ impl App {
             if step.pop_routes == 0 && step.strict_request_uri.is_none() {
                 return Err(refuse(403, "Not Routed Through Here"));
             }
+            if step.next_route.is_none() {
+                match self.flow_target(msg, ctx, step.pop_routes) {
+                    Some(Ok(target)) => return Ok(vec![(String::new(), target)]),
+                    Some(Err(())) => return Err(refuse(430, "Flow Failed")),
+                    None => {}
+                }
+            }
             let uri = match &step.next_route {
                 Some(route) => careflow_proto::NameAddr::parse(route)
                     .map(|n| n.uri.raw.to_string())
@@ -693,7 +727,7 @@ impl App {
             .unwrap_or_default();
         let mut targets = Vec::new();
         for b in &bindings {
-            if let Some(t) = self.resolve(&b.contact).await {
+            if let Some(t) = self.binding_target(b).await {
                 targets.push((b.contact.clone(), t));
             }
         }
@@ -775,7 +809,14 @@ impl App {
         let is_invite = msg.method() == Method::Invite;
         let is_call = is_invite && msg.to().and_then(|t| t.tag()).is_none();
         let in_addr = self.inbound_addr(&ctx);
-        let record_route = Self::record_route_at(ctx.transport, in_addr);
+        let in_token = Self::sender_needs_flow(&msg, &ctx).then(|| {
+            Flow {
+                transport: ctx.transport,
+                conn: ctx.conn.map(|c| c.0),
+                addr: ctx.source,
+            }
+            .encode(&self.cfg.secret)
+        });
         let mut sends = Sends::default();
         let mut invite = is_invite.then(|| {
             InviteServerTransaction::new(ctx.transport.is_reliable(), self.cfg.timers, now)
@@ -798,19 +839,27 @@ impl App {
             let via = Self::via_at(target.transport, out_addr, &branch);
             // Record-Route (§16.6 step 4): once, or twice when the call changes transport or
             // interface, so each side reaches us where it can (RFC 5658): the top entry faces
-            // the callee, the other the caller.
+            // the callee, the other the caller. An entry facing a UA behind NAT or on its own
+            // connection carries a flow token so in-dialog requests find the way back to it;
+            // when both sides need one, both entries are written.
             let record = msg.to().and_then(|t| t.tag()).is_none() || msg.method() == Method::Invite;
-            let out_rr = (record && (target.transport != ctx.transport || out_addr != in_addr))
-                .then(|| Self::record_route_at(target.transport, out_addr));
-            let rr: Vec<&str> = if record {
-                out_rr
-                    .iter()
-                    .map(String::as_str)
-                    .chain(std::iter::once(record_route.as_str()))
-                    .collect()
-            } else {
-                Vec::new()
+            let out_token = target.flow_token(&self.cfg.secret);
+            let double = target.transport != ctx.transport
+                || out_addr != in_addr
+                || (in_token.is_some() && out_token.is_some());
+            let rr_lines: Vec<String> = match (record, double) {
+                (false, _) => Vec::new(),
+                (true, true) => vec![
+                    Self::record_route_at(target.transport, out_addr, out_token.as_deref()),
+                    Self::record_route_at(ctx.transport, in_addr, in_token.as_deref()),
+                ],
+                (true, false) => vec![Self::record_route_at(
+                    ctx.transport,
+                    in_addr,
+                    in_token.as_deref().or(out_token.as_deref()),
+                )],
             };
+            let rr: Vec<&str> = rr_lines.iter().map(String::as_str).collect();
             let edit = RequestEdit {
                 request_uri: (!uri.is_empty()).then_some(uri.as_str()),
                 via: Some(&via),
@@ -949,7 +998,16 @@ impl App {
                 .clone()
                 .unwrap_or_else(|| msg.request_uri_str().to_string()),
         };
-        let target = self.resolve(&uri).await?;
+        let by_flow = match step.next_route {
+            None => self
+                .flow_target(msg, ctx, step.pop_routes)
+                .and_then(Result::ok),
+            Some(_) => None,
+        };
+        let target = match by_flow {
+            Some(t) => t,
+            None => self.resolve(&uri).await?,
+        };
         let branch = proxy::branch(&proxy::loop_hash(msg), self.next_id());
         let via = Self::via_at(
             target.transport,
@@ -978,10 +1036,11 @@ impl App {
             None if u.is_sips() => Transport::Tls,
             None => Transport::Udp,
         };
-        if !matches!(transport, Transport::Udp | Transport::Tcp) {
-            return None;
-        }
-        let port = u.port.unwrap_or(5060);
+        let port = u.port.unwrap_or(if transport == Transport::Tls {
+            5061
+        } else {
+            5060
+        });
         let dest = match u.host.ip() {
             Some(ip) => SocketAddr::new(ip, port),
             None => tokio::net::lookup_host((u.host.as_str(), port))
@@ -989,11 +1048,65 @@ impl App {
                 .ok()?
                 .next()?,
         };
-        Some(Target {
-            transport,
-            dest,
-            local: None,
-        })
+        Some(Target::at(transport, dest))
+    }
+
+    /// Where a registered device is reached: over the connection it registered on, or (UDP)
+    /// at the address its REGISTER came from, which differs from its Contact behind NAT.
+    async fn binding_target(&self, b: &careflow_core::Binding) -> Option<Target> {
+        if let Some(c) = b.conn {
+            let open = self.transports().is_some_and(|t| t.is_open(ConnId(c)));
+            // Closed: the binding is on its way out (the close handler removes it).
+            return open.then_some(Target {
+                conn: Some(ConnId(c)),
+                flow: true,
+                ..Target::at(b.transport, b.source)
+            });
+        }
+        let behind_nat = b.transport == Transport::Udp
+            && b.source.port() != 0
+            && Uri::parse(&b.contact).is_none_or(|u| u.host.ip() != Some(b.source.ip()));
+        if behind_nat {
+            return Some(Target {
+                flow: true,
+                ..Target::at(Transport::Udp, b.source)
+            });
+        }
+        self.resolve(&b.contact).await
+    }
+
+    /// In-dialog routing by the flow token in one of our Route entries: the connection or NAT
+    /// address of the UA on the far side of the dialog. `None`: no token (route by URI);
+    /// `Err`: the flow is gone (its connection closed).
+    fn flow_target(&self, msg: &Message, ctx: &Ctx, pop: usize) -> Option<Result<Target, ()>> {
+        let arrival = (ctx.transport, ctx.source, ctx.conn.map(|c| c.0));
+        let flow = msg
+            .values(HeaderName::Route)
+            .take(pop)
+            .filter_map(careflow_proto::NameAddr::parse)
+            .filter_map(|na| Flow::decode(na.uri.user?, &self.cfg.secret))
+            .find(|f| !f.is_arrival(arrival.0, arrival.1, arrival.2))?;
+        let conn = flow.conn.map(ConnId);
+        if let Some(c) = conn
+            && !self.transports().is_some_and(|t| t.is_open(c))
+        {
+            return Some(Err(()));
+        }
+        Some(Ok(Target {
+            conn,
+            ..Target::at(flow.transport, flow.addr)
+        }))
+    }
+
+    /// Whether the request's sender must be reached through a flow: it is on a connection of
+    /// its own, or its Contact names another IP than the one the request came from (NAT; a
+    /// Contact on the sender's own IP is reachable as it is, whatever its port).
+    fn sender_needs_flow(msg: &Message, ctx: &Ctx) -> bool {
+        ctx.conn.is_some()
+            || msg
+                .header(HeaderName::Contact)
+                .and_then(careflow_proto::NameAddr::parse)
+                .is_some_and(|na| na.uri.host.ip() != Some(ctx.source.ip()))
     }
 
     fn via_at(transport: Transport, addr: SocketAddr, branch: &str) -> String {
@@ -1004,8 +1117,11 @@ impl App {
         )
     }
 
-    fn record_route_at(transport: Transport, addr: SocketAddr) -> String {
-        format!("<sip:{};transport={transport};lr>", fmt_addr(addr))
+    fn record_route_at(transport: Transport, addr: SocketAddr, token: Option<&str>) -> String {
+        match token {
+            Some(t) => format!("<sip:{t}@{};transport={transport};lr>", fmt_addr(addr)),
+            None => format!("<sip:{};transport={transport};lr>", fmt_addr(addr)),
+        }
     }
 
     /// The address the request reached us at (a wildcard listener reports the interface the
@@ -1084,7 +1200,10 @@ impl App {
 
     /// True when a URI names this server (not one of its users).
     pub(crate) fn is_ours(&self, u: &Uri<'_>) -> bool {
-        if u.user.is_some() {
+        // A user part is someone's address, unless it is one of our flow tokens.
+        if u.user
+            .is_some_and(|user| Flow::decode(user, &self.cfg.secret).is_none())
+        {
             return false;
         }
         if self.serves_domain(&u.host.as_str().to_ascii_lowercase()) && u.port.is_none() {

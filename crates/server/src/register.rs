@@ -193,6 +193,7 @@ impl App {
             transport: ctx.transport,
             source: ctx.source,
             user_agent: msg.header(HeaderName::UserAgent).map(scan::trim),
+            conn: ctx.conn.map(|c| c.0),
             now,
         };
         let cfg = self.cfg.registrar;
@@ -202,6 +203,9 @@ impl App {
         match self.location.update(&aor, &decide).await {
             Ok(Ok(outcome)) => {
                 self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+                if let Some(conn) = ctx.conn {
+                    self.flows.bound(conn.0, &aor);
+                }
                 tracing::info!(
                     aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,
                     transport = %ctx.transport, "registered"

@@ -236,6 +236,7 @@ fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
                 transport: Transport::Udp,
                 source: "0.0.0.0:0".parse().unwrap_or_else(|_| unreachable!()),
                 user_agent: r.get(12)?,
+                conn: None,
             },
             r.get::<_, String>(10)?,
             r.get::<_, String>(11)?,
@@ -347,6 +348,7 @@ mod tests {
                 transport: Transport::Tcp,
                 source: "192.0.2.7:5070".parse().unwrap(),
                 user_agent: Some("ua"),
+                conn: None,
                 now,
             };
             registrar::apply(&RegistrarConfig::default(), cur, &req, &mut || 7)

@@ -5,16 +5,37 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use careflow_core::Transport;
 use tokio::sync::mpsc;
 
 /// Identifies one stream connection for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId(pub u64);
 
+/// What a connection's writer sends.
+#[derive(Debug)]
+pub(crate) enum Wire {
+    /// A SIP message (framed for WebSocket by the writer).
+    Sip(Bytes),
+    /// Bytes that go out as they are (CRLF pong, WebSocket control frames).
+    Raw(Bytes),
+    /// Last bytes, then the connection is shut down.
+    Close(Bytes),
+}
+
+impl Wire {
+    pub(crate) fn into_bytes(self) -> Bytes {
+        match self {
+            Self::Sip(b) | Self::Raw(b) | Self::Close(b) => b,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     peer: SocketAddr,
-    tx: mpsc::Sender<Bytes>,
+    transport: Transport,
+    tx: mpsc::Sender<Wire>,
 }
 
 #[derive(Debug, Default)]
@@ -29,9 +50,22 @@ struct Tables {
 }
 
 impl ConnTable {
-    pub(crate) fn insert(&self, id: ConnId, peer: SocketAddr, tx: mpsc::Sender<Bytes>) {
+    pub(crate) fn insert(
+        &self,
+        id: ConnId,
+        peer: SocketAddr,
+        transport: Transport,
+        tx: mpsc::Sender<Wire>,
+    ) {
         if let Ok(mut t) = self.inner.lock() {
-            t.by_id.insert(id, Entry { peer, tx });
+            t.by_id.insert(
+                id,
+                Entry {
+                    peer,
+                    transport,
+                    tx,
+                },
+            );
             t.by_peer.insert(peer, id);
         }
     }
@@ -45,17 +79,30 @@ impl ConnTable {
         }
     }
 
-    /// The writer of a connection: by id first, else any connection to `peer`.
+    /// Whether the connection is still open.
+    pub(crate) fn is_open(&self, id: ConnId) -> bool {
+        self.inner
+            .lock()
+            .map(|t| t.by_id.contains_key(&id))
+            .unwrap_or(false)
+    }
+
+    /// The writer of a connection: by id first, else the connection of that transport to
+    /// `peer`.
     pub(crate) fn writer(
         &self,
         id: Option<ConnId>,
         peer: SocketAddr,
-    ) -> Option<mpsc::Sender<Bytes>> {
+        transport: Transport,
+    ) -> Option<mpsc::Sender<Wire>> {
         let t = self.inner.lock().ok()?;
         if let Some(e) = id.and_then(|id| t.by_id.get(&id)) {
             return Some(e.tx.clone());
         }
         let id = t.by_peer.get(&peer)?;
-        t.by_id.get(id).map(|e| e.tx.clone())
+        t.by_id
+            .get(id)
+            .filter(|e| e.transport == transport)
+            .map(|e| e.tx.clone())
     }
 }

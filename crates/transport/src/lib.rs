@@ -1,13 +1,15 @@
-//! SIP transports: UDP sockets and TCP connections (TLS and WebSocket plug in beside them).
+//! SIP transports: UDP sockets and TCP, TLS, WebSocket and secure WebSocket connections.
 //!
 //! Turns bytes into [`Inbound`] messages for the application and sends [`Outbound`] ones.
-//! Stream transports are framed with `careflow_proto::framing`; the connection table lets
-//! responses and later requests reuse the connection a device registered over.
+//! TCP/TLS streams are framed with `careflow_proto::framing`, WebSockets with
+//! `careflow_proto::websocket`; the connection table lets responses and later requests reuse
+//! the connection a device registered over, and the application is told when one closes.
 #![warn(missing_docs)]
 
 mod conn;
 mod icmp;
-mod tcp;
+mod stream;
+pub mod tls;
 mod udp;
 
 use std::net::SocketAddr;
@@ -26,7 +28,7 @@ use conn::ConnTable;
 /// A listener to open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenSpec {
-    /// udp or tcp (tls, ws, wss come with the TLS/WebSocket work).
+    /// udp, tcp, tls, ws or wss.
     pub transport: Transport,
     /// Address to bind.
     pub addr: SocketAddr,
@@ -51,6 +53,41 @@ impl Default for TransportLimits {
             idle_timeout: std::time::Duration::from_secs(3900),
         }
     }
+}
+
+/// WebSocket listener rules (RFC 7118).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsOptions {
+    /// Request path of the upgrade (`/` by default).
+    pub path: String,
+    /// Origins allowed to connect; `None`: any.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Refuse upgrades without an Origin header (non-browser clients send none).
+    pub require_origin: bool,
+    /// A connection quiet this long is pinged; two unanswered pings close it.
+    pub ping_interval: std::time::Duration,
+}
+
+impl Default for WsOptions {
+    fn default() -> Self {
+        Self {
+            path: "/".into(),
+            allowed_origins: None,
+            require_origin: false,
+            ping_interval: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything the transports need besides the listeners.
+#[derive(Debug, Clone, Default)]
+pub struct TransportOptions {
+    /// Size and connection limits.
+    pub limits: TransportLimits,
+    /// TLS for `tls:` and `wss:` listeners.
+    pub tls: Option<tls::TlsServer>,
+    /// WebSocket rules for `ws:` and `wss:` listeners.
+    pub ws: WsOptions,
 }
 
 /// A message received from the network.
@@ -89,6 +126,12 @@ pub trait InboundHandler: Send + Sync + 'static {
     /// One message arrived.
     fn handle(&self, inbound: Inbound);
 
+    /// A stream connection closed (either side, or the idle timeout); nothing more can be
+    /// sent over it.
+    fn closed(&self, conn: ConnId) {
+        let _ = conn;
+    }
+
     /// The network reported `dest` unreachable (ICMP port or host unreachable for a datagram
     /// we sent), so requests waiting for an answer from it can fail at once.
     fn unreachable(&self, transport: Transport, dest: SocketAddr) {
@@ -124,6 +167,9 @@ pub enum TransportError {
     /// Transport not supported yet.
     #[error("{0} transport is not available")]
     Unsupported(Transport),
+    /// A `tls:` or `wss:` listener without a certificate.
+    #[error("{0} listener needs a TLS certificate")]
+    NoCertificate(Transport),
 }
 
 /// Counters the transports keep (read by metrics).
@@ -146,7 +192,7 @@ pub struct Transports {
 struct Inner {
     udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
     conns: ConnTable,
-    limits: TransportLimits,
+    opts: TransportOptions,
     handler: Arc<dyn InboundHandler>,
     stats: Arc<TransportStats>,
     tracker: TaskTracker,
@@ -166,12 +212,12 @@ impl Transports {
     /// the bound addresses in the order of `specs` (port 0 resolved).
     pub async fn start(
         specs: &[ListenSpec],
-        limits: TransportLimits,
+        opts: TransportOptions,
         handler: Arc<dyn InboundHandler>,
         cancel: CancellationToken,
     ) -> Result<(Self, Vec<ListenSpec>), TransportError> {
         let mut udp = Vec::new();
-        let mut tcp = Vec::new();
+        let mut streams = Vec::new();
         let mut bound = Vec::new();
         for s in specs {
             let bind_err = |e| TransportError::Bind {
@@ -190,23 +236,26 @@ impl Transports {
                     });
                     udp.push((addr, Arc::new(sock)));
                 }
-                Transport::Tcp => {
+                Transport::Tcp | Transport::Tls | Transport::Ws | Transport::Wss => {
+                    if matches!(s.transport, Transport::Tls | Transport::Wss) && opts.tls.is_none()
+                    {
+                        return Err(TransportError::NoCertificate(s.transport));
+                    }
                     let l = TcpListener::bind(s.addr).await.map_err(bind_err)?;
                     let addr = l.local_addr().map_err(bind_err)?;
                     bound.push(ListenSpec {
                         transport: s.transport,
                         addr,
                     });
-                    tcp.push(l);
+                    streams.push((l, s.transport));
                 }
-                other => return Err(TransportError::Unsupported(other)),
             }
         }
         let me = Self {
             inner: Arc::new(Inner {
                 udp,
                 conns: ConnTable::default(),
-                limits,
+                opts,
                 handler,
                 stats: Arc::new(TransportStats::default()),
                 tracker: TaskTracker::new(),
@@ -224,11 +273,25 @@ impl Transports {
                     .spawn(async move { udp::recv_loop(t, s).await });
             }
         }
-        for l in tcp {
+        if let Some(tls) = me.inner.opts.tls.clone() {
+            // Certificates renewed on disk (certbot, an operator) are picked up without a
+            // signal; polling two mtimes is cheaper than a file-watching dependency.
+            let cancel = me.inner.cancel.clone();
+            me.inner.tracker.spawn(async move {
+                let mut tick = tokio::time::interval(CERT_POLL);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => { tls.certs.reload_if_changed(); }
+                    }
+                }
+            });
+        }
+        for (l, transport) in streams {
             let t = me.clone();
             me.inner
                 .tracker
-                .spawn(async move { tcp::accept_loop(t, l).await });
+                .spawn(async move { stream::accept_loop(t, l, transport).await });
         }
         Ok((me, bound))
     }
@@ -237,8 +300,7 @@ impl Transports {
     pub async fn send(&self, out: Outbound) -> Result<(), TransportError> {
         match out.transport {
             Transport::Udp => udp::send(self, out).await,
-            Transport::Tcp => tcp::send(self, out).await,
-            other => Err(TransportError::Unsupported(other)),
+            _ => stream::send(self, out).await,
         }
     }
 
@@ -247,9 +309,18 @@ impl Transports {
     pub fn try_send(&self, out: Outbound) -> Option<Outbound> {
         match out.transport {
             Transport::Udp => udp::try_send(self, out),
-            Transport::Tcp => tcp::try_send(self, out),
-            _ => Some(out),
+            _ => stream::try_send(self, out),
         }
+    }
+
+    /// Whether a stream connection is still open.
+    pub fn is_open(&self, conn: ConnId) -> bool {
+        self.inner.conns.is_open(conn)
+    }
+
+    /// The TLS server (certificate reloads), when one is configured.
+    pub fn tls(&self) -> Option<&tls::TlsServer> {
+        self.inner.opts.tls.as_ref()
     }
 
     /// Counters.
@@ -267,6 +338,9 @@ impl Transports {
         self.inner.handler.handle(inbound);
     }
 }
+
+/// How often certificate files are checked for changes.
+const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 

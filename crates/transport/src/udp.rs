@@ -9,7 +9,7 @@ use tokio::net::UdpSocket;
 use crate::{Inbound, Outbound, Transport, TransportError, Transports};
 
 pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
-    let max = t.inner.limits.max_message_size;
+    let max = t.inner.opts.limits.max_message_size;
     let mut buf = vec![0u8; max + 1];
     let local = match sock.local_addr() {
         Ok(a) => a,

@@ -1,0 +1,400 @@
+//! Connection-oriented transports: TCP, TLS, WS and WSS share one connection loop.
+//!
+//! SIP over TCP/TLS is framed by Content-Length with CRLF keep-alives answered (RFC 5626
+//! §4.4.1); over WS/WSS one WebSocket message carries one SIP message (RFC 7118) and the server
+//! pings idle connections so a vanished browser is noticed. Every connection is in the
+//! connection table from the moment it can carry SIP until it closes; the application hears
+//! of the close so bindings over it can go.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use careflow_proto::framing::{Frame, next_frame};
+use careflow_proto::websocket::{self, Event, Reassembler};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::conn::Wire;
+use crate::{ConnId, Inbound, Outbound, Transport, TransportError, Transports, next_conn_id};
+
+/// A TLS or WebSocket handshake that takes longer than this is abandoned.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Initial read buffer: enough for a typical SIP message, small for idle connections.
+const READ_CHUNK: usize = 2048;
+
+pub(crate) async fn accept_loop(t: Transports, listener: TcpListener, transport: Transport) {
+    loop {
+        let accepted = tokio::select! {
+            _ = t.inner.cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let open = t.inner.stats.connections.load(Ordering::Relaxed);
+                if open >= t.inner.opts.limits.max_connections as u64 {
+                    t.inner
+                        .stats
+                        .refused_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, open, "connection limit reached, refusing");
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                t.inner.stats.connections.fetch_add(1, Ordering::Relaxed);
+                let t2 = t.clone();
+                t.inner.tracker.spawn(async move {
+                    accept_one(&t2, stream, peer, transport).await;
+                    t2.inner.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn accept_one(t: &Transports, stream: TcpStream, peer: SocketAddr, transport: Transport) {
+    let local = stream.local_addr().unwrap_or(peer);
+    match transport {
+        Transport::Tls | Transport::Wss => {
+            let Some(tls) = t.inner.opts.tls.as_ref() else {
+                return;
+            };
+            let accepted =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await;
+            match accepted {
+                Ok(Ok(s)) => run(t, s, peer, local, transport).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+        _ => run(t, stream, peer, local, transport).await,
+    }
+}
+
+/// Serves one connection until it closes.
+async fn run<S>(t: &Transports, stream: S, peer: SocketAddr, local: SocketAddr, tr: Transport)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let ws = matches!(tr, Transport::Ws | Transport::Wss);
+    if ws && !upgrade(t, &mut rd, &mut wr, &mut buf, peer).await {
+        return;
+    }
+    let id = next_conn_id();
+    let (tx, rx) = mpsc::channel::<Wire>(64);
+    t.inner.conns.insert(id, peer, tr, tx.clone());
+    let writer = tokio::spawn(write_loop(wr, rx, ws));
+    {
+        let conn = Conn {
+            t,
+            id,
+            peer,
+            local,
+            transport: tr,
+            tx,
+        };
+        if ws {
+            conn.read_ws(rd, buf).await;
+        } else {
+            conn.read_sip(rd, buf).await;
+        }
+    }
+    // With the reader's sender gone and the table entry removed, the writer ends once its
+    // queue is drained.
+    t.inner.conns.remove(id);
+    // Let queued bytes (a close frame, a last response) go out, but never wait long on a peer
+    // that does not read.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    tracing::debug!(%peer, conn = id.0, transport = %tr, "connection closed");
+    t.inner.handler.closed(id);
+}
+
+/// Reads and answers the HTTP upgrade; false when the connection is to be closed.
+async fn upgrade<R, W>(
+    t: &Transports,
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let ws = &t.inner.opts.ws;
+    loop {
+        match websocket::parse_upgrade(buf) {
+            Ok(Some(u)) => {
+                let verdict = u.check(&ws.path, ws.allowed_origins.as_deref(), ws.require_origin);
+                let answer = match verdict {
+                    Ok(()) => u.accept_response(),
+                    Err(e) => {
+                        tracing::info!(%peer, origin = u.origin.as_deref().unwrap_or("-"),
+                            error = %e, "websocket upgrade refused");
+                        websocket::refuse_response(e)
+                    }
+                };
+                if wr.write_all(&answer).await.is_err() || verdict.is_err() {
+                    let _ = wr.shutdown().await;
+                    return false;
+                }
+                buf.advance(u.len);
+                return true;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "websocket upgrade refused");
+                let _ = wr.write_all(&websocket::refuse_response(e)).await;
+                let _ = wr.shutdown().await;
+                return false;
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        match tokio::time::timeout_at(deadline.into(), rd.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return false,
+        }
+    }
+}
+
+async fn write_loop<W>(mut wr: W, mut rx: mpsc::Receiver<Wire>, ws: bool)
+where
+    W: AsyncWrite + Unpin,
+{
+    while let Some(item) = rx.recv().await {
+        let bytes = match item {
+            Wire::Sip(b) if ws => websocket::encode_message(&b),
+            Wire::Sip(b) | Wire::Raw(b) => b,
+            Wire::Close(b) => {
+                let _ = wr.write_all(&b).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+        };
+        if wr.write_all(&bytes).await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+struct Conn<'a> {
+    t: &'a Transports,
+    id: ConnId,
+    peer: SocketAddr,
+    local: SocketAddr,
+    transport: Transport,
+    tx: mpsc::Sender<Wire>,
+}
+
+impl Conn<'_> {
+    fn deliver(&self, bytes: Bytes) {
+        self.t.deliver(Inbound {
+            transport: self.transport,
+            source: self.peer,
+            local: self.local,
+            conn: Some(self.id),
+            bytes,
+        });
+    }
+
+    /// Reads more bytes; false on EOF, error, idle timeout or shutdown.
+    async fn fill<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut R,
+        buf: &mut BytesMut,
+        wait: Duration,
+    ) -> Fill {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            _ = self.t.inner.cancel.cancelled() => return Fill::Closed,
+            r = tokio::time::timeout(wait, rd.read_buf(buf)) => r,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => Fill::Closed,
+            Ok(Ok(_)) => Fill::Data,
+            Err(_) => Fill::Quiet,
+        }
+    }
+
+    async fn read_sip<R: AsyncRead + Unpin>(&self, mut rd: R, mut buf: BytesMut) {
+        let limits = self.t.inner.opts.limits;
+        loop {
+            loop {
+                match next_frame(&buf, limits.max_message_size) {
+                    Ok(Frame::Incomplete) => break,
+                    Ok(Frame::KeepAlive { len, ping }) => {
+                        buf.advance(len);
+                        if ping {
+                            let _ = self.tx.try_send(Wire::Raw(Bytes::from_static(b"\r\n")));
+                        }
+                    }
+                    Ok(Frame::Message(n)) => self.deliver(buf.split_to(n).freeze()),
+                    Err(e) => {
+                        self.t.inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %self.peer, error = %e,
+                            "closing connection: unframeable stream");
+                        return;
+                    }
+                }
+            }
+            match self.fill(&mut rd, &mut buf, limits.idle_timeout).await {
+                Fill::Data => {}
+                Fill::Closed => return,
+                Fill::Quiet => {
+                    tracing::debug!(peer = %self.peer, "closing idle connection");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn read_ws<R: AsyncRead + Unpin>(&self, mut rd: R, mut buf: BytesMut) {
+        let opts = &self.t.inner.opts;
+        let max = opts.limits.max_message_size;
+        let mut msg = Reassembler::default();
+        let mut last_heard = Instant::now();
+        let mut unanswered_pings = 0u32;
+        loop {
+            loop {
+                let frame = match websocket::decode_frame(&mut buf, max) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return self.close_ws(e.close_code(), &e.to_string()),
+                };
+                match msg.push(frame, max) {
+                    Ok(Event::Message(bytes)) => self.deliver(bytes),
+                    Ok(Event::Pong(payload)) => {
+                        let pong = websocket::encode_frame(websocket::Opcode::Pong, &payload);
+                        let _ = self.tx.try_send(Wire::Raw(pong));
+                    }
+                    Ok(Event::Close) => return self.close_ws(1000, "closed by peer"),
+                    Ok(Event::None) => {}
+                    Err(e) => return self.close_ws(e.close_code(), &e.to_string()),
+                }
+            }
+            let ping_every = opts.ws.ping_interval;
+            let idle_left = opts
+                .limits
+                .idle_timeout
+                .saturating_sub(last_heard.elapsed());
+            match self
+                .fill(&mut rd, &mut buf, ping_every.min(idle_left))
+                .await
+            {
+                Fill::Data => {
+                    last_heard = Instant::now();
+                    unanswered_pings = 0;
+                }
+                Fill::Closed => return,
+                Fill::Quiet if idle_left <= ping_every => {
+                    return self.close_ws(1000, "idle");
+                }
+                Fill::Quiet => {
+                    // A browser that vanished (laptop lid closed, network gone) never sends a
+                    // FIN; two unanswered pings are how we learn it is gone.
+                    if unanswered_pings >= 2 {
+                        return self.close_ws(1001, "no answer to ping");
+                    }
+                    unanswered_pings += 1;
+                    let ping = websocket::encode_frame(websocket::Opcode::Ping, b"");
+                    let _ = self.tx.try_send(Wire::Raw(ping));
+                }
+            }
+        }
+    }
+
+    fn close_ws(&self, code: u16, why: &str) {
+        tracing::debug!(peer = %self.peer, code, why, "closing websocket");
+        let _ = self.tx.try_send(Wire::Close(websocket::close_frame(code)));
+    }
+}
+
+enum Fill {
+    Data,
+    Closed,
+    Quiet,
+}
+
+pub(crate) fn try_send(t: &Transports, out: Outbound) -> Option<Outbound> {
+    let Some(tx) = t.inner.conns.writer(out.conn, out.dest, out.transport) else {
+        return Some(out);
+    };
+    match tx.try_send(Wire::Sip(out.bytes)) {
+        Ok(()) => None,
+        Err(mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w)) => {
+            Some(Outbound {
+                bytes: w.into_bytes(),
+                ..out
+            })
+        }
+    }
+}
+
+pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportError> {
+    let closed = || TransportError::Send {
+        dest: out.dest,
+        source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection closed"),
+    };
+    let tx = match t.inner.conns.writer(out.conn, out.dest, out.transport) {
+        Some(tx) => tx,
+        // Only TCP dials out: WebSocket clients are reached over the connection they opened,
+        // and TLS to other servers needs names to verify, which a bare address lacks.
+        None if out.transport == Transport::Tcp => connect(t, out.dest).await?,
+        None => return Err(closed()),
+    };
+    tx.send(Wire::Sip(out.bytes)).await.map_err(|_| closed())
+}
+
+async fn connect(t: &Transports, dest: SocketAddr) -> Result<mpsc::Sender<Wire>, TransportError> {
+    let err = |source| TransportError::Send { dest, source };
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(dest))
+        .await
+        .map_err(|_| {
+            err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        })?
+        .map_err(err)?;
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().map_err(err)?;
+    // Register the connection before returning so the caller's message goes out over it.
+    let (rd, wr) = tokio::io::split(stream);
+    let id = next_conn_id();
+    let (tx, rx) = mpsc::channel::<Wire>(64);
+    t.inner.conns.insert(id, dest, Transport::Tcp, tx.clone());
+    t.inner.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let t2 = t.clone();
+    let tx2 = tx.clone();
+    t.inner.tracker.spawn(async move {
+        let writer = tokio::spawn(write_loop(wr, rx, false));
+        let conn = Conn {
+            t: &t2,
+            id,
+            peer: dest,
+            local,
+            transport: Transport::Tcp,
+            tx: tx2,
+        };
+        conn.read_sip(rd, BytesMut::with_capacity(READ_CHUNK)).await;
+        drop(conn);
+        t2.inner.conns.remove(id);
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        t2.inner.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        t2.inner.handler.closed(id);
+    });
+    Ok(tx)
+}
