@@ -480,6 +480,26 @@ fn free_port_pair() -> u16 {
 }
 
 fn baresip_home(dir: &std::path::Path, user: &str, password: &str, proxy_port: u16, extra: &str) {
+    baresip_home_at(
+        dir,
+        &format!("<sip:{user}@localhost>"),
+        password,
+        &format!("sip:127.0.0.1:{proxy_port}"),
+        extra,
+        "",
+    );
+}
+
+/// A baresip home whose account `aor` registers through `outbound` (a SIP URI, may name a
+/// transport); `config_extra` lines go into its config file.
+pub(crate) fn baresip_home_at(
+    dir: &std::path::Path,
+    aor: &str,
+    password: &str,
+    outbound: &str,
+    extra: &str,
+    config_extra: &str,
+) {
     std::fs::create_dir_all(dir).unwrap();
     let tone = dir.join("tone.wav");
     // One second of 8 kHz silence as the audio source: no sound card is needed.
@@ -503,7 +523,7 @@ fn baresip_home(dir: &std::path::Path, user: &str, password: &str, proxy_port: u
     std::fs::write(
         dir.join("config"),
         format!(
-            "poll_method epoll\nsip_listen 127.0.0.1:{port}\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\naudio_player aufile,{out}\naudio_source aufile,{src}\naudio_alert aufile,{alert}\n",
+            "poll_method epoll\nsip_listen 127.0.0.1:{port}\n{config_extra}module_path /usr/lib/baresip/modules\nmodule g711.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\naudio_player aufile,{out}\naudio_source aufile,{src}\naudio_alert aufile,{alert}\n",
             out = dir.join("out.wav").display(),
             src = tone.display(),
             alert = dir.join("alert.wav").display(),
@@ -512,7 +532,7 @@ fn baresip_home(dir: &std::path::Path, user: &str, password: &str, proxy_port: u
     .unwrap();
     std::fs::write(
         dir.join("accounts"),
-        format!("<sip:{user}@localhost>;auth_pass={password};outbound=\"sip:127.0.0.1:{proxy_port}\";regint=300{extra}\n"),
+        format!("{aor};auth_pass={password};outbound=\"{outbound}\";regint=300{extra}\n"),
     )
     .unwrap();
 }

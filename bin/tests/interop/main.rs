@@ -5,4 +5,5 @@
 mod calls;
 mod protocol;
 mod register;
+mod secure;
 mod support;

@@ -41,6 +41,9 @@ pub struct Server {
     child: Option<Child>,
     pub port: u16,
     pub http: u16,
+    /// Two more free ports for extra listeners: "{port2}" and "{port3}" in the environment.
+    pub port2: u16,
+    pub port3: u16,
     pub domain: String,
     dir: tempfile::TempDir,
     extra_env: Vec<(String, String)>,
@@ -56,6 +59,8 @@ impl Server {
             child: None,
             port: free_port(),
             http: free_port(),
+            port2: free_port(),
+            port3: free_port(),
             domain: domain.to_string(),
             dir: tempfile::tempdir().unwrap(),
             extra_env: env
@@ -97,7 +102,12 @@ impl Server {
             .env("RUST_LOG", "info");
         for (k, v) in &self.extra_env {
             // "{port}" stands for the server's own SIP port (e.g. in a custom SIP_LISTEN).
-            c.env(k, v.replace("{port}", &self.port.to_string()));
+            c.env(
+                k,
+                v.replace("{port}", &self.port.to_string())
+                    .replace("{port2}", &self.port2.to_string())
+                    .replace("{port3}", &self.port3.to_string()),
+            );
         }
         c
     }
@@ -150,6 +160,16 @@ impl Server {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (e.g. "HUP") to the running server.
+    pub fn signal(&self, name: &str) {
+        if let Some(c) = self.child.as_ref() {
+            let _ = Command::new("kill")
+                .arg(format!("-{name}"))
+                .arg(c.id().to_string())
+                .status();
         }
     }
 

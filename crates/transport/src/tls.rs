@@ -192,8 +192,10 @@ impl TlsServer {
             }
         };
         let mut config = builder.with_cert_resolver(certs.clone());
-        // SIP over TLS has no ALPN token; do not let idle sessions pin memory in a cache that
-        // only helps reconnecting clients a little.
+        // No TLS 1.3 session tickets: SIP connections are long-lived, so resumption gains
+        // little, and some SIP stacks (sipsak 0.9.8, seen here) take the post-handshake ticket
+        // records for a failed read and give up. TLS 1.2 session ids stay cached, bounded.
+        config.send_tls13_tickets = 0;
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
