@@ -13,7 +13,7 @@ use crate::support::*;
 
 const DOMAIN: &str = "calls.test";
 
-fn sipp_file(dir: &std::path::Path, name: &str, users: &[(&str, &str)]) -> std::path::PathBuf {
+pub(crate) fn sipp_file(dir: &std::path::Path, name: &str, users: &[(&str, &str)]) -> std::path::PathBuf {
     let mut s = String::from("SEQUENTIAL\n");
     for (u, p) in users {
         s.push_str(&format!(
@@ -25,7 +25,7 @@ fn sipp_file(dir: &std::path::Path, name: &str, users: &[(&str, &str)]) -> std::
     path
 }
 
-fn scenario(name: &str) -> String {
+pub(crate) fn scenario(name: &str) -> String {
     interop_dir()
         .join("sipp")
         .join(name)

@@ -7,3 +7,4 @@ mod protocol;
 mod register;
 mod secure;
 mod support;
+mod websocket;
