@@ -91,6 +91,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         outbound_gateway: cfg.outbound_gateway.clone(),
         allow_inbound: cfg.allow_inbound,
         scanner_user_agents: cfg.scanner_user_agents.clone(),
+        keepalive: cfg.keepalive,
     };
     let cancel = CancellationToken::new();
     let server = careflow_server::start(server_cfg, subscribers, location, cancel.clone())

@@ -68,6 +68,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Seconds of silence after which a WebSocket connection is pinged; two unanswered pings close it and drop its bindings.",
     ),
     (
+        "nat_keepalive_interval",
+        "30",
+        "Seconds between OPTIONS keep-alives to each device registered over UDP from behind NAT (its Contact is not the address it registers from); they keep the NAT mapping open. 0 disables them.",
+    ),
+    (
+        "nat_keepalive_failures",
+        "3",
+        "Keep-alives in a row without an answer after which such a device's binding is removed.",
+    ),
+    (
         "http_listen",
         "127.0.0.1:8080",
         "Address of the HTTP server (`/healthz`, `/metrics`).",
@@ -235,6 +245,8 @@ pub struct Config {
     pub tls_require_client_cert: bool,
     /// WebSocket listener rules.
     pub ws: careflow_transport::WsOptions,
+    /// OPTIONS keep-alives to NATed UDP devices.
+    pub keepalive: careflow_server::keepalive::KeepaliveConfig,
 }
 
 /// A configuration problem, naming the key.
@@ -470,9 +482,14 @@ impl Config {
             path: ws_path,
             allowed_origins: (!origins.is_empty()).then_some(origins),
             require_origin: bool_key("ws_require_origin")?,
-            ping_interval: Duration::from_secs(num("ws_ping_interval", 5, 3600)?),
+            ping_interval: Duration::from_secs(num("ws_ping_interval", 1, 3600)?),
+        };
+        let keepalive = careflow_server::keepalive::KeepaliveConfig {
+            interval: Duration::from_secs(num("nat_keepalive_interval", 0, 3600)?),
+            max_failures: num("nat_keepalive_failures", 1, 100)? as u32,
         };
         Ok(Self {
+            keepalive,
             tls_files,
             tls_client_ca,
             tls_require_client_cert,

@@ -13,7 +13,11 @@ use crate::support::*;
 
 const DOMAIN: &str = "calls.test";
 
-pub(crate) fn sipp_file(dir: &std::path::Path, name: &str, users: &[(&str, &str)]) -> std::path::PathBuf {
+pub(crate) fn sipp_file(
+    dir: &std::path::Path,
+    name: &str,
+    users: &[(&str, &str)],
+) -> std::path::PathBuf {
     let mut s = String::from("SEQUENTIAL\n");
     for (u, p) in users {
         s.push_str(&format!(

@@ -3,6 +3,7 @@
 //! SIP over UDP/TCP.
 
 mod calls;
+mod nat;
 mod protocol;
 mod register;
 mod secure;

@@ -90,7 +90,14 @@ fn sipp_calls(server: &Server, users: &std::path::Path, callee: &str) {
         .arg(users)
         .args(["-key", "domain", &server.domain, "-key", "callee", callee])
         .args(["-auth_uri", &format!("{callee}@{}", server.domain)])
-        .args(["-i", "127.0.0.1", "-p", &free_port().to_string(), "-t", "u1"])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            "u1",
+        ])
         .args(["-m", "1", "-d", "1000", "-nostdin", "-timeout", "30s"])
         .args(["-timeout_error", "-default_behaviors", "-abortunexp"])
         .stdout(Stdio::null())
@@ -136,15 +143,33 @@ fn jssip_over_wss_is_called_calls_back_and_is_reachable_again_after_its_socket_d
         .arg(server.sip_addr().to_string())
         .args(["-sf", &scenario("register-one.xml"), "-inf"])
         .arg(&desk)
-        .args(["-key", "domain", "localhost", "-key", "contact_host", "127.0.0.1"])
+        .args([
+            "-key",
+            "domain",
+            "localhost",
+            "-key",
+            "contact_host",
+            "127.0.0.1",
+        ])
         .args(["-key", "contact_port", &uas_port.to_string()])
         .args(["-key", "contact_transport", "udp", "-auth_uri", "localhost"])
-        .args(["-i", "127.0.0.1", "-p", &free_port().to_string(), "-t", "u1"])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            "u1",
+        ])
         .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
         .stdout(Stdio::null())
         .output()
         .expect("run sipp register");
-    assert!(reg.status.success(), "desk registration failed:\n{}", server.log());
+    assert!(
+        reg.status.success(),
+        "desk registration failed:\n{}",
+        server.log()
+    );
 
     let mut node = Command::new("node");
     node.current_dir(&js).arg("jssip-phone.js").args([

@@ -49,6 +49,8 @@ pub struct App {
     bound: OnceLock<Vec<ListenSpec>>,
     /// Which AoRs registered over which connection.
     pub(crate) flows: crate::flows::FlowIndex,
+    /// Keep-alive probes to devices behind NAT.
+    pub(crate) keepalives: crate::keepalive::SharedTracker,
 }
 
 impl std::fmt::Debug for App {
@@ -87,6 +89,7 @@ impl App {
             route_cache: Mutex::default(),
             bound: OnceLock::new(),
             flows: crate::flows::FlowIndex::default(),
+            keepalives: Default::default(),
         }
     }
 
@@ -320,6 +323,11 @@ impl InboundHandler for App {
             }
         };
         if !msg.is_request() {
+            if let Some(branch) = msg.top_via().and_then(|v| v.branch().map(str::to_string))
+                && self.keepalive_answered(&branch)
+            {
+                return;
+            }
             if msg.validate().is_ok()
                 && let Some(app) = self.me.upgrade()
             {

@@ -9,6 +9,7 @@
 
 pub mod app;
 mod flows;
+pub mod keepalive;
 pub mod metrics;
 mod proxy;
 pub mod register;
@@ -61,6 +62,8 @@ pub struct ServerConfig {
     pub allow_inbound: bool,
     /// User-Agent fragments (lower case) whose requests are dropped silently.
     pub scanner_user_agents: Vec<String>,
+    /// OPTIONS keep-alives to devices behind NAT.
+    pub keepalive: keepalive::KeepaliveConfig,
 }
 
 /// A running SIP server.
@@ -125,6 +128,7 @@ pub async fn start(
     tasks.spawn(sweep_transactions(app.clone(), cancel.clone()));
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
+    tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     Ok(RunningServer {
         app,
         bound,

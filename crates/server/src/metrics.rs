@@ -69,6 +69,12 @@ pub struct Metrics {
     pub flow_bindings_dropped: AtomicU64,
     /// OPTIONS keep-alives that got no answer.
     pub keepalive_failures: AtomicU64,
+    /// Bindings removed because their device stopped answering keep-alives.
+    pub keepalive_bindings_dropped: AtomicU64,
+    /// OPTIONS keep-alives sent.
+    pub keepalives_sent: AtomicU64,
+    /// Answers to keep-alives.
+    pub keepalives_answered: AtomicU64,
 }
 
 /// Gauges read at render time.
@@ -189,6 +195,21 @@ impl Metrics {
                 "careflow_sip_keepalive_failures_total",
                 "OPTIONS keep-alives to devices behind NAT that got no answer.",
                 &self.keepalive_failures,
+            ),
+            (
+                "careflow_sip_keepalive_bindings_dropped_total",
+                "Bindings removed because their device behind NAT stopped answering keep-alives.",
+                &self.keepalive_bindings_dropped,
+            ),
+            (
+                "careflow_sip_keepalives_sent_total",
+                "OPTIONS keep-alives sent to devices behind NAT.",
+                &self.keepalives_sent,
+            ),
+            (
+                "careflow_sip_keepalives_answered_total",
+                "Answers to OPTIONS keep-alives.",
+                &self.keepalives_answered,
             ),
         ];
         for (name, help, v) in counters {

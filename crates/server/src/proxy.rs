@@ -1140,6 +1140,26 @@ impl App {
     /// Our address for sending to `peer` over `transport`: the listener on the interface the
     /// kernel routes `peer` through, so a call that crosses interfaces is recorded on both.
     fn outbound_addr(&self, transport: Transport, peer: SocketAddr, ctx: &Ctx) -> SocketAddr {
+        if let Some(a) = self.listener_towards(transport, peer) {
+            return a;
+        }
+        let wildcard = self
+            .bound_listeners()
+            .iter()
+            .find(|l| l.transport == transport && l.addr.is_ipv4() == peer.is_ipv4());
+        match wildcard {
+            Some(l) => SocketAddr::new(self.inbound_addr(ctx).ip(), l.addr.port()),
+            None => self.inbound_addr(ctx),
+        }
+    }
+
+    /// Our listener of `transport` facing `peer` (its wildcard resolved to the interface
+    /// address), when we have one of that transport and address family.
+    pub(crate) fn listener_towards(
+        &self,
+        transport: Transport,
+        peer: SocketAddr,
+    ) -> Option<SocketAddr> {
         let listeners: Vec<SocketAddr> = self
             .bound_listeners()
             .iter()
@@ -1149,19 +1169,16 @@ impl App {
         let ip = self.local_ip_towards(peer.ip());
         if let Some(ip) = ip {
             if let Some(l) = listeners.iter().find(|a| a.ip() == ip) {
-                return *l;
+                return Some(*l);
             }
             if let Some(l) = listeners.iter().find(|a| a.ip().is_unspecified()) {
-                return SocketAddr::new(ip, l.port());
+                return Some(SocketAddr::new(ip, l.port()));
             }
         }
-        match listeners.first() {
-            Some(l) if l.ip().is_unspecified() => {
-                SocketAddr::new(self.inbound_addr(ctx).ip(), l.port())
-            }
-            Some(l) => *l,
-            None => self.inbound_addr(ctx),
-        }
+        listeners
+            .first()
+            .filter(|l| !l.ip().is_unspecified())
+            .copied()
     }
 
     /// The local IP the kernel would use to reach `dest` (a connected UDP socket's name;
