@@ -4,6 +4,7 @@
 
 mod calls;
 mod nat;
+mod outbound;
 mod protocol;
 mod register;
 mod secure;

@@ -101,6 +101,9 @@ pub struct Binding {
     /// device go over it, and the binding ends with it. Not persisted: after a restart no
     /// connection survives.
     pub conn: Option<u64>,
+    /// Path header values of the REGISTER (RFC 3327): the proxies between us and the device,
+    /// nearest first; requests to the device are routed through them.
+    pub path: Vec<String>,
 }
 
 impl Binding {

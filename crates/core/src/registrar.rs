@@ -71,6 +71,8 @@ pub struct RegisterRequest<'a> {
     pub user_agent: Option<&'a str>,
     /// The connection it arrived over (stream transports).
     pub conn: Option<u64>,
+    /// Path values (RFC 3327), in order.
+    pub path: Vec<&'a str>,
     /// Unix seconds.
     pub now: u64,
 }
@@ -199,6 +201,7 @@ pub fn apply(
                 b.source = req.source;
                 b.user_agent = req.user_agent.map(str::to_string);
                 b.conn = req.conn;
+                b.path = req.path.iter().map(|p| p.to_string()).collect();
                 b.q = q_value(na);
                 b.instance = instance(na);
                 b.reg_id = reg_id(na);
@@ -218,6 +221,7 @@ pub fn apply(
                 source: req.source,
                 user_agent: req.user_agent.map(str::to_string),
                 conn: req.conn,
+                path: req.path.iter().map(|p| p.to_string()).collect(),
             }),
         }
     }
@@ -285,6 +289,7 @@ mod tests {
             source: "192.0.2.1:5060".parse().unwrap(),
             user_agent: Some("test"),
             conn: None,
+            path: Vec::new(),
             now,
         }
     }

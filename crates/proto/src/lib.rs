@@ -20,6 +20,7 @@ pub mod request;
 mod response;
 pub mod rewrite;
 pub mod scan;
+pub mod stun;
 mod uri;
 mod via;
 pub mod websocket;

@@ -16,6 +16,8 @@ pub struct RequestEdit<'a> {
     pub via: Option<&'a str>,
     /// Record-Route values inserted on top, in order.
     pub record_route: Vec<&'a str>,
+    /// Route values inserted above the request's own (a registered Path, RFC 3327).
+    pub push_routes: Vec<&'a str>,
     /// Removes this many Route values from the top (they name us: loose routing, §16.4; two
     /// when we recorded the route twice, once per transport).
     pub pop_routes: usize,
@@ -43,6 +45,9 @@ impl RequestEdit<'_> {
         }
         for rr in &self.record_route {
             line(&mut out, "Record-Route", rr);
+        }
+        for r in &self.push_routes {
+            line(&mut out, "Route", r);
         }
         let mut to_pop = self.pop_routes;
         let route_total = if self.drop_last_route {
@@ -142,6 +147,7 @@ mod tests {
             request_uri: Some("sip:bob@192.0.2.9:5062"),
             via: Some("SIP/2.0/UDP proxy.example.com;branch=z9hG4bKp"),
             record_route: vec!["<sip:proxy.example.com;lr>"],
+            push_routes: Vec::new(),
             pop_routes: 1,
             drop_last_route: false,
             max_forwards: Some(69),

@@ -430,14 +430,14 @@ impl App {
         };
         let mut aors: Vec<&str> = all
             .iter()
-            .filter(|b| b.transport.is_reliable() && b.conn.is_none())
+            .filter(|b| b.transport.is_reliable() && b.conn.is_none() && b.path.is_empty())
             .map(|b| b.aor.as_str())
             .collect();
         aors.dedup();
         let mut removed = 0;
         for aor in aors {
             removed += crate::flows::remove_bindings(&*self.location, aor, |b| {
-                b.transport.is_reliable() && b.conn.is_none()
+                b.transport.is_reliable() && b.conn.is_none() && b.path.is_empty()
             })
             .await;
         }

@@ -74,6 +74,25 @@ impl Target {
     }
 }
 
+/// Where one branch goes: its Request-URI (empty: unchanged), the next hop, and Route values
+/// to push (a registered Path).
+#[derive(Debug)]
+struct Hop {
+    uri: String,
+    target: Target,
+    routes: Vec<String>,
+}
+
+impl Hop {
+    fn to(uri: String, target: Target) -> Self {
+        Self {
+            uri,
+            target,
+            routes: Vec::new(),
+        }
+    }
+}
+
 /// One forwarded request: the server side and its branches.
 #[derive(Debug)]
 struct Forward {
@@ -601,11 +620,7 @@ impl App {
     }
 
     /// Returns the targets (Request-URI, transport, address) or the answer to send.
-    async fn decide(
-        &self,
-        msg: &Message,
-        ctx: &Ctx,
-    ) -> Result<Vec<(String, Target)>, (u16, Bytes)> {
+    async fn decide(&self, msg: &Message, ctx: &Ctx) -> Result<Vec<Hop>, (u16, Bytes)> {
         let refuse = |code: u16, reason: &'static str| {
             (code, self.reply(msg, ctx, code).reason(reason).build())
         };
@@ -625,7 +640,7 @@ impl App {
             }
             if step.next_route.is_none() {
                 match self.flow_target(msg, ctx, step.pop_routes) {
-                    Some(Ok(target)) => return Ok(vec![(String::new(), target)]),
+                    Some(Ok(target)) => return Ok(vec![Hop::to(String::new(), target)]),
                     Some(Err(())) => return Err(refuse(430, "Flow Failed")),
                     None => {}
                 }
@@ -644,7 +659,7 @@ impl App {
                 .await
                 .ok_or_else(|| refuse(404, "Not Found"))?;
             let new_uri = step.strict_request_uri.clone().unwrap_or_default();
-            return Ok(vec![(new_uri, target)]);
+            return Ok(vec![Hop::to(new_uri, target)]);
         }
         if step.next_route.is_some() {
             return Err(refuse(403, "Relaying Denied"));
@@ -671,7 +686,7 @@ impl App {
                 .resolve(&gw)
                 .await
                 .ok_or_else(|| refuse(503, "Gateway Unavailable"))?;
-            return Ok(vec![(String::new(), target)]);
+            return Ok(vec![Hop::to(String::new(), target)]);
         }
         if !from_ours {
             // From outside to our users: only when peering is allowed, and then without our
@@ -702,7 +717,7 @@ impl App {
         msg: &Message,
         ctx: &Ctx,
         ruri: &Uri<'_>,
-    ) -> Result<Vec<(String, Target)>, (u16, Bytes)> {
+    ) -> Result<Vec<Hop>, (u16, Bytes)> {
         let refuse = |code: u16, reason: &'static str| {
             (code, self.reply(msg, ctx, code).reason(reason).build())
         };
@@ -726,9 +741,13 @@ impl App {
             .await
             .unwrap_or_default();
         let mut targets = Vec::new();
-        for b in &bindings {
+        for b in preferred_flows(&bindings) {
             if let Some(t) = self.binding_target(b).await {
-                targets.push((b.contact.clone(), t));
+                targets.push(Hop {
+                    uri: b.contact.clone(),
+                    target: t,
+                    routes: b.path.clone(),
+                });
             }
         }
         if targets.is_empty() {
@@ -798,7 +817,7 @@ impl App {
     }
 
     /// Creates the forward and one branch per target, and sends.
-    fn fork(self: &Arc<Self>, msg: Message, ctx: Ctx, targets: Vec<(String, Target)>) {
+    fn fork(self: &Arc<Self>, msg: Message, ctx: Ctx, targets: Vec<Hop>) {
         let Some(key) = ctx.key.clone().or_else(|| TxKey::of(&msg)) else {
             return;
         };
@@ -829,7 +848,12 @@ impl App {
         let Ok(mut t) = self.proxy.lock() else { return };
         let mut first_sends = Vec::new();
         let mut names = Vec::new();
-        for (uri, target) in targets {
+        for Hop {
+            uri,
+            target,
+            routes,
+        } in targets
+        {
             let branch = proxy::branch(&hash, self.next_id());
             let out_addr = self.outbound_addr(target.transport, target.dest, &ctx);
             let target = Target {
@@ -864,6 +888,7 @@ impl App {
                 request_uri: (!uri.is_empty()).then_some(uri.as_str()),
                 via: Some(&via),
                 record_route: rr,
+                push_routes: routes.iter().map(String::as_str).collect(),
                 pop_routes: step.pop_routes,
                 drop_last_route: step.strict_request_uri.is_some(),
                 max_forwards: Some(mf),
@@ -1018,6 +1043,7 @@ impl App {
             request_uri: step.strict_request_uri.as_deref(),
             via: Some(&via),
             record_route: Vec::new(),
+            push_routes: Vec::new(),
             pop_routes: step.pop_routes,
             drop_last_route: step.strict_request_uri.is_some(),
             max_forwards: Some(proxy::next_max_forwards(msg)?),
@@ -1054,6 +1080,11 @@ impl App {
     /// Where a registered device is reached: over the connection it registered on, or (UDP)
     /// at the address its REGISTER came from, which differs from its Contact behind NAT.
     async fn binding_target(&self, b: &careflow_core::Binding) -> Option<Target> {
+        if let Some(first) = b.path.first() {
+            // Behind an edge proxy: the request goes to it, with the Path as its route.
+            let uri = careflow_proto::NameAddr::parse(first)?.uri.raw.to_string();
+            return self.resolve(&uri).await;
+        }
         if let Some(c) = b.conn {
             let open = self.transports().is_some_and(|t| t.is_open(ConnId(c)));
             // Closed: the binding is on its way out (the close handler removes it).
@@ -1241,6 +1272,28 @@ fn fmt_addr(a: SocketAddr) -> String {
         SocketAddr::V4(v4) => v4.to_string(),
         SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
     }
+}
+
+/// One binding per SIP Outbound instance (RFC 5626 §5.2): of the flows a device keeps
+/// (several `reg-id`s), the one refreshed last (on a tie, registered last) carries requests;
+/// other bindings all fork.
+fn preferred_flows(bindings: &[careflow_core::Binding]) -> Vec<&careflow_core::Binding> {
+    let mut out: Vec<&careflow_core::Binding> = Vec::new();
+    for b in bindings {
+        let (Some(inst), Some(_)) = (&b.instance, b.reg_id) else {
+            out.push(b);
+            continue;
+        };
+        let same = out
+            .iter()
+            .position(|o| o.reg_id.is_some() && o.instance.as_ref() == Some(inst));
+        match same {
+            Some(i) if out[i].expires_at <= b.expires_at => out[i] = b,
+            Some(_) => {}
+            None => out.push(b),
+        }
+    }
+    out
 }
 
 /// §16.7 step 6: prefer 6xx, then the lowest class (4xx before 5xx before 3xx).

@@ -31,7 +31,41 @@ struct Checked<'m> {
 }
 
 /// Option tags this registrar supports (Require: anything else gets 420).
-const SUPPORTED: &[&str] = &[];
+const SUPPORTED: &[&str] = &["outbound", "path"];
+
+/// How often a UA with an outbound flow over a connection should send keep-alives (RFC 5626
+/// §5.4 Flow-Timer), seconds; well inside common NAT and idle timeouts.
+const FLOW_TIMER: u32 = 120;
+
+/// The extensions a REGISTER uses (RFC 5626 outbound, RFC 3327 path).
+struct Extensions<'m> {
+    /// The UA supports outbound and registers a flow (`reg-id` with `+sip.instance`).
+    outbound: bool,
+    /// Path values, nearest proxy first.
+    path: Vec<&'m str>,
+    /// The UA said it supports path (so the 200 OK may carry Path).
+    path_supported: bool,
+}
+
+fn has_tag(msg: &Message, tag: &str) -> bool {
+    msg.values(HeaderName::Supported)
+        .chain(msg.values(HeaderName::Require))
+        .any(|t| t.eq_ignore_ascii_case(tag))
+}
+
+fn extensions<'m>(msg: &'m Message, contacts: &[ContactValue<'_>]) -> Extensions<'m> {
+    let flow = contacts.iter().any(|c| match c {
+        ContactValue::Address(na) => {
+            na.params.get("reg-id").is_some() && na.params.get("+sip.instance").is_some()
+        }
+        ContactValue::Wildcard => false,
+    });
+    Extensions {
+        outbound: flow && has_tag(msg, "outbound"),
+        path: msg.values(HeaderName::Path).collect(),
+        path_supported: has_tag(msg, "path"),
+    }
+}
 
 impl App {
     /// The synchronous half of REGISTER, run on the receiving task: everything that needs no
@@ -184,6 +218,14 @@ impl App {
             return (401, self.challenge(msg, ctx, &domain, now, stale));
         }
 
+        let ext = extensions(msg, &contacts);
+        if ext.outbound && ext.path.is_empty() && msg.values(HeaderName::Via).count() > 1 {
+            // A proxy between us and the UA would not keep the flow (RFC 5626 §6, step 2).
+            let b = self
+                .reply(msg, ctx, 439)
+                .reason("First Hop Lacks Outbound Support");
+            return (439, b.build());
+        }
         let req = RegisterRequest {
             aor: &aor,
             call_id: msg.call_id().unwrap_or_default(),
@@ -193,7 +235,9 @@ impl App {
             transport: ctx.transport,
             source: ctx.source,
             user_agent: msg.header(HeaderName::UserAgent).map(scan::trim),
-            conn: ctx.conn.map(|c| c.0),
+            // Behind an edge proxy (Path) the connection is the proxy's, not the device's.
+            conn: ctx.conn.filter(|_| ext.path.is_empty()).map(|c| c.0),
+            path: ext.path.clone(),
             now,
         };
         let cfg = self.cfg.registrar;
@@ -203,14 +247,14 @@ impl App {
         match self.location.update(&aor, &decide).await {
             Ok(Ok(outcome)) => {
                 self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
-                if let Some(conn) = ctx.conn {
+                if let Some(conn) = ctx.conn.filter(|_| ext.path.is_empty()) {
                     self.flows.bound(conn.0, &aor);
                 }
                 tracing::info!(
                     aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,
                     transport = %ctx.transport, "registered"
                 );
-                (200, self.ok(msg, ctx, &outcome, now))
+                (200, self.ok(msg, ctx, &outcome, &ext, now))
             }
             Ok(Err(reject)) => {
                 let (code, reason) = reject.status();
@@ -229,8 +273,26 @@ impl App {
         }
     }
 
-    fn ok(&self, msg: &Message, ctx: &Ctx, outcome: &Outcome, now: u64) -> bytes::Bytes {
+    fn ok(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        outcome: &Outcome,
+        ext: &Extensions<'_>,
+        now: u64,
+    ) -> bytes::Bytes {
         let mut b = self.reply(msg, ctx, 200);
+        if ext.path_supported {
+            for p in &ext.path {
+                b = b.header("Path", p);
+            }
+        }
+        if ext.outbound {
+            b = b.header("Require", "outbound");
+            if ctx.transport.is_reliable() {
+                b = b.header("Flow-Timer", FLOW_TIMER);
+            }
+        }
         // One Contact line per binding with the expiry actually granted (RFC 3261 §10.3 step 8).
         let mut line = String::new();
         for binding in &outcome.bindings {

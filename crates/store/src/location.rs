@@ -217,7 +217,7 @@ impl LocationStore for EmbeddedLocation {
 
 fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
     let mut st = conn.prepare(
-        "SELECT id, aor, contact, call_id, cseq, expires_at, registered_at, q, instance, reg_id, transport, source, user_agent
+        "SELECT id, aor, contact, call_id, cseq, expires_at, registered_at, q, instance, reg_id, transport, source, user_agent, path
          FROM binding WHERE expires_at > ?1 ORDER BY aor, id",
     )?;
     let rows = st.query_map([now as i64], |r| {
@@ -237,6 +237,10 @@ fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
                 source: "0.0.0.0:0".parse().unwrap_or_else(|_| unreachable!()),
                 user_agent: r.get(12)?,
                 conn: None,
+                path: r
+                    .get::<_, Option<String>>(13)?
+                    .map(|p| p.lines().map(str::to_string).collect())
+                    .unwrap_or_default(),
             },
             r.get::<_, String>(10)?,
             r.get::<_, String>(11)?,
@@ -288,8 +292,8 @@ fn write_batch(conn: &mut Connection, batch: &[JournalOp]) -> rusqlite::Result<(
     {
         let mut del = tx.prepare_cached("DELETE FROM binding WHERE aor = ?1")?;
         let mut ins = tx.prepare_cached(
-            "INSERT OR REPLACE INTO binding (id, aor, contact, call_id, cseq, expires_at, registered_at, q, instance, reg_id, transport, source, user_agent)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            "INSERT OR REPLACE INTO binding (id, aor, contact, call_id, cseq, expires_at, registered_at, q, instance, reg_id, transport, source, user_agent, path)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?;
         for op in batch {
             del.execute([&op.aor])?;
@@ -308,6 +312,7 @@ fn write_batch(conn: &mut Connection, batch: &[JournalOp]) -> rusqlite::Result<(
                     b.transport.as_str(),
                     b.source.to_string(),
                     b.user_agent,
+                    (!b.path.is_empty()).then(|| b.path.join("\n")),
                 ])?;
             }
         }
@@ -349,6 +354,7 @@ mod tests {
                 source: "192.0.2.7:5070".parse().unwrap(),
                 user_agent: Some("ua"),
                 conn: None,
+                path: vec!["<sip:edge.example.com;lr>"],
                 now,
             };
             registrar::apply(&RegistrarConfig::default(), cur, &req, &mut || 7)
@@ -376,6 +382,7 @@ mod tests {
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].transport, Transport::Tcp);
         assert_eq!(b[0].source.to_string(), "192.0.2.7:5070");
+        assert_eq!(b[0].path, vec!["<sip:edge.example.com;lr>".to_string()]);
         assert_eq!(read_journal(&path, 1100).unwrap().len(), 1);
         assert_eq!(loc.remove_expired(1700).await.unwrap(), 1);
         assert_eq!(loc.count(), 0);

@@ -25,9 +25,10 @@ pub(crate) const SUBSCRIBER_MIGRATIONS: &[(i64, &str)] = &[(
     CREATE INDEX idx_subscriber_careflow_user ON subscriber (careflow_user_id);",
 )];
 
-pub(crate) const LOCATION_MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE binding (
+pub(crate) const LOCATION_MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE binding (
         id INTEGER PRIMARY KEY,
         aor TEXT NOT NULL,
         contact TEXT NOT NULL,
@@ -43,7 +44,10 @@ pub(crate) const LOCATION_MIGRATIONS: &[(i64, &str)] = &[(
         user_agent TEXT
     );
     CREATE INDEX idx_binding_aor ON binding (aor);",
-)];
+    ),
+    // Path (RFC 3327): the proxies in front of the device, one value per line.
+    (2, "ALTER TABLE binding ADD COLUMN path TEXT;"),
+];
 
 /// Applies pending migrations; returns the resulting version.
 pub(crate) fn migrate(conn: &mut Connection, steps: &[(i64, &str)]) -> Result<i64, StoreError> {
