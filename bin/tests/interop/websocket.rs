@@ -204,3 +204,111 @@ fn jssip_over_wss_is_called_calls_back_and_is_reachable_again_after_its_socket_d
         3
     );
 }
+
+/// Sends an HTTP upgrade over plain TCP and returns the status line and the stream.
+fn upgrade(port: u16, extra: &str) -> (String, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    (text, s)
+}
+
+/// One masked client frame.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![0x80 | opcode];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads one server frame: (opcode, payload).
+fn server_frame(s: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).ok()?;
+    let mut len = usize::from(h[1] & 0x7f);
+    if len == 126 {
+        let mut l = [0u8; 2];
+        s.read_exact(&mut l).ok()?;
+        len = usize::from(u16::from_be_bytes(l));
+    }
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).ok()?;
+    Some((h[0] & 0x0f, p))
+}
+
+#[test]
+fn websocket_upgrades_are_checked_and_quiet_connections_are_pinged_then_closed() {
+    use std::io::Write;
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("SIP_LISTEN", "udp:127.0.0.1:{port},ws:127.0.0.1:{port2}"),
+            ("WS_ALLOWED_ORIGINS", "https://app.careflow.example"),
+            ("WS_PING_INTERVAL", "1"),
+        ],
+    );
+    let port = server.port2;
+    let (r, _) = upgrade(
+        port,
+        "Origin: https://evil.example\r\nSec-WebSocket-Protocol: sip\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let (r, _) = upgrade(port, "Origin: https://app.careflow.example\r\n");
+    assert!(r.starts_with("HTTP/1.1 400"), "no sip subprotocol: {r}");
+    // A non-browser client (no Origin) is let in by default.
+    let (r, mut s) = upgrade(port, "Sec-WebSocket-Protocol: sip\r\n");
+    assert!(r.starts_with("HTTP/1.1 101"), "{r}");
+    assert!(
+        r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{r}"
+    );
+    assert!(r.contains("Sec-WebSocket-Protocol: sip\r\n"), "{r}");
+
+    // SIP in a frame gets its answer in a text frame.
+    let options = "OPTIONS sip:localhost SIP/2.0\r\nVia: SIP/2.0/WS df7jal23ls0d.invalid;branch=z9hG4bKws1\r\n\
+        Max-Forwards: 70\r\nFrom: <sip:probe@localhost>;tag=w1\r\nTo: <sip:localhost>\r\n\
+        Call-ID: ws-options-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+    s.write_all(&client_frame(1, options.as_bytes())).unwrap();
+    let (op, payload) = server_frame(&mut s).expect("answer frame");
+    assert_eq!(op, 1);
+    let text = String::from_utf8(payload).unwrap();
+    assert!(text.starts_with("SIP/2.0 200"), "{text}");
+    assert!(text.contains("received=127.0.0.1"), "{text}");
+    // Our ping is answered by a pong like browsers do; then we go silent and are closed.
+    let (op, payload) = server_frame(&mut s).expect("ping after a quiet second");
+    assert_eq!(op, 9);
+    s.write_all(&client_frame(10, &payload)).unwrap();
+    let mut saw_close = false;
+    while let Some((op, _)) = server_frame(&mut s) {
+        if op == 8 {
+            saw_close = true;
+            break;
+        }
+        assert_eq!(op, 9, "only pings before the close");
+    }
+    assert!(
+        saw_close,
+        "a silent connection must be closed:\n{}",
+        server.log()
+    );
+}
