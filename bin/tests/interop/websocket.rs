@@ -83,7 +83,7 @@ impl Drop for Events {
 }
 
 /// Calls `callee` once from a sipp UAC over UDP with a WebRTC-style offer.
-fn sipp_calls(server: &Server, users: &std::path::Path, callee: &str) {
+fn sipp_calls(server: &Server, users: &std::path::Path, callee: &str, phone: &mut Events) {
     let out = Command::new("sipp")
         .arg(server.sip_addr().to_string())
         .args(["-sf", &scenario("uac-call-webrtc.xml"), "-inf"])
@@ -103,18 +103,55 @@ fn sipp_calls(server: &Server, users: &std::path::Path, callee: &str) {
         .stdout(Stdio::null())
         .output()
         .expect("run sipp");
-    assert!(
-        out.status.success(),
-        "sipp's call to {callee} failed: {}\nserver:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
+    if !out.status.success() {
+        phone.seen.extend(phone.lines.try_iter());
+        panic!(
+            "sipp's call to {callee} failed: {}\nthe web phone said {:?}\nserver:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            phone.seen,
+            server.log()
+        );
+    }
 }
 
 #[test]
 fn jssip_over_wss_is_called_calls_back_and_is_reachable_again_after_its_socket_drops() {
-    require("sipp", "sip-tester");
     let js = js_dir();
+    web_phone_scenario(|url| {
+        let mut node = Command::new("node");
+        node.current_dir(&js).arg("jssip-phone.js").args([
+            url,
+            "sip:web1@localhost",
+            "pw-web1-browser",
+            "sip:desk@localhost",
+        ]);
+        node
+    });
+}
+
+#[test]
+fn a_browser_running_jssip_over_wss_is_called_calls_back_and_reconnects() {
+    let js = js_dir();
+    require("chromium", "chromium");
+    let shots = interop_dir().join("../../../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    web_phone_scenario(|url| {
+        let mut node = Command::new("node");
+        node.current_dir(&js).arg("browser-phone.js").args([
+            url,
+            "sip:web1@localhost",
+            "pw-web1-browser",
+            "sip:desk@localhost",
+        ]);
+        node.arg(&shots);
+        node
+    });
+}
+
+/// The CareFlow Web scenario of js/phone.js against sipp phones on UDP: `phone(url)` makes
+/// the command that runs the web phone against the WSS URL.
+fn web_phone_scenario(phone: impl Fn(&str) -> Command) {
+    require("sipp", "sip-tester");
     let server = Server::start_with(
         "localhost",
         &[(
@@ -171,21 +208,14 @@ fn jssip_over_wss_is_called_calls_back_and_is_reachable_again_after_its_socket_d
         server.log()
     );
 
-    let mut node = Command::new("node");
-    node.current_dir(&js).arg("jssip-phone.js").args([
-        &format!("wss://127.0.0.1:{}/", server.port2),
-        "sip:web1@localhost",
-        "pw-web1-browser",
-        "sip:desk@localhost",
-    ]);
-    let mut phone = Events::spawn(node);
+    let mut phone = Events::spawn(phone(&format!("wss://127.0.0.1:{}/", server.port2)));
     phone.wait("registered 1", &server);
     let b = server.bindings_of("web1");
     assert_eq!(b.len(), 1, "{b:?}");
     assert!(b[0].contains(" wss ") && b[0].contains(".invalid"), "{b:?}");
 
     // A UDP phone calls the browser; the BYE reaches it over its WebSocket (flow token).
-    sipp_calls(&server, &caller, "web1");
+    sipp_calls(&server, &caller, "web1", &mut phone);
     phone.wait("incoming-confirmed 1", &server);
     phone.wait("incoming-ended 1", &server);
     // The browser calls the desk phone and hangs up.
@@ -195,7 +225,7 @@ fn jssip_over_wss_is_called_calls_back_and_is_reachable_again_after_its_socket_d
     phone.wait("dropped", &server);
     phone.wait("registered 2", &server);
     assert_eq!(server.bindings_of("web1").len(), 1);
-    sipp_calls(&server, &caller, "web1");
+    sipp_calls(&server, &caller, "web1", &mut phone);
     phone.wait("incoming-confirmed 2", &server);
     phone.wait("done", &server);
     let _ = uas.wait();

@@ -2,11 +2,8 @@
 // real WebSocket, with WebRTC from @roamhq/wrtc so offers and answers are what a browser makes.
 //
 // Usage: node jssip-phone.js WS_URL SIP_URI PASSWORD CALL_TARGET
-// Script, one line per event on stdout (the Rust test waits for them):
-//   registered -> answers one incoming call (incoming, incoming-confirmed, incoming-ended)
-//   -> calls CALL_TARGET (outgoing-confirmed, outgoing-ended) -> its socket is cut without a
-//   close handshake (dropped) -> JsSIP reconnects and re-registers (registered 2)
-//   -> answers a second incoming call (incoming-confirmed, incoming-ended) -> "done", exit 0.
+// The script is phone.js (events on stdout, one per line); the socket is cut without a close
+// handshake. Exits 0 after "done".
 'use strict';
 
 const JsSIP = require('jssip');
@@ -41,73 +38,20 @@ function microphone() {
   return new wrtc.MediaStream([source.createTrack()]);
 }
 
-const socket = new JsSIP.WebSocketInterface(url);
-const ua = new JsSIP.UA({
-  sockets: [socket],
-  uri,
-  password,
-  register: true,
-  register_expires: 300,
-  session_timers: false,
-  user_agent: 'JsSIP (careflow-sip interop)',
-  connection_recovery_min_interval: 1,
-  connection_recovery_max_interval: 2,
-});
-
-let registrations = 0;
-let incomingCalls = 0;
-const pcConfig = { iceServers: [] };
-
-ua.on('registered', () => {
-  registrations += 1;
-  event('registered', registrations);
-});
-ua.on('registrationFailed', (e) => event('registration-failed', e.cause));
-ua.on('disconnected', () => event('disconnected'));
-
-ua.on('newRTCSession', ({ session, originator }) => {
-  if (originator !== 'remote') return;
-  incomingCalls += 1;
-  const n = incomingCalls;
-  event('incoming', n, session.remote_identity.uri.toString());
-  session.on('confirmed', () => event('incoming-confirmed', n));
-  session.on('failed', (e) => event('incoming-failed', n, e.cause));
-  session.on('ended', (e) => {
-    event('incoming-ended', n, e.cause);
-    if (n === 1) callOut();
-    if (n === 2) finish();
-  });
-  session.answer({ mediaStream: microphone(), pcConfig });
-});
-
-function callOut() {
-  const session = ua.call(callTarget, { mediaStream: microphone(), pcConfig });
-  session.on('confirmed', () => {
-    event('outgoing-confirmed');
-    setTimeout(() => session.terminate(), 500);
-  });
-  session.on('failed', (e) => event('outgoing-failed', e.cause));
-  session.on('ended', () => {
-    event('outgoing-ended');
-    dropSocket();
-  });
-}
-
-// The network goes away under the phone (Wi-Fi roam, laptop sleep): no close handshake.
-function dropSocket() {
-  event('dropped');
-  socket._ws.terminate();
-}
-
-function finish() {
-  event('done');
-  ua.stop();
-  setTimeout(() => process.exit(0), 300);
-}
+const { run } = require('./phone');
+run(
+  JsSIP,
+  { url, uri, password, target: callTarget },
+  (...parts) => {
+    event(...parts);
+    if (parts[0] === 'done') setTimeout(() => process.exit(0), 300);
+  },
+  microphone,
+  // The network goes away under the phone (Wi-Fi roam, laptop sleep): no close handshake.
+  (ws) => ws.terminate(),
+);
 
 setTimeout(() => {
   event('timeout');
   process.exit(1);
 }, 90000);
-
-ua.start();

@@ -1,0 +1,3 @@
+// Bundled by esbuild for the browser test: JsSIP and the shared phone script as globals.
+window.JsSIP = require('jssip');
+window.runPhone = require('./phone').run;
