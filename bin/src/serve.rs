@@ -78,6 +78,10 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
                 idle_timeout: cfg.tcp_idle_timeout,
             },
             tls: tls_server(&cfg)?,
+            tls_client: Some(
+                careflow_transport::tls::TlsClient::new(cfg.tls_ca_file.as_deref())
+                    .context("invalid TLS_CA_FILE")?,
+            ),
             ws: cfg.ws.clone(),
         },
         timers: TimerConfig {

@@ -38,6 +38,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "PEM private key for TLS_CERT (PKCS#8, PKCS#1 or SEC1).",
     ),
     (
+        "tls_ca_file",
+        "",
+        "Extra PEM CA bundle trusted when careflow-sip opens TLS connections itself (e.g. to OUTBOUND_GATEWAY with `transport=tls`), besides the system CAs. The peer's certificate must name the IP address dialled.",
+    ),
+    (
         "tls_client_ca",
         "",
         "PEM CA bundle; when set, client certificates offered on TLS listeners are verified against it.",
@@ -241,6 +246,8 @@ pub struct Config {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// CA for client certificates.
     pub tls_client_ca: Option<PathBuf>,
+    /// Extra CA for servers we connect to.
+    pub tls_ca_file: Option<PathBuf>,
     /// Refuse TLS clients without a certificate.
     pub tls_require_client_cert: bool,
     /// WebSocket listener rules.
@@ -375,6 +382,7 @@ impl Config {
             (None, Some(_)) => return Err(invalid("tls_cert", "TLS_KEY is set, TLS_CERT is not")),
         };
         let tls_client_ca = path_key("tls_client_ca");
+        let tls_ca_file = path_key("tls_ca_file");
         let tls_require_client_cert = bool_key("tls_require_client_cert")?;
         if tls_require_client_cert && tls_client_ca.is_none() {
             return Err(invalid(
@@ -492,6 +500,7 @@ impl Config {
             keepalive,
             tls_files,
             tls_client_ca,
+            tls_ca_file,
             tls_require_client_cert,
             ws,
             sip_domain,

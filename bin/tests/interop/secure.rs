@@ -37,6 +37,42 @@ fn openssl_pair(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::
     (cert, key)
 }
 
+/// A CA and a server certificate it signed for 127.0.0.1: (CA cert, cert, key).
+fn openssl_ca_and_leaf(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    require("openssl", "openssl");
+    let ext = dir.join("leaf.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let d = dir.display();
+    sh_ok(&format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -days 2 -subj /CN=careflow-test-ca -keyout ca.key -out ca.crt 2>/dev/null && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -subj /CN=gateway -keyout leaf.key -out leaf.csr 2>/dev/null && \
+         openssl x509 -req -in leaf.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+         -extfile leaf.ext -out leaf.crt 2>/dev/null"
+    ));
+    (
+        dir.join("ca.crt"),
+        dir.join("leaf.crt"),
+        dir.join("leaf.key"),
+    )
+}
+
+fn sh_ok(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// SHA-256 fingerprint (`AA:BB:...`) of the certificate a TLS server presents now.
 fn served_fingerprint(port: u16) -> String {
     let out = Command::new("sh")
@@ -450,4 +486,113 @@ fn baresip_over_tls_is_called_over_its_own_connection_and_calls_a_udp_phone() {
         2
     );
     assert!(server.metric("careflow_sip_requests_total{method=\"BYE\"}") >= 2);
+}
+
+/// alice calls carol@elsewhere.test (another domain, so through OUTBOUND_GATEWAY), answering
+/// the proxy's challenge; returns her phone.
+fn call_out(server: &Server) -> Ua {
+    let ua = Ua::new(server.sip_addr());
+    let port = ua.port();
+    let d = &server.domain;
+    let build = |cseq: u32, auth: &str| {
+        format!(
+            "INVITE sip:carol@elsewhere.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKgw{cseq};rport\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:alice@{d}>;tag=gwa\r\nTo: <sip:carol@elsewhere.test>\r\n\
+             Call-ID: gw-tls-{port}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:alice@127.0.0.1:{port}>\r\n\
+             {auth}Content-Length: 0\r\n\r\n"
+        )
+    };
+    let r = ua.request(&build(1, ""));
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        careflow_proto::digest::Algorithm::Md5,
+        "alice",
+        d,
+        "pw-alice",
+        "INVITE",
+        "sip:carol@elsewhere.test",
+        1,
+    );
+    ua.send(&build(2, &format!("Proxy-Authorization: {auth}\r\n")));
+    ua
+}
+
+/// The first final response a phone receives.
+fn final_response(ua: &Ua) -> Option<String> {
+    ua.sock
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    while let Some(m) = ua.recv() {
+        if status(&m) >= 200 {
+            return Some(m);
+        }
+    }
+    None
+}
+
+#[test]
+fn calls_to_a_tls_gateway_go_over_a_verified_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = openssl_ca_and_leaf(tmp.path());
+    let gw_port = free_port();
+    let mut gw = Command::new("openssl")
+        .args(["s_server", "-accept", &gw_port.to_string(), "-quiet"])
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::channel();
+    let out = gw.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", gw_port)).is_err() {
+        assert!(Instant::now() < deadline, "openssl s_server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gateway = format!("sip:127.0.0.1:{gw_port};transport=tls");
+
+    // Without the gateway's CA its certificate is not trusted: the call fails at once.
+    let untrusting = Server::start_with("tls-gw.test", &[("OUTBOUND_GATEWAY", &gateway)]);
+    untrusting.add_user("alice", "pw-alice");
+    // (The branch's 503 reaches the caller as 500, RFC 3261 §16.7 step 6.)
+    let r = final_response(&call_out(&untrusting)).expect("an answer");
+    assert_eq!(status(&r), 500, "{r}");
+    assert!(
+        untrusting.log().contains("TLS connection refused"),
+        "{}",
+        untrusting.log()
+    );
+    drop(untrusting);
+
+    let server = Server::start_with(
+        "tls-gw.test",
+        &[
+            ("OUTBOUND_GATEWAY", &gateway),
+            ("TLS_CA_FILE", ca.to_str().unwrap()),
+        ],
+    );
+    server.add_user("alice", "pw-alice");
+    let _alice = call_out(&server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.starts_with("INVITE sip:carol@elsewhere.test SIP/2.0") => break,
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no INVITE at the TLS gateway ({seen:?}):\n{}", server.log()),
+        }
+    }
+    let _ = gw.kill();
+    let _ = gw.wait();
 }

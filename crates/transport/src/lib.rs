@@ -86,6 +86,8 @@ pub struct TransportOptions {
     pub limits: TransportLimits,
     /// TLS for `tls:` and `wss:` listeners.
     pub tls: Option<tls::TlsServer>,
+    /// TLS for connections careflow-sip opens itself.
+    pub tls_client: Option<tls::TlsClient>,
     /// WebSocket rules for `ws:` and `wss:` listeners.
     pub ws: WsOptions,
 }

@@ -363,32 +363,61 @@ pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportE
     };
     let tx = match t.inner.conns.writer(out.conn, out.dest, out.transport) {
         Some(tx) => tx,
-        // Only TCP dials out: WebSocket clients are reached over the connection they opened,
-        // and TLS to other servers needs names to verify, which a bare address lacks.
-        None if out.transport == Transport::Tcp => connect(t, out.dest).await?,
+        // TCP and TLS dial out; WebSocket clients are reached over the connection they opened.
+        None if matches!(out.transport, Transport::Tcp | Transport::Tls) => {
+            connect(t, out.dest, out.transport).await?
+        }
         None => return Err(closed()),
     };
     tx.send(Wire::Sip(out.bytes)).await.map_err(|_| closed())
 }
 
-async fn connect(t: &Transports, dest: SocketAddr) -> Result<mpsc::Sender<Wire>, TransportError> {
+async fn connect(
+    t: &Transports,
+    dest: SocketAddr,
+    transport: Transport,
+) -> Result<mpsc::Sender<Wire>, TransportError> {
     let err = |source| TransportError::Send { dest, source };
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(dest))
         .await
-        .map_err(|_| {
-            err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
-        })?
+        .map_err(|_| err(timed_out()))?
         .map_err(err)?;
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().map_err(err)?;
-    // Register the connection before returning so the caller's message goes out over it.
+    if transport == Transport::Tcp {
+        return Ok(serve_outgoing(t, stream, dest, local, transport));
+    }
+    let Some(client) = t.inner.opts.tls_client.as_ref() else {
+        return Err(TransportError::Unsupported(transport));
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(dest.ip().into());
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.connector.connect(name, stream))
+        .await
+        .map_err(|_| err(timed_out()))?
+        .map_err(|e| {
+            tracing::warn!(%dest, error = %e, "TLS connection refused");
+            err(e)
+        })?;
+    Ok(serve_outgoing(t, tls, dest, local, transport))
+}
+
+/// Registers a connection we opened and serves it; returns its writer so the caller's message
+/// goes out over it.
+fn serve_outgoing<S>(
+    t: &Transports,
+    stream: S,
+    dest: SocketAddr,
+    local: SocketAddr,
+    transport: Transport,
+) -> mpsc::Sender<Wire>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let (rd, wr) = tokio::io::split(stream);
     let id = next_conn_id();
     let (tx, rx) = mpsc::channel::<Wire>(64);
-    t.inner.conns.insert(id, dest, Transport::Tcp, tx.clone());
+    t.inner.conns.insert(id, dest, transport, tx.clone());
     t.inner.stats.connections.fetch_add(1, Ordering::Relaxed);
     let t2 = t.clone();
     let tx2 = tx.clone();
@@ -399,15 +428,15 @@ async fn connect(t: &Transports, dest: SocketAddr) -> Result<mpsc::Sender<Wire>,
             id,
             peer: dest,
             local,
-            transport: Transport::Tcp,
+            transport,
             tx: tx2,
         };
-        conn.read_sip(rd, BytesMut::with_capacity(READ_CHUNK)).await;
+        conn.read_sip(rd, BytesMut::new()).await;
         drop(conn);
         t2.inner.conns.remove(id);
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
         t2.inner.stats.connections.fetch_sub(1, Ordering::Relaxed);
         t2.inner.handler.closed(id);
     });
-    Ok(tx)
+    tx
 }

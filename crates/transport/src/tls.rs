@@ -204,6 +204,50 @@ impl TlsServer {
     }
 }
 
+/// The system's CA bundle on Debian and derivatives.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// TLS towards other servers (a gateway or proxy reached with `transport=tls` or `sips:`).
+/// Their certificate must chain to the system CAs or to the configured extra CA file, and name
+/// the IP address dialled (careflow-sip is configured with addresses, not names).
+#[derive(Clone)]
+pub struct TlsClient {
+    pub(crate) connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient").finish_non_exhaustive()
+    }
+}
+
+impl TlsClient {
+    /// Trusts the system CA bundle (when present) and `extra_ca`.
+    pub fn new(extra_ca: Option<&Path>) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        let system = Path::new(SYSTEM_CA_BUNDLE);
+        if system.exists()
+            && let Ok(certs) = CertificateDer::pem_file_iter(system)
+        {
+            roots.add_parsable_certificates(certs.filter_map(Result::ok));
+        }
+        if let Some(ca) = extra_ca {
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e))? {
+                let c = c.map_err(|e| file_err(ca, e))?;
+                roots.add(c).map_err(|e| file_err(ca, e))?;
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+}
+
 /// `AA:BB:…` SHA-256 fingerprint of a DER certificate (what `openssl x509 -fingerprint
 /// -sha256` prints).
 pub fn fingerprint(der: &[u8]) -> String {
