@@ -170,14 +170,14 @@ impl App {
         };
         for id in &round.dead {
             let Some(b) = nated.get(id) else { continue };
+            let n = crate::flows::remove_bindings(&*self.location, &b.aor, |x| x.id == *id).await;
             self.metrics
                 .keepalive_failures
                 .fetch_add(u64::from(cfg.max_failures), Ordering::Relaxed);
-            self.metrics
-                .keepalive_bindings_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            let n = crate::flows::remove_bindings(&*self.location, &b.aor, |x| x.id == *id).await;
             if n > 0 {
+                self.metrics
+                    .keepalive_bindings_dropped
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(aor = %b.aor, contact = %b.contact, source = %b.source,
                     failures = cfg.max_failures, "device behind NAT stopped answering keep-alives; binding removed");
             }
