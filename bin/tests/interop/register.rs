@@ -7,7 +7,10 @@ use careflow_proto::digest::Algorithm;
 
 use crate::support::*;
 
-fn sipp_users(dir: &std::path::Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+pub(crate) fn sipp_users(
+    dir: &std::path::Path,
+    n: usize,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let import = dir.join("users.csv");
     let inf = dir.join("sipp-users.csv");
     let mut a = String::from("username,password\n");

@@ -596,3 +596,213 @@ fn calls_to_a_tls_gateway_go_over_a_verified_connection() {
     let _ = gw.kill();
     let _ = gw.wait();
 }
+
+#[test]
+fn client_certificates_are_required_when_configured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = openssl_ca_and_leaf(tmp.path());
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("SIP_LISTEN", TLS_LISTEN),
+            ("TLS_CLIENT_CA", ca.to_str().unwrap()),
+            ("TLS_REQUIRE_CLIENT_CERT", "true"),
+        ],
+    );
+    let options = |extra: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "printf 'OPTIONS sip:localhost SIP/2.0\\r\\nVia: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKcc\\r\\n\
+                 Max-Forwards: 70\\r\\nFrom: <sip:p@localhost>;tag=1\\r\\nTo: <sip:localhost>\\r\\n\
+                 Call-ID: cc\\r\\nCSeq: 1 OPTIONS\\r\\nContent-Length: 0\\r\\n\\r\\n' | \
+                 timeout 5 openssl s_client -connect 127.0.0.1:{} -quiet {extra} 2>/dev/null",
+                server.port2
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let without = options("");
+    assert!(!without.contains("SIP/2.0 200"), "{without}");
+    let with = options(&format!("-cert {} -key {}", cert.display(), key.display()));
+    assert!(with.starts_with("SIP/2.0 200"), "{with}\n{}", server.log());
+}
+
+/// stunnel in client mode: plain TCP on a local port becomes TLS to `tls_port`. Debian's sipp
+/// has no TLS of its own, so this is how sipp scenarios run over TLS here.
+struct Stunnel {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Stunnel {
+    fn to(tls_port: u16) -> Self {
+        require("stunnel4", "stunnel4");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("stunnel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[sip-tls]\nclient = yes\naccept = 127.0.0.1:{port}\n\
+                 connect = 127.0.0.1:{tls_port}\nverifyChain = no\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("stunnel4")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "stunnel did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Stunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sipp_registers_and_calls_over_tls() {
+    use crate::calls::{scenario, sipp_file};
+    require("sipp", "sip-tester");
+    let server = Server::start_with("localhost", &[("SIP_LISTEN", TLS_LISTEN)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (import, inf) = crate::register::sipp_users(tmp.path(), 100);
+    server.cli_ok(&["user", "import", import.to_str().unwrap()]);
+    let tunnel = Stunnel::to(server.port2);
+    let sipp = |args: &[&str]| {
+        let out = Command::new("sipp")
+            .arg(format!("127.0.0.1:{}", tunnel.port))
+            .args(args)
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &free_port().to_string(),
+                "-t",
+                "t1",
+            ])
+            .args(["-nostdin", "-timeout", "60s", "-timeout_error"])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sipp over TLS failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            server.log()
+        );
+    };
+    sipp(&[
+        "-sf",
+        &scenario("register-auth.xml"),
+        "-inf",
+        inf.to_str().unwrap(),
+        "-key",
+        "domain",
+        "localhost",
+        "-auth_uri",
+        "localhost",
+        "-m",
+        "100",
+        "-r",
+        "100",
+        "-default_behaviors",
+        "-bye",
+    ]);
+    assert_eq!(server.metric("careflow_sip_registrations_total"), 100);
+    assert!(server.log().contains("transport=tls"));
+
+    // Calls from a TLS caller to a UDP callee.
+    server.add_user("caller", "pw-caller");
+    server.add_user("callee", "pw-callee");
+    let caller = sipp_file(tmp.path(), "caller.csv", &[("caller", "pw-caller")]);
+    let callee = sipp_file(tmp.path(), "callee.csv", &[("callee", "pw-callee")]);
+    let uas_port = free_port();
+    let mut uas = Command::new("sipp")
+        .args(["-sf", &scenario("uas.xml"), "-i", "127.0.0.1"])
+        .args([
+            "-p",
+            &uas_port.to_string(),
+            "-t",
+            "u1",
+            "-nostdin",
+            "-timeout",
+            "60s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let reg = Command::new("sipp")
+        .arg(server.sip_addr().to_string())
+        .args(["-sf", &scenario("register-one.xml"), "-inf"])
+        .arg(&callee)
+        .args([
+            "-key",
+            "domain",
+            "localhost",
+            "-key",
+            "contact_host",
+            "127.0.0.1",
+        ])
+        .args(["-key", "contact_port", &uas_port.to_string()])
+        .args(["-key", "contact_transport", "udp", "-auth_uri", "localhost"])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            "u1",
+        ])
+        .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(reg.status.success(), "{}", server.log());
+    sipp(&[
+        "-sf",
+        &scenario("uac-call.xml"),
+        "-inf",
+        caller.to_str().unwrap(),
+        "-key",
+        "domain",
+        "localhost",
+        "-key",
+        "callee",
+        "callee",
+        "-auth_uri",
+        "callee@localhost",
+        "-m",
+        "20",
+        "-r",
+        "20",
+        "-d",
+        "100",
+        "-default_behaviors",
+        "-abortunexp",
+    ]);
+    let _ = uas.kill();
+    let _ = uas.wait();
+    assert_eq!(
+        server.metric("careflow_sip_calls_total{result=\"answered\"}"),
+        20
+    );
+}
