@@ -1,5 +1,6 @@
 //! careflow-sip: command line, configuration loading and server start-up.
 
+mod apikeys;
 pub mod config;
 mod serve;
 mod users;
@@ -29,6 +30,9 @@ enum Command {
     /// Manage subscribers.
     #[command(subcommand)]
     User(users::UserCommand),
+    /// Manage admin API keys for /api/admin.
+    #[command(subcommand)]
+    Apikey(apikeys::ApiKeyCommand),
     /// Show current registrations (all, or one user's).
     Registrations {
         /// Username (in SIP_DOMAIN) or user@domain.
@@ -61,6 +65,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve::run(config).await,
             Command::User(cmd) => users::run(&config, cmd).await,
+            Command::Apikey(cmd) => apikeys::run(&config, cmd).await,
             Command::Registrations { user } => users::registrations(&config, user.as_deref()),
         }
     });

@@ -47,7 +47,9 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(s) => s,
         None => load_or_create_secret(&cfg.data_dir.join("secret"))?,
     };
-    let subscribers: Arc<dyn SubscriberStore> = Arc::new(open_subscribers(&cfg)?);
+    let db = Arc::new(open_subscribers(&cfg)?);
+    let subscribers: Arc<dyn SubscriberStore> = db.clone();
+    let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
     let location: Arc<dyn LocationStore> = Arc::new(
         EmbeddedLocation::open(&cfg.location_path(), careflow_server::unix_now()).with_context(
             || {
@@ -98,9 +100,14 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         keepalive: cfg.keepalive,
     };
     let cancel = CancellationToken::new();
-    let server = careflow_server::start(server_cfg, subscribers, location, cancel.clone())
-        .await
-        .context("cannot start SIP listeners (check SIP_LISTEN)")?;
+    let server = careflow_server::start(
+        server_cfg,
+        subscribers.clone(),
+        location.clone(),
+        cancel.clone(),
+    )
+    .await
+    .context("cannot start SIP listeners (check SIP_LISTEN)")?;
     for l in &server.bound {
         tracing::info!(transport = %l.transport, addr = %l.addr, domain = %cfg.sip_domain, "sip listener bound");
     }
@@ -113,7 +120,21 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
     });
     let http_cancel = cancel.clone();
-    let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), async move {
+    let verifier = careflow_api::auth::TokenVerifier::new(cfg.jwt.clone());
+    if !verifier.configured() {
+        tracing::warn!(
+            "AUTH_JWT_SECRET and AUTH_JWKS_URL are unset: /api/sip/* refuses every request"
+        );
+    }
+    let api = Arc::new(careflow_api::Provisioning {
+        subscribers,
+        keys: api_keys,
+        location,
+        sip: sip_config(&cfg, &server.bound),
+        verifier,
+        limiter: careflow_api::auth::RateLimiter::new(cfg.api_rate_limit, cfg.api_rate_burst),
+    });
+    let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), api, async move {
         http_cancel.cancelled().await
     }));
     status.ready.store(true, Ordering::Release);
@@ -126,6 +147,37 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = http_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How clients reach us, for the API's `sipConfig`: the first listener of each kind.
+fn sip_config(cfg: &Config, bound: &[careflow_transport::ListenSpec]) -> careflow_api::SipConfig {
+    let port_of = |t: Transport| {
+        bound
+            .iter()
+            .find(|l| l.transport == t)
+            .map(|l| l.addr.port())
+    };
+    let mut transports: Vec<String> = Vec::new();
+    for l in bound {
+        let t = l.transport.to_string();
+        if !transports.contains(&t) {
+            transports.push(t);
+        }
+    }
+    let ws_url = match (port_of(Transport::Wss), port_of(Transport::Ws)) {
+        (Some(p), _) => Some(format!("wss://{}:{p}{}", cfg.sip_domain, cfg.ws.path)),
+        (None, Some(p)) => Some(format!("ws://{}:{p}{}", cfg.sip_domain, cfg.ws.path)),
+        _ => None,
+    };
+    careflow_api::SipConfig {
+        domain: cfg.sip_domain.clone(),
+        port: port_of(Transport::Udp)
+            .or(port_of(Transport::Tcp))
+            .unwrap_or(5060),
+        tls_port: port_of(Transport::Tls),
+        ws_url,
+        transports,
+    }
 }
 
 /// The TLS server for `tls:` and `wss:` listeners: the configured files, or a self-signed pair

@@ -73,6 +73,41 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Seconds of silence after which a WebSocket connection is pinged; two unanswered pings close it and drop its bindings.",
     ),
     (
+        "auth_jwt_secret",
+        "",
+        "HS256 secret for CareFlow user tokens on `/api/sip/*`. With neither this nor AUTH_JWKS_URL set, user endpoints refuse every request (401).",
+    ),
+    (
+        "auth_jwks_url",
+        "",
+        "JWKS with CareFlow's token signing keys (RS256/ES256): an http(s) URL (cached, refreshed every 10 minutes and on an unknown key id) or a file path. For Firebase: `https://www.googleapis.com/service_accounts/v1/jwk/securetoken@system.gserviceaccount.com`.",
+    ),
+    (
+        "auth_jwt_issuer",
+        "",
+        "Required `iss` of user tokens (Firebase: `https://securetoken.google.com/PROJECT`). Unset: not checked.",
+    ),
+    (
+        "auth_jwt_audience",
+        "",
+        "Required `aud` of user tokens (Firebase: the project id). Unset: not checked.",
+    ),
+    (
+        "auth_jwt_user_claim",
+        "sub",
+        "Token claim holding the CareFlow user id (`firebaseUid` in the seed is Firebase's `sub`).",
+    ),
+    (
+        "api_rate_limit",
+        "10",
+        "Requests per second each API caller (user or API key) may make on average.",
+    ),
+    (
+        "api_rate_burst",
+        "30",
+        "Requests an API caller may make at once before API_RATE_LIMIT applies (429 beyond).",
+    ),
+    (
         "nat_keepalive_interval",
         "30",
         "Seconds between OPTIONS keep-alives to each device registered over UDP from behind NAT (its Contact is not the address it registers from); they keep the NAT mapping open. 0 disables them.",
@@ -254,6 +289,12 @@ pub struct Config {
     pub ws: careflow_transport::WsOptions,
     /// OPTIONS keep-alives to NATed UDP devices.
     pub keepalive: careflow_server::keepalive::KeepaliveConfig,
+    /// User token verification for the API.
+    pub jwt: careflow_api::auth::JwtConfig,
+    /// API requests per second per caller.
+    pub api_rate_limit: u32,
+    /// API burst per caller.
+    pub api_rate_burst: u32,
 }
 
 /// A configuration problem, naming the key.
@@ -496,7 +537,29 @@ impl Config {
             interval: Duration::from_secs(num("nat_keepalive_interval", 0, 3600)?),
             max_failures: num("nat_keepalive_failures", 1, 100)? as u32,
         };
+        let opt = |k: &str| Some(get(k).to_string()).filter(|v| !v.is_empty());
+        let jwt = careflow_api::auth::JwtConfig {
+            hs256_secret: match opt("auth_jwt_secret") {
+                Some(s) if s.len() < 32 => {
+                    return Err(invalid(
+                        "auth_jwt_secret",
+                        "must be at least 32 characters (HS256 needs a long secret)",
+                    ));
+                }
+                s => s.map(String::into_bytes),
+            },
+            jwks: opt("auth_jwks_url"),
+            issuer: opt("auth_jwt_issuer"),
+            audience: opt("auth_jwt_audience"),
+            user_claim: match opt("auth_jwt_user_claim") {
+                Some(c) => c,
+                None => return Err(invalid("auth_jwt_user_claim", "must not be empty")),
+            },
+        };
         Ok(Self {
+            jwt,
+            api_rate_limit: num("api_rate_limit", 1, 100_000)? as u32,
+            api_rate_burst: num("api_rate_burst", 1, 100_000)? as u32,
             keepalive,
             tls_files,
             tls_client_ca,

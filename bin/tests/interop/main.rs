@@ -2,6 +2,7 @@
 #![allow(unreachable_pub, clippy::unwrap_used)]
 //! SIP over UDP/TCP.
 
+mod api;
 mod calls;
 mod nat;
 mod outbound;

@@ -1,16 +1,27 @@
-//! The HTTP side of careflow-sip: health and metrics today, the provisioning API and the
-//! dashboard later. It never parses SIP; it reads a small status handle from the server.
+//! The HTTP side of careflow-sip: health and metrics, and the provisioning API for CareFlow
+//! (`/api/sip/*` for users with a CareFlow token, `/api/admin/*` for API keys,
+//! `/api/openapi.json`). It never parses SIP; it reads a small status handle from the server
+//! and the stores.
 #![warn(missing_docs)]
+
+pub mod admin;
+pub mod auth;
+mod http_client;
+pub mod openapi;
+pub mod problem;
+pub mod provisioning;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
+
+pub use provisioning::{Provisioning, SipConfig};
 
 /// What the HTTP side reads from the running server.
 pub trait Status: Send + Sync + 'static {
@@ -20,21 +31,57 @@ pub trait Status: Send + Sync + 'static {
     fn metrics(&self) -> String;
 }
 
+/// Request bodies are tiny JSON documents; anything larger is refused with 413.
+const MAX_BODY: usize = 16 * 1024;
+
 /// The router (exposed for in-process tests).
-pub fn router(status: Arc<dyn Status>) -> Router {
-    Router::new()
+pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
+    let ops = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(status)
+        .with_state(status);
+    let api = Router::new()
+        .route("/api/openapi.json", get(openapi::document))
+        .route("/api/sip/register", post(provisioning::register))
+        .route(
+            "/api/sip/credentials",
+            get(provisioning::credentials).delete(provisioning::revoke),
+        )
+        .route("/api/sip/credentials/rotate", post(provisioning::rotate))
+        .route("/api/sip/status", get(provisioning::status))
+        .route("/api/sip/deregister", post(provisioning::deregister))
+        .route("/api/admin/subscribers", get(admin::subscribers))
+        .route(
+            "/api/admin/subscribers/{username}/disable",
+            post(admin::disable),
+        )
+        .route(
+            "/api/admin/subscribers/{username}/enable",
+            post(admin::enable),
+        )
+        .route("/api/admin/bindings", get(admin::bindings))
+        .route(
+            "/api/admin/bindings/{id}",
+            axum::routing::delete(admin::remove_binding),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(api);
+    ops.merge(api)
+}
+
+async fn not_found() -> problem::Problem {
+    problem::Problem::not_found("no such endpoint; see /api/openapi.json")
 }
 
 /// Serves HTTP on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     status: Arc<dyn Status>,
+    api: Arc<Provisioning>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(status))
+    axum::serve(listener, router(status, api))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -79,6 +79,40 @@ pub trait SubscriberStore: Send + Sync {
     async fn list(&self) -> Result<Vec<Subscriber>, StoreError>;
     /// Inserts or updates many subscribers in one transaction; returns how many.
     async fn import(&self, rows: Vec<NewSubscriber>) -> Result<usize, StoreError>;
+    /// The subscriber created for a CareFlow user, if any.
+    async fn find_by_careflow_user(&self, user_id: &str) -> Result<Option<Subscriber>, StoreError>;
+    /// Subscribers whose username, e-mail or CareFlow user id contains `query` (all when
+    /// empty), ordered by username.
+    async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<Subscriber>, StoreError>;
+}
+
+/// An admin API key as listed (the key itself is never stored, only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Name given at creation.
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds, when revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// Admin API keys, stored as SHA-256 digests.
+#[async_trait]
+pub trait ApiKeyStore: Send + Sync {
+    /// Stores a new key's digest under a unique name.
+    async fn create_key(&self, name: &str, sha256_hex: &str) -> Result<(), StoreError>;
+    /// Every key, revoked ones too.
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// Revokes a key by name; false when there is none.
+    async fn revoke_key(&self, name: &str) -> Result<bool, StoreError>;
+    /// The name of the live key with this digest.
+    async fn key_name(&self, sha256_hex: &str) -> Result<Option<String>, StoreError>;
 }
 
 /// A registrar decision applied to the current bindings of one AoR.

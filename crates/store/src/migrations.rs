@@ -6,9 +6,10 @@ use rusqlite::Connection;
 use crate::StoreError;
 
 /// (version, SQL). Never edit a released step: add a new one.
-pub(crate) const SUBSCRIBER_MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE subscriber (
+pub(crate) const SUBSCRIBER_MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE subscriber (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         username TEXT NOT NULL,
         domain TEXT NOT NULL,
@@ -23,7 +24,23 @@ pub(crate) const SUBSCRIBER_MIGRATIONS: &[(i64, &str)] = &[(
         UNIQUE (username, domain)
     );
     CREATE INDEX idx_subscriber_careflow_user ON subscriber (careflow_user_id);",
-)];
+    ),
+    // One SIP account per CareFlow user (the API's 409), and admin API keys (only their
+    // SHA-256 is kept).
+    (
+        2,
+        "DROP INDEX idx_subscriber_careflow_user;
+    CREATE UNIQUE INDEX idx_subscriber_careflow_user ON subscriber (careflow_user_id)
+        WHERE careflow_user_id IS NOT NULL;
+    CREATE TABLE api_key (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        key_sha256 TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );",
+    ),
+];
 
 pub(crate) const LOCATION_MIGRATIONS: &[(i64, &str)] = &[
     (

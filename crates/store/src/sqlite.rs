@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::migrations::{SUBSCRIBER_MIGRATIONS, migrate};
-use crate::{NewSubscriber, StoreError, Subscriber, SubscriberStore};
+use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, SubscriberStore};
 
 /// Where the subscriber store lives, parsed from `DB_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +193,46 @@ impl SubscriberStore for SqliteSubscribers {
         })
     }
 
+    async fn find_by_careflow_user(&self, user_id: &str) -> Result<Option<Subscriber>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM subscriber WHERE careflow_user_id = ?1"
+            ))?;
+            Ok(st
+                .query_row(params![user_id], row_to_subscriber)
+                .optional()?)
+        })
+    }
+
+    async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<Subscriber>, StoreError> {
+        // LIKE with the wildcards of the query escaped: a search for "a_b" finds "a_b" only.
+        let pattern = format!(
+            "%{}%",
+            query
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        self.with(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM subscriber
+                 WHERE username LIKE ?1 ESCAPE '\\' OR email LIKE ?1 ESCAPE '\\'
+                    OR careflow_user_id LIKE ?1 ESCAPE '\\'
+                 ORDER BY username, domain LIMIT ?2 OFFSET ?3"
+            ))?;
+            let rows = st.query_map(
+                params![pattern, limit as i64, offset as i64],
+                row_to_subscriber,
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     async fn import(&self, rows: Vec<NewSubscriber>) -> Result<usize, StoreError> {
         let now = unix_now();
         self.with(|c| {
@@ -211,6 +251,58 @@ impl SubscriberStore for SqliteSubscribers {
             }
             tx.commit()?;
             Ok(rows.len())
+        })
+    }
+}
+
+#[async_trait]
+impl ApiKeyStore for SqliteSubscribers {
+    async fn create_key(&self, name: &str, sha256_hex: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_key (name, key_sha256, created_at) VALUES (?1, ?2, ?3)",
+                params![name, sha256_hex, unix_now()],
+            )
+            .map_err(|e| match StoreError::from(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("API key {name}")),
+                other => other,
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT name, created_at, revoked_at FROM api_key ORDER BY name")?;
+            let rows = st.query_map([], |r| {
+                Ok(ApiKey {
+                    name: r.get(0)?,
+                    created_at: r.get(1)?,
+                    revoked_at: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    async fn revoke_key(&self, name: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE api_key SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
+                params![name, unix_now()],
+            )? > 0)
+        })
+    }
+
+    async fn key_name(&self, sha256_hex: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT name FROM api_key WHERE key_sha256 = ?1 AND revoked_at IS NULL",
+                params![sha256_hex],
+                |r| r.get(0),
+            )
+            .optional()?)
         })
     }
 }

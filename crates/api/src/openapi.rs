@@ -1,0 +1,77 @@
+//! `/api/openapi.json`: the OpenAPI 3.1 document, generated from the handlers and types.
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::{admin, problem, provisioning};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "careflow-sip provisioning API",
+        description = "SIP credentials and devices for CareFlow users (bearer: a CareFlow JWT), \
+                       and administration (bearer: an API key from `careflow-sip apikey create`). \
+                       Errors are RFC 9457 problem+json.",
+    ),
+    paths(
+        provisioning::register,
+        provisioning::credentials,
+        provisioning::rotate,
+        provisioning::revoke,
+        provisioning::status,
+        provisioning::deregister,
+        admin::subscribers,
+        admin::disable,
+        admin::enable,
+        admin::bindings,
+        admin::remove_binding,
+    ),
+    components(schemas(
+        problem::Problem,
+        provisioning::SipConfig,
+        provisioning::NewCredentials,
+        provisioning::Credentials,
+        provisioning::Device,
+        provisioning::Status,
+        provisioning::DeregisterRequest,
+        provisioning::Removed,
+        admin::AdminSubscriber,
+        admin::AdminBinding,
+    )),
+    modifiers(&Bearer),
+    tags(
+        (name = "sip", description = "The calling CareFlow user's SIP account"),
+        (name = "admin", description = "Operators"),
+    )
+)]
+struct ApiDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT or API key")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document as JSON (also what `/api/openapi.json` serves).
+pub fn json() -> String {
+    ApiDoc::openapi()
+        .to_json()
+        .unwrap_or_else(|_| "{}".to_string())
+}
+
+pub(crate) async fn document() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], json())
+}

@@ -1,0 +1,560 @@
+//! `/api/sip/*`: a CareFlow user's SIP credentials and devices (the seed's endpoints, without
+//! its flaws: no stored password, 128+-bit passwords, real HA1s, problem+json errors).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use careflow_core::Binding;
+use careflow_core::registrar::{Outcome, Reject};
+use careflow_proto::digest::{Algorithm, ha1};
+use careflow_store::{ApiKeyStore, LocationStore, NewSubscriber, StoreError, SubscriberStore};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::{CareflowUser, RateLimiter, TokenVerifier, api_key_digest, is_api_key};
+use crate::problem::Problem;
+
+/// How clients reach the SIP service (filled in from the server's listeners).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SipConfig {
+    /// SIP domain (and digest realm).
+    pub domain: String,
+    /// UDP/TCP port.
+    pub port: u16,
+    /// TLS port, when TLS is served.
+    pub tls_port: Option<u16>,
+    /// Secure WebSocket URL for CareFlow Web, when served.
+    pub ws_url: Option<String>,
+    /// Transports served.
+    pub transports: Vec<String>,
+}
+
+/// What the API needs from the rest of the server.
+pub struct Provisioning {
+    /// Subscribers.
+    pub subscribers: Arc<dyn SubscriberStore>,
+    /// Admin API keys.
+    pub keys: Arc<dyn ApiKeyStore>,
+    /// Registered devices.
+    pub location: Arc<dyn LocationStore>,
+    /// Connection details given to clients.
+    pub sip: SipConfig,
+    /// Bearer token verification.
+    pub verifier: TokenVerifier,
+    /// Per-caller request limit.
+    pub limiter: RateLimiter,
+}
+
+impl std::fmt::Debug for Provisioning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provisioning")
+            .field("sip", &self.sip)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) type Api = State<Arc<Provisioning>>;
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn too_many() -> Problem {
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        "Too many requests",
+    )
+    .detail("slow down and retry in a second")
+}
+
+/// The CareFlow user calling (401 otherwise), after the rate limit.
+pub(crate) async fn user(api: &Provisioning, headers: &HeaderMap) -> Result<CareflowUser, Problem> {
+    let Some(token) = bearer(headers) else {
+        return Err(Problem::unauthorized("a bearer token is required"));
+    };
+    if is_api_key(token) {
+        return Err(Problem::unauthorized(
+            "API keys are for /api/admin; user endpoints need a CareFlow token",
+        ));
+    }
+    let u = api.verifier.verify(token).await.map_err(|e| match e {
+        crate::auth::AuthError::KeysUnavailable => Problem::unavailable("token verification", &e),
+        other => Problem::unauthorized(other.to_string()),
+    })?;
+    if !api.limiter.allow(&format!("user:{}", u.id)) {
+        return Err(too_many());
+    }
+    Ok(u)
+}
+
+/// The admin calling with an API key (401 otherwise), after the rate limit.
+pub(crate) async fn admin(api: &Provisioning, headers: &HeaderMap) -> Result<String, Problem> {
+    let token = bearer(headers)
+        .filter(|t| is_api_key(t))
+        .ok_or_else(|| Problem::unauthorized("an admin API key is required"))?;
+    let name = api
+        .keys
+        .key_name(&api_key_digest(token))
+        .await
+        .map_err(|e| Problem::unavailable("the key store", &e))?
+        .ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
+    if !api.limiter.allow(&format!("admin:{name}")) {
+        return Err(too_many());
+    }
+    Ok(name)
+}
+
+/// New credentials, shown once.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewCredentials {
+    /// SIP username (`careflow_` and 8 letters or digits).
+    pub sip_username: String,
+    /// The password: returned in this response only, never stored.
+    pub sip_password: String,
+    /// `sip:USERNAME@DOMAIN`.
+    pub sip_uri: String,
+    /// How to connect.
+    pub sip_config: SipConfig,
+}
+
+/// Existing credentials, without the password.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Credentials {
+    /// SIP username.
+    pub sip_username: String,
+    /// `sip:USERNAME@DOMAIN`.
+    pub sip_uri: String,
+    /// Whether the account may register and call.
+    pub enabled: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds of the last change (e.g. a rotation).
+    pub updated_at: i64,
+    /// How to connect.
+    pub sip_config: SipConfig,
+}
+
+/// One registered device.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    /// Binding id (for `POST /api/sip/deregister`).
+    pub id: u64,
+    /// Contact URI as registered.
+    pub contact: String,
+    /// udp, tcp, tls, ws or wss.
+    pub transport: String,
+    /// Address the registration came from (the public address behind NAT).
+    pub source_address: String,
+    /// The device's User-Agent.
+    pub user_agent: Option<String>,
+    /// Unix seconds.
+    pub registered_at: u64,
+    /// Seconds until the registration expires.
+    pub expires_in: u64,
+}
+
+/// Registration status.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// Whether any device is registered.
+    pub online: bool,
+    /// SIP username, when the user has credentials.
+    pub sip_username: Option<String>,
+    /// Registered devices.
+    pub devices: Vec<Device>,
+}
+
+/// Which bindings to remove.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeregisterRequest {
+    /// One binding id; all of the caller's bindings when absent.
+    pub id: Option<u64>,
+}
+
+/// How many bindings were removed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Removed {
+    /// Count.
+    pub removed: usize,
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_from(alphabet: &[u8], n: usize) -> Result<String, Problem> {
+    // Rejection sampling keeps every symbol equally likely.
+    let limit = 256 - (256 % alphabet.len());
+    let mut out = String::with_capacity(n);
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        getrandom::fill(&mut buf).map_err(|e| Problem::unavailable("randomness", &e))?;
+        for b in buf {
+            if usize::from(b) < limit && out.len() < n {
+                out.push(char::from(alphabet[usize::from(b) % alphabet.len()]));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// 24 symbols of 62: 142 bits.
+fn new_password() -> Result<String, Problem> {
+    random_from(
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+        24,
+    )
+}
+
+fn new_username() -> Result<String, Problem> {
+    Ok(format!(
+        "careflow_{}",
+        random_from(b"abcdefghijklmnopqrstuvwxyz0123456789", 8)?
+    ))
+}
+
+fn sip_uri(api: &Provisioning, username: &str) -> String {
+    format!("sip:{username}@{}", api.sip.domain)
+}
+
+fn aor(api: &Provisioning, username: &str) -> String {
+    format!("{username}@{}", api.sip.domain)
+}
+
+/// Removes the bindings `drop` selects from an AoR; returns how many.
+pub(crate) async fn remove_bindings(
+    location: &dyn LocationStore,
+    aor: &str,
+    drop: impl Fn(&Binding) -> bool + Send + Sync,
+) -> Result<usize, Problem> {
+    let removed = std::sync::atomic::AtomicUsize::new(0);
+    let decide = |cur: &[Binding]| -> Result<Outcome, Reject> {
+        let bindings: Vec<Binding> = cur.iter().filter(|b| !drop(b)).cloned().collect();
+        let n = cur.len() - bindings.len();
+        removed.store(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(Outcome {
+            bindings,
+            changed: n > 0,
+        })
+    };
+    location
+        .update(aor, &decide)
+        .await
+        .map_err(|e| Problem::unavailable("the location service", &e))?
+        .map_err(|_| Problem::unavailable("the location service", &"update refused"))?;
+    Ok(removed.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+async fn own_subscriber(
+    api: &Provisioning,
+    user: &CareflowUser,
+) -> Result<Option<careflow_store::Subscriber>, Problem> {
+    api.subscribers
+        .find_by_careflow_user(&user.id)
+        .await
+        .map_err(|e| Problem::unavailable("the subscriber store", &e))
+}
+
+fn no_credentials() -> Problem {
+    Problem::not_found("you have no SIP credentials yet; POST /api/sip/register creates them")
+}
+
+/// Create SIP credentials for the calling CareFlow user.
+#[utoipa::path(post, path = "/api/sip/register", tag = "sip",
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created; the password is shown only here", body = NewCredentials),
+        (status = 401, description = "No or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The user has credentials already", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn register(State(api): Api, headers: HeaderMap) -> Result<Response, Problem> {
+    let user = user(&api, &headers).await?;
+    if own_subscriber(&api, &user).await?.is_some() {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "credentials-exist",
+            "Credentials exist",
+        )
+        .detail("you have SIP credentials already; POST /api/sip/credentials/rotate sets a new password"));
+    }
+    let password = new_password()?;
+    let domain = api.sip.domain.clone();
+    for _ in 0..5 {
+        let username = new_username()?;
+        let s = NewSubscriber {
+            ha1_md5: ha1(Algorithm::Md5, &username, &domain, &password),
+            ha1_sha256: ha1(Algorithm::Sha256, &username, &domain, &password),
+            username: username.clone(),
+            domain: domain.clone(),
+            email: user.email.clone(),
+            careflow_user_id: Some(user.id.clone()),
+            careflow_care4w_id: None,
+        };
+        match api.subscribers.add(s).await {
+            Ok(()) => {
+                tracing::info!(target: "careflow::audit", careflow_user = %user.id, sip_username = %username, "SIP credentials created");
+                let body = NewCredentials {
+                    sip_uri: sip_uri(&api, &username),
+                    sip_username: username,
+                    sip_password: password,
+                    sip_config: api.sip.clone(),
+                };
+                return Ok((StatusCode::CREATED, no_store(), Json(body)).into_response());
+            }
+            // A username collision: draw again. A second request for the same user racing
+            // this one hits the unique CareFlow user id instead.
+            Err(StoreError::Conflict(_)) => {
+                if own_subscriber(&api, &user).await?.is_some() {
+                    return Err(Problem::new(
+                        StatusCode::CONFLICT,
+                        "credentials-exist",
+                        "Credentials exist",
+                    ));
+                }
+            }
+            Err(e) => return Err(Problem::unavailable("the subscriber store", &e)),
+        }
+    }
+    Err(Problem::unavailable(
+        "the subscriber store",
+        &"no free username",
+    ))
+}
+
+/// Responses carrying a password must not be cached anywhere.
+fn no_store() -> [(header::HeaderName, &'static str); 1] {
+    [(header::CACHE_CONTROL, "no-store")]
+}
+
+/// The caller's SIP credentials (never the password).
+#[utoipa::path(get, path = "/api/sip/credentials", tag = "sip",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Credentials),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No credentials yet", body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn credentials(
+    State(api): Api,
+    headers: HeaderMap,
+) -> Result<Json<Credentials>, Problem> {
+    let user = user(&api, &headers).await?;
+    let s = own_subscriber(&api, &user)
+        .await?
+        .ok_or_else(no_credentials)?;
+    Ok(Json(Credentials {
+        sip_uri: sip_uri(&api, &s.username),
+        sip_username: s.username,
+        enabled: s.enabled,
+        created_at: s.created_at,
+        updated_at: s.updated_at,
+        sip_config: api.sip.clone(),
+    }))
+}
+
+/// A new password for the caller; registered devices are signed out.
+#[utoipa::path(post, path = "/api/sip/credentials/rotate", tag = "sip",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The new password, shown only here", body = NewCredentials),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn rotate(State(api): Api, headers: HeaderMap) -> Result<Response, Problem> {
+    let user = user(&api, &headers).await?;
+    let s = own_subscriber(&api, &user)
+        .await?
+        .ok_or_else(no_credentials)?;
+    let password = new_password()?;
+    api.subscribers
+        .set_ha1(
+            &s.username,
+            &s.domain,
+            &ha1(Algorithm::Md5, &s.username, &s.domain, &password),
+            &ha1(Algorithm::Sha256, &s.username, &s.domain, &password),
+        )
+        .await
+        .map_err(|e| Problem::unavailable("the subscriber store", &e))?;
+    let removed = remove_bindings(&*api.location, &aor(&api, &s.username), |_| true).await?;
+    tracing::info!(target: "careflow::audit", careflow_user = %user.id, sip_username = %s.username, removed, "SIP password rotated");
+    let body = NewCredentials {
+        sip_uri: sip_uri(&api, &s.username),
+        sip_username: s.username,
+        sip_password: password,
+        sip_config: api.sip.clone(),
+    };
+    Ok((StatusCode::OK, no_store(), Json(body)).into_response())
+}
+
+/// Revoke the caller's credentials: the account is removed, its devices signed out and calls
+/// to it refused.
+#[utoipa::path(delete, path = "/api/sip/credentials", tag = "sip",
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn revoke(State(api): Api, headers: HeaderMap) -> Result<StatusCode, Problem> {
+    let user = user(&api, &headers).await?;
+    let s = own_subscriber(&api, &user)
+        .await?
+        .ok_or_else(no_credentials)?;
+    api.subscribers
+        .remove(&s.username, &s.domain)
+        .await
+        .map_err(|e| Problem::unavailable("the subscriber store", &e))?;
+    let removed = remove_bindings(&*api.location, &aor(&api, &s.username), |_| true).await?;
+    tracing::info!(target: "careflow::audit", careflow_user = %user.id, sip_username = %s.username, removed, "SIP credentials revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(crate) fn device(b: &Binding, now: u64) -> Device {
+    Device {
+        id: b.id,
+        contact: b.contact.clone(),
+        transport: b.transport.to_string(),
+        source_address: b.source.to_string(),
+        user_agent: b.user_agent.clone(),
+        registered_at: b.registered_at,
+        expires_in: b.expires_in(now),
+    }
+}
+
+/// The caller's registered devices.
+#[utoipa::path(get, path = "/api/sip/status", tag = "sip",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Status),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn status(State(api): Api, headers: HeaderMap) -> Result<Json<Status>, Problem> {
+    let user = user(&api, &headers).await?;
+    let Some(s) = own_subscriber(&api, &user).await? else {
+        return Ok(Json(Status {
+            online: false,
+            sip_username: None,
+            devices: Vec::new(),
+        }));
+    };
+    let now = unix_now();
+    let bindings = api
+        .location
+        .lookup(&aor(&api, &s.username), now)
+        .await
+        .map_err(|e| Problem::unavailable("the location service", &e))?;
+    let devices: Vec<Device> = bindings.iter().map(|b| device(b, now)).collect();
+    Ok(Json(Status {
+        online: !devices.is_empty(),
+        sip_username: Some(s.username),
+        devices,
+    }))
+}
+
+/// Sign out the caller's devices: all of them, or the one with `id`.
+#[utoipa::path(post, path = "/api/sip/deregister", tag = "sip",
+    security(("bearer" = [])),
+    request_body(content = Option<DeregisterRequest>, description = "Optional: {\"id\": BINDING_ID}"),
+    responses(
+        (status = 200, body = Removed),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No credentials, or no such device", body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn deregister(
+    State(api): Api,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Removed>, Problem> {
+    let user = user(&api, &headers).await?;
+    let req: DeregisterRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        DeregisterRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| json_problem(&e))?
+    };
+    let s = own_subscriber(&api, &user)
+        .await?
+        .ok_or_else(no_credentials)?;
+    let removed = remove_bindings(&*api.location, &aor(&api, &s.username), |b| {
+        req.id.is_none_or(|id| b.id == id)
+    })
+    .await?;
+    if req.id.is_some() && removed == 0 {
+        return Err(Problem::not_found("no device with that id").field("id"));
+    }
+    Ok(Json(Removed { removed }))
+}
+
+/// A JSON body error as a 400 naming the field when serde says which.
+pub(crate) fn json_problem(e: &serde_json::Error) -> Problem {
+    let msg = e.to_string();
+    // serde's messages name the field as "unknown field `x`" or "... `x` ...".
+    let field = msg
+        .split('`')
+        .nth(1)
+        .filter(|_| msg.contains("field"))
+        .map(str::to_string);
+    let mut p = Problem::invalid(field.as_deref().unwrap_or("body"), "invalid JSON body");
+    if let Some(f) = field {
+        p = p.detail(format!("invalid JSON body: bad field `{f}`"));
+    }
+    p
+}
+
+/// Paging and search for admin listings.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Part of a username, e-mail or CareFlow user id.
+    pub q: Option<String>,
+    /// At most this many (1-1000, default 100).
+    pub limit: Option<usize>,
+    /// Skip this many.
+    pub offset: Option<usize>,
+}
+
+/// The query, validated (400 names the field).
+pub(crate) fn paging(q: &ListQuery) -> Result<(String, usize, usize), Problem> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::invalid("limit", "between 1 and 1000"));
+    }
+    let offset = q.offset.unwrap_or(0);
+    if offset > 1_000_000 {
+        return Err(Problem::invalid("offset", "at most 1000000"));
+    }
+    let query = q.q.clone().unwrap_or_default();
+    if query.len() > 256 {
+        return Err(Problem::invalid("q", "at most 256 characters"));
+    }
+    Ok((query, limit, offset))
+}
