@@ -451,3 +451,58 @@ fn openapi_document_bad_input_and_limits() {
         200
     );
 }
+
+/// schemathesis from PyPI (scripts/test installs it into a virtualenv).
+fn schemathesis() -> String {
+    let path = std::env::var("SCHEMATHESIS")
+        .unwrap_or_else(|_| "/var/tmp/careflow-venv/bin/schemathesis".to_string());
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "schemathesis is not installed at {path}: run scripts/test (it pip-installs it)"
+    );
+    path
+}
+
+#[test]
+fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    let st = schemathesis();
+    let secret = "schemathesis-shared-secret-0123456789";
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("AUTH_JWT_SECRET", secret),
+            ("API_RATE_LIMIT", "100000"),
+            ("API_RATE_BURST", "100000"),
+        ],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "schemathesis-user", "exp": now + 3600}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let out = server.cli_ok(&["apikey", "create", "schemathesis"]);
+    let key = out.lines().last().unwrap().trim().to_string();
+    let spec = format!("http://127.0.0.1:{}/api/openapi.json", server.http);
+    let reports = tempfile::tempdir().unwrap();
+    // As a user (admin endpoints answer 401), then as an admin (user endpoints answer 401).
+    for bearer in [&token, &key] {
+        let run = Command::new(&st)
+            .current_dir(reports.path())
+            .args(["run", &spec, "--checks", "all", "-n", "60", "--seed", "1"])
+            .args(["-H", &format!("Authorization: Bearer {bearer}")])
+            .output()
+            .expect("run schemathesis");
+        assert!(
+            run.status.success(),
+            "schemathesis found problems:\n{}\n{}\nserver:\n{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr),
+            server.log()
+        );
+    }
+}

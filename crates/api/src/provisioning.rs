@@ -183,7 +183,27 @@ pub struct Status {
 #[serde(deny_unknown_fields)]
 pub struct DeregisterRequest {
     /// One binding id; all of the caller's bindings when absent.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 0)]
     pub id: Option<u64>,
+}
+
+/// JSON Schema's `integer` includes `3.0`; serde's u64 does not. Accept whole numbers written
+/// either way.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let n: Option<serde_json::Number> = Option::deserialize(d)?;
+    let Some(n) = n else { return Ok(None) };
+    if let Some(v) = n.as_u64() {
+        return Ok(Some(v));
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && (0.0..=9.007_199_254_740_992e15).contains(&f) => {
+            Ok(Some(f as u64))
+        }
+        _ => Err(serde::de::Error::custom(
+            "`id` must be a whole number of at least 0",
+        )),
+    }
 }
 
 /// How many bindings were removed.
@@ -499,7 +519,9 @@ pub(crate) async fn deregister(
     let req: DeregisterRequest = if body.iter().all(u8::is_ascii_whitespace) {
         DeregisterRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| json_problem(&e))?
+        serde_json::from_slice::<Option<DeregisterRequest>>(&body)
+            .map_err(|e| json_problem(&e))?
+            .unwrap_or_default()
     };
     let s = own_subscriber(&api, &user)
         .await?
@@ -532,13 +554,17 @@ pub(crate) fn json_problem(e: &serde_json::Error) -> Problem {
 
 /// Paging and search for admin listings.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Part of a username, e-mail or CareFlow user id.
+    #[param(max_length = 256)]
     pub q: Option<String>,
-    /// At most this many (1-1000, default 100).
+    /// At most this many (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Skip this many.
+    #[param(minimum = 0, maximum = 1000000)]
     pub offset: Option<usize>,
 }
 
