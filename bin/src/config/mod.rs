@@ -98,6 +98,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Token claim holding the CareFlow user id (`firebaseUid` in the seed is Firebase's `sub`).",
     ),
     (
+        "careflow_user_check_url",
+        "",
+        "Optional URL asked before credentials are created (the seed's \"verify user exists in CareFlow\"): `{userId}` is replaced by the user id; 2xx allows, 404 refuses with 403, anything else or no answer within 3 s gives 503.",
+    ),
+    (
+        "careflow_user_check_token",
+        "",
+        "Bearer token sent with CAREFLOW_USER_CHECK_URL requests.",
+    ),
+    (
         "api_rate_limit",
         "10",
         "Requests per second each API caller (user or API key) may make on average.",
@@ -295,6 +305,8 @@ pub struct Config {
     pub api_rate_limit: u32,
     /// API burst per caller.
     pub api_rate_burst: u32,
+    /// CareFlow user check URL and token.
+    pub user_check: Option<(String, Option<String>)>,
 }
 
 /// A configuration problem, naming the key.
@@ -556,7 +568,20 @@ impl Config {
                 None => return Err(invalid("auth_jwt_user_claim", "must not be empty")),
             },
         };
+        let user_check = match opt("careflow_user_check_url") {
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                Some((u, opt("careflow_user_check_token")))
+            }
+            Some(u) => {
+                return Err(invalid(
+                    "careflow_user_check_url",
+                    format!("`{u}` is not an http(s) URL"),
+                ));
+            }
+            None => None,
+        };
         Ok(Self {
+            user_check,
             jwt,
             api_rate_limit: num("api_rate_limit", 1, 100_000)? as u32,
             api_rate_burst: num("api_rate_burst", 1, 100_000)? as u32,

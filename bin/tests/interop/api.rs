@@ -506,3 +506,60 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         );
     }
 }
+
+#[test]
+fn the_careflow_user_check_allows_known_users_refuses_unknown_ones_and_fails_closed() {
+    let idp = IdentityProvider::start();
+    // CareFlow's user endpoint: one known user, one unknown, one that hangs.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let status = if !req
+                    .to_ascii_lowercase()
+                    .contains("authorization: bearer check-token")
+                {
+                    "401 Unauthorized"
+                } else if req.starts_with("GET /users/known%40uid ") {
+                    "200 OK"
+                } else if req.starts_with("GET /users/slow ") {
+                    std::thread::sleep(Duration::from_secs(6));
+                    "200 OK"
+                } else {
+                    "404 Not Found"
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            });
+        }
+    });
+    let mut env = idp.env();
+    env.push((
+        "CAREFLOW_USER_CHECK_URL",
+        format!("http://127.0.0.1:{port}/users/{{userId}}"),
+    ));
+    env.push(("CAREFLOW_USER_CHECK_TOKEN", "check-token".to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start_with("localhost", &env);
+    let register = |uid: &str| {
+        let t = idp.token(uid, |_| {});
+        http(&server, "POST", "/api/sip/register", Some(&t), None)
+    };
+    assert_eq!(register("known@uid").0, 201);
+    let (code, _, p) = register("ghost");
+    assert_eq!(code, 403, "{p}");
+    let started = std::time::Instant::now();
+    let (code, _, p) = register("slow");
+    assert_eq!(code, 503, "{p}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the check must time out, not hang"
+    );
+}

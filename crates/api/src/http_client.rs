@@ -71,19 +71,36 @@ fn parse(url: &str) -> Result<Target<'_>, String> {
 
 /// GETs `url` and returns the body of a 2xx answer.
 pub(crate) async fn get(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
-    tokio::time::timeout(timeout, fetch(url))
+    match get_status(url, None, timeout).await? {
+        (status, body) if (200..300).contains(&status) => Ok(body),
+        (status, _) => Err(format!("{url}: HTTP {status}")),
+    }
+}
+
+/// GETs `url` (with an optional bearer token) and returns the status and body, whatever the
+/// status.
+pub(crate) async fn get_status(
+    url: &str,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), String> {
+    tokio::time::timeout(timeout, fetch(url, bearer))
         .await
         .map_err(|_| format!("{url}: timed out"))?
 }
 
-async fn fetch(url: &str) -> Result<Vec<u8>, String> {
+async fn fetch(url: &str, bearer: Option<&str>) -> Result<(u16, Vec<u8>), String> {
     let t = parse(url)?;
     let tcp = TcpStream::connect((t.host, t.port))
         .await
         .map_err(|e| format!("{url}: {e}"))?;
-    let req = hyper::Request::get(t.path)
+    let mut req = hyper::Request::get(t.path)
         .header(hyper::header::HOST, t.host)
-        .header(hyper::header::USER_AGENT, "careflow-sip")
+        .header(hyper::header::USER_AGENT, "careflow-sip");
+    if let Some(b) = bearer {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {b}"));
+    }
+    let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("{url}: {e}"))?;
     let resp = if t.https {
@@ -101,7 +118,11 @@ async fn fetch(url: &str) -> Result<Vec<u8>, String> {
     Ok(resp)
 }
 
-async fn send<S>(url: &str, io: S, req: hyper::Request<Empty<Bytes>>) -> Result<Vec<u8>, String>
+async fn send<S>(
+    url: &str,
+    io: S,
+    req: hyper::Request<Empty<Bytes>>,
+) -> Result<(u16, Vec<u8>), String>
 where
     S: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
 {
@@ -115,14 +136,12 @@ where
         .send_request(req)
         .await
         .map_err(|e| format!("{url}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("{url}: HTTP {}", resp.status()));
-    }
+    let status = resp.status().as_u16();
     let body = Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| format!("{url}: {e}"))?;
-    Ok(body.to_bytes().to_vec())
+    Ok((status, body.to_bytes().to_vec()))
 }
 
 #[cfg(test)]

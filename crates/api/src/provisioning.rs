@@ -47,6 +47,8 @@ pub struct Provisioning {
     pub verifier: TokenVerifier,
     /// Per-caller request limit.
     pub limiter: RateLimiter,
+    /// CareFlow's "does this user exist" endpoint (`{userId}` is replaced) and its token.
+    pub user_check: Option<(String, Option<String>)>,
 }
 
 impl std::fmt::Debug for Provisioning {
@@ -302,12 +304,14 @@ fn no_credentials() -> Problem {
     responses(
         (status = 201, description = "Created; the password is shown only here", body = NewCredentials),
         (status = 401, description = "No or invalid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "CareFlow does not know the user (when a user check is configured)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The user has credentials already", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "A store is unavailable", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn register(State(api): Api, headers: HeaderMap) -> Result<Response, Problem> {
     let user = user(&api, &headers).await?;
+    check_careflow_user(&api, &user).await?;
     if own_subscriber(&api, &user).await?.is_some() {
         return Err(Problem::new(
             StatusCode::CONFLICT,
@@ -358,6 +362,43 @@ pub(crate) async fn register(State(api): Api, headers: HeaderMap) -> Result<Resp
         "the subscriber store",
         &"no free username",
     ))
+}
+
+/// The seed's "verify the user exists in CareFlow": the configured URL must answer 2xx for the
+/// user; 404 means no such user (403), anything else or no answer in time is a 503.
+async fn check_careflow_user(api: &Provisioning, user: &CareflowUser) -> Result<(), Problem> {
+    let Some((url, token)) = &api.user_check else {
+        return Ok(());
+    };
+    let url = url.replace("{userId}", &percent_encode(&user.id));
+    match crate::http_client::get_status(&url, token.as_deref(), std::time::Duration::from_secs(3))
+        .await
+    {
+        Ok((s, _)) if (200..300).contains(&s) => Ok(()),
+        Ok((404, _)) => Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "not-a-careflow-user",
+            "Not a CareFlow user",
+        )
+        .detail("CareFlow does not know this user")),
+        Ok((s, _)) => Err(Problem::unavailable(
+            "the CareFlow user check",
+            &format!("HTTP {s}"),
+        )),
+        Err(e) => Err(Problem::unavailable("the CareFlow user check", &e)),
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Responses carrying a password must not be cached anywhere.
