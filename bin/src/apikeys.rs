@@ -1,7 +1,7 @@
 //! `careflow-sip apikey create|list|revoke`: admin keys for `/api/admin/*`.
 
 use anyhow::{Context as _, bail};
-use careflow_store::{ApiKeyStore, StoreError};
+use careflow_store::StoreError;
 use clap::Subcommand;
 
 use crate::config::Config;
@@ -24,7 +24,7 @@ pub(crate) enum ApiKeyCommand {
 }
 
 pub(crate) async fn run(cfg: &Config, cmd: ApiKeyCommand) -> anyhow::Result<()> {
-    let store = open_subscribers(cfg)?;
+    let store = open_subscribers(cfg).await?;
     match cmd {
         ApiKeyCommand::Create { name } => {
             if name.is_empty() || name.len() > 64 || name.chars().any(char::is_whitespace) {

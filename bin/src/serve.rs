@@ -47,7 +47,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(s) => s,
         None => load_or_create_secret(&cfg.data_dir.join("secret"))?,
     };
-    let db = Arc::new(open_subscribers(&cfg)?);
+    let db = open_subscribers(&cfg).await?;
     let subscribers: Arc<dyn SubscriberStore> = db.clone();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
     let location: Arc<dyn LocationStore> = Arc::new(

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use careflow_proto::digest::{Algorithm, ha1};
-use careflow_store::sqlite::{DbUrl, SqliteSubscribers};
-use careflow_store::{NewSubscriber, StoreError, SubscriberStore};
+use careflow_store::sqlite::DbUrl;
+use careflow_store::{NewSubscriber, StoreError};
 use clap::Subcommand;
 
 use crate::config::Config;
@@ -74,16 +74,21 @@ pub(crate) enum UserCommand {
     },
 }
 
-pub(crate) fn open_subscribers(cfg: &Config) -> anyhow::Result<SqliteSubscribers> {
-    match &cfg.db_url {
-        DbUrl::Sqlite(path) => SqliteSubscribers::open(path)
-            .with_context(|| format!("cannot open subscriber database {}", path.display())),
-        _ => bail!("DB_URL: only sqlite is available in this build"),
-    }
+pub(crate) async fn open_subscribers(
+    cfg: &Config,
+) -> anyhow::Result<std::sync::Arc<dyn careflow_store::Database>> {
+    careflow_store::open_database(&cfg.db_url)
+        .await
+        .with_context(|| match &cfg.db_url {
+            DbUrl::Sqlite(path) => format!("cannot open subscriber database {}", path.display()),
+            DbUrl::Postgres(_) | DbUrl::Mysql(_) => {
+                "cannot open the subscriber database of DB_URL".to_string()
+            }
+        })
 }
 
 pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
-    let store = open_subscribers(cfg)?;
+    let store = open_subscribers(cfg).await?;
     let dom = |d: Option<String>| {
         d.unwrap_or_else(|| cfg.sip_domain.clone())
             .to_ascii_lowercase()

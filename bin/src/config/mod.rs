@@ -481,12 +481,6 @@ impl Config {
             "" => DbUrl::Sqlite(data_dir.join("careflow.db")),
             url => DbUrl::parse(url).map_err(|m| invalid("db_url", m))?,
         };
-        if let DbUrl::Postgres(_) | DbUrl::Mysql(_) = db_url {
-            return Err(invalid(
-                "db_url",
-                "PostgreSQL and MySQL backends are not in this build yet; use sqlite://PATH",
-            ));
-        }
         let nonce_secret = match get("nonce_secret") {
             "" => None,
             s => Some(

@@ -53,7 +53,7 @@ fn errors_name_the_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("HTTP_LISTEN"), "{e}");
-    let e = Config::load(None, env(&[("DB_URL", "postgres://x/y")]))
+    let e = Config::load(None, env(&[("DB_URL", "oracle://x/y")]))
         .unwrap_err()
         .to_string();
     assert!(e.contains("DB_URL"), "{e}");

@@ -10,6 +10,8 @@
 
 pub mod location;
 mod migrations;
+pub mod mysql;
+pub mod postgres;
 pub mod sqlite;
 mod subscriber;
 
@@ -89,6 +91,22 @@ pub trait SubscriberStore: Send + Sync {
         limit: usize,
         offset: usize,
     ) -> Result<Vec<Subscriber>, StoreError>;
+}
+
+/// A subscriber database: subscribers and API keys in one place (`DB_URL`).
+pub trait Database: SubscriberStore + ApiKeyStore {}
+
+impl<T: SubscriberStore + ApiKeyStore> Database for T {}
+
+/// Opens the database `DB_URL` names and brings its schema up to date.
+pub async fn open_database(
+    url: &sqlite::DbUrl,
+) -> Result<std::sync::Arc<dyn Database>, StoreError> {
+    Ok(match url {
+        sqlite::DbUrl::Sqlite(path) => std::sync::Arc::new(sqlite::SqliteSubscribers::open(path)?),
+        sqlite::DbUrl::Postgres(u) => std::sync::Arc::new(postgres::PgSubscribers::open(u).await?),
+        sqlite::DbUrl::Mysql(u) => std::sync::Arc::new(mysql::MysqlSubscribers::open(u).await?),
+    })
 }
 
 /// An admin API key as listed (the key itself is never stored, only its SHA-256).

@@ -18,9 +18,9 @@ use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, Subscrib
 pub enum DbUrl {
     /// `sqlite://PATH` or `sqlite:PATH`.
     Sqlite(PathBuf),
-    /// `postgres://...` (not in this build yet).
+    /// `postgres://...` (or `postgresql://`).
     Postgres(String),
-    /// `mysql://...` (not in this build yet).
+    /// `mysql://...` (or `mariadb://`).
     Mysql(String),
 }
 

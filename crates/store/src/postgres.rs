@@ -1,0 +1,409 @@
+//! Subscribers and API keys in PostgreSQL (`DB_URL=postgres://...`), for several nodes sharing
+//! one database. Same tables and migration versions as the embedded store.
+//!
+//! One client connection, re-established on the next call after it broke: while the database
+//! is away every lookup fails (and SIP authentication fails safe), and the first call after it
+//! is back reconnects. Connection attempts are spaced so an outage is not a reconnect storm.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio_postgres::{Client, NoTls, Row};
+
+use crate::sqlite::unix_now;
+use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, SubscriberStore};
+
+/// (version, SQL) in PostgreSQL's dialect; the versions match the SQLite steps.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE subscriber (
+            id BIGSERIAL PRIMARY KEY,
+            username TEXT NOT NULL,
+            domain TEXT NOT NULL,
+            email TEXT,
+            careflow_user_id TEXT,
+            careflow_care4w_id TEXT,
+            enabled BOOLEAN NOT NULL DEFAULT TRUE,
+            ha1_md5 TEXT NOT NULL,
+            ha1_sha256 TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            UNIQUE (username, domain)
+        );
+        CREATE INDEX idx_subscriber_careflow_user ON subscriber (careflow_user_id);",
+    ),
+    (
+        2,
+        "DROP INDEX idx_subscriber_careflow_user;
+        CREATE UNIQUE INDEX idx_subscriber_careflow_user ON subscriber (careflow_user_id)
+            WHERE careflow_user_id IS NOT NULL;
+        CREATE TABLE api_key (
+            id BIGSERIAL PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            key_sha256 TEXT NOT NULL UNIQUE,
+            created_at BIGINT NOT NULL,
+            revoked_at BIGINT
+        );",
+    ),
+];
+
+/// Serialises migrations of nodes starting at once (`pg_advisory_lock` key).
+const MIGRATION_LOCK: i64 = 0x0ca2_ef10_5195;
+
+/// Waiting time between reconnection attempts.
+const RECONNECT_SPACING: Duration = Duration::from_secs(1);
+
+/// Subscribers in PostgreSQL.
+pub struct PgSubscribers {
+    url: String,
+    client: tokio::sync::Mutex<(Option<Arc<Client>>, Option<Instant>)>,
+}
+
+impl std::fmt::Debug for PgSubscribers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSubscribers").finish_non_exhaustive()
+    }
+}
+
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error()
+        && db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+    {
+        return StoreError::Conflict(db.constraint().unwrap_or("unique").to_string());
+    }
+    StoreError::Database(format!("postgres: {e}"))
+}
+
+async fn connect(url: &str) -> Result<Client, StoreError> {
+    let (client, connection) =
+        tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, NoTls))
+            .await
+            .map_err(|_| StoreError::Database("postgres: connection timed out".into()))?
+            .map_err(db_err)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres connection lost; reconnecting on next use");
+        }
+    });
+    Ok(client)
+}
+
+impl PgSubscribers {
+    /// Connects and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let mut client = connect(url).await?;
+        migrate(&mut client).await?;
+        Ok(Self {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new((Some(Arc::new(client)), None)),
+        })
+    }
+
+    async fn client(&self) -> Result<Arc<Client>, StoreError> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.0.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        if let Some(t) = guard.1
+            && t.elapsed() < RECONNECT_SPACING
+        {
+            return Err(StoreError::Database("postgres is unavailable".into()));
+        }
+        guard.1 = Some(Instant::now());
+        match connect(&self.url).await {
+            Ok(c) => {
+                tracing::info!("postgres connection re-established");
+                let c = Arc::new(c);
+                guard.0 = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                guard.0 = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn migrate(client: &mut Client) -> Result<i64, StoreError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db_err)?;
+    let result = async {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .await
+            .map_err(db_err)?;
+        let current: i64 = client
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let mut version = current;
+        for (v, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            let tx = client.transaction().await.map_err(db_err)?;
+            tx.batch_execute(sql).await.map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[v, &unix_now()],
+            )
+            .await
+            .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            version = *v;
+        }
+        Ok(version)
+    }
+    .await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result
+}
+
+const COLUMNS: &str = "id, username, domain, email, careflow_user_id, careflow_care4w_id, enabled, ha1_md5, ha1_sha256, created_at, updated_at";
+
+fn subscriber(r: &Row) -> Subscriber {
+    Subscriber {
+        id: r.get(0),
+        username: r.get(1),
+        domain: r.get(2),
+        email: r.get(3),
+        careflow_user_id: r.get(4),
+        careflow_care4w_id: r.get(5),
+        enabled: r.get(6),
+        ha1_md5: r.get(7),
+        ha1_sha256: r.get(8),
+        created_at: r.get(9),
+        updated_at: r.get(10),
+    }
+}
+
+fn like_pattern(q: &str) -> String {
+    format!(
+        "%{}%",
+        q.replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    )
+}
+
+#[async_trait]
+impl SubscriberStore for PgSubscribers {
+    async fn find(&self, username: &str, domain: &str) -> Result<Option<Subscriber>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM subscriber WHERE username = $1 AND domain = $2"),
+                &[&username, &domain],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.as_ref().map(subscriber))
+    }
+
+    async fn add(&self, s: NewSubscriber) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        let now = unix_now();
+        c.execute(
+            "INSERT INTO subscriber (username, domain, email, careflow_user_id, careflow_care4w_id, enabled, ha1_md5, ha1_sha256, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, TRUE, $6, $7, $8, $8)",
+            &[&s.username, &s.domain, &s.email, &s.careflow_user_id, &s.careflow_care4w_id, &s.ha1_md5, &s.ha1_sha256, &now],
+        )
+        .await
+        .map_err(|e| match db_err(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("{}@{}", s.username, s.domain)),
+            other => other,
+        })?;
+        Ok(())
+    }
+
+    async fn set_ha1(
+        &self,
+        username: &str,
+        domain: &str,
+        md5: &str,
+        sha256: &str,
+    ) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        Ok(c.execute(
+            "UPDATE subscriber SET ha1_md5 = $3, ha1_sha256 = $4, updated_at = $5 WHERE username = $1 AND domain = $2",
+            &[&username, &domain, &md5, &sha256, &unix_now()],
+        )
+        .await
+        .map_err(db_err)?
+            > 0)
+    }
+
+    async fn set_enabled(
+        &self,
+        username: &str,
+        domain: &str,
+        enabled: bool,
+    ) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        Ok(c.execute(
+            "UPDATE subscriber SET enabled = $3, updated_at = $4 WHERE username = $1 AND domain = $2",
+            &[&username, &domain, &enabled, &unix_now()],
+        )
+        .await
+        .map_err(db_err)?
+            > 0)
+    }
+
+    async fn remove(&self, username: &str, domain: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        Ok(c.execute(
+            "DELETE FROM subscriber WHERE username = $1 AND domain = $2",
+            &[&username, &domain],
+        )
+        .await
+        .map_err(db_err)?
+            > 0)
+    }
+
+    async fn list(&self) -> Result<Vec<Subscriber>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!("SELECT {COLUMNS} FROM subscriber ORDER BY domain, username"),
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows.iter().map(subscriber).collect())
+    }
+
+    async fn import(&self, rows: Vec<NewSubscriber>) -> Result<usize, StoreError> {
+        let mut client = connect(&self.url).await?;
+        let now = unix_now();
+        let tx = client.transaction().await.map_err(db_err)?;
+        // As in the embedded store: existing users get the imported digests (and e-mail).
+        let st = tx
+            .prepare(
+                "INSERT INTO subscriber (username, domain, email, careflow_user_id, careflow_care4w_id, enabled, ha1_md5, ha1_sha256, created_at, updated_at)
+                 VALUES ($1, $2, $3, NULL, NULL, TRUE, $4, $5, $6, $6)
+                 ON CONFLICT (username, domain) DO UPDATE SET
+                    ha1_md5 = EXCLUDED.ha1_md5, ha1_sha256 = EXCLUDED.ha1_sha256,
+                    email = COALESCE(EXCLUDED.email, subscriber.email), updated_at = EXCLUDED.updated_at",
+            )
+            .await
+            .map_err(db_err)?;
+        for s in &rows {
+            tx.execute(
+                &st,
+                &[
+                    &s.username,
+                    &s.domain,
+                    &s.email,
+                    &s.ha1_md5,
+                    &s.ha1_sha256,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(|e| match db_err(e) {
+                StoreError::Conflict(_) => {
+                    StoreError::Conflict(format!("{}@{}", s.username, s.domain))
+                }
+                other => other,
+            })?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(rows.len())
+    }
+
+    async fn find_by_careflow_user(&self, user_id: &str) -> Result<Option<Subscriber>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM subscriber WHERE careflow_user_id = $1"),
+                &[&user_id],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.as_ref().map(subscriber))
+    }
+
+    async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<Subscriber>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM subscriber
+                     WHERE username LIKE $1 OR email LIKE $1 OR careflow_user_id LIKE $1
+                     ORDER BY username, domain LIMIT $2 OFFSET $3"
+                ),
+                &[&like_pattern(query), &(limit as i64), &(offset as i64)],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows.iter().map(subscriber).collect())
+    }
+}
+
+#[async_trait]
+impl ApiKeyStore for PgSubscribers {
+    async fn create_key(&self, name: &str, sha256_hex: &str) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO api_key (name, key_sha256, created_at) VALUES ($1, $2, $3)",
+            &[&name, &sha256_hex, &unix_now()],
+        )
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT name, created_at, revoked_at FROM api_key ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| ApiKey {
+                name: r.get(0),
+                created_at: r.get(1),
+                revoked_at: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn revoke_key(&self, name: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        Ok(c.execute(
+            "UPDATE api_key SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL",
+            &[&name, &unix_now()],
+        )
+        .await
+        .map_err(db_err)?
+            > 0)
+    }
+
+    async fn key_name(&self, sha256_hex: &str) -> Result<Option<String>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT name FROM api_key WHERE key_sha256 = $1 AND revoked_at IS NULL",
+                &[&sha256_hex],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+}
