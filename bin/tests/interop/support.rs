@@ -403,3 +403,87 @@ pub fn status(msg: &str) -> u16 {
 pub fn interop_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop"))
 }
+
+/// A database on the real PostgreSQL or MariaDB server, made for one test and dropped after
+/// it (scripts/ensure-services creates the `careflow` role).
+pub struct TestDb {
+    pub url: String,
+    drop_args: (&'static str, Vec<String>),
+}
+
+static DB_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn db_cli(cmd: &str, args: &[String]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .env("PGPASSWORD", "careflow")
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}: run scripts/ensure-services"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}: run scripts/ensure-services",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestDb {
+    fn name() -> String {
+        let n = DB_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        format!("cf_it_{}_{n}_{t}", std::process::id())
+    }
+
+    pub fn postgres() -> Self {
+        require("psql", "postgresql-client");
+        let name = Self::name();
+        let base: Vec<String> = ["-h", "127.0.0.1", "-U", "careflow", "-d", "postgres", "-c"]
+            .map(String::from)
+            .to_vec();
+        db_cli(
+            "psql",
+            &[base.clone(), vec![format!("CREATE DATABASE {name}")]].concat(),
+        );
+        Self {
+            url: format!("postgres://careflow:careflow@127.0.0.1:5432/{name}"),
+            drop_args: (
+                "psql",
+                [
+                    base,
+                    vec![format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")],
+                ]
+                .concat(),
+            ),
+        }
+    }
+
+    pub fn mariadb() -> Self {
+        require("mariadb", "mariadb-client");
+        let name = Self::name();
+        let base: Vec<String> = ["-h", "127.0.0.1", "-u", "careflow", "-pcareflow", "-e"]
+            .map(String::from)
+            .to_vec();
+        db_cli(
+            "mariadb",
+            &[base.clone(), vec![format!("CREATE DATABASE {name}")]].concat(),
+        );
+        Self {
+            url: format!("mysql://careflow:careflow@127.0.0.1:3306/{name}"),
+            drop_args: (
+                "mariadb",
+                [base, vec![format!("DROP DATABASE IF EXISTS {name}")]].concat(),
+            ),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = Command::new(self.drop_args.0)
+            .args(&self.drop_args.1)
+            .env("PGPASSWORD", "careflow")
+            .output();
+    }
+}
