@@ -66,7 +66,7 @@ pub fn main() -> ExitCode {
             Command::Serve => serve::run(config).await,
             Command::User(cmd) => users::run(&config, cmd).await,
             Command::Apikey(cmd) => apikeys::run(&config, cmd).await,
-            Command::Registrations { user } => users::registrations(&config, user.as_deref()),
+            Command::Registrations { user } => users::registrations(&config, user.as_deref()).await,
         }
     });
     match result {

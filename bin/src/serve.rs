@@ -50,16 +50,28 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     let db = open_subscribers(&cfg).await?;
     let subscribers: Arc<dyn SubscriberStore> = db.clone();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
-    let location: Arc<dyn LocationStore> = Arc::new(
-        EmbeddedLocation::open(&cfg.location_path(), careflow_server::unix_now()).with_context(
-            || {
-                format!(
-                    "cannot open registration journal {}",
-                    cfg.location_path().display()
-                )
-            },
-        )?,
-    );
+    let location: Arc<dyn LocationStore> = match &cfg.redis_url {
+        Some(url) => {
+            let mut id = [0u8; 8];
+            getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let node = careflow_proto::digest::hex(&id);
+            let store = careflow_store::redis::RedisLocation::open(url, node.clone())
+                .await
+                .context("cannot connect to REDIS_URL")?;
+            store.remove_expired(careflow_server::unix_now()).await?;
+            tracing::info!(node = %node, "registrations are shared through redis");
+            Arc::new(store)
+        }
+        None => Arc::new(
+            EmbeddedLocation::open(&cfg.location_path(), careflow_server::unix_now())
+                .with_context(|| {
+                    format!(
+                        "cannot open registration journal {}",
+                        cfg.location_path().display()
+                    )
+                })?,
+        ),
+    };
     tracing::info!(bindings = location.count(), "location service loaded");
 
     let server_cfg = ServerConfig {

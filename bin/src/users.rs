@@ -193,9 +193,19 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn registrations(cfg: &Config, user: Option<&str>) -> anyhow::Result<()> {
+pub(crate) async fn registrations(cfg: &Config, user: Option<&str>) -> anyhow::Result<()> {
     let now = careflow_server::unix_now();
-    let all = careflow_store::location::read_journal(&cfg.location_path(), now)?;
+    let all = match &cfg.redis_url {
+        Some(url) => {
+            use careflow_store::LocationStore as _;
+            careflow_store::redis::RedisLocation::open(url, "cli".into())
+                .await
+                .context("cannot connect to REDIS_URL")?
+                .all(now)
+                .await?
+        }
+        None => careflow_store::location::read_journal(&cfg.location_path(), now)?,
+    };
     let filter = user.map(|u| {
         if u.contains('@') {
             u.to_string()

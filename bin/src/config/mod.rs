@@ -143,6 +143,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Subscriber database. Default: `sqlite://DATA_DIR/careflow.db`.",
     ),
     (
+        "redis_url",
+        "",
+        "`redis://HOST:PORT[/DB]`: keep registrations in Redis so several nodes share them (with a shared DB_URL and the same NONCE_SECRET). Unset: in memory with a journal in DATA_DIR.",
+    ),
+    (
         "nonce_secret",
         "",
         "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",
@@ -253,6 +258,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Subscriber database.
     pub db_url: DbUrl,
+    /// Shared location service.
+    pub redis_url: Option<String>,
     /// Nonce secret, when configured.
     pub nonce_secret: Option<[u8; 32]>,
     /// Digest algorithms in order.
@@ -590,6 +597,13 @@ impl Config {
             http_listen,
             data_dir,
             db_url,
+            redis_url: match get("redis_url") {
+                "" => None,
+                u if u.starts_with("redis://") || u.starts_with("rediss://") => Some(u.to_string()),
+                u => {
+                    return Err(invalid("redis_url", format!("`{u}` is not a redis:// URL")));
+                }
+            },
             nonce_secret,
             auth_algorithms,
             nonce_ttl: num("nonce_ttl", 10, 86_400)?,

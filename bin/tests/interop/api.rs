@@ -19,6 +19,7 @@ const AUDIENCE: &str = "careflow-test";
 pub(crate) struct IdentityProvider {
     key: EncodingKey,
     pub(crate) jwks_url: String,
+    pub(crate) jwks: String,
     _dir: tempfile::TempDir,
 }
 
@@ -73,6 +74,7 @@ impl IdentityProvider {
         let jwks = json!({"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig",
             "kid": "test-key-1", "n": b64url(&n), "e": "AQAB"}]})
         .to_string();
+        let served = jwks.clone();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let jwks_url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
         std::thread::spawn(move || {
@@ -82,8 +84,8 @@ impl IdentityProvider {
                 let _ = s.read(&mut buf);
                 let _ = write!(
                     s,
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{jwks}",
-                    jwks.len()
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{served}",
+                    served.len()
                 );
             }
         });
@@ -91,6 +93,7 @@ impl IdentityProvider {
         Self {
             key,
             jwks_url,
+            jwks,
             _dir: dir,
         }
     }
@@ -602,4 +605,24 @@ fn the_careflow_user_check_allows_known_users_refuses_unknown_ones_and_fails_clo
         started.elapsed() < Duration::from_secs(5),
         "the check must time out, not hang"
     );
+}
+
+#[test]
+fn keys_can_come_from_a_jwks_file() {
+    let idp = IdentityProvider::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, &idp.jwks).unwrap();
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("AUTH_JWKS_URL", file.to_str().unwrap()),
+            ("AUTH_JWT_ISSUER", ISSUER),
+            ("AUTH_JWT_AUDIENCE", AUDIENCE),
+        ],
+    );
+    let token = idp.token("file-user", |_| {});
+    let (code, _, body) = http(&server, "GET", "/api/sip/status", Some(&token), None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["online"], false);
 }

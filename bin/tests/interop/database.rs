@@ -12,14 +12,14 @@ use crate::support::*;
 
 /// A TCP relay to `upstream` that can be cut (open connections reset, new ones closed at
 /// once) and restored.
-struct Relay {
-    port: u16,
+pub(crate) struct Relay {
+    pub(crate) port: u16,
     up: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Relay {
-    fn to(upstream: &str) -> Self {
+    pub(crate) fn to(upstream: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
@@ -58,20 +58,20 @@ impl Relay {
         Self { port, up, open }
     }
 
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         for s in self.open.lock().unwrap().drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
 
-    fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
 }
 
 /// REGISTER with digest auth from a raw UA; returns the final status.
-fn register_status(server: &Server, user: &str, pw: &str, call_id: &str) -> u16 {
+pub(crate) fn register_status(server: &Server, user: &str, pw: &str, call_id: &str) -> u16 {
     let ua = Ua::new(server.sip_addr());
     let r1 = ua.request(&ua.register_msg(user, &server.domain, call_id, 1, ""));
     if status(&r1) != 401 {

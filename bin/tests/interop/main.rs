@@ -4,6 +4,7 @@
 
 mod api;
 mod calls;
+mod cluster;
 mod database;
 mod nat;
 mod outbound;

@@ -104,6 +104,9 @@ pub struct Binding {
     /// Path header values of the REGISTER (RFC 3327): the proxies between us and the device,
     /// nearest first; requests to the device are routed through them.
     pub path: Vec<String>,
+    /// Registered through this process (always, unless several nodes share the location
+    /// service): only then can this node reach the device's NAT mapping or connection.
+    pub here: bool,
 }
 
 impl Binding {

@@ -201,6 +201,7 @@ pub fn apply(
                 b.source = req.source;
                 b.user_agent = req.user_agent.map(str::to_string);
                 b.conn = req.conn;
+                b.here = true;
                 b.path = req.path.iter().map(|p| p.to_string()).collect();
                 b.q = q_value(na);
                 b.instance = instance(na);
@@ -221,6 +222,7 @@ pub fn apply(
                 source: req.source,
                 user_agent: req.user_agent.map(str::to_string),
                 conn: req.conn,
+                here: true,
                 path: req.path.iter().map(|p| p.to_string()).collect(),
             }),
         }

@@ -425,6 +425,10 @@ impl App {
     /// After a restart no connection survives: bindings that were tied to one cannot be
     /// reached and are removed (their devices re-register when they reconnect).
     pub(crate) async fn drop_orphaned_flows(&self) {
+        if self.location.shared() {
+            // Another node may hold those connections.
+            return;
+        }
         let Ok(all) = self.location.all(crate::unix_now()).await else {
             return;
         };

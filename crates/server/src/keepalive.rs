@@ -117,6 +117,7 @@ impl Tracker {
 /// REGISTER came from (the device is behind NAT).
 pub(crate) fn needs_keepalive(b: &Binding) -> bool {
     b.transport == Transport::Udp
+        && b.here
         && b.path.is_empty()
         && b.source.port() != 0
         && careflow_proto::Uri::parse(&b.contact).is_none_or(|u| u.host.ip() != Some(b.source.ip()))

@@ -268,7 +268,11 @@ impl App {
             Err(e) => {
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, aor = %aor, "location update failed");
-                (500, self.reply(msg, ctx, 500).build())
+                // The device keeps its old binding and tries again (RFC 3261 §21.5.4).
+                (
+                    503,
+                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+                )
             }
         }
     }

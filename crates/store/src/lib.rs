@@ -12,6 +12,7 @@ pub mod location;
 mod migrations;
 pub mod mysql;
 pub mod postgres;
+pub mod redis;
 pub mod sqlite;
 mod subscriber;
 
@@ -154,4 +155,9 @@ pub trait LocationStore: Send + Sync {
     async fn remove_expired(&self, now: u64) -> Result<usize, StoreError>;
     /// Number of bindings held (for metrics).
     fn count(&self) -> usize;
+    /// Whether other nodes use the same bindings (then a node must not treat bindings over
+    /// connections it does not hold as stale).
+    fn shared(&self) -> bool {
+        false
+    }
 }

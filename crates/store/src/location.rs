@@ -237,6 +237,7 @@ fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
                 source: "0.0.0.0:0".parse().unwrap_or_else(|_| unreachable!()),
                 user_agent: r.get(12)?,
                 conn: None,
+                here: true,
                 path: r
                     .get::<_, Option<String>>(13)?
                     .map(|p| p.lines().map(str::to_string).collect())
