@@ -74,7 +74,12 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     tracing::info!(bindings = location.count(), "location service loaded");
 
+    let guard = cfg
+        .guard
+        .clone()
+        .map(|g| Arc::new(careflow_core::guard::Guard::new(g)));
     let server_cfg = ServerConfig {
+        guard: guard.clone(),
         domains: vec![cfg.sip_domain.clone()],
         listen: cfg.sip_listen.clone(),
         registrar: cfg.registrar,
@@ -89,6 +94,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
             limits: TransportLimits {
                 max_message_size: cfg.max_message_size,
                 max_connections: cfg.max_connections,
+                max_connections_per_ip: cfg.max_connections_per_ip,
                 idle_timeout: cfg.tcp_idle_timeout,
             },
             tls: tls_server(&cfg)?,
@@ -97,6 +103,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
                     .context("invalid TLS_CA_FILE")?,
             ),
             ws: cfg.ws.clone(),
+            guard,
         },
         timers: TimerConfig {
             t1: cfg.t1,

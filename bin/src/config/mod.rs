@@ -234,6 +234,41 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "`true` routes requests from other domains to our users without authentication (peering); `false` refuses them with 403.",
     ),
     (
+        "security_rate_limit",
+        "50",
+        "SIP messages per second one source IP may send on average (every transport); a source above it is banned for SECURITY_BAN_TIME. 0 disables the limit.",
+    ),
+    (
+        "security_burst",
+        "100",
+        "SIP messages one source IP may send at once before SECURITY_RATE_LIMIT applies.",
+    ),
+    (
+        "security_ban_time",
+        "300",
+        "Seconds a flooding or brute-forcing source stays banned (its packets are dropped before parsing).",
+    ),
+    (
+        "security_auth_failures",
+        "5",
+        "Failed authentications (wrong password, unknown user; never the first challenge) within SECURITY_AUTH_WINDOW that ban the source IP; the same count against one username bans each further failing source.",
+    ),
+    (
+        "security_auth_window",
+        "60",
+        "Seconds over which failed authentications are counted.",
+    ),
+    (
+        "security_allowlist",
+        "",
+        "Comma-separated IPs or CIDRs (e.g. `10.0.0.0/8,192.0.2.10`) never rate limited or banned: your own networks, monitoring, SBCs.",
+    ),
+    (
+        "max_connections_per_ip",
+        "50",
+        "Most simultaneous TCP, TLS and WebSocket connections from one IP address (allow-listed ones excepted).",
+    ),
+    (
         "scanner_user_agents",
         "friendly-scanner,sipvicious,sipcli,sip-scan,sundayddr,iwar,sivus,smap,pplsip,vaxsipuseragent",
         "Comma-separated User-Agent fragments (case-insensitive) of SIP scanners; their requests are dropped without an answer. Empty: none.",
@@ -294,6 +329,10 @@ pub struct Config {
     pub allow_inbound: bool,
     /// User-Agent fragments of scanners (lower case).
     pub scanner_user_agents: Vec<String>,
+    /// Per-source limits and bans; None when the rate limit is 0.
+    pub guard: Option<careflow_core::guard::GuardConfig>,
+    /// Connections per IP.
+    pub max_connections_per_ip: usize,
     /// Certificate and key, when configured (else self-signed when a listener needs TLS).
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// CA for client certificates.
@@ -581,7 +620,30 @@ impl Config {
             }
             None => None,
         };
+        let mut allowlist = Vec::new();
+        for item in get("security_allowlist")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            allowlist.push(
+                item.parse::<careflow_core::guard::Cidr>()
+                    .map_err(|e| invalid("security_allowlist", e))?,
+            );
+        }
+        let rate = num("security_rate_limit", 0, 1_000_000)? as u32;
+        let guard = (rate > 0).then_some(careflow_core::guard::GuardConfig {
+            rate,
+            burst: num("security_burst", 1, 10_000_000)? as u32,
+            ban_time: Duration::from_secs(num("security_ban_time", 1, 86_400 * 30)?),
+            auth_failures: num("security_auth_failures", 1, 10_000)? as u32,
+            auth_window: Duration::from_secs(num("security_auth_window", 1, 86_400)?),
+            allowlist,
+            ..careflow_core::guard::GuardConfig::default()
+        });
         Ok(Self {
+            guard,
+            max_connections_per_ip: num("max_connections_per_ip", 1, 1_000_000)? as usize,
             user_check,
             jwt,
             api_rate_limit: num("api_rate_limit", 1, 100_000)? as u32,

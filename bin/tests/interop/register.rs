@@ -253,7 +253,7 @@ fn wrong_password_and_unknown_user_get_the_same_answer() {
     let log = server.log();
     assert!(!log.contains("right-password") && !log.contains("wrong-password"));
     assert!(
-        log.contains("event=\"auth_failed\" src_ip=127.0.0.1"),
+        log.contains("SECURITY auth_failed src_ip=127.0.0.1 "),
         "{log}"
     );
 }

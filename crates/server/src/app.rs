@@ -125,6 +125,18 @@ impl App {
             oversize: stats
                 .as_ref()
                 .map_or(0, |s| s.oversize.load(Ordering::Relaxed)),
+            dropped_banned: stats
+                .as_ref()
+                .map_or(0, |s| s.dropped_banned.load(Ordering::Relaxed)),
+            flood_bans: stats.as_ref().map_or(0, |s| s.bans.load(Ordering::Relaxed)),
+            refused_connections: stats
+                .as_ref()
+                .map_or(0, |s| s.refused_connections.load(Ordering::Relaxed)),
+            banned_now: self
+                .cfg
+                .guard
+                .as_ref()
+                .map_or(0, |g| g.bans(Instant::now()).len() as u64),
         }
     }
 

@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub scanner_user_agents: Vec<String>,
     /// OPTIONS keep-alives to devices behind NAT.
     pub keepalive: keepalive::KeepaliveConfig,
+    /// Per-source limits, brute-force counting and bans (shared with the transports).
+    pub guard: Option<Arc<careflow_core::guard::Guard>>,
 }
 
 /// A running SIP server.

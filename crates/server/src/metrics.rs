@@ -69,6 +69,8 @@ pub struct Metrics {
     pub flow_bindings_dropped: AtomicU64,
     /// OPTIONS keep-alives that got no answer.
     pub keepalive_failures: AtomicU64,
+    /// Sources banned for brute force.
+    pub bans: AtomicU64,
     /// Bindings removed because their device stopped answering keep-alives.
     pub keepalive_bindings_dropped: AtomicU64,
     /// OPTIONS keep-alives sent.
@@ -90,6 +92,14 @@ pub struct Gauges {
     pub tracked_nonces: u64,
     /// Messages dropped for size by the transports.
     pub oversize: u64,
+    /// Messages and connections dropped from banned or flooding sources.
+    pub dropped_banned: u64,
+    /// Sources banned by the transports (floods).
+    pub flood_bans: u64,
+    /// Sources banned now.
+    pub banned_now: u64,
+    /// Connections refused (total or per-IP limit).
+    pub refused_connections: u64,
 }
 
 impl Metrics {
@@ -197,6 +207,11 @@ impl Metrics {
                 &self.keepalive_failures,
             ),
             (
+                "careflow_sip_auth_bans_total",
+                "Sources banned for failed authentications (brute force).",
+                &self.bans,
+            ),
+            (
                 "careflow_sip_keepalive_bindings_dropped_total",
                 "Bindings removed because their device behind NAT stopped answering keep-alives.",
                 &self.keepalive_bindings_dropped,
@@ -248,6 +263,33 @@ impl Metrics {
             s,
             "# HELP careflow_sip_oversize_dropped_total Messages dropped for exceeding the size limit.\n# TYPE careflow_sip_oversize_dropped_total counter\ncareflow_sip_oversize_dropped_total {}\n",
             g.oversize
+        );
+        for (name, help, v) in [
+            (
+                "careflow_sip_dropped_banned_total",
+                "Messages and connections dropped from banned or flooding sources, before parsing.",
+                g.dropped_banned,
+            ),
+            (
+                "careflow_sip_flood_bans_total",
+                "Sources banned for exceeding the per-source rate.",
+                g.flood_bans,
+            ),
+            (
+                "careflow_sip_refused_connections_total",
+                "Connections refused at the total or per-IP limit.",
+                g.refused_connections,
+            ),
+        ] {
+            let _ = write!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            );
+        }
+        let _ = write!(
+            s,
+            "# HELP careflow_sip_banned_sources Sources banned now.\n# TYPE careflow_sip_banned_sources gauge\ncareflow_sip_banned_sources {}\n",
+            g.banned_now
         );
         s
     }

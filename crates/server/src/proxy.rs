@@ -787,7 +787,7 @@ impl App {
             ));
         }
         let pending = self.auth.prepare(&creds, &realm, now).map_err(|_| {
-            self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            self.auth_failed(ctx, &creds.username, &realm, "invalid nonce");
             challenge(false)
         })?;
         let sub = match self.subscribers.find(&creds.username, &realm).await {
@@ -809,7 +809,7 @@ impl App {
         {
             let stale = matches!(verdict, Verdict::Challenge { stale: true });
             if !stale {
-                self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                self.auth_failed(ctx, &creds.username, &realm, "bad credentials");
             }
             return Err(challenge(stale));
         }

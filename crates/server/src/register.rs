@@ -327,13 +327,29 @@ impl App {
         b.build()
     }
 
-    fn auth_failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
+    /// One failed authentication (never the first challenge of a normal registration): the
+    /// stable security log line, the metric, and the brute-force count that may ban the source.
+    pub(crate) fn auth_failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
         self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        // The user name comes from the network: keep the line one line, and short.
+        let user: String = user
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect();
         tracing::warn!(
             target: "careflow::security",
-            event = "auth_failed", src_ip = %ctx.source.ip(), src_port = ctx.source.port(),
-            user = %user, realm = %realm, reason, "authentication failed"
+            "SECURITY auth_failed src_ip={} src_port={} user={user} realm={realm} reason={}",
+            ctx.source.ip(),
+            ctx.source.port(),
+            reason.replace(' ', "_")
         );
+        if let Some(guard) = self.cfg.guard.as_ref()
+            && let Some(ban) = guard.auth_failed(ctx.source.ip(), &user, std::time::Instant::now())
+        {
+            self.metrics.bans.fetch_add(1, Ordering::Relaxed);
+            careflow_transport::log_ban(ctx.source.ip(), ban, guard.config().ban_time);
+        }
     }
 }
 

@@ -41,6 +41,8 @@ pub struct TransportLimits {
     pub max_message_size: usize,
     /// Most simultaneous stream connections.
     pub max_connections: usize,
+    /// Most simultaneous stream connections from one IP address.
+    pub max_connections_per_ip: usize,
     /// A connection with no traffic for this long is closed.
     pub idle_timeout: std::time::Duration,
 }
@@ -50,6 +52,7 @@ impl Default for TransportLimits {
         Self {
             max_message_size: 64 * 1024,
             max_connections: 10_000,
+            max_connections_per_ip: 50,
             idle_timeout: std::time::Duration::from_secs(3900),
         }
     }
@@ -90,6 +93,8 @@ pub struct TransportOptions {
     pub tls_client: Option<tls::TlsClient>,
     /// WebSocket rules for `ws:` and `wss:` listeners.
     pub ws: WsOptions,
+    /// Per-source limits and bans, checked before anything is parsed.
+    pub guard: Option<Arc<careflow_core::guard::Guard>>,
 }
 
 /// A message received from the network.
@@ -183,6 +188,10 @@ pub struct TransportStats {
     pub connections: AtomicU64,
     /// Connections refused at the limit.
     pub refused_connections: AtomicU64,
+    /// Messages and connections dropped because their source is banned or flooding.
+    pub dropped_banned: AtomicU64,
+    /// Sources banned by the transports (floods, connection caps).
+    pub bans: AtomicU64,
 }
 
 /// Handle to the running transports; cheap to clone.
@@ -194,6 +203,8 @@ pub struct Transports {
 struct Inner {
     udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
     conns: ConnTable,
+    /// Open connections per source address (the per-IP cap).
+    per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
     opts: TransportOptions,
     handler: Arc<dyn InboundHandler>,
     stats: Arc<TransportStats>,
@@ -257,6 +268,7 @@ impl Transports {
             inner: Arc::new(Inner {
                 udp,
                 conns: ConnTable::default(),
+                per_ip: Default::default(),
                 opts,
                 handler,
                 stats: Arc::new(TransportStats::default()),
@@ -339,10 +351,56 @@ impl Transports {
     fn deliver(&self, inbound: Inbound) {
         self.inner.handler.handle(inbound);
     }
+
+    /// The guard's verdict on one message from `ip`: true to process it. Drops are counted;
+    /// a new ban is logged once, in the stable security format.
+    fn admit(&self, ip: std::net::IpAddr) -> bool {
+        let Some(g) = self.inner.opts.guard.as_ref() else {
+            return true;
+        };
+        match g.admit(ip, std::time::Instant::now()) {
+            careflow_core::guard::Admit::Pass => true,
+            careflow_core::guard::Admit::Drop => {
+                self.inner
+                    .stats
+                    .dropped_banned
+                    .fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            careflow_core::guard::Admit::Banned(reason) => {
+                self.inner
+                    .stats
+                    .dropped_banned
+                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.stats.bans.fetch_add(1, Ordering::Relaxed);
+                log_ban(ip, reason, g.config().ban_time);
+                false
+            }
+        }
+    }
+
+    /// Current bans, and lifting one (for `careflow-sip bans` / `unban`).
+    pub fn guard(&self) -> Option<&Arc<careflow_core::guard::Guard>> {
+        self.inner.opts.guard.as_ref()
+    }
 }
 
 /// How often certificate files are checked for changes.
 const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The one log line per ban (fail2ban and operators read it; keep its shape stable).
+pub fn log_ban(
+    ip: std::net::IpAddr,
+    reason: careflow_core::guard::BanReason,
+    ban_time: std::time::Duration,
+) {
+    tracing::warn!(
+        target: "careflow::security",
+        "SECURITY banned src_ip={ip} reason={} ban_seconds={}",
+        reason.as_str(),
+        ban_time.as_secs()
+    );
+}
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 

@@ -22,6 +22,8 @@ use crate::{ConnId, Inbound, Outbound, Transport, TransportError, Transports, ne
 
 /// A TLS or WebSocket handshake that takes longer than this is abandoned.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A message whose first bytes arrived must be complete within this time.
+const PARTIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Initial read buffer: enough for a typical SIP message, small for idle connections.
 const READ_CHUNK: usize = 2048;
 
@@ -33,6 +35,15 @@ pub(crate) async fn accept_loop(t: Transports, listener: TcpListener, transport:
         };
         match accepted {
             Ok((stream, peer)) => {
+                if t.inner
+                    .opts
+                    .guard
+                    .as_ref()
+                    .is_some_and(|g| g.is_banned(peer.ip(), Instant::now()))
+                {
+                    t.inner.stats.dropped_banned.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let open = t.inner.stats.connections.load(Ordering::Relaxed);
                 if open >= t.inner.opts.limits.max_connections as u64 {
                     t.inner
@@ -42,12 +53,26 @@ pub(crate) async fn accept_loop(t: Transports, listener: TcpListener, transport:
                     tracing::warn!(%peer, open, "connection limit reached, refusing");
                     continue;
                 }
+                if !take_ip_slot(&t, peer) {
+                    t.inner
+                        .stats
+                        .refused_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        target: "careflow::security",
+                        "SECURITY connection_refused src_ip={} reason=per_ip_limit limit={}",
+                        peer.ip(),
+                        t.inner.opts.limits.max_connections_per_ip
+                    );
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 t.inner.stats.connections.fetch_add(1, Ordering::Relaxed);
                 let t2 = t.clone();
                 t.inner.tracker.spawn(async move {
                     accept_one(&t2, stream, peer, transport).await;
                     t2.inner.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                    release_ip_slot(&t2, peer);
                 });
             }
             Err(e) => {
@@ -55,6 +80,34 @@ pub(crate) async fn accept_loop(t: Transports, listener: TcpListener, transport:
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+fn take_ip_slot(t: &Transports, peer: SocketAddr) -> bool {
+    let ip = peer.ip();
+    if t.inner.opts.guard.as_ref().is_some_and(|g| g.allowed(ip)) {
+        return true;
+    }
+    let Ok(mut m) = t.inner.per_ip.lock() else {
+        return true;
+    };
+    let n = m.entry(ip).or_insert(0);
+    if *n as usize >= t.inner.opts.limits.max_connections_per_ip {
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+fn release_ip_slot(t: &Transports, peer: SocketAddr) {
+    let ip = peer.ip();
+    if let Ok(mut m) = t.inner.per_ip.lock()
+        && let Some(n) = m.get_mut(&ip)
+    {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&ip);
         }
     }
 }
@@ -198,7 +251,11 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    fn deliver(&self, bytes: Bytes) {
+    /// Hands a message on; false when its source is banned (the connection is then closed).
+    fn deliver(&self, bytes: Bytes) -> bool {
+        if !self.t.admit(self.peer.ip()) {
+            return false;
+        }
         self.t.deliver(Inbound {
             transport: self.transport,
             source: self.peer,
@@ -206,6 +263,7 @@ impl Conn<'_> {
             conn: Some(self.id),
             bytes,
         });
+        true
     }
 
     /// Reads more bytes; false on EOF, error, idle timeout or shutdown.
@@ -233,17 +291,25 @@ impl Conn<'_> {
 
     async fn read_sip<R: AsyncRead + Unpin>(&self, mut rd: R, mut buf: BytesMut) {
         let limits = self.t.inner.opts.limits;
+        let mut partial_since: Option<Instant> = None;
+        let mut progressed = false;
         loop {
             loop {
                 match next_frame(&buf, limits.max_message_size) {
                     Ok(Frame::Incomplete) => break,
                     Ok(Frame::KeepAlive { len, ping }) => {
+                        progressed = true;
                         buf.advance(len);
                         if ping {
                             let _ = self.tx.try_send(Wire::Raw(Bytes::from_static(b"\r\n")));
                         }
                     }
-                    Ok(Frame::Message(n)) => self.deliver(buf.split_to(n).freeze()),
+                    Ok(Frame::Message(n)) => {
+                        progressed = true;
+                        if !self.deliver(buf.split_to(n).freeze()) {
+                            return;
+                        }
+                    }
                     Err(e) => {
                         self.t.inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(peer = %self.peer, error = %e,
@@ -253,9 +319,31 @@ impl Conn<'_> {
                 }
             }
             release_if_empty(&mut buf);
-            match self.fill(&mut rd, &mut buf, limits.idle_timeout).await {
+            // A message must arrive whole within PARTIAL_TIMEOUT of its first byte: a client
+            // trickling bytes (slowloris) is closed instead of holding a buffer forever.
+            if buf.is_empty() || progressed {
+                partial_since = None;
+            }
+            if !buf.is_empty() && partial_since.is_none() {
+                partial_since = Some(Instant::now());
+            }
+            progressed = false;
+            let wait = match partial_since {
+                Some(t) => PARTIAL_TIMEOUT.saturating_sub(t.elapsed()),
+                None => limits.idle_timeout,
+            };
+            match self.fill(&mut rd, &mut buf, wait).await {
                 Fill::Data => {}
                 Fill::Closed => return,
+                Fill::Quiet if partial_since.is_some() => {
+                    tracing::warn!(
+                        target: "careflow::security",
+                        "SECURITY slow_sender src_ip={} partial_bytes={}",
+                        self.peer.ip(),
+                        buf.len()
+                    );
+                    return;
+                }
                 Fill::Quiet => {
                     tracing::debug!(peer = %self.peer, "closing idle connection");
                     return;
@@ -278,7 +366,11 @@ impl Conn<'_> {
                     Err(e) => return self.close_ws(e.close_code(), &e.to_string()),
                 };
                 match msg.push(frame, max) {
-                    Ok(Event::Message(bytes)) => self.deliver(bytes),
+                    Ok(Event::Message(bytes)) => {
+                        if !self.deliver(bytes) {
+                            return;
+                        }
+                    }
                     Ok(Event::Pong(payload)) => {
                         let pong = websocket::encode_frame(websocket::Opcode::Pong, &payload);
                         let _ = self.tx.try_send(Wire::Raw(pong));

@@ -27,6 +27,9 @@ pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
                     tracing::debug!(%source, "dropping oversize datagram");
                     continue;
                 }
+                if !t.admit(source.ip()) {
+                    continue;
+                }
                 if careflow_proto::stun::is_stun(&buf[..n]) {
                     // SIP Outbound keep-alive (RFC 5626 §4.4.2): answered here, cheaply.
                     if let Some(resp) = careflow_proto::stun::binding_response(&buf[..n], source) {
