@@ -2,6 +2,7 @@
 
 mod apikeys;
 pub mod config;
+mod control;
 mod serve;
 mod users;
 
@@ -33,6 +34,13 @@ enum Command {
     /// Manage admin API keys for /api/admin.
     #[command(subcommand)]
     Apikey(apikeys::ApiKeyCommand),
+    /// List the sources the running server has banned.
+    Bans,
+    /// Lift a ban on the running server.
+    Unban {
+        /// The banned IP address.
+        ip: String,
+    },
     /// Show current registrations (all, or one user's).
     Registrations {
         /// Username (in SIP_DOMAIN) or user@domain.
@@ -66,6 +74,8 @@ pub fn main() -> ExitCode {
             Command::Serve => serve::run(config).await,
             Command::User(cmd) => users::run(&config, cmd).await,
             Command::Apikey(cmd) => apikeys::run(&config, cmd).await,
+            Command::Bans => control::bans(&config).await,
+            Command::Unban { ip } => control::unban(&config, &ip).await,
             Command::Registrations { user } => users::registrations(&config, user.as_deref()).await,
         }
     });

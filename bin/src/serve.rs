@@ -78,6 +78,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         .guard
         .clone()
         .map(|g| Arc::new(careflow_core::guard::Guard::new(g)));
+    let control_guard = guard.clone();
     let server_cfg = ServerConfig {
         guard: guard.clone(),
         domains: vec![cfg.sip_domain.clone()],
@@ -119,6 +120,9 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         keepalive: cfg.keepalive,
     };
     let cancel = CancellationToken::new();
+    if let Some(g) = control_guard {
+        crate::control::serve(&crate::control::socket_path(&cfg), g, cancel.clone())?;
+    }
     let server = careflow_server::start(
         server_cfg,
         subscribers.clone(),

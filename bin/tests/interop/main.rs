@@ -11,5 +11,6 @@ mod outbound;
 mod protocol;
 mod register;
 mod secure;
+mod security;
 mod support;
 mod websocket;

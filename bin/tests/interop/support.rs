@@ -273,7 +273,12 @@ pub struct Ua {
 
 impl Ua {
     pub fn new(server: SocketAddr) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::from_ip(server, "127.0.0.1")
+    }
+
+    /// A UA sending from another loopback address (127.0.0.0/8 is all local).
+    pub fn from_ip(server: SocketAddr, ip: &str) -> Self {
+        let sock = UdpSocket::bind((ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         Self { sock, server }
     }

@@ -1,0 +1,129 @@
+//! A local control socket (`DATA_DIR/control.sock`, mode 0600) through which the CLI talks to
+//! the running server: `careflow-sip bans` and `careflow-sip unban IP`. Only users who can read
+//! DATA_DIR can use it; nothing listens on the network for this.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use careflow_core::guard::Guard;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+pub(crate) fn socket_path(cfg: &Config) -> PathBuf {
+    cfg.data_dir.join("control.sock")
+}
+
+/// Serves the control socket until `cancel` fires.
+pub(crate) fn serve(
+    path: &Path,
+    guard: Arc<Guard>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create control socket {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let path = path.to_path_buf();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let g = guard.clone();
+            tokio::spawn(async move {
+                let _ = session(stream, &g).await;
+            });
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+async fn session(stream: UnixStream, guard: &Guard) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(rd).read_line(&mut line).await?;
+    let now = Instant::now();
+    let reply = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["bans"] => {
+            let mut out = String::new();
+            for b in guard.bans(now) {
+                out.push_str(&format!(
+                    "{} {} {}\n",
+                    b.ip,
+                    b.reason.as_str(),
+                    b.remaining.as_secs()
+                ));
+            }
+            out
+        }
+        ["unban", ip] => match ip.parse() {
+            Ok(ip) => {
+                if guard.unban(ip, now) {
+                    tracing::warn!(target: "careflow::security", "SECURITY unbanned src_ip={ip} by=operator");
+                    "unbanned\n".to_string()
+                } else {
+                    "not banned\n".to_string()
+                }
+            }
+            Err(_) => "error: not an IP address\n".to_string(),
+        },
+        _ => "error: unknown command\n".to_string(),
+    };
+    wr.write_all(reply.as_bytes()).await
+}
+
+async fn request(cfg: &Config, command: &str) -> anyhow::Result<String> {
+    let path = socket_path(cfg);
+    let mut stream = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "cannot reach the running server at {} (is it running with this DATA_DIR?)",
+            path.display()
+        )
+    })?;
+    stream.write_all(format!("{command}\n").as_bytes()).await?;
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out).await?;
+    Ok(out)
+}
+
+/// `careflow-sip bans`.
+pub(crate) async fn bans(cfg: &Config) -> anyhow::Result<()> {
+    let out = request(cfg, "bans").await?;
+    println!("{:<40} {:<18} REMAINING", "SOURCE", "REASON");
+    let mut n = 0;
+    for line in out.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if let [ip, reason, secs] = parts.as_slice() {
+            println!("{ip:<40} {reason:<18} {secs}s");
+            n += 1;
+        }
+    }
+    println!("{n} banned source(s)");
+    Ok(())
+}
+
+/// `careflow-sip unban IP`.
+pub(crate) async fn unban(cfg: &Config, ip: &str) -> anyhow::Result<()> {
+    if ip.parse::<std::net::IpAddr>().is_err() {
+        bail!("`{ip}` is not an IP address");
+    }
+    let out = request(cfg, &format!("unban {ip}")).await?;
+    match out.trim() {
+        "unbanned" => println!("unbanned {ip}"),
+        "not banned" => bail!("{ip} is not banned"),
+        other => bail!("{other}"),
+    }
+    Ok(())
+}

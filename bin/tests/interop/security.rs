@@ -1,0 +1,264 @@
+//! Floods, brute force and scanners with the real tools (sipp, sipvicious's svcrack and svwar),
+//! and fail2ban's filter checked with fail2ban-regex against the lines the server wrote.
+//! Attackers send from loopback addresses other than the allow-listed 127.0.0.1, or the
+//! allow-list is moved away for the test.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// An allow-list that matches none of the test's addresses.
+const NOBODY: &str = "10.255.255.255";
+
+#[test]
+fn a_sipp_flood_bans_its_source_while_another_client_keeps_registering() {
+    require("sipp", "sip-tester");
+    let server = Server::start_with("flood.test", &[("SECURITY_BAN_TIME", "60")]);
+    server.add_user("fay", "pw-fay-flood");
+    let legit = Ua::from_ip(server.sip_addr(), "127.0.0.3");
+    assert_eq!(
+        status(&legit.register("fay", "pw-fay-flood", "flood.test", "fl-1", "")),
+        200
+    );
+    // 1,500 OPTIONS at 500/s from 127.0.0.2, bounded to a few seconds.
+    let flood = Command::new("sipp")
+        .arg(server.sip_addr().to_string())
+        .args([
+            "-sn",
+            "uac",
+            "-i",
+            "127.0.0.2",
+            "-p",
+            &free_port().to_string(),
+        ])
+        .args(["-m", "1500", "-r", "500", "-timeout", "6s", "-nostdin"])
+        .args(["-recv_timeout", "200", "-default_behaviors", "none"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run sipp");
+    let _ = flood;
+    assert!(
+        server
+            .log()
+            .contains("SECURITY banned src_ip=127.0.0.2 reason=flood"),
+        "{}",
+        server.log()
+    );
+    assert!(server.metric("careflow_sip_flood_bans_total") >= 1);
+    assert!(server.metric("careflow_sip_dropped_banned_total") >= 1000);
+    assert_eq!(server.metric("careflow_sip_banned_sources"), 1);
+    // The other source is untouched.
+    assert_eq!(
+        status(&legit.register("fay", "pw-fay-flood", "flood.test", "fl-2", "")),
+        200
+    );
+    // The banned source gets nothing, not even to a well-formed request.
+    let banned = Ua::from_ip(server.sip_addr(), "127.0.0.2");
+    banned.send(&banned.register_msg("fay", "flood.test", "fl-3", 1, ""));
+    assert!(banned.recv().is_none());
+    // Lifted by hand, it is answered again.
+    let out = server.cli_ok(&["bans"]);
+    assert!(out.contains("127.0.0.2") && out.contains("flood"), "{out}");
+    server.cli_ok(&["unban", "127.0.0.2"]);
+    let r = banned.request(&banned.register_msg("fay", "flood.test", "fl-4", 1, ""));
+    assert_eq!(status(&r), 401, "{r}");
+}
+
+#[test]
+fn svcrack_is_banned_before_it_finds_the_password_and_others_keep_working() {
+    require("svcrack", "sipvicious");
+    // svcrack uses the target address as the domain, and calls itself friendly-scanner: the
+    // scanner filter is off here so the brute-force defence is what stops it.
+    let server = Server::start_with(
+        "127.0.0.1",
+        &[("SCANNER_USER_AGENTS", ""), ("SECURITY_ALLOWLIST", NOBODY)],
+    );
+    server.add_user("alice", "s3cr3t-alice");
+    let dir = tempfile::tempdir().unwrap();
+    let dict = dir.path().join("dict.txt");
+    std::fs::write(
+        &dict,
+        "123456\npassword\nalice\nqwerty\nletmein\n1234\nsecret\nsip\ns3cr3t-alice\n",
+    )
+    .unwrap();
+    let out = Command::new("svcrack")
+        .args(["-u", "alice", "-d"])
+        .arg(&dict)
+        .args([
+            "-p",
+            &server.port.to_string(),
+            "-P",
+            &free_port().to_string(),
+        ])
+        .args(["-x", "127.0.0.1", "-t", "0.5", "127.0.0.1"])
+        .output()
+        .expect("run svcrack");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains("s3cr3t-alice"),
+        "svcrack found the password:\n{text}"
+    );
+    let log = server.log();
+    assert!(
+        log.contains("SECURITY banned src_ip=127.0.0.1 reason=brute_force"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("SECURITY auth_failed src_ip=127.0.0.1").count(),
+        5,
+        "banned at the threshold:\n{log}"
+    );
+    assert_eq!(server.metric("careflow_sip_auth_bans_total"), 1);
+    // alice's own phone, elsewhere, still registers.
+    let phone = Ua::from_ip(server.sip_addr(), "127.0.0.7");
+    assert_eq!(
+        status(&phone.register("alice", "s3cr3t-alice", "127.0.0.1", "ph-1", "")),
+        200
+    );
+}
+
+#[test]
+fn svwar_cannot_tell_existing_users_from_missing_ones() {
+    require("svwar", "sipvicious");
+    let server = Server::start_with(
+        "127.0.0.1",
+        &[("SCANNER_USER_AGENTS", ""), ("SECURITY_ALLOWLIST", NOBODY)],
+    );
+    server.add_user("alice", "s3cr3t-alice");
+    server.add_user("bob", "s3cr3t-bob");
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.txt");
+    std::fs::write(&users, "alice\nzed\nbob\nyves\n").unwrap();
+    for method in ["REGISTER", "INVITE", "OPTIONS"] {
+        for force in [false, true] {
+            let mut cmd = Command::new("svwar");
+            cmd.args(["-m", method, "-d"])
+                .arg(&users)
+                .args([
+                    "-p",
+                    &server.port.to_string(),
+                    "-P",
+                    &free_port().to_string(),
+                ])
+                .args(["-x", "127.0.0.1", "-t", "0.5"]);
+            if force {
+                cmd.arg("--force");
+            }
+            let out = cmd.arg("127.0.0.1").output().expect("run svwar");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                text.contains("found nothing"),
+                "svwar ({method}, force {force}) enumerated something:\n{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn scanners_get_no_answer_at_all() {
+    require("svwar", "sipvicious");
+    let server = Server::start_with("127.0.0.1", &[("SECURITY_ALLOWLIST", NOBODY)]);
+    server.add_user("alice", "s3cr3t-alice");
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.txt");
+    std::fs::write(&users, "alice\nzed\n").unwrap();
+    let out = Command::new("svwar")
+        .arg("-d")
+        .arg(&users)
+        .args([
+            "-p",
+            &server.port.to_string(),
+            "-P",
+            &free_port().to_string(),
+        ])
+        .args(["-x", "127.0.0.1", "-t", "0.5", "127.0.0.1"])
+        .output()
+        .expect("run svwar");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("found nothing"), "{text}");
+    assert!(server.metric("careflow_sip_scanner_drops_total") >= 1);
+}
+
+#[test]
+fn fail2ban_matches_failures_and_bans_but_never_the_normal_challenge() {
+    require("fail2ban-regex", "fail2ban");
+    let server = Server::start_with("f2b.test", &[("SECURITY_ALLOWLIST", NOBODY)]);
+    server.add_user("gina", "pw-gina-f2b");
+    // Normal registrations: each starts with a 401 challenge.
+    for i in 0..3 {
+        let ua = Ua::from_ip(server.sip_addr(), "127.0.0.8");
+        let r = ua.register("gina", "pw-gina-f2b", "f2b.test", &format!("ok-{i}"), "");
+        assert_eq!(status(&r), 200);
+    }
+    // Three wrong passwords from another address, and an unknown user.
+    for (i, (user, pw)) in [
+        ("gina", "x1"),
+        ("gina", "x2"),
+        ("gina", "x3"),
+        ("nobody", "y"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ua = Ua::from_ip(server.sip_addr(), "127.0.0.9");
+        let r1 = ua.request(&ua.register_msg(user, "f2b.test", &format!("bad-{i}"), 1, ""));
+        let auth = authorization(
+            &r1,
+            careflow_proto::digest::Algorithm::Md5,
+            user,
+            "f2b.test",
+            pw,
+            "REGISTER",
+            "sip:f2b.test",
+            1,
+        );
+        let r = ua.request(&ua.register_msg(
+            user,
+            "f2b.test",
+            &format!("bad-{i}"),
+            2,
+            &format!("Authorization: {auth}\r\n"),
+        ));
+        assert_eq!(status(&r), 401);
+    }
+    let filter = interop_dir().join("../../../contrib/fail2ban/filter.d/careflow-sip.conf");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.log().matches("SECURITY auth_failed").count() < 4 {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new("fail2ban-regex")
+        .arg(server.log_path())
+        .arg(&filter)
+        .args(["--print-all-matched", "--print-no-missed"])
+        .output()
+        .expect("run fail2ban-regex");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Lines: ") && text.contains(" matched"),
+        "{text}"
+    );
+    let matched: usize = text
+        .lines()
+        .find(|l| l.starts_with("Lines:"))
+        .and_then(|l| l.split(',').nth(2))
+        .and_then(|m| m.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in:\n{text}"));
+    assert_eq!(matched, 4, "{text}");
+    assert!(
+        !text.contains("127.0.0.8"),
+        "a normal challenge matched:\n{text}"
+    );
+    assert!(text.contains("127.0.0.9"));
+}
