@@ -96,6 +96,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
                 max_message_size: cfg.max_message_size,
                 max_connections: cfg.max_connections,
                 max_connections_per_ip: cfg.max_connections_per_ip,
+                partial_timeout: cfg.partial_timeout,
                 idle_timeout: cfg.tcp_idle_timeout,
             },
             tls: tls_server(&cfg)?,

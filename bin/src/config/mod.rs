@@ -264,6 +264,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Comma-separated IPs or CIDRs (e.g. `10.0.0.0/8,192.0.2.10`) never rate limited or banned: your own networks, monitoring, SBCs.",
     ),
     (
+        "partial_message_timeout",
+        "10",
+        "Seconds within which a SIP message, TLS handshake or WebSocket upgrade must arrive whole once its first byte did; slower senders (slowloris) are disconnected.",
+    ),
+    (
         "max_connections_per_ip",
         "50",
         "Most simultaneous TCP, TLS and WebSocket connections from one IP address (allow-listed ones excepted).",
@@ -333,6 +338,8 @@ pub struct Config {
     pub guard: Option<careflow_core::guard::GuardConfig>,
     /// Connections per IP.
     pub max_connections_per_ip: usize,
+    /// Partial message timeout.
+    pub partial_timeout: Duration,
     /// Certificate and key, when configured (else self-signed when a listener needs TLS).
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// CA for client certificates.
@@ -644,6 +651,7 @@ impl Config {
         Ok(Self {
             guard,
             max_connections_per_ip: num("max_connections_per_ip", 1, 1_000_000)? as usize,
+            partial_timeout: Duration::from_secs(num("partial_message_timeout", 1, 600)?),
             user_check,
             jwt,
             api_rate_limit: num("api_rate_limit", 1, 100_000)? as u32,

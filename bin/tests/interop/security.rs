@@ -262,3 +262,84 @@ fn fail2ban_matches_failures_and_bans_but_never_the_normal_challenge() {
     );
     assert!(text.contains("127.0.0.9"));
 }
+
+/// A TCP connection from a chosen loopback address.
+fn tcp_from(ip: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        let stream = s.connect(to).await.unwrap();
+        stream.into_std().unwrap()
+    })
+}
+
+/// Whether the server closed the connection within `within` (EOF or reset, not a timeout).
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::{ErrorKind, Read};
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn slow_senders_are_cut_off_and_one_address_cannot_hold_many_connections() {
+    use std::io::Write;
+    let server = Server::start_with(
+        "slow.test",
+        &[
+            ("SECURITY_ALLOWLIST", NOBODY),
+            ("PARTIAL_MESSAGE_TIMEOUT", "2"),
+            ("MAX_CONNECTIONS_PER_IP", "5"),
+        ],
+    );
+    server.add_user("sam", "pw-sam-slow");
+    let started = Instant::now();
+    let mut slow: Vec<std::net::TcpStream> = (0..5)
+        .map(|_| {
+            let mut s = tcp_from("127.0.0.5", server.sip_addr());
+            s.write_all(b"REGISTER sip:slow.test SIP/2.0\r\nVia: SIP/2.0/TCP ")
+                .unwrap();
+            s
+        })
+        .collect();
+    // The sixth connection from the same address is refused at once.
+    let mut sixth = tcp_from("127.0.0.5", server.sip_addr());
+    assert!(closed_within(&mut sixth, Duration::from_secs(2)));
+    // A normal client elsewhere registers meanwhile.
+    let ua = Ua::from_ip(server.sip_addr(), "127.0.0.3");
+    assert_eq!(
+        status(&ua.register("sam", "pw-sam-slow", "slow.test", "s-1", "")),
+        200
+    );
+    // Trickling bytes does not keep a half message alive past the timeout.
+    for s in &mut slow {
+        let _ = s.write_all(b"1");
+    }
+    for s in &mut slow {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "slow sender not cut off"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        server
+            .log()
+            .contains("SECURITY slow_sender src_ip=127.0.0.5")
+    );
+    assert!(
+        server
+            .log()
+            .contains("SECURITY connection_refused src_ip=127.0.0.5 reason=per_ip_limit")
+    );
+    assert!(server.metric("careflow_sip_refused_connections_total") >= 1);
+}

@@ -43,6 +43,8 @@ pub struct TransportLimits {
     pub max_connections: usize,
     /// Most simultaneous stream connections from one IP address.
     pub max_connections_per_ip: usize,
+    /// A message (or TLS/WebSocket handshake) must be complete this long after its first byte.
+    pub partial_timeout: std::time::Duration,
     /// A connection with no traffic for this long is closed.
     pub idle_timeout: std::time::Duration,
 }
@@ -53,6 +55,7 @@ impl Default for TransportLimits {
             max_message_size: 64 * 1024,
             max_connections: 10_000,
             max_connections_per_ip: 50,
+            partial_timeout: std::time::Duration::from_secs(10),
             idle_timeout: std::time::Duration::from_secs(3900),
         }
     }

@@ -22,8 +22,6 @@ use crate::{ConnId, Inbound, Outbound, Transport, TransportError, Transports, ne
 
 /// A TLS or WebSocket handshake that takes longer than this is abandoned.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A message whose first bytes arrived must be complete within this time.
-const PARTIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Initial read buffer: enough for a typical SIP message, small for idle connections.
 const READ_CHUNK: usize = 2048;
 
@@ -119,8 +117,11 @@ async fn accept_one(t: &Transports, stream: TcpStream, peer: SocketAddr, transpo
             let Some(tls) = t.inner.opts.tls.as_ref() else {
                 return;
             };
-            let accepted =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await;
+            let accepted = tokio::time::timeout(
+                t.inner.opts.limits.partial_timeout,
+                tls.acceptor.accept(stream),
+            )
+            .await;
             match accepted {
                 Ok(Ok(s)) => run(t, s, peer, local, transport).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -183,7 +184,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = Instant::now() + t.inner.opts.limits.partial_timeout;
     let ws = &t.inner.opts.ws;
     loop {
         match websocket::parse_upgrade(buf) {
@@ -319,7 +320,7 @@ impl Conn<'_> {
                 }
             }
             release_if_empty(&mut buf);
-            // A message must arrive whole within PARTIAL_TIMEOUT of its first byte: a client
+            // A message must arrive whole within `partial_timeout` of its first byte: a client
             // trickling bytes (slowloris) is closed instead of holding a buffer forever.
             if buf.is_empty() || progressed {
                 partial_since = None;
@@ -329,7 +330,7 @@ impl Conn<'_> {
             }
             progressed = false;
             let wait = match partial_since {
-                Some(t) => PARTIAL_TIMEOUT.saturating_sub(t.elapsed()),
+                Some(t) => limits.partial_timeout.saturating_sub(t.elapsed()),
                 None => limits.idle_timeout,
             };
             match self.fill(&mut rd, &mut buf, wait).await {
