@@ -343,3 +343,41 @@ fn slow_senders_are_cut_off_and_one_address_cannot_hold_many_connections() {
     );
     assert!(server.metric("careflow_sip_refused_connections_total") >= 1);
 }
+
+#[test]
+fn the_nftables_rules_load() {
+    require("nft", "nftables");
+    require("ip", "iproute2");
+    let rules = interop_dir().join("../../../contrib/firewall/careflow-sip.nft");
+    let ns = format!("cfnft{}", std::process::id() % 100_000);
+    let run = |args: &[&str]| Command::new("ip").args(args).output().unwrap();
+    let _ = run(&["netns", "del", &ns]);
+    assert!(run(&["netns", "add", &ns]).status.success());
+    // Loaded for real, in a namespace of the test's own so the host is untouched.
+    let load = Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "-f"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    let listed = run(&[
+        "netns",
+        "exec",
+        &ns,
+        "nft",
+        "list",
+        "table",
+        "inet",
+        "careflow_sip",
+    ]);
+    let _ = run(&["netns", "del", &ns]);
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("sip_flooders") && text.contains("10000-60000"),
+        "{text}"
+    );
+}
