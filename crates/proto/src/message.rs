@@ -24,6 +24,11 @@ pub struct ParseLimits {
     pub max_headers: usize,
 }
 
+/// Most Via values in a message (Max-Forwards starts at 70).
+pub(crate) const MAX_VIAS: usize = 70;
+/// Most Contact values in a message.
+pub(crate) const MAX_CONTACTS: usize = 32;
+
 impl Default for ParseLimits {
     fn default() -> Self {
         Self {
@@ -212,6 +217,14 @@ impl Message {
         }
         if vias == 0 {
             return Err(ParseError::in_header(K::MissingHeader, "Via"));
+        }
+        // Bounds on lists a message can repeat at no cost to its sender: more Vias than hops
+        // Max-Forwards allows, or more Contacts than any registrar keeps, are refused.
+        if vias > MAX_VIAS {
+            return Err(ParseError::in_header(K::BadHeaderValue, "Via"));
+        }
+        if self.values(HeaderName::Contact).nth(MAX_CONTACTS).is_some() {
+            return Err(ParseError::in_header(K::BadHeaderValue, "Contact"));
         }
         self.single(HeaderName::From, "From", |v| NameAddr::parse(v).is_some())?;
         self.single(HeaderName::To, "To", |v| NameAddr::parse(v).is_some())?;
@@ -513,4 +526,30 @@ fn parse_start_line(
         Span::new(base, base + sp1),
         Span::new(base + sp1 + 1, base + sp2),
     ))
+}
+
+#[cfg(test)]
+mod list_bound_tests {
+    use super::*;
+
+    fn with(extra: &str) -> Message {
+        let raw = format!(
+            "REGISTER sip:a.example SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n{extra}From: <sip:a@a.example>;tag=1\r\nTo: <sip:a@a.example>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(Bytes::from(raw), &ParseLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn too_many_vias_or_contacts_are_refused_naming_the_header() {
+        let vias =
+            "Via: SIP/2.0/UDP h;branch=z9hG4bKx, SIP/2.0/UDP h;branch=z9hG4bKy\r\n".repeat(35);
+        assert_eq!(with(&vias).validate().unwrap_err().header, Some("Via"));
+        let contacts = format!("Contact: {}\r\n", vec!["<sip:a@h>"; 33].join(", "));
+        assert_eq!(
+            with(&contacts).validate().unwrap_err().header,
+            Some("Contact")
+        );
+        let ok = format!("Contact: {}\r\n", vec!["<sip:a@h>"; 32].join(", "));
+        assert!(with(&ok).validate().is_ok());
+    }
 }

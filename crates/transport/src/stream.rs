@@ -359,10 +359,15 @@ impl Conn<'_> {
         let mut msg = Reassembler::default();
         let mut last_heard = Instant::now();
         let mut unanswered_pings = 0u32;
+        let mut partial_since: Option<Instant> = None;
         loop {
+            let mut progressed = false;
             loop {
                 let frame = match websocket::decode_frame(&mut buf, max) {
-                    Ok(Some(f)) => f,
+                    Ok(Some(f)) => {
+                        progressed = true;
+                        f
+                    }
                     Ok(None) => break,
                     Err(e) => return self.close_ws(e.close_code(), &e.to_string()),
                 };
@@ -382,13 +387,38 @@ impl Conn<'_> {
                 }
             }
             release_if_empty(&mut buf);
+            // As for SIP over TCP: a frame must arrive whole within `partial_timeout`.
+            if buf.is_empty() || progressed {
+                partial_since = None;
+            }
+            if !buf.is_empty() && partial_since.is_none() {
+                partial_since = Some(Instant::now());
+            }
+            if let Some(t) = partial_since
+                && t.elapsed() >= opts.limits.partial_timeout
+            {
+                tracing::warn!(
+                    target: "careflow::security",
+                    "SECURITY slow_sender src_ip={} partial_bytes={}",
+                    self.peer.ip(),
+                    buf.len()
+                );
+                return self.close_ws(1008, "frame too slow");
+            }
             let ping_every = opts.ws.ping_interval;
             let idle_left = opts
                 .limits
                 .idle_timeout
                 .saturating_sub(last_heard.elapsed());
+            let partial_left = partial_since.map_or(Duration::MAX, |t| {
+                opts.limits.partial_timeout.saturating_sub(t.elapsed())
+            });
             match self
-                .fill(&mut rd, &mut buf, ping_every.min(idle_left))
+                .fill(
+                    &mut rd,
+                    &mut buf,
+                    ping_every.min(idle_left).min(partial_left),
+                )
                 .await
             {
                 Fill::Data => {
@@ -396,6 +426,7 @@ impl Conn<'_> {
                     unanswered_pings = 0;
                 }
                 Fill::Closed => return,
+                Fill::Quiet if partial_since.is_some() && partial_left <= ping_every => {}
                 Fill::Quiet if idle_left <= ping_every => {
                     return self.close_ws(1000, "idle");
                 }
