@@ -15,6 +15,7 @@ pub mod auth;
 pub mod binding;
 pub mod flow;
 pub mod guard;
+pub mod media;
 pub mod nonce;
 pub mod proxy;
 pub mod registrar;

@@ -9,6 +9,7 @@
 //! It does no I/O, reads no clock and holds no configuration beyond what callers pass in.
 #![warn(missing_docs)]
 
+pub mod bencode;
 pub mod digest;
 mod error;
 pub mod framing;

@@ -14,6 +14,7 @@ pub mod metrics;
 mod proxy;
 pub mod register;
 pub mod routing;
+pub mod rtpengine;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,0 +1,249 @@
+//! The ng client against a real rtpengine (Debian's rtpengine-daemon, userspace forwarding on
+//! loopback): offer and answer rewrite SDP, RTP flows both ways through it, query counts the
+//! packets, delete ends the session, a dead instance is reported.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use careflow_core::media::{self, CallLeg, Leg};
+use careflow_server::rtpengine::{MediaError, RtpEngine};
+use tokio_util::sync::CancellationToken;
+
+struct Daemon {
+    child: Child,
+    ng: SocketAddr,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_rtpengine() -> Daemon {
+    let found = Command::new("sh")
+        .args(["-c", "command -v rtpengine"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "rtpengine is not installed: run scripts/test (Debian package rtpengine-daemon)"
+    );
+    let ng: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let base = 20000 + (std::process::id() % 400) as u16 * 100;
+    let child = Command::new("rtpengine")
+        .args([
+            "--interface=127.0.0.1",
+            "--foreground",
+            "--log-stderr",
+            "--table=-1",
+        ])
+        .arg(format!("--listen-ng={ng}"))
+        .arg(format!("--port-min={base}"))
+        .arg(format!("--port-max={}", base + 99))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it answers a ping.
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for _ in 0..50 {
+        let _ = s.send_to(b"x1 d7:command4:pinge", ng);
+        let mut b = [0u8; 64];
+        if s.recv(&mut b).is_ok() {
+            return Daemon { child, ng };
+        }
+    }
+    panic!("rtpengine did not start");
+}
+
+fn sdp(port: u16, proto: &str) -> String {
+    format!(
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} {proto} 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n"
+    )
+}
+
+fn media_port(sdp: &str) -> u16 {
+    sdp.lines()
+        .find(|l| l.starts_with("m=audio "))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap()
+}
+
+fn rtp(seq: u16) -> Vec<u8> {
+    let mut p = vec![0x80, 0x00];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    p.extend_from_slice(&[0xff; 160]);
+    p
+}
+
+#[tokio::test]
+async fn offer_answer_rtp_both_ways_query_and_delete() {
+    let d = start_rtpengine();
+    let engine = RtpEngine::start(
+        vec![d.ng],
+        Duration::from_millis(500),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let caller = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let callee = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for s in [&caller, &callee] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    }
+    let leg = CallLeg {
+        call_id: "rtp-test-1",
+        from_tag: "caller-tag",
+        to_tag: None,
+    };
+    let src = "127.0.0.1".parse().unwrap();
+    let offer_sdp = sdp(caller.local_addr().unwrap().port(), "RTP/AVP");
+    let to_callee = engine
+        .command(
+            leg.call_id,
+            &media::offer(&leg, &offer_sdp, Leg::Plain, src),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let answered = CallLeg {
+        to_tag: Some("callee-tag"),
+        ..leg
+    };
+    let answer_sdp = sdp(callee.local_addr().unwrap().port(), "RTP/AVP");
+    let to_caller = engine
+        .command(
+            leg.call_id,
+            &media::answer(&answered, &answer_sdp, Leg::Plain, src),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let (xa, xb) = (media_port(&to_caller), media_port(&to_callee));
+    assert_ne!(
+        xa,
+        caller.local_addr().unwrap().port(),
+        "the caller must send to rtpengine"
+    );
+    // RTP both ways through the anchor.
+    let mut buf = [0u8; 2048];
+    for seq in 0..5u16 {
+        caller.send_to(&rtp(seq), ("127.0.0.1", xa)).unwrap();
+        let (n, _) = callee.recv_from(&mut buf).expect("caller -> callee");
+        assert_eq!(n, 172);
+        callee.send_to(&rtp(100 + seq), ("127.0.0.1", xb)).unwrap();
+        let (n, _) = caller.recv_from(&mut buf).expect("callee -> caller");
+        assert_eq!(n, 172);
+    }
+    let q = engine.query(leg.call_id).await.unwrap();
+    let text = String::from_utf8_lossy(&q.encode()).into_owned();
+    assert!(text.contains("packets"), "{text}");
+    engine.delete(&answered).await.unwrap();
+    assert!(matches!(
+        engine.query(leg.call_id).await.map(|v| media::reply(&v)),
+        Ok(media::Reply::Error(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_browser_leg_gets_ice_and_dtls() {
+    let d = start_rtpengine();
+    let engine = RtpEngine::start(
+        vec![d.ng],
+        Duration::from_millis(500),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let leg = CallLeg {
+        call_id: "rtp-test-2",
+        from_tag: "desk",
+        to_tag: None,
+    };
+    let out = engine
+        .command(
+            leg.call_id,
+            &media::offer(
+                &leg,
+                &sdp(4000, "RTP/AVP"),
+                Leg::WebRtc,
+                "127.0.0.1".parse().unwrap(),
+            ),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.contains("UDP/TLS/RTP/SAVPF"), "{out}");
+    assert!(
+        out.contains("a=ice-ufrag:") && out.contains("a=fingerprint:"),
+        "{out}"
+    );
+    assert!(out.contains("a=rtcp-mux"), "{out}");
+    engine.delete(&leg).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_instance_is_reported_not_waited_on_forever() {
+    let port = free_udp_port();
+    let engine = RtpEngine::start(
+        vec![format!("127.0.0.1:{port}").parse().unwrap()],
+        Duration::from_millis(100),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let leg = CallLeg {
+        call_id: "dead",
+        from_tag: "f",
+        to_tag: None,
+    };
+    let started = std::time::Instant::now();
+    let r = engine
+        .command(
+            leg.call_id,
+            &media::offer(
+                &leg,
+                &sdp(4000, "RTP/AVP"),
+                Leg::Plain,
+                "127.0.0.1".parse().unwrap(),
+            ),
+        )
+        .await;
+    assert!(matches!(r, Err(MediaError::Timeout(_))), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Marked dead: the next call does not even try.
+    let other = CallLeg {
+        call_id: "dead-2",
+        ..leg
+    };
+    let r = engine
+        .command(
+            other.call_id,
+            &media::offer(
+                &other,
+                &sdp(4000, "RTP/AVP"),
+                Leg::Plain,
+                "127.0.0.1".parse().unwrap(),
+            ),
+        )
+        .await;
+    assert_eq!(r, Err(MediaError::NoInstance));
+}
