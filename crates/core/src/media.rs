@@ -69,7 +69,7 @@ fn base<'a>(command: &'a str, leg: &CallLeg<'a>) -> Vec<(&'a str, Value)> {
     v
 }
 
-fn flags_for<'a>(to: Leg, v: &mut Vec<(&'a str, Value)>) {
+fn flags_for(to: Leg, v: &mut Vec<(&str, Value)>) {
     v.push(("replace", Value::strs(&["origin", "session-connection"])));
     // NAT: use the address packets arrive from, not what the SDP claims.
     v.push(("flags", Value::strs(&["SIP-source-address"])));
