@@ -60,7 +60,8 @@ fn start_rtpengine() -> Daemon {
     // Owned before waiting, so a failed start still kills the process.
     let daemon = Daemon { child, ng };
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     for _ in 0..50 {
         let _ = s.send_to(b"x1 d7:command4:pinge", ng);
         let mut b = [0u8; 64];
