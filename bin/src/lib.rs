@@ -28,6 +28,8 @@ pub struct Cli {
 enum Command {
     /// Run the SIP server and its HTTP endpoint until SIGINT/SIGTERM.
     Serve,
+    /// Check the configuration (file and environment) and report every problem at once.
+    CheckConfig,
     /// Manage subscribers.
     #[command(subcommand)]
     User(users::UserCommand),
@@ -48,9 +50,57 @@ enum Command {
     },
 }
 
+/// `careflow-sip check-config`: every problem of the configuration, then the files it names.
+fn check_config(path: Option<&std::path::Path>) -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok();
+    let mut problems: Vec<String> = Config::check(path, env)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if problems.is_empty()
+        && let Ok(cfg) = Config::load(path, env)
+    {
+        if let Some((cert, key)) = &cfg.tls_files {
+            let settings = careflow_transport::tls::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: cfg.tls_client_ca.clone(),
+                require_client_cert: cfg.tls_require_client_cert,
+            };
+            if let Err(e) = careflow_transport::tls::TlsServer::new(settings) {
+                problems.push(format!("TLS_CERT / TLS_KEY: {e}"));
+            }
+        }
+        if let Err(e) = std::fs::create_dir_all(&cfg.data_dir) {
+            problems.push(format!(
+                "DATA_DIR {} cannot be created: {e}",
+                cfg.data_dir.display()
+            ));
+        }
+        if problems.is_empty() {
+            println!(
+                "configuration OK: domain {}, {} SIP listener(s), HTTP on {}, data in {}",
+                cfg.sip_domain,
+                cfg.sip_listen.len(),
+                cfg.http_listen,
+                cfg.data_dir.display()
+            );
+            return ExitCode::SUCCESS;
+        }
+    }
+    for p in &problems {
+        eprintln!("careflow-sip: configuration error: {p}");
+    }
+    eprintln!("{} problem(s) found", problems.len());
+    ExitCode::from(2)
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::CheckConfig = cli.command {
+        return check_config(cli.config.as_deref());
+    }
     let config = match Config::load(cli.config.as_deref(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -72,6 +122,7 @@ pub fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Serve => serve::run(config).await,
+            Command::CheckConfig => Ok(()),
             Command::User(cmd) => users::run(&config, cmd).await,
             Command::Apikey(cmd) => apikeys::run(&config, cmd).await,
             Command::Bans => control::bans(&config).await,

@@ -394,63 +394,133 @@ pub enum ConfigError {
     },
 }
 
+fn defaults() -> BTreeMap<String, String> {
+    KEYS.iter()
+        .filter(|(_, d, _)| !d.is_empty())
+        .map(|(k, d, _)| (k.to_string(), d.to_string()))
+        .collect()
+}
+
+/// The raw key values from the file and the environment, and every problem found on the way
+/// (unreadable file, bad TOML, unknown keys, values of the wrong type). The first element
+/// holds only the keys that were set.
+fn gather(
+    path: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (BTreeMap<String, String>, Vec<ConfigError>) {
+    let mut set = BTreeMap::new();
+    let mut problems = Vec::new();
+    if let Some(path) = path {
+        match std::fs::read_to_string(path) {
+            Err(e) => problems.push(ConfigError::Read {
+                path: path.into(),
+                source: e,
+            }),
+            Ok(text) => match text.parse::<toml::Table>() {
+                Err(e) => problems.push(ConfigError::Syntax {
+                    path: path.into(),
+                    message: e.message().to_string(),
+                }),
+                Ok(table) => {
+                    for (k, v) in table {
+                        if !KEYS.iter().any(|(key, _, _)| *key == k) {
+                            problems.push(ConfigError::UnknownKey(k));
+                            continue;
+                        }
+                        let s = match v {
+                            toml::Value::String(s) => s,
+                            toml::Value::Integer(i) => i.to_string(),
+                            toml::Value::Boolean(b) => b.to_string(),
+                            toml::Value::Array(a) => a
+                                .iter()
+                                .map(|x| match x {
+                                    toml::Value::String(s) => s.clone(),
+                                    toml::Value::Integer(i) => i.to_string(),
+                                    other => other.type_str().to_string(),
+                                })
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            other => {
+                                problems.push(invalid(
+                                    &k,
+                                    format!(
+                                        "expected a string, number or list, got {}",
+                                        other.type_str()
+                                    ),
+                                ));
+                                continue;
+                            }
+                        };
+                        set.insert(k, s);
+                    }
+                }
+            },
+        }
+    }
+    for (k, _, _) in KEYS {
+        if let Some(v) = env(&k.to_ascii_uppercase()) {
+            set.insert(k.to_string(), v);
+        }
+    }
+    (set, problems)
+}
+
 impl Config {
-    /// Loads the file (if any) and applies environment overrides from `env`.
+    /// Loads the file (if any) and applies environment overrides from `env`; stops at the
+    /// first problem.
     pub fn load(
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let mut raw: BTreeMap<String, String> = KEYS
-            .iter()
-            .filter(|(_, d, _)| !d.is_empty())
-            .map(|(k, d, _)| (k.to_string(), d.to_string()))
-            .collect();
-        if let Some(path) = path {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                path: path.into(),
-                source: e,
-            })?;
-            let table: toml::Table =
-                text.parse()
-                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                        path: path.into(),
-                        message: e.message().to_string(),
-                    })?;
-            for (k, v) in table {
-                if !KEYS.iter().any(|(key, _, _)| *key == k) {
-                    return Err(ConfigError::UnknownKey(k));
-                }
-                let s = match v {
-                    toml::Value::String(s) => s,
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::Array(a) => a
-                        .iter()
-                        .map(|x| match x {
-                            toml::Value::String(s) => s.clone(),
-                            toml::Value::Integer(i) => i.to_string(),
-                            other => other.type_str().to_string(),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    other => {
-                        return Err(invalid(
-                            &k,
-                            format!(
-                                "expected a string, number or list, got {}",
-                                other.type_str()
-                            ),
-                        ));
-                    }
-                };
-                raw.insert(k, s);
-            }
+        let (set, mut problems) = gather(path, &env);
+        if !problems.is_empty() {
+            return Err(problems.remove(0));
         }
-        for (k, _, _) in KEYS {
-            if let Some(v) = env(&k.to_ascii_uppercase()) {
-                raw.insert(k.to_string(), v);
-            }
-        }
+        let mut raw = defaults();
+        raw.extend(set);
         Self::from_raw(&raw)
+    }
+
+    /// Every problem of a configuration at once (for `careflow-sip check-config`): each key
+    /// set is checked on its own against the defaults, then the whole for what keys say about
+    /// each other. Empty when the configuration is valid.
+    pub fn check(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Vec<ConfigError> {
+        let (set, mut problems) = gather(path, &env);
+        let mut seen: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        // Keys only meaningful together are checked together.
+        const GROUPS: &[&[&str]] = &[
+            &["tls_cert", "tls_key"],
+            &["tls_client_ca", "tls_require_client_cert"],
+            &["min_expires", "max_expires", "default_expires"],
+        ];
+        for k in set.keys() {
+            let group = GROUPS
+                .iter()
+                .find(|g| g.contains(&k.as_str()))
+                .copied()
+                .unwrap_or(&[]);
+            let mut raw = defaults();
+            for (key, v) in &set {
+                if key == k || group.contains(&key.as_str()) {
+                    raw.insert(key.clone(), v.clone());
+                }
+            }
+            if let Err(e) = Self::from_raw(&raw) {
+                let text = e.to_string();
+                if !seen.contains(&text) {
+                    seen.push(text);
+                    problems.push(e);
+                }
+            }
+        }
+        let mut raw = defaults();
+        raw.extend(set);
+        if let Err(e) = Self::from_raw(&raw) {
+            if !seen.contains(&e.to_string()) {
+                problems.push(e);
+            }
+        }
+        problems
     }
 
     fn from_raw(raw: &BTreeMap<String, String>) -> Result<Self, ConfigError> {

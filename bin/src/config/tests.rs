@@ -140,3 +140,33 @@ fn documented_keys_match_the_code() {
     std::fs::write(&p, example).unwrap();
     Config::load(Some(&p), env(&[])).expect("the example config parses");
 }
+
+#[test]
+fn check_reports_every_problem_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        "sip_domian = \"typo\"\nmin_expires = \"soon\"\nhttp_listen = \"8080\"\nsip_listen = \"udp:0.0.0.0:5060\"\n",
+    )
+    .unwrap();
+    let problems = Config::check(
+        Some(&p),
+        env(&[("MAX_CONTACTS", "0"), ("TLS_CERT", "/x.pem")]),
+    );
+    let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    for key in [
+        "sip_domian",
+        "MIN_EXPIRES",
+        "HTTP_LISTEN",
+        "MAX_CONTACTS",
+        "TLS_KEY",
+    ] {
+        assert!(
+            text.iter().any(|t| t.contains(key)),
+            "{key} not reported: {text:?}"
+        );
+    }
+    assert_eq!(problems.len(), 5, "{text:?}");
+    assert!(Config::check(None, env(&[])).is_empty());
+}

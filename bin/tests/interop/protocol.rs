@@ -223,3 +223,57 @@ fn scanners_get_no_answer() {
     assert_eq!(status(&r), 200, "{r}");
     assert_eq!(server.metric("careflow_sip_scanner_drops_total"), 1);
 }
+
+#[test]
+fn check_config_reports_every_problem_and_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("careflow.toml");
+    std::fs::write(
+        &file,
+        "sip_listen = \"udp:0.0.0.0:5060,carrier-pigeon:1.2.3.4:1\"\nmin_expires = 7200\nmax_expires = 3600\nnat_keepalive_interval = \"often\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .env_clear()
+        .env("DATA_DIR", dir.path().join("data"))
+        .env("TLS_CERT", dir.path().join("missing.crt"))
+        .env("TLS_KEY", dir.path().join("missing.key"))
+        .arg("--config")
+        .arg(&file)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["SIP_LISTEN", "MIN_EXPIRES", "NAT_KEEPALIVE_INTERVAL"] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+    // A valid configuration is checked further: the certificate it names must load.
+    std::fs::write(&file, "sip_domain = \"ok.example\"\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .env_clear()
+        .env("DATA_DIR", dir.path().join("data"))
+        .env("TLS_CERT", dir.path().join("missing.crt"))
+        .env("TLS_KEY", dir.path().join("missing.key"))
+        .arg("--config")
+        .arg(&file)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.crt"));
+    let out = std::process::Command::new(BIN)
+        .env_clear()
+        .env("DATA_DIR", dir.path().join("data"))
+        .arg("--config")
+        .arg(&file)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK: domain ok.example"));
+}
