@@ -515,10 +515,10 @@ impl Config {
         }
         let mut raw = defaults();
         raw.extend(set);
-        if let Err(e) = Self::from_raw(&raw) {
-            if !seen.contains(&e.to_string()) {
-                problems.push(e);
-            }
+        if let Err(e) = Self::from_raw(&raw)
+            && !seen.contains(&e.to_string())
+        {
+            problems.push(e);
         }
         problems
     }
