@@ -28,7 +28,7 @@ pub mod websocket;
 
 pub use error::{ParseError, ParseErrorKind};
 pub use header::HeaderName;
-pub use message::{HeaderField, Message, ParseLimits, StartLine};
+pub use message::{HeaderField, MAX_CONTACTS, MAX_VIAS, Message, ParseLimits, StartLine};
 pub use method::Method;
 pub use name_addr::{NameAddr, Params};
 pub use response::{ResponseBuilder, reason_phrase};

@@ -25,9 +25,9 @@ pub struct ParseLimits {
 }
 
 /// Most Via values in a message (Max-Forwards starts at 70).
-pub(crate) const MAX_VIAS: usize = 70;
+pub const MAX_VIAS: usize = 70;
 /// Most Contact values in a message.
-pub(crate) const MAX_CONTACTS: usize = 32;
+pub const MAX_CONTACTS: usize = 32;
 
 impl Default for ParseLimits {
     fn default() -> Self {

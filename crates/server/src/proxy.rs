@@ -624,7 +624,10 @@ impl App {
         let refuse = |code: u16, reason: &'static str| {
             (code, self.reply(msg, ctx, code).reason(reason).build())
         };
-        if proxy::next_max_forwards(msg).is_none() {
+        // Our Via would take the request past the bound every careflow-sip enforces.
+        if proxy::next_max_forwards(msg).is_none()
+            || msg.values(HeaderName::Via).count() >= careflow_proto::MAX_VIAS
+        {
             return Err(refuse(483, "Too Many Hops"));
         }
         if proxy::is_loop(msg, |v| self.is_our_via(v)) {
