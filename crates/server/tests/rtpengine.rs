@@ -42,7 +42,10 @@ fn start_rtpengine() -> Daemon {
         "rtpengine is not installed: run scripts/test (Debian package rtpengine-daemon)"
     );
     let ng: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-    let base = 20000 + (std::process::id() % 400) as u16 * 100;
+    // A media port range of its own per daemon (tests run in parallel in one process).
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let slot = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = 20000 + ((std::process::id() % 100) as u16 * 4 + slot % 4) * 100;
     let child = Command::new("rtpengine")
         .args([
             "--interface=127.0.0.1",
@@ -51,6 +54,15 @@ fn start_rtpengine() -> Daemon {
             "--table=-1",
         ])
         .arg(format!("--listen-ng={ng}"))
+        // Its CLI port defaults to 2224 for every instance: tests run several at once.
+        .arg(format!(
+            "--listen-cli=127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        ))
         .arg(format!("--port-min={base}"))
         .arg(format!("--port-max={}", base + 99))
         .stdout(Stdio::null())
