@@ -119,6 +119,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         allow_inbound: cfg.allow_inbound,
         scanner_user_agents: cfg.scanner_user_agents.clone(),
         keepalive: cfg.keepalive,
+        media: Some(cfg.media.clone()),
     };
     let cancel = CancellationToken::new();
     if let Some(g) = control_guard {

@@ -118,6 +118,21 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Requests an API caller may make at once before API_RATE_LIMIT applies (429 beyond).",
     ),
     (
+        "rtpengine",
+        "",
+        "Comma-separated rtpengine ng control addresses (`127.0.0.1:22222`). Unset: media is never anchored and SDP passes untouched.",
+    ),
+    (
+        "media_policy",
+        "when-needed",
+        "When calls are anchored at rtpengine: `always`, `when-needed` (a WebRTC leg meets a plain one, or a party is behind NAT) or `never`.",
+    ),
+    (
+        "rtpengine_timeout_ms",
+        "500",
+        "Milliseconds to wait for one rtpengine answer (three tries); a call whose rtpengine does not answer keeps its own SDP.",
+    ),
+    (
         "nat_keepalive_interval",
         "30",
         "Seconds between OPTIONS keep-alives to each device registered over UDP from behind NAT (its Contact is not the address it registers from); they keep the NAT mapping open. 0 disables them.",
@@ -352,6 +367,8 @@ pub struct Config {
     pub ws: careflow_transport::WsOptions,
     /// OPTIONS keep-alives to NATed UDP devices.
     pub keepalive: careflow_server::keepalive::KeepaliveConfig,
+    /// Media anchoring.
+    pub media: careflow_server::media::MediaConfig,
     /// User token verification for the API.
     pub jwt: careflow_api::auth::JwtConfig,
     /// API requests per second per caller.
@@ -718,7 +735,36 @@ impl Config {
             allowlist,
             ..careflow_core::guard::GuardConfig::default()
         });
+        let mut rtpengine = Vec::new();
+        for item in get("rtpengine")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            rtpengine.push(item.parse().map_err(|_| {
+                invalid(
+                    "rtpengine",
+                    format!("`{item}` is not HOST:PORT such as 127.0.0.1:22222"),
+                )
+            })?);
+        }
+        let media = careflow_server::media::MediaConfig {
+            rtpengine,
+            policy: match get("media_policy") {
+                "always" => careflow_core::media::Policy::Always,
+                "when-needed" => careflow_core::media::Policy::WhenNeeded,
+                "never" => careflow_core::media::Policy::Never,
+                other => {
+                    return Err(invalid(
+                        "media_policy",
+                        format!("expected always, when-needed or never, got `{other}`"),
+                    ));
+                }
+            },
+            timeout: Duration::from_millis(num("rtpengine_timeout_ms", 10, 10_000)?),
+        };
         Ok(Self {
+            media,
             guard,
             max_connections_per_ip: num("max_connections_per_ip", 1, 1_000_000)? as usize,
             partial_timeout: Duration::from_secs(num("partial_message_timeout", 1, 600)?),

@@ -506,9 +506,10 @@ pub(crate) fn baresip_home_at(
 ) {
     std::fs::create_dir_all(dir).unwrap();
     let tone = dir.join("tone.wav");
-    // One second of 8 kHz silence as the audio source: no sound card is needed.
+    // Ten seconds of 8 kHz silence as the audio source (baresip hangs up when it ends): no
+    // sound card is needed.
     let mut wav = Vec::new();
-    let data_len: u32 = 16000;
+    let data_len: u32 = 16000 * 10;
     wav.extend_from_slice(b"RIFF");
     wav.extend_from_slice(&(36 + data_len).to_le_bytes());
     wav.extend_from_slice(b"WAVEfmt ");

@@ -6,6 +6,7 @@ mod api;
 mod calls;
 mod cluster;
 mod database;
+mod media;
 mod nat;
 mod outbound;
 mod protocol;

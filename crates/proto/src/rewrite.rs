@@ -96,6 +96,23 @@ impl RequestEdit<'_> {
     }
 }
 
+/// The message with its body replaced and Content-Length set to the new length (the compact
+/// form `l` too); every other header line kept byte for byte.
+pub fn replace_body(msg: &Message, body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(msg.bytes().len() + body.len());
+    out.put_slice(msg.start_line_bytes());
+    for f in msg.fields() {
+        if f.name == HeaderName::ContentLength {
+            continue;
+        }
+        out.put_slice(msg.field_line(f));
+    }
+    line(&mut out, "Content-Length", &body.len().to_string());
+    out.put_slice(b"\r\n");
+    out.put_slice(body);
+    out.freeze()
+}
+
 /// A response with its top Via value removed (RFC 3261 §16.7 step 3), all else unchanged.
 pub fn strip_top_via(msg: &Message) -> Bytes {
     let mut out = BytesMut::with_capacity(msg.bytes().len());

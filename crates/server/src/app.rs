@@ -51,6 +51,10 @@ pub struct App {
     pub(crate) flows: crate::flows::FlowIndex,
     /// Keep-alive probes to devices behind NAT.
     pub(crate) keepalives: crate::keepalive::SharedTracker,
+    /// The rtpengine client, when media anchoring is configured.
+    pub(crate) media_engine: OnceLock<Arc<crate::rtpengine::RtpEngine>>,
+    /// Calls whose media is anchored.
+    pub(crate) media_calls: crate::media::MediaCalls,
 }
 
 impl std::fmt::Debug for App {
@@ -90,6 +94,8 @@ impl App {
             bound: OnceLock::new(),
             flows: crate::flows::FlowIndex::default(),
             keepalives: Default::default(),
+            media_engine: OnceLock::new(),
+            media_calls: Default::default(),
         }
     }
 
@@ -132,6 +138,14 @@ impl App {
             refused_connections: stats
                 .as_ref()
                 .map_or(0, |s| s.refused_connections.load(Ordering::Relaxed)),
+            media_sessions: self.media_active() as u64,
+            rtpengine: self.rtpengine().map_or((0, 0, 0), |e| {
+                (
+                    e.stats.answered.load(Ordering::Relaxed),
+                    e.stats.errors.load(Ordering::Relaxed),
+                    e.stats.latency_us.load(Ordering::Relaxed),
+                )
+            }),
             banned_now: self
                 .cfg
                 .guard

@@ -10,6 +10,7 @@
 pub mod app;
 mod flows;
 pub mod keepalive;
+pub mod media;
 pub mod metrics;
 mod proxy;
 pub mod register;
@@ -67,6 +68,8 @@ pub struct ServerConfig {
     pub keepalive: keepalive::KeepaliveConfig,
     /// Per-source limits, brute-force counting and bans (shared with the transports).
     pub guard: Option<Arc<careflow_core::guard::Guard>>,
+    /// Media anchoring at rtpengine.
+    pub media: Option<media::MediaConfig>,
 }
 
 /// A running SIP server.
@@ -126,6 +129,16 @@ pub async fn start(
     )
     .await?;
     app.set_transports(transports.clone(), bound.clone());
+    if let Some(m) = cfg.media.as_ref().filter(|m| !m.rtpengine.is_empty()) {
+        match rtpengine::RtpEngine::start(m.rtpengine.clone(), m.timeout, cancel.clone()).await {
+            Ok(engine) => {
+                let _ = app.media_engine.set(engine);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the rtpengine control socket; calls keep their own SDP")
+            }
+        }
+    }
     app.drop_orphaned_flows().await;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(sweep_transactions(app.clone(), cancel.clone()));

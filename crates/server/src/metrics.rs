@@ -100,6 +100,10 @@ pub struct Gauges {
     pub banned_now: u64,
     /// Connections refused (total or per-IP limit).
     pub refused_connections: u64,
+    /// Calls with media anchored at rtpengine now.
+    pub media_sessions: u64,
+    /// rtpengine commands answered, failed, and their summed answer time (µs).
+    pub rtpengine: (u64, u64, u64),
 }
 
 impl Metrics {
@@ -286,6 +290,16 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
             );
         }
+        let (answered, errors, latency_us) = g.rtpengine;
+        let _ = write!(
+            s,
+            "# HELP careflow_sip_media_sessions Calls with media anchored at rtpengine.\n# TYPE careflow_sip_media_sessions gauge\ncareflow_sip_media_sessions {}\n\
+             # HELP careflow_sip_rtpengine_commands_total rtpengine commands answered.\n# TYPE careflow_sip_rtpengine_commands_total counter\ncareflow_sip_rtpengine_commands_total {answered}\n\
+             # HELP careflow_sip_rtpengine_errors_total rtpengine commands that failed (no answer or refused).\n# TYPE careflow_sip_rtpengine_errors_total counter\ncareflow_sip_rtpengine_errors_total {errors}\n\
+             # HELP careflow_sip_rtpengine_latency_seconds_total Summed answer time of rtpengine commands.\n# TYPE careflow_sip_rtpengine_latency_seconds_total counter\ncareflow_sip_rtpengine_latency_seconds_total {}\n",
+            g.media_sessions,
+            latency_us as f64 / 1e6
+        );
         let _ = write!(
             s,
             "# HELP careflow_sip_banned_sources Sources banned now.\n# TYPE careflow_sip_banned_sources gauge\ncareflow_sip_banned_sources {}\n",

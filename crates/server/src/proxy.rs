@@ -311,6 +311,19 @@ impl App {
 
     /// A response arrived: match it to the branch that sent the request.
     pub(crate) fn proxy_response(self: &Arc<Self>, msg: Message) {
+        if self.media_answer_needed(&msg) {
+            // The SDP goes through rtpengine first; the relay continues when it answered.
+            let app = self.clone();
+            tokio::spawn(async move {
+                let msg = app.media_answer(msg).await;
+                app.relay_response(msg);
+            });
+            return;
+        }
+        self.relay_response(msg);
+    }
+
+    fn relay_response(self: &Arc<Self>, msg: Message) {
         let Some(via) = msg.top_via() else { return };
         let Some(branch) = via.branch() else { return };
         let Some((_, method)) = msg.cseq() else {
@@ -497,6 +510,7 @@ impl App {
         };
         self.metrics.response(code);
         if fw.call {
+            self.media_end(fw.request.call_id().unwrap_or_default());
             self.metrics.call_failed(code);
             tracing::info!(
                 call_id = fw.request.call_id().unwrap_or_default(),
@@ -604,8 +618,26 @@ impl App {
 
     /// Decides what to do with a request that is not for the registrar and forwards it.
     async fn route_request(self: Arc<Self>, msg: Message, ctx: Ctx) {
+        if msg.method() == Method::Bye
+            && let Some(c) = msg.call_id()
+        {
+            self.media_end(c);
+        }
         match self.decide(&msg, &ctx).await {
-            Ok(targets) => self.fork(msg, ctx, targets),
+            Ok(targets) => {
+                let initial =
+                    msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
+                let msg = match targets.first() {
+                    Some(first) if initial => {
+                        let callee =
+                            careflow_core::media::Leg::of_transport(first.target.transport);
+                        let natted = targets.iter().any(|h| h.target.flow);
+                        self.media_offer(msg, &ctx, callee, natted).await
+                    }
+                    _ => msg,
+                };
+                self.fork(msg, ctx, targets)
+            }
             Err((code, bytes)) => {
                 if msg.method() == Method::Invite {
                     // Locally generated final answers to INVITE are sent statelessly; the ACK
@@ -1130,6 +1162,11 @@ impl App {
             conn,
             ..Target::at(flow.transport, flow.addr)
         }))
+    }
+
+    /// Whether the sender is behind NAT (or on its own connection): media must be anchored.
+    pub(crate) fn sender_behind_nat_of(msg: &Message, ctx: &Ctx) -> bool {
+        Self::sender_needs_flow(msg, ctx)
     }
 
     /// Whether the request's sender must be reached through a flow: it is on a connection of
