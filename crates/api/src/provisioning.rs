@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use careflow_core::Binding;
-use careflow_core::registrar::{Outcome, Reject};
 use careflow_proto::digest::{Algorithm, ha1};
 use careflow_store::{ApiKeyStore, LocationStore, NewSubscriber, StoreError, SubscriberStore};
 use serde::{Deserialize, Serialize};
@@ -266,22 +265,9 @@ pub(crate) async fn remove_bindings(
     aor: &str,
     drop: impl Fn(&Binding) -> bool + Send + Sync,
 ) -> Result<usize, Problem> {
-    let removed = std::sync::atomic::AtomicUsize::new(0);
-    let decide = |cur: &[Binding]| -> Result<Outcome, Reject> {
-        let bindings: Vec<Binding> = cur.iter().filter(|b| !drop(b)).cloned().collect();
-        let n = cur.len() - bindings.len();
-        removed.store(n, std::sync::atomic::Ordering::Relaxed);
-        Ok(Outcome {
-            bindings,
-            changed: n > 0,
-        })
-    };
-    location
-        .update(aor, &decide)
+    careflow_store::remove_bindings(location, aor, drop)
         .await
-        .map_err(|e| Problem::unavailable("the location service", &e))?
-        .map_err(|_| Problem::unavailable("the location service", &"update refused"))?;
-    Ok(removed.load(std::sync::atomic::Ordering::Relaxed))
+        .map_err(|e| Problem::unavailable("the location service", &e))
 }
 
 async fn own_subscriber(

@@ -4,10 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use careflow_core::Binding;
-use careflow_core::registrar::{Outcome, Reject};
 use careflow_store::LocationStore;
 
 /// conn id → AoRs registered over it. A hint: the bindings themselves record their
@@ -37,24 +35,15 @@ impl FlowIndex {
     }
 }
 
-/// Removes from `aor` every binding `drop` selects; returns how many went.
+/// Removes from `aor` every binding `drop` selects; returns how many went (0 after logging
+/// a store error: the caller has no one to answer).
 pub(crate) async fn remove_bindings(
     location: &dyn LocationStore,
     aor: &str,
     drop: impl Fn(&Binding) -> bool + Send + Sync,
 ) -> usize {
-    let removed = AtomicUsize::new(0);
-    let decide = |cur: &[Binding]| -> Result<Outcome, Reject> {
-        let bindings: Vec<Binding> = cur.iter().filter(|b| !drop(b)).cloned().collect();
-        let n = cur.len() - bindings.len();
-        removed.store(n, Ordering::Relaxed);
-        Ok(Outcome {
-            bindings,
-            changed: n > 0,
-        })
-    };
-    match location.update(aor, &decide).await {
-        Ok(_) => removed.load(Ordering::Relaxed),
+    match careflow_store::remove_bindings(location, aor, drop).await {
+        Ok(n) => n,
         Err(e) => {
             tracing::error!(error = %e, aor, "could not remove bindings");
             0

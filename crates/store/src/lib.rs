@@ -94,6 +94,41 @@ pub trait SubscriberStore: Send + Sync {
     ) -> Result<Vec<Subscriber>, StoreError>;
 }
 
+/// Removes from `aor` every binding `drop` selects, in one location update (so it races with
+/// no REGISTER); returns how many went.
+pub async fn remove_bindings(
+    location: &dyn LocationStore,
+    aor: &str,
+    drop: impl Fn(&Binding) -> bool + Send + Sync,
+) -> Result<usize, StoreError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let removed = AtomicUsize::new(0);
+    let decide = |cur: &[Binding]| -> Result<Outcome, Reject> {
+        let bindings: Vec<Binding> = cur.iter().filter(|b| !drop(b)).cloned().collect();
+        let n = cur.len() - bindings.len();
+        removed.store(n, Ordering::Relaxed);
+        Ok(Outcome {
+            bindings,
+            changed: n > 0,
+        })
+    };
+    // The decision above never refuses.
+    let _ = location.update(aor, &decide).await?;
+    Ok(removed.load(Ordering::Relaxed))
+}
+
+/// A LIKE pattern matching `query` anywhere, its wildcards escaped with `\` (so a search for
+/// `a_b` finds `a_b` only); every backend writes `LIKE ? ESCAPE '\'` or the equivalent.
+pub(crate) fn like_pattern(query: &str) -> String {
+    format!(
+        "%{}%",
+        query
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    )
+}
+
 /// A subscriber database: subscribers and API keys in one place (`DB_URL`).
 pub trait Database: SubscriberStore + ApiKeyStore {}
 

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool};
 
+use crate::like_pattern;
 use crate::sqlite::unix_now;
 use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, SubscriberStore};
 
@@ -172,15 +173,6 @@ async fn migrate(c: &mut Conn) -> Result<i64, StoreError> {
         .query_drop("SELECT RELEASE_LOCK('careflow_migrations')")
         .await;
     result
-}
-
-fn like_pattern(q: &str) -> String {
-    format!(
-        "%{}%",
-        q.replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_")
-    )
 }
 
 #[async_trait]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio_postgres::{Client, NoTls, Row};
 
+use crate::like_pattern;
 use crate::sqlite::unix_now;
 use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, SubscriberStore};
 
@@ -182,15 +183,6 @@ fn subscriber(r: &Row) -> Subscriber {
         created_at: r.get(9),
         updated_at: r.get(10),
     }
-}
-
-fn like_pattern(q: &str) -> String {
-    format!(
-        "%{}%",
-        q.replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_")
-    )
 }
 
 #[async_trait]

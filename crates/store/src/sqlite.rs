@@ -210,14 +210,7 @@ impl SubscriberStore for SqliteSubscribers {
         limit: usize,
         offset: usize,
     ) -> Result<Vec<Subscriber>, StoreError> {
-        // LIKE with the wildcards of the query escaped: a search for "a_b" finds "a_b" only.
-        let pattern = format!(
-            "%{}%",
-            query
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
+        let pattern = crate::like_pattern(query);
         self.with(|c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM subscriber
