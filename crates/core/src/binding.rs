@@ -114,4 +114,16 @@ impl Binding {
     pub fn expires_in(&self, now: u64) -> u64 {
         self.expires_at.saturating_sub(now)
     }
+
+    /// A UDP device behind NAT: it registered itself (no Path) and its Contact names another
+    /// IP than the one its REGISTER came from, so it is reached at that source address (and
+    /// kept reachable with keep-alives). A Contact on the source's own IP is reachable as it
+    /// is, whatever its port.
+    pub fn behind_nat(&self) -> bool {
+        self.transport == Transport::Udp
+            && self.path.is_empty()
+            && self.source.port() != 0
+            && careflow_proto::Uri::parse(&self.contact)
+                .is_none_or(|u| u.host.ip() != Some(self.source.ip()))
+    }
 }

@@ -113,14 +113,9 @@ impl Tracker {
     }
 }
 
-/// Whether a binding needs keep-alives: UDP, and its Contact is not at the address its
-/// REGISTER came from (the device is behind NAT).
+/// Whether this node keeps a binding alive: a device behind NAT that registered through it.
 pub(crate) fn needs_keepalive(b: &Binding) -> bool {
-    b.transport == Transport::Udp
-        && b.here
-        && b.path.is_empty()
-        && b.source.port() != 0
-        && careflow_proto::Uri::parse(&b.contact).is_none_or(|u| u.host.ip() != Some(b.source.ip()))
+    b.here && b.behind_nat()
 }
 
 /// `(binding id, round)` from the branch of an answer to one of our keep-alives.

@@ -1129,10 +1129,7 @@ impl App {
                 ..Target::at(b.transport, b.source)
             });
         }
-        let behind_nat = b.transport == Transport::Udp
-            && b.source.port() != 0
-            && Uri::parse(&b.contact).is_none_or(|u| u.host.ip() != Some(b.source.ip()));
-        if behind_nat {
+        if b.behind_nat() {
             return Some(Target {
                 flow: true,
                 ..Target::at(Transport::Udp, b.source)
@@ -1164,15 +1161,10 @@ impl App {
         }))
     }
 
-    /// Whether the sender is behind NAT (or on its own connection): media must be anchored.
-    pub(crate) fn sender_behind_nat_of(msg: &Message, ctx: &Ctx) -> bool {
-        Self::sender_needs_flow(msg, ctx)
-    }
-
     /// Whether the request's sender must be reached through a flow: it is on a connection of
     /// its own, or its Contact names another IP than the one the request came from (NAT; a
     /// Contact on the sender's own IP is reachable as it is, whatever its port).
-    fn sender_needs_flow(msg: &Message, ctx: &Ctx) -> bool {
+    pub(crate) fn sender_needs_flow(msg: &Message, ctx: &Ctx) -> bool {
         ctx.conn.is_some()
             || msg
                 .header(HeaderName::Contact)
