@@ -120,12 +120,14 @@ pub fn answer(leg: &CallLeg<'_>, sdp: &str, to: Leg, source: std::net::IpAddr) -
     Value::dict(v)
 }
 
-/// `delete`: the call ended (BYE, CANCEL, failure, timeout).
-pub fn delete(leg: &CallLeg<'_>) -> Value {
-    let mut v = base("delete", leg);
-    // rtpengine keeps a deleted call 30 s by default; the call is over, free it now.
-    v.push(("delete-delay", Value::Int(0)));
-    Value::dict(v)
+/// `delete`: the call ended (BYE, CANCEL, failure, timeout); every leg of it goes.
+pub fn delete(call_id: &str) -> Value {
+    Value::dict([
+        ("command", Value::str("delete")),
+        ("call-id", Value::str(call_id)),
+        // rtpengine keeps a deleted call 30 s by default; the call is over, free it now.
+        ("delete-delay", Value::Int(0)),
+    ])
 }
 
 /// `query`: packet counters of a call.
@@ -220,7 +222,7 @@ mod tests {
         );
         assert_eq!(a.get("to-tag").unwrap().as_str(), Some("t1"));
         assert_eq!(
-            delete(&LEG).get("command").unwrap().as_str(),
+            delete("c1").get("command").unwrap().as_str(),
             Some("delete")
         );
     }

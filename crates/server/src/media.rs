@@ -72,7 +72,7 @@ impl App {
         let needed = match self.cfg.media.as_ref().map(|m| m.policy) {
             Some(Policy::Always) => true,
             Some(Policy::WhenNeeded) => {
-                caller != callee || callee_natted || App::sender_behind_nat_of(&msg, ctx)
+                caller != callee || callee_natted || App::sender_needs_flow(&msg, ctx)
             }
             _ => false,
         };
@@ -192,12 +192,7 @@ impl App {
         };
         let call_id = call_id.to_string();
         tokio::spawn(async move {
-            let cmd = careflow_proto::bencode::Value::dict([
-                ("command", careflow_proto::bencode::Value::str("delete")),
-                ("call-id", careflow_proto::bencode::Value::str(&call_id)),
-                ("delete-delay", careflow_proto::bencode::Value::Int(0)),
-            ]);
-            if let Err(e) = engine.command(&call_id, &cmd).await {
+            if let Err(e) = engine.delete(&call_id).await {
                 tracing::warn!(call_id, error = %e, "media delete failed");
             }
         });

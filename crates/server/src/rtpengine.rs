@@ -229,13 +229,13 @@ impl RtpEngine {
     }
 
     /// Deletes a call's media session and forgets its instance.
-    pub async fn delete(&self, leg: &media::CallLeg<'_>) -> Result<(), MediaError> {
+    pub async fn delete(&self, call_id: &str) -> Result<(), MediaError> {
         let r = self
-            .command(leg.call_id, &media::delete(leg))
+            .command(call_id, &media::delete(call_id))
             .await
             .map(|_| ());
         if let Ok(mut c) = self.calls.lock() {
-            c.remove(leg.call_id);
+            c.remove(call_id);
         }
         r
     }
