@@ -61,12 +61,7 @@ fn check_config(path: Option<&std::path::Path>) -> ExitCode {
         && let Ok(cfg) = Config::load(path, env)
     {
         if let Some((cert, key)) = &cfg.tls_files {
-            let settings = careflow_transport::tls::TlsSettings {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: cfg.tls_client_ca.clone(),
-                require_client_cert: cfg.tls_require_client_cert,
-            };
+            let settings = cfg.tls_settings(cert.clone(), key.clone());
             if let Err(e) = careflow_transport::tls::TlsServer::new(settings) {
                 problems.push(format!("TLS_CERT / TLS_KEY: {e}"));
             }

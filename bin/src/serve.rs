@@ -9,7 +9,7 @@ use careflow_proto::ParseLimits;
 use careflow_server::{App, ServerConfig};
 use careflow_store::location::EmbeddedLocation;
 use careflow_store::{LocationStore, SubscriberStore};
-use careflow_transport::tls::{TlsServer, TlsSettings};
+use careflow_transport::tls::TlsServer;
 use careflow_transport::{Transport, TransportLimits, TransportOptions};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -217,12 +217,7 @@ fn tls_server(cfg: &Config) -> anyhow::Result<Option<TlsServer>> {
         return Ok(None);
     }
     let settings = match &cfg.tls_files {
-        Some((cert, key)) => TlsSettings {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: None,
-            require_client_cert: false,
-        },
+        Some((cert, key)) => cfg.tls_settings(cert.clone(), key.clone()),
         None => {
             let (s, generated) =
                 careflow_transport::tls::ensure_self_signed(&cfg.data_dir, &cfg.sip_domain)
@@ -233,13 +228,8 @@ fn tls_server(cfg: &Config) -> anyhow::Result<Option<TlsServer>> {
                 tracing::warn!(cert = %s.cert.display(), domain = %cfg.sip_domain,
                     "generated a self-signed TLS certificate; set TLS_CERT and TLS_KEY for one clients trust");
             }
-            s
+            cfg.tls_settings(s.cert, s.key)
         }
-    };
-    let settings = TlsSettings {
-        client_ca: cfg.tls_client_ca.clone(),
-        require_client_cert: cfg.tls_require_client_cert,
-        ..settings
     };
     let server = TlsServer::new(settings).context("invalid TLS_CERT / TLS_KEY / TLS_CLIENT_CA")?;
     tracing::info!(fingerprint = %server.certs.fingerprint(), "TLS certificate loaded (SHA-256)");

@@ -831,6 +831,20 @@ impl Config {
         })
     }
 
+    /// TLS settings for a certificate and key, with the configured client-certificate rules.
+    pub fn tls_settings(
+        &self,
+        cert: PathBuf,
+        key: PathBuf,
+    ) -> careflow_transport::tls::TlsSettings {
+        careflow_transport::tls::TlsSettings {
+            cert,
+            key,
+            client_ca: self.tls_client_ca.clone(),
+            require_client_cert: self.tls_require_client_cert,
+        }
+    }
+
     /// Path of the registration journal.
     pub fn location_path(&self) -> PathBuf {
         self.data_dir.join("location.db")

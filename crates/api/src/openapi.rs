@@ -73,5 +73,10 @@ pub fn json() -> String {
 }
 
 pub(crate) async fn document() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], json())
+    // Built once: it depends on the code only.
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOC.get_or_init(json).as_str(),
+    )
 }
