@@ -49,6 +49,9 @@ fn start_rtpengine() -> Rtpengine {
     let cli = free_port();
     let base = 30000 + (std::process::id() % 200) as u16 * 100;
     let child = Command::new("rtpengine")
+        // Not the system's /etc/rtpengine/rtpengine.conf: its fixed HTTP port (2225) makes a
+        // second daemon fail to start.
+        .arg("--config-file=none")
         .args([
             "--interface=127.0.0.1",
             "--foreground",

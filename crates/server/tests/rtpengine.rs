@@ -47,6 +47,9 @@ fn start_rtpengine() -> Daemon {
     let slot = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let base = 20000 + ((std::process::id() % 100) as u16 * 4 + slot % 4) * 100;
     let child = Command::new("rtpengine")
+        // Not the system's /etc/rtpengine/rtpengine.conf: its fixed HTTP port (2225) makes a
+        // second daemon fail to start.
+        .arg("--config-file=none")
         .args([
             "--interface=127.0.0.1",
             "--foreground",
@@ -169,7 +172,7 @@ async fn offer_answer_rtp_both_ways_query_and_delete() {
     let q = engine.query(leg.call_id).await.unwrap();
     let text = String::from_utf8_lossy(&q.encode()).into_owned();
     assert!(text.contains("packets"), "{text}");
-    engine.delete(&answered).await.unwrap();
+    engine.delete(answered.call_id).await.unwrap();
     assert!(matches!(
         engine.query(leg.call_id).await.map(|v| media::reply(&v)),
         Ok(media::Reply::Error(_))
@@ -210,7 +213,7 @@ async fn a_browser_leg_gets_ice_and_dtls() {
         "{out}"
     );
     assert!(out.contains("a=rtcp-mux"), "{out}");
-    engine.delete(&leg).await.unwrap();
+    engine.delete(leg.call_id).await.unwrap();
 }
 
 #[tokio::test]
