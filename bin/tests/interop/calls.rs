@@ -37,6 +37,42 @@ pub(crate) fn scenario(name: &str) -> String {
         .into_owned()
 }
 
+/// Registers the user of `users` (a sipp injection file) with sipp, on behalf of a UA at
+/// 127.0.0.1:`contact_port` reached over `contact_transport`. The REGISTER goes over UDP: a TCP
+/// registration would end with the registering process's connection, and its binding with it.
+pub(crate) fn register_contact(
+    server: &Server,
+    users: &std::path::Path,
+    contact_port: u16,
+    contact_transport: &str,
+) {
+    let reg = Command::new("sipp")
+        .arg(server.sip_addr().to_string())
+        .args(["-sf", &scenario("register-one.xml"), "-inf"])
+        .arg(users)
+        .args([
+            "-key",
+            "domain",
+            &server.domain,
+            "-key",
+            "contact_host",
+            "127.0.0.1",
+        ])
+        .args(["-key", "contact_port", &contact_port.to_string()])
+        .args(["-key", "contact_transport", contact_transport])
+        .args(["-auth_uri", &server.domain, "-i", "127.0.0.1"])
+        .args(["-p", &free_port().to_string(), "-t", "u1"])
+        .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("run sipp register");
+    assert!(
+        reg.status.success(),
+        "registration of the sipp UA failed:\n{}",
+        server.log()
+    );
+}
+
 fn sipp_calls(transport: &str, callee_transport: &str) {
     require("sipp", "sip-tester");
     let server = Server::start(DOMAIN);
@@ -64,52 +100,15 @@ fn sipp_calls(transport: &str, callee_transport: &str) {
         .expect("start sipp uas");
     std::thread::sleep(Duration::from_millis(300));
     let target = server.sip_addr().to_string();
-    let reg = Command::new("sipp")
-        .arg(&target)
-        .args([
-            "-sf",
-            &scenario("register-one.xml"),
-            "-inf",
-            callee.to_str().unwrap(),
-        ])
-        .args([
-            "-key",
-            "domain",
-            DOMAIN,
-            "-key",
-            "contact_host",
-            "127.0.0.1",
-            "-key",
-            "contact_port",
-            &uas_port.to_string(),
-            "-key",
-            "contact_transport",
-            if callee_transport == "t1" {
-                "tcp"
-            } else {
-                "udp"
-            },
-        ])
-        // Registered over UDP on behalf of the UAS (a TCP registration would end with the
-        // registering process's connection, and its binding with it).
-        .args([
-            "-auth_uri",
-            DOMAIN,
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &free_port().to_string(),
-            "-t",
-            "u1",
-        ])
-        .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
-        .stdout(Stdio::null())
-        .output()
-        .expect("run sipp register");
-    assert!(
-        reg.status.success(),
-        "callee registration failed:\n{}",
-        server.log()
+    register_contact(
+        &server,
+        &callee,
+        uas_port,
+        if callee_transport == "t1" {
+            "tcp"
+        } else {
+            "udp"
+        },
     );
     let calls = Command::new("sipp")
         .arg(&target)

@@ -750,33 +750,7 @@ fn sipp_registers_and_calls_over_tls() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let reg = Command::new("sipp")
-        .arg(server.sip_addr().to_string())
-        .args(["-sf", &scenario("register-one.xml"), "-inf"])
-        .arg(&callee)
-        .args([
-            "-key",
-            "domain",
-            "localhost",
-            "-key",
-            "contact_host",
-            "127.0.0.1",
-        ])
-        .args(["-key", "contact_port", &uas_port.to_string()])
-        .args(["-key", "contact_transport", "udp", "-auth_uri", "localhost"])
-        .args([
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &free_port().to_string(),
-            "-t",
-            "u1",
-        ])
-        .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(reg.status.success(), "{}", server.log());
+    crate::calls::register_contact(&server, &callee, uas_port, "udp");
     sipp(&[
         "-sf",
         &scenario("uac-call.xml"),

@@ -176,37 +176,7 @@ fn web_phone_scenario(phone: impl Fn(&str) -> Command) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start sipp uas");
-    let reg = Command::new("sipp")
-        .arg(server.sip_addr().to_string())
-        .args(["-sf", &scenario("register-one.xml"), "-inf"])
-        .arg(&desk)
-        .args([
-            "-key",
-            "domain",
-            "localhost",
-            "-key",
-            "contact_host",
-            "127.0.0.1",
-        ])
-        .args(["-key", "contact_port", &uas_port.to_string()])
-        .args(["-key", "contact_transport", "udp", "-auth_uri", "localhost"])
-        .args([
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &free_port().to_string(),
-            "-t",
-            "u1",
-        ])
-        .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
-        .stdout(Stdio::null())
-        .output()
-        .expect("run sipp register");
-    assert!(
-        reg.status.success(),
-        "desk registration failed:\n{}",
-        server.log()
-    );
+    crate::calls::register_contact(&server, &desk, uas_port, "udp");
 
     let mut phone = Events::spawn(phone(&format!("wss://127.0.0.1:{}/", server.port2)));
     phone.wait("registered 1", &server);
