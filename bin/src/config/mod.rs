@@ -133,6 +133,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Milliseconds to wait for one rtpengine answer (three tries); a call whose rtpengine does not answer keeps its own SDP.",
     ),
     (
+        "rtpengine_check_interval",
+        "60",
+        "Seconds between checks that rtpengine still holds the media of each anchored call; calls it dropped (its own media timeout, e.g. both phones vanished without a BYE) are forgotten.",
+    ),
+    (
         "nat_keepalive_interval",
         "30",
         "Seconds between OPTIONS keep-alives to each device registered over UDP from behind NAT (its Contact is not the address it registers from); they keep the NAT mapping open. 0 disables them.",
@@ -762,6 +767,7 @@ impl Config {
                 }
             },
             timeout: Duration::from_millis(num("rtpengine_timeout_ms", 10, 10_000)?),
+            check_interval: Duration::from_secs(num("rtpengine_check_interval", 1, 86_400)?),
         };
         Ok(Self {
             media,

@@ -234,3 +234,156 @@ fn without_rtpengine_the_call_still_connects_with_its_own_sdp() {
         server.log()
     );
 }
+
+/// What rtpengine's `query` says about each party of a call: its media protocol and the RTP
+/// packets rtpengine received from it.
+fn legs(q: &Value) -> Vec<(String, i64)> {
+    let Some(Value::Dict(tags)) = q.get("tags") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for tag in tags.values() {
+        let Some(Value::List(medias)) = tag.get("medias") else {
+            continue;
+        };
+        for m in medias {
+            let protocol = m.get("protocol").and_then(Value::as_str).unwrap_or("?");
+            let mut packets = 0;
+            if let Some(Value::List(streams)) = m.get("streams") {
+                for s in streams {
+                    packets += s
+                        .get("stats")
+                        .and_then(|st| st.get("packets"))
+                        .and_then(Value::as_int)
+                        .unwrap_or(0);
+                }
+            }
+            out.push((protocol.to_string(), packets));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The one call rtpengine holds, queried.
+fn the_call(rtp: &Rtpengine, server: &Server) -> Value {
+    let list = ng(&rtp.ng, &Value::dict([("command", Value::str("list"))])).expect("list");
+    let calls = match list.get("calls") {
+        Some(Value::List(c)) if c.len() == 1 => c.clone(),
+        other => panic!("not one call in rtpengine: {other:?}\n{}", server.log()),
+    };
+    let call_id = calls[0].as_str().unwrap().to_string();
+    ng(
+        &rtp.ng,
+        &Value::dict([
+            ("command", Value::str("query")),
+            ("call-id", Value::str(&call_id)),
+        ]),
+    )
+    .expect("query")
+}
+
+/// "NAME-stats IN OUT DTLS" from the browser: packets it received and sent, DTLS state.
+fn browser_stats(line: &str) -> (u64, u64, String) {
+    let parts: Vec<&str> = line.split(' ').collect();
+    assert_eq!(parts.len(), 4, "{line}");
+    (
+        parts[1].parse().unwrap(),
+        parts[2].parse().unwrap(),
+        parts[3].to_string(),
+    )
+}
+
+#[test]
+fn a_browser_and_a_desk_phone_talk_through_rtpengine_both_ways() {
+    require("baresip", "baresip");
+    require("chromium", "chromium");
+    let js = crate::websocket::js_dir();
+    let rtp = start_rtpengine();
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("SIP_LISTEN", "udp:127.0.0.1:{port},wss:127.0.0.1:{port2}"),
+            ("RTPENGINE", rtp.ng.as_str()),
+            // Anchored because a WebRTC leg meets a plain one, not because every call is.
+            ("MEDIA_POLICY", "when-needed"),
+        ],
+    );
+    server.add_user("web1", "pw-web1-media");
+    let tmp = tempfile::tempdir().unwrap();
+    let (mia, noah) = phones(&server, tmp.path());
+    let mut desk = Command::new("baresip")
+        .args(["-f", noah.to_str().unwrap(), "-t", "80"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let shots = interop_dir().join("../../../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut node = Command::new("node");
+    node.current_dir(&js).arg("browser-phone.js").args([
+        &format!("wss://127.0.0.1:{}/", server.port2),
+        "sip:web1@localhost",
+        "pw-web1-media",
+        "sip:noah@localhost",
+    ]);
+    node.arg(&shots).arg("media");
+    let mut browser = crate::websocket::Events::spawn(node);
+    browser.wait("registered", &server);
+    wait_registered(&server, "noah");
+
+    // The desk phone calls the browser.
+    let mut caller = Command::new("baresip")
+        .args([
+            "-f",
+            mia.to_str().unwrap(),
+            "-e",
+            "/dial sip:web1@localhost",
+            "-t",
+            "20",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    browser.wait("incoming-confirmed", &server);
+    let (received, sent, dtls) = browser_stats(&browser.wait("incoming-stats", &server));
+    let q = the_call(&rtp, &server);
+    browser.wait("incoming-ended", &server);
+    let _ = caller.kill();
+    let _ = caller.wait();
+    assert!(
+        received > 50 && sent > 50 && dtls == "connected",
+        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {:?}\n{}",
+        legs(&q),
+        server.log()
+    );
+    let l = legs(&q);
+    assert_eq!(l.len(), 2, "{q:?}");
+    assert_eq!(l[0].0, "RTP/AVP", "{q:?}");
+    assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{q:?}");
+    assert!(l.iter().all(|(_, p)| *p > 50), "{l:?}");
+
+    // The browser calls the desk phone.
+    browser.wait("outgoing-confirmed", &server);
+    let (received, sent, dtls) = browser_stats(&browser.wait("outgoing-stats", &server));
+    let q = the_call(&rtp, &server);
+    browser.wait("outgoing-ended", &server);
+    browser.wait("done", &server);
+    let _ = desk.kill();
+    let _ = desk.wait();
+    assert!(
+        received > 50 && sent > 50 && dtls == "connected",
+        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {:?}\n{}",
+        legs(&q),
+        server.log()
+    );
+    let l = legs(&q);
+    assert_eq!(l.len(), 2, "{q:?}");
+    assert_eq!(l[0].0, "RTP/AVP", "{q:?}");
+    assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{q:?}");
+    assert!(l.iter().all(|(_, p)| *p > 50), "{l:?}");
+    assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
+}

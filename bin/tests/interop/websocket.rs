@@ -11,7 +11,7 @@ use crate::calls::{scenario, sipp_file};
 use crate::support::*;
 
 /// The npm packages the JavaScript peers need (installed by scripts/test with `npm ci`).
-fn js_dir() -> PathBuf {
+pub(crate) fn js_dir() -> PathBuf {
     require("node", "nodejs");
     let dir = interop_dir().join("js");
     assert!(
@@ -23,14 +23,14 @@ fn js_dir() -> PathBuf {
 }
 
 /// A child process whose stdout lines arrive on a channel.
-struct Events {
+pub(crate) struct Events {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
 }
 
 impl Events {
-    fn spawn(mut cmd: Command) -> Self {
+    pub(crate) fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -52,17 +52,17 @@ impl Events {
         }
     }
 
-    /// Waits for a line equal to `want` (or starting with it followed by a space).
-    fn wait(&mut self, want: &str, server: &Server) {
+    /// Waits for a line equal to `want` (or starting with it followed by a space); returns it.
+    pub(crate) fn wait(&mut self, want: &str, server: &Server) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(l) => {
                     let hit = l == want || l.starts_with(&format!("{want} "));
-                    self.seen.push(l);
+                    self.seen.push(l.clone());
                     if hit {
-                        return;
+                        return l;
                     }
                 }
                 Err(_) => panic!(

@@ -357,7 +357,7 @@ impl InboundHandler for App {
             if msg.validate().is_ok()
                 && let Some(app) = self.me.upgrade()
             {
-                app.proxy_response(msg);
+                app.proxy_response(msg, inbound.source.ip());
             }
             return;
         }

@@ -145,6 +145,15 @@ pub async fn start(
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
+    if let Some(m) = cfg.media.as_ref()
+        && app.rtpengine().is_some()
+    {
+        tasks.spawn(media::check_calls(
+            app.clone(),
+            m.check_interval,
+            cancel.clone(),
+        ));
+    }
     Ok(RunningServer {
         app,
         bound,

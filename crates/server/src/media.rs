@@ -1,15 +1,20 @@
-//! Media anchoring at rtpengine for calls through the proxy: `offer` on an INVITE with SDP,
-//! `answer` on the 18x/2xx with SDP that comes back, `delete` when the call ends. When no
-//! rtpengine answers, the call goes on with its original SDP and the log says why.
+//! Media anchoring at rtpengine for calls through the proxy. The initial INVITE's SDP is offered
+//! (one offer per fork branch when a browser and a desk phone ring at once); 18x/2xx answers,
+//! re-INVITE/UPDATE offers and late offers (2xx offer, ACK answer) of an anchored call go through
+//! rtpengine too; the call's media is deleted when it ends. When no rtpengine answers, the call
+//! goes on with its original SDP and the log says why.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use careflow_core::media::{self, CallLeg, Leg, Policy};
-use careflow_proto::{HeaderName, Message};
+use careflow_core::media::{Leg, Party, Policy, Seen, Session};
+use careflow_proto::bencode::Value;
+use careflow_proto::{HeaderName, Message, Method};
 
 use crate::app::{App, Ctx};
+use crate::proxy::Hop;
 use crate::rtpengine::RtpEngine;
 
 /// Media settings.
@@ -20,16 +25,16 @@ pub struct MediaConfig {
     /// When to anchor.
     pub policy: Policy,
     /// Time to wait for one answer from rtpengine (retried three times).
-    pub timeout: std::time::Duration,
+    pub timeout: Duration,
+    /// How often anchored calls are checked against rtpengine.
+    pub check_interval: Duration,
 }
 
-/// A call whose media is anchored.
-#[derive(Debug, Clone, Copy)]
+/// An anchored call.
+#[derive(Debug)]
 pub(crate) struct MediaCall {
-    /// The caller's kind of leg (the answer is converted back to it).
-    pub(crate) caller: Leg,
-    /// Where the caller's signalling came from.
-    pub(crate) caller_source: IpAddr,
+    session: Session,
+    checked: Instant,
 }
 
 /// Anchored calls by Call-ID.
@@ -50,80 +55,195 @@ pub(crate) fn with_body(msg: &Message, body: &str) -> Option<Message> {
     Message::parse(bytes, &careflow_proto::ParseLimits::default()).ok()
 }
 
+fn seen<'a>(msg: &'a Message, body: &'a str, source: IpAddr) -> Option<Seen<'a>> {
+    Some(Seen {
+        from_tag: msg.from()?.tag()?,
+        to_tag: msg.to().and_then(|t| t.tag()),
+        body,
+        source,
+        via_branch: msg.top_via().and_then(|v| v.branch()),
+    })
+}
+
 impl App {
     pub(crate) fn rtpengine(&self) -> Option<&Arc<RtpEngine>> {
         self.media_engine.get()
     }
 
-    /// Offers the SDP of an initial INVITE to rtpengine when the policy says so; returns the
-    /// request to forward (rewritten, or as it was).
-    pub(crate) async fn media_offer(
-        &self,
-        msg: Message,
-        ctx: &Ctx,
-        callee: Leg,
-        callee_natted: bool,
-    ) -> Message {
+    fn with_session<T>(&self, call_id: &str, f: impl FnOnce(&mut MediaCall) -> T) -> Option<T> {
+        self.media_calls.lock().ok()?.get_mut(call_id).map(f)
+    }
+
+    /// Runs one command; the message comes back with rtpengine's SDP, or as it was.
+    async fn through_engine(&self, msg: Message, call_id: &str, cmd: Value) -> Message {
         let Some(engine) = self.rtpengine() else {
             return msg;
         };
-        let Some(body) = sdp(&msg) else { return msg };
-        let caller = Leg::of_sdp(body);
-        let needed = match self.cfg.media.as_ref().map(|m| m.policy) {
-            Some(Policy::Always) => true,
-            Some(Policy::WhenNeeded) => {
-                caller != callee || callee_natted || App::sender_needs_flow(&msg, ctx)
-            }
-            _ => false,
-        };
-        if !needed {
-            return msg;
-        }
-        let (Some(call_id), Some(from_tag)) = (msg.call_id(), msg.from().and_then(|f| f.tag()))
-        else {
-            return msg;
-        };
-        let leg = CallLeg {
-            call_id,
-            from_tag,
-            to_tag: None,
-        };
-        match engine
-            .command(call_id, &media::offer(&leg, body, callee, ctx.source.ip()))
-            .await
-        {
-            Ok(Some(new_sdp)) => match with_body(&msg, &new_sdp) {
-                Some(m) => {
-                    if let Ok(mut calls) = self.media_calls.lock() {
-                        calls.insert(
-                            call_id.to_string(),
-                            MediaCall {
-                                caller,
-                                caller_source: ctx.source.ip(),
-                            },
-                        );
-                    }
-                    m
-                }
-                None => msg,
-            },
+        match engine.command(call_id, &cmd).await {
+            Ok(Some(new_sdp)) => with_body(&msg, &new_sdp).unwrap_or(msg),
             Ok(None) => msg,
             Err(e) => {
-                tracing::warn!(call_id, error = %e, "media not anchored; the call keeps its own SDP");
+                tracing::warn!(call_id, error = %e, "media not anchored; the message keeps its own SDP");
                 msg
             }
         }
     }
 
-    /// Whether a response needs an `answer` before it is relayed.
-    pub(crate) fn media_answer_needed(&self, msg: &Message) -> bool {
+    /// The initial INVITE of a call, before it is forked to `hops`. When the policy anchors
+    /// the call, its SDP is offered to rtpengine: once when every branch speaks the same kind
+    /// of media, else once per branch (each hop then carries its own branch and body).
+    pub(crate) async fn media_initial(&self, msg: Message, ctx: &Ctx, hops: &mut [Hop]) -> Message {
+        let Some(engine) = self.rtpengine() else {
+            return msg;
+        };
+        let (Some(call_id), Some(from_tag)) = (
+            msg.call_id().map(str::to_string),
+            msg.from().and_then(|f| f.tag()).map(str::to_string),
+        ) else {
+            return msg;
+        };
+        let body = sdp(&msg).map(str::to_string);
+        let caller_leg = match &body {
+            Some(b) => Leg::of_sdp(b),
+            None => Leg::of_transport(ctx.transport),
+        };
+        let callees: Vec<Leg> = hops
+            .iter()
+            .map(|h| Leg::of_transport(h.target.transport))
+            .collect();
+        let natted = hops.iter().any(|h| h.target.flow) || App::sender_needs_flow(&msg, ctx);
+        let wanted = match self.cfg.media.as_ref().map(|m| m.policy) {
+            Some(Policy::Always) => true,
+            Some(Policy::WhenNeeded) => natted || callees.iter().any(|c| *c != caller_leg),
+            _ => false,
+        };
+        let Some(first) = callees.first().copied().filter(|_| wanted) else {
+            return msg;
+        };
+        let caller = Party {
+            leg: caller_leg,
+            source: ctx.source.ip(),
+        };
+        let mut session = Session::new(
+            &call_id,
+            &from_tag,
+            caller,
+            Party {
+                leg: first,
+                source: ctx.source.ip(),
+            },
+        );
+        let Some(body) = body else {
+            // Late offer: the callee's 2xx offers, the caller's ACK answers.
+            session.expect_late_offer();
+            self.media_keep(&call_id, session);
+            return msg;
+        };
+        let out = if callees.iter().all(|c| *c == first) {
+            let cmd = session.initial_offer(&body, first, None);
+            match engine.command(&call_id, &cmd).await {
+                Ok(Some(new_sdp)) => with_body(&msg, &new_sdp),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(call_id, error = %e, "media not anchored; the call keeps its own SDP");
+                    None
+                }
+            }
+        } else {
+            let mut ok = true;
+            for (hop, leg) in hops.iter_mut().zip(&callees) {
+                let branch = crate::proxy::new_branch(self, &msg);
+                let cmd = session.initial_offer(&body, *leg, Some(&branch));
+                match engine.command(&call_id, &cmd).await {
+                    Ok(Some(new_sdp)) => {
+                        hop.branch = Some(branch);
+                        hop.body = Some(new_sdp);
+                    }
+                    other => {
+                        if let Err(e) = other {
+                            tracing::warn!(call_id, error = %e, "media not anchored; the call keeps its own SDP");
+                        }
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                for hop in hops.iter_mut() {
+                    hop.body = None;
+                }
+            }
+            ok.then(|| msg.clone())
+        };
+        match out {
+            Some(m) => {
+                session.at_engine = true;
+                self.media_keep(&call_id, session);
+                m
+            }
+            None => msg,
+        }
+    }
+
+    fn media_keep(&self, call_id: &str, session: Session) {
+        if let Ok(mut calls) = self.media_calls.lock() {
+            calls.insert(
+                call_id.to_string(),
+                MediaCall {
+                    session,
+                    checked: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// An in-dialog request of an anchored call: re-INVITE/UPDATE offers, the ACK answering a
+    /// late offer. Returns the request to forward.
+    pub(crate) async fn media_request(&self, msg: Message, source: IpAddr) -> Message {
+        let method = msg.method();
+        if !matches!(method, Method::Invite | Method::Update | Method::Ack) {
+            return msg;
+        }
+        let Some(call_id) = msg.call_id().map(str::to_string) else {
+            return msg;
+        };
+        let cmd = match sdp(&msg) {
+            Some(body) => {
+                let Some(m) = seen(&msg, body, source) else {
+                    return msg;
+                };
+                self.with_session(&call_id, |c| {
+                    let cmd = c.session.request(msg.method_str(), &m);
+                    if cmd.is_some() {
+                        c.session.at_engine = true;
+                    }
+                    cmd
+                })
+                .flatten()
+            }
+            None => {
+                self.with_session(&call_id, |c| {
+                    c.session.request_without_sdp(msg.method_str())
+                });
+                None
+            }
+        };
+        match cmd {
+            Some(cmd) => self.through_engine(msg, &call_id, cmd).await,
+            None => msg,
+        }
+    }
+
+    /// Whether a response needs rtpengine before it is relayed: a 18x/2xx with SDP to an
+    /// INVITE or UPDATE of an anchored call.
+    pub(crate) fn media_response_needed(&self, msg: &Message) -> bool {
         let Some(code) = msg.status() else {
             return false;
         };
         if !(180..300).contains(&code) || sdp(msg).is_none() {
             return false;
         }
-        if !matches!(msg.cseq(), Some((_, "INVITE"))) {
+        if !matches!(msg.cseq(), Some((_, "INVITE" | "UPDATE"))) {
             return false;
         }
         msg.call_id().is_some_and(|c| {
@@ -134,46 +254,23 @@ impl App {
         })
     }
 
-    /// Runs `answer` for a response; returns it rewritten (or as it was on failure).
-    pub(crate) async fn media_answer(&self, msg: Message) -> Message {
-        let Some(engine) = self.rtpengine() else {
+    /// Runs `answer` (or a late `offer`) for a response; returns it rewritten, or as it was.
+    pub(crate) async fn media_response(&self, msg: Message, source: IpAddr) -> Message {
+        let (Some(call_id), Some(body)) = (msg.call_id().map(str::to_string), sdp(&msg)) else {
             return msg;
         };
-        let (Some(call_id), Some(body)) = (msg.call_id(), sdp(&msg)) else {
+        let Some(m) = seen(&msg, body, source) else {
             return msg;
         };
-        let Some(call) = self
-            .media_calls
-            .lock()
-            .ok()
-            .and_then(|m| m.get(call_id).copied())
-        else {
-            return msg;
-        };
-        let (Some(from_tag), to_tag) = (
-            msg.from().and_then(|f| f.tag()),
-            msg.to().and_then(|t| t.tag()),
-        ) else {
-            return msg;
-        };
-        let leg = CallLeg {
-            call_id,
-            from_tag,
-            to_tag,
-        };
-        match engine
-            .command(
-                call_id,
-                &media::answer(&leg, body, call.caller, call.caller_source),
-            )
-            .await
-        {
-            Ok(Some(new_sdp)) => with_body(&msg, &new_sdp).unwrap_or(msg),
-            Ok(None) => msg,
-            Err(e) => {
-                tracing::warn!(call_id, error = %e, "media answer failed; relaying the original SDP");
-                msg
-            }
+        let cmd = self
+            .with_session(&call_id, |c| {
+                c.session.at_engine = true;
+                c.session.response(&m)
+            })
+            .flatten();
+        match cmd {
+            Some(cmd) => self.through_engine(msg, &call_id, cmd).await,
+            None => msg,
         }
     }
 
@@ -182,7 +279,7 @@ impl App {
         let known = self
             .media_calls
             .lock()
-            .map(|mut m| m.remove(call_id).is_some())
+            .map(|mut m| m.remove(call_id).is_some_and(|c| c.session.at_engine))
             .unwrap_or(false);
         if !known {
             return;
@@ -193,7 +290,7 @@ impl App {
         let call_id = call_id.to_string();
         tokio::spawn(async move {
             if let Err(e) = engine.delete(&call_id).await {
-                tracing::warn!(call_id, error = %e, "media delete failed");
+                tracing::warn!(call_id, error = %e, "media delete failed; rtpengine frees the call after its own timeout");
             }
         });
     }
@@ -201,5 +298,61 @@ impl App {
     /// Active anchored calls (metrics).
     pub(crate) fn media_active(&self) -> usize {
         self.media_calls.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Forgets anchored calls rtpengine no longer holds: it drops a call on its own when no
+    /// media flows for a while, which is how calls end whose phones vanished without a BYE.
+    /// At most `MAX_CHECKS` calls not checked for `every` are asked about per round.
+    pub(crate) async fn media_check(&self, every: Duration) {
+        const MAX_CHECKS: usize = 1000;
+        let Some(engine) = self.rtpengine() else {
+            return;
+        };
+        let now = Instant::now();
+        let due: Vec<String> = match self.media_calls.lock() {
+            Ok(calls) => calls
+                .iter()
+                .filter(|(_, c)| c.session.at_engine && now.duration_since(c.checked) >= every)
+                .map(|(id, _)| id.clone())
+                .take(MAX_CHECKS)
+                .collect(),
+            Err(_) => return,
+        };
+        for call_id in due {
+            let gone = match engine.query(&call_id).await {
+                Ok(v) => matches!(
+                    careflow_core::media::reply(&v),
+                    careflow_core::media::Reply::Error(_)
+                ),
+                // Unreachable: keep the call until its BYE (or until rtpengine is back).
+                Err(_) => false,
+            };
+            if gone {
+                self.media_calls.lock().ok().map(|mut m| m.remove(&call_id));
+                engine.forget(&call_id);
+                tracing::info!(
+                    call_id,
+                    "rtpengine no longer holds the call's media (its media timeout); forgotten"
+                );
+            } else {
+                self.with_session(&call_id, |c| c.checked = Instant::now());
+            }
+        }
+    }
+}
+
+/// Checks anchored calls against rtpengine every `every`.
+pub(crate) async fn check_calls(
+    app: Arc<App>,
+    every: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => app.media_check(every).await,
+        }
     }
 }

@@ -29,8 +29,8 @@ use crate::unix_now;
 
 /// Where a branch sends its request.
 #[derive(Debug, Clone, Copy)]
-struct Target {
-    transport: Transport,
+pub(crate) struct Target {
+    pub(crate) transport: Transport,
     dest: SocketAddr,
     /// Our listener to send from (the interface facing `dest`).
     local: Option<SocketAddr>,
@@ -38,7 +38,7 @@ struct Target {
     conn: Option<ConnId>,
     /// The device is behind NAT or on its own connection: in-dialog requests must find it by
     /// a flow token in our Record-Route, not by its Contact.
-    flow: bool,
+    pub(crate) flow: bool,
 }
 
 impl Target {
@@ -75,12 +75,14 @@ impl Target {
 }
 
 /// Where one branch goes: its Request-URI (empty: unchanged), the next hop, and Route values
-/// to push (a registered Path).
+/// to push (a registered Path). Media anchoring may give a branch its own Via branch and SDP.
 #[derive(Debug)]
-struct Hop {
+pub(crate) struct Hop {
     uri: String,
-    target: Target,
+    pub(crate) target: Target,
     routes: Vec<String>,
+    pub(crate) branch: Option<String>,
+    pub(crate) body: Option<String>,
 }
 
 impl Hop {
@@ -89,8 +91,15 @@ impl Hop {
             uri,
             target,
             routes: Vec::new(),
+            branch: None,
+            body: None,
         }
     }
+}
+
+/// A new Via branch for a request we forward.
+pub(crate) fn new_branch(app: &App, msg: &Message) -> String {
+    proxy::branch(&proxy::loop_hash(msg), app.next_id())
 }
 
 /// One forwarded request: the server side and its branches.
@@ -274,6 +283,8 @@ impl App {
         }
         let app = self.clone();
         tokio::spawn(async move {
+            // An ACK may answer a late offer of an anchored call.
+            let msg = app.media_request(msg, ctx.source.ip()).await;
             if let Some((target, bytes)) = app.stateless_forward(&msg, &ctx).await {
                 app.flush(Sends(vec![target.outbound(bytes)]));
             }
@@ -310,12 +321,12 @@ impl App {
     }
 
     /// A response arrived: match it to the branch that sent the request.
-    pub(crate) fn proxy_response(self: &Arc<Self>, msg: Message) {
-        if self.media_answer_needed(&msg) {
+    pub(crate) fn proxy_response(self: &Arc<Self>, msg: Message, source: IpAddr) {
+        if self.media_response_needed(&msg) {
             // The SDP goes through rtpengine first; the relay continues when it answered.
             let app = self.clone();
             tokio::spawn(async move {
-                let msg = app.media_answer(msg).await;
+                let msg = app.media_response(msg, source).await;
                 app.relay_response(msg);
             });
             return;
@@ -624,17 +635,13 @@ impl App {
             self.media_end(c);
         }
         match self.decide(&msg, &ctx).await {
-            Ok(targets) => {
+            Ok(mut targets) => {
                 let initial =
                     msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
-                let msg = match targets.first() {
-                    Some(first) if initial => {
-                        let callee =
-                            careflow_core::media::Leg::of_transport(first.target.transport);
-                        let natted = targets.iter().any(|h| h.target.flow);
-                        self.media_offer(msg, &ctx, callee, natted).await
-                    }
-                    _ => msg,
+                let msg = if initial {
+                    self.media_initial(msg, &ctx, &mut targets).await
+                } else {
+                    self.media_request(msg, ctx.source.ip()).await
                 };
                 self.fork(msg, ctx, targets)
             }
@@ -779,9 +786,8 @@ impl App {
         for b in preferred_flows(&bindings) {
             if let Some(t) = self.binding_target(b).await {
                 targets.push(Hop {
-                    uri: b.contact.clone(),
-                    target: t,
                     routes: b.path.clone(),
+                    ..Hop::to(b.contact.clone(), t)
                 });
             }
         }
@@ -887,9 +893,11 @@ impl App {
             uri,
             target,
             routes,
+            branch,
+            body,
         } in targets
         {
-            let branch = proxy::branch(&hash, self.next_id());
+            let branch = branch.unwrap_or_else(|| proxy::branch(&hash, self.next_id()));
             let out_addr = self.outbound_addr(target.transport, target.dest, &ctx);
             let target = Target {
                 local: Some(out_addr),
@@ -928,9 +936,14 @@ impl App {
                 drop_last_route: step.strict_request_uri.is_some(),
                 max_forwards: Some(mf),
             };
-            let Ok(out) = Message::parse(edit.apply(&msg), &self.cfg.parse_limits) else {
+            let Ok(mut out) = Message::parse(edit.apply(&msg), &self.cfg.parse_limits) else {
                 continue;
             };
+            if let Some(body) = body.as_deref()
+                && let Some(with) = crate::media::with_body(&out, body)
+            {
+                out = with;
+            }
             let mut tx =
                 ClientTransaction::new(out, target.transport.is_reliable(), self.cfg.timers, now);
             let name = format!("{branch}|{}", msg.method_str());

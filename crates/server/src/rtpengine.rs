@@ -240,6 +240,13 @@ impl RtpEngine {
         r
     }
 
+    /// Forgets which instance a call used (rtpengine dropped it on its own).
+    pub fn forget(&self, call_id: &str) {
+        if let Ok(mut c) = self.calls.lock() {
+            c.remove(call_id);
+        }
+    }
+
     /// The raw answer to a `query` (packet counters per leg), for tests and tools.
     pub async fn query(&self, call_id: &str) -> Result<Value, MediaError> {
         let i = self.instance_for(call_id).ok_or(MediaError::NoInstance)?;

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use careflow_core::media::{self, CallLeg, Leg};
+use careflow_core::media::{self, Leg, Sdp};
 use careflow_server::rtpengine::{MediaError, RtpEngine};
 use tokio_util::sync::CancellationToken;
 
@@ -110,6 +110,20 @@ fn rtp(seq: u16) -> Vec<u8> {
     p
 }
 
+/// An SDP from a plain phone at 127.0.0.1 in call `call_id`, offered by `offerer`.
+fn from_phone<'a>(call_id: &'a str, offerer: &'a str, body: &'a str, to: Leg) -> Sdp<'a> {
+    Sdp {
+        call_id,
+        offerer_tag: offerer,
+        answerer_tag: None,
+        body,
+        sender: Leg::Plain,
+        source: "127.0.0.1".parse().unwrap(),
+        receiver: to,
+        via_branch: None,
+    }
+}
+
 #[tokio::test]
 async fn offer_answer_rtp_both_ways_query_and_delete() {
     let d = start_rtpengine();
@@ -125,30 +139,24 @@ async fn offer_answer_rtp_both_ways_query_and_delete() {
     for s in [&caller, &callee] {
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     }
-    let leg = CallLeg {
-        call_id: "rtp-test-1",
-        from_tag: "caller-tag",
-        to_tag: None,
-    };
-    let src = "127.0.0.1".parse().unwrap();
+    let call_id = "rtp-test-1";
     let offer_sdp = sdp(caller.local_addr().unwrap().port(), "RTP/AVP");
     let to_callee = engine
         .command(
-            leg.call_id,
-            &media::offer(&leg, &offer_sdp, Leg::Plain, src),
+            call_id,
+            &media::offer(&from_phone(call_id, "caller-tag", &offer_sdp, Leg::Plain)),
         )
         .await
         .unwrap()
         .unwrap();
-    let answered = CallLeg {
-        to_tag: Some("callee-tag"),
-        ..leg
-    };
     let answer_sdp = sdp(callee.local_addr().unwrap().port(), "RTP/AVP");
     let to_caller = engine
         .command(
-            leg.call_id,
-            &media::answer(&answered, &answer_sdp, Leg::Plain, src),
+            call_id,
+            &media::answer(&Sdp {
+                answerer_tag: Some("callee-tag"),
+                ..from_phone(call_id, "caller-tag", &answer_sdp, Leg::Plain)
+            }),
         )
         .await
         .unwrap()
@@ -169,12 +177,12 @@ async fn offer_answer_rtp_both_ways_query_and_delete() {
         let (n, _) = caller.recv_from(&mut buf).expect("callee -> caller");
         assert_eq!(n, 172);
     }
-    let q = engine.query(leg.call_id).await.unwrap();
+    let q = engine.query(call_id).await.unwrap();
     let text = String::from_utf8_lossy(&q.encode()).into_owned();
     assert!(text.contains("packets"), "{text}");
-    engine.delete(answered.call_id).await.unwrap();
+    engine.delete(call_id).await.unwrap();
     assert!(matches!(
-        engine.query(leg.call_id).await.map(|v| media::reply(&v)),
+        engine.query(call_id).await.map(|v| media::reply(&v)),
         Ok(media::Reply::Error(_))
     ));
 }
@@ -189,20 +197,16 @@ async fn a_browser_leg_gets_ice_and_dtls() {
     )
     .await
     .unwrap();
-    let leg = CallLeg {
-        call_id: "rtp-test-2",
-        from_tag: "desk",
-        to_tag: None,
-    };
+    let call_id = "rtp-test-2";
     let out = engine
         .command(
-            leg.call_id,
-            &media::offer(
-                &leg,
+            call_id,
+            &media::offer(&from_phone(
+                call_id,
+                "desk",
                 &sdp(4000, "RTP/AVP"),
                 Leg::WebRtc,
-                "127.0.0.1".parse().unwrap(),
-            ),
+            )),
         )
         .await
         .unwrap()
@@ -213,7 +217,7 @@ async fn a_browser_leg_gets_ice_and_dtls() {
         "{out}"
     );
     assert!(out.contains("a=rtcp-mux"), "{out}");
-    engine.delete(leg.call_id).await.unwrap();
+    engine.delete(call_id).await.unwrap();
 }
 
 #[tokio::test]
@@ -226,39 +230,21 @@ async fn a_dead_instance_is_reported_not_waited_on_forever() {
     )
     .await
     .unwrap();
-    let leg = CallLeg {
-        call_id: "dead",
-        from_tag: "f",
-        to_tag: None,
-    };
+    let body = sdp(4000, "RTP/AVP");
     let started = std::time::Instant::now();
     let r = engine
         .command(
-            leg.call_id,
-            &media::offer(
-                &leg,
-                &sdp(4000, "RTP/AVP"),
-                Leg::Plain,
-                "127.0.0.1".parse().unwrap(),
-            ),
+            "dead",
+            &media::offer(&from_phone("dead", "f", &body, Leg::Plain)),
         )
         .await;
     assert!(matches!(r, Err(MediaError::Timeout(_))), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
     // Marked dead: the next call does not even try.
-    let other = CallLeg {
-        call_id: "dead-2",
-        ..leg
-    };
     let r = engine
         .command(
-            other.call_id,
-            &media::offer(
-                &other,
-                &sdp(4000, "RTP/AVP"),
-                Leg::Plain,
-                "127.0.0.1".parse().unwrap(),
-            ),
+            "dead-2",
+            &media::offer(&from_phone("dead-2", "f", &body, Leg::Plain)),
         )
         .await;
     assert_eq!(r, Err(MediaError::NoInstance));

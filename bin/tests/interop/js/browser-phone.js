@@ -1,7 +1,8 @@
 // The same phone script as jssip-phone.js, in a real browser: Debian's Chromium driven by
 // playwright-core, JsSIP bundled by esbuild, a fake microphone, WebRTC from the browser itself.
 //
-// Usage: node browser-phone.js WS_URL SIP_URI PASSWORD CALL_TARGET SCREENSHOT_DIR
+// Usage: node browser-phone.js WS_URL SIP_URI PASSWORD CALL_TARGET SCREENSHOT_DIR [SCRIPT]
+// SCRIPT is `phone` (phone.js, the default) or `media` (media.js: talks through rtpengine).
 'use strict';
 
 const path = require('path');
@@ -11,7 +12,7 @@ const http = require('http');
 const esbuild = require('esbuild');
 const { chromium } = require('playwright-core');
 
-const [url, uri, password, target, shots] = process.argv.slice(2);
+const [url, uri, password, target, shots, script = 'phone'] = process.argv.slice(2);
 if (!target) {
   console.error('usage: node browser-phone.js WS_URL SIP_URI PASSWORD CALL_TARGET [SCREENSHOT_DIR]');
   process.exit(2);
@@ -38,6 +39,10 @@ async function main() {
       // The test server's certificate is self-signed.
       '--ignore-certificate-errors',
       '--no-sandbox',
+      // Media goes to rtpengine on 127.0.0.1: ICE may use loopback, and host candidates are
+      // plain addresses rather than mDNS names.
+      '--allow-loopback-in-peer-connection',
+      '--disable-features=WebRtcHideLocalIpsWithMdns',
     ],
   });
   const page = await browser.newPage();
@@ -47,7 +52,7 @@ async function main() {
   await page.exposeFunction('reportEvent', async (line) => {
     if (line === 'done') {
       // The test stops us once it reads "done": take the picture first.
-      if (shots) await page.screenshot({ path: path.join(shots, 'browser-phone.png') });
+      if (shots) await page.screenshot({ path: path.join(shots, `browser-${script}.png`) });
       finished();
     }
     event(line);
@@ -73,6 +78,10 @@ async function main() {
       log.textContent += line + '\n';
       window.reportEvent(line);
     };
+    if (o.script === 'media') {
+      window.runMedia(window.JsSIP, o, report, () => navigator.mediaDevices.getUserMedia({ audio: true }));
+      return;
+    }
     window.runPhone(
       window.JsSIP,
       o,
@@ -82,7 +91,7 @@ async function main() {
       // is what a network change looks like to the page.
       (ws) => ws.close(),
     );
-  }, { url, uri, password, target });
+  }, { url, uri, password, target, script });
   await done;
   await browser.close();
   process.exit(0);
