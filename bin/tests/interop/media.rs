@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use careflow_proto::bencode::Value;
 
-use crate::calls::baresip_home_at;
+use crate::calls::{baresip_home_at, register_contact, scenario, sipp_file};
 use crate::support::*;
 
 struct Rtpengine {
@@ -44,6 +44,10 @@ fn ng(addr: &str, cmd: &Value) -> Option<Value> {
 }
 
 fn start_rtpengine() -> Rtpengine {
+    start_rtpengine_with(&[])
+}
+
+fn start_rtpengine_with(extra: &[&str]) -> Rtpengine {
     require("rtpengine", "rtpengine-daemon");
     let control = format!("127.0.0.1:{}", free_port());
     let cli = free_port();
@@ -62,6 +66,7 @@ fn start_rtpengine() -> Rtpengine {
         .arg(format!("--listen-cli=127.0.0.1:{cli}"))
         .arg(format!("--port-min={base}"))
         .arg(format!("--port-max={}", base + 99))
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -386,4 +391,372 @@ fn a_browser_and_a_desk_phone_talk_through_rtpengine_both_ways() {
     assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{q:?}");
     assert!(l.iter().all(|(_, p)| *p > 50), "{l:?}");
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
+}
+
+/// What sipp wrote about its failures in `dir` (its *_errors.log files).
+fn sipp_errors(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with("_errors.log") {
+            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_late_offer_a_hold_and_a_resume_all_go_through_rtpengine() {
+    require("sipp", "sip-tester");
+    let rtp = start_rtpengine();
+    let server = Server::start_with(
+        "localhost",
+        &[("RTPENGINE", rtp.ng.as_str()), ("MEDIA_POLICY", "always")],
+    );
+    server.add_user("caller", "pw-caller-hold");
+    server.add_user("callee", "pw-callee-hold");
+    let tmp = tempfile::tempdir().unwrap();
+    let caller = sipp_file(tmp.path(), "caller.csv", &[("caller", "pw-caller-hold")]);
+    let callee = sipp_file(tmp.path(), "callee.csv", &[("callee", "pw-callee-hold")]);
+    let uas_port = free_port();
+    // Each sipp checks that every SDP it receives carries rtpengine's port (its scenarios'
+    // `check_it` regular expressions) and the hold direction.
+    let uas = Command::new("sipp")
+        .current_dir(tmp.path())
+        .args(["-sf", &scenario("uas-late-hold.xml"), "-i", "127.0.0.1"])
+        .args(["-p", &uas_port.to_string(), "-t", "u1", "-m", "1"])
+        .args(["-nostdin", "-timeout", "60s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    register_contact(&server, &callee, uas_port, "udp");
+    let uac = Command::new("sipp")
+        .current_dir(tmp.path())
+        .arg(server.sip_addr().to_string())
+        .args(["-sf", &scenario("uac-late-hold.xml"), "-inf"])
+        .arg(&caller)
+        .args(["-key", "domain", "localhost", "-key", "callee", "callee"])
+        .args(["-auth_uri", "callee@localhost", "-i", "127.0.0.1"])
+        .args(["-p", &free_port().to_string(), "-t", "u1", "-m", "1"])
+        .args(["-nostdin", "-timeout", "30s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let uas = uas.wait_with_output().unwrap();
+    assert!(
+        uac.status.success() && uas.status.success(),
+        "caller: {}\ncallee: {}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&uac.stderr),
+        String::from_utf8_lossy(&uas.stderr),
+        sipp_errors(tmp.path()),
+        server.log()
+    );
+    // offer (late, in the 200) + answer (ACK), offer + answer (hold), offer + answer (resume),
+    // delete (BYE).
+    assert!(
+        server.metric("careflow_sip_rtpengine_commands_total") >= 7,
+        "{}",
+        server.log()
+    );
+    assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
+}
+
+/// Whether the server's log says `what` within ten seconds.
+fn log_shows(server: &Server, what: &str) -> bool {
+    for _ in 0..100 {
+        if server.log().contains(what) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn dial(phone: &std::path::Path, seconds: &str) -> Child {
+    Command::new("baresip")
+        .args([
+            "-f",
+            phone.to_str().unwrap(),
+            "-e",
+            "/dial sip:noah@localhost",
+            "-t",
+            seconds,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_call_whose_rtpengine_dies_ends_cleanly_and_the_next_call_connects_unanchored() {
+    require("baresip", "baresip");
+    let mut rtp = start_rtpengine();
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("RTPENGINE", rtp.ng.as_str()),
+            ("MEDIA_POLICY", "always"),
+            ("RTPENGINE_TIMEOUT_MS", "100"),
+        ],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = phones(&server, tmp.path());
+    let callee = Command::new("baresip")
+        .args(["-f", b.to_str().unwrap(), "-t", "16"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_registered(&server, "noah");
+    let caller = dial(&a, "6");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        server.metric("careflow_sip_media_sessions"),
+        1,
+        "{}",
+        server.log()
+    );
+    // rtpengine dies mid-call; the caller hangs up three seconds later.
+    let _ = rtp.child.kill();
+    let _ = rtp.child.wait();
+    let out = caller.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Call established") && text.contains("terminated"),
+        "{text}\n{}",
+        server.log()
+    );
+    // The BYE went through; the media session is gone from our books even though rtpengine
+    // could not be told, and the log says so.
+    assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
+    assert!(
+        log_shows(&server, "media delete failed"),
+        "{}",
+        server.log()
+    );
+
+    // The next call, with rtpengine still dead, connects with its own SDP.
+    let out = dial(&a, "4").wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Call established"),
+        "{text}\n{}",
+        server.log()
+    );
+    assert!(log_shows(&server, "media not anchored"), "{}", server.log());
+    // The callee saw both calls end with a BYE.
+    let out = callee.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("terminated").count(), 2, "{text}");
+}
+
+#[test]
+fn a_call_rtpengine_dropped_after_its_phones_vanished_is_forgotten() {
+    require("baresip", "baresip");
+    // rtpengine drops a call two seconds after its media stops.
+    let rtp = start_rtpengine_with(&["--timeout=2"]);
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("RTPENGINE", rtp.ng.as_str()),
+            ("MEDIA_POLICY", "always"),
+            ("RTPENGINE_CHECK_INTERVAL", "1"),
+        ],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = phones(&server, tmp.path());
+    let mut callee = Command::new("baresip")
+        .args(["-f", b.to_str().unwrap(), "-t", "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_registered(&server, "noah");
+    let mut caller = dial(&a, "30");
+    for _ in 0..50 {
+        if server.log().contains("call answered") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // Still held after several checks while media flows.
+    assert_eq!(
+        server.metric("careflow_sip_media_sessions"),
+        1,
+        "{}",
+        server.log()
+    );
+    // Both phones die without a BYE.
+    for p in [&mut caller, &mut callee] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    assert!(
+        log_shows(&server, "rtpengine no longer holds the call's media"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
+}
+
+fn phone_sdp(port: u16) -> String {
+    format!(
+        "v=0\r\no=desk 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n"
+    )
+}
+
+/// A raw SIP-over-WebSocket client registered as `user`.
+struct WsPhone(std::net::TcpStream);
+
+impl WsPhone {
+    fn register(port: u16, user: &str, password: &str) -> Self {
+        use careflow_proto::digest::Algorithm;
+        use std::io::Write;
+        let (head, mut s) = crate::websocket::upgrade(port, "Sec-WebSocket-Protocol: sip\r\n");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let msg = |cseq: u32, extra: &str| {
+            format!(
+                "REGISTER sip:localhost SIP/2.0\r\nVia: SIP/2.0/WS ws1.invalid;branch=z9hG4bKws{cseq}\r\nMax-Forwards: 70\r\nFrom: <sip:{user}@localhost>;tag=ws{cseq}\r\nTo: <sip:{user}@localhost>\r\nCall-ID: ws-register\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:{user}@ws1.invalid;transport=ws>\r\nExpires: 300\r\n{extra}Content-Length: 0\r\n\r\n"
+            )
+        };
+        s.write_all(&crate::websocket::client_frame(1, msg(1, "").as_bytes()))
+            .unwrap();
+        let mut me = Self(s);
+        let challenge = me.recv();
+        let auth = authorization(
+            &challenge,
+            Algorithm::Md5,
+            user,
+            "localhost",
+            password,
+            "REGISTER",
+            "sip:localhost",
+            1,
+        );
+        let second = msg(2, &format!("Authorization: {auth}\r\n"));
+        me.0.write_all(&crate::websocket::client_frame(1, second.as_bytes()))
+            .unwrap();
+        let ok = me.recv();
+        assert_eq!(status(&ok), 200, "{ok}");
+        me
+    }
+
+    fn recv(&mut self) -> String {
+        loop {
+            let (op, payload) = crate::websocket::server_frame(&mut self.0).expect("a frame");
+            if op == 1 || op == 2 {
+                return String::from_utf8_lossy(&payload).into_owned();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_fork_to_a_browser_and_a_desk_phone_gives_each_branch_its_own_offer() {
+    use careflow_proto::digest::Algorithm;
+    let rtp = start_rtpengine();
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("SIP_LISTEN", "udp:127.0.0.1:{port},ws:127.0.0.1:{port2}"),
+            ("RTPENGINE", rtp.ng.as_str()),
+        ],
+    );
+    server.add_user("alice", "pw-alice-fork");
+    server.add_user("bob", "pw-bob-fork");
+    // bob is on a desk phone (UDP) and in a browser (WebSocket) at once.
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("bob", "pw-bob-fork", "localhost", "fork-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let mut web = WsPhone::register(server.port2, "bob", "pw-bob-fork");
+    assert_eq!(server.bindings_of("bob").len(), 2);
+
+    let alice = Ua::new(server.sip_addr());
+    let port = alice.port();
+    let body = phone_sdp(4000);
+    let invite = |cseq: u32, extra: &str| {
+        format!(
+            "INVITE sip:bob@localhost SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKfork{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@localhost>;tag=alice-fork\r\nTo: <sip:bob@localhost>\r\nCall-ID: fork-media\r\nCSeq: {cseq} INVITE\r\nContact: <sip:alice@127.0.0.1:{port}>\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let challenge = alice.request(&invite(1, ""));
+    assert_eq!(status(&challenge), 407, "{challenge}");
+    let auth = authorization(
+        &challenge,
+        Algorithm::Md5,
+        "alice",
+        "localhost",
+        "pw-alice-fork",
+        "INVITE",
+        "sip:bob@localhost",
+        1,
+    );
+    alice.send(&invite(2, &format!("Proxy-Authorization: {auth}\r\n")));
+
+    // The desk phone is offered plain RTP, the browser ICE + DTLS-SRTP, both at rtpengine.
+    let to_desk = loop {
+        let m = desk.recv().expect("INVITE at the desk phone");
+        if m.starts_with("INVITE ") {
+            break m;
+        }
+    };
+    let to_web = loop {
+        let m = web.recv();
+        if m.starts_with("INVITE ") {
+            break m;
+        }
+    };
+    assert!(
+        to_desk.contains(" RTP/AVP ") && !to_desk.contains("a=fingerprint"),
+        "{to_desk}"
+    );
+    assert!(!to_desk.contains("m=audio 4000 "), "{to_desk}");
+    assert!(
+        to_web.contains("UDP/TLS/RTP/SAVPF")
+            && to_web.contains("a=fingerprint")
+            && to_web.contains("a=ice-ufrag"),
+        "{to_web}"
+    );
+
+    // The desk phone answers; alice gets rtpengine's answer, the browser a CANCEL.
+    let req = careflow_proto::Message::parse(
+        bytes::Bytes::from(to_desk.clone()),
+        &careflow_proto::ParseLimits::default(),
+    )
+    .unwrap();
+    let answer_sdp = phone_sdp(4010);
+    let mut ok = careflow_proto::ResponseBuilder::new(&req, 200)
+        .to_tag("desk-fork")
+        .header("Contact", format!("<sip:bob@127.0.0.1:{}>", desk.port()))
+        .header("Content-Type", "application/sdp");
+    for rr in req.headers_named(careflow_proto::HeaderName::RecordRoute) {
+        ok = ok.header("Record-Route", rr);
+    }
+    desk.sock
+        .send_to(&ok.body(answer_sdp.as_bytes()).build(), desk.server)
+        .unwrap();
+    let answered = loop {
+        let m = alice.recv().expect("200 at alice");
+        if m.starts_with("SIP/2.0 200") {
+            break m;
+        }
+    };
+    assert!(
+        answered.contains(" RTP/AVP ") && !answered.contains("m=audio 4010 "),
+        "{answered}"
+    );
+    let cancel = loop {
+        let m = web.recv();
+        if m.starts_with("CANCEL ") {
+            break m;
+        }
+    };
+    assert!(cancel.contains("Call-ID: fork-media"), "{cancel}");
+    assert_eq!(server.metric("careflow_sip_media_sessions"), 1);
 }

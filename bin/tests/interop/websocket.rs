@@ -206,7 +206,7 @@ fn web_phone_scenario(phone: impl Fn(&str) -> Command) {
 }
 
 /// Sends an HTTP upgrade over plain TCP and returns the status line and the stream.
-fn upgrade(port: u16, extra: &str) -> (String, std::net::TcpStream) {
+pub(crate) fn upgrade(port: u16, extra: &str) -> (String, std::net::TcpStream) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -226,7 +226,7 @@ fn upgrade(port: u16, extra: &str) -> (String, std::net::TcpStream) {
 }
 
 /// One masked client frame.
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [1u8, 2, 3, 4];
     let mut f = vec![0x80 | opcode];
     if payload.len() < 126 {
@@ -241,7 +241,7 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one server frame: (opcode, payload).
-fn server_frame(s: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+pub(crate) fn server_frame(s: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
     use std::io::Read;
     let mut h = [0u8; 2];
     s.read_exact(&mut h).ok()?;
