@@ -656,9 +656,66 @@ impl WsPhone {
     }
 }
 
+/// alice (a raw UA) calls bob with a plain-RTP offer from port 4000 (answering the 407).
+fn call_bob(alice: &Ua, password: &str, call_id: &str) -> String {
+    use careflow_proto::digest::Algorithm;
+    let port = alice.port();
+    let body = phone_sdp(4000);
+    let invite = |cseq: u32, extra: &str| {
+        format!(
+            "INVITE sip:bob@localhost SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@localhost>;tag=alice-{call_id}\r\nTo: <sip:bob@localhost>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:alice@127.0.0.1:{port}>\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let challenge = alice.request(&invite(1, ""));
+    assert_eq!(status(&challenge), 407, "{challenge}");
+    let auth = authorization(
+        &challenge,
+        Algorithm::Md5,
+        "alice",
+        "localhost",
+        password,
+        "INVITE",
+        "sip:bob@localhost",
+        1,
+    );
+    let sent = invite(2, &format!("Proxy-Authorization: {auth}\r\n"));
+    alice.send(&sent);
+    sent
+}
+
+/// A raw device answers `request` with `code` and an SDP from `media_port`.
+fn answer_with_sdp(ua: &Ua, request: &str, code: u16, media_port: u16) {
+    let req = careflow_proto::Message::parse(
+        bytes::Bytes::from(request.to_string()),
+        &careflow_proto::ParseLimits::default(),
+    )
+    .unwrap();
+    let body = phone_sdp(media_port);
+    let mut r = careflow_proto::ResponseBuilder::new(&req, code)
+        .to_tag(format!("dev{}", ua.port()))
+        .header("Contact", format!("<sip:bob@127.0.0.1:{}>", ua.port()))
+        .header("Content-Type", "application/sdp");
+    for rr in req.headers_named(careflow_proto::HeaderName::RecordRoute) {
+        r = r.header("Record-Route", rr);
+    }
+    ua.sock
+        .send_to(&r.body(body.as_bytes()).build(), ua.server)
+        .unwrap();
+}
+
+/// The first message `ua` receives that starts with `start`.
+fn expect_at(ua: &Ua, start: &str) -> String {
+    loop {
+        let m = ua.recv().unwrap_or_else(|| panic!("no {start} received"));
+        if m.starts_with(start) {
+            return m;
+        }
+    }
+}
+
 #[test]
 fn a_fork_to_a_browser_and_a_desk_phone_gives_each_branch_its_own_offer() {
-    use careflow_proto::digest::Algorithm;
     let rtp = start_rtpengine();
     let server = Server::start_with(
         "localhost",
@@ -677,27 +734,7 @@ fn a_fork_to_a_browser_and_a_desk_phone_gives_each_branch_its_own_offer() {
     assert_eq!(server.bindings_of("bob").len(), 2);
 
     let alice = Ua::new(server.sip_addr());
-    let port = alice.port();
-    let body = phone_sdp(4000);
-    let invite = |cseq: u32, extra: &str| {
-        format!(
-            "INVITE sip:bob@localhost SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKfork{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@localhost>;tag=alice-fork\r\nTo: <sip:bob@localhost>\r\nCall-ID: fork-media\r\nCSeq: {cseq} INVITE\r\nContact: <sip:alice@127.0.0.1:{port}>\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    };
-    let challenge = alice.request(&invite(1, ""));
-    assert_eq!(status(&challenge), 407, "{challenge}");
-    let auth = authorization(
-        &challenge,
-        Algorithm::Md5,
-        "alice",
-        "localhost",
-        "pw-alice-fork",
-        "INVITE",
-        "sip:bob@localhost",
-        1,
-    );
-    alice.send(&invite(2, &format!("Proxy-Authorization: {auth}\r\n")));
+    call_bob(&alice, "pw-alice-fork", "fork-media");
 
     // The desk phone is offered plain RTP, the browser ICE + DTLS-SRTP, both at rtpengine.
     let to_desk = loop {
@@ -725,22 +762,7 @@ fn a_fork_to_a_browser_and_a_desk_phone_gives_each_branch_its_own_offer() {
     );
 
     // The desk phone answers; alice gets rtpengine's answer, the browser a CANCEL.
-    let req = careflow_proto::Message::parse(
-        bytes::Bytes::from(to_desk.clone()),
-        &careflow_proto::ParseLimits::default(),
-    )
-    .unwrap();
-    let answer_sdp = phone_sdp(4010);
-    let mut ok = careflow_proto::ResponseBuilder::new(&req, 200)
-        .to_tag("desk-fork")
-        .header("Contact", format!("<sip:bob@127.0.0.1:{}>", desk.port()))
-        .header("Content-Type", "application/sdp");
-    for rr in req.headers_named(careflow_proto::HeaderName::RecordRoute) {
-        ok = ok.header("Record-Route", rr);
-    }
-    desk.sock
-        .send_to(&ok.body(answer_sdp.as_bytes()).build(), desk.server)
-        .unwrap();
+    answer_with_sdp(&desk, &to_desk, 200, 4010);
     let answered = loop {
         let m = alice.recv().expect("200 at alice");
         if m.starts_with("SIP/2.0 200") {
@@ -759,4 +781,87 @@ fn a_fork_to_a_browser_and_a_desk_phone_gives_each_branch_its_own_offer() {
     };
     assert!(cancel.contains("Call-ID: fork-media"), "{cancel}");
     assert_eq!(server.metric("careflow_sip_media_sessions"), 1);
+}
+
+#[test]
+fn early_media_is_anchored_and_a_cancelled_call_frees_its_media() {
+    let rtp = start_rtpengine();
+    let server = Server::start_with(
+        "localhost",
+        &[("RTPENGINE", rtp.ng.as_str()), ("MEDIA_POLICY", "always")],
+    );
+    server.add_user("alice", "pw-alice-early");
+    server.add_user("bob", "pw-bob-early");
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("bob", "pw-bob-early", "localhost", "early-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let alice = Ua::new(server.sip_addr());
+    let sent = call_bob(&alice, "pw-alice-early", "early-media");
+    let invite = expect_at(&desk, "INVITE ");
+    assert!(!invite.contains("m=audio 4000 "), "{invite}");
+    // 183 with SDP: the caller hears ringback from rtpengine's port, not the phone's.
+    answer_with_sdp(&desk, &invite, 183, 4020);
+    let early = expect_at(&alice, "SIP/2.0 183");
+    assert!(
+        early.contains("m=audio ") && !early.contains("m=audio 4020 "),
+        "{early}"
+    );
+    assert_eq!(server.metric("careflow_sip_media_sessions"), 1);
+    // alice gives up.
+    let cancel = sent
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 2 INVITE", "CSeq: 2 CANCEL")
+        .lines()
+        .filter(|l| {
+            !l.starts_with("Proxy-Authorization")
+                && !l.starts_with("Contact")
+                && !l.starts_with("Content-Type")
+                && !l.starts_with("Content-Length")
+        })
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\r\n")
+        + "\r\nContent-Length: 0\r\n\r\n";
+    alice.send(&cancel);
+    let c = expect_at(&desk, "CANCEL ");
+    let cancel_msg = careflow_proto::Message::parse(
+        bytes::Bytes::from(c),
+        &careflow_proto::ParseLimits::default(),
+    )
+    .unwrap();
+    desk.sock
+        .send_to(
+            &careflow_proto::ResponseBuilder::new(&cancel_msg, 200).build(),
+            desk.server,
+        )
+        .unwrap();
+    let inv_msg = careflow_proto::Message::parse(
+        bytes::Bytes::from(invite),
+        &careflow_proto::ParseLimits::default(),
+    )
+    .unwrap();
+    desk.sock
+        .send_to(
+            &careflow_proto::ResponseBuilder::new(&inv_msg, 487)
+                .to_tag(format!("dev{}", desk.port()))
+                .build(),
+            desk.server,
+        )
+        .unwrap();
+    expect_at(&alice, "SIP/2.0 487");
+    assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
+    // rtpengine was told: the call is gone there too.
+    let mut calls = usize::MAX;
+    for _ in 0..50 {
+        let list = ng(&rtp.ng, &Value::dict([("command", Value::str("list"))])).expect("list");
+        calls = match list.get("calls") {
+            Some(Value::List(c)) => c.len(),
+            _ => 0,
+        };
+        if calls == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(calls, 0, "{}", server.log());
 }
