@@ -14,6 +14,17 @@ use crate::support::*;
 struct Rtpengine {
     child: Child,
     ng: String,
+    /// Its log (kept for failure messages).
+    log: tempfile::NamedTempFile,
+}
+
+impl Rtpengine {
+    /// The last lines of its log.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
 }
 
 impl Drop for Rtpengine {
@@ -51,7 +62,12 @@ fn start_rtpengine_with(extra: &[&str]) -> Rtpengine {
     require("rtpengine", "rtpengine-daemon");
     let control = format!("127.0.0.1:{}", free_port());
     let cli = free_port();
-    let base = 30000 + (std::process::id() % 200) as u16 * 100;
+    // A port range of its own per daemon (the tests of one process run side by side), inside
+    // 30000-49999 where the sipp scenarios expect rtpengine's ports.
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+    let base = 30000 + (std::process::id() % 20) as u16 * 1000 + n * 100;
+    let log = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new("rtpengine")
         // Not the system's /etc/rtpengine/rtpengine.conf: its fixed HTTP port (2225) makes a
         // second daemon fail to start.
@@ -68,10 +84,14 @@ fn start_rtpengine_with(extra: &[&str]) -> Rtpengine {
         .arg(format!("--port-max={}", base + 99))
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
-    let r = Rtpengine { child, ng: control };
+    let r = Rtpengine {
+        child,
+        ng: control,
+        log,
+    };
     let ping = Value::dict([("command", Value::str("ping"))]);
     for _ in 0..20 {
         if ng(&r.ng, &ping).is_some() {
@@ -288,6 +308,20 @@ fn the_call(rtp: &Rtpengine, server: &Server) -> Value {
     .expect("query")
 }
 
+/// The legs of the one call rtpengine holds, once both have carried more than 50 RTP packets
+/// to it (or as they are after three seconds).
+fn both_legs_carry_rtp(rtp: &Rtpengine, server: &Server) -> Vec<(String, i64)> {
+    let mut l = Vec::new();
+    for _ in 0..30 {
+        l = legs(&the_call(rtp, server));
+        if l.len() == 2 && l.iter().all(|(_, p)| *p > 50) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    l
+}
+
 /// "NAME-stats IN OUT DTLS" from the browser: packets it received and sent, DTLS state.
 fn browser_stats(line: &str) -> (u64, u64, String) {
     let parts: Vec<&str> = line.split(' ').collect();
@@ -355,41 +389,45 @@ fn a_browser_and_a_desk_phone_talk_through_rtpengine_both_ways() {
         .unwrap();
     browser.wait("incoming-confirmed", &server);
     let (received, sent, dtls) = browser_stats(&browser.wait("incoming-stats", &server));
-    let q = the_call(&rtp, &server);
+    let l = both_legs_carry_rtp(&rtp, &server);
     browser.wait("incoming-ended", &server);
     let _ = caller.kill();
     let _ = caller.wait();
     assert!(
         received > 50 && sent > 50 && dtls == "connected",
-        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {:?}\n{}",
-        legs(&q),
+        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {l:?}\n{}",
         server.log()
     );
-    let l = legs(&q);
-    assert_eq!(l.len(), 2, "{q:?}");
-    assert_eq!(l[0].0, "RTP/AVP", "{q:?}");
-    assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{q:?}");
-    assert!(l.iter().all(|(_, p)| *p > 50), "{l:?}");
+    assert_eq!(l.len(), 2, "{l:?}");
+    assert_eq!(l[0].0, "RTP/AVP", "{l:?}");
+    assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{l:?}");
+    assert!(
+        l.iter().all(|(_, p)| *p > 50),
+        "{l:?}\nrtpengine:\n{}",
+        rtp.log_tail()
+    );
 
     // The browser calls the desk phone.
     browser.wait("outgoing-confirmed", &server);
     let (received, sent, dtls) = browser_stats(&browser.wait("outgoing-stats", &server));
-    let q = the_call(&rtp, &server);
+    let l = both_legs_carry_rtp(&rtp, &server);
     browser.wait("outgoing-ended", &server);
     browser.wait("done", &server);
     let _ = desk.kill();
     let _ = desk.wait();
     assert!(
         received > 50 && sent > 50 && dtls == "connected",
-        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {:?}\n{}",
-        legs(&q),
+        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {l:?}\n{}",
         server.log()
     );
-    let l = legs(&q);
-    assert_eq!(l.len(), 2, "{q:?}");
-    assert_eq!(l[0].0, "RTP/AVP", "{q:?}");
-    assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{q:?}");
-    assert!(l.iter().all(|(_, p)| *p > 50), "{l:?}");
+    assert_eq!(l.len(), 2, "{l:?}");
+    assert_eq!(l[0].0, "RTP/AVP", "{l:?}");
+    assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{l:?}");
+    assert!(
+        l.iter().all(|(_, p)| *p > 50),
+        "{l:?}\nrtpengine:\n{}",
+        rtp.log_tail()
+    );
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
 }
 

@@ -1,7 +1,7 @@
 // CareFlow Web talking to a desk phone: the media scenario of the rtpengine test. Each step is
 // one event line for the Rust test:
 //   registered -> answers one incoming call (incoming-confirmed, then after 4 s
-//   incoming-stats IN OUT DTLS, then hangs up: incoming-ended) -> calls `target`
+//   incoming-stats IN OUT DTLS, hangs up 4 s later: incoming-ended) -> calls `target`
 //   (outgoing-confirmed, outgoing-stats IN OUT DTLS, outgoing-ended) -> done.
 // IN and OUT are the audio RTP packets the browser's peer connection received and sent; DTLS is
 // the state of its DTLS transport.
@@ -49,7 +49,7 @@ function runMedia(JsSIP, opts, event, microphone) {
         event(`${name}-stats`, received, sent, dtls);
         setTimeout(() => {
           if (!session.isEnded()) session.terminate();
-        }, 1500);
+        }, 4000);
       }, 4000);
     });
     session.on('failed', (e) => event(`${name}-failed`, e.cause));
