@@ -888,7 +888,11 @@ fn early_media_is_anchored_and_a_cancelled_call_frees_its_media() {
         .unwrap();
     expect_at(&alice, "SIP/2.0 487");
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
-    // rtpengine was told: the call is gone there too.
+    rtpengine_becomes_empty(&rtp, &server);
+}
+
+/// rtpengine was told the call ended: it holds no call (within five seconds).
+fn rtpengine_becomes_empty(rtp: &Rtpengine, server: &Server) {
     let mut calls = usize::MAX;
     for _ in 0..50 {
         let list = ng(&rtp.ng, &Value::dict([("command", Value::str("list"))])).expect("list");
@@ -902,4 +906,33 @@ fn early_media_is_anchored_and_a_cancelled_call_frees_its_media() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(calls, 0, "{}", server.log());
+}
+
+#[test]
+fn a_call_nobody_answers_frees_its_media_when_timer_c_fires() {
+    let rtp = start_rtpengine();
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("RTPENGINE", rtp.ng.as_str()),
+            ("MEDIA_POLICY", "always"),
+            ("TIMER_C", "1"),
+        ],
+    );
+    server.add_user("alice", "pw-alice-timer");
+    server.add_user("bob", "pw-bob-timer");
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("bob", "pw-bob-timer", "localhost", "timer-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let alice = Ua::new(server.sip_addr());
+    call_bob(&alice, "pw-alice-timer", "timer-media");
+    let invite = expect_at(&desk, "INVITE ");
+    answer_with_sdp(&desk, &invite, 183, 4030);
+    expect_at(&alice, "SIP/2.0 183");
+    assert_eq!(server.metric("careflow_sip_media_sessions"), 1);
+    // Nobody answers and the phone ignores the CANCEL: Timer C, then the caller hears 408.
+    expect_at(&desk, "CANCEL ");
+    expect_at(&alice, "SIP/2.0 408");
+    assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
+    rtpengine_becomes_empty(&rtp, &server);
 }
