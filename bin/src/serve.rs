@@ -79,6 +79,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         .clone()
         .map(|g| Arc::new(careflow_core::guard::Guard::new(g)));
     let control_guard = guard.clone();
+    let api_guard = guard.clone();
     let server_cfg = ServerConfig {
         guard: guard.clone(),
         domains: vec![cfg.sip_domain.clone()],
@@ -159,6 +160,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         verifier,
         limiter: careflow_api::auth::RateLimiter::new(cfg.api_rate_limit, cfg.api_rate_burst),
         user_check: cfg.user_check.clone(),
+        guard: api_guard,
     });
     let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), api, async move {
         http_cancel.cancelled().await

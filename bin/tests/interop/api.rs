@@ -186,7 +186,7 @@ fn api_server(idp: &IdentityProvider) -> Server {
 }
 
 /// A server trusting `idp`, its subscribers in `db` (the embedded store when None).
-fn api_server_on(idp: &IdentityProvider, db: Option<&TestDb>) -> Server {
+pub(crate) fn api_server_on(idp: &IdentityProvider, db: Option<&TestDb>) -> Server {
     let mut env = idp.env();
     if let Some(db) = db {
         env.push(("DB_URL", db.url.clone()));

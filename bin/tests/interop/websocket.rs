@@ -25,6 +25,7 @@ pub(crate) fn js_dir() -> PathBuf {
 /// A child process whose stdout lines arrive on a channel.
 pub(crate) struct Events {
     child: Child,
+    stdin: Option<std::process::ChildStdin>,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
 }
@@ -32,6 +33,7 @@ pub(crate) struct Events {
 impl Events {
     pub(crate) fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -46,9 +48,19 @@ impl Events {
             }
         });
         Self {
+            stdin: child.stdin.take(),
             child,
             lines,
             seen: Vec::new(),
+        }
+    }
+
+    /// Writes one line to the process's stdin.
+    pub(crate) fn send(&mut self, line: &str) {
+        use std::io::Write;
+        if let Some(i) = self.stdin.as_mut() {
+            let _ = writeln!(i, "{line}");
+            let _ = i.flush();
         }
     }
 

@@ -218,3 +218,79 @@ pub(crate) async fn remove_binding(
     tracing::info!(target: "careflow::audit", admin = %who, id, aor = %b.aor, "binding removed");
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// What the SIP side blocks and who failed to authenticate lately.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityReport {
+    /// Addresses banned now.
+    pub bans: Vec<BanView>,
+    /// The last failed authentications (at most 100), newest first.
+    pub auth_failures: Vec<AuthFailureView>,
+}
+
+/// A banned address.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BanView {
+    /// The source address.
+    pub ip: String,
+    /// `flood`, `brute_force`, `user_brute_force` or `connections`.
+    pub reason: String,
+    /// Seconds until the ban lifts.
+    pub remaining_seconds: u64,
+}
+
+/// A failed authentication.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthFailureView {
+    /// Where it came from.
+    pub ip: String,
+    /// The username it tried.
+    pub username: String,
+    /// How long ago, in seconds.
+    pub seconds_ago: u64,
+}
+
+/// Bans and recent failed authentications (as in the `SECURITY` log lines).
+#[utoipa::path(get, path = "/api/admin/security", tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = SecurityReport),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn security(
+    State(api): Api,
+    headers: HeaderMap,
+) -> Result<Json<SecurityReport>, Problem> {
+    admin(&api, &headers).await?;
+    let now = std::time::Instant::now();
+    let Some(guard) = api.guard.as_ref() else {
+        return Ok(Json(SecurityReport {
+            bans: Vec::new(),
+            auth_failures: Vec::new(),
+        }));
+    };
+    Ok(Json(SecurityReport {
+        bans: guard
+            .bans(now)
+            .into_iter()
+            .map(|b| BanView {
+                ip: b.ip.to_string(),
+                reason: b.reason.as_str().to_string(),
+                remaining_seconds: b.remaining.as_secs(),
+            })
+            .collect(),
+        auth_failures: guard
+            .recent_failures(now)
+            .into_iter()
+            .map(|f| AuthFailureView {
+                ip: f.ip.to_string(),
+                username: f.user,
+                seconds_ago: f.age.as_secs(),
+            })
+            .collect(),
+    }))
+}

@@ -1,11 +1,12 @@
 //! The HTTP side of careflow-sip: health and metrics, and the provisioning API for CareFlow
 //! (`/api/sip/*` for users with a CareFlow token, `/api/admin/*` for API keys,
-//! `/api/openapi.json`). It never parses SIP; it reads a small status handle from the server
+//! `/api/openapi.json`) and the dashboard at `/`. It never parses SIP; it reads a small status handle from the server
 //! and the stores.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod auth;
+mod dashboard;
 mod http_client;
 pub mod openapi;
 pub mod problem;
@@ -40,6 +41,10 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(status);
+    let pages = Router::new()
+        .route("/", get(dashboard::index))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/app.css", get(dashboard::style));
     let api = Router::new()
         .route("/api/openapi.json", get(openapi::document))
         .route("/api/sip/register", post(provisioning::register))
@@ -60,6 +65,7 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
             post(admin::enable),
         )
         .route("/api/admin/bindings", get(admin::bindings))
+        .route("/api/admin/security", get(admin::security))
         .route(
             "/api/admin/bindings/{id}",
             axum::routing::delete(admin::remove_binding),
@@ -67,7 +73,7 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api);
-    ops.merge(api)
+    ops.merge(pages).merge(api)
 }
 
 async fn not_found() -> problem::Problem {

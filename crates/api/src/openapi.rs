@@ -27,6 +27,7 @@ use crate::{admin, problem, provisioning};
         admin::enable,
         admin::bindings,
         admin::remove_binding,
+        admin::security,
     ),
     components(schemas(
         problem::Problem,
@@ -39,6 +40,9 @@ use crate::{admin, problem, provisioning};
         provisioning::Removed,
         admin::AdminSubscriber,
         admin::AdminBinding,
+        admin::SecurityReport,
+        admin::BanView,
+        admin::AuthFailureView,
     )),
     modifiers(&Bearer),
     tags(

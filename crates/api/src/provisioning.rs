@@ -48,6 +48,8 @@ pub struct Provisioning {
     pub limiter: RateLimiter,
     /// CareFlow's "does this user exist" endpoint (`{userId}` is replaced) and its token.
     pub user_check: Option<(String, Option<String>)>,
+    /// The SIP side's guard (bans, failed authentications) for the admin view.
+    pub guard: Option<Arc<careflow_core::guard::Guard>>,
 }
 
 impl std::fmt::Debug for Provisioning {

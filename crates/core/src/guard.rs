@@ -5,7 +5,7 @@
 //! Sans-IO: the caller passes `now`. Sharded maps keep the lock per packet short; the number of
 //! tracked sources is bounded so a spoofed-source flood cannot grow memory without limit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -159,6 +159,21 @@ pub struct Guard {
     cfg: GuardConfig,
     shards: Vec<Mutex<HashMap<IpAddr, Source>>>,
     users: Mutex<HashMap<String, (u32, Instant)>>,
+    recent: Mutex<VecDeque<(Instant, IpAddr, String)>>,
+}
+
+/// Failed authentications kept for the admin view.
+const RECENT_FAILURES: usize = 100;
+
+/// A failed authentication as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    /// Where it came from.
+    pub ip: IpAddr,
+    /// The username it tried (as sent; at most 64 characters kept).
+    pub user: String,
+    /// How long ago.
+    pub age: Duration,
 }
 
 /// A ban as listed.
@@ -179,7 +194,25 @@ impl Guard {
             cfg,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             users: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
         }
+    }
+
+    /// The last failed authentications, newest first.
+    pub fn recent_failures(&self, now: Instant) -> Vec<AuthFailure> {
+        let recent = match self.recent.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        recent
+            .iter()
+            .rev()
+            .map(|(at, ip, user)| AuthFailure {
+                ip: *ip,
+                user: user.clone(),
+                age: now.saturating_duration_since(*at),
+            })
+            .collect()
     }
 
     /// The configuration.
@@ -300,6 +333,16 @@ impl Guard {
     /// challenge that starts every normal registration is not a failure and must not be
     /// reported here.
     pub fn auth_failed(&self, ip: IpAddr, user: &str, now: Instant) -> Option<BanReason> {
+        {
+            let mut recent = match self.recent.lock() {
+                Ok(r) => r,
+                Err(p) => p.into_inner(),
+            };
+            if recent.len() == RECENT_FAILURES {
+                recent.pop_front();
+            }
+            recent.push_back((now, ip, user.chars().take(64).collect()));
+        }
         if self.allowed(ip) {
             return None;
         }
@@ -464,6 +507,23 @@ mod tests {
             assert_eq!(g.auth_failed(ip("127.0.0.1"), "u", t0), None);
         }
         assert!(!g.ban_now(ip("127.0.0.5"), BanReason::Flood, t0));
+    }
+
+    #[test]
+    fn recent_failures_are_listed_newest_first_and_bounded() {
+        let g = Guard::new(GuardConfig::default());
+        let t0 = Instant::now();
+        for i in 0..(RECENT_FAILURES + 5) {
+            let _ = g.auth_failed(ip("192.0.2.1"), &format!("user{i}"), t0);
+        }
+        let later = t0 + Duration::from_secs(7);
+        let list = g.recent_failures(later);
+        assert_eq!(list.len(), RECENT_FAILURES);
+        assert_eq!(list[0].user, format!("user{}", RECENT_FAILURES + 4));
+        assert_eq!(list[0].age, Duration::from_secs(7));
+        assert_eq!(list.last().unwrap().user, "user5");
+        let _ = g.auth_failed(ip("192.0.2.1"), &"x".repeat(500), later);
+        assert_eq!(g.recent_failures(later)[0].user.len(), 64);
     }
 
     #[test]

@@ -1,0 +1,93 @@
+//! The dashboard in a real browser (Debian's Chromium driven by playwright-core): a clinician
+//! signs in with a CareFlow token, generates credentials, a real SIP client registers with them
+//! and appears on the page without a reload, is deregistered from the page, the guides carry the
+//! user's values, the password is rotated (the old one then fails); IT staff sign in with an API
+//! key and see users and failed sign-ins. Screenshots of each view go to target/screenshots/.
+
+use std::process::Command;
+
+use crate::api::{IdentityProvider, api_server_on};
+use crate::calls::{register_contact, sipp_file};
+use crate::support::*;
+use crate::websocket::{Events, js_dir};
+
+#[test]
+fn a_clinician_and_an_administrator_use_the_dashboard() {
+    require("chromium", "chromium");
+    require("sipp", "sip-tester");
+    let js = js_dir();
+    let idp = IdentityProvider::start();
+    let server = api_server_on(&idp, None);
+    let token = idp.token("clinician-7", |_| {});
+    let expired = idp.token("clinician-7", |c| {
+        c["iat"] = serde_json::json!(1_600_000_000);
+        c["exp"] = serde_json::json!(1_600_000_600);
+    });
+    let key = server.cli_ok(&["apikey", "create", "it-desk"]);
+    let key = key.lines().last().unwrap().trim().to_string();
+    let shots = interop_dir().join("../../../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    let mut node = Command::new("node");
+    node.current_dir(&js)
+        .arg("dashboard.js")
+        .arg(format!("http://127.0.0.1:{}", server.http))
+        .args([&token, &expired, &key])
+        .arg(&shots);
+    let mut page = Events::spawn(node);
+    page.wait("expired-refused", &server);
+    let creds = page.wait("credentials", &server);
+    let parts: Vec<&str> = creds.split(' ').collect();
+    let (user, password) = (parts[1].to_string(), parts[2].to_string());
+    assert!(
+        user.starts_with("careflow_") && password.len() == 24,
+        "{creds}"
+    );
+
+    // A real client registers with what the page showed.
+    let tmp = tempfile::tempdir().unwrap();
+    let users = sipp_file(tmp.path(), "dash.csv", &[(&user, &password)]);
+    let device_port = free_port();
+    register_contact(&server, &users, device_port, "udp");
+    page.send("registered");
+    let online = page.wait("device-online", &server);
+    assert!(
+        online.contains("UDP") && online.contains("127.0.0.1") && online.contains("Online"),
+        "{online}"
+    );
+    page.wait("device-removed", &server);
+    assert!(server.bindings_of(&user).is_empty());
+
+    // A wrong password, for the administrator's list of failed sign-ins.
+    let ua = Ua::new(server.sip_addr());
+    let r = ua.register(&user, "not-the-password", "localhost", "dash-wrong", "");
+    assert_ne!(status(&r), 200, "{r}");
+    page.send("next");
+
+    assert_eq!(page.wait("guide", &server), "guide values-filled");
+    let line = page.wait("baresip-line", &server);
+    assert!(
+        line.contains(&format!("<sip:{user}@localhost;transport="))
+            && line.contains(&format!("auth_pass={password};")),
+        "{line}"
+    );
+
+    // After rotation the old password is refused and the new one works.
+    let rotated = page.wait("rotated", &server);
+    let new_password = rotated.split(' ').nth(1).unwrap().to_string();
+    assert_ne!(new_password, password);
+    let old = ua.register(&user, &password, "localhost", "dash-old", "");
+    assert_ne!(status(&old), 200, "{old}");
+    let new = ua.register(&user, &new_password, "localhost", "dash-new", "");
+    assert_eq!(status(&new), 200, "{new}");
+
+    let admin = page.wait("admin", &server);
+    let counts: Vec<u32> = admin
+        .split(' ')
+        .skip(1)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(counts[0] >= 1 && counts[1] >= 1, "{admin}");
+    assert_eq!(page.wait("local-storage", &server), "local-storage empty");
+    page.wait("done", &server);
+}

@@ -1,0 +1,141 @@
+// Drives careflow-sip's dashboard in Debian's Chromium (playwright-core) the way a clinician and
+// an IT administrator use it. One event line per step on stdout; where the Rust test must act
+// (register a SIP client, check the server), the script waits for a line on stdin.
+//
+// Usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR
+//   expired-refused -> credentials USER PASSWORD -> (stdin: registered) -> device-online TEXT
+//   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE
+//   -> rotated PASSWORD -> admin USERS FAILURES -> done
+'use strict';
+
+const path = require('path');
+const readline = require('readline');
+const { chromium } = require('playwright-core');
+
+const [base, token, expired, apiKey, shots] = process.argv.slice(2);
+if (!shots) {
+  console.error('usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR');
+  process.exit(2);
+}
+
+function event(...parts) {
+  process.stdout.write(parts.join(' ') + '\n');
+}
+
+const input = readline.createInterface({ input: process.stdin });
+const lines = [];
+let waiting = null;
+input.on('line', (l) => {
+  if (waiting) {
+    const w = waiting;
+    waiting = null;
+    w(l);
+  } else {
+    lines.push(l);
+  }
+});
+function nextLine() {
+  if (lines.length) return Promise.resolve(lines.shift());
+  return new Promise((resolve) => { waiting = resolve; });
+}
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: ['--no-sandbox'],
+  });
+  const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: base });
+  const page = await context.newPage();
+  page.on('pageerror', (e) => event('page-error', JSON.stringify(String(e))));
+  const shot = (name) => page.screenshot({ path: path.join(shots, `dashboard-${name}.png`), fullPage: true });
+
+  // An expired sign-in is refused with a clear message.
+  await page.goto(`${base}/#token=${expired}`);
+  await page.locator('#banner', { hasText: 'Your sign-in has expired' }).waitFor();
+  await shot('expired');
+  event('expired-refused');
+
+  // CareFlow hands the user over with a fresh token.
+  await page.goto(`${base}/#token=${token}`);
+  await page.locator('#account-none button#generate').waitFor();
+  await shot('account-empty');
+  await page.click('#generate');
+  await page.locator('#new-password').waitFor();
+  const password = (await page.textContent('#new-password')).trim();
+  const user = (await page.textContent('#sip-username')).trim();
+  // The copy button puts the password on the clipboard.
+  await page.click('#password-once button.copy');
+  const copied = await page.evaluate(() => navigator.clipboard.readText());
+  if (copied !== password) throw new Error(`clipboard has ${copied}`);
+  await shot('password-once');
+  event('credentials', user, password);
+
+  // The device list updates by itself once a phone registers.
+  await page.click('a[data-view="devices"]');
+  await page.locator('#no-devices').waitFor();
+  await nextLine();
+  const row = page.locator('#devices tr').first();
+  await row.waitFor({ timeout: 15000 });
+  await shot('devices');
+  // The same list on a phone-sized screen.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await shot('devices-phone');
+  await page.setViewportSize({ width: 1200, height: 900 });
+  event('device-online', JSON.stringify((await row.textContent()).replace(/\s+/g, ' ').trim()));
+
+  // Deregister it from the page.
+  await page.click('#devices button[data-device]');
+  await page.locator('#devices tr').first().waitFor({ state: 'detached', timeout: 15000 });
+  event('device-removed');
+  await nextLine();
+
+  // Set-up guides carry the user's own values.
+  await page.click('a[data-view="setup"]');
+  await page.selectOption('#device-kind', 'yealink');
+  const guide = await page.textContent('#guide');
+  await shot('setup-yealink');
+  event('guide', guide.includes(user) && guide.includes(password) ? 'values-filled' : 'values-missing');
+  await page.selectOption('#device-kind', 'baresip');
+  event('baresip-line', (await page.textContent('#guide-file')).trim());
+  await shot('setup-baresip');
+
+  // Rotate: confirmed in a dialog, the new password is shown once.
+  await page.click('a[data-view="account"]');
+  await page.click('#rotate');
+  await page.click('#confirm-ok');
+  await page.locator('#new-password', { hasText: /./ }).waitFor();
+  await page.waitForFunction((old) => document.querySelector('#new-password').textContent.trim() !== old, password);
+  const rotated = (await page.textContent('#new-password')).trim();
+  await shot('account');
+  event('rotated', rotated);
+
+  // IT staff: sign out, sign in with an API key.
+  await page.click('#sign-out');
+  await page.locator('#form-admin').waitFor({ state: 'attached' });
+  await page.click('details.admin-signin summary');
+  await page.fill('#apikey', apiKey);
+  await page.click('#form-admin button[type="submit"]');
+  await page.locator('#admin-users tr').first().waitFor();
+  await page.locator('#admin-failures tr').first().waitFor();
+  const users = await page.locator('#admin-users tr').count();
+  const failures = await page.locator('#admin-failures tr code', { hasText: user }).count();
+  await shot('admin');
+  event('admin', users, failures);
+  // Nothing secret outlives the tab: the session is in sessionStorage only.
+  const stored = await page.evaluate(() => JSON.stringify(localStorage));
+  event('local-storage', stored === '{}' ? 'empty' : stored);
+  event('done');
+  await browser.close();
+  process.exit(0);
+}
+
+setTimeout(() => {
+  event('timeout');
+  process.exit(1);
+}, 120000);
+
+main().catch((e) => {
+  event('error', JSON.stringify(String(e && e.stack || e)));
+  process.exit(1);
+});
