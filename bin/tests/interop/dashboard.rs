@@ -17,7 +17,7 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     require("sipp", "sip-tester");
     let js = js_dir();
     let idp = IdentityProvider::start();
-    let server = api_server_on(&idp, None);
+    let mut server = api_server_on(&idp, None);
     let token = idp.token("clinician-7", |_| {});
     let expired = idp.token("clinician-7", |c| {
         c["iat"] = serde_json::json!(1_600_000_000);
@@ -81,6 +81,25 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     let new = ua.register(&user, &new_password, "localhost", "dash-new", "");
     assert_eq!(status(&new), 200, "{new}");
 
+    // An outage shows on the page, and the page recovers when the server is back.
+    page.wait("ready-for-outage", &server);
+    server.stop();
+    page.send("stopped");
+    page.wait("unreachable-shown", &server);
+    server.start_again();
+    page.send("started");
+    page.wait("recovered", &server);
+    // Failed sign-ins are kept in memory: one after the restart, for the administrator's view.
+    let r = ua.register(
+        &user,
+        "still-not-the-password",
+        "localhost",
+        "dash-late",
+        "",
+    );
+    assert_ne!(status(&r), 200, "{r}");
+    page.send("next");
+
     let admin = page.wait("admin", &server);
     let counts: Vec<u32> = admin
         .split(' ')
@@ -89,5 +108,11 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
         .collect();
     assert!(counts[0] >= 1 && counts[1] >= 1, "{admin}");
     assert_eq!(page.wait("local-storage", &server), "local-storage empty");
+    let axe = page.wait("axe-total", &server);
+    assert_eq!(
+        axe, "axe-total 0",
+        "accessibility problems: {:?}",
+        page.seen
+    );
     page.wait("done", &server);
 }

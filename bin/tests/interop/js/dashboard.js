@@ -5,9 +5,14 @@
 // Usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR
 //   expired-refused -> credentials USER PASSWORD -> (stdin: registered) -> device-online TEXT
 //   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE
-//   -> rotated PASSWORD -> admin USERS FAILURES -> done
+//   -> rotated PASSWORD -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
+//   -> (stdin: started) -> recovered -> (stdin: next) -> admin USERS FAILURES -> local-storage -> axe-total N
+//   -> done
+// Every view is also checked with axe-core (WCAG 2 A/AA rules: labels, contrast, roles):
+// "axe VIEW RULE:NODES..." lists what it found, "axe-total N" sums them.
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const readline = require('readline');
 const { chromium } = require('playwright-core');
@@ -49,11 +54,24 @@ async function main() {
   const page = await context.newPage();
   page.on('pageerror', (e) => event('page-error', JSON.stringify(String(e))));
   const shot = (name) => page.screenshot({ path: path.join(shots, `dashboard-${name}.png`), fullPage: true });
+  const axeSource = fs.readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
+  let axeTotal = 0;
+  // page.evaluate is not subject to the page's Content-Security-Policy, which stays on.
+  const axe = async (view) => {
+    await page.evaluate(axeSource);
+    const found = await page.evaluate(async () => {
+      const r = await window.axe.run(document, { runOnly: ['wcag2a', 'wcag2aa', 'wcag21aa'] });
+      return r.violations.map((v) => `${v.id}:${v.nodes.length}`);
+    });
+    axeTotal += found.length;
+    event('axe', view, ...found);
+  };
 
   // An expired sign-in is refused with a clear message.
   await page.goto(`${base}/#token=${expired}`);
   await page.locator('#banner', { hasText: 'Your sign-in has expired' }).waitFor();
   await shot('expired');
+  await axe('sign-in');
   event('expired-refused');
 
   // CareFlow hands the user over with a fresh token.
@@ -69,6 +87,7 @@ async function main() {
   const copied = await page.evaluate(() => navigator.clipboard.readText());
   if (copied !== password) throw new Error(`clipboard has ${copied}`);
   await shot('password-once');
+  await axe('account');
   event('credentials', user, password);
 
   // The device list updates by itself once a phone registers.
@@ -78,9 +97,11 @@ async function main() {
   const row = page.locator('#devices tr').first();
   await row.waitFor({ timeout: 15000 });
   await shot('devices');
+  await axe('devices');
   // The same list on a phone-sized screen.
   await page.setViewportSize({ width: 390, height: 844 });
   await shot('devices-phone');
+  await axe('devices-phone');
   await page.setViewportSize({ width: 1200, height: 900 });
   event('device-online', JSON.stringify((await row.textContent()).replace(/\s+/g, ' ').trim()));
 
@@ -95,6 +116,7 @@ async function main() {
   await page.selectOption('#device-kind', 'yealink');
   const guide = await page.textContent('#guide');
   await shot('setup-yealink');
+  await axe('setup');
   event('guide', guide.includes(user) && guide.includes(password) ? 'values-filled' : 'values-missing');
   await page.selectOption('#device-kind', 'baresip');
   event('baresip-line', (await page.textContent('#guide-file')).trim());
@@ -110,6 +132,18 @@ async function main() {
   await shot('account');
   event('rotated', rotated);
 
+  // The server goes away and comes back: the page says so, then recovers by itself.
+  await page.click('a[data-view="devices"]');
+  event('ready-for-outage');
+  await nextLine();
+  await page.locator('#banner', { hasText: 'cannot be reached' }).waitFor({ timeout: 15000 });
+  await shot('unreachable');
+  event('unreachable-shown');
+  await nextLine();
+  await page.locator('#banner', { hasText: 'cannot be reached' }).waitFor({ state: 'hidden', timeout: 15000 });
+  event('recovered');
+  await nextLine();
+
   // IT staff: sign out, sign in with an API key.
   await page.click('#sign-out');
   await page.locator('#form-admin').waitFor({ state: 'attached' });
@@ -121,10 +155,12 @@ async function main() {
   const users = await page.locator('#admin-users tr').count();
   const failures = await page.locator('#admin-failures tr code', { hasText: user }).count();
   await shot('admin');
+  await axe('admin');
   event('admin', users, failures);
   // Nothing secret outlives the tab: the session is in sessionStorage only.
   const stored = await page.evaluate(() => JSON.stringify(localStorage));
   event('local-storage', stored === '{}' ? 'empty' : stored);
+  event('axe-total', axeTotal);
   event('done');
   await browser.close();
   process.exit(0);
