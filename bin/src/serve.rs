@@ -161,6 +161,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         limiter: careflow_api::auth::RateLimiter::new(cfg.api_rate_limit, cfg.api_rate_burst),
         user_check: cfg.user_check.clone(),
         guard: api_guard,
+        links: Default::default(),
     });
     let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), api, async move {
         http_cancel.cancelled().await

@@ -11,6 +11,21 @@ use crate::calls::{register_contact, sipp_file};
 use crate::support::*;
 use crate::websocket::{Events, js_dir};
 
+/// A GET on the server's HTTP side: (head, body).
+fn http_get_raw(server: &Server, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.http)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.to_string(), body.to_string())
+}
+
 #[test]
 fn a_clinician_and_an_administrator_use_the_dashboard() {
     require("chromium", "chromium");
@@ -71,6 +86,38 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
             && line.contains(&format!("auth_pass={password};")),
         "{line}"
     );
+
+    // The Linphone QR code: zbarimg reads the link from the picture; fetched like Linphone does,
+    // it serves the account with its HA1 (never the password), once.
+    require("zbarimg", "zbar-tools");
+    let qr = page.wait("qr", &server);
+    let parts: Vec<&str> = qr.split(' ').collect();
+    let decoded = Command::new("zbarimg")
+        .args(["--raw", "-q", parts[1]])
+        .output()
+        .unwrap();
+    let decoded = String::from_utf8_lossy(&decoded.stdout).trim().to_string();
+    assert_eq!(decoded, parts[2], "the QR code must carry the link shown");
+    let link_path = &parts[2][parts[2].find("/provision/").unwrap()..];
+    let (head, xml) = http_get_raw(&server, link_path);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("application/xml"),
+        "{head}"
+    );
+    let ha1 = careflow_proto::digest::ha1(
+        careflow_proto::digest::Algorithm::Md5,
+        &user,
+        "localhost",
+        &password,
+    );
+    assert!(
+        xml.contains(&format!("<entry name=\"ha1\">{ha1}</entry>"))
+            && xml.contains(&format!("<entry name=\"username\">{user}</entry>"))
+            && !xml.contains(&password),
+        "{xml}"
+    );
+    let (again, _, _) = crate::api::http(&server, "GET", link_path, None, None);
+    assert_eq!(again, 404, "a provisioning link works once");
 
     // After rotation the old password is refused and the new one works.
     let rotated = page.wait("rotated", &server);

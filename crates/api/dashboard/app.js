@@ -519,8 +519,10 @@
     linphone: {
       name: 'Linphone (desktop, iPhone, Android)',
       transport: 'tls',
+      qr: true,
       steps: (v) => [
-        `Open the assistant → Use a SIP account.`,
+        `Fastest: press "Show a QR code" below, then in Linphone open the assistant → Fetch remote configuration → scan the QR code. The code works once, for 10 minutes; it carries no password.`,
+        `Or by hand: open the assistant → Use a SIP account.`,
         `Username: ${v.user}. Password: ${v.password}. Domain: ${v.domain}:${v.port}.`,
         `Transport: ${v.transportLabel}. Log in.`,
       ],
@@ -591,12 +593,38 @@
     if (!state.password) {
       parts.push(el('p', { class: 'fineprint', text: 'The password is not filled in: it is shown only once. Rotate it on My SIP account to fill it in here and in the downloads.' }));
     }
+    if (g.qr) {
+      const qrBox = el('div', { id: 'qr-box', 'aria-live': 'polite' });
+      parts.push(el('button', { type: 'button', id: 'show-qr', onclick: () => showQr(qrBox) }, 'Show a QR code'), qrBox);
+    }
     if (g.file) {
       const f = g.file(v);
       if (g.show) parts.push(el('pre', {}, el('code', { id: 'guide-file', text: f.text })));
       parts.push(el('button', { type: 'button', id: 'guide-download', onclick: () => download(f.name, f.text) }, f.label));
     }
     box.replaceChildren(...parts);
+  }
+
+  async function showQr(box) {
+    let link;
+    try {
+      link = await api('POST', '/api/sip/provisioning', { baseUrl: location.origin });
+    } catch (e) {
+      if (e.status !== 401 && e.status !== 0) banner(`Could not make a QR code: ${e.message}`);
+      return;
+    }
+    const img = el('img', {
+      id: 'provision-qr',
+      class: 'qr',
+      width: '240',
+      height: '240',
+      alt: 'QR code with a one-time link to your SIP account for Linphone',
+      src: `data:image/svg+xml;base64,${btoa(link.qrSvg)}`,
+    });
+    box.replaceChildren(img,
+      el('p', { class: 'fineprint' }, `Valid once, for ${Math.round(link.expiresIn / 60)} minutes: `,
+        el('code', { id: 'provision-url', text: link.url })));
+    announce('QR code shown');
   }
 
   // ---------- administration ----------

@@ -10,6 +10,7 @@ mod dashboard;
 mod http_client;
 pub mod openapi;
 pub mod problem;
+pub mod provision_link;
 pub mod provisioning;
 
 use std::future::Future;
@@ -55,6 +56,11 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
         .route("/api/sip/credentials/rotate", post(provisioning::rotate))
         .route("/api/sip/status", get(provisioning::status))
         .route("/api/sip/deregister", post(provisioning::deregister))
+        .route("/api/sip/provisioning", post(provision_link::create))
+        .route(
+            "/provision/{token}/linphone.xml",
+            get(provision_link::fetch),
+        )
         .route("/api/admin/subscribers", get(admin::subscribers))
         .route(
             "/api/admin/subscribers/{username}/disable",

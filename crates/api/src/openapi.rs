@@ -5,7 +5,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, problem, provisioning};
+use crate::{admin, problem, provision_link, provisioning};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,6 +22,7 @@ use crate::{admin, problem, provisioning};
         provisioning::revoke,
         provisioning::status,
         provisioning::deregister,
+        provision_link::create,
         admin::subscribers,
         admin::disable,
         admin::enable,
@@ -38,6 +39,8 @@ use crate::{admin, problem, provisioning};
         provisioning::Status,
         provisioning::DeregisterRequest,
         provisioning::Removed,
+        provision_link::ProvisioningRequest,
+        provision_link::ProvisioningLink,
         admin::AdminSubscriber,
         admin::AdminBinding,
         admin::SecurityReport,

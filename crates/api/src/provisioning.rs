@@ -50,6 +50,8 @@ pub struct Provisioning {
     pub user_check: Option<(String, Option<String>)>,
     /// The SIP side's guard (bans, failed authentications) for the admin view.
     pub guard: Option<Arc<careflow_core::guard::Guard>>,
+    /// One-time provisioning links handed out (Linphone QR codes).
+    pub links: crate::provision_link::Links,
 }
 
 impl std::fmt::Debug for Provisioning {

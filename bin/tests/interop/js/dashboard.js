@@ -4,7 +4,7 @@
 //
 // Usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR
 //   expired-refused -> credentials USER PASSWORD -> (stdin: registered) -> device-online TEXT
-//   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE
+//   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE -> qr PNG URL
 //   -> rotated PASSWORD -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
 //   -> (stdin: started) -> recovered -> (stdin: next) -> admin USERS FAILURES -> local-storage -> axe-total N
 //   -> done
@@ -121,6 +121,14 @@ async function main() {
   await page.selectOption('#device-kind', 'baresip');
   event('baresip-line', (await page.textContent('#guide-file')).trim());
   await shot('setup-baresip');
+  // Linphone: a QR code with a one-time provisioning link.
+  await page.selectOption('#device-kind', 'linphone');
+  await page.click('#show-qr');
+  await page.locator('#provision-qr').waitFor();
+  const qrPng = path.join(shots, 'dashboard-qr.png');
+  await page.locator('#provision-qr').screenshot({ path: qrPng });
+  await shot('setup-linphone');
+  event('qr', qrPng, (await page.textContent('#provision-url')).trim());
 
   // Rotate: confirmed in a dialog, the new password is shown once.
   await page.click('a[data-view="account"]');
