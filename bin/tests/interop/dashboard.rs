@@ -127,6 +127,14 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     assert_ne!(status(&old), 200, "{old}");
     let new = ua.register(&user, &new_password, "localhost", "dash-new", "");
     assert_eq!(status(&new), 200, "{new}");
+    page.send("next");
+
+    // Revoked from the page: the current password no longer works either.
+    page.wait("revoked", &server);
+    let after = ua.register(&user, &new_password, "localhost", "dash-revoked", "");
+    assert_ne!(status(&after), 200, "{after}");
+    let again = page.wait("regenerated", &server);
+    assert!(again.starts_with("regenerated careflow_"), "{again}");
 
     // An outage shows on the page, and the page recovers when the server is back.
     page.wait("ready-for-outage", &server);

@@ -5,7 +5,7 @@
 // Usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR
 //   expired-refused -> credentials USER PASSWORD -> (stdin: registered) -> device-online TEXT
 //   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE -> qr PNG URL
-//   -> rotated PASSWORD -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
+//   -> rotated PASSWORD -> (stdin: next) -> revoked -> regenerated USER -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
 //   -> (stdin: started) -> recovered -> (stdin: next) -> admin USERS FAILURES -> local-storage -> axe-total N
 //   -> done
 // Every view is also checked with axe-core (WCAG 2 A/AA rules: labels, contrast, roles):
@@ -139,6 +139,17 @@ async function main() {
   const rotated = (await page.textContent('#new-password')).trim();
   await shot('account');
   event('rotated', rotated);
+
+  // Revoke (confirmed), then start again with new credentials.
+  await nextLine();
+  await page.click('#revoke');
+  await page.click('#confirm-ok');
+  await page.locator('#account-none').waitFor();
+  await shot('revoked');
+  event('revoked');
+  await page.click('#generate');
+  await page.locator('#new-password').waitFor();
+  event('regenerated', (await page.textContent('#sip-username')).trim());
 
   // The server goes away and comes back: the page says so, then recovers by itself.
   await page.click('a[data-view="devices"]');
