@@ -171,3 +171,64 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     );
     page.wait("done", &server);
 }
+
+/// geckodriver: on the PATH, or where scripts/test installs it (`cargo install`; Debian has no
+/// package for it).
+fn geckodriver() -> std::path::PathBuf {
+    let installed = std::path::PathBuf::from("/var/tmp/geckodriver/bin/geckodriver");
+    if installed.exists() {
+        return installed;
+    }
+    if let Ok(out) = Command::new("sh")
+        .args(["-c", "command -v geckodriver"])
+        .output()
+        && out.status.success()
+    {
+        return String::from_utf8_lossy(&out.stdout).trim().into();
+    }
+    panic!(
+        "geckodriver is not installed: run scripts/test (it runs `cargo install geckodriver --locked --root /var/tmp/geckodriver`)"
+    );
+}
+
+#[test]
+fn a_clinician_uses_the_dashboard_in_firefox() {
+    require("firefox-esr", "firefox-esr");
+    require("sipp", "sip-tester");
+    let gecko = geckodriver();
+    let js = js_dir();
+    let idp = IdentityProvider::start();
+    let server = api_server_on(&idp, None);
+    let token = idp.token("clinician-ff", |_| {});
+    let shots = interop_dir().join("../../../target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let mut node = Command::new("node");
+    node.current_dir(&js)
+        .arg("firefox-dashboard.js")
+        .arg(format!("http://127.0.0.1:{}", server.http))
+        .arg(&token)
+        .arg(&shots)
+        .arg(&gecko)
+        .arg(free_port().to_string());
+    let mut page = Events::spawn(node);
+    let creds = page.wait("credentials", &server);
+    let parts: Vec<&str> = creds.split(' ').collect();
+    let (user, password) = (parts[1].to_string(), parts[2].to_string());
+    let tmp = tempfile::tempdir().unwrap();
+    let users = sipp_file(tmp.path(), "ff.csv", &[(&user, &password)]);
+    register_contact(&server, &users, free_port(), "udp");
+    page.send("registered");
+    let online = page.wait("device-online", &server);
+    assert!(
+        online.contains("UDP") && online.contains("Online"),
+        "{online}"
+    );
+    assert_eq!(page.wait("guide", &server), "guide values-filled");
+    let axe = page.wait("axe-total", &server);
+    assert_eq!(
+        axe, "axe-total 0",
+        "accessibility problems: {:?}",
+        page.seen
+    );
+    page.wait("done", &server);
+}
