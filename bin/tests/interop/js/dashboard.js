@@ -74,11 +74,18 @@ async function main() {
   await axe('sign-in');
   event('expired-refused');
 
-  // CareFlow hands the user over with a fresh token.
-  await page.goto(`${base}/#token=${token}`);
+  // With the keyboard only: the token field has the focus; type (paste) a fresh token, Tab to
+  // "Sign in", Enter. The page then focuses the view's heading; Tab reaches "Generate".
+  const focused = () => page.evaluate(() => document.activeElement && (document.activeElement.id || document.activeElement.tagName));
+  if (await focused() !== 'token') throw new Error(`focus on ${await focused()}, not the token field`);
+  await page.keyboard.insertText(token);
+  await page.keyboard.press('Tab');
+  await page.keyboard.press('Enter');
   await page.locator('#account-none button#generate').waitFor();
   await shot('account-empty');
-  await page.click('#generate');
+  await page.keyboard.press('Tab');
+  if (await focused() !== 'generate') throw new Error(`Tab from the heading went to ${await focused()}`);
+  await page.keyboard.press('Enter');
   await page.locator('#new-password').waitFor();
   const password = (await page.textContent('#new-password')).trim();
   const user = (await page.textContent('#sip-username')).trim();
