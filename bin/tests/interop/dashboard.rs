@@ -32,7 +32,15 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     require("sipp", "sip-tester");
     let js = js_dir();
     let idp = IdentityProvider::start();
-    let mut server = api_server_on(&idp, None);
+    // Every transport, so the account page lists them all.
+    let mut env: Vec<(&str, String)> = idp.env();
+    env.push((
+        "SIP_LISTEN",
+        "udp:127.0.0.1:{port},tcp:127.0.0.1:{port},tls:127.0.0.1:{port2},wss:127.0.0.1:{port3}"
+            .to_string(),
+    ));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut server = Server::start_with("localhost", &env);
     let token = idp.token("clinician-7", |_| {});
     let expired = idp.token("clinician-7", |c| {
         c["iat"] = serde_json::json!(1_600_000_000);
@@ -57,6 +65,16 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     assert!(
         user.starts_with("careflow_") && password.len() == 24,
         "{creds}"
+    );
+    let servers = page.wait("servers", &server);
+    assert_eq!(
+        servers,
+        format!(
+            "servers UDP=localhost:{p} TCP=localhost:{p} TLS=localhost:{p2} WSS=wss://localhost:{p3}/",
+            p = server.port,
+            p2 = server.port2,
+            p3 = server.port3
+        )
     );
 
     // A real client registers with what the page showed.

@@ -3,7 +3,7 @@
 // (register a SIP client, check the server), the script waits for a line on stdin.
 //
 // Usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR
-//   expired-refused -> credentials USER PASSWORD -> (stdin: registered) -> device-online TEXT
+//   expired-refused -> credentials USER PASSWORD -> servers T=ADDR... -> (stdin: registered) -> device-online TEXT
 //   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE -> qr PNG URL
 //   -> rotated PASSWORD -> (stdin: next) -> revoked -> regenerated USER -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
 //   -> (stdin: started) -> recovered -> (stdin: next) -> admin USERS FAILURES -> local-storage -> axe-total N
@@ -96,6 +96,11 @@ async function main() {
   await shot('password-once');
   await axe('account');
   event('credentials', user, password);
+  const servers = await page.$$eval('#servers tr', (rows) => rows.map((r) => {
+    const cells = r.querySelectorAll('td');
+    return `${cells[0].textContent.trim()}=${cells[1].querySelector('code').textContent.trim()}`;
+  }));
+  event('servers', ...servers);
 
   // The device list updates by itself once a phone registers.
   await page.click('a[data-view="devices"]');
