@@ -72,6 +72,22 @@ pub(crate) enum UserCommand {
         #[arg(long)]
         domain: Option<String>,
     },
+    /// Import the `subscriber` table of a Kamailio set-up (MySQL/MariaDB): plain passwords are
+    /// hashed and not kept, rows with only an HA1 keep it (MD5 only until the password is next
+    /// set). Users that exist already are left alone. Safe to run again.
+    ImportKamailio {
+        /// The Kamailio database, `mysql://USER:PASS@HOST[:PORT]/DB`.
+        url: String,
+        /// Its subscriber table.
+        #[arg(long, default_value = "subscriber")]
+        table: String,
+        /// Import the rows of this domain (default: SIP_DOMAIN); others are listed as skipped.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Show what would be imported without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 pub(crate) async fn open_subscribers(
@@ -177,6 +193,14 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             }
             println!("removed {user}@{domain}");
         }
+        UserCommand::ImportKamailio {
+            url,
+            table,
+            domain,
+            dry_run,
+        } => {
+            import_kamailio(&*store, &url, &table, &dom(domain), dry_run).await?;
+        }
         UserCommand::Import { file, domain } => {
             let domain = dom(domain);
             let text = std::fs::read_to_string(&file)
@@ -189,6 +213,97 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
+    }
+    Ok(())
+}
+
+/// How one Kamailio row is imported: the subscriber and whether its password was known.
+pub(crate) fn from_kamailio(
+    row: &careflow_store::kamailio::KamailioSubscriber,
+    domain: &str,
+) -> Result<(NewSubscriber, bool), String> {
+    check_username(&row.username).map_err(|e| e.to_string())?;
+    let row_domain = row.domain.to_ascii_lowercase();
+    if row_domain != domain {
+        return Err(format!(
+            "domain `{row_domain}` is not `{domain}` (run again with --domain {row_domain})"
+        ));
+    }
+    let base = NewSubscriber {
+        username: row.username.clone(),
+        domain: domain.to_string(),
+        email: row.email.clone(),
+        careflow_user_id: row.careflow_user_id.clone(),
+        careflow_care4w_id: row.careflow_care4w_id.clone(),
+        ha1_md5: String::new(),
+        ha1_sha256: String::new(),
+    };
+    if let Some(pw) = row.password.as_deref() {
+        let (md5, sha) = hashes(&row.username, domain, pw);
+        return Ok((
+            NewSubscriber {
+                ha1_md5: md5,
+                ha1_sha256: sha,
+                ..base
+            },
+            true,
+        ));
+    }
+    match row.ha1.as_deref() {
+        Some(h) if is_hex(h, 32) => Ok((
+            NewSubscriber {
+                ha1_md5: h.to_ascii_lowercase(),
+                ..base
+            },
+            false,
+        )),
+        Some(_) => Err("its ha1 is not an MD5 digest (32 hex digits)".into()),
+        None => Err("it has neither a password nor an ha1".into()),
+    }
+}
+
+async fn import_kamailio(
+    store: &dyn careflow_store::Database,
+    url: &str,
+    table: &str,
+    domain: &str,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let rows = careflow_store::kamailio::read_mysql(url, table)
+        .await
+        .context("cannot read the Kamailio subscriber table")?;
+    let (mut new, mut skipped) = (Vec::new(), Vec::new());
+    let (mut from_password, mut from_ha1) = (0, 0);
+    for row in &rows {
+        let who = format!("{}@{}", row.username, row.domain);
+        match from_kamailio(row, domain) {
+            Ok((sub, password)) => {
+                if store.find(&sub.username, &sub.domain).await?.is_some() {
+                    skipped.push((who, "exists already".to_string()));
+                    continue;
+                }
+                if password {
+                    from_password += 1;
+                } else {
+                    from_ha1 += 1;
+                }
+                new.push(sub);
+            }
+            Err(why) => skipped.push((who, why)),
+        }
+    }
+    let n = if dry_run {
+        new.len()
+    } else {
+        store.import(new).await?
+    };
+    println!(
+        "{} {n} of {} subscriber(s): {from_password} from plain passwords (hashed; the passwords were not kept), {from_ha1} with their HA1 only (MD5; SHA-256 once their password is next set)",
+        if dry_run { "would import" } else { "imported" },
+        rows.len()
+    );
+    for (who, why) in &skipped {
+        println!("skipped {who}: {why}");
     }
     Ok(())
 }
@@ -344,6 +459,48 @@ mod tests {
         assert_eq!(a.len(), 22);
         assert_ne!(a, b);
         assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn kamailio_rows_keep_what_can_be_kept() {
+        use careflow_store::kamailio::KamailioSubscriber;
+        let plain = KamailioSubscriber {
+            username: "anna".into(),
+            domain: "Clinic.Example".into(),
+            password: Some("pw".into()),
+            email: Some("a@x".into()),
+            ..Default::default()
+        };
+        let (s, from_password) = from_kamailio(&plain, "clinic.example").unwrap();
+        assert!(from_password);
+        assert_eq!(
+            s.ha1_md5,
+            ha1(Algorithm::Md5, "anna", "clinic.example", "pw")
+        );
+        assert_eq!(s.ha1_sha256.len(), 64);
+        assert_eq!(s.email.as_deref(), Some("a@x"));
+        let digest = ha1(Algorithm::Md5, "ben", "clinic.example", "x").to_uppercase();
+        let only_ha1 = KamailioSubscriber {
+            username: "ben".into(),
+            domain: "clinic.example".into(),
+            ha1: Some(digest.clone()),
+            ..Default::default()
+        };
+        let (s, from_password) = from_kamailio(&only_ha1, "clinic.example").unwrap();
+        assert!(!from_password);
+        assert_eq!(s.ha1_md5, digest.to_lowercase());
+        assert!(s.ha1_sha256.is_empty());
+        assert!(from_kamailio(&only_ha1, "other.example").is_err());
+        let bad = KamailioSubscriber {
+            ha1: Some("not-hex".into()),
+            ..only_ha1.clone()
+        };
+        assert!(from_kamailio(&bad, "clinic.example").is_err());
+        let bad_name = KamailioSubscriber {
+            username: "a b".into(),
+            ..plain
+        };
+        assert!(from_kamailio(&bad_name, "clinic.example").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod cluster;
 mod dashboard;
 mod database;
 mod media;
+mod migration;
 mod nat;
 mod outbound;
 mod protocol;

@@ -8,6 +8,7 @@
 //! MySQL and Redis backends implement the same traits.
 #![warn(missing_docs)]
 
+pub mod kamailio;
 pub mod location;
 mod migrations;
 pub mod mysql;
