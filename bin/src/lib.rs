@@ -1,6 +1,7 @@
 //! careflow-sip: command line, configuration loading and server start-up.
 
 mod apikeys;
+mod backup;
 pub mod config;
 mod control;
 mod serve;
@@ -47,6 +48,17 @@ enum Command {
     Registrations {
         /// Username (in SIP_DOMAIN) or user@domain.
         user: Option<String>,
+    },
+    /// Copy the embedded store (subscribers, API keys, registrations, secret, generated
+    /// certificate) into a new directory; safe while the server runs.
+    Backup {
+        /// A new (or empty) directory.
+        dir: PathBuf,
+    },
+    /// Put a backup back into DATA_DIR (the server must be stopped; replaced files are kept).
+    Restore {
+        /// A directory written by `careflow-sip backup`.
+        dir: PathBuf,
     },
 }
 
@@ -123,6 +135,8 @@ pub fn main() -> ExitCode {
             Command::Bans => control::bans(&config).await,
             Command::Unban { ip } => control::unban(&config, &ip).await,
             Command::Registrations { user } => users::registrations(&config, user.as_deref()).await,
+            Command::Backup { dir } => backup::backup(&config, &dir),
+            Command::Restore { dir } => backup::restore(&config, &dir),
         }
     });
     match result {

@@ -10,6 +10,7 @@ mod database;
 mod media;
 mod migration;
 mod nat;
+mod operations;
 mod outbound;
 mod protocol;
 mod register;

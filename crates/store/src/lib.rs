@@ -197,3 +197,13 @@ pub trait LocationStore: Send + Sync {
         false
     }
 }
+
+/// The newest schema versions this build knows, as recorded in `schema_migrations`:
+/// (subscriber database, location journal). A backup made by a newer build has higher ones.
+pub fn schema_versions() -> (i64, i64) {
+    let last = |steps: &[(i64, &str)]| steps.last().map_or(0, |s| s.0);
+    (
+        last(migrations::SUBSCRIBER_MIGRATIONS),
+        last(migrations::LOCATION_MIGRATIONS),
+    )
+}
