@@ -46,31 +46,45 @@ pub(crate) fn register_contact(
     contact_port: u16,
     contact_transport: &str,
 ) {
+    let ok = register_contact_at(
+        server.sip_addr(),
+        &server.domain,
+        users,
+        contact_port,
+        contact_transport,
+    );
+    assert!(ok, "registration of the sipp UA failed:\n{}", server.log());
+}
+
+/// As [`register_contact`], against any registrar; true when sipp's registration succeeded.
+pub(crate) fn register_contact_at(
+    registrar: SocketAddr,
+    domain: &str,
+    users: &std::path::Path,
+    contact_port: u16,
+    contact_transport: &str,
+) -> bool {
     let reg = Command::new("sipp")
-        .arg(server.sip_addr().to_string())
+        .arg(registrar.to_string())
         .args(["-sf", &scenario("register-one.xml"), "-inf"])
         .arg(users)
         .args([
             "-key",
             "domain",
-            &server.domain,
+            domain,
             "-key",
             "contact_host",
             "127.0.0.1",
         ])
         .args(["-key", "contact_port", &contact_port.to_string()])
         .args(["-key", "contact_transport", contact_transport])
-        .args(["-auth_uri", &server.domain, "-i", "127.0.0.1"])
+        .args(["-auth_uri", domain, "-i", "127.0.0.1"])
         .args(["-p", &free_port().to_string(), "-t", "u1"])
         .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
         .stdout(Stdio::null())
         .output()
         .expect("run sipp register");
-    assert!(
-        reg.status.success(),
-        "registration of the sipp UA failed:\n{}",
-        server.log()
-    );
+    reg.status.success()
 }
 
 fn sipp_calls(transport: &str, callee_transport: &str) {

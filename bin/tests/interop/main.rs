@@ -12,6 +12,7 @@ mod migration;
 mod nat;
 mod operations;
 mod outbound;
+mod package;
 mod protocol;
 mod register;
 mod secure;
