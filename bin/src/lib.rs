@@ -31,6 +31,9 @@ enum Command {
     Serve,
     /// Check the configuration (file and environment) and report every problem at once.
     CheckConfig,
+    /// Exit 0 when the server of this configuration answers /healthz (for container and
+    /// orchestrator health checks).
+    Healthcheck,
     /// Manage subscribers.
     #[command(subcommand)]
     User(users::UserCommand),
@@ -102,6 +105,45 @@ fn check_config(path: Option<&std::path::Path>) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// `careflow-sip healthcheck`: GET /healthz on HTTP_LISTEN (its loopback when it listens on
+/// every address); no HTTP client needed in a slim container.
+fn healthcheck(listen: std::net::SocketAddr) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    let answer = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    });
+    match answer {
+        Ok(a) if a.starts_with("HTTP/1.1 200") => {
+            println!("healthy");
+            ExitCode::SUCCESS
+        }
+        Ok(a) => {
+            eprintln!(
+                "careflow-sip: unhealthy: {}",
+                a.lines().next().unwrap_or("no answer")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("careflow-sip: unhealthy: cannot reach {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -115,6 +157,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Healthcheck = cli.command {
+        return healthcheck(config.http_listen);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()
@@ -129,7 +174,7 @@ pub fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Serve => serve::run(config).await,
-            Command::CheckConfig => Ok(()),
+            Command::CheckConfig | Command::Healthcheck => Ok(()),
             Command::User(cmd) => users::run(&config, cmd).await,
             Command::Apikey(cmd) => apikeys::run(&config, cmd).await,
             Command::Bans => control::bans(&config).await,

@@ -1,5 +1,7 @@
 //! Operating careflow-sip: backup and restore of the embedded store.
 
+use std::process::Command;
+
 use crate::support::*;
 
 fn register(server: &Server, user: &str, password: &str, call_id: &str) -> u16 {
@@ -78,4 +80,145 @@ fn a_backup_taken_while_running_brings_back_users_keys_and_registrations() {
     );
     server.start_again();
     assert_eq!(register(&server, "eve", "pw-eve-backup", "bk-3"), 200);
+}
+
+/// The repository root.
+fn repo() -> std::path::PathBuf {
+    interop_dir().join("../../..")
+}
+
+#[test]
+fn the_container_files_are_valid_and_their_configuration_is_accepted() {
+    require("openssl", "openssl");
+    let venv = std::path::Path::new("/var/tmp/careflow-venv/bin");
+    assert!(
+        venv.join("check-jsonschema").exists(),
+        "check-jsonschema missing: run scripts/test (it installs it into /var/tmp/careflow-venv)"
+    );
+    let compose = repo().join("contrib/docker/docker-compose.sip.yml");
+    let check = Command::new(venv.join("check-jsonschema"))
+        .args(["--builtin-schema", "vendor.compose-spec"])
+        .arg(&compose)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "the compose file breaks the Compose Specification:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    // The careflow-sip service's environment, as compose hands it over, with the image's
+    // configuration file, is accepted by check-config (certificates as the volume would
+    // provide them).
+    let env_json = Command::new(venv.join("python"))
+        .args([
+            "-c",
+            "import sys, json, ruamel.yaml as y; \
+             d = y.YAML(typ='safe').load(open(sys.argv[1])); \
+             print(json.dumps(d['services']['careflow-sip']['environment']))",
+        ])
+        .arg(&compose)
+        .output()
+        .unwrap();
+    assert!(env_json.status.success());
+    let env: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&env_json.stdout).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        tmp.path().join("fullchain.pem"),
+        tmp.path().join("privkey.pem"),
+    );
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sip.compose.test",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "CAREFLOW_CONFIG",
+            repo().join("contrib/docker/careflow-sip.toml"),
+        );
+    for (k, v) in &env {
+        // ${NAME:?message} and ${NAME} get the values an operator would export.
+        let v = v.as_str().unwrap_or_default();
+        let v = v
+            .replace("${SIP_DOMAIN:?set SIP_DOMAIN}", "sip.compose.test")
+            .replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}", "pw");
+        assert!(
+            !v.contains("${"),
+            "{k}={v}: a variable the test does not know"
+        );
+        cmd.env(k, v);
+    }
+    cmd.env("TLS_CERT", &cert)
+        .env("TLS_KEY", &key)
+        .env("DATA_DIR", tmp.path().join("data"))
+        .arg("check-config");
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("domain sip.compose.test"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The Dockerfile: two stages, an unprivileged numeric user, our health check, and only
+    // sources that exist.
+    let docker = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert_eq!(docker.matches("\nFROM ").count(), 2, "multi-stage");
+    assert!(docker.contains("\nUSER 10001:10001\n"));
+    assert!(docker.contains(r#"CMD ["/usr/bin/careflow-sip", "healthcheck"]"#));
+    for line in docker
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(repo().join(src).exists(), "{line}: {src} does not exist");
+        }
+    }
+    let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    assert!(ignore.lines().any(|l| l == "target"));
+
+    // `careflow-sip healthcheck`, the image's HEALTHCHECK: 0 when the server answers, 1 when not.
+    let mut server = Server::start("localhost");
+    let health = |server: &Server| {
+        Command::new(BIN)
+            .env_clear()
+            .env("HTTP_LISTEN", format!("127.0.0.1:{}", server.http))
+            .env("DATA_DIR", server.data_dir())
+            .arg("healthcheck")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(health(&server));
+    server.stop();
+    assert!(!health(&server));
 }
