@@ -171,6 +171,8 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
 
     wait_for_signal(&server).await;
     tracing::info!("shutting down");
+    status.ready.store(false, Ordering::Release);
+    server.drain(cfg.shutdown_grace).await;
     cancel.cancel();
     server.wait().await;
     let _ = http_task.await;

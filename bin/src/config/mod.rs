@@ -284,6 +284,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Comma-separated IPs or CIDRs (e.g. `10.0.0.0/8,192.0.2.10`) never rate limited or banned: your own networks, monitoring, SBCs.",
     ),
     (
+        "shutdown_grace",
+        "30",
+        "Seconds SIGTERM waits for calls being set up to be answered (new requests get 503 meanwhile); unanswered calls are then cancelled and their callers answered 503. Keep it below the service manager's stop timeout (the unit uses 40).",
+    ),
+    (
         "partial_message_timeout",
         "10",
         "Seconds within which a SIP message, TLS handshake or WebSocket upgrade must arrive whole once its first byte did; slower senders (slowloris) are disconnected.",
@@ -360,6 +365,8 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Partial message timeout.
     pub partial_timeout: Duration,
+    /// How long SIGTERM drains.
+    pub shutdown_grace: Duration,
     /// Certificate and key, when configured (else self-signed when a listener needs TLS).
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// CA for client certificates.
@@ -774,6 +781,7 @@ impl Config {
             guard,
             max_connections_per_ip: num("max_connections_per_ip", 1, 1_000_000)? as usize,
             partial_timeout: Duration::from_secs(num("partial_message_timeout", 1, 600)?),
+            shutdown_grace: Duration::from_secs(num("shutdown_grace", 0, 3600)?),
             user_check,
             jwt,
             api_rate_limit: num("api_rate_limit", 1, 100_000)? as u32,

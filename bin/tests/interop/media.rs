@@ -695,7 +695,7 @@ impl WsPhone {
 }
 
 /// alice (a raw UA) calls bob with a plain-RTP offer from port 4000 (answering the 407).
-fn call_bob(alice: &Ua, password: &str, call_id: &str) -> String {
+pub(crate) fn call_bob(alice: &Ua, password: &str, call_id: &str) -> String {
     use careflow_proto::digest::Algorithm;
     let port = alice.port();
     let body = phone_sdp(4000);
@@ -723,7 +723,7 @@ fn call_bob(alice: &Ua, password: &str, call_id: &str) -> String {
 }
 
 /// A raw device answers `request` with `code` and an SDP from `media_port`.
-fn answer_with_sdp(ua: &Ua, request: &str, code: u16, media_port: u16) {
+pub(crate) fn answer_with_sdp(ua: &Ua, request: &str, code: u16, media_port: u16) {
     let req = careflow_proto::Message::parse(
         bytes::Bytes::from(request.to_string()),
         &careflow_proto::ParseLimits::default(),
@@ -743,7 +743,7 @@ fn answer_with_sdp(ua: &Ua, request: &str, code: u16, media_port: u16) {
 }
 
 /// The first message `ua` receives that starts with `start`.
-fn expect_at(ua: &Ua, start: &str) -> String {
+pub(crate) fn expect_at(ua: &Ua, start: &str) -> String {
     loop {
         let m = ua.recv().unwrap_or_else(|| panic!("no {start} received"));
         if m.starts_with(start) {

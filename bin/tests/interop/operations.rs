@@ -222,3 +222,155 @@ fn the_container_files_are_valid_and_their_configuration_is_accepted() {
     server.stop();
     assert!(!health(&server));
 }
+
+/// One REGISTER as a UDP phone does it (challenge, then credentials), resending every 500 ms
+/// for 4 s like Timer E; the final status, or None when nothing answered.
+fn register_like_a_phone(ua: &Ua, user: &str, password: &str, call_id: &str) -> Option<u16> {
+    use careflow_proto::digest::Algorithm;
+    let exchange = |msg: &str| -> Option<String> {
+        for _ in 0..8 {
+            ua.send(msg);
+            if let Some(r) = ua.recv() {
+                return Some(r);
+            }
+        }
+        None
+    };
+    let first = exchange(&ua.register_msg(user, "localhost", call_id, 1, ""))?;
+    if status(&first) != 401 {
+        return Some(status(&first));
+    }
+    let auth = authorization(
+        &first,
+        Algorithm::Md5,
+        user,
+        "localhost",
+        password,
+        "REGISTER",
+        "sip:localhost",
+        1,
+    );
+    let second = exchange(&ua.register_msg(
+        user,
+        "localhost",
+        call_id,
+        2,
+        &format!("Authorization: {auth}\r\n"),
+    ))?;
+    Some(status(&second))
+}
+
+#[test]
+fn sigterm_under_load_loses_no_binding_and_answers_every_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use crate::media::{answer_with_sdp, call_bob, expect_at};
+
+    let mut server = Server::start_with("localhost", &[("SHUTDOWN_GRACE", "2")]);
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("users.csv");
+    let mut rows = String::new();
+    for i in 0..100 {
+        rows.push_str(&format!("u{i},pw-load-{i}\n"));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    server.cli_ok(&["user", "import", csv.to_str().unwrap()]);
+    server.add_user("alice", "pw-alice-term");
+    server.add_user("bob", "pw-bob-term");
+    let bob = Ua::new(server.sip_addr());
+    assert_eq!(
+        status(&bob.register("bob", "pw-bob-term", "localhost", "term-bob", "")),
+        200
+    );
+
+    // Phones keep registering, one request after the other, through the shutdown.
+    let addr = server.sip_addr();
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (done, stop) = (done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let ua = Ua::new(addr);
+            ua.sock
+                .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                .unwrap();
+            let mut results = Vec::new();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let i = n % 100;
+                let r = register_like_a_phone(
+                    &ua,
+                    &format!("u{i}"),
+                    &format!("pw-load-{i}"),
+                    &format!("load-{n}"),
+                );
+                results.push(r);
+                n += 1;
+                done.store(n, Ordering::Relaxed);
+                if r.is_none() {
+                    break;
+                }
+            }
+            results
+        })
+    };
+    while done.load(Ordering::Relaxed) < 100 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // A call is ringing when SIGTERM comes.
+    let alice = Ua::new(server.sip_addr());
+    call_bob(&alice, "pw-alice-term", "term-call");
+    let invite = expect_at(&bob, "INVITE ");
+    answer_with_sdp(&bob, &invite, 180, 4000);
+    expect_at(&alice, "SIP/2.0 180");
+    server.signal("TERM");
+
+    // Draining: a new call is turned away at once, with a Retry-After.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let carol = Ua::new(server.sip_addr());
+    let port = carol.port();
+    carol.send(&format!(
+        "INVITE sip:bob@localhost SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKcarol1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:carol@localhost>;tag=c1\r\nTo: <sip:bob@localhost>\r\nCall-ID: term-new-call\r\nCSeq: 1 INVITE\r\nContact: <sip:carol@127.0.0.1:{port}>\r\nContent-Length: 0\r\n\r\n"
+    ));
+    let refused = expect_at(&carol, "SIP/2.0 503");
+    assert!(refused.contains("Retry-After: 5"), "{refused}");
+
+    // The grace period ends: the ringing phone gets a CANCEL and the caller a 503.
+    let cancel = expect_at(&bob, "CANCEL ");
+    answer_with_sdp(&bob, &cancel, 200, 4000);
+    let last = expect_at(&alice, "SIP/2.0 503");
+    assert!(last.contains("CSeq: 2 INVITE"), "{last}");
+    server.stop();
+    stop.store(true, Ordering::Relaxed);
+    let results = load.join().unwrap();
+    let log = server.log();
+    assert!(log.contains("draining"), "{log}");
+    assert!(log.contains("grace period over"), "{log}");
+
+    // Every request got a final response while the server listened: only the very last one,
+    // sent after it had gone, may be unanswered.
+    let unanswered = results.iter().filter(|r| r.is_none()).count();
+    assert!(
+        unanswered <= 1 && results[..results.len() - 1].iter().all(Option::is_some),
+        "{results:?}"
+    );
+    assert!(
+        results.iter().flatten().all(|c| *c == 200 || *c == 503),
+        "{results:?}"
+    );
+    // Registrations during the drain were turned away with 503 (the phones retry elsewhere).
+    assert!(results.contains(&Some(503)), "{results:?}");
+
+    // Every phone that registered is still registered after the restart.
+    server.start_again();
+    let all = server.cli_ok(&["registrations"]);
+    for i in 0..100 {
+        assert!(
+            all.contains(&format!("u{i}@localhost")),
+            "u{i} lost its binding:\n{all}"
+        );
+    }
+    assert!(all.contains("bob@localhost"));
+}

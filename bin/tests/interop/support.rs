@@ -102,6 +102,8 @@ impl Server {
             // The test clients all send from 127.0.0.1, often hundreds of messages a second;
             // the flood and brute-force tests use other loopback addresses.
             .env("SECURITY_ALLOWLIST", "127.0.0.1")
+            // Tests that stop a server with a call still ringing should not wait 30 s.
+            .env("SHUTDOWN_GRACE", "2")
             .env("RUST_LOG", "info");
         for (k, v) in &self.extra_env {
             // "{port}" stands for the server's own SIP port (e.g. in a custom SIP_LISTEN).

@@ -55,6 +55,10 @@ pub struct App {
     pub(crate) media_engine: OnceLock<Arc<crate::rtpengine::RtpEngine>>,
     /// Calls whose media is anchored.
     pub(crate) media_calls: crate::media::MediaCalls,
+    /// Shutting down: new out-of-dialog requests get 503.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Requests being handled in spawned tasks.
+    pub(crate) inflight: crate::drain::InFlightCount,
 }
 
 impl std::fmt::Debug for App {
@@ -96,6 +100,8 @@ impl App {
             keepalives: Default::default(),
             media_engine: OnceLock::new(),
             media_calls: Default::default(),
+            draining: Default::default(),
+            inflight: Default::default(),
         }
     }
 
@@ -377,6 +383,9 @@ impl InboundHandler for App {
         };
         if let Err(e) = msg.validate() {
             self.handle_invalid(&msg, &ctx, e.kind, e.reason());
+            return;
+        }
+        if self.refuse_while_draining(&msg, &ctx) {
             return;
         }
         if msg.method() == Method::Ack {

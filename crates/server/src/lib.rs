@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+mod drain;
 mod flows;
 pub mod keepalive;
 pub mod media;
@@ -87,6 +88,12 @@ impl RunningServer {
     /// The TLS server, when a listener uses TLS (for certificate reloads).
     pub fn tls(&self) -> Option<&careflow_transport::tls::TlsServer> {
         self.transports.tls()
+    }
+
+    /// Drains before a shutdown (see the `drain` module): returns when nothing is in progress
+    /// or `grace` is over and what was left has been answered.
+    pub async fn drain(&self, grace: Duration) {
+        self.app.drain(grace).await;
     }
 
     /// Waits until the transports and background tasks have stopped (after cancel).

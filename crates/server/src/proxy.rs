@@ -115,6 +115,8 @@ struct Forward {
     final_sent: bool,
     /// An out-of-dialog INVITE: a call, counted in the call metrics.
     call: bool,
+    /// `best` is our own answer (shutdown), not one from downstream.
+    local_final: bool,
 }
 
 #[derive(Debug)]
@@ -245,7 +247,11 @@ impl App {
             return;
         }
         let app = self.clone();
-        tokio::spawn(async move { app.route_request(msg, ctx).await });
+        let busy = crate::drain::InFlight::new(self);
+        tokio::spawn(async move {
+            app.route_request(msg, ctx).await;
+            drop(busy);
+        });
     }
 
     /// The proxy tables are bounded like the server transactions (`MAX_TRANSACTIONS`).
@@ -263,7 +269,11 @@ impl App {
             return;
         }
         let app = self.clone();
-        tokio::spawn(async move { app.route_request(msg, ctx).await });
+        let busy = crate::drain::InFlight::new(self);
+        tokio::spawn(async move {
+            app.route_request(msg, ctx).await;
+            drop(busy);
+        });
     }
 
     /// An ACK: absorbed by the INVITE transaction it acknowledges, dropped when it answers a
@@ -282,7 +292,9 @@ impl App {
             return;
         }
         let app = self.clone();
+        let busy = crate::drain::InFlight::new(self);
         tokio::spawn(async move {
+            let _busy = busy;
             // An ACK may answer a late offer of an anchored call.
             let msg = app.media_request(msg, ctx.source.ip()).await;
             if let Some((target, bytes)) = app.stateless_forward(&msg, &ctx).await {
@@ -513,8 +525,9 @@ impl App {
         } else {
             bytes
         };
-        // §16.7 step 6: a 503 from downstream becomes 500 upstream.
-        let (code, bytes) = if code == 503 {
+        // §16.7 step 6: a 503 from downstream becomes 500 upstream (ours, when shutting
+        // down, stays a 503 with its Retry-After).
+        let (code, bytes) = if code == 503 && !fw.local_final {
             (500, self.reply(&fw.request, &fw.ctx, 500).build())
         } else {
             (code, bytes)
@@ -538,6 +551,62 @@ impl App {
                 self.send_response(&request, &ctx, code, bytes);
             }
         }
+    }
+
+    /// Forwarded requests still waiting for their final response (shutdown waits for them).
+    pub(crate) fn pending_forwards(&self) -> usize {
+        self.proxy
+            .lock()
+            .map(|t| t.forwards.values().filter(|f| !f.final_sent).count())
+            .unwrap_or(0)
+    }
+
+    /// Shutdown's grace period is over: every forward still unanswered has its branches
+    /// CANCELled and its caller answered 503. Returns how many there were.
+    pub(crate) fn give_up_pending(self: &Arc<Self>) -> usize {
+        let now = Instant::now();
+        let mut sends = Sends::default();
+        let n = {
+            let Ok(mut guard) = self.proxy.lock() else {
+                return 0;
+            };
+            let t = &mut *guard;
+            let keys: Vec<TxKey> = t
+                .forwards
+                .iter()
+                .filter(|(_, f)| !f.final_sent)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in &keys {
+                let Some(fw) = t.forwards.get_mut(key) else {
+                    continue;
+                };
+                let names = fw.branches.clone();
+                let method = fw.request.method_str().to_string();
+                let resp = self
+                    .reply(&fw.request, &fw.ctx, 503)
+                    .reason("Shutting Down")
+                    .header("Retry-After", 5)
+                    .build();
+                fw.best = Some((503, resp));
+                fw.local_final = true;
+                if method == "INVITE" {
+                    cancel_pending(self, t, key, &names, now, &mut sends);
+                }
+                for n in &names {
+                    if let Some(b) = t.branches.get_mut(&format!("{n}|{method}")) {
+                        b.done = true;
+                    }
+                }
+                self.maybe_finish(t, key, now);
+                if let Some(fw) = t.forwards.get_mut(key) {
+                    sends.0.extend(drain_forward(fw).0);
+                }
+            }
+            keys.len()
+        };
+        self.flush(sends);
+        n
     }
 
     /// Runs the proxy's due timers; called every 50 ms. Only transactions whose deadline has
@@ -976,6 +1045,7 @@ impl App {
             final_sent: false,
             challenges: Vec::new(),
             call: is_call,
+            local_final: false,
         };
         sends.0.extend(drain_forward(&mut fw).0);
         t.forwards.insert(key.clone(), fw);
@@ -1047,6 +1117,7 @@ impl App {
             {
                 let resp = self.reply(&fw.request, &fw.ctx, 503).build();
                 fw.best = Some((503, resp));
+                fw.local_final = true;
             }
             self.maybe_finish(t, &key, now);
             if let Some(fw) = t.forwards.get_mut(&key) {

@@ -81,7 +81,11 @@ impl App {
             Err(Early::Reply(code, bytes)) => self.send_response(&msg, &ctx, code, bytes),
             Ok(_) => {
                 let app = self.clone();
-                tokio::spawn(async move { app.handle_register(msg, ctx).await });
+                let busy = crate::drain::InFlight::new(self);
+                tokio::spawn(async move {
+                    app.handle_register(msg, ctx).await;
+                    drop(busy);
+                });
             }
         }
     }
