@@ -1117,7 +1117,6 @@ impl App {
             {
                 let resp = self.reply(&fw.request, &fw.ctx, 503).build();
                 fw.best = Some((503, resp));
-                fw.local_final = true;
             }
             self.maybe_finish(t, &key, now);
             if let Some(fw) = t.forwards.get_mut(&key) {
