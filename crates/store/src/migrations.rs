@@ -89,3 +89,81 @@ pub(crate) fn migrate(conn: &mut Connection, steps: &[(i64, &str)]) -> Result<i6
     }
     Ok(version)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ApiKeyStore as _, LocationStore as _, SubscriberStore as _};
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// A database at the first released schema, with data, opened by today's code: the
+    /// remaining steps run and nothing is lost.
+    #[test]
+    fn the_first_subscriber_schema_with_data_upgrades_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("careflow.db");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            assert_eq!(migrate(&mut c, &SUBSCRIBER_MIGRATIONS[..1]).unwrap(), 1);
+            c.execute_batch(
+                "INSERT INTO subscriber (username, domain, email, careflow_user_id, \
+                 careflow_care4w_id, enabled, ha1_md5, ha1_sha256, created_at, updated_at) VALUES
+                 ('anna', 'clinic.example', 'anna@clinic.example', 'uid-anna', 'c4w-1', 1,
+                  'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 'bbbb', 1700000000, 1700000000),
+                 ('ben', 'clinic.example', NULL, NULL, NULL, 0,
+                  'cccccccccccccccccccccccccccccccc', 'dddd', 1700000001, 1700000001);",
+            )
+            .unwrap();
+        }
+        let store = crate::sqlite::SqliteSubscribers::open(&path).unwrap();
+        block_on(async {
+            let anna = store.find("anna", "clinic.example").await.unwrap().unwrap();
+            assert_eq!(anna.ha1_md5, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+            assert_eq!(anna.email.as_deref(), Some("anna@clinic.example"));
+            assert_eq!(anna.created_at, 1_700_000_000);
+            let by_user = store.find_by_careflow_user("uid-anna").await.unwrap();
+            assert_eq!(by_user.map(|s| s.username).as_deref(), Some("anna"));
+            let ben = store.find("ben", "clinic.example").await.unwrap().unwrap();
+            assert!(!ben.enabled);
+            // What step 2 added works on the old data.
+            store.create_key("ops", &"e".repeat(64)).await.unwrap();
+        });
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, crate::schema_versions().0);
+    }
+
+    #[test]
+    fn the_first_location_schema_with_bindings_upgrades_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("location.db");
+        let now = 1_800_000_000;
+        {
+            let mut c = Connection::open(&path).unwrap();
+            assert_eq!(migrate(&mut c, &LOCATION_MIGRATIONS[..1]).unwrap(), 1);
+            c.execute(
+                "INSERT INTO binding (id, aor, contact, call_id, cseq, expires_at, registered_at, \
+                 q, instance, reg_id, transport, source, user_agent) VALUES \
+                 (7, 'anna@clinic.example', '<sip:anna@192.0.2.7:5060>', 'c1', 3, ?1, ?2, NULL, \
+                  NULL, NULL, 'udp', '192.0.2.7:5060', 'Yealink SIP-T46S')",
+                [now + 600, now - 60],
+            )
+            .unwrap();
+        }
+        let loc = crate::location::EmbeddedLocation::open(&path, now).unwrap();
+        let found = block_on(loc.lookup("anna@clinic.example", now)).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].contact, "<sip:anna@192.0.2.7:5060>");
+        assert_eq!(found[0].user_agent.as_deref(), Some("Yealink SIP-T46S"));
+        assert!(found[0].path.is_empty());
+    }
+}
