@@ -92,10 +92,12 @@ pub(crate) fn migrate(conn: &mut Connection, steps: &[(i64, &str)]) -> Result<i6
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
     use crate::{ApiKeyStore as _, LocationStore as _, SubscriberStore as _};
 
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    fn block_on<F: Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -137,7 +139,9 @@ mod tests {
         });
         let c = Connection::open(&path).unwrap();
         let v: i64 = c
-            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))
+            .query_row("SELECT MAX(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(v, crate::schema_versions().0);
     }
