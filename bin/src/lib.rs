@@ -173,7 +173,7 @@ pub fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Serve => serve::run(config).await,
+            Command::Serve => serve::run(config, cli.config.clone()).await,
             Command::CheckConfig | Command::Healthcheck => Ok(()),
             Command::User(cmd) => users::run(&config, cmd).await,
             Command::Apikey(cmd) => apikeys::run(&config, cmd).await,

@@ -31,15 +31,33 @@ impl careflow_api::Status for Status {
     }
 }
 
-pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+pub(crate) async fn run(
+    cfg: Config,
+    config_path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // RUST_LOG wins; otherwise LOG_LEVEL, which SIGHUP can change.
+    let filter = match rust_log() {
+        Some(v) => EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(&cfg.log_level)),
+        None => EnvFilter::new(&cfg.log_level),
+    };
+    let (filter, log_handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(true)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
         )
-        .with_target(true)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
         .init();
+    let mut reloader = Reloader {
+        values: Config::values(config_path.as_deref(), |k| std::env::var(k).ok()),
+        path: config_path,
+        guard: None,
+        log: log_handle,
+    };
 
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create DATA_DIR {}", cfg.data_dir.display()))?;
@@ -79,6 +97,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         .clone()
         .map(|g| Arc::new(careflow_core::guard::Guard::new(g)));
     let control_guard = guard.clone();
+    reloader.guard = guard.clone();
     let api_guard = guard.clone();
     let server_cfg = ServerConfig {
         guard: guard.clone(),
@@ -169,7 +188,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     status.ready.store(true, Ordering::Release);
     tracing::info!("careflow-sip ready");
 
-    wait_for_signal(&server).await;
+    wait_for_signal(&server, &mut reloader).await;
     tracing::info!("shutting down");
     status.ready.store(false, Ordering::Release);
     server.drain(cfg.shutdown_grace).await;
@@ -242,7 +261,7 @@ fn tls_server(cfg: &Config) -> anyhow::Result<Option<TlsServer>> {
 }
 
 /// Waits for SIGTERM or Ctrl-C; SIGHUP meanwhile reloads the TLS certificate.
-async fn wait_for_signal(server: &careflow_server::RunningServer) {
+async fn wait_for_signal(server: &careflow_server::RunningServer, reloader: &mut Reloader) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -257,7 +276,7 @@ async fn wait_for_signal(server: &careflow_server::RunningServer) {
             tokio::select! {
                 _ = term.recv() => return,
                 _ = tokio::signal::ctrl_c() => return,
-                _ = hup.recv() => reload(server),
+                _ = hup.recv() => reload(server, reloader),
             }
         }
     }
@@ -267,8 +286,98 @@ async fn wait_for_signal(server: &careflow_server::RunningServer) {
     }
 }
 
-fn reload(server: &careflow_server::RunningServer) {
-    tracing::info!("SIGHUP: reloading; other settings need a restart");
+/// What SIGHUP can change without a restart: the TLS certificate, the log filter and the
+/// flood/brute-force limits. Other changed keys are named in the log as waiting for a restart.
+struct Reloader {
+    path: Option<std::path::PathBuf>,
+    /// The values in force. A key that needs a restart keeps its old value here, so every
+    /// reload says again that it waits for one.
+    values: std::collections::BTreeMap<String, String>,
+    guard: Option<Arc<careflow_core::guard::Guard>>,
+    log: tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+}
+
+/// RUST_LOG, when set to something.
+fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+const SECURITY_KEYS: &[&str] = &[
+    "security_rate_limit",
+    "security_burst",
+    "security_ban_time",
+    "security_auth_failures",
+    "security_auth_window",
+    "security_allowlist",
+];
+
+/// Re-reads the configuration and applies what can be applied.
+fn reload_config(r: &mut Reloader) {
+    let env = |k: &str| std::env::var(k).ok();
+    let cfg = match Config::load(r.path.as_deref(), env) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: the configuration has a problem; no setting was changed");
+            return;
+        }
+    };
+    let new = Config::values(r.path.as_deref(), env);
+    let mut keys: Vec<&String> = new.keys().chain(r.values.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| new.get(*k) != r.values.get(*k))
+        .cloned()
+        .collect();
+    let mut applied: Vec<String> = Vec::new();
+    if changed.iter().any(|k| SECURITY_KEYS.contains(&k.as_str()))
+        && let (Some(guard), Some(limits)) = (&r.guard, cfg.guard.clone())
+    {
+        guard.reconfigure(limits);
+        applied.extend(
+            changed
+                .iter()
+                .filter(|k| SECURITY_KEYS.contains(&k.as_str()))
+                .cloned(),
+        );
+    }
+    if changed.iter().any(|k| k == "log_level") {
+        if rust_log().is_some() {
+            tracing::warn!(
+                "SIGHUP: log_level changed but RUST_LOG is set and decides the log filter"
+            );
+        } else {
+            match r.log.reload(EnvFilter::new(&cfg.log_level)) {
+                Ok(()) => applied.push("log_level".into()),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the log filter could not be changed")
+                }
+            }
+        }
+    }
+    for k in &applied {
+        if let Some(v) = new.get(k) {
+            r.values.insert(k.clone(), v.clone());
+        }
+    }
+    let restart: Vec<String> = changed
+        .into_iter()
+        .filter(|k| !applied.contains(k) && k != "log_level")
+        .map(|k| k.to_ascii_uppercase())
+        .collect();
+    let applied: Vec<String> = applied.iter().map(|k| k.to_ascii_uppercase()).collect();
+    tracing::info!(applied = ?applied, "SIGHUP: configuration reloaded");
+    if !restart.is_empty() {
+        tracing::warn!(keys = ?restart, "SIGHUP: these changed settings need a restart of careflow-sip");
+    }
+}
+
+fn reload(server: &careflow_server::RunningServer, reloader: &mut Reloader) {
+    tracing::info!("SIGHUP: reloading");
+    reload_config(reloader);
     if let Some(tls) = server.tls() {
         match tls.certs.reload() {
             Ok(fp) => tracing::info!(fingerprint = %fp, "TLS certificate reloaded"),

@@ -284,6 +284,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Comma-separated IPs or CIDRs (e.g. `10.0.0.0/8,192.0.2.10`) never rate limited or banned: your own networks, monitoring, SBCs.",
     ),
     (
+        "log_level",
+        "info",
+        "Log filter when RUST_LOG is unset: `error`, `warn`, `info`, `debug`, `trace`, or per target (`info,careflow::security=debug`). Reloaded on SIGHUP.",
+    ),
+    (
         "shutdown_grace",
         "30",
         "Seconds SIGTERM waits for calls being set up to be answered (new requests get 503 meanwhile); unanswered calls are then cancelled and their callers answered 503. Keep it below the service manager's stop timeout (the unit uses 40).",
@@ -367,6 +372,8 @@ pub struct Config {
     pub partial_timeout: Duration,
     /// How long SIGTERM drains.
     pub shutdown_grace: Duration,
+    /// The log filter (when RUST_LOG is unset).
+    pub log_level: String,
     /// Certificate and key, when configured (else self-signed when a listener needs TLS).
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// CA for client certificates.
@@ -508,6 +515,18 @@ impl Config {
         let mut raw = defaults();
         raw.extend(set);
         Self::from_raw(&raw)
+    }
+
+    /// Every key's value in force (defaults, then the file, then the environment), to tell
+    /// what a reload changed.
+    pub fn values(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> BTreeMap<String, String> {
+        let (set, _) = gather(path, &env);
+        let mut raw = defaults();
+        raw.extend(set);
+        raw
     }
 
     /// Every problem of a configuration at once (for `careflow-sip check-config`): each key
@@ -782,6 +801,18 @@ impl Config {
             max_connections_per_ip: num("max_connections_per_ip", 1, 1_000_000)? as usize,
             partial_timeout: Duration::from_secs(num("partial_message_timeout", 1, 600)?),
             shutdown_grace: Duration::from_secs(num("shutdown_grace", 0, 3600)?),
+            log_level: {
+                let l = get("log_level");
+                if tracing_subscriber::EnvFilter::try_new(l).is_err() {
+                    return Err(invalid(
+                        "log_level",
+                        format!(
+                            "`{l}` is not a log filter such as info or warn,careflow::security=info"
+                        ),
+                    ));
+                }
+                l.to_string()
+            },
             user_check,
             jwt,
             api_rate_limit: num("api_rate_limit", 1, 100_000)? as u32,

@@ -374,3 +374,100 @@ fn sigterm_under_load_loses_no_binding_and_answers_every_request() {
     }
     assert!(all.contains("bob@localhost"));
 }
+
+#[test]
+fn sighup_applies_limits_and_the_log_level_and_names_what_needs_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("careflow-sip.toml");
+    std::fs::write(
+        &file,
+        "security_auth_failures = 5\nlog_level = \"info\"\nmax_contacts = 10\n",
+    )
+    .unwrap();
+    // RUST_LOG would decide the log filter; unset, LOG_LEVEL does.
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("CAREFLOW_CONFIG", file.to_str().unwrap()),
+            ("RUST_LOG", ""),
+        ],
+    );
+    server.add_user("frank", "pw-frank-hup");
+    // Two wrong passwords from one address: not enough for a ban at 5.
+    let guesser = Ua::from_ip(server.sip_addr(), "127.0.0.5");
+    for i in 0..2 {
+        let r = guesser.register("frank", "wrong", "localhost", &format!("hup-a{i}"), "");
+        assert_eq!(status(&r), 401, "{r}");
+    }
+    assert!(!server.log().contains("DEBUG"));
+
+    std::fs::write(
+        &file,
+        "security_auth_failures = 2\nlog_level = \"debug\"\nmax_contacts = 3\n",
+    )
+    .unwrap();
+    server.signal("HUP");
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if server.log().contains("configuration reloaded") {
+            reloaded = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(reloaded, "{}", server.log());
+    let log = server.log();
+    assert!(
+        log.contains("SECURITY_AUTH_FAILURES") && log.contains("LOG_LEVEL"),
+        "{log}"
+    );
+    assert!(
+        log.contains("need a restart") && log.contains("MAX_CONTACTS"),
+        "{log}"
+    );
+
+    // The new threshold applies at once: two more wrong passwords and the address is banned.
+    let other = Ua::from_ip(server.sip_addr(), "127.0.0.6");
+    other
+        .sock
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    for i in 0..2 {
+        // The answer to the second may never come: that is the ban.
+        let _ = register_like_a_phone(&other, "frank", "wrong", &format!("hup-b{i}"));
+    }
+    let mut banned = false;
+    for _ in 0..50 {
+        if server.cli_ok(&["bans"]).contains("127.0.0.6") {
+            banned = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(banned, "{}", server.log());
+    // And the log level: a dropped datagram is now logged at debug level.
+    let ok = Ua::new(server.sip_addr());
+    ok.send("this is not SIP\r\n\r\n");
+    let mut debug = false;
+    for _ in 0..50 {
+        if server.log().contains("DEBUG") {
+            debug = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(debug, "{}", server.log());
+
+    // A broken file changes nothing and says so.
+    std::fs::write(&file, "security_auth_failures = \"many\"\n").unwrap();
+    server.signal("HUP");
+    let mut refused = false;
+    for _ in 0..100 {
+        if server.log().contains("no setting was changed") {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(refused, "{}", server.log());
+}

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// An IPv4 or IPv6 network, e.g. `10.0.0.0/8` or `2001:db8::/32` (a bare address is /32 or
@@ -156,7 +156,8 @@ const SHARDS: usize = 16;
 /// The per-source state.
 #[derive(Debug)]
 pub struct Guard {
-    cfg: GuardConfig,
+    /// Swapped whole on a configuration reload (SIGHUP).
+    cfg: RwLock<Arc<GuardConfig>>,
     shards: Vec<Mutex<HashMap<IpAddr, Source>>>,
     users: Mutex<HashMap<String, (u32, Instant)>>,
     recent: Mutex<VecDeque<(Instant, IpAddr, String)>>,
@@ -191,7 +192,7 @@ impl Guard {
     /// A guard with `cfg`.
     pub fn new(cfg: GuardConfig) -> Self {
         Self {
-            cfg,
+            cfg: RwLock::new(Arc::new(cfg)),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             users: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
@@ -215,9 +216,20 @@ impl Guard {
             .collect()
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &GuardConfig {
-        &self.cfg
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<GuardConfig> {
+        match self.cfg.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// New limits, thresholds and allow-list (a reload); bans and counters are kept.
+    pub fn reconfigure(&self, cfg: GuardConfig) {
+        match self.cfg.write() {
+            Ok(mut c) => *c = Arc::new(cfg),
+            Err(p) => *p.into_inner() = Arc::new(cfg),
+        }
     }
 
     fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, Source>> {
@@ -230,12 +242,12 @@ impl Guard {
 
     /// Whether `ip` is on the allow-list.
     pub fn allowed(&self, ip: IpAddr) -> bool {
-        self.cfg.allowlist.iter().any(|c| c.contains(ip))
+        self.config().allowlist.iter().any(|c| c.contains(ip))
     }
 
-    fn fresh(&self, now: Instant) -> Source {
+    fn fresh(&self, cfg: &GuardConfig, now: Instant) -> Source {
         Source {
-            tokens: f64::from(self.cfg.burst),
+            tokens: f64::from(cfg.burst),
             last: now,
             banned_until: None,
             reason: None,
@@ -244,18 +256,24 @@ impl Guard {
         }
     }
 
-    fn with_source<T>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Source) -> T) -> T {
+    fn with_source<T>(
+        &self,
+        ip: IpAddr,
+        now: Instant,
+        f: impl FnOnce(&mut Source, &GuardConfig) -> T,
+    ) -> T {
+        let cfg = self.config();
         let mut map = match self.shard(ip).lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        if map.len() >= self.cfg.max_tracked / SHARDS && !map.contains_key(&ip) {
+        if map.len() >= cfg.max_tracked / SHARDS && !map.contains_key(&ip) {
             // Forget sources that are neither banned nor recently active.
             let idle = Duration::from_secs(10);
             map.retain(|_, s| {
                 s.banned_until.is_some_and(|t| t > now) || now.duration_since(s.last) < idle
             });
-            if map.len() >= self.cfg.max_tracked / SHARDS {
+            if map.len() >= cfg.max_tracked / SHARDS {
                 // Still full (a spoofed flood): forget the least recent half of the unbanned.
                 let mut ages: Vec<Instant> = map
                     .values()
@@ -268,13 +286,13 @@ impl Guard {
                 }
             }
         }
-        let fresh = self.fresh(now);
+        let fresh = self.fresh(&cfg, now);
         let s = map.entry(ip).or_insert(fresh);
-        f(s)
+        f(s, &cfg)
     }
 
-    fn ban(&self, s: &mut Source, reason: BanReason, now: Instant) {
-        s.banned_until = Some(now + self.cfg.ban_time);
+    fn ban(s: &mut Source, cfg: &GuardConfig, reason: BanReason, now: Instant) {
+        s.banned_until = Some(now + cfg.ban_time);
         s.reason = Some(reason);
     }
 
@@ -283,24 +301,23 @@ impl Guard {
         if self.allowed(ip) {
             return Admit::Pass;
         }
-        self.with_source(ip, now, |s| {
+        self.with_source(ip, now, |s, cfg| {
             if let Some(until) = s.banned_until {
                 if until > now {
                     return Admit::Drop;
                 }
                 s.banned_until = None;
                 s.reason = None;
-                s.tokens = f64::from(self.cfg.burst);
+                s.tokens = f64::from(cfg.burst);
             }
             let elapsed = now.saturating_duration_since(s.last).as_secs_f64();
             s.last = now;
-            s.tokens =
-                (s.tokens + elapsed * f64::from(self.cfg.rate)).min(f64::from(self.cfg.burst));
+            s.tokens = (s.tokens + elapsed * f64::from(cfg.rate)).min(f64::from(cfg.burst));
             if s.tokens >= 1.0 {
                 s.tokens -= 1.0;
                 Admit::Pass
             } else {
-                self.ban(s, BanReason::Flood, now);
+                Self::ban(s, cfg, BanReason::Flood, now);
                 Admit::Banned(BanReason::Flood)
             }
         })
@@ -325,7 +342,7 @@ impl Guard {
         if self.allowed(ip) {
             return false;
         }
-        self.with_source(ip, now, |s| self.ban(s, reason, now));
+        self.with_source(ip, now, |s, cfg| Self::ban(s, cfg, reason, now));
         true
     }
 
@@ -346,8 +363,9 @@ impl Guard {
         if self.allowed(ip) {
             return None;
         }
-        let window = self.cfg.auth_window;
-        let limit = self.cfg.auth_failures;
+        let cfg = self.config();
+        let window = cfg.auth_window;
+        let limit = cfg.auth_failures;
         let user_hot = {
             let mut users = match self.users.lock() {
                 Ok(u) => u,
@@ -364,7 +382,7 @@ impl Guard {
             e.0 += 1;
             e.0 >= limit
         };
-        self.with_source(ip, now, |s| {
+        self.with_source(ip, now, |s, cfg| {
             if now.duration_since(s.window_start) >= window {
                 s.failures = 0;
                 s.window_start = now;
@@ -380,7 +398,7 @@ impl Guard {
             if s.banned_until.is_some_and(|t| t > now) {
                 return None;
             }
-            self.ban(s, reason, now);
+            Self::ban(s, cfg, reason, now);
             Some(reason)
         })
     }
@@ -507,6 +525,25 @@ mod tests {
             assert_eq!(g.auth_failed(ip("127.0.0.1"), "u", t0), None);
         }
         assert!(!g.ban_now(ip("127.0.0.5"), BanReason::Flood, t0));
+    }
+
+    #[test]
+    fn reconfiguring_changes_thresholds_and_keeps_bans() {
+        let g = Guard::new(GuardConfig::default());
+        let now = Instant::now();
+        assert!(g.ban_now(ip("192.0.2.50"), BanReason::Flood, now));
+        let before = g.config().auth_failures;
+        g.reconfigure(GuardConfig {
+            auth_failures: 1,
+            ..GuardConfig::default()
+        });
+        assert_ne!(before, 1);
+        assert_eq!(g.config().auth_failures, 1);
+        assert!(g.is_banned(ip("192.0.2.50"), now));
+        assert_eq!(
+            g.auth_failed(ip("192.0.2.51"), "someone", now),
+            Some(BanReason::BruteForce)
+        );
     }
 
     #[test]
