@@ -237,3 +237,103 @@ async fn mariadb() {
     let db = open_database(&url).await.unwrap();
     assert_eq!(db.list().await.unwrap().len(), 4);
 }
+
+/// The first released subscriber schema of the server backends, frozen here as it shipped (a
+/// later edit of migration 1 must not change what this test upgrades from), with two rows.
+const POSTGRES_V1: &str = "
+    CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL);
+    CREATE TABLE subscriber (
+        id BIGSERIAL PRIMARY KEY, username TEXT NOT NULL, domain TEXT NOT NULL, email TEXT,
+        careflow_user_id TEXT, careflow_care4w_id TEXT, enabled BOOLEAN NOT NULL DEFAULT TRUE,
+        ha1_md5 TEXT NOT NULL, ha1_sha256 TEXT NOT NULL, created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL, UNIQUE (username, domain));
+    CREATE INDEX idx_subscriber_careflow_user ON subscriber (careflow_user_id);
+    INSERT INTO schema_migrations VALUES (1, 1700000000);
+    INSERT INTO subscriber (username, domain, email, careflow_user_id, enabled, ha1_md5,
+        ha1_sha256, created_at, updated_at) VALUES
+        ('anna', 'clinic.example', 'anna@clinic.example', 'uid-anna', TRUE,
+         'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 'bbbb', 1700000000, 1700000000),
+        ('ben', 'clinic.example', NULL, NULL, FALSE,
+         'cccccccccccccccccccccccccccccccc', 'dddd', 1700000001, 1700000001);";
+
+const MARIADB_V1: &str = "
+    CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL);
+    CREATE TABLE subscriber (
+        id BIGINT AUTO_INCREMENT PRIMARY KEY, username VARCHAR(128) NOT NULL,
+        domain VARCHAR(255) NOT NULL, email VARCHAR(255), careflow_user_id VARCHAR(255),
+        careflow_care4w_id VARCHAR(255), enabled TINYINT(1) NOT NULL DEFAULT 1,
+        ha1_md5 CHAR(32) NOT NULL, ha1_sha256 CHAR(64) NOT NULL, created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL, UNIQUE KEY uq_subscriber (username, domain),
+        KEY idx_subscriber_careflow_user (careflow_user_id)
+    ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
+    INSERT INTO schema_migrations VALUES (1, 1700000000);
+    INSERT INTO subscriber (username, domain, email, careflow_user_id, enabled, ha1_md5,
+        ha1_sha256, created_at, updated_at) VALUES
+        ('anna', 'clinic.example', 'anna@clinic.example', 'uid-anna', 1,
+         'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', REPEAT('b', 64), 1700000000, 1700000000),
+        ('ben', 'clinic.example', NULL, NULL, 0,
+         'cccccccccccccccccccccccccccccccc', REPEAT('d', 64), 1700000001, 1700000001);";
+
+/// Opens a database left at schema 1 with today's code: the data is all there and what the
+/// later steps added works.
+async fn upgraded_from_v1(db: Arc<dyn Database>) {
+    let anna = db.find("anna", "clinic.example").await.unwrap().unwrap();
+    assert_eq!(anna.ha1_md5, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+    assert_eq!(anna.email.as_deref(), Some("anna@clinic.example"));
+    assert_eq!(anna.created_at, 1_700_000_000);
+    let by_user = db.find_by_careflow_user("uid-anna").await.unwrap();
+    assert_eq!(by_user.map(|s| s.username).as_deref(), Some("anna"));
+    assert!(
+        !db.find("ben", "clinic.example")
+            .await
+            .unwrap()
+            .unwrap()
+            .enabled
+    );
+    db.create_key("ops", &"e".repeat(64)).await.unwrap();
+    assert_eq!(db.list().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn postgres_upgrades_from_the_first_schema() {
+    let t = TestDb::postgres();
+    let name = t.url.rsplit('/').next().unwrap().to_string();
+    run(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "careflow",
+            "-d",
+            &name,
+            "-c",
+            POSTGRES_V1,
+        ]
+        .map(String::from),
+    );
+    let db = open_database(&DbUrl::parse(&t.url).unwrap()).await.unwrap();
+    upgraded_from_v1(db).await;
+}
+
+#[tokio::test]
+async fn mariadb_upgrades_from_the_first_schema() {
+    let t = TestDb::mariadb();
+    let name = t.url.rsplit('/').next().unwrap().to_string();
+    run(
+        "mariadb",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-u",
+            "careflow",
+            "-pcareflow",
+            &name,
+            "-e",
+            MARIADB_V1,
+        ]
+        .map(String::from),
+    );
+    let db = open_database(&DbUrl::parse(&t.url).unwrap()).await.unwrap();
+    upgraded_from_v1(db).await;
+}
