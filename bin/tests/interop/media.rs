@@ -139,13 +139,7 @@ fn two_phones_talk_through_rtpengine() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = phones(&server, tmp.path());
-    let mut callee = Command::new("baresip")
-        .args(["-f", b.to_str().unwrap(), "-t", "40"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut callee = baresip(&b, "40", false);
     wait_registered(&server, "noah");
     let caller = Command::new("baresip")
         .args([
@@ -225,13 +219,7 @@ fn without_rtpengine_the_call_still_connects_with_its_own_sdp() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = phones(&server, tmp.path());
-    let mut callee = Command::new("baresip")
-        .args(["-f", b.to_str().unwrap(), "-t", "30"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut callee = baresip(&b, "30", false);
     wait_registered(&server, "noah");
     let out = Command::new("baresip")
         .args([
@@ -322,6 +310,29 @@ fn both_legs_carry_rtp(rtp: &Rtpengine, server: &Server) -> Vec<(String, i64)> {
     l
 }
 
+/// Audio flowed both ways: the browser (packets in and out, DTLS connected) and rtpengine (the
+/// browser's leg is DTLS-SRTP, the phone's plain RTP, each sent it more than 50 packets).
+fn browser_and_phone_talked(
+    (received, sent, dtls): (u64, u64, &str),
+    legs: &[(String, i64)],
+    rtp: &Rtpengine,
+    server: &Server,
+) {
+    assert!(
+        received > 50 && sent > 50 && dtls == "connected",
+        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {legs:?}\n{}",
+        server.log()
+    );
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    assert_eq!(legs[0].0, "RTP/AVP", "{legs:?}");
+    assert_eq!(legs[1].0, "UDP/TLS/RTP/SAVPF", "{legs:?}");
+    assert!(
+        legs.iter().all(|(_, p)| *p > 50),
+        "{legs:?}\nrtpengine:\n{}",
+        rtp.log_tail()
+    );
+}
+
 /// "NAME-stats IN OUT DTLS" from the browser: packets it received and sent, DTLS state.
 fn browser_stats(line: &str) -> (u64, u64, String) {
     let parts: Vec<&str> = line.split(' ').collect();
@@ -351,13 +362,7 @@ fn a_browser_and_a_desk_phone_talk_through_rtpengine_both_ways() {
     server.add_user("web1", "pw-web1-media");
     let tmp = tempfile::tempdir().unwrap();
     let (mia, noah) = phones(&server, tmp.path());
-    let mut desk = Command::new("baresip")
-        .args(["-f", noah.to_str().unwrap(), "-t", "80"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut desk = baresip(&noah, "80", false);
     let shots = interop_dir().join("../../../target/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let mut node = Command::new("node");
@@ -393,19 +398,7 @@ fn a_browser_and_a_desk_phone_talk_through_rtpengine_both_ways() {
     browser.wait("incoming-ended", &server);
     let _ = caller.kill();
     let _ = caller.wait();
-    assert!(
-        received > 50 && sent > 50 && dtls == "connected",
-        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {l:?}\n{}",
-        server.log()
-    );
-    assert_eq!(l.len(), 2, "{l:?}");
-    assert_eq!(l[0].0, "RTP/AVP", "{l:?}");
-    assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{l:?}");
-    assert!(
-        l.iter().all(|(_, p)| *p > 50),
-        "{l:?}\nrtpengine:\n{}",
-        rtp.log_tail()
-    );
+    browser_and_phone_talked((received, sent, &dtls), &l, &rtp, &server);
 
     // The browser calls the desk phone.
     browser.wait("outgoing-confirmed", &server);
@@ -415,19 +408,7 @@ fn a_browser_and_a_desk_phone_talk_through_rtpengine_both_ways() {
     browser.wait("done", &server);
     let _ = desk.kill();
     let _ = desk.wait();
-    assert!(
-        received > 50 && sent > 50 && dtls == "connected",
-        "browser: in {received} out {sent} dtls {dtls}; rtpengine: {l:?}\n{}",
-        server.log()
-    );
-    assert_eq!(l.len(), 2, "{l:?}");
-    assert_eq!(l[0].0, "RTP/AVP", "{l:?}");
-    assert_eq!(l[1].0, "UDP/TLS/RTP/SAVPF", "{l:?}");
-    assert!(
-        l.iter().all(|(_, p)| *p > 50),
-        "{l:?}\nrtpengine:\n{}",
-        rtp.log_tail()
-    );
+    browser_and_phone_talked((received, sent, &dtls), &l, &rtp, &server);
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
 }
 
@@ -499,15 +480,20 @@ fn a_late_offer_a_hold_and_a_resume_all_go_through_rtpengine() {
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
 }
 
-/// Whether the server's log says `what` within ten seconds.
-fn log_shows(server: &Server, what: &str) -> bool {
-    for _ in 0..100 {
-        if server.log().contains(what) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+/// A baresip phone from `home` (answering when its account says so) that quits after
+/// `seconds`; its stdout is kept when `output`.
+fn baresip(home: &std::path::Path, seconds: &str, output: bool) -> Child {
+    Command::new("baresip")
+        .args(["-f", home.to_str().unwrap(), "-t", seconds])
+        .stdin(Stdio::null())
+        .stdout(if output {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 fn dial(phone: &std::path::Path, seconds: &str) -> Child {
@@ -541,13 +527,7 @@ fn a_call_whose_rtpengine_dies_ends_cleanly_and_the_next_call_connects_unanchore
     );
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = phones(&server, tmp.path());
-    let callee = Command::new("baresip")
-        .args(["-f", b.to_str().unwrap(), "-t", "16"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let callee = baresip(&b, "16", true);
     wait_registered(&server, "noah");
     let caller = dial(&a, "6");
     std::thread::sleep(Duration::from_secs(3));
@@ -570,11 +550,7 @@ fn a_call_whose_rtpengine_dies_ends_cleanly_and_the_next_call_connects_unanchore
     // The BYE went through; the media session is gone from our books even though rtpengine
     // could not be told, and the log says so.
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
-    assert!(
-        log_shows(&server, "media delete failed"),
-        "{}",
-        server.log()
-    );
+    assert!(server.log_shows("media delete failed"), "{}", server.log());
 
     // The next call, with rtpengine still dead, connects with its own SDP.
     let out = dial(&a, "4").wait_with_output().unwrap();
@@ -584,7 +560,7 @@ fn a_call_whose_rtpengine_dies_ends_cleanly_and_the_next_call_connects_unanchore
         "{text}\n{}",
         server.log()
     );
-    assert!(log_shows(&server, "media not anchored"), "{}", server.log());
+    assert!(server.log_shows("media not anchored"), "{}", server.log());
     // The callee saw both calls end with a BYE.
     let out = callee.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -606,13 +582,7 @@ fn a_call_rtpengine_dropped_after_its_phones_vanished_is_forgotten() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = phones(&server, tmp.path());
-    let mut callee = Command::new("baresip")
-        .args(["-f", b.to_str().unwrap(), "-t", "30"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut callee = baresip(&b, "30", false);
     wait_registered(&server, "noah");
     let mut caller = dial(&a, "30");
     for _ in 0..50 {
@@ -635,7 +605,7 @@ fn a_call_rtpengine_dropped_after_its_phones_vanished_is_forgotten() {
         let _ = p.wait();
     }
     assert!(
-        log_shows(&server, "rtpengine no longer holds the call's media"),
+        server.log_shows("rtpengine no longer holds the call's media"),
         "{}",
         server.log()
     );

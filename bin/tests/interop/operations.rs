@@ -4,6 +4,12 @@ use std::process::Command;
 
 use crate::support::*;
 
+/// The command failed and its error says `what`.
+fn fails_saying(out: &std::process::Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(what), "{err}");
+}
+
 fn register(server: &Server, user: &str, password: &str, call_id: &str) -> u16 {
     let ua = Ua::new(server.sip_addr());
     status(&ua.register(user, password, "localhost", call_id, ""))
@@ -39,12 +45,9 @@ fn a_backup_taken_while_running_brings_back_users_keys_and_registrations() {
     // Not over an existing backup, and not into a running server.
     let again = server.cli(&["backup", dir.to_str().unwrap()]);
     assert!(!again.status.success());
-    let running = server.cli(&["restore", dir.to_str().unwrap()]);
-    assert!(!running.status.success());
-    assert!(
-        String::from_utf8_lossy(&running.stderr).contains("stop it before restoring"),
-        "{}",
-        String::from_utf8_lossy(&running.stderr)
+    fails_saying(
+        &server.cli(&["restore", dir.to_str().unwrap()]),
+        "stop it before restoring",
     );
 
     // The disk is lost.
@@ -71,12 +74,9 @@ fn a_backup_taken_while_running_brings_back_users_keys_and_registrations() {
     )
     .unwrap();
     drop(conn);
-    let refused = server.cli(&["restore", newer.to_str().unwrap()]);
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("newer than this careflow-sip"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
+    fails_saying(
+        &server.cli(&["restore", newer.to_str().unwrap()]),
+        "newer than this careflow-sip",
     );
     server.start_again();
     assert_eq!(register(&server, "eve", "pw-eve-backup", "bk-3"), 200);
@@ -407,15 +407,11 @@ fn sighup_applies_limits_and_the_log_level_and_names_what_needs_a_restart() {
     )
     .unwrap();
     server.signal("HUP");
-    let mut reloaded = false;
-    for _ in 0..100 {
-        if server.log().contains("configuration reloaded") {
-            reloaded = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(reloaded, "{}", server.log());
+    assert!(
+        server.log_shows("configuration reloaded"),
+        "{}",
+        server.log()
+    );
     let log = server.log();
     assert!(
         log.contains("SECURITY_AUTH_FAILURES") && log.contains("LOG_LEVEL"),
@@ -448,26 +444,14 @@ fn sighup_applies_limits_and_the_log_level_and_names_what_needs_a_restart() {
     // And the log level: a dropped datagram is now logged at debug level.
     let ok = Ua::new(server.sip_addr());
     ok.send("this is not SIP\r\n\r\n");
-    let mut debug = false;
-    for _ in 0..50 {
-        if server.log().contains("DEBUG") {
-            debug = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(debug, "{}", server.log());
+    assert!(server.log_shows("DEBUG"), "{}", server.log());
 
     // A broken file changes nothing and says so.
     std::fs::write(&file, "security_auth_failures = \"many\"\n").unwrap();
     server.signal("HUP");
-    let mut refused = false;
-    for _ in 0..100 {
-        if server.log().contains("no setting was changed") {
-            refused = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(refused, "{}", server.log());
+    assert!(
+        server.log_shows("no setting was changed"),
+        "{}",
+        server.log()
+    );
 }

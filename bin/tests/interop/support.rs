@@ -88,6 +88,17 @@ impl Server {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Whether the log says `what` within ten seconds.
+    pub fn log_shows(&self, what: &str) -> bool {
+        for _ in 0..200 {
+            if self.log().contains(what) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     fn command(&self) -> Command {
         let mut c = Command::new(BIN);
         c.env_clear()

@@ -372,6 +372,17 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A message with SDP from `from` to `to`, sent from `source`.
+    fn seen<'a>(from: &'a str, to: &'a str, body: &'a str, source: &str) -> Seen<'a> {
+        Seen {
+            from_tag: from,
+            to_tag: Some(to),
+            body,
+            source: ip(source),
+            via_branch: None,
+        }
+    }
+
     fn text(v: &Value, key: &str) -> Option<String> {
         v.get(key).and_then(Value::as_str).map(str::to_string)
     }
@@ -469,11 +480,8 @@ mod tests {
         let _ = call.initial_offer(PHONE_SDP, Leg::WebRtc, None);
         let a = call
             .response(&Seen {
-                from_tag: "desk",
-                to_tag: Some("web"),
-                body: BROWSER_SDP,
-                source: ip("203.0.113.5"),
                 via_branch: Some("z9hG4bK-1"),
+                ..seen("desk", "web", BROWSER_SDP, "203.0.113.5")
             })
             .unwrap();
         assert_eq!(text(&a, "command").as_deref(), Some("answer"));
@@ -492,16 +500,7 @@ mod tests {
         let mut call = phone_calls_browser();
         let _ = call.initial_offer(PHONE_SDP, Leg::WebRtc, None);
         let hold = call
-            .request(
-                "INVITE",
-                &Seen {
-                    from_tag: "web",
-                    to_tag: Some("desk"),
-                    body: BROWSER_SDP,
-                    source: ip("192.0.2.20"),
-                    via_branch: None,
-                },
-            )
+            .request("INVITE", &seen("web", "desk", BROWSER_SDP, "192.0.2.20"))
             .unwrap();
         assert_eq!(text(&hold, "command").as_deref(), Some("offer"));
         assert_eq!(text(&hold, "from-tag").as_deref(), Some("web"));
@@ -513,13 +512,7 @@ mod tests {
         assert_eq!(text(&hold, "DTLS-reverse").as_deref(), Some("passive"));
         // The desk phone's 200 answers it, towards the browser.
         let ok = call
-            .response(&Seen {
-                from_tag: "web",
-                to_tag: Some("desk"),
-                body: PHONE_SDP,
-                source: ip("192.0.2.10"),
-                via_branch: None,
-            })
+            .response(&seen("web", "desk", PHONE_SDP, "192.0.2.10"))
             .unwrap();
         assert_eq!(text(&ok, "command").as_deref(), Some("answer"));
         assert_eq!(text(&ok, "from-tag").as_deref(), Some("web"));
@@ -529,16 +522,7 @@ mod tests {
         );
         // An UPDATE from the caller offers towards the browser again.
         let update = call
-            .request(
-                "UPDATE",
-                &Seen {
-                    from_tag: "desk",
-                    to_tag: Some("web"),
-                    body: PHONE_SDP,
-                    source: ip("192.0.2.10"),
-                    via_branch: None,
-                },
-            )
+            .request("UPDATE", &seen("desk", "web", PHONE_SDP, "192.0.2.10"))
             .unwrap();
         assert_eq!(
             text(&update, "transport-protocol").as_deref(),
@@ -546,17 +530,8 @@ mod tests {
         );
         // Other requests are nothing to rtpengine.
         assert!(
-            call.request(
-                "INFO",
-                &Seen {
-                    from_tag: "desk",
-                    to_tag: Some("web"),
-                    body: PHONE_SDP,
-                    source: ip("192.0.2.10"),
-                    via_branch: None,
-                }
-            )
-            .is_none()
+            call.request("INFO", &seen("desk", "web", PHONE_SDP, "192.0.2.10"))
+                .is_none()
         );
     }
 
@@ -577,55 +552,28 @@ mod tests {
         call.expect_late_offer();
         let o = call
             .response(&Seen {
-                from_tag: "caller",
-                to_tag: Some("callee"),
-                body: PHONE_SDP,
-                source: ip("192.0.2.30"),
                 via_branch: Some("z9hG4bK-x"),
+                ..seen("caller", "callee", PHONE_SDP, "192.0.2.30")
             })
             .unwrap();
         assert_eq!(text(&o, "command").as_deref(), Some("offer"));
         assert_eq!(text(&o, "from-tag").as_deref(), Some("callee"));
         assert_eq!(text(&o, "to-tag").as_deref(), Some("caller"));
         let a = call
-            .request(
-                "ACK",
-                &Seen {
-                    from_tag: "caller",
-                    to_tag: Some("callee"),
-                    body: PHONE_SDP,
-                    source: ip("192.0.2.10"),
-                    via_branch: None,
-                },
-            )
+            .request("ACK", &seen("caller", "callee", PHONE_SDP, "192.0.2.10"))
             .unwrap();
         assert_eq!(text(&a, "command").as_deref(), Some("answer"));
         assert_eq!(text(&a, "from-tag").as_deref(), Some("callee"));
         assert_eq!(text(&a, "to-tag").as_deref(), Some("caller"));
         // Once answered, a later ACK with SDP is not another answer.
         assert!(
-            call.request(
-                "ACK",
-                &Seen {
-                    from_tag: "caller",
-                    to_tag: Some("callee"),
-                    body: PHONE_SDP,
-                    source: ip("192.0.2.10"),
-                    via_branch: None,
-                }
-            )
-            .is_none()
+            call.request("ACK", &seen("caller", "callee", PHONE_SDP, "192.0.2.10"))
+                .is_none()
         );
         // A re-INVITE without SDP asks for another late offer.
         call.request_without_sdp("INVITE");
         let again = call
-            .response(&Seen {
-                from_tag: "caller",
-                to_tag: Some("callee"),
-                body: PHONE_SDP,
-                source: ip("192.0.2.30"),
-                via_branch: None,
-            })
+            .response(&seen("caller", "callee", PHONE_SDP, "192.0.2.30"))
             .unwrap();
         assert_eq!(text(&again, "command").as_deref(), Some("offer"));
     }
