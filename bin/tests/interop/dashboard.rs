@@ -59,6 +59,12 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
         .arg(&shots);
     let mut page = Events::spawn(node);
     page.wait("expired-refused", &server);
+    // The credentials appear behind the page's back (CareFlow's own call to the API).
+    page.wait("account-empty", &server);
+    let (code, _, _) = crate::api::http(&server, "POST", "/api/sip/register", Some(&token), None);
+    assert_eq!(code, 201);
+    page.send("created");
+    page.wait("conflict-shown", &server);
     let creds = page.wait("credentials", &server);
     let parts: Vec<&str> = creds.split(' ').collect();
     let (user, password) = (parts[1].to_string(), parts[2].to_string());

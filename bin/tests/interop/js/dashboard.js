@@ -3,7 +3,8 @@
 // (register a SIP client, check the server), the script waits for a line on stdin.
 //
 // Usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR
-//   expired-refused -> credentials USER PASSWORD -> servers T=ADDR... -> (stdin: registered) -> device-online TEXT
+//   expired-refused -> account-empty -> (stdin: created) -> conflict-shown
+//   -> credentials USER PASSWORD -> servers T=ADDR... -> (stdin: registered) -> device-online TEXT
 //   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE -> qr PNG URL
 //   -> rotated PASSWORD -> (stdin: next) -> revoked -> regenerated USER -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
 //   -> (stdin: started) -> recovered -> (stdin: next) -> admin USERS FAILURES -> local-storage -> axe-total N
@@ -83,9 +84,19 @@ async function main() {
   await page.keyboard.press('Enter');
   await page.locator('#account-none button#generate').waitFor();
   await shot('account-empty');
+  // Meanwhile CareFlow creates the credentials through the API: the page's Generate then meets
+  // a 409, says so, and shows the account; rotating gives this page a password to show.
+  event('account-empty');
+  await nextLine();
   await page.keyboard.press('Tab');
   if (await focused() !== 'generate') throw new Error(`Tab from the heading went to ${await focused()}`);
   await page.keyboard.press('Enter');
+  await page.locator('#banner', { hasText: 'You already have SIP credentials' }).waitFor();
+  await page.locator('#account-details').waitFor();
+  await shot('conflict');
+  event('conflict-shown');
+  await page.click('#rotate');
+  await page.click('#confirm-ok');
   await page.locator('#new-password').waitFor();
   const password = (await page.textContent('#new-password')).trim();
   const user = (await page.textContent('#sip-username')).trim();
