@@ -44,7 +44,6 @@ fn schema_version(db: &Path) -> anyhow::Result<i64> {
     .with_context(|| format!("{} has no careflow-sip schema", db.display()))
 }
 
-#[cfg(unix)]
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -52,11 +51,6 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create {}", dir.display()))
-}
-
-#[cfg(not(unix))]
-fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
 /// `careflow-sip backup DIR`.

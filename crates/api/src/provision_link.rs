@@ -33,7 +33,7 @@ impl Links {
     fn create(&self, username: &str, now: Instant) -> Option<String> {
         let mut bytes = [0u8; 24];
         getrandom::fill(&mut bytes).ok()?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let token = careflow_proto::digest::hex(&bytes);
         let mut map = self.map.lock().ok()?;
         if map.len() >= MAX_LINKS {
             map.retain(|_, (_, until)| *until > now);

@@ -168,10 +168,15 @@ impl App {
                     }
                 }
             }
-            if !ok {
+            if !ok && hops.iter().any(|h| h.body.is_some()) {
+                // The branches offered so far are not used: free them at rtpengine now.
                 for hop in hops.iter_mut() {
                     hop.body = None;
                 }
+                let (engine, call_id) = (engine.clone(), call_id.clone());
+                tokio::spawn(async move {
+                    let _ = engine.delete(&call_id).await;
+                });
             }
             ok.then(|| msg.clone())
         };
@@ -200,8 +205,11 @@ impl App {
     /// An in-dialog request of an anchored call: re-INVITE/UPDATE offers, the ACK answering a
     /// late offer. Returns the request to forward.
     pub(crate) async fn media_request(&self, msg: Message, source: IpAddr) -> Message {
+        // Every in-dialog request and ACK comes through here: nothing to do without rtpengine.
         let method = msg.method();
-        if !matches!(method, Method::Invite | Method::Update | Method::Ack) {
+        if self.rtpengine().is_none()
+            || !matches!(method, Method::Invite | Method::Update | Method::Ack)
+        {
             return msg;
         }
         let Some(call_id) = msg.call_id().map(str::to_string) else {

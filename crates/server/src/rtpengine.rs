@@ -234,9 +234,7 @@ impl RtpEngine {
             .command(call_id, &media::delete(call_id))
             .await
             .map(|_| ());
-        if let Ok(mut c) = self.calls.lock() {
-            c.remove(call_id);
-        }
+        self.forget(call_id);
         r
     }
 
