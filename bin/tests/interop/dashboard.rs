@@ -11,21 +11,6 @@ use crate::calls::{register_contact, sipp_file};
 use crate::support::*;
 use crate::websocket::{Events, js_dir};
 
-/// A GET on the server's HTTP side: (head, body).
-fn http_get_raw(server: &Server, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.http)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (head.to_string(), body.to_string())
-}
-
 #[test]
 fn a_clinician_and_an_administrator_use_the_dashboard() {
     require("chromium", "chromium");
@@ -123,11 +108,8 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     let decoded = String::from_utf8_lossy(&decoded.stdout).trim().to_string();
     assert_eq!(decoded, parts[2], "the QR code must carry the link shown");
     let link_path = &parts[2][parts[2].find("/provision/").unwrap()..];
-    let (head, xml) = http_get_raw(&server, link_path);
-    assert!(
-        head.starts_with("HTTP/1.1 200") && head.contains("application/xml"),
-        "{head}"
-    );
+    let (code, head, xml) = http_get_at(server.http, link_path).expect("an answer");
+    assert!(code == 200 && head.contains("application/xml"), "{head}");
     let ha1 = careflow_proto::digest::ha1(
         careflow_proto::digest::Algorithm::Md5,
         &user,

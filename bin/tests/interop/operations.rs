@@ -59,7 +59,9 @@ fn a_backup_taken_while_running_brings_back_users_keys_and_registrations() {
     assert!(out.contains("restore complete"), "{out}");
     server.start_again();
     assert_eq!(server.bindings_of("eve").len(), 1, "{}", server.log());
-    assert_eq!(register(&server, "eve", "pw-eve-backup", "bk-2"), 200);
+    // A real phone (sipp) authenticates against the restored subscriber.
+    let eve = crate::calls::sipp_file(tmp.path(), "eve.csv", &[("eve", "pw-eve-backup")]);
+    crate::calls::register_contact(&server, &eve, free_port(), "udp");
     assert!(server.cli_ok(&["apikey", "list"]).contains("ops-desk"));
 
     // A backup from a newer careflow-sip (a schema this one does not know) is refused, and

@@ -43,17 +43,6 @@ fn as_service(env: &[(&str, String)], args: &[&str]) -> Command {
     c
 }
 
-fn healthz(port: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200")
-}
-
 struct Service(Child);
 
 impl Drop for Service {
@@ -143,7 +132,7 @@ fn the_debian_package_installs_a_working_registrar_and_purges_clean() {
     );
     let mut healthy = false;
     for _ in 0..100 {
-        if healthz(http) {
+        if http_get_at(http, "/healthz").is_some_and(|(code, _, _)| code == 200) {
             healthy = true;
             break;
         }
