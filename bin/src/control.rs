@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use careflow_core::guard::Guard;
+use careflow_core::guard::{BanScope, Guard};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -59,29 +59,45 @@ async fn session(stream: UnixStream, guard: &Guard) -> std::io::Result<()> {
         ["bans"] => {
             let mut out = String::new();
             for b in guard.bans(now) {
+                let who = match b.scope {
+                    BanScope::Flow(a) => a.to_string(),
+                    BanScope::Site(ip) => ip.to_string(),
+                };
                 out.push_str(&format!(
-                    "{} {} {}\n",
-                    b.ip,
+                    "{who} {} {}\n",
                     b.reason.as_str(),
                     b.remaining.as_secs()
                 ));
             }
             out
         }
-        ["unban", ip] => match ip.parse() {
-            Ok(ip) => {
-                if guard.unban(ip, now) {
-                    tracing::warn!(target: "careflow::security", "SECURITY unbanned src_ip={ip} by=operator");
+        ["unban", who] => match parse_scope(who) {
+            Some(scope) => {
+                if guard.unban(scope, now) {
+                    match scope {
+                        BanScope::Site(ip) => tracing::warn!(target: "careflow::security",
+                            "SECURITY unbanned src_ip={ip} by=operator"),
+                        BanScope::Flow(a) => tracing::warn!(target: "careflow::security",
+                            "SECURITY unbanned src_ip={} src_port={} by=operator", a.ip(), a.port()),
+                    }
                     "unbanned\n".to_string()
                 } else {
                     "not banned\n".to_string()
                 }
             }
-            Err(_) => "error: not an IP address\n".to_string(),
+            None => "error: not an IP address or IP:port\n".to_string(),
         },
         _ => "error: unknown command\n".to_string(),
     };
     wr.write_all(reply.as_bytes()).await
+}
+
+/// `IP` (the site and every flow of it) or `IP:port` / `[IPv6]:port` (one flow).
+fn parse_scope(s: &str) -> Option<BanScope> {
+    if let Ok(ip) = s.parse() {
+        return Some(BanScope::Site(ip));
+    }
+    s.parse().ok().map(BanScope::Flow)
 }
 
 async fn request(cfg: &Config, command: &str) -> anyhow::Result<String> {

@@ -307,8 +307,11 @@ fn rust_log() -> Option<String> {
 const SECURITY_KEYS: &[&str] = &[
     "security_rate_limit",
     "security_burst",
+    "security_site_rate_limit",
+    "security_site_burst",
     "security_ban_time",
     "security_auth_failures",
+    "security_site_auth_failures",
     "security_auth_window",
     "security_allowlist",
 ];

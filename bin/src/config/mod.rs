@@ -256,22 +256,37 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "security_rate_limit",
         "50",
-        "SIP messages per second one source IP may send on average (every transport); a source above it is banned for SECURITY_BAN_TIME. 0 disables the limit.",
+        "SIP messages per second one flow (a UDP source address and port, or one TCP/TLS/WebSocket connection: one device, even behind a shared NAT address) may send on average; a flow above it is banned for SECURITY_BAN_TIME. 0 disables every limit and ban.",
     ),
     (
         "security_burst",
         "100",
-        "SIP messages one source IP may send at once before SECURITY_RATE_LIMIT applies.",
+        "SIP messages one flow may send at once before SECURITY_RATE_LIMIT applies.",
+    ),
+    (
+        "security_site_rate_limit",
+        "2000",
+        "SIP messages per second one site (an IPv4 address or an IPv6 /64: every device behind one NAT) may send in all; above it messages are dropped until the rate falls, and nobody is banned.",
+    ),
+    (
+        "security_site_burst",
+        "4000",
+        "SIP messages one site may send at once before SECURITY_SITE_RATE_LIMIT applies.",
     ),
     (
         "security_ban_time",
         "300",
-        "Seconds a flooding or brute-forcing source stays banned (its packets are dropped before parsing).",
+        "Seconds a flooding or guessing flow (or a site) stays banned (its packets are dropped before parsing).",
     ),
     (
         "security_auth_failures",
         "5",
-        "Failed authentications (wrong password, unknown user; never the first challenge) within SECURITY_AUTH_WINDOW that ban the source IP; the same count against one username bans each further failing source.",
+        "Failed guesses (wrong password or unknown user; never the first challenge, never a stale or reused nonce) within SECURITY_AUTH_WINDOW that ban the flow; the same count for one username from one site, or from anywhere, bans each further flow that fails for it.",
+    ),
+    (
+        "security_site_auth_failures",
+        "100",
+        "Failed guesses of all flows of one site within SECURITY_AUTH_WINDOW that ban the whole site (IPv4 address or IPv6 /64). Raise it for a large site whose phones may keep old passwords after a rotation.",
     ),
     (
         "security_auth_window",
@@ -300,8 +315,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "max_connections_per_ip",
-        "50",
-        "Most simultaneous TCP, TLS and WebSocket connections from one IP address (allow-listed ones excepted).",
+        "2500",
+        "Most simultaneous TCP, TLS and WebSocket connections from one IP address (allow-listed ones excepted): a bound against one source taking every connection (MAX_CONNECTIONS), high enough for a whole site of phones and browser tabs behind one NAT address.",
     ),
     (
         "scanner_user_agents",
@@ -760,6 +775,9 @@ impl Config {
         let guard = (rate > 0).then_some(careflow_core::guard::GuardConfig {
             rate,
             burst: num("security_burst", 1, 10_000_000)? as u32,
+            site_rate: num("security_site_rate_limit", 1, 10_000_000)? as u32,
+            site_burst: num("security_site_burst", 1, 100_000_000)? as u32,
+            site_auth_failures: num("security_site_auth_failures", 1, 10_000_000)? as u32,
             ban_time: Duration::from_secs(num("security_ban_time", 1, 86_400 * 30)?),
             auth_failures: num("security_auth_failures", 1, 10_000)? as u32,
             auth_window: Duration::from_secs(num("security_auth_window", 1, 86_400)?),

@@ -43,8 +43,18 @@ fn invalid_requests_get_400_or_505_and_garbage_is_dropped() {
     let r = ua.request(&options(ua.port(), "after", "OPTIONS"));
     assert_eq!(status(&r), 200, "{r}");
     assert!(server.metric("careflow_sip_parse_errors_total") >= 4);
-    // a datagram over the size limit is dropped
+    // A datagram over the size limit is answered 513 when its headers came whole...
     let big = options(ua.port(), "big", "OPTIONS").replace(
+        "Content-Length: 0",
+        &format!("Content-Length: 5000\r\n\r\n{}", "a".repeat(5000)),
+    );
+    let r = ua.request(&big);
+    assert!(
+        r.starts_with("SIP/2.0 513 Message Too Large (MAX_MESSAGE_SIZE)\r\n"),
+        "{r}"
+    );
+    // ...and dropped when they did not (nothing to route an answer by).
+    let big = options(ua.port(), "big2", "OPTIONS").replace(
         "Content-Length: 0",
         &format!("X-Pad: {}\r\nContent-Length: 0", "a".repeat(5000)),
     );
@@ -53,6 +63,70 @@ fn invalid_requests_get_400_or_505_and_garbage_is_dropped() {
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     assert_eq!(ua.recv(), None);
+}
+
+/// RFC 4475 badvers with its own SIP/7.0 Via, an unknown Proxy-Require, and REGISTERs with
+/// more Contacts than any server takes: each gets a final answer naming what was wrong.
+#[test]
+fn requests_we_do_not_take_get_a_final_answer_naming_the_limit() {
+    let server = Server::start("example.test");
+    server.add_user("hugo", "pw-hugo");
+    let ua = Ua::new(server.sip_addr());
+    let port = ua.port();
+    let r = ua.request("OPTIONS sip:t.watson@example.test SIP/7.0\r\nVia: SIP/7.0/UDP c.example.com;branch=z9hG4bKkdjuw\r\nMax-Forwards: 70\r\nFrom: A. Bell <sip:a.g.bell@example.test>;tag=qweoiqpe\r\nTo: T. Watson <sip:t.watson@example.test>\r\nCall-ID: badvers.31417@c.example.com\r\nCSeq: 1 OPTIONS\r\nl: 0\r\n\r\n");
+    assert!(r.starts_with("SIP/2.0 505 "), "{r}");
+    assert!(r.contains("Call-ID: badvers.31417@c.example.com"), "{r}");
+    let r = ua.request(&options(port, "preq", "OPTIONS").replace(
+        "Content-Length: 0",
+        "Proxy-Require: foo, outbound\r\nContent-Length: 0",
+    ));
+    assert_eq!(status(&r), 420, "{r}");
+    assert_eq!(header(&r, "Unsupported"), Some("foo"), "{r}");
+    // 1000 Contact header fields (about 40 KB in one datagram), with valid credentials.
+    let contacts: String = (0..1000)
+        .map(|i| format!("Contact: <sip:hugo@127.0.0.1:{port};n={i}>\r\n"))
+        .collect();
+    let r1 = ua.request(&ua.register_msg("hugo", "example.test", "big-1", 1, ""));
+    let auth = authorization(
+        &r1,
+        careflow_proto::digest::Algorithm::Md5,
+        "hugo",
+        "example.test",
+        "pw-hugo",
+        "REGISTER",
+        "sip:example.test",
+        1,
+    );
+    let msg = ua.register_msg(
+        "hugo",
+        "example.test",
+        "big-1",
+        2,
+        &format!("Authorization: {auth}\r\n{contacts}"),
+    );
+    assert!(msg.len() > 38_000);
+    let r = ua.request(&msg);
+    assert!(
+        r.starts_with("SIP/2.0 513 Too Many Header Fields (MAX_HEADERS)\r\n"),
+        "{r}"
+    );
+    // 100 Contacts in one header field.
+    let list: Vec<String> = (0..100)
+        .map(|i| format!("<sip:hugo@127.0.0.1:{port};n={i}>"))
+        .collect();
+    let msg = ua.register_msg(
+        "hugo",
+        "example.test",
+        "big-2",
+        3,
+        &format!("Authorization: {auth}\r\nContact: {}\r\n", list.join(", ")),
+    );
+    let r = ua.request(&msg);
+    assert!(
+        r.starts_with("SIP/2.0 403 Too Many Contacts (limit 32)\r\n"),
+        "{r}"
+    );
+    assert!(server.bindings_of("hugo").is_empty());
 }
 
 #[test]

@@ -293,7 +293,16 @@ fn sha256_and_md5_both_work_and_replays_are_refused() {
             .replace("CSeq: 2", "CSeq: 3"),
         );
         assert_eq!(status(&replay), 401, "{alg:?} replay: {replay}");
+        // The digest was right, only the nonce count was reused (as browser SIP stacks that
+        // cache their challenge do): a fresh challenge with stale=true, no failure counted.
+        assert!(
+            header(&replay, "WWW-Authenticate").is_some_and(|h| h.contains("stale=true")),
+            "{replay}"
+        );
     }
+    assert_eq!(server.metric("careflow_sip_auth_failures_total"), 0);
+    assert_eq!(server.metric("careflow_sip_auth_rechallenges_total"), 2);
+    assert!(!server.log().contains("SECURITY auth_failed"));
 }
 
 #[test]
@@ -323,6 +332,12 @@ fn registrar_rules_on_the_wire() {
             || header(&r, "Contact").unwrap().ends_with("expires=3599"),
         "{r}"
     );
+    // An Expires past 32 bits is refused (RFC 3261 §20.19: 0 to 2^32-1), never wrapped to 0,
+    // which would have removed the binding.
+    let r =
+        ua.request(&ua.register_msg("erin", "example.test", "c3b", 1, "Expires: 4294967296\r\n"));
+    assert!(r.starts_with("SIP/2.0 400 Bad Expires\r\n"), "{r}");
+    assert_eq!(server.bindings_of("erin").len(), 1);
     // wildcard removal
     let star = ua
         .register_msg("erin", "example.test", "c4", 1, "")

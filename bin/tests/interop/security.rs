@@ -12,7 +12,7 @@ use crate::support::*;
 const NOBODY: &str = "10.255.255.255";
 
 #[test]
-fn a_sipp_flood_bans_its_source_while_another_client_keeps_registering() {
+fn a_sipp_flood_bans_its_flow_while_other_clients_even_on_its_address_keep_registering() {
     require("sipp", "sip-tester");
     let server = Server::start_with("flood.test", &[("SECURITY_BAN_TIME", "60")]);
     server.add_user("fay", "pw-fay-flood");
@@ -22,6 +22,7 @@ fn a_sipp_flood_bans_its_source_while_another_client_keeps_registering() {
         200
     );
     // 1,500 OPTIONS at 500/s from 127.0.0.2, bounded to a few seconds.
+    let flood_port = free_port();
     let flood = Command::new("sipp")
         .arg(server.sip_addr().to_string())
         .args([
@@ -30,7 +31,7 @@ fn a_sipp_flood_bans_its_source_while_another_client_keeps_registering() {
             "-i",
             "127.0.0.2",
             "-p",
-            &free_port().to_string(),
+            &flood_port.to_string(),
         ])
         .args(["-m", "1500", "-r", "500", "-timeout", "6s", "-nostdin"])
         .args(["-recv_timeout", "200", "-default_behaviors", "none"])
@@ -39,28 +40,42 @@ fn a_sipp_flood_bans_its_source_while_another_client_keeps_registering() {
         .status()
         .expect("run sipp");
     let _ = flood;
+    let ban_line =
+        format!("SECURITY banned_flow src_ip=127.0.0.2 src_port={flood_port} reason=flood");
+    assert!(server.log().contains(&ban_line), "{}", server.log());
     assert!(
-        server
-            .log()
-            .contains("SECURITY banned src_ip=127.0.0.2 reason=flood"),
-        "{}",
+        !server.log().contains("SECURITY banned src_ip=127.0.0.2"),
+        "the whole address was banned:\n{}",
         server.log()
     );
     assert!(server.metric("careflow_sip_flood_bans_total") >= 1);
     assert!(server.metric("careflow_sip_dropped_banned_total") >= 1000);
     assert_eq!(server.metric("careflow_sip_banned_sources"), 1);
-    // The other source is untouched.
+    // The other source is untouched, and so is another device behind the flooder's address.
     assert_eq!(
         status(&legit.register("fay", "pw-fay-flood", "flood.test", "fl-2", "")),
         200
     );
-    // The banned source gets nothing, not even to a well-formed request.
-    let banned = Ua::from_ip(server.sip_addr(), "127.0.0.2");
+    let neighbour = Ua::from_ip(server.sip_addr(), "127.0.0.2");
+    assert_eq!(
+        status(&neighbour.register("fay", "pw-fay-flood", "flood.test", "fl-5", "")),
+        200
+    );
+    // The banned flow gets nothing, not even to a well-formed request.
+    let sock = std::net::UdpSocket::bind(("127.0.0.2", flood_port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let banned = Ua {
+        sock,
+        server: server.sip_addr(),
+    };
     banned.send(&banned.register_msg("fay", "flood.test", "fl-3", 1, ""));
     assert!(banned.recv().is_none());
-    // Lifted by hand, it is answered again.
+    // Lifted by hand (the address: every flow of it), it is answered again.
     let out = server.cli_ok(&["bans"]);
-    assert!(out.contains("127.0.0.2") && out.contains("flood"), "{out}");
+    assert!(
+        out.contains(&format!("127.0.0.2:{flood_port} ")) && out.contains("flood"),
+        "{out}"
+    );
     server.cli_ok(&["unban", "127.0.0.2"]);
     let r = banned.request(&banned.register_msg("fay", "flood.test", "fl-4", 1, ""));
     assert_eq!(status(&r), 401, "{r}");
@@ -103,7 +118,8 @@ fn svcrack_is_banned_before_it_finds_the_password_and_others_keep_working() {
     );
     let log = server.log();
     assert!(
-        log.contains("SECURITY banned src_ip=127.0.0.1 reason=brute_force"),
+        log.contains("SECURITY banned_flow src_ip=127.0.0.1 src_port=")
+            && log.contains("reason=brute_force"),
         "{log}"
     );
     assert_eq!(
@@ -112,10 +128,17 @@ fn svcrack_is_banned_before_it_finds_the_password_and_others_keep_working() {
         "banned at the threshold:\n{log}"
     );
     assert_eq!(server.metric("careflow_sip_auth_bans_total"), 1);
-    // alice's own phone, elsewhere, still registers.
+    // alice's own phone, elsewhere, still registers; so does a phone behind svcrack's own
+    // address (a site's NAT): only svcrack's flow is banned.
     let phone = Ua::from_ip(server.sip_addr(), "127.0.0.7");
     assert_eq!(
         status(&phone.register("alice", "s3cr3t-alice", "127.0.0.1", "ph-1", "")),
+        200
+    );
+    server.add_user("bert", "s3cr3t-bert");
+    let neighbour = Ua::from_ip(server.sip_addr(), "127.0.0.1");
+    assert_eq!(
+        status(&neighbour.register("bert", "s3cr3t-bert", "127.0.0.1", "ph-2", "")),
         200
     );
 }
@@ -185,9 +208,15 @@ fn scanners_get_no_answer_at_all() {
 }
 
 #[test]
-fn fail2ban_matches_failures_and_bans_but_never_the_normal_challenge() {
+fn fail2ban_matches_site_bans_only_never_a_flow_ban_a_failure_or_the_normal_challenge() {
     require("fail2ban-regex", "fail2ban");
-    let server = Server::start_with("f2b.test", &[("SECURITY_ALLOWLIST", NOBODY)]);
+    let server = Server::start_with(
+        "f2b.test",
+        &[
+            ("SECURITY_ALLOWLIST", NOBODY),
+            ("SECURITY_SITE_AUTH_FAILURES", "6"),
+        ],
+    );
     server.add_user("gina", "pw-gina-f2b");
     // Normal registrations: each starts with a 401 challenge.
     for i in 0..3 {
@@ -195,12 +224,40 @@ fn fail2ban_matches_failures_and_bans_but_never_the_normal_challenge() {
         let r = ua.register("gina", "pw-gina-f2b", "f2b.test", &format!("ok-{i}"), "");
         assert_eq!(status(&r), 200);
     }
-    // Three wrong passwords from another address, and an unknown user.
+    // One device guessing five times on one flow: banned alone (a `banned_flow` line that
+    // fail2ban must not act on: its address may be a whole site).
+    let guesser = Ua::from_ip(server.sip_addr(), "127.0.0.10");
+    for i in 0..5 {
+        let r1 =
+            guesser.request(&guesser.register_msg("gina", "f2b.test", &format!("g-{i}"), 1, ""));
+        let auth = authorization(
+            &r1,
+            careflow_proto::digest::Algorithm::Md5,
+            "gina",
+            "f2b.test",
+            &format!("guess{i}"),
+            "REGISTER",
+            "sip:f2b.test",
+            1,
+        );
+        guesser.send(&guesser.register_msg(
+            "gina",
+            "f2b.test",
+            &format!("g-{i}"),
+            2,
+            &format!("Authorization: {auth}\r\n"),
+        ));
+        let _ = guesser.recv();
+    }
+    // Wrong passwords and unknown users from another address, each from a new port: six
+    // failing flows of one site reach SECURITY_SITE_AUTH_FAILURES, the site is banned.
     for (i, (user, pw)) in [
         ("gina", "x1"),
         ("gina", "x2"),
         ("gina", "x3"),
         ("nobody", "y"),
+        ("gina", "x4"),
+        ("someone", "z"),
     ]
     .iter()
     .enumerate()
@@ -228,7 +285,7 @@ fn fail2ban_matches_failures_and_bans_but_never_the_normal_challenge() {
     }
     let filter = interop_dir().join("../../../contrib/fail2ban/filter.d/careflow-sip.conf");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while server.log().matches("SECURITY auth_failed").count() < 4 {
+    while !server.log().contains("SECURITY banned src_ip=127.0.0.9") {
         assert!(Instant::now() < deadline, "{}", server.log());
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -255,12 +312,21 @@ fn fail2ban_matches_failures_and_bans_but_never_the_normal_challenge() {
         .and_then(|m| m.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count in:\n{text}"));
-    assert_eq!(matched, 4, "{text}");
+    assert_eq!(matched, 1, "{text}");
     assert!(
         !text.contains("127.0.0.8"),
         "a normal challenge matched:\n{text}"
     );
+    assert!(
+        !text.contains("127.0.0.10"),
+        "a flow ban or a failure matched:\n{text}"
+    );
     assert!(text.contains("127.0.0.9"));
+    assert!(
+        server
+            .log()
+            .contains("SECURITY banned_flow src_ip=127.0.0.10")
+    );
 }
 
 /// A TCP connection from a chosen loopback address.

@@ -679,7 +679,7 @@
       return;
     }
     $('#admin-bans').replaceChildren(...s.bans.map((b) => el('tr', {},
-      el('td', {}, el('code', { text: b.ip })),
+      el('td', {}, el('code', { text: b.port ? (b.ip.includes(':') ? `[${b.ip}]:${b.port}` : `${b.ip}:${b.port}`) : b.ip })),
       el('td', { text: b.reason }),
       el('td', { text: duration(b.remainingSeconds) }))));
     if (!s.bans.length) $('#admin-bans').replaceChildren(el('tr', {}, el('td', { colspan: '3', text: 'No address is blocked.' })));

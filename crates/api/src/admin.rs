@@ -233,8 +233,11 @@ pub struct SecurityReport {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BanView {
-    /// The source address.
+    /// The source address (a site ban: every flow of it; for IPv6 the /64).
     pub ip: String,
+    /// The source port of a banned flow (one device behind the address); absent for a site.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// `flood`, `brute_force`, `user_brute_force` or `connections`.
     pub reason: String,
     /// Seconds until the ban lifts.
@@ -278,7 +281,8 @@ pub(crate) async fn security(
             .bans(now)
             .into_iter()
             .map(|b| BanView {
-                ip: b.ip.to_string(),
+                ip: b.ip().to_string(),
+                port: b.port(),
                 reason: b.reason.as_str().to_string(),
                 remaining_seconds: b.remaining.as_secs(),
             })

@@ -34,16 +34,28 @@ pub enum Failure {
     UnsupportedAlgorithm,
     /// Nonce not issued by us.
     BadNonce,
-    /// Nonce expired (not a failure of the user).
+    /// Nonce expired but the digest was right (not a failure of the user).
     StaleNonce,
     /// No such subscriber, or disabled.
     UnknownUser,
     /// Response did not match.
     WrongPassword,
-    /// Nonce count replayed.
+    /// Nonce count repeated or regressed, with a right digest: a client that reuses its
+    /// cached challenge (several WebRTC stacks do), not a guess.
     Replay,
     /// qop other than auth, or qop without nc/cnonce.
     BadQop,
+}
+
+impl Failure {
+    /// Whether this failure is evidence of a password guess: a wrong response digest on a
+    /// nonce we issued (or, indistinguishably, an unknown user). Everything else (stale,
+    /// reused or foreign nonces, wrong realm or algorithm) is answered with a fresh challenge
+    /// and never counts towards a brute-force ban: no digest was wrong, so nothing was
+    /// learnt by the client either.
+    pub fn is_guess(self) -> bool {
+        matches!(self, Self::UnknownUser | Self::WrongPassword)
+    }
 }
 
 /// Checks that passed before the subscriber lookup.
@@ -145,24 +157,26 @@ impl Authenticator {
         let given = c.response.to_ascii_lowercase();
         let matches = expected.len() == given.len()
             && bool::from(expected.as_bytes().ct_eq(given.as_bytes()));
-        let Some(id) = pending.nonce else {
-            // RFC 7616 §3.3: stale=true only when the digest itself was right.
-            let right = matches && ha1.is_some();
-            return Err((Failure::StaleNonce, Verdict::Challenge { stale: right }));
-        };
         if ha1.is_none() {
             return Err((Failure::UnknownUser, Verdict::Challenge { stale: false }));
         }
+        // The digest is checked before the nonce's freshness, so that a stale or reused nonce
+        // is no free oracle for guesses: a wrong digest counts whatever the nonce.
         if !matches {
             return Err((Failure::WrongPassword, Verdict::Challenge { stale: false }));
         }
+        // RFC 7616 §3.3: the digest was right, only the nonce was not fresh: stale=true tells
+        // the client to retry with the new nonce without asking its user for a password.
+        let Some(id) = pending.nonce else {
+            return Err((Failure::StaleNonce, Verdict::Challenge { stale: true }));
+        };
         let nc = c.nc_value().unwrap_or(0);
         let fresh = match self.replay.lock() {
             Ok(mut g) => g.accept(id, nc, now, self.nonces.ttl_secs()),
             Err(_) => false,
         };
         if !fresh {
-            return Err((Failure::Replay, Verdict::Challenge { stale: false }));
+            return Err((Failure::Replay, Verdict::Challenge { stale: true }));
         }
         Ok(())
     }
@@ -316,7 +330,42 @@ mod tests {
             Some("pw"),
             500,
         );
-        assert_eq!(bad.unwrap_err().1, Verdict::Challenge { stale: false });
+        assert_eq!(
+            bad.unwrap_err(),
+            (Failure::WrongPassword, Verdict::Challenge { stale: false }),
+            "a wrong digest on a stale nonce is a guess"
+        );
+        assert!(!Failure::StaleNonce.is_guess());
+    }
+
+    #[test]
+    fn a_reused_nonce_count_with_a_right_digest_is_stale_not_a_guess() {
+        let a = auth();
+        let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
+        let h = creds(Algorithm::Md5, "alice", "pw", &nonce, "00000001");
+        assert_eq!(run(&a, &h, Some("pw"), 101), Ok(()));
+        // A WebRTC stack sends its next REGISTER with the cached nonce and nc=1 again.
+        let again = run(&a, &h, Some("pw"), 102).unwrap_err();
+        assert_eq!(again, (Failure::Replay, Verdict::Challenge { stale: true }));
+        assert!(!again.0.is_guess());
+        // A regressed count too.
+        let h3 = creds(Algorithm::Md5, "alice", "pw", &nonce, "00000003");
+        assert_eq!(run(&a, &h3, Some("pw"), 103), Ok(()));
+        let h2 = creds(Algorithm::Md5, "alice", "pw", &nonce, "00000002");
+        assert_eq!(
+            run(&a, &h2, Some("pw"), 104).unwrap_err().0,
+            Failure::Replay
+        );
+        // Guessing with a replayed nonce still counts: the digest is checked first.
+        let wrong = creds(Algorithm::Md5, "alice", "guess", &nonce, "00000001");
+        let e = run(&a, &wrong, Some("pw"), 105).unwrap_err();
+        assert_eq!(
+            e,
+            (Failure::WrongPassword, Verdict::Challenge { stale: false })
+        );
+        assert!(e.0.is_guess());
+        let unknown = creds(Algorithm::Md5, "mallory", "x", &nonce, "00000009");
+        assert!(run(&a, &unknown, None, 105).unwrap_err().0.is_guess());
     }
 
     #[test]

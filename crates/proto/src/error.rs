@@ -28,6 +28,8 @@ pub enum ParseErrorKind {
     TooLarge,
     /// More headers than the configured maximum.
     TooManyHeaders,
+    /// More values of one header (Via, Contact) than any server accepts.
+    TooManyValues,
     /// The Request-URI does not parse.
     BadRequestUri,
 }
@@ -81,7 +83,10 @@ impl ParseError {
             (BadHeaderLine, _) => "Bad Header Line",
             (NotUtf8, _) => "Invalid UTF-8 In Headers",
             (TooLarge, _) => "Message Too Large",
-            (TooManyHeaders, _) => "Too Many Headers",
+            (TooManyHeaders, _) => "Too Many Header Fields (MAX_HEADERS)",
+            (TooManyValues, Some("Contact")) => "Too Many Contacts (limit 32)",
+            (TooManyValues, Some("Via")) => "Too Many Vias (limit 70)",
+            (TooManyValues, _) => "Too Many Header Values",
             (BadRequestUri, _) => "Bad Request-URI",
         }
     }

@@ -134,10 +134,27 @@ impl Message {
                 off = line_end_abs;
                 continue;
             }
-            if headers.len() >= limits.max_headers {
-                return Err(ParseError::new(K::TooManyHeaders));
+            let over_limit = headers.len() >= limits.max_headers;
+            if over_limit {
+                // Past the limit only what an answer needs is kept (Via, From, To, Call-ID,
+                // CSeq), so a request with a thousand Contacts still gets its final answer
+                // instead of silence; beyond that, nothing can be answered.
+                set_defect(&mut defect, ParseError::new(K::TooManyHeaders));
+                if headers.len() >= limits.max_headers + MAX_VIAS + 8 {
+                    return Err(ParseError::new(K::TooManyHeaders));
+                }
             }
             match line.find(':') {
+                Some(colon)
+                    if over_limit
+                        && !matches!(
+                            HeaderName::from_bytes(line[..colon].trim_end().as_bytes()),
+                            HeaderName::Via
+                                | HeaderName::From
+                                | HeaderName::To
+                                | HeaderName::CallId
+                                | HeaderName::CSeq
+                        ) => {}
                 Some(colon) => {
                     let name = line[..colon].trim_end_matches([' ', '\t']);
                     if !scan::is_token(name) {
@@ -221,10 +238,10 @@ impl Message {
         // Bounds on lists a message can repeat at no cost to its sender: more Vias than hops
         // Max-Forwards allows, or more Contacts than any registrar keeps, are refused.
         if vias > MAX_VIAS {
-            return Err(ParseError::in_header(K::BadHeaderValue, "Via"));
+            return Err(ParseError::in_header(K::TooManyValues, "Via"));
         }
         if self.values(HeaderName::Contact).nth(MAX_CONTACTS).is_some() {
-            return Err(ParseError::in_header(K::BadHeaderValue, "Contact"));
+            return Err(ParseError::in_header(K::TooManyValues, "Contact"));
         }
         self.single(HeaderName::From, "From", |v| NameAddr::parse(v).is_some())?;
         self.single(HeaderName::To, "To", |v| NameAddr::parse(v).is_some())?;

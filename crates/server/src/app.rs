@@ -21,6 +21,9 @@ use crate::{ServerConfig, routing};
 /// Methods this server handles itself today; listed in Allow.
 pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, REGISTER, OPTIONS, MESSAGE, INFO, UPDATE, REFER, SUBSCRIBE, NOTIFY, PRACK";
 
+/// Option tags accepted in Proxy-Require (the extensions this proxy and registrar implement).
+const PROXY_SUPPORTED: &[&str] = &["outbound", "path"];
+
 /// Where a request came from, kept while it is processed.
 #[derive(Debug, Clone)]
 pub(crate) struct Ctx {
@@ -141,6 +144,7 @@ impl App {
                 .as_ref()
                 .map_or(0, |s| s.dropped_banned.load(Ordering::Relaxed)),
             flood_bans: stats.as_ref().map_or(0, |s| s.bans.load(Ordering::Relaxed)),
+            site_shed: stats.as_ref().map_or(0, |s| s.shed.load(Ordering::Relaxed)),
             refused_connections: stats
                 .as_ref()
                 .map_or(0, |s| s.refused_connections.load(Ordering::Relaxed)),
@@ -261,9 +265,12 @@ impl App {
 
     fn handle_invalid(&self, msg: &Message, ctx: &Ctx, kind: ParseErrorKind, reason: &'static str) {
         self.metrics.parse_errors.fetch_add(1, Ordering::Relaxed);
-        // A response needs a Via to route it and the dialog identifiers to be matched.
+        // A response needs a Via to route it and the dialog identifiers to be matched. A
+        // request of another SIP version has a Via of that version, which we cannot parse:
+        // its 505 goes back to the source address, as `received` would say (RFC 4475 badvers).
+        let version = kind == ParseErrorKind::UnsupportedVersion;
         let answerable = msg.method() != Method::Ack
-            && msg.top_via().is_some()
+            && (msg.top_via().is_some() || (version && msg.header(HeaderName::Via).is_some()))
             && msg.call_id().is_some()
             && msg.header(HeaderName::CSeq).is_some()
             && msg.header(HeaderName::From).is_some()
@@ -272,13 +279,55 @@ impl App {
         if !answerable {
             return;
         }
-        let code = if kind == ParseErrorKind::UnsupportedVersion {
-            505
-        } else {
-            400
+        let code = match (kind, reason) {
+            (ParseErrorKind::UnsupportedVersion, _) => 505,
+            // Limits of ours, answered so the sender knows which one it hit.
+            (ParseErrorKind::TooManyHeaders | ParseErrorKind::TooLarge, _) => 513,
+            (ParseErrorKind::TooManyValues, r) if r.contains("Via") => 483,
+            (ParseErrorKind::TooManyValues, _) => 403,
+            _ => 400,
         };
         let resp = self.reply(msg, ctx, code).reason(reason).build();
         self.send_response(msg, ctx, code, resp);
+    }
+
+    /// A datagram over MAX_MESSAGE_SIZE: 513 when its header section arrived whole enough to
+    /// route an answer (RFC 3261 §21.5.14), otherwise dropped (nothing can be answered).
+    fn answer_oversize(&self, msg: &Message, ctx: &Ctx) {
+        let answerable = msg.is_request()
+            && msg.method() != Method::Ack
+            && msg.top_via().is_some()
+            && msg.call_id().is_some()
+            && msg.header(HeaderName::CSeq).is_some()
+            && msg.header(HeaderName::From).is_some()
+            && msg.header(HeaderName::To).is_some();
+        tracing::debug!(source = %ctx.source, answerable, "request over MAX_MESSAGE_SIZE");
+        if !answerable {
+            return;
+        }
+        let resp = self
+            .reply(msg, ctx, 513)
+            .reason("Message Too Large (MAX_MESSAGE_SIZE)")
+            .build();
+        self.send_response(msg, ctx, 513, resp);
+    }
+
+    /// 420 Bad Extension, with Unsupported listing them, for Proxy-Require option tags we do
+    /// not implement. True when it answered.
+    fn refuse_proxy_require(&self, msg: &Message, ctx: &Ctx) -> bool {
+        let unsupported: Vec<&str> = msg
+            .values(HeaderName::ProxyRequire)
+            .filter(|t| !PROXY_SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)))
+            .collect();
+        if unsupported.is_empty() {
+            return false;
+        }
+        let resp = self
+            .reply(msg, ctx, 420)
+            .header("Unsupported", unsupported.join(", "))
+            .build();
+        self.send_response(msg, ctx, 420, resp);
+        true
     }
 
     fn dispatch(&self, msg: Message, ctx: Ctx) {
@@ -346,14 +395,33 @@ impl InboundHandler for App {
     }
 
     fn handle(&self, inbound: Inbound) {
-        let msg = match Message::parse(inbound.bytes, &self.cfg.parse_limits) {
+        let Inbound {
+            transport,
+            source,
+            local,
+            conn,
+            bytes,
+            truncated,
+        } = inbound;
+        let msg = match Message::parse(bytes, &self.cfg.parse_limits) {
             Ok(m) => m,
             Err(e) => {
                 self.metrics.parse_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(source = %inbound.source, reason = e.reason(), "unparseable message dropped");
+                tracing::debug!(source = %source, reason = e.reason(), "unparseable message dropped");
                 return;
             }
         };
+        let mut ctx = Ctx {
+            transport,
+            source,
+            local,
+            conn,
+            key: None,
+        };
+        if truncated {
+            self.answer_oversize(&msg, &ctx);
+            return;
+        }
         if !msg.is_request() {
             if let Some(branch) = msg.top_via().and_then(|v| v.branch().map(str::to_string))
                 && self.keepalive_answered(&branch)
@@ -363,7 +431,7 @@ impl InboundHandler for App {
             if msg.validate().is_ok()
                 && let Some(app) = self.me.upgrade()
             {
-                app.proxy_response(msg, inbound.source.ip());
+                app.proxy_response(msg, source.ip());
             }
             return;
         }
@@ -371,16 +439,9 @@ impl InboundHandler for App {
         if self.is_scanner(&msg) {
             // Scanners get no answer at all: nothing to learn from, nothing to enumerate.
             self.metrics.scanner_drops.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(target: "careflow::security", event = "scanner_dropped", src_ip = %inbound.source.ip(), "request from a SIP scanner dropped");
+            tracing::debug!(target: "careflow::security", event = "scanner_dropped", src_ip = %source.ip(), "request from a SIP scanner dropped");
             return;
         }
-        let mut ctx = Ctx {
-            transport: inbound.transport,
-            source: inbound.source,
-            local: inbound.local,
-            conn: inbound.conn,
-            key: None,
-        };
         if let Err(e) = msg.validate() {
             self.handle_invalid(&msg, &ctx, e.kind, e.reason());
             return;
@@ -402,6 +463,10 @@ impl InboundHandler for App {
         if !scheme_ok {
             let resp = self.reply(&msg, &ctx, 416).build();
             self.send_response(&msg, &ctx, 416, resp);
+            return;
+        }
+        // RFC 3261 §16.3 step 8 / §8.2.2.3: extensions a proxy must understand.
+        if msg.method() != Method::Cancel && self.refuse_proxy_require(&msg, &ctx) {
             return;
         }
         if msg.method() == Method::Invite {

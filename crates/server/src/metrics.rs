@@ -57,6 +57,9 @@ pub struct Metrics {
     calls_failed: [AtomicU64; 4],
     /// Failed digest verifications (not counting the first, credential-less challenge).
     pub auth_failures: AtomicU64,
+    /// Credentials answered with a fresh challenge without counting as a failure (stale,
+    /// reused or foreign nonce; realm or algorithm not offered).
+    pub auth_rechallenges: AtomicU64,
     /// Messages that could not be parsed or validated.
     pub parse_errors: AtomicU64,
     /// Retransmitted requests absorbed or answered from the transaction table.
@@ -94,8 +97,10 @@ pub struct Gauges {
     pub oversize: u64,
     /// Messages and connections dropped from banned or flooding sources.
     pub dropped_banned: u64,
-    /// Sources banned by the transports (floods).
+    /// Flows banned by the transports (floods).
     pub flood_bans: u64,
+    /// Messages shed because their site was over its rate ceiling.
+    pub site_shed: u64,
     /// Sources banned now.
     pub banned_now: u64,
     /// Connections refused (total or per-IP limit).
@@ -179,6 +184,11 @@ impl Metrics {
                 "careflow_sip_auth_failures_total",
                 "Digest authentications that failed.",
                 &self.auth_failures,
+            ),
+            (
+                "careflow_sip_auth_rechallenges_total",
+                "Credentials with a stale, reused or foreign nonce, challenged again (not failures).",
+                &self.auth_rechallenges,
             ),
             (
                 "careflow_sip_parse_errors_total",
@@ -276,8 +286,13 @@ impl Metrics {
             ),
             (
                 "careflow_sip_flood_bans_total",
-                "Sources banned for exceeding the per-source rate.",
+                "Flows banned for exceeding the per-flow rate.",
                 g.flood_bans,
+            ),
+            (
+                "careflow_sip_site_shed_total",
+                "Messages dropped because their site (IPv4 address or IPv6 /64) was over SECURITY_SITE_RATE_LIMIT (no ban).",
+                g.site_shed,
             ),
             (
                 "careflow_sip_refused_connections_total",

@@ -896,13 +896,16 @@ impl App {
                     .build(),
             ));
         }
-        let pending = self.auth.prepare(&creds, &realm, now).map_err(|_| {
-            self.auth_failed(ctx, &creds.username, &realm, "invalid nonce");
+        let pending = self.auth.prepare(&creds, &realm, now).map_err(|f| {
+            self.auth_refused(ctx, &creds.username, &realm, f);
             challenge(false)
         })?;
         let sub = match self.subscribers.find(&creds.username, &realm).await {
             Ok(s) => s,
-            Err(_) => {
+            Err(e) => {
+                // Fail safe, as for REGISTER: nobody is authenticated without the store.
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, method = msg.method_str(), "subscriber lookup failed");
                 return Err((
                     503,
                     self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
@@ -913,14 +916,12 @@ impl App {
             .as_ref()
             .filter(|s| s.enabled)
             .map(|s| s.ha1(pending.algorithm));
-        if let Err((_, verdict)) = self
+        if let Err((f, verdict)) = self
             .auth
             .finish(pending, &creds, msg.method_str(), ha1, now)
         {
             let stale = matches!(verdict, Verdict::Challenge { stale: true });
-            if !stale {
-                self.auth_failed(ctx, &creds.username, &realm, "bad credentials");
-            }
+            self.auth_refused(ctx, &creds.username, &realm, f);
             return Err(challenge(stale));
         }
         Ok(())

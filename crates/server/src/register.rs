@@ -143,7 +143,9 @@ impl App {
         let expires = msg
             .header(HeaderName::Expires)
             .and_then(scan::parse_u64)
-            .map(|n| n as u32);
+            // Saturating: `Expires: 4294967296` must not wrap to 0 (an un-REGISTER); the
+            // registrar caps it at MAX_EXPIRES.
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
 
         // Digest authentication (RFC 3261 §22.4).
         let creds = msg
@@ -165,7 +167,7 @@ impl App {
         let pending = match self.auth.prepare(&creds, &domain, now) {
             Ok(p) => p,
             Err(f) => {
-                self.auth_failed(ctx, &creds.username, &domain, failure_text(f));
+                self.auth_refused(ctx, &creds.username, &domain, f);
                 return Err(Early::Challenge(
                     self.challenge(msg, ctx, &domain, now, false),
                 ));
@@ -216,9 +218,7 @@ impl App {
             .finish(pending, &creds, msg.method_str(), ha1, now)
         {
             let stale = matches!(verdict, Verdict::Challenge { stale: true });
-            if f != Failure::StaleNonce {
-                self.auth_failed(ctx, &creds.username, &domain, failure_text(f));
-            }
+            self.auth_refused(ctx, &creds.username, &domain, f);
             return (401, self.challenge(msg, ctx, &domain, now, stale));
         }
 
@@ -331,6 +331,22 @@ impl App {
         b.build()
     }
 
+    /// Credentials that were not accepted: a guess (wrong digest, unknown user) is a failed
+    /// authentication; a stale, reused or foreign nonce, or a realm or algorithm we do not
+    /// offer, is only answered with a fresh challenge. Browser SIP stacks that resend a cached
+    /// nonce with the same nc on every refresh must never be banned for it.
+    pub(crate) fn auth_refused(&self, ctx: &Ctx, user: &str, realm: &str, f: Failure) {
+        if f.is_guess() {
+            self.auth_failed(ctx, user, realm, failure_text(f));
+        } else {
+            self.metrics
+                .auth_rechallenges
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(src = %ctx.source, realm, reason = failure_text(f),
+                "credentials not usable; challenged again");
+        }
+    }
+
     /// One failed authentication (never the first challenge of a normal registration): the
     /// stable security log line, the metric, and the brute-force count that may ban the source.
     pub(crate) fn auth_failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
@@ -349,10 +365,11 @@ impl App {
             reason.replace(' ', "_")
         );
         if let Some(guard) = self.cfg.guard.as_ref()
-            && let Some(ban) = guard.auth_failed(ctx.source.ip(), &user, std::time::Instant::now())
+            && let Some((scope, reason)) =
+                guard.auth_failed(ctx.source, &user, std::time::Instant::now())
         {
             self.metrics.bans.fetch_add(1, Ordering::Relaxed);
-            careflow_transport::log_ban(ctx.source.ip(), ban, guard.config().ban_time);
+            careflow_transport::log_ban(scope, reason, guard.config().ban_time);
         }
     }
 }

@@ -54,7 +54,7 @@ impl Default for TransportLimits {
         Self {
             max_message_size: 64 * 1024,
             max_connections: 10_000,
-            max_connections_per_ip: 50,
+            max_connections_per_ip: 2500,
             partial_timeout: std::time::Duration::from_secs(10),
             idle_timeout: std::time::Duration::from_secs(3900),
         }
@@ -113,6 +113,9 @@ pub struct Inbound {
     pub conn: Option<ConnId>,
     /// The raw message (one datagram or one framed message).
     pub bytes: Bytes,
+    /// The datagram was larger than `max_message_size`: `bytes` holds only its first
+    /// `max_message_size` bytes, enough to answer 513 when the header section fits.
+    pub truncated: bool,
 }
 
 /// A message to send.
@@ -193,8 +196,10 @@ pub struct TransportStats {
     pub refused_connections: AtomicU64,
     /// Messages and connections dropped because their source is banned or flooding.
     pub dropped_banned: AtomicU64,
-    /// Sources banned by the transports (floods, connection caps).
+    /// Flows banned by the transports (floods).
     pub bans: AtomicU64,
+    /// Messages dropped because their site was over its rate ceiling (no ban).
+    pub shed: AtomicU64,
 }
 
 /// Handle to the running transports; cheap to clone.
@@ -355,28 +360,36 @@ impl Transports {
         self.inner.handler.handle(inbound);
     }
 
-    /// The guard's verdict on one message from `ip`: true to process it. Drops are counted;
+    /// The guard's verdict on one message from `src`: true to process it. Drops are counted;
     /// a new ban is logged once, in the stable security format.
-    fn admit(&self, ip: std::net::IpAddr) -> bool {
+    fn admit(&self, src: SocketAddr) -> bool {
+        use careflow_core::guard::Admit;
         let Some(g) = self.inner.opts.guard.as_ref() else {
             return true;
         };
-        match g.admit(ip, std::time::Instant::now()) {
-            careflow_core::guard::Admit::Pass => true,
-            careflow_core::guard::Admit::Drop => {
-                self.inner
-                    .stats
-                    .dropped_banned
-                    .fetch_add(1, Ordering::Relaxed);
+        let stats = &self.inner.stats;
+        match g.admit(src, std::time::Instant::now()) {
+            Admit::Pass => true,
+            Admit::Drop => {
+                stats.dropped_banned.fetch_add(1, Ordering::Relaxed);
                 false
             }
-            careflow_core::guard::Admit::Banned(reason) => {
-                self.inner
-                    .stats
-                    .dropped_banned
-                    .fetch_add(1, Ordering::Relaxed);
-                self.inner.stats.bans.fetch_add(1, Ordering::Relaxed);
-                log_ban(ip, reason, g.config().ban_time);
+            Admit::Banned(scope, reason) => {
+                stats.dropped_banned.fetch_add(1, Ordering::Relaxed);
+                stats.bans.fetch_add(1, Ordering::Relaxed);
+                log_ban(scope, reason, g.config().ban_time);
+                false
+            }
+            Admit::Shed { log } => {
+                stats.shed.fetch_add(1, Ordering::Relaxed);
+                if log {
+                    tracing::warn!(
+                        target: "careflow::security",
+                        "SECURITY site_over_rate src_ip={} site_rate_limit={}",
+                        careflow_core::guard::site_of(src.ip()),
+                        g.config().site_rate
+                    );
+                }
                 false
             }
         }
@@ -391,18 +404,31 @@ impl Transports {
 /// How often certificate files are checked for changes.
 const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The one log line per ban (fail2ban and operators read it; keep its shape stable).
+/// The one log line per ban (fail2ban and operators read it; keep its shape stable). A flow
+/// ban names the port and is `banned_flow`: the address may be a whole site behind NAT, so a
+/// firewall must not act on it; only `banned` (a whole site) is for fail2ban.
 pub fn log_ban(
-    ip: std::net::IpAddr,
+    scope: careflow_core::guard::BanScope,
     reason: careflow_core::guard::BanReason,
     ban_time: std::time::Duration,
 ) {
-    tracing::warn!(
-        target: "careflow::security",
-        "SECURITY banned src_ip={ip} reason={} ban_seconds={}",
-        reason.as_str(),
-        ban_time.as_secs()
-    );
+    use careflow_core::guard::BanScope;
+    match scope {
+        BanScope::Flow(a) => tracing::warn!(
+            target: "careflow::security",
+            "SECURITY banned_flow src_ip={} src_port={} reason={} ban_seconds={}",
+            a.ip(),
+            a.port(),
+            reason.as_str(),
+            ban_time.as_secs()
+        ),
+        BanScope::Site(ip) => tracing::warn!(
+            target: "careflow::security",
+            "SECURITY banned src_ip={ip} reason={} ban_seconds={}",
+            reason.as_str(),
+            ban_time.as_secs()
+        ),
+    }
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);

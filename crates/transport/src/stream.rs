@@ -254,7 +254,7 @@ struct Conn<'a> {
 impl Conn<'_> {
     /// Hands a message on; false when its source is banned (the connection is then closed).
     fn deliver(&self, bytes: Bytes) -> bool {
-        if !self.t.admit(self.peer.ip()) {
+        if !self.t.admit(self.peer) {
             return false;
         }
         self.t.deliver(Inbound {
@@ -263,6 +263,7 @@ impl Conn<'_> {
             local: self.local,
             conn: Some(self.id),
             bytes,
+            truncated: false,
         });
         true
     }

@@ -22,14 +22,15 @@ pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
         };
         match r {
             Ok((n, source)) => {
-                if n > max {
+                if !t.admit(source) {
+                    continue;
+                }
+                let truncated = n > max;
+                if truncated {
                     t.inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%source, "dropping oversize datagram");
-                    continue;
+                    tracing::debug!(%source, "oversize datagram");
                 }
-                if !t.admit(source.ip()) {
-                    continue;
-                }
+                let n = n.min(max);
                 if careflow_proto::stun::is_stun(&buf[..n]) {
                     // SIP Outbound keep-alive (RFC 5626 §4.4.2): answered here, cheaply.
                     if let Some(resp) = careflow_proto::stun::binding_response(&buf[..n], source) {
@@ -43,6 +44,7 @@ pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
                     local,
                     conn: None,
                     bytes: Bytes::copy_from_slice(&buf[..n]),
+                    truncated,
                 });
             }
             // ICMP errors for earlier sends surface here (IP_RECVERR): tell the application
