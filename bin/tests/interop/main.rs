@@ -10,6 +10,7 @@ mod database;
 mod media;
 mod migration;
 mod nat;
+mod nat_site;
 mod operations;
 mod outbound;
 mod package;

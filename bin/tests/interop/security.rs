@@ -330,7 +330,7 @@ fn fail2ban_matches_site_bans_only_never_a_flow_ban_a_failure_or_the_normal_chal
 }
 
 /// A TCP connection from a chosen loopback address.
-fn tcp_from(ip: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+pub(crate) fn tcp_from(ip: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
