@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use careflow_proto::digest::Algorithm;
@@ -88,6 +88,14 @@ pub(crate) fn register_contact_at(
 }
 
 fn sipp_calls(transport: &str, callee_transport: &str) {
+    sipp_calls_at(transport, callee_transport, 100, 50, false);
+}
+
+/// `count` sipp calls at `rate`/s from a UAC over `transport` to a sipp UAS over
+/// `callee_transport` that answers each INVITE with 180 and 200 back to back. `strict`: the
+/// caller aborts a call on any message out of order (sipp's default `abortunexp`), so a 180
+/// relayed after its 200 fails it; otherwise such a late provisional is ignored.
+fn sipp_calls_at(transport: &str, callee_transport: &str, count: u32, rate: u32, strict: bool) {
     require("sipp", "sip-tester");
     let server = Server::start(DOMAIN);
     server.add_user("caller", "pw-caller");
@@ -152,9 +160,9 @@ fn sipp_calls(transport: &str, callee_transport: &str) {
         ])
         .args([
             "-m",
-            "100",
+            &count.to_string(),
             "-r",
-            "50",
+            &rate.to_string(),
             "-d",
             "100",
             "-nostdin",
@@ -162,7 +170,10 @@ fn sipp_calls(transport: &str, callee_transport: &str) {
             "60s",
             "-timeout_error",
         ])
-        .args(["-default_behaviors", "-abortunexp"])
+        .args([
+            "-default_behaviors",
+            if strict { "abortunexp" } else { "-abortunexp" },
+        ])
         .stdout(Stdio::null())
         .output()
         .expect("run sipp uac");
@@ -177,13 +188,41 @@ fn sipp_calls(transport: &str, callee_transport: &str) {
     );
     assert_eq!(
         server.metric("careflow_sip_requests_total{method=\"BYE\"}"),
-        100
+        u64::from(count)
     );
 }
 
 #[test]
 fn sipp_calls_through_the_proxy_over_udp() {
     sipp_calls("u1", "u1");
+}
+
+/// Responses of one transaction leave in the order they arrived, however the tasks are
+/// scheduled: with both cores busy (bounded spinning threads), 200 calls whose callee sends
+/// 180 and 200 back to back all connect (a relayed 180 after its 200 aborts the call).
+#[test]
+fn responses_keep_their_order_while_the_cpus_are_busy() {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(40);
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let result = std::panic::catch_unwind(|| sipp_calls_at("u1", "u1", 200, 20, true));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }
 
 #[test]
@@ -278,6 +317,95 @@ fn answer(ua: &Ua, request: &str, code: u16) {
     ua.sock.send_to(&r, ua.server).unwrap();
 }
 
+/// Transaction first, routing second: an INVITE retransmitted while its route lookup is slow
+/// (the location store behind a relay that holds each request 1.5 s) is absorbed by the
+/// server transaction: 100 Trying at once, the callee sees one INVITE, the caller no 407.
+#[test]
+fn an_invite_retransmitted_while_its_route_lookup_is_slow_reaches_the_callee_once() {
+    crate::cluster::flush(14);
+    let relay = crate::database::Relay::to("127.0.0.1:6379");
+    let server = Server::start_with(
+        DOMAIN,
+        &[("REDIS_URL", &format!("redis://127.0.0.1:{}/14", relay.port))],
+    );
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let bob = device(&server, "bob", "pw-bob");
+    let a = Ua::new(server.sip_addr());
+    let uri = format!("sip:bob@{DOMAIN}");
+    let r = a.request(&invite(&a, "alice", "bob", "cslow", 1, "cslowa", ""));
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "alice",
+        DOMAIN,
+        "pw-alice",
+        "INVITE",
+        &uri,
+        1,
+    );
+    let authorized = invite(
+        &a,
+        "alice",
+        "bob",
+        "cslow",
+        2,
+        "cslowb",
+        &format!("Proxy-Authorization: {auth}\r\n"),
+    );
+    relay.slow_down(1500);
+    let sent = Instant::now();
+    a.send(&authorized);
+    let trying = a.recv().expect("100 Trying");
+    assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+    assert!(
+        sent.elapsed() < Duration::from_millis(500),
+        "100 Trying came late"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    a.send(&authorized); // the caller's retransmission, as Timer A would send it
+    // The callee is reached once.
+    let inv = expect(&bob, "INVITE ");
+    bob.sock
+        .set_read_timeout(Some(Duration::from_millis(2500)))
+        .unwrap();
+    // Our client transaction retransmits it (bob sends no provisional): same branch. A second
+    // routing of the caller's retransmission would be a new branch.
+    let branch = |m: &str| {
+        header(m, "Via")
+            .and_then(|v| v.split("branch=").nth(1))
+            .map(|b| b.split(';').next().unwrap_or(b).to_string())
+    };
+    let first_branch = branch(&inv);
+    let mut forks = 0;
+    while let Some(m) = bob.recv() {
+        if m.starts_with("INVITE ") && branch(&m) != first_branch {
+            forks += 1;
+        }
+    }
+    assert_eq!(forks, 0, "the INVITE was forked twice");
+    relay.slow_down(0);
+    answer(&bob, &inv, 486);
+    // The caller never saw a 407 for it: only 100s (a retransmission gets the 100 again),
+    // then the 486.
+    let mut seen = Vec::new();
+    loop {
+        let m = a.recv().expect("the final answer");
+        seen.push(m.lines().next().unwrap_or_default().to_string());
+        if status(&m) >= 200 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("SIP/2.0 486 Busy Here"),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|l| !l.contains(" 407 ")), "{seen:?}");
+    assert_eq!(server.metric("careflow_sip_auth_failures_total"), 0);
+}
+
 #[test]
 fn unknown_and_unregistered_users_get_404_and_480() {
     let server = Server::start(DOMAIN);
@@ -295,7 +423,7 @@ fn unknown_and_unregistered_users_get_404_and_480() {
     );
     // A caller that is not who the From says: 403.
     let first = invite(&a, "alice", "bob", "c403", 1, "c403a", "");
-    let r = a.request(&first);
+    let r = expect_for(&a, "c403", &first);
     let auth = authorization(
         &r,
         Algorithm::Md5,
@@ -306,7 +434,8 @@ fn unknown_and_unregistered_users_get_404_and_480() {
         &format!("sip:bob@{DOMAIN}"),
         1,
     );
-    let r = a.request(&invite(
+    // (An INVITE with credentials gets its server transaction, and 100 Trying, first.)
+    a.send(&invite(
         &a,
         "alice",
         "bob",
@@ -315,9 +444,14 @@ fn unknown_and_unregistered_users_get_404_and_480() {
         "c403b",
         &format!("Proxy-Authorization: {auth}\r\n"),
     ));
-    assert_eq!(status(&r), 403, "{r}");
+    let r = expect(&a, "SIP/2.0 403");
+    assert!(r.contains("Call-ID: c403\r\n"), "{r}");
     // A wrong password is challenged again.
-    let r = a.request(&invite(&a, "alice", "bob", "cbad", 1, "cbada", ""));
+    let r = expect_for(
+        &a,
+        "cbad",
+        &invite(&a, "alice", "bob", "cbad", 1, "cbada", ""),
+    );
     let auth = authorization(
         &r,
         Algorithm::Md5,
@@ -328,7 +462,7 @@ fn unknown_and_unregistered_users_get_404_and_480() {
         &format!("sip:bob@{DOMAIN}"),
         1,
     );
-    let r = a.request(&invite(
+    a.send(&invite(
         &a,
         "alice",
         "bob",
@@ -337,15 +471,33 @@ fn unknown_and_unregistered_users_get_404_and_480() {
         "cbadb",
         &format!("Proxy-Authorization: {auth}\r\n"),
     ));
-    assert_eq!(status(&r), 407, "{r}");
+    let r = expect(&a, "SIP/2.0 407");
+    assert!(r.contains("CSeq: 2 INVITE"), "{r}");
     // Another domain is not relayed.
-    let r = a.request(
+    let r = expect_for(
+        &a,
+        "crelay",
         &invite(&a, "alice", "bob", "crelay", 1, "crelay", "").replace(
             &format!("INVITE sip:bob@{DOMAIN}"),
             "INVITE sip:bob@elsewhere.test",
         ),
     );
     assert_eq!(status(&r), 403, "{r}");
+}
+
+/// Sends `msg` and returns the first final response of its Call-ID (earlier calls' final
+/// responses, retransmitted until ACKed, and 100 Trying are skipped).
+fn expect_for(ua: &Ua, call_id: &str, msg: &str) -> String {
+    ua.send(msg);
+    for _ in 0..20 {
+        let m = ua
+            .recv()
+            .unwrap_or_else(|| panic!("no answer for {call_id}"));
+        if m.contains(&format!("Call-ID: {call_id}\r\n")) && status(&m) >= 200 {
+            return m;
+        }
+    }
+    panic!("no final answer for {call_id}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::support::*;
 
 const SECRET: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
 
-fn flush(db: u32) {
+pub(crate) fn flush(db: u32) {
     let out = std::process::Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-n", &db.to_string(), "FLUSHDB"])
         .output()

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 
 /// A TCP relay to `upstream` that can be cut (open connections reset, new ones closed at
-/// once) and restored.
+/// once) and restored, or made slow (each chunk towards the upstream held for a while).
 pub(crate) struct Relay {
     pub(crate) port: u16,
     up: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relay {
@@ -24,7 +25,9 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let delay_ms: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let (up2, open2, upstream) = (up.clone(), open.clone(), upstream.to_string());
+        let delay2 = delay_ms.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -39,13 +42,22 @@ impl Relay {
                     .lock()
                     .unwrap()
                     .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                for (mut from, mut to, delay) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        Some(delay2.clone()),
+                    ),
+                    (server, client, None),
                 ] {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         while let Ok(n) = from.read(&mut buf) {
+                            if let Some(ms) = delay.as_ref().map(|d| d.load(Ordering::SeqCst))
+                                && ms > 0
+                            {
+                                std::thread::sleep(Duration::from_millis(ms));
+                            }
                             if n == 0 || to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
@@ -55,7 +67,17 @@ impl Relay {
                 }
             }
         });
-        Self { port, up, open }
+        Self {
+            port,
+            up,
+            open,
+            delay_ms,
+        }
+    }
+
+    /// Holds every later chunk towards the upstream for `ms` (0: none).
+    pub(crate) fn slow_down(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     pub(crate) fn cut(&self) {

@@ -69,7 +69,8 @@ fn a_sipp_flood_bans_its_flow_while_other_clients_even_on_its_address_keep_regis
         server: server.sip_addr(),
     };
     banned.send(&banned.register_msg("fay", "flood.test", "fl-3", 1, ""));
-    assert!(banned.recv().is_none());
+    let got = banned.recv();
+    assert!(got.is_none(), "the banned flow was answered: {got:?}");
     // Lifted by hand (the address: every flow of it), it is answered again.
     let out = server.cli_ok(&["bans"]);
     assert!(

@@ -24,6 +24,9 @@ pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, REGISTER, OPTIONS, MES
 /// Option tags accepted in Proxy-Require (the extensions this proxy and registrar implement).
 const PROXY_SUPPORTED: &[&str] = &["outbound", "path"];
 
+/// Responses of one call, in arrival order, with the address each came from.
+pub(crate) type HeldResponses = std::collections::VecDeque<(Message, std::net::IpAddr)>;
+
 /// Where a request came from, kept while it is processed.
 #[derive(Debug, Clone)]
 pub(crate) struct Ctx {
@@ -58,6 +61,9 @@ pub struct App {
     pub(crate) media_engine: OnceLock<Arc<crate::rtpengine::RtpEngine>>,
     /// Calls whose media is anchored.
     pub(crate) media_calls: crate::media::MediaCalls,
+    /// Responses waiting, by Call-ID, behind an earlier response of the call that is still at
+    /// rtpengine (so they leave in arrival order).
+    pub(crate) held_responses: Mutex<std::collections::HashMap<String, HeldResponses>>,
     /// Shutting down: new out-of-dialog requests get 503.
     pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Requests being handled in spawned tasks.
@@ -103,6 +109,7 @@ impl App {
             keepalives: Default::default(),
             media_engine: OnceLock::new(),
             media_calls: Default::default(),
+            held_responses: Mutex::default(),
             draining: Default::default(),
             inflight: Default::default(),
         }
@@ -244,8 +251,14 @@ impl App {
         });
     }
 
+    /// Sends now, in order: the transports queue behind a full socket or connection rather
+    /// than spawning a task per message (whose scheduling could let a 200 overtake its 180).
+    /// Only a stream destination without a connection waits for a dial, in a task.
     pub(crate) fn send_out(&self, out: Outbound) {
         let Some(t) = self.transports.get() else {
+            return;
+        };
+        let Some(out) = t.try_send(out) else {
             return;
         };
         let t = t.clone();

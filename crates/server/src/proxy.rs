@@ -225,7 +225,15 @@ struct Sends(Vec<Outbound>);
 
 impl App {
     /// An INVITE retransmission or a new INVITE (the non-INVITE table does not see INVITEs).
+    ///
+    /// Transaction first, routing second: unless the INVITE is answered at once (the first,
+    /// credential-less INVITE of a call gets its 407 without any lookup), its server
+    /// transaction exists and 100 Trying is sent before routing starts, so a retransmission
+    /// arriving while the database, DNS or rtpengine is slow is absorbed instead of being
+    /// authenticated again (a replayed nonce) or forked twice.
     pub(crate) fn proxy_invite(self: &Arc<Self>, msg: Message, mut ctx: Ctx, key: TxKey) {
+        let now = Instant::now();
+        let mut sends = Sends::default();
         let full = {
             let Ok(mut t) = self.proxy.lock() else { return };
             if let Some(fw) = t.forwards.get_mut(&key) {
@@ -238,9 +246,32 @@ impl App {
                 self.flush(sends);
                 return;
             }
-            t.len() >= self.cfg.max_transactions
+            let full = t.len() >= self.cfg.max_transactions;
+            ctx.key = Some(key.clone());
+            if !full && !self.answered_at_once(&msg) {
+                let mut inv =
+                    InviteServerTransaction::new(ctx.transport.is_reliable(), self.cfg.timers, now);
+                // 100 Trying at once (§16.2), so the caller stops retransmitting.
+                let trying = ResponseBuilder::new(&msg, 100).source(ctx.source).build();
+                inv.send_response(100, trying, now);
+                let mut fw = Forward {
+                    request: msg.clone(),
+                    ctx: ctx.clone(),
+                    invite: Some(inv),
+                    branches: Vec::new(),
+                    best: None,
+                    challenges: Vec::new(),
+                    final_sent: false,
+                    call: msg.to().and_then(|t| t.tag()).is_none(),
+                    local_final: false,
+                };
+                sends = drain_forward(&mut fw);
+                t.forwards.insert(key.clone(), fw);
+                t.schedule_forward(&key);
+            }
+            full
         };
-        ctx.key = Some(key);
+        self.flush(sends);
         if full {
             let resp = self.reply(&msg, &ctx, 503).header("Retry-After", 5).build();
             self.send_back(&msg, &ctx, resp);
@@ -252,6 +283,59 @@ impl App {
             app.route_request(msg, ctx).await;
             drop(busy);
         });
+    }
+
+    /// Whether routing answers this INVITE without waiting for anything, so that a server
+    /// transaction would only cost memory, a 100 Trying and retransmissions of a refusal to
+    /// whoever sent it (a spoofed flood must not be amplified): the first INVITE of a call from
+    /// one of our users without credentials (407 at once), or one that `decide` refuses before
+    /// any lookup (another domain without a gateway, a caller from outside without peering).
+    fn answered_at_once(&self, msg: &Message) -> bool {
+        if msg.to().and_then(|t| t.tag()).is_some() {
+            return false;
+        }
+        let ours = |host: &str| self.serves_domain(&host.to_ascii_lowercase());
+        let from_ours = msg.from().is_some_and(|f| ours(f.uri.host.as_str()));
+        let to_ours = msg
+            .request_uri()
+            .is_some_and(|u| u.user.is_some() && ours(u.host.as_str()));
+        match (from_ours, to_ours) {
+            (true, _) if msg.header(HeaderName::ProxyAuthorization).is_none() => true,
+            (true, false) => self.cfg.outbound_gateway.is_none(),
+            (true, true) => false,
+            (false, true) => !self.cfg.allow_inbound,
+            (false, false) => true,
+        }
+    }
+
+    /// The final answer of ours to an INVITE: through its server transaction when routing
+    /// made one (retransmitted until ACKed, which it absorbs), else statelessly (the ACK is
+    /// recognised by our To tag).
+    fn answer_invite(&self, msg: &Message, ctx: &Ctx, code: u16, bytes: Bytes) {
+        self.metrics.response(code);
+        let now = Instant::now();
+        let mut bytes = Some(bytes);
+        let sends = match (&ctx.key, self.proxy.lock()) {
+            (Some(key), Ok(mut t)) => match t.forwards.get_mut(key) {
+                Some(fw) if fw.final_sent => return,
+                Some(fw) => {
+                    fw.final_sent = true;
+                    if let (Some(inv), Some(b)) = (fw.invite.as_mut(), bytes.take()) {
+                        inv.send_response(code, b, now);
+                    }
+                    let sends = drain_forward(fw);
+                    t.schedule_forward(key);
+                    t.reap_forward(key);
+                    sends
+                }
+                None => Sends::default(),
+            },
+            _ => Sends::default(),
+        };
+        self.flush(sends);
+        if let Some(b) = bytes {
+            self.send_back(msg, ctx, b);
+        }
     }
 
     /// The proxy tables are bounded like the server transactions (`MAX_TRANSACTIONS`).
@@ -317,6 +401,22 @@ impl App {
             let t = &mut *guard;
             let now = Instant::now();
             match t.forwards.get_mut(&key) {
+                Some(fw) if !fw.final_sent && fw.branches.is_empty() => {
+                    // Still being routed: nothing downstream to cancel; the caller gets its
+                    // 487 now, and routing finds the call answered and forks nothing.
+                    let resp = self
+                        .reply(&fw.request, &fw.ctx, 487)
+                        .reason("Request Terminated")
+                        .build();
+                    fw.best = Some((487, resp));
+                    fw.local_final = true;
+                    self.maybe_finish(t, &key, now);
+                    if let Some(fw) = t.forwards.get_mut(&key) {
+                        sends.0.extend(drain_forward(fw).0);
+                    }
+                    t.schedule_forward(&key);
+                    true
+                }
                 Some(fw) if !fw.final_sent => {
                     let names = fw.branches.clone();
                     cancel_pending(self, t, &key, &names, now, &mut sends);
@@ -332,18 +432,53 @@ impl App {
         self.flush(sends);
     }
 
-    /// A response arrived: match it to the branch that sent the request.
+    /// A response arrived: match it to the branch that sent the request. Responses of a call
+    /// leave in the order they arrived: one whose SDP goes through rtpengine first holds the
+    /// call's later responses behind it (a 200 must never overtake the 183 still at rtpengine).
     pub(crate) fn proxy_response(self: &Arc<Self>, msg: Message, source: IpAddr) {
-        if self.media_response_needed(&msg) {
-            // The SDP goes through rtpengine first; the relay continues when it answered.
-            let app = self.clone();
-            tokio::spawn(async move {
-                let msg = app.media_response(msg, source).await;
-                app.relay_response(msg);
-            });
-            return;
+        let call_id = msg.call_id().unwrap_or_default();
+        {
+            let Ok(mut held) = self.held_responses.lock() else {
+                return;
+            };
+            if let Some(q) = held.get_mut(call_id) {
+                q.push_back((msg, source));
+                return;
+            }
+            if !self.media_response_needed(&msg) {
+                drop(held);
+                self.relay_response(msg);
+                return;
+            }
+            held.insert(call_id.to_string(), std::collections::VecDeque::new());
         }
-        self.relay_response(msg);
+        let app = self.clone();
+        tokio::spawn(async move { app.relay_in_order(msg, source).await });
+    }
+
+    /// Relays `msg` (after rtpengine, when its SDP is anchored), then whatever of the same call
+    /// arrived meanwhile, in order.
+    async fn relay_in_order(self: Arc<Self>, first: Message, source: IpAddr) {
+        let call_id = first.call_id().unwrap_or_default().to_string();
+        let mut next = Some((first, source));
+        while let Some((msg, source)) = next {
+            let msg = if self.media_response_needed(&msg) {
+                self.media_response(msg, source).await
+            } else {
+                msg
+            };
+            self.relay_response(msg);
+            next = match self.held_responses.lock() {
+                Ok(mut held) => match held.get_mut(&call_id).and_then(|q| q.pop_front()) {
+                    Some(m) => Some(m),
+                    None => {
+                        held.remove(&call_id);
+                        None
+                    }
+                },
+                Err(_) => None,
+            };
+        }
     }
 
     fn relay_response(self: &Arc<Self>, msg: Message) {
@@ -716,10 +851,7 @@ impl App {
             }
             Err((code, bytes)) => {
                 if msg.method() == Method::Invite {
-                    // Locally generated final answers to INVITE are sent statelessly; the ACK
-                    // is recognised by our To tag and absorbed.
-                    self.metrics.response(code);
-                    self.send_back(&msg, &ctx, bytes);
+                    self.answer_invite(&msg, &ctx, code, bytes);
                 } else {
                     self.send_response(&msg, &ctx, code, bytes);
                 }
@@ -948,7 +1080,21 @@ impl App {
             .encode(&self.cfg.secret)
         });
         let mut sends = Sends::default();
-        let mut invite = is_invite.then(|| {
+        let Ok(mut t) = self.proxy.lock() else { return };
+        // An INVITE's forward was made before routing (transaction first); a CANCEL or the
+        // shutdown may have answered it meanwhile, and then nothing is forked.
+        let made_before = match t.forwards.get(&key) {
+            Some(fw) if fw.final_sent => {
+                drop(t);
+                if is_call {
+                    self.media_end(msg.call_id().unwrap_or_default());
+                }
+                return;
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let mut invite = (is_invite && !made_before).then(|| {
             InviteServerTransaction::new(ctx.transport.is_reliable(), self.cfg.timers, now)
         });
         if let Some(inv) = invite.as_mut() {
@@ -956,7 +1102,6 @@ impl App {
             let trying = ResponseBuilder::new(&msg, 100).source(ctx.source).build();
             inv.send_response(100, trying, now);
         }
-        let Ok(mut t) = self.proxy.lock() else { return };
         let mut first_sends = Vec::new();
         let mut names = Vec::new();
         for Hop {
@@ -1034,7 +1179,21 @@ impl App {
         if names.is_empty() {
             drop(t);
             let resp = self.reply(&msg, &ctx, 500).build();
-            self.send_back(&msg, &ctx, resp);
+            if is_invite {
+                self.answer_invite(&msg, &ctx, 500, resp);
+            } else {
+                self.send_back(&msg, &ctx, resp);
+            }
+            return;
+        }
+        if let Some(fw) = t.forwards.get_mut(&key).filter(|_| made_before) {
+            fw.branches = names;
+            fw.call = is_call;
+            t.schedule_forward(&key);
+            drop(t);
+            for (name, out) in first_sends {
+                self.send_branch(name, out);
+            }
             return;
         }
         let mut fw = Forward {
@@ -1063,6 +1222,9 @@ impl App {
     /// no route) ends the branch at once as a 503 (§16.9) instead of waiting for Timer B/F.
     fn send_branch(self: &Arc<Self>, name: String, out: Outbound) {
         let Some(t) = self.transports() else { return };
+        // Sent or queued at once when the socket or connection is there (a UDP failure comes
+        // back as ICMP); only a connection to dial waits in a task.
+        let Some(out) = t.try_send(out) else { return };
         let app = self.clone();
         tokio::spawn(async move {
             let dest = out.dest;

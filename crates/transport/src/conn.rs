@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use careflow_core::Transport;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Identifies one stream connection for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,6 +37,17 @@ struct Entry {
     peer: SocketAddr,
     transport: Transport,
     tx: mpsc::Sender<Wire>,
+    /// Cancelled to close the connection from outside its own tasks (a peer that stopped
+    /// reading).
+    close: CancellationToken,
+}
+
+/// A connection's writer, and how to close the connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    pub(crate) tx: mpsc::Sender<Wire>,
+    pub(crate) close: CancellationToken,
+    pub(crate) peer: SocketAddr,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +68,7 @@ impl ConnTable {
         peer: SocketAddr,
         transport: Transport,
         tx: mpsc::Sender<Wire>,
+        close: CancellationToken,
     ) {
         if let Ok(mut t) = self.inner.lock() {
             t.by_id.insert(
@@ -64,6 +77,7 @@ impl ConnTable {
                     peer,
                     transport,
                     tx,
+                    close,
                 },
             );
             t.by_peer.insert(peer, id);
@@ -94,15 +108,20 @@ impl ConnTable {
         id: Option<ConnId>,
         peer: SocketAddr,
         transport: Transport,
-    ) -> Option<mpsc::Sender<Wire>> {
+    ) -> Option<Writer> {
         let t = self.inner.lock().ok()?;
+        let writer = |e: &Entry| Writer {
+            tx: e.tx.clone(),
+            close: e.close.clone(),
+            peer: e.peer,
+        };
         if let Some(e) = id.and_then(|id| t.by_id.get(&id)) {
-            return Some(e.tx.clone());
+            return Some(writer(e));
         }
         let id = t.by_peer.get(&peer)?;
         t.by_id
             .get(id)
             .filter(|e| e.transport == transport)
-            .map(|e| e.tx.clone())
+            .map(writer)
     }
 }

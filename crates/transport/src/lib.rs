@@ -200,6 +200,10 @@ pub struct TransportStats {
     pub bans: AtomicU64,
     /// Messages dropped because their site was over its rate ceiling (no ban).
     pub shed: AtomicU64,
+    /// Messages dropped on the way out: a UDP send backlog or a connection's queue was full.
+    pub send_dropped: AtomicU64,
+    /// Connections closed because the peer stopped reading (write timeout or full queue).
+    pub stalled_closed: AtomicU64,
 }
 
 /// Handle to the running transports; cheap to clone.
@@ -209,7 +213,7 @@ pub struct Transports {
 }
 
 struct Inner {
-    udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    udp: Vec<Arc<udp::Listener>>,
     conns: ConnTable,
     /// Open connections per source address (the per-IP cap).
     per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
@@ -255,7 +259,11 @@ impl Transports {
                         transport: s.transport,
                         addr,
                     });
-                    udp.push((addr, Arc::new(sock)));
+                    udp.push(Arc::new(udp::Listener {
+                        addr,
+                        sock: Arc::new(sock),
+                        backlog: udp::Backlog::default(),
+                    }));
                 }
                 Transport::Tcp | Transport::Tls | Transport::Ws | Transport::Wss => {
                     if matches!(s.transport, Transport::Tls | Transport::Wss) && opts.tls.is_none()
@@ -284,16 +292,17 @@ impl Transports {
                 cancel,
             }),
         };
-        for (_, sock) in &me.inner.udp {
+        for l in &me.inner.udp {
             // One receive loop per socket: a second one on the same socket is woken for every
             // datagram too and mostly finds nothing (measured: more CPU, not more throughput).
-            for _ in 0..1 {
-                let t = me.clone();
-                let s = sock.clone();
-                me.inner
-                    .tracker
-                    .spawn(async move { udp::recv_loop(t, s).await });
-            }
+            let (t, s) = (me.clone(), l.sock.clone());
+            me.inner
+                .tracker
+                .spawn(async move { udp::recv_loop(t, s).await });
+            let (t, l) = (me.clone(), l.clone());
+            me.inner
+                .tracker
+                .spawn(async move { udp::drain_backlog(t, l).await });
         }
         if let Some(tls) = me.inner.opts.tls.clone() {
             // Certificates renewed on disk (certbot, an operator) are picked up without a
@@ -318,7 +327,8 @@ impl Transports {
         Ok((me, bound))
     }
 
-    /// Sends a message; never blocks on a slow peer (stream writes are queued).
+    /// Sends a message, opening a TCP or TLS connection when there is none to `dest`; never
+    /// blocks on a slow peer (writes are queued in order).
     pub async fn send(&self, out: Outbound) -> Result<(), TransportError> {
         match out.transport {
             Transport::Udp => udp::send(self, out).await,
@@ -326,11 +336,17 @@ impl Transports {
         }
     }
 
-    /// Sends without waiting when the socket or connection queue has room; gives the message
-    /// back when it must be sent with [`Self::send`] (UDP buffer full, no open connection).
+    /// Sends or queues a message now, without waiting, keeping the order in which messages to
+    /// one socket or connection were given (RFC 3261 needs a 180 to leave before its 200). Gives
+    /// the message back only when it needs [`Self::send`]: a stream destination with no open
+    /// connection, which must be dialled first. A stream peer whose queue is full (it does not
+    /// read) is disconnected and the message dropped.
     pub fn try_send(&self, out: Outbound) -> Option<Outbound> {
         match out.transport {
-            Transport::Udp => udp::try_send(self, out),
+            Transport::Udp => {
+                let _ = udp::send_ordered(self, out);
+                None
+            }
             _ => stream::try_send(self, out),
         }
     }

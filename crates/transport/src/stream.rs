@@ -144,9 +144,12 @@ where
         return;
     }
     let id = next_conn_id();
-    let (tx, rx) = mpsc::channel::<Wire>(64);
-    t.inner.conns.insert(id, peer, tr, tx.clone());
-    let writer = tokio::spawn(write_loop(wr, rx, ws));
+    let (tx, rx) = mpsc::channel::<Wire>(QUEUE);
+    let close = t.inner.cancel.child_token();
+    t.inner
+        .conns
+        .insert(id, peer, tr, tx.clone(), close.clone());
+    let writer = tokio::spawn(write_loop(t.clone(), wr, rx, ws, close.clone(), peer));
     {
         let conn = Conn {
             t,
@@ -155,6 +158,7 @@ where
             local,
             transport: tr,
             tx,
+            close,
         };
         if ws {
             conn.read_ws(rd, buf).await;
@@ -221,25 +225,52 @@ where
     }
 }
 
-async fn write_loop<W>(mut wr: W, mut rx: mpsc::Receiver<Wire>, ws: bool)
-where
+/// Messages queued for one connection. A peer this far behind is not reading: it is
+/// disconnected rather than parking senders (a phone that never reads must not hold memory or
+/// tasks of ours).
+const QUEUE: usize = 256;
+/// A write that cannot complete this long (the peer's window stays shut) closes the
+/// connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn write_loop<W>(
+    t: Transports,
+    mut wr: W,
+    mut rx: mpsc::Receiver<Wire>,
+    ws: bool,
+    close: tokio_util::sync::CancellationToken,
+    peer: SocketAddr,
+) where
     W: AsyncWrite + Unpin,
 {
-    while let Some(item) = rx.recv().await {
-        let bytes = match item {
-            Wire::Sip(b) if ws => websocket::encode_message(&b),
-            Wire::Sip(b) | Wire::Raw(b) => b,
-            Wire::Close(b) => {
-                let _ = wr.write_all(&b).await;
-                let _ = wr.shutdown().await;
+    loop {
+        let item = tokio::select! {
+            _ = close.cancelled() => break,
+            i = rx.recv() => i,
+        };
+        let Some(item) = item else { break };
+        let (bytes, last) = match item {
+            Wire::Sip(b) if ws => (websocket::encode_message(&b), false),
+            Wire::Sip(b) | Wire::Raw(b) => (b, false),
+            Wire::Close(b) => (b, true),
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)).await {
+            Ok(Ok(())) if !last => {}
+            Ok(Ok(())) => break,
+            Ok(Err(_)) => {
+                close.cancel();
                 return;
             }
-        };
-        if wr.write_all(&bytes).await.is_err() {
-            return;
+            Err(_) => {
+                t.inner.stats.stalled_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, timeout_s = WRITE_TIMEOUT.as_secs(),
+                    "closing connection: the peer does not read");
+                close.cancel();
+                return;
+            }
         }
     }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), wr.shutdown()).await;
 }
 
 struct Conn<'a> {
@@ -249,6 +280,8 @@ struct Conn<'a> {
     local: SocketAddr,
     transport: Transport,
     tx: mpsc::Sender<Wire>,
+    /// Closes this connection (its writer found the peer not reading, or the queue full).
+    close: tokio_util::sync::CancellationToken,
 }
 
 impl Conn<'_> {
@@ -281,7 +314,7 @@ impl Conn<'_> {
             buf.reserve(READ_CHUNK);
         }
         let read = tokio::select! {
-            _ = self.t.inner.cancel.cancelled() => return Fill::Closed,
+            _ = self.close.cancelled() => return Fill::Closed,
             r = tokio::time::timeout(wait, rd.read_buf(buf)) => r,
         };
         match read {
@@ -467,17 +500,29 @@ enum Fill {
 }
 
 pub(crate) fn try_send(t: &Transports, out: Outbound) -> Option<Outbound> {
-    let Some(tx) = t.inner.conns.writer(out.conn, out.dest, out.transport) else {
+    let Some(w) = t.inner.conns.writer(out.conn, out.dest, out.transport) else {
         return Some(out);
     };
-    match tx.try_send(Wire::Sip(out.bytes)) {
+    match w.tx.try_send(Wire::Sip(out.bytes)) {
         Ok(()) => None,
-        Err(mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w)) => {
-            Some(Outbound {
-                bytes: w.into_bytes(),
-                ..out
-            })
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            stalled(t, &w);
+            None
         }
+        Err(mpsc::error::TrySendError::Closed(w)) => Some(Outbound {
+            bytes: w.into_bytes(),
+            ..out
+        }),
+    }
+}
+
+/// The peer has `QUEUE` messages unread: it is disconnected, and what it was sent is dropped.
+fn stalled(t: &Transports, w: &crate::conn::Writer) {
+    t.inner.stats.send_dropped.fetch_add(1, Ordering::Relaxed);
+    if !w.close.is_cancelled() {
+        t.inner.stats.stalled_closed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %w.peer, queued = QUEUE, "closing connection: the peer does not read");
+        w.close.cancel();
     }
 }
 
@@ -487,7 +532,17 @@ pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportE
         source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection closed"),
     };
     let tx = match t.inner.conns.writer(out.conn, out.dest, out.transport) {
-        Some(tx) => tx,
+        Some(w) => {
+            // In order behind what is queued, and never waiting on a peer that does not read.
+            return match w.tx.try_send(Wire::Sip(out.bytes)) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    stalled(t, &w);
+                    Err(closed())
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
+            };
+        }
         // TCP and TLS dial out; WebSocket clients are reached over the connection they opened.
         None if matches!(out.transport, Transport::Tcp | Transport::Tls) => {
             connect(t, out.dest, out.transport).await?
@@ -541,13 +596,16 @@ where
 {
     let (rd, wr) = tokio::io::split(stream);
     let id = next_conn_id();
-    let (tx, rx) = mpsc::channel::<Wire>(64);
-    t.inner.conns.insert(id, dest, transport, tx.clone());
+    let (tx, rx) = mpsc::channel::<Wire>(QUEUE);
+    let close = t.inner.cancel.child_token();
+    t.inner
+        .conns
+        .insert(id, dest, transport, tx.clone(), close.clone());
     t.inner.stats.connections.fetch_add(1, Ordering::Relaxed);
     let t2 = t.clone();
     let tx2 = tx.clone();
     t.inner.tracker.spawn(async move {
-        let writer = tokio::spawn(write_loop(wr, rx, false));
+        let writer = tokio::spawn(write_loop(t2.clone(), wr, rx, false, close.clone(), dest));
         let conn = Conn {
             t: &t2,
             id,
@@ -555,6 +613,7 @@ where
             local,
             transport,
             tx: tx2,
+            close,
         };
         conn.read_sip(rd, BytesMut::new()).await;
         drop(conn);
