@@ -448,3 +448,99 @@ fn the_nftables_rules_load() {
         "{text}"
     );
 }
+
+/// A TCP connection from 127.0.0.1 with a small receive buffer, so a peer that stops reading
+/// shuts its window soon.
+fn tcp_small_window(to: std::net::SocketAddr) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        let stream = s.connect(to).await.unwrap();
+        let stream = stream.into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+    })
+}
+
+#[test]
+fn a_phone_that_stops_reading_is_disconnected_and_holds_nothing_of_ours() {
+    use std::io::{Read, Write};
+    let server = Server::start_with("stall.test", &[("ALLOW_INBOUND", "true")]);
+    server.add_user("frozen", "pw-frozen-phone");
+    // A desk phone registers over TCP, then never reads again.
+    let mut phone = tcp_small_window(server.sip_addr());
+    phone
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let local = phone.local_addr().unwrap();
+    let register = |cseq: u32, extra: &str| {
+        format!(
+            "REGISTER sip:stall.test SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKfz{cseq}\r\nMax-Forwards: 70\r\nFrom: <sip:frozen@stall.test>;tag=fz\r\nTo: <sip:frozen@stall.test>\r\nCall-ID: frozen-1\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:frozen@{local};transport=tcp>\r\n{extra}Content-Length: 0\r\n\r\n"
+        )
+    };
+    let read_one = |s: &mut std::net::TcpStream| {
+        let mut buf = vec![0u8; 8192];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    phone.write_all(register(1, "").as_bytes()).unwrap();
+    let r1 = read_one(&mut phone);
+    let auth = authorization(
+        &r1,
+        careflow_proto::digest::Algorithm::Md5,
+        "frozen",
+        "stall.test",
+        "pw-frozen-phone",
+        "REGISTER",
+        "sip:stall.test",
+        1,
+    );
+    phone
+        .write_all(register(2, &format!("Authorization: {auth}\r\n")).as_bytes())
+        .unwrap();
+    assert_eq!(status(&read_one(&mut phone)), 200);
+    assert_eq!(server.bindings_of("frozen").len(), 1);
+    // A peer sends it large MESSAGEs, far more than its window and our queue hold.
+    let peer = Ua::from_ip(server.sip_addr(), "127.0.0.1");
+    let body = "x".repeat(30_000);
+    let started = Instant::now();
+    for i in 0..600 {
+        let msg = format!(
+            "MESSAGE sip:frozen@stall.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKst{i};rport\r\nMax-Forwards: 70\r\nFrom: <sip:pager@other.test>;tag=p{i}\r\nTo: <sip:frozen@stall.test>\r\nCall-ID: stall-{i}\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            peer.port(),
+            body.len()
+        );
+        peer.send(&msg);
+        if i % 50 == 49 && server.log().contains("the peer does not read") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !server
+        .log()
+        .contains("closing connection: the peer does not read")
+    {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(server.metric("careflow_sip_stalled_connections_closed_total") >= 1);
+    // Its connection is gone, and so is the binding that depended on it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.bindings_of("frozen").is_empty() {
+        assert!(Instant::now() < deadline, "the binding stayed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The server answers everyone else as before.
+    let other = Ua::from_ip(server.sip_addr(), "127.0.0.1");
+    let ping = format!(
+        "OPTIONS sip:stall.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKping;rport\r\nMax-Forwards: 70\r\nFrom: <sip:x@stall.test>;tag=1\r\nTo: <sip:stall.test>\r\nCall-ID: ping-after-stall\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        other.port()
+    );
+    assert_eq!(status(&other.request(&ping)), 200);
+}

@@ -152,6 +152,12 @@ impl App {
                 .map_or(0, |s| s.dropped_banned.load(Ordering::Relaxed)),
             flood_bans: stats.as_ref().map_or(0, |s| s.bans.load(Ordering::Relaxed)),
             site_shed: stats.as_ref().map_or(0, |s| s.shed.load(Ordering::Relaxed)),
+            send_dropped: stats
+                .as_ref()
+                .map_or(0, |s| s.send_dropped.load(Ordering::Relaxed)),
+            stalled_closed: stats
+                .as_ref()
+                .map_or(0, |s| s.stalled_closed.load(Ordering::Relaxed)),
             refused_connections: stats
                 .as_ref()
                 .map_or(0, |s| s.refused_connections.load(Ordering::Relaxed)),

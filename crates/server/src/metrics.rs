@@ -101,6 +101,10 @@ pub struct Gauges {
     pub flood_bans: u64,
     /// Messages shed because their site was over its rate ceiling.
     pub site_shed: u64,
+    /// Messages dropped on the way out (a full UDP backlog or connection queue).
+    pub send_dropped: u64,
+    /// Connections closed because their peer stopped reading.
+    pub stalled_closed: u64,
     /// Sources banned now.
     pub banned_now: u64,
     /// Connections refused (total or per-IP limit).
@@ -293,6 +297,16 @@ impl Metrics {
                 "careflow_sip_site_shed_total",
                 "Messages dropped because their site (IPv4 address or IPv6 /64) was over SECURITY_SITE_RATE_LIMIT (no ban).",
                 g.site_shed,
+            ),
+            (
+                "careflow_sip_send_dropped_total",
+                "Messages dropped on the way out: a UDP send backlog or a connection's queue was full.",
+                g.send_dropped,
+            ),
+            (
+                "careflow_sip_stalled_connections_closed_total",
+                "Connections closed because the peer stopped reading (write timeout or full queue).",
+                g.stalled_closed,
             ),
             (
                 "careflow_sip_refused_connections_total",

@@ -82,9 +82,16 @@ pub(crate) async fn accept_loop(t: Transports, listener: TcpListener, transport:
     }
 }
 
+/// Connections are counted per site (an IPv4 address or an IPv6 /64): a host picks addresses
+/// in its /64 freely, so counting per IPv6 address would bound nothing.
 fn take_ip_slot(t: &Transports, peer: SocketAddr) -> bool {
-    let ip = peer.ip();
-    if t.inner.opts.guard.as_ref().is_some_and(|g| g.allowed(ip)) {
+    let ip = careflow_core::guard::site_of(peer.ip());
+    if t.inner
+        .opts
+        .guard
+        .as_ref()
+        .is_some_and(|g| g.allowed(peer.ip()))
+    {
         return true;
     }
     let Ok(mut m) = t.inner.per_ip.lock() else {
@@ -99,7 +106,15 @@ fn take_ip_slot(t: &Transports, peer: SocketAddr) -> bool {
 }
 
 fn release_ip_slot(t: &Transports, peer: SocketAddr) {
-    let ip = peer.ip();
+    if t.inner
+        .opts
+        .guard
+        .as_ref()
+        .is_some_and(|g| g.allowed(peer.ip()))
+    {
+        return;
+    }
+    let ip = careflow_core::guard::site_of(peer.ip());
     if let Ok(mut m) = t.inner.per_ip.lock()
         && let Some(n) = m.get_mut(&ip)
     {
