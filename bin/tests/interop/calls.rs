@@ -404,6 +404,61 @@ fn an_invite_retransmitted_while_its_route_lookup_is_slow_reaches_the_callee_onc
     );
     assert!(seen.iter().all(|l| !l.contains(" 407 ")), "{seen:?}");
     assert_eq!(server.metric("careflow_sip_auth_failures_total"), 0);
+
+    // Cancelled while still being routed: 200 for the CANCEL, 487 for the INVITE, and the
+    // callee is never rung.
+    let r = expect_for(
+        &a,
+        "cslow2",
+        &invite(&a, "alice", "bob", "cslow2", 1, "cslow2a", ""),
+    );
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "alice",
+        DOMAIN,
+        "pw-alice",
+        "INVITE",
+        &uri,
+        1,
+    );
+    let authorized = invite(
+        &a,
+        "alice",
+        "bob",
+        "cslow2",
+        2,
+        "cslow2b",
+        &format!("Proxy-Authorization: {auth}\r\n"),
+    );
+    relay.slow_down(1500);
+    a.send(&authorized);
+    std::thread::sleep(Duration::from_millis(200));
+    let cancel = authorized
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 2 INVITE", "CSeq: 2 CANCEL");
+    let cancel = cancel[..cancel.find("Proxy-Authorization").unwrap()].to_string()
+        + "Content-Length: 0\r\n\r\n";
+    a.send(&cancel);
+    let mut codes = Vec::new();
+    while !codes.contains(&487) {
+        let m = a.recv().expect("answers to the CANCEL and the INVITE");
+        if m.contains("Call-ID: cslow2\r\n") {
+            codes.push(status(&m));
+        }
+    }
+    assert!(codes.contains(&200), "{codes:?}");
+    bob.sock
+        .set_read_timeout(Some(Duration::from_millis(2500)))
+        .unwrap();
+    while let Some(m) = bob.recv() {
+        assert!(
+            !m.contains("Call-ID: cslow2\r\n"),
+            "the callee was rung: {m}"
+        );
+    }
+    relay.slow_down(0);
 }
 
 #[test]
