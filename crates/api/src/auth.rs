@@ -2,7 +2,6 @@
 //! (HS256 with a shared secret, or RS256/ES256 keys from a JWKS URL or file), and admins with
 //! API keys made by `careflow-sip apikey create`.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -244,45 +243,25 @@ pub fn is_api_key(token: &str) -> bool {
     token.starts_with("cfk_")
 }
 
-/// Per-caller limiter state (token bucket).
+/// Per-caller request limit (`API_RATE_LIMIT`/`API_RATE_BURST`): the token bucket of
+/// `careflow_core::ratelimit`, the same one the SIP guard uses, bounded to 100,000 callers.
 #[derive(Debug)]
-pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    buckets: std::sync::Mutex<HashMap<String, (f64, Instant)>>,
-}
+pub struct RateLimiter(careflow_core::ratelimit::KeyedLimiter<String>);
 
 impl RateLimiter {
     /// `per_second` requests on average, `burst` at once.
     pub fn new(per_second: u32, burst: u32) -> Self {
-        Self {
-            per_second: f64::from(per_second),
-            burst: f64::from(burst.max(1)),
-            buckets: std::sync::Mutex::new(HashMap::new()),
-        }
+        Self(careflow_core::ratelimit::KeyedLimiter::new(
+            per_second,
+            burst,
+            100_000,
+            Instant::now(),
+        ))
     }
 
     /// Takes one request from `caller`'s bucket; false when it is empty.
     pub fn allow(&self, caller: &str) -> bool {
-        let now = Instant::now();
-        let Ok(mut b) = self.buckets.lock() else {
-            return true;
-        };
-        if b.len() > 100_000 {
-            // Bounded memory: forget buckets that have refilled anyway.
-            let full = self.burst / self.per_second.max(0.001);
-            b.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() < full);
-        }
-        let (tokens, last) = b.entry(caller.to_string()).or_insert((self.burst, now));
-        *tokens =
-            (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.0.allow(caller.to_string(), Instant::now())
     }
 }
 

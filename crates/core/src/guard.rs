@@ -15,72 +15,13 @@
 //! whole, entries still in use are carried into the new one when touched), and the ban table is
 //! swept of expired bans at most once a second.
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-/// An IPv4 or IPv6 network, e.g. `10.0.0.0/8` or `2001:db8::/32` (a bare address is /32 or
-/// /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+use crate::ratelimit::{Generations, TokenBucket as Bucket, Window};
 
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}`: prefix must be 0..={max}"))?,
-            None => max,
-        };
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl Cidr {
-    /// Whether `ip` lies in this network.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let (a, b, bits) = match (self.addr, ip) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => (
-                u128::from(u32::from(a)) << 96,
-                u128::from(u32::from(b)) << 96,
-                self.prefix,
-            ),
-            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), self.prefix),
-            (IpAddr::V4(a), IpAddr::V6(b)) => match b.to_ipv4_mapped() {
-                Some(b) => (
-                    u128::from(u32::from(a)) << 96,
-                    u128::from(u32::from(b)) << 96,
-                    self.prefix,
-                ),
-                None => return false,
-            },
-            (IpAddr::V6(_), IpAddr::V4(_)) => return false,
-        };
-        if bits == 0 {
-            return true;
-        }
-        let mask = u128::MAX << (128 - u32::from(bits));
-        a & mask == b & mask
-    }
-}
+pub use crate::cidr::Cidr;
 
 /// The address a site is known by: an IPv4 address, or the /64 of an IPv6 address (one
 /// customer network; a host picks its interface identifier freely). IPv4-mapped IPv6
@@ -198,104 +139,6 @@ pub enum Admit {
         /// Whether to log it now.
         log: bool,
     },
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn full(burst: u32, now: Instant) -> Self {
-        Self {
-            tokens: f64::from(burst),
-            last: now,
-        }
-    }
-
-    fn take(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(f64::from(burst));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// A count of events in a window that starts with the first one.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    count: u32,
-    start: Instant,
-}
-
-impl Window {
-    fn new(now: Instant) -> Self {
-        Self {
-            count: 0,
-            start: now,
-        }
-    }
-
-    /// Counts one event; returns the count within the window.
-    fn hit(&mut self, window: Duration, now: Instant) -> u32 {
-        if now.saturating_duration_since(self.start) >= window {
-            *self = Self::new(now);
-        }
-        self.count = self.count.saturating_add(1);
-        self.count
-    }
-}
-
-/// A bounded map in two generations. Lookups move an entry of the old generation into the
-/// current one; when the current one is full or older than `period` it becomes the old one
-/// and the old one is dropped whole. So an entry untouched for two periods (or crowded out by
-/// a flood of new keys) is forgotten, at O(1) amortised cost and without any rescan.
-#[derive(Debug)]
-struct Generations<K, V> {
-    current: HashMap<K, V>,
-    old: HashMap<K, V>,
-    since: Instant,
-}
-
-impl<K: Hash + Eq + Copy, V> Generations<K, V> {
-    fn new(now: Instant) -> Self {
-        Self {
-            current: HashMap::new(),
-            old: HashMap::new(),
-            since: now,
-        }
-    }
-
-    fn entry(
-        &mut self,
-        key: K,
-        cap: usize,
-        period: Duration,
-        now: Instant,
-        fresh: impl FnOnce() -> V,
-    ) -> &mut V {
-        if !self.current.contains_key(&key) {
-            let carried = self.old.remove(&key);
-            if self.current.len() >= cap.div_ceil(2).max(1)
-                || now.saturating_duration_since(self.since) >= period
-            {
-                self.old = std::mem::take(&mut self.current);
-                self.since = now;
-            }
-            self.current.insert(key, carried.unwrap_or_else(fresh));
-        }
-        self.current.entry(key).or_insert_with(|| unreachable!())
-    }
-
-    fn len(&self) -> usize {
-        self.current.len() + self.old.len()
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -723,34 +566,6 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn cidrs() {
-        let c: Cidr = "10.1.0.0/16".parse().unwrap();
-        assert!(c.contains(ip("10.1.200.3")));
-        assert!(!c.contains(ip("10.2.0.1")));
-        assert!(
-            "192.0.2.7"
-                .parse::<Cidr>()
-                .unwrap()
-                .contains(ip("192.0.2.7"))
-        );
-        assert!(
-            !"192.0.2.7"
-                .parse::<Cidr>()
-                .unwrap()
-                .contains(ip("192.0.2.8"))
-        );
-        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("8.8.8.8")));
-        let v6: Cidr = "2001:db8::/32".parse().unwrap();
-        assert!(v6.contains(ip("2001:db8:1::5")) && !v6.contains(ip("2001:db9::1")));
-        assert!(
-            c.contains(ip("::ffff:10.1.2.3")),
-            "IPv4-mapped addresses match"
-        );
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("host.example".parse::<Cidr>().is_err());
     }
 
     fn at(s: &str) -> SocketAddr {

@@ -13,11 +13,13 @@
 
 pub mod auth;
 pub mod binding;
+pub mod cidr;
 pub mod flow;
 pub mod guard;
 pub mod media;
 pub mod nonce;
 pub mod proxy;
+pub mod ratelimit;
 pub mod registrar;
 pub mod transaction;
 
