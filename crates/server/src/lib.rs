@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+mod auth;
 mod drain;
 mod flows;
 pub mod keepalive;

@@ -13,18 +13,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use careflow_core::Transport;
-use careflow_core::auth::Verdict;
 use careflow_core::flow::Flow;
 use careflow_core::proxy;
 use careflow_core::transaction::TxKey;
 use careflow_core::transaction::client::{ClientEvent, ClientState, ClientTransaction};
 use careflow_core::transaction::invite_server::InviteServerTransaction;
-use careflow_proto::digest::Credentials;
 use careflow_proto::rewrite::{RequestEdit, strip_top_via};
 use careflow_proto::{HeaderName, Message, Method, ResponseBuilder, Uri, Via, request, scan};
 use careflow_transport::{ConnId, Outbound};
 
 use crate::app::{App, Ctx};
+use crate::auth::Challenger;
 use crate::unix_now;
 
 /// Where a branch sends its request.
@@ -1006,57 +1005,11 @@ impl App {
         };
         let realm = from.uri.host.as_str().to_ascii_lowercase();
         let user = scan::pct_decode(from.uri.user.unwrap_or_default()).into_owned();
-        let challenge = |stale: bool| {
-            let mut b = self.reply(msg, ctx, 407);
-            for c in self.auth.challenges(&realm, now, stale) {
-                b = b.header("Proxy-Authenticate", c);
-            }
-            (407, b.build())
+        let checked = match self.prepare_auth(msg, ctx, Challenger::Proxy, &realm, &user, now) {
+            Ok(prepared) => self.verify_auth(msg, ctx, &realm, &prepared, now).await,
+            Err(e) => Err(e),
         };
-        let Some(creds) = msg
-            .headers_named(HeaderName::ProxyAuthorization)
-            .filter_map(Credentials::parse)
-            .find(|c| c.realm.eq_ignore_ascii_case(&realm))
-        else {
-            return Err(challenge(false));
-        };
-        if creds.username != user {
-            return Err((
-                403,
-                self.reply(msg, ctx, 403)
-                    .reason("Username Does Not Match From")
-                    .build(),
-            ));
-        }
-        let pending = self.auth.prepare(&creds, &realm, now).map_err(|f| {
-            self.auth_refused(ctx, &creds.username, &realm, f);
-            challenge(false)
-        })?;
-        let sub = match self.subscribers.find(&creds.username, &realm).await {
-            Ok(s) => s,
-            Err(e) => {
-                // Fail safe, as for REGISTER: nobody is authenticated without the store.
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, method = msg.method_str(), "subscriber lookup failed");
-                return Err((
-                    503,
-                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
-                ));
-            }
-        };
-        let ha1 = sub
-            .as_ref()
-            .filter(|s| s.enabled)
-            .map(|s| s.ha1(pending.algorithm));
-        if let Err((f, verdict)) = self
-            .auth
-            .finish(pending, &creds, msg.method_str(), ha1, now)
-        {
-            let stale = matches!(verdict, Verdict::Challenge { stale: true });
-            self.auth_refused(ctx, &creds.username, &realm, f);
-            return Err(challenge(stale));
-        }
-        Ok(())
+        checked.map_err(|e| self.auth_answer(msg, ctx, Challenger::Proxy, &realm, &e, now))
     }
 
     /// Creates the forward and one branch per target, and sends.

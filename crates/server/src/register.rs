@@ -4,12 +4,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use careflow_core::auth::{Failure, Verdict};
 use careflow_core::registrar::{self, ContactValue, Outcome, RegisterRequest, Reject};
-use careflow_proto::digest::Credentials;
 use careflow_proto::{HeaderName, Message, scan};
 
 use crate::app::{App, Ctx};
+use crate::auth::{AuthError, Challenger, Prepared};
 use crate::unix_now;
 
 /// A REGISTER answered before any store access.
@@ -24,8 +23,7 @@ enum Early {
 struct Checked<'m> {
     aor: String,
     domain: String,
-    creds: Credentials<'m>,
-    pending: careflow_core::auth::Pending,
+    auth: Prepared<'m>,
     contacts: Vec<ContactValue<'m>>,
     expires: Option<u32>,
 }
@@ -148,36 +146,20 @@ impl App {
             .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
 
         // Digest authentication (RFC 3261 §22.4).
-        let creds = msg
-            .headers_named(HeaderName::Authorization)
-            .filter_map(Credentials::parse)
-            .find(|c| c.realm.eq_ignore_ascii_case(&domain));
-        let Some(creds) = creds else {
-            return Err(Early::Challenge(
-                self.challenge(msg, ctx, &domain, now, false),
-            ));
-        };
-        if creds.username != user {
-            self.auth_failed(ctx, &creds.username, &domain, "username does not match To");
-            let b = self
-                .reply(msg, ctx, 403)
-                .reason("Username Does Not Match AoR");
-            return Err(Early::Reply(403, b.build()));
-        }
-        let pending = match self.auth.prepare(&creds, &domain, now) {
-            Ok(p) => p,
-            Err(f) => {
-                self.auth_refused(ctx, &creds.username, &domain, f);
-                return Err(Early::Challenge(
-                    self.challenge(msg, ctx, &domain, now, false),
-                ));
-            }
-        };
+        let auth = self
+            .prepare_auth(msg, ctx, Challenger::Registrar, &domain, &user, now)
+            .map_err(|e| {
+                let (code, bytes) =
+                    self.auth_answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
+                match e {
+                    AuthError::Missing | AuthError::Refused { .. } => Early::Challenge(bytes),
+                    AuthError::WrongIdentity | AuthError::Store => Early::Reply(code, bytes),
+                }
+            })?;
         Ok(Checked {
             aor,
             domain,
-            creds,
-            pending,
+            auth,
             contacts,
             expires,
         })
@@ -188,8 +170,7 @@ impl App {
         let Checked {
             aor,
             domain,
-            creds,
-            pending,
+            auth,
             contacts,
             expires,
         } = match self.precheck(msg, ctx, now) {
@@ -197,29 +178,8 @@ impl App {
             Err(Early::Challenge(b)) => return (401, b),
             Err(Early::Reply(code, b)) => return (code, b),
         };
-        let subscriber = match self.subscribers.find(&creds.username, &domain).await {
-            Ok(s) => s,
-            Err(e) => {
-                // Fail safe: nobody is authenticated while the store is unavailable.
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "subscriber lookup failed");
-                return (
-                    503,
-                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
-                );
-            }
-        };
-        let ha1 = subscriber
-            .as_ref()
-            .filter(|s| s.enabled)
-            .map(|s| s.ha1(pending.algorithm));
-        if let Err((f, verdict)) = self
-            .auth
-            .finish(pending, &creds, msg.method_str(), ha1, now)
-        {
-            let stale = matches!(verdict, Verdict::Challenge { stale: true });
-            self.auth_refused(ctx, &creds.username, &domain, f);
-            return (401, self.challenge(msg, ctx, &domain, now, stale));
+        if let Err(e) = self.verify_auth(msg, ctx, &domain, &auth, now).await {
+            return self.auth_answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
         }
 
         let ext = extensions(msg, &contacts);
@@ -314,76 +274,6 @@ impl App {
             b = b.header("Contact", &line);
         }
         b.header("Date", httpdate(now)).build()
-    }
-
-    fn challenge(
-        &self,
-        msg: &Message,
-        ctx: &Ctx,
-        realm: &str,
-        now: u64,
-        stale: bool,
-    ) -> bytes::Bytes {
-        let mut b = self.reply(msg, ctx, 401);
-        for c in self.auth.challenges(realm, now, stale) {
-            b = b.header("WWW-Authenticate", c);
-        }
-        b.build()
-    }
-
-    /// Credentials that were not accepted: a guess (wrong digest, unknown user) is a failed
-    /// authentication; a stale, reused or foreign nonce, or a realm or algorithm we do not
-    /// offer, is only answered with a fresh challenge. Browser SIP stacks that resend a cached
-    /// nonce with the same nc on every refresh must never be banned for it.
-    pub(crate) fn auth_refused(&self, ctx: &Ctx, user: &str, realm: &str, f: Failure) {
-        if f.is_guess() {
-            self.auth_failed(ctx, user, realm, failure_text(f));
-        } else {
-            self.metrics
-                .auth_rechallenges
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(src = %ctx.source, realm, reason = failure_text(f),
-                "credentials not usable; challenged again");
-        }
-    }
-
-    /// One failed authentication (never the first challenge of a normal registration): the
-    /// stable security log line, the metric, and the brute-force count that may ban the source.
-    pub(crate) fn auth_failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
-        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-        // The user name comes from the network: keep the line one line, and short.
-        let user: String = user
-            .chars()
-            .take(64)
-            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-            .collect();
-        tracing::warn!(
-            target: "careflow::security",
-            "SECURITY auth_failed src_ip={} src_port={} user={user} realm={realm} reason={}",
-            ctx.source.ip(),
-            ctx.source.port(),
-            reason.replace(' ', "_")
-        );
-        if let Some(guard) = self.cfg.guard.as_ref()
-            && let Some((scope, reason)) =
-                guard.auth_failed(ctx.source, &user, std::time::Instant::now())
-        {
-            self.metrics.bans.fetch_add(1, Ordering::Relaxed);
-            careflow_transport::log_ban(scope, reason, guard.config().ban_time);
-        }
-    }
-}
-
-fn failure_text(f: Failure) -> &'static str {
-    match f {
-        Failure::WrongRealm => "wrong realm",
-        Failure::UnsupportedAlgorithm => "unsupported algorithm",
-        Failure::BadNonce => "invalid nonce",
-        Failure::StaleNonce => "stale nonce",
-        // Logged alike on purpose: the log must not become an enumeration oracle either.
-        Failure::UnknownUser | Failure::WrongPassword => "bad credentials",
-        Failure::Replay => "replayed nonce count",
-        Failure::BadQop => "bad qop",
     }
 }
 

@@ -1,0 +1,258 @@
+//! Digest authentication of requests (RFC 3261 §22), one path for both uses: REGISTER is
+//! challenged by the registrar (401, `WWW-Authenticate`/`Authorization`), everything the proxy
+//! forwards for our users by the proxy (407, `Proxy-Authenticate`/`Proxy-Authorization`).
+//!
+//! Two steps so the synchronous checks run on the receiving task and only a request with
+//! plausible credentials waits for the store: [`App::prepare_auth`] (credentials for our realm,
+//! the identity, realm/algorithm/nonce), then [`App::verify_auth`] (the subscriber's HA1). Both
+//! say who failed in an [`AuthError`]; the log line, the metric and the brute-force count are
+//! done here once, and [`App::auth_answer`] turns the error into the response.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use careflow_core::auth::{Failure, Pending, Verdict};
+use careflow_proto::digest::Credentials;
+use careflow_proto::{HeaderName, Message};
+
+use crate::app::{App, Ctx};
+
+/// Who authenticates: the registrar or the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Challenger {
+    /// 401 with `WWW-Authenticate`; credentials in `Authorization`.
+    Registrar,
+    /// 407 with `Proxy-Authenticate`; credentials in `Proxy-Authorization`.
+    Proxy,
+}
+
+impl Challenger {
+    fn status(self) -> u16 {
+        match self {
+            Self::Registrar => 401,
+            Self::Proxy => 407,
+        }
+    }
+
+    fn challenge_header(self) -> &'static str {
+        match self {
+            Self::Registrar => "WWW-Authenticate",
+            Self::Proxy => "Proxy-Authenticate",
+        }
+    }
+
+    fn credentials_header(self) -> HeaderName {
+        match self {
+            Self::Registrar => HeaderName::Authorization,
+            Self::Proxy => HeaderName::ProxyAuthorization,
+        }
+    }
+
+    /// The 403 reason when the credentials are another user's than the request's.
+    fn identity_reason(self) -> &'static str {
+        match self {
+            Self::Registrar => "Username Does Not Match AoR",
+            Self::Proxy => "Username Does Not Match From",
+        }
+    }
+}
+
+/// Why a request is not authenticated, by who failed.
+#[derive(Debug)]
+pub(crate) enum AuthError {
+    /// No credentials for our realm: the first challenge of every registration and call.
+    Missing,
+    /// The credentials are another user's than the one the request is for (403).
+    WrongIdentity,
+    /// The caller's credentials were not accepted: challenged again; `stale` when the digest
+    /// was right and only the nonce was not fresh.
+    Refused {
+        /// `stale=true` in the new challenge.
+        stale: bool,
+    },
+    /// The subscriber store could not answer (503): nobody is authenticated meanwhile. The
+    /// store's error is logged where it happened.
+    Store,
+}
+
+/// Credentials that passed the checks needing no store.
+#[derive(Debug)]
+pub(crate) struct Prepared<'m> {
+    pub(crate) creds: Credentials<'m>,
+    pending: Pending,
+}
+
+impl App {
+    /// First step, synchronous: the credentials for `realm` in `challenger`'s header, naming
+    /// `user`, with a realm, algorithm, qop and nonce we accept.
+    pub(crate) fn prepare_auth<'m>(
+        &self,
+        msg: &'m Message,
+        ctx: &Ctx,
+        challenger: Challenger,
+        realm: &str,
+        user: &str,
+        now: u64,
+    ) -> Result<Prepared<'m>, AuthError> {
+        let creds = msg
+            .headers_named(challenger.credentials_header())
+            .filter_map(Credentials::parse)
+            .find(|c| c.realm.eq_ignore_ascii_case(realm))
+            .ok_or(AuthError::Missing)?;
+        if creds.username != user {
+            // A policy refusal, not a guess: no digest was checked.
+            tracing::info!(src = %ctx.source, realm, method = msg.method_str(),
+                "credentials of another user than the request's; refused");
+            return Err(AuthError::WrongIdentity);
+        }
+        match self.auth.prepare(&creds, realm, now) {
+            Ok(pending) => Ok(Prepared { creds, pending }),
+            Err(f) => {
+                self.auth_refused(ctx, &creds.username, realm, f);
+                Err(AuthError::Refused { stale: false })
+            }
+        }
+    }
+
+    /// Second step: the response against the subscriber's HA1 (a decoy for unknown or disabled
+    /// users, so they look alike).
+    pub(crate) async fn verify_auth(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        realm: &str,
+        prepared: &Prepared<'_>,
+        now: u64,
+    ) -> Result<(), AuthError> {
+        let username = prepared.creds.username.as_ref();
+        let subscriber = match self.subscribers.find(username, realm).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, method = msg.method_str(), realm,
+                    "subscriber lookup failed; answering 503");
+                return Err(AuthError::Store);
+            }
+        };
+        let ha1 = subscriber
+            .as_ref()
+            .filter(|s| s.enabled)
+            .map(|s| s.ha1(prepared.pending.algorithm));
+        match self.auth.finish(
+            prepared.pending,
+            &prepared.creds,
+            msg.method_str(),
+            ha1,
+            now,
+        ) {
+            Ok(()) => Ok(()),
+            Err((f, verdict)) => {
+                self.auth_refused(ctx, username, realm, f);
+                Err(AuthError::Refused {
+                    stale: matches!(verdict, Verdict::Challenge { stale: true }),
+                })
+            }
+        }
+    }
+
+    /// The answer to `err`: a fresh challenge, 403 or 503.
+    pub(crate) fn auth_answer(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        challenger: Challenger,
+        realm: &str,
+        err: &AuthError,
+        now: u64,
+    ) -> (u16, Bytes) {
+        match err {
+            AuthError::Missing => self.challenge(msg, ctx, challenger, realm, now, false),
+            AuthError::Refused { stale } => {
+                self.challenge(msg, ctx, challenger, realm, now, *stale)
+            }
+            AuthError::WrongIdentity => (
+                403,
+                self.reply(msg, ctx, 403)
+                    .reason(challenger.identity_reason())
+                    .build(),
+            ),
+            AuthError::Store => (
+                503,
+                self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+            ),
+        }
+    }
+
+    /// 401 or 407 with one challenge per configured algorithm.
+    pub(crate) fn challenge(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        challenger: Challenger,
+        realm: &str,
+        now: u64,
+        stale: bool,
+    ) -> (u16, Bytes) {
+        let code = challenger.status();
+        let mut b = self.reply(msg, ctx, code);
+        for c in self.auth.challenges(realm, now, stale) {
+            b = b.header(challenger.challenge_header(), c);
+        }
+        (code, b.build())
+    }
+
+    /// Credentials that were not accepted: a guess (wrong digest, unknown user) is a failed
+    /// authentication; a stale, reused or foreign nonce, or a realm or algorithm we do not
+    /// offer, is only answered with a fresh challenge. Browser SIP stacks that resend a cached
+    /// nonce with the same nc on every refresh must never be banned for it.
+    fn auth_refused(&self, ctx: &Ctx, user: &str, realm: &str, f: Failure) {
+        if f.is_guess() {
+            self.auth_failed(ctx, user, realm, failure_text(f));
+        } else {
+            self.metrics
+                .auth_rechallenges
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(src = %ctx.source, realm, reason = failure_text(f),
+                "credentials not usable; challenged again");
+        }
+    }
+
+    /// One failed guess (never the first challenge of a normal registration): the stable
+    /// security log line, the metric, and the brute-force count that may ban the flow.
+    fn auth_failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
+        self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        // The user name comes from the network: keep the line one line, and short.
+        let user: String = user
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect();
+        tracing::warn!(
+            target: "careflow::security",
+            "SECURITY auth_failed src_ip={} src_port={} user={user} realm={realm} reason={}",
+            ctx.source.ip(),
+            ctx.source.port(),
+            reason.replace(' ', "_")
+        );
+        if let Some(guard) = self.cfg.guard.as_ref()
+            && let Some((scope, reason)) =
+                guard.auth_failed(ctx.source, &user, std::time::Instant::now())
+        {
+            self.metrics.bans.fetch_add(1, Ordering::Relaxed);
+            careflow_transport::log_ban(scope, reason, guard.config().ban_time);
+        }
+    }
+}
+
+fn failure_text(f: Failure) -> &'static str {
+    match f {
+        Failure::WrongRealm => "wrong realm",
+        Failure::UnsupportedAlgorithm => "unsupported algorithm",
+        Failure::BadNonce => "invalid nonce",
+        Failure::StaleNonce => "stale nonce",
+        // Logged alike on purpose: the log must not become an enumeration oracle either.
+        Failure::UnknownUser | Failure::WrongPassword => "bad credentials",
+        Failure::Replay => "replayed nonce count",
+        Failure::BadQop => "bad qop",
+    }
+}
