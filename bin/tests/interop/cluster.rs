@@ -125,6 +125,47 @@ fn registrations_survive_a_redis_outage() {
     }
     assert_eq!(code, 503, "{}", server.log());
     assert!(server.log().contains("location update failed"));
+    // A call to rita meanwhile: 503 (we cannot tell where she is), not 480 (not registered).
+    server.add_user("carl", "pw-carl-r");
+    let ua = Ua::new(server.sip_addr());
+    let invite = |cseq: u32, extra: &str| {
+        format!(
+            "INVITE sip:rita@redis-down.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKrd{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:carl@redis-down.test>;tag=rd\r\nTo: <sip:rita@redis-down.test>\r\nCall-ID: rd-call\r\nCSeq: {cseq} INVITE\r\nContact: <sip:carl@127.0.0.1:{}>\r\n{extra}Content-Length: 0\r\n\r\n",
+            ua.port(),
+            ua.port()
+        )
+    };
+    let r = ua.request(&invite(1, ""));
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        careflow_proto::digest::Algorithm::Md5,
+        "carl",
+        "redis-down.test",
+        "pw-carl-r",
+        "INVITE",
+        "sip:rita@redis-down.test",
+        1,
+    );
+    ua.send(&invite(2, &format!("Proxy-Authorization: {auth}\r\n")));
+    // Redis is given its response timeout and retries before the lookup fails.
+    ua.sock
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let answer = loop {
+        let m = ua
+            .recv()
+            .unwrap_or_else(|| panic!("no answer to the call:\n{}", server.log()));
+        if status(&m) >= 200 {
+            break m;
+        }
+    };
+    assert_eq!(status(&answer), 503, "{answer}");
+    assert!(
+        server
+            .log()
+            .contains("location lookup failed; answering 503")
+    );
     relay.restore();
     let deadline = Instant::now() + Duration::from_secs(20);
     while register_status(&server, "rita", "pw-rita-r", "r-back") != 200 {

@@ -129,8 +129,8 @@ impl App {
             Ok(s) => s,
             Err(e) => {
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, method = msg.method_str(), realm,
-                    "subscriber lookup failed; answering 503");
+                tracing::error!(error = %e, retryable = e.retryable(), method = msg.method_str(),
+                    realm, "subscriber lookup failed; answering 503");
                 return Err(AuthError::Store);
             }
         };

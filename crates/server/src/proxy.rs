@@ -970,18 +970,28 @@ impl App {
             Ok(Some(s)) if s.enabled => {}
             Ok(_) => return Err(refuse(404, "Not Found")),
             Err(e) => {
-                tracing::error!(error = %e, "subscriber lookup failed");
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, retryable = e.retryable(), callee = %aor,
+                    "subscriber lookup of the callee failed; answering 503");
                 return Err((
                     503,
                     self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
                 ));
             }
         }
-        let bindings = self
-            .location
-            .lookup(&aor, unix_now())
-            .await
-            .unwrap_or_default();
+        let bindings = match self.location.lookup(&aor, unix_now()).await {
+            Ok(b) => b,
+            Err(e) => {
+                // Not a 480: the callee may well be registered, we just cannot tell now.
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, retryable = e.retryable(), callee = %aor,
+                    "location lookup failed; answering 503");
+                return Err((
+                    503,
+                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+                ));
+            }
+        };
         let mut targets = Vec::new();
         for b in preferred_flows(&bindings) {
             if let Some(t) = self.binding_target(b).await {

@@ -43,11 +43,11 @@ pub async fn read_mysql(url: &str, table: &str) -> Result<Vec<KamailioSubscriber
     let opts = mysql_async::OptsBuilder::from_opts(opts).prefer_socket(false);
     let mut conn = mysql_async::Conn::new(opts)
         .await
-        .map_err(|e| StoreError::Database(format!("mysql: {e}")))?;
+        .map_err(|e| StoreError::unavailable("mysql", e))?;
     let rows: Vec<mysql_async::Row> = conn
         .query(format!("SELECT * FROM `{table}`"))
         .await
-        .map_err(|e| StoreError::Database(format!("mysql: {e}")))?;
+        .map_err(|e| StoreError::unavailable("mysql", e))?;
     let _ = conn.disconnect().await;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {

@@ -28,9 +28,25 @@ pub use subscriber::{NewSubscriber, Subscriber};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The database could not be opened or answered with an error.
-    #[error("database error: {0}")]
-    Database(String),
+    /// The backend could not be reached, or did not answer in time: a retry may succeed.
+    #[error("{backend} unavailable: {source}")]
+    Unavailable {
+        /// sqlite, postgres, mysql, redis or the location journal.
+        backend: &'static str,
+        /// What the backend or its driver said.
+        #[source]
+        source: BoxError,
+    },
+    /// The backend answered with an error (schema, data, a bug of ours): the same request
+    /// will fail again.
+    #[error("{backend} error: {source}")]
+    Backend {
+        /// sqlite, postgres, mysql, redis or the location journal.
+        backend: &'static str,
+        /// What the backend or its driver said.
+        #[source]
+        source: BoxError,
+    },
     /// A subscriber with that username and domain exists already.
     #[error("subscriber {0} exists already")]
     Conflict(String),
@@ -42,6 +58,33 @@ pub enum StoreError {
     Invalid(String),
 }
 
+/// The cause carried by [`StoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl StoreError {
+    /// The backend cannot be reached now (a retry may succeed).
+    pub fn unavailable(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Unavailable {
+            backend,
+            source: source.into(),
+        }
+    }
+
+    /// The backend refused the request (a retry will not help).
+    pub fn backend(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            backend,
+            source: source.into(),
+        }
+    }
+
+    /// Whether trying again later can succeed (the backend was unreachable or slow), as
+    /// opposed to a request the backend refuses.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         match e {
@@ -50,7 +93,19 @@ impl From<rusqlite::Error> for StoreError {
             {
                 Self::Conflict("(username, domain)".into())
             }
-            other => Self::Database(other.to_string()),
+            rusqlite::Error::SqliteFailure(f, _)
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                        | rusqlite::ErrorCode::CannotOpen
+                        | rusqlite::ErrorCode::SystemIoFailure
+                        | rusqlite::ErrorCode::DiskFull
+                ) =>
+            {
+                Self::unavailable("sqlite", e)
+            }
+            other => Self::backend("sqlite", other),
         }
     }
 }

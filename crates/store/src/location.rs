@@ -71,7 +71,9 @@ impl EmbeddedLocation {
         std::thread::Builder::new()
             .name("location-journal".into())
             .spawn(move || journal_thread(conn, rx))
-            .map_err(|e| StoreError::Database(format!("cannot start journal thread: {e}")))?;
+            .map_err(|e| {
+                StoreError::backend("location journal", format!("cannot start its thread: {e}"))
+            })?;
         me.journal = Some(tx);
         Ok(me)
     }
@@ -112,7 +114,7 @@ impl EmbeddedLocation {
         match &self.journal {
             Some(tx) => tx
                 .send(op)
-                .map_err(|_| StoreError::Database("location journal stopped".into())),
+                .map_err(|_| StoreError::backend("location journal", "stopped")),
             None => {
                 if let Some(done) = op.done {
                     let _ = done.send(Ok(()));
@@ -124,7 +126,7 @@ impl EmbeddedLocation {
 }
 
 fn poisoned() -> StoreError {
-    StoreError::Database("location lock poisoned".into())
+    StoreError::backend("location journal", "lock poisoned")
 }
 
 #[async_trait]
@@ -156,8 +158,8 @@ impl LocationStore for EmbeddedLocation {
         };
         match rx.await {
             Ok(Ok(())) => Ok(Ok(outcome)),
-            Ok(Err(e)) => Err(StoreError::Database(e)),
-            Err(_) => Err(StoreError::Database("location journal stopped".into())),
+            Ok(Err(e)) => Err(StoreError::unavailable("location journal", e)),
+            Err(_) => Err(StoreError::backend("location journal", "stopped")),
         }
     }
 

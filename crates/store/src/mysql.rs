@@ -67,7 +67,9 @@ impl std::fmt::Debug for MysqlSubscribers {
 fn db_err(e: mysql_async::Error) -> StoreError {
     match e {
         mysql_async::Error::Server(s) if s.code == 1062 => StoreError::Conflict(s.message),
-        other => StoreError::Database(format!("mysql: {other}")),
+        // The server answered: the request itself failed.
+        other @ mysql_async::Error::Server(_) => StoreError::backend("mysql", other),
+        other => StoreError::unavailable("mysql", other),
     }
 }
 
@@ -128,7 +130,7 @@ impl MysqlSubscribers {
             f(conn).await
         })
         .await
-        .map_err(|_| StoreError::Database("mysql: timed out".into()))?
+        .map_err(|_| StoreError::unavailable("mysql", "timed out"))?
     }
 }
 
@@ -138,8 +140,9 @@ async fn migrate(c: &mut Conn) -> Result<i64, StoreError> {
         .await
         .map_err(db_err)?;
     if locked != Some(1) {
-        return Err(StoreError::Database(
-            "mysql: could not take the migration lock".into(),
+        return Err(StoreError::unavailable(
+            "mysql",
+            "could not take the migration lock (another node is migrating)",
         ));
     }
     let result = async {

@@ -74,14 +74,19 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
     {
         return StoreError::Conflict(db.constraint().unwrap_or("unique").to_string());
     }
-    StoreError::Database(format!("postgres: {e}"))
+    if e.as_db_error().is_some() {
+        StoreError::backend("postgres", e)
+    } else {
+        // Closed connection, I/O, timeout: the server was not there to answer.
+        StoreError::unavailable("postgres", e)
+    }
 }
 
 async fn connect(url: &str) -> Result<Client, StoreError> {
     let (client, connection) =
         tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, NoTls))
             .await
-            .map_err(|_| StoreError::Database("postgres: connection timed out".into()))?
+            .map_err(|_| StoreError::unavailable("postgres", "connection timed out"))?
             .map_err(db_err)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -110,7 +115,10 @@ impl PgSubscribers {
         if let Some(t) = guard.1
             && t.elapsed() < RECONNECT_SPACING
         {
-            return Err(StoreError::Database("postgres is unavailable".into()));
+            return Err(StoreError::unavailable(
+                "postgres",
+                "not connected (reconnecting)",
+            ));
         }
         guard.1 = Some(Instant::now());
         match connect(&self.url).await {

@@ -6,10 +6,15 @@
 //! writes back only if the key still holds what was read (a compare-and-set in a Lua script),
 //! retrying on a race; so two nodes handling REGISTERs for one user never lose a binding.
 //! The connection manager reconnects by itself after a Redis restart or outage; meanwhile
-//! updates fail (REGISTER gets 500/503) and devices re-register on their next refresh.
+//! updates fail (REGISTER gets 503) and devices re-register on their next refresh. Every
+//! command has a deadline, and a command that misses it has a fresh connection manager built
+//! in the background: the manager's own reconnection was seen to stall for good after an
+//! outage, leaving every later command waiting.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use careflow_core::registrar::{Outcome, Reject};
@@ -39,7 +44,10 @@ return 1
 
 /// Bindings in Redis.
 pub struct RedisLocation {
-    conn: ConnectionManager,
+    client: redis::Client,
+    /// Replaced whole when it stalls (see [`Self::within`]).
+    conn: Arc<RwLock<ConnectionManager>>,
+    rebuilding: Arc<AtomicBool>,
     cas: redis::Script,
     /// Identifies this process: connection ids are only meaningful on the node holding them.
     node: String,
@@ -55,7 +63,21 @@ impl std::fmt::Debug for RedisLocation {
 }
 
 fn redis_err(e: redis::RedisError) -> StoreError {
-    StoreError::Database(format!("redis: {e}"))
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        StoreError::unavailable("redis", e)
+    } else {
+        StoreError::backend("redis", e)
+    }
+}
+
+/// Longest wait for one Redis command: a call must fail over to 503 rather than wait.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(3))
+        .set_response_timeout(COMMAND_TIMEOUT)
+        .set_number_of_retries(2)
 }
 
 impl RedisLocation {
@@ -63,23 +85,83 @@ impl RedisLocation {
     pub async fn open(url: &str, node: String) -> Result<Self, StoreError> {
         let client =
             redis::Client::open(url).map_err(|e| StoreError::Invalid(format!("REDIS_URL: {e}")))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(std::time::Duration::from_secs(3))
-            .set_response_timeout(std::time::Duration::from_secs(3))
-            .set_number_of_retries(2);
         let conn = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            ConnectionManager::new_with_config(client, config),
+            Duration::from_secs(5),
+            ConnectionManager::new_with_config(client.clone(), manager_config()),
         )
         .await
-        .map_err(|_| StoreError::Database("redis: connection timed out".into()))?
+        .map_err(|_| StoreError::unavailable("redis", "connection timed out"))?
         .map_err(redis_err)?;
         Ok(Self {
-            conn,
+            client,
+            conn: Arc::new(RwLock::new(conn)),
+            rebuilding: Arc::default(),
             cas: redis::Script::new(CAS),
             node,
             count: AtomicUsize::new(0),
         })
+    }
+
+    /// The current connection manager (cheap to clone; commands are multiplexed).
+    fn conn(&self) -> ConnectionManager {
+        match self.conn.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Runs one Redis command within [`COMMAND_TIMEOUT`]; one that misses it has the
+    /// connection manager rebuilt in the background.
+    async fn within<T>(
+        &self,
+        command: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, command).await {
+            Ok(r) => r.map_err(redis_err),
+            Err(_) => {
+                self.rebuild();
+                Err(StoreError::unavailable(
+                    "redis",
+                    format!("no answer within {} s", COMMAND_TIMEOUT.as_secs()),
+                ))
+            }
+        }
+    }
+
+    /// Builds a new connection manager (retrying every second until Redis answers) and swaps
+    /// it in; one rebuild at a time.
+    fn rebuild(&self) {
+        if self.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (client, slot, flag) = (
+            self.client.clone(),
+            self.conn.clone(),
+            self.rebuilding.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let fresh = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    ConnectionManager::new_with_config(client.clone(), manager_config()),
+                )
+                .await;
+                match fresh {
+                    Ok(Ok(c)) => {
+                        match slot.write() {
+                            Ok(mut s) => *s = c,
+                            Err(p) => *p.into_inner() = c,
+                        }
+                        tracing::info!("redis connection re-established");
+                        break;
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "redis still unavailable; retrying"),
+                    Err(_) => tracing::warn!("redis still not answering; retrying"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            flag.store(false, Ordering::Release);
+        });
     }
 
     fn encode(&self, bindings: &[Binding]) -> String {
@@ -144,19 +226,21 @@ impl RedisLocation {
     }
 
     async fn keys(&self) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut keys = Vec::new();
         let mut cursor: u64 = 0;
         loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{PREFIX}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
+            let (next, batch): (u64, Vec<String>) = self
+                .within(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{PREFIX}*"))
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
             keys.extend(batch);
             if next == 0 {
                 return Ok(keys);
@@ -174,9 +258,9 @@ impl LocationStore for RedisLocation {
         decide: UpdateFn<'_>,
     ) -> Result<Result<Outcome, Reject>, StoreError> {
         let key = format!("{PREFIX}{aor}");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         for _ in 0..16 {
-            let old: Option<String> = conn.get(&key).await.map_err(redis_err)?;
+            let old: Option<String> = self.within(conn.get(&key)).await?;
             let old = old.unwrap_or_default();
             let current = if old.is_empty() {
                 Vec::new()
@@ -203,14 +287,15 @@ impl LocationStore for RedisLocation {
                 .unwrap_or(0)
                 .saturating_mul(1000);
             let done: i64 = self
-                .cas
-                .key(&key)
-                .arg(&old)
-                .arg(&new)
-                .arg(expiry_ms)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
+                .within(
+                    self.cas
+                        .key(&key)
+                        .arg(&old)
+                        .arg(&new)
+                        .arg(expiry_ms)
+                        .invoke_async(&mut conn),
+                )
+                .await?;
             if done == 1 {
                 // Keep the gauge current between the periodic recounts.
                 let delta = outcome.bindings.len() as isize - current.len() as isize;
@@ -223,17 +308,16 @@ impl LocationStore for RedisLocation {
             }
             // Another node changed this AoR in between: decide again on what it wrote.
         }
-        Err(StoreError::Database(format!(
-            "redis: {aor} changed too often to update"
-        )))
+        // Contention between nodes: a later attempt can succeed.
+        Err(StoreError::unavailable(
+            "redis",
+            format!("{aor} changed too often to update"),
+        ))
     }
 
     async fn lookup(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError> {
-        let mut conn = self.conn.clone();
-        let v: Option<String> = conn
-            .get(format!("{PREFIX}{aor}"))
-            .await
-            .map_err(redis_err)?;
+        let mut conn = self.conn();
+        let v: Option<String> = self.within(conn.get(format!("{PREFIX}{aor}"))).await?;
         Ok(v.map(|t| self.decode(&t))
             .unwrap_or_default()
             .into_iter()
@@ -243,14 +327,12 @@ impl LocationStore for RedisLocation {
 
     async fn all(&self, now: u64) -> Result<Vec<Binding>, StoreError> {
         let keys = self.keys().await?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut out = Vec::new();
         for chunk in keys.chunks(500) {
-            let values: Vec<Option<String>> = redis::cmd("MGET")
-                .arg(chunk)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
+            let values: Vec<Option<String>> = self
+                .within(redis::cmd("MGET").arg(chunk).query_async(&mut conn))
+                .await?;
             for v in values.into_iter().flatten() {
                 out.extend(self.decode(&v).into_iter().filter(|b| b.expires_at > now));
             }

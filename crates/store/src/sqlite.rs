@@ -59,11 +59,13 @@ pub(crate) fn open_sqlite(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::unavailable("sqlite", format!("cannot create {}: {e}", dir.display()))
+        })?;
     }
-    let conn = Connection::open(path)
-        .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
+    let conn = Connection::open(path).map_err(|e| {
+        StoreError::unavailable("sqlite", format!("cannot open {}: {e}", path.display()))
+    })?;
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
     )?;
@@ -93,7 +95,7 @@ impl SqliteSubscribers {
         let mut c = self
             .conn
             .lock()
-            .map_err(|_| StoreError::Database("store lock poisoned".into()))?;
+            .map_err(|_| StoreError::backend("sqlite", "store lock poisoned"))?;
         f(&mut c)
     }
 }
