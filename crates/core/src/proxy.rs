@@ -6,6 +6,8 @@ use std::hash::{Hash, Hasher};
 
 use careflow_proto::{HeaderName, Message, NameAddr, Uri, Via};
 
+pub mod best;
+
 /// Max-Forwards handling (§16.3 step 3, §16.6 step 3): the value to forward with, or `None`
 /// when the request has used up its hops (answer 483).
 pub fn next_max_forwards(msg: &Message) -> Option<u32> {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use careflow_core::Transport;
 use careflow_core::flow::Flow;
 use careflow_core::proxy;
+use careflow_core::proxy::best;
 use careflow_core::transaction::TxKey;
 use careflow_core::transaction::client::{ClientEvent, ClientState, ClientTransaction};
 use careflow_core::transaction::invite_server::InviteServerTransaction;
@@ -604,17 +605,9 @@ impl App {
                 if (code == 401 || code == 407)
                     && let Ok(m) = Message::parse(bytes.clone(), &self.cfg.parse_limits)
                 {
-                    for f in m.fields() {
-                        if matches!(
-                            f.name,
-                            HeaderName::WwwAuthenticate | HeaderName::ProxyAuthenticate
-                        ) {
-                            fw.challenges
-                                .push(String::from_utf8_lossy(m.field_line(f)).into_owned());
-                        }
-                    }
+                    fw.challenges.extend(best::challenge_lines(&m));
                 }
-                if fw.best.as_ref().is_none_or(|(b, _)| better(code, *b)) {
+                if fw.best.as_ref().is_none_or(|(b, _)| best::better(code, *b)) {
                     fw.best = Some((code, bytes));
                 }
                 if (600..700).contains(&code) && fw.invite.is_some() {
@@ -655,16 +648,15 @@ impl App {
         };
         // §16.7 step 7: a 401/407 carries the challenges of every branch that sent one.
         let bytes = if (code == 401 || code == 407) && !fw.challenges.is_empty() {
-            with_challenges(&bytes, &fw.challenges, &self.cfg.parse_limits)
+            best::with_challenges(&bytes, &fw.challenges, &self.cfg.parse_limits)
         } else {
             bytes
         };
         // §16.7 step 6: a 503 from downstream becomes 500 upstream (ours, when shutting
         // down, stays a 503 with its Retry-After).
-        let (code, bytes) = if code == 503 && !fw.local_final {
-            (500, self.reply(&fw.request, &fw.ctx, 500).build())
-        } else {
-            (code, bytes)
+        let (code, bytes) = match best::upstream_status(code, fw.local_final) {
+            c if c != code => (c, self.reply(&fw.request, &fw.ctx, c).build()),
+            _ => (code, bytes),
         };
         self.metrics.response(code);
         if fw.call {
@@ -1239,7 +1231,7 @@ impl App {
             b.tx.abort();
             let key = b.forward.clone();
             if let Some(fw) = t.forwards.get_mut(&key)
-                && fw.best.as_ref().is_none_or(|(c, _)| better(503, *c))
+                && fw.best.as_ref().is_none_or(|(c, _)| best::better(503, *c))
             {
                 let resp = self.reply(&fw.request, &fw.ctx, 503).build();
                 fw.best = Some((503, resp));
@@ -1535,47 +1527,6 @@ fn preferred_flows(bindings: &[careflow_core::Binding]) -> Vec<&careflow_core::B
         }
     }
     out
-}
-
-/// §16.7 step 6: prefer 6xx, then the lowest class (4xx before 5xx before 3xx).
-fn better(new: u16, old: u16) -> bool {
-    let rank = |c: u16| match c / 100 {
-        6 => 0,
-        4 => 1,
-        5 => 2,
-        3 => 3,
-        _ => 4,
-    };
-    rank(new) < rank(old)
-}
-
-/// The response with its own challenge lines replaced by all collected ones (which include
-/// its own, so nothing is lost or repeated); everything else byte for byte.
-fn with_challenges(
-    resp: &Bytes,
-    challenges: &[String],
-    limits: &careflow_proto::ParseLimits,
-) -> Bytes {
-    let Ok(m) = Message::parse(resp.clone(), limits) else {
-        return resp.clone();
-    };
-    let mut out =
-        Vec::with_capacity(resp.len() + challenges.iter().map(String::len).sum::<usize>());
-    out.extend_from_slice(m.start_line_bytes());
-    for f in m.fields() {
-        if !matches!(
-            f.name,
-            HeaderName::WwwAuthenticate | HeaderName::ProxyAuthenticate
-        ) {
-            out.extend_from_slice(m.field_line(f));
-        }
-    }
-    for c in challenges {
-        out.extend_from_slice(c.as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(m.body());
-    Bytes::from(out)
 }
 
 fn drain_forward(fw: &mut Forward) -> Sends {
