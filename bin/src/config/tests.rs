@@ -1,5 +1,7 @@
 use std::collections::HashMap;
 
+use careflow_core::Transport;
+
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {

@@ -1,0 +1,318 @@
+//! Every configuration key with its default and documentation, in the order
+//! `docs/configuration.md` lists them (`scripts/gen-config-doc` writes that table from here; a
+//! test checks it).
+
+/// (key, default, description). The default "" means unset.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    (
+        "sip_domain",
+        "localhost",
+        "SIP domain served; also the digest realm and the domain of new users.",
+    ),
+    (
+        "sip_listen",
+        "udp:0.0.0.0:5060,tcp:0.0.0.0:5060,tls:0.0.0.0:5061,wss:0.0.0.0:8443",
+        "Comma-separated SIP listeners, each `TRANSPORT:HOST:PORT` with transport `udp`, `tcp`, `tls`, `ws` or `wss` (IPv6 as `udp:[::]:5060`). `tls` and `wss` use TLS_CERT/TLS_KEY.",
+    ),
+    (
+        "tls_cert",
+        "",
+        "PEM certificate chain (leaf first) for `tls` and `wss` listeners. Unset (with TLS_KEY unset): a self-signed certificate for SIP_DOMAIN is generated into DATA_DIR on first start and its SHA-256 fingerprint logged. Reloaded on SIGHUP and when the file changes.",
+    ),
+    (
+        "tls_key",
+        "",
+        "PEM private key for TLS_CERT (PKCS#8, PKCS#1 or SEC1).",
+    ),
+    (
+        "tls_ca_file",
+        "",
+        "Extra PEM CA bundle trusted when careflow-sip opens TLS connections itself (e.g. to OUTBOUND_GATEWAY with `transport=tls`), besides the system CAs. The peer's certificate must name the IP address dialled.",
+    ),
+    (
+        "tls_client_ca",
+        "",
+        "PEM CA bundle; when set, client certificates offered on TLS listeners are verified against it.",
+    ),
+    (
+        "tls_require_client_cert",
+        "false",
+        "`true`: with TLS_CLIENT_CA, TLS clients without a valid certificate are refused.",
+    ),
+    (
+        "ws_path",
+        "/",
+        "HTTP path of the WebSocket upgrade on `ws` and `wss` listeners.",
+    ),
+    (
+        "ws_allowed_origins",
+        "",
+        "Comma-separated Origins (e.g. `https://app.careflow.example`) allowed to open WebSocket connections. Empty: any origin.",
+    ),
+    (
+        "ws_require_origin",
+        "false",
+        "`true` refuses WebSocket upgrades without an Origin header (non-browser clients send none).",
+    ),
+    (
+        "ws_ping_interval",
+        "30",
+        "Seconds of silence after which a WebSocket connection is pinged; two unanswered pings close it and drop its bindings.",
+    ),
+    (
+        "auth_jwt_secret",
+        "",
+        "HS256 secret for CareFlow user tokens on `/api/sip/*`. With neither this nor AUTH_JWKS_URL set, user endpoints refuse every request (401).",
+    ),
+    (
+        "auth_jwks_url",
+        "",
+        "JWKS with CareFlow's token signing keys (RS256/ES256): an http(s) URL (cached, refreshed every 10 minutes and on an unknown key id) or a file path. For Firebase: `https://www.googleapis.com/service_accounts/v1/jwk/securetoken@system.gserviceaccount.com`.",
+    ),
+    (
+        "auth_jwt_issuer",
+        "",
+        "Required `iss` of user tokens (Firebase: `https://securetoken.google.com/PROJECT`). Unset: not checked.",
+    ),
+    (
+        "auth_jwt_audience",
+        "",
+        "Required `aud` of user tokens (Firebase: the project id). Unset: not checked.",
+    ),
+    (
+        "auth_jwt_user_claim",
+        "sub",
+        "Token claim holding the CareFlow user id (`firebaseUid` in the seed is Firebase's `sub`).",
+    ),
+    (
+        "careflow_user_check_url",
+        "",
+        "Optional URL asked before credentials are created (the seed's \"verify user exists in CareFlow\"): `{userId}` is replaced by the user id; 2xx allows, 404 refuses with 403, anything else or no answer within 3 s gives 503.",
+    ),
+    (
+        "careflow_user_check_token",
+        "",
+        "Bearer token sent with CAREFLOW_USER_CHECK_URL requests.",
+    ),
+    (
+        "api_rate_limit",
+        "10",
+        "Requests per second each API caller (user or API key) may make on average.",
+    ),
+    (
+        "api_rate_burst",
+        "30",
+        "Requests an API caller may make at once before API_RATE_LIMIT applies (429 beyond).",
+    ),
+    (
+        "rtpengine",
+        "",
+        "Comma-separated rtpengine ng control addresses (`127.0.0.1:22222`). Unset: media is never anchored and SDP passes untouched.",
+    ),
+    (
+        "media_policy",
+        "when-needed",
+        "When calls are anchored at rtpengine: `always`, `when-needed` (a WebRTC leg meets a plain one, or a party is behind NAT) or `never`.",
+    ),
+    (
+        "rtpengine_timeout_ms",
+        "500",
+        "Milliseconds to wait for one rtpengine answer (three tries); a call whose rtpengine does not answer keeps its own SDP.",
+    ),
+    (
+        "rtpengine_check_interval",
+        "60",
+        "Seconds between checks that rtpengine still holds the media of each anchored call; calls it dropped (its own media timeout, e.g. both phones vanished without a BYE) are forgotten.",
+    ),
+    (
+        "nat_keepalive_interval",
+        "30",
+        "Seconds between OPTIONS keep-alives to each device registered over UDP from behind NAT (its Contact is not the address it registers from); they keep the NAT mapping open. 0 disables them.",
+    ),
+    (
+        "nat_keepalive_failures",
+        "3",
+        "Keep-alives in a row without an answer after which such a device's binding is removed.",
+    ),
+    (
+        "http_listen",
+        "127.0.0.1:8080",
+        "Address of the HTTP server (`/healthz`, `/metrics`).",
+    ),
+    (
+        "data_dir",
+        "./data",
+        "Directory for the embedded database, the registration journal and the nonce secret.",
+    ),
+    (
+        "db_url",
+        "",
+        "Subscriber database. Default: `sqlite://DATA_DIR/careflow.db`.",
+    ),
+    (
+        "redis_url",
+        "",
+        "`redis://HOST:PORT[/DB]`: keep registrations in Redis so several nodes share them (with a shared DB_URL and the same NONCE_SECRET). Unset: in memory with a journal in DATA_DIR.",
+    ),
+    (
+        "nonce_secret",
+        "",
+        "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",
+    ),
+    (
+        "auth_algorithms",
+        "MD5",
+        "Digest algorithms offered, in challenge order (`MD5`, `SHA-256`); one WWW-Authenticate header each. MD5 alone is the default because some clients (baresip 1.0) fail on any challenge they cannot answer; see docs/interop.md.",
+    ),
+    (
+        "nonce_ttl",
+        "300",
+        "Seconds a nonce stays valid; older ones get `stale=true`.",
+    ),
+    (
+        "min_expires",
+        "60",
+        "Shortest registration accepted, seconds (423 Interval Too Brief below).",
+    ),
+    (
+        "max_expires",
+        "3600",
+        "Longest registration granted, seconds; longer requests are shortened.",
+    ),
+    (
+        "default_expires",
+        "3600",
+        "Registration time when the REGISTER names none, seconds.",
+    ),
+    (
+        "max_contacts",
+        "10",
+        "Most contacts per address-of-record; more is refused with 403.",
+    ),
+    (
+        "max_message_size",
+        "65536",
+        "Largest SIP message accepted, bytes.",
+    ),
+    ("max_headers", "128", "Most header fields in one message."),
+    (
+        "max_connections",
+        "10000",
+        "Most simultaneous TCP, TLS and WebSocket connections.",
+    ),
+    (
+        "tcp_idle_timeout",
+        "3900",
+        "Seconds without traffic after which a TCP, TLS or WebSocket connection is closed (bindings over it are dropped).",
+    ),
+    (
+        "t1_ms",
+        "500",
+        "RFC 3261 timer T1 in milliseconds; server transactions live 64*T1.",
+    ),
+    (
+        "worker_threads",
+        "1",
+        "Threads running SIP and HTTP work. One is the most CPU-efficient and handled about 10,000 registrations/s here; raise it on machines with many cores.",
+    ),
+    (
+        "t2_ms",
+        "4000",
+        "RFC 3261 timer T2 in milliseconds: the longest retransmission interval.",
+    ),
+    (
+        "t4_ms",
+        "5000",
+        "RFC 3261 timer T4 in milliseconds: how long a message may stay in the network.",
+    ),
+    (
+        "timer_c",
+        "181",
+        "RFC 3261 timer C in seconds: a branch that rings longer is cancelled and the caller gets 408.",
+    ),
+    (
+        "outbound_gateway",
+        "",
+        "SIP URI of a gateway for calls to other domains, e.g. `sip:192.0.2.10:5060;transport=udp`. Unset: such requests are refused with 403.",
+    ),
+    (
+        "allow_inbound",
+        "false",
+        "`true` routes requests from other domains to our users without authentication (peering); `false` refuses them with 403.",
+    ),
+    (
+        "security_rate_limit",
+        "50",
+        "SIP messages per second one flow (a UDP source address and port, or one TCP/TLS/WebSocket connection: one device, even behind a shared NAT address) may send on average; a flow above it is banned for SECURITY_BAN_TIME. 0 disables every limit and ban.",
+    ),
+    (
+        "security_burst",
+        "100",
+        "SIP messages one flow may send at once before SECURITY_RATE_LIMIT applies.",
+    ),
+    (
+        "security_site_rate_limit",
+        "2000",
+        "SIP messages per second one site (an IPv4 address or an IPv6 /64: every device behind one NAT) may send in all; above it messages are dropped until the rate falls, and nobody is banned.",
+    ),
+    (
+        "security_site_burst",
+        "4000",
+        "SIP messages one site may send at once before SECURITY_SITE_RATE_LIMIT applies.",
+    ),
+    (
+        "security_ban_time",
+        "300",
+        "Seconds a flooding or guessing flow (or a site) stays banned (its packets are dropped before parsing).",
+    ),
+    (
+        "security_auth_failures",
+        "5",
+        "Failed guesses (wrong password or unknown user; never the first challenge, never a stale or reused nonce) within SECURITY_AUTH_WINDOW that ban the flow; the same count for one username from one site, or from anywhere, bans each further flow that fails for it.",
+    ),
+    (
+        "security_site_auth_failures",
+        "100",
+        "Failed guesses of all flows of one site within SECURITY_AUTH_WINDOW that ban the whole site (IPv4 address or IPv6 /64). Raise it for a large site whose phones may keep old passwords after a rotation.",
+    ),
+    (
+        "security_auth_window",
+        "60",
+        "Seconds over which failed authentications are counted.",
+    ),
+    (
+        "security_allowlist",
+        "",
+        "Comma-separated IPs or CIDRs (e.g. `10.0.0.0/8,192.0.2.10`) never rate limited or banned: your own networks, monitoring, SBCs.",
+    ),
+    (
+        "log_level",
+        "info",
+        "Log filter when RUST_LOG is unset: `error`, `warn`, `info`, `debug`, `trace`, or per target (`info,careflow::security=debug`). Reloaded on SIGHUP.",
+    ),
+    (
+        "shutdown_grace",
+        "30",
+        "Seconds SIGTERM waits for calls being set up to be answered (new requests get 503 meanwhile); unanswered calls are then cancelled and their callers answered 503. Keep it below the service manager's stop timeout (the unit uses 40).",
+    ),
+    (
+        "partial_message_timeout",
+        "10",
+        "Seconds within which a SIP message, TLS handshake or WebSocket upgrade must arrive whole once its first byte did; slower senders (slowloris) are disconnected.",
+    ),
+    (
+        "max_connections_per_ip",
+        "2500",
+        "Most simultaneous TCP, TLS and WebSocket connections from one IP address (allow-listed ones excepted): a bound against one source taking every connection (MAX_CONNECTIONS), high enough for a whole site of phones and browser tabs behind one NAT address.",
+    ),
+    (
+        "scanner_user_agents",
+        "friendly-scanner,sipvicious,sipcli,sip-scan,sundayddr,iwar,sivus,smap,pplsip,vaxsipuseragent",
+        "Comma-separated User-Agent fragments (case-insensitive) of SIP scanners; their requests are dropped without an answer. Empty: none.",
+    ),
+    (
+        "max_transactions",
+        "100000",
+        "Most server transactions in progress; beyond it requests get 503.",
+    ),
+];
