@@ -4,13 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
-use careflow_core::transaction::TimerConfig;
-use careflow_proto::ParseLimits;
 use careflow_server::{App, ServerConfig};
 use careflow_store::location::EmbeddedLocation;
 use careflow_store::{LocationStore, SubscriberStore};
 use careflow_transport::tls::TlsServer;
-use careflow_transport::{Transport, TransportLimits, TransportOptions};
+use careflow_transport::{Transport, TransportOptions};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -107,18 +105,9 @@ pub(crate) async fn run(
         auth_algorithms: cfg.auth_algorithms.clone(),
         nonce_ttl_secs: cfg.nonce_ttl,
         secret,
-        parse_limits: ParseLimits {
-            max_size: cfg.max_message_size,
-            max_headers: cfg.max_headers,
-        },
+        parse_limits: cfg.parse_limits,
         transport: TransportOptions {
-            limits: TransportLimits {
-                max_message_size: cfg.max_message_size,
-                max_connections: cfg.max_connections,
-                max_connections_per_ip: cfg.max_connections_per_ip,
-                partial_timeout: cfg.partial_timeout,
-                idle_timeout: cfg.tcp_idle_timeout,
-            },
+            limits: cfg.transport_limits,
             tls: tls_server(&cfg)?,
             tls_client: Some(
                 careflow_transport::tls::TlsClient::new(cfg.tls_ca_file.as_deref())
@@ -127,12 +116,7 @@ pub(crate) async fn run(
             ws: cfg.ws.clone(),
             guard,
         },
-        timers: TimerConfig {
-            t1: cfg.t1,
-            t2: cfg.t2,
-            t4: cfg.t4,
-            c: cfg.timer_c,
-        },
+        timers: cfg.timers,
         max_transactions: cfg.max_transactions,
         server_header: format!("careflow-sip/{}", env!("CARGO_PKG_VERSION")),
         outbound_gateway: cfg.outbound_gateway.clone(),

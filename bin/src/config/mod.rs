@@ -49,22 +49,12 @@ pub struct Config {
     pub nonce_ttl: u64,
     /// Registrar limits.
     pub registrar: careflow_core::registrar::RegistrarConfig,
-    /// Maximum message size.
-    pub max_message_size: usize,
-    /// Maximum header count.
-    pub max_headers: usize,
-    /// Maximum TCP connections.
-    pub max_connections: usize,
-    /// TCP idle timeout.
-    pub tcp_idle_timeout: Duration,
-    /// Timer T1.
-    pub t1: Duration,
-    /// Timer T2.
-    pub t2: Duration,
-    /// Timer T4.
-    pub t4: Duration,
-    /// Timer C.
-    pub timer_c: Duration,
+    /// Parser bounds (MAX_MESSAGE_SIZE, MAX_HEADERS).
+    pub parse_limits: careflow_proto::ParseLimits,
+    /// The transports' size, connection and time limits.
+    pub transport_limits: careflow_transport::TransportLimits,
+    /// RFC 3261 timers (T1_MS, T2_MS, T4_MS, TIMER_C).
+    pub timers: careflow_core::transaction::TimerConfig,
     /// Transaction bound.
     pub max_transactions: usize,
     /// Runtime worker threads.
@@ -77,10 +67,6 @@ pub struct Config {
     pub scanner_user_agents: Vec<String>,
     /// Per-source limits and bans; None when the rate limit is 0.
     pub guard: Option<careflow_core::guard::GuardConfig>,
-    /// Connections per IP.
-    pub max_connections_per_ip: usize,
-    /// Partial message timeout.
-    pub partial_timeout: Duration,
     /// How long SIGTERM drains.
     pub shutdown_grace: Duration,
     /// The log filter (when RUST_LOG is unset).
@@ -313,11 +299,14 @@ impl Config {
         let user_check = api::user_check(&r)?;
         let guard = security::guard(&r)?;
         let media = media::media(&r)?;
+        let max_message_size = r.num("max_message_size", 1024, 1 << 20)? as usize;
+        let parse_limits = careflow_proto::ParseLimits {
+            max_size: max_message_size,
+            max_headers: r.num("max_headers", 16, 10_000)? as usize,
+        };
         Ok(Self {
             media,
             guard,
-            max_connections_per_ip: r.num("max_connections_per_ip", 1, 1_000_000)? as usize,
-            partial_timeout: r.secs("partial_message_timeout", 1, 600)?,
             shutdown_grace: r.secs("shutdown_grace", 0, 3600)?,
             log_level: {
                 let l = r.get("log_level");
@@ -357,14 +346,9 @@ impl Config {
             auth_algorithms,
             nonce_ttl: r.num("nonce_ttl", 10, 86_400)?,
             registrar,
-            max_message_size: r.num("max_message_size", 1024, 1 << 20)? as usize,
-            max_headers: r.num("max_headers", 16, 10_000)? as usize,
-            max_connections: r.num("max_connections", 1, 1_000_000)? as usize,
-            tcp_idle_timeout: r.secs("tcp_idle_timeout", 1, 86_400)?,
-            t1: r.millis("t1_ms", 10, 10_000)?,
-            t2: r.millis("t2_ms", 100, 60_000)?,
-            t4: r.millis("t4_ms", 100, 60_000)?,
-            timer_c: r.secs("timer_c", 1, 3600)?,
+            parse_limits,
+            transport_limits: sip::transport_limits(&r, max_message_size)?,
+            timers: sip::timers(&r)?,
             max_transactions: r.num("max_transactions", 100, 10_000_000)? as usize,
             worker_threads: r.num("worker_threads", 1, 256)? as usize,
             outbound_gateway: sip::outbound_gateway(&r)?,

@@ -149,6 +149,30 @@ pub(super) fn keepalive(r: &Raw<'_>) -> Result<KeepaliveConfig, ConfigError> {
     })
 }
 
+/// The transports' limits (connections in all and per address, partial and idle timeouts).
+pub(super) fn transport_limits(
+    r: &Raw<'_>,
+    max_message_size: usize,
+) -> Result<careflow_transport::TransportLimits, ConfigError> {
+    Ok(careflow_transport::TransportLimits {
+        max_message_size,
+        max_connections: r.num("max_connections", 1, 1_000_000)? as usize,
+        max_connections_per_ip: r.num("max_connections_per_ip", 1, 1_000_000)? as usize,
+        partial_timeout: r.secs("partial_message_timeout", 1, 600)?,
+        idle_timeout: r.secs("tcp_idle_timeout", 1, 86_400)?,
+    })
+}
+
+/// RFC 3261 timers T1, T2, T4 and C.
+pub(super) fn timers(r: &Raw<'_>) -> Result<careflow_core::transaction::TimerConfig, ConfigError> {
+    Ok(careflow_core::transaction::TimerConfig {
+        t1: r.millis("t1_ms", 10, 10_000)?,
+        t2: r.millis("t2_ms", 100, 60_000)?,
+        t4: r.millis("t4_ms", 100, 60_000)?,
+        c: r.secs("timer_c", 1, 3600)?,
+    })
+}
+
 /// `OUTBOUND_GATEWAY`: a SIP URI with an IP address, or unset.
 pub(super) fn outbound_gateway(r: &Raw<'_>) -> Result<Option<String>, ConfigError> {
     match r.get("outbound_gateway") {
