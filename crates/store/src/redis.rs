@@ -48,6 +48,10 @@ pub struct RedisLocation {
     /// Replaced whole when it stalls (see [`Self::within`]).
     conn: Arc<RwLock<ConnectionManager>>,
     rebuilding: Arc<AtomicBool>,
+    /// Updates of one AoR from this node run one at a time (striped by AoR), so the
+    /// compare-and-set only ever races with other nodes: twenty phones of one user registering
+    /// at once through one node must not exhaust its retries.
+    update_locks: Vec<tokio::sync::Mutex<()>>,
     cas: redis::Script,
     /// Identifies this process: connection ids are only meaningful on the node holding them.
     node: String,
@@ -73,6 +77,9 @@ fn redis_err(e: redis::RedisError) -> StoreError {
 /// Longest wait for one Redis command: a call must fail over to 503 rather than wait.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Stripes of the per-AoR update lock.
+const UPDATE_STRIPES: usize = 64;
+
 fn manager_config() -> redis::aio::ConnectionManagerConfig {
     redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Duration::from_secs(3))
@@ -96,6 +103,9 @@ impl RedisLocation {
             client,
             conn: Arc::new(RwLock::new(conn)),
             rebuilding: Arc::default(),
+            update_locks: (0..UPDATE_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             cas: redis::Script::new(CAS),
             node,
             count: AtomicUsize::new(0),
@@ -258,8 +268,17 @@ impl LocationStore for RedisLocation {
         decide: UpdateFn<'_>,
     ) -> Result<Result<Outcome, Reject>, StoreError> {
         let key = format!("{PREFIX}{aor}");
+        let stripe = {
+            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(aor) as usize % UPDATE_STRIPES
+        };
+        let _one_at_a_time = self.update_locks[stripe].lock().await;
         let mut conn = self.conn();
-        for _ in 0..16 {
+        for attempt in 0..16u64 {
+            if attempt > 0 {
+                // Another node won the race: let it finish before reading again.
+                tokio::time::sleep(Duration::from_millis(1 + attempt % 4)).await;
+            }
             let old: Option<String> = self.within(conn.get(&key)).await?;
             let old = old.unwrap_or_default();
             let current = if old.is_empty() {
