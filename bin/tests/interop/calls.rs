@@ -290,6 +290,28 @@ fn invite_authorized(ua: &Ua, from: &str, pw: &str, to: &str, call_id: &str) -> 
     })
 }
 
+/// The INVITE of `from` to `to` with proxy credentials, built after its first, challenged copy
+/// (sent here); not sent itself.
+fn authorized_invite(ua: &Ua, (from, pw): (&str, &str), to: &str, call_id: &str) -> String {
+    let r = expect_for(
+        ua,
+        call_id,
+        &invite(ua, from, to, call_id, 1, &format!("{call_id}a"), ""),
+    );
+    assert_eq!(status(&r), 407, "{r}");
+    let uri = format!("sip:{to}@{DOMAIN}");
+    let auth = authorization(&r, Algorithm::Md5, from, DOMAIN, pw, "INVITE", &uri, 1);
+    invite(
+        ua,
+        from,
+        to,
+        call_id,
+        2,
+        &format!("{call_id}b"),
+        &format!("Proxy-Authorization: {auth}\r\n"),
+    )
+}
+
 /// Receives until a message starting with `start` arrives.
 fn expect(ua: &Ua, start: &str) -> String {
     for _ in 0..20 {
@@ -332,28 +354,7 @@ fn an_invite_retransmitted_while_its_route_lookup_is_slow_reaches_the_callee_onc
     server.add_user("bob", "pw-bob");
     let bob = device(&server, "bob", "pw-bob");
     let a = Ua::new(server.sip_addr());
-    let uri = format!("sip:bob@{DOMAIN}");
-    let r = a.request(&invite(&a, "alice", "bob", "cslow", 1, "cslowa", ""));
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        Algorithm::Md5,
-        "alice",
-        DOMAIN,
-        "pw-alice",
-        "INVITE",
-        &uri,
-        1,
-    );
-    let authorized = invite(
-        &a,
-        "alice",
-        "bob",
-        "cslow",
-        2,
-        "cslowb",
-        &format!("Proxy-Authorization: {auth}\r\n"),
-    );
+    let authorized = authorized_invite(&a, ("alice", "pw-alice"), "bob", "cslow");
     relay.slow_down(1500);
     let sent = Instant::now();
     a.send(&authorized);
@@ -407,31 +408,7 @@ fn an_invite_retransmitted_while_its_route_lookup_is_slow_reaches_the_callee_onc
 
     // Cancelled while still being routed: 200 for the CANCEL, 487 for the INVITE, and the
     // callee is never rung.
-    let r = expect_for(
-        &a,
-        "cslow2",
-        &invite(&a, "alice", "bob", "cslow2", 1, "cslow2a", ""),
-    );
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        Algorithm::Md5,
-        "alice",
-        DOMAIN,
-        "pw-alice",
-        "INVITE",
-        &uri,
-        1,
-    );
-    let authorized = invite(
-        &a,
-        "alice",
-        "bob",
-        "cslow2",
-        2,
-        "cslow2b",
-        &format!("Proxy-Authorization: {auth}\r\n"),
-    );
+    let authorized = authorized_invite(&a, ("alice", "pw-alice"), "bob", "cslow2");
     relay.slow_down(1500);
     a.send(&authorized);
     std::thread::sleep(Duration::from_millis(200));

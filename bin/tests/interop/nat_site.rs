@@ -218,7 +218,6 @@ fn hundreds_of_connections_and_websocket_tabs_from_one_address_all_register() {
     for tab in 0..200usize {
         let user = format!("user{:04}", 200 + tab);
         let mut s = tcp_from(SITE, ws);
-        s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         write!(
             s,

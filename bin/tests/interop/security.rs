@@ -332,15 +332,31 @@ fn fail2ban_matches_site_bans_only_never_a_flow_ban_a_failure_or_the_normal_chal
 
 /// A TCP connection from a chosen loopback address.
 pub(crate) fn tcp_from(ip: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+    tcp_socket(Some(ip), None, to)
+}
+
+/// A blocking TCP connection to `to`, bound to `ip` when given, with a receive buffer of
+/// `rcvbuf` bytes when given (a small one shuts the window soon when the peer stops reading).
+fn tcp_socket(
+    ip: Option<&str>,
+    rcvbuf: Option<u32>,
+    to: std::net::SocketAddr,
+) -> std::net::TcpStream {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-        let stream = s.connect(to).await.unwrap();
-        stream.into_std().unwrap()
+        if let Some(ip) = ip {
+            s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        }
+        if let Some(n) = rcvbuf {
+            s.set_recv_buffer_size(n).unwrap();
+        }
+        let stream = s.connect(to).await.unwrap().into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
     })
 }
 
@@ -449,30 +465,13 @@ fn the_nftables_rules_load() {
     );
 }
 
-/// A TCP connection from 127.0.0.1 with a small receive buffer, so a peer that stops reading
-/// shuts its window soon.
-fn tcp_small_window(to: std::net::SocketAddr) -> std::net::TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.set_recv_buffer_size(4096).unwrap();
-        let stream = s.connect(to).await.unwrap();
-        let stream = stream.into_std().unwrap();
-        stream.set_nonblocking(false).unwrap();
-        stream
-    })
-}
-
 #[test]
 fn a_phone_that_stops_reading_is_disconnected_and_holds_nothing_of_ours() {
     use std::io::{Read, Write};
     let server = Server::start_with("stall.test", &[("ALLOW_INBOUND", "true")]);
     server.add_user("frozen", "pw-frozen-phone");
     // A desk phone registers over TCP, then never reads again.
-    let mut phone = tcp_small_window(server.sip_addr());
+    let mut phone = tcp_socket(None, Some(4096), server.sip_addr());
     phone
         .set_read_timeout(Some(Duration::from_secs(3)))
         .unwrap();
