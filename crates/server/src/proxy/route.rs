@@ -1,0 +1,361 @@
+//! Where a request goes (RFC 3261 §16.4-16.5): hop limits and loops, in-dialog requests along
+//! our Record-Route (flow tokens), our users' bindings, other domains through the gateway, and
+//! proxy authentication of our callers.
+
+use super::*;
+
+impl App {
+    /// Decides what to do with a request that is not for the registrar and forwards it.
+    pub(super) async fn route_request(self: Arc<Self>, msg: Message, ctx: Ctx) {
+        if msg.method() == Method::Bye
+            && let Some(c) = msg.call_id()
+        {
+            self.media_end(c);
+        }
+        match self.decide(&msg, &ctx).await {
+            Ok(mut targets) => {
+                let initial =
+                    msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
+                let msg = if initial {
+                    self.media_initial(msg, &ctx, &mut targets).await
+                } else {
+                    self.media_request(msg, ctx.source.ip()).await
+                };
+                self.fork(msg, ctx, targets)
+            }
+            Err((code, bytes)) => {
+                if msg.method() == Method::Invite {
+                    self.answer_invite(&msg, &ctx, code, bytes);
+                } else {
+                    self.send_response(&msg, &ctx, code, bytes);
+                }
+            }
+        }
+    }
+
+    /// Returns the targets (Request-URI, transport, address) or the answer to send.
+    pub(super) async fn decide(&self, msg: &Message, ctx: &Ctx) -> Result<Vec<Hop>, (u16, Bytes)> {
+        let refuse = |code: u16, reason: &'static str| {
+            (code, self.reply(msg, ctx, code).reason(reason).build())
+        };
+        // Our Via would take the request past the bound every careflow-sip enforces.
+        if proxy::next_max_forwards(msg).is_none()
+            || msg.values(HeaderName::Via).count() >= careflow_proto::MAX_VIAS
+        {
+            return Err(refuse(483, "Too Many Hops"));
+        }
+        if proxy::is_loop(msg, |v| self.is_our_via(v)) {
+            return Err(refuse(482, "Loop Detected"));
+        }
+        let step = proxy::route_step(msg, |u| self.is_ours(u));
+        let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
+        if in_dialog {
+            // In-dialog requests pass only along a route set we recorded; anything else would
+            // make us an open relay.
+            if step.pop_routes == 0 && step.strict_request_uri.is_none() {
+                return Err(refuse(403, "Not Routed Through Here"));
+            }
+            if step.next_route.is_none() {
+                match self.flow_target(msg, ctx, step.pop_routes) {
+                    Some(Ok(target)) => return Ok(vec![Hop::to(String::new(), target)]),
+                    Some(Err(())) => return Err(refuse(430, "Flow Failed")),
+                    None => {}
+                }
+            }
+            let uri = match &step.next_route {
+                Some(route) => careflow_proto::NameAddr::parse(route)
+                    .map(|n| n.uri.raw.to_string())
+                    .unwrap_or_default(),
+                None => step
+                    .strict_request_uri
+                    .clone()
+                    .unwrap_or_else(|| msg.request_uri_str().to_string()),
+            };
+            let target = self
+                .resolve(&uri)
+                .await
+                .ok_or_else(|| refuse(404, "Not Found"))?;
+            let new_uri = step.strict_request_uri.clone().unwrap_or_default();
+            return Ok(vec![Hop::to(new_uri, target)]);
+        }
+        if step.next_route.is_some() {
+            return Err(refuse(403, "Relaying Denied"));
+        }
+        let ruri_text = msg.request_uri_str().to_string();
+        let Some(ruri) = Uri::parse(&ruri_text) else {
+            return Err(refuse(416, "Unsupported URI Scheme"));
+        };
+        let ours =
+            ruri.user.is_some() && self.serves_domain(&ruri.host.as_str().to_ascii_lowercase());
+        let from_ours = msg
+            .from()
+            .is_some_and(|f| self.serves_domain(&f.uri.host.as_str().to_ascii_lowercase()));
+        if !ours {
+            // Another domain: only our authenticated users, only through the configured gateway.
+            let Some(gw) = self.cfg.outbound_gateway.clone() else {
+                return Err(refuse(403, "Relaying Denied"));
+            };
+            if !from_ours {
+                return Err(refuse(403, "Relaying Denied"));
+            }
+            self.authorize_caller(msg, ctx).await?;
+            let target = self
+                .resolve(&gw)
+                .await
+                .ok_or_else(|| refuse(503, "Gateway Unavailable"))?;
+            return Ok(vec![Hop::to(String::new(), target)]);
+        }
+        if !from_ours {
+            // From outside to our users: only when peering is allowed, and then without our
+            // credentials (the caller has none).
+            if !self.cfg.allow_inbound {
+                return Err(refuse(403, "Caller Not Served Here"));
+            }
+            return self.lookup_targets(msg, ctx, &ruri).await;
+        }
+        self.authorize_caller(msg, ctx).await?;
+        let is_call = msg.method() == Method::Invite;
+        let call_id = msg.call_id().unwrap_or_default();
+        if is_call {
+            self.metrics.calls_attempted.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(call_id, to = %ruri_text, source = %ctx.source, "call attempt");
+        }
+        let result = self.lookup_targets(msg, ctx, &ruri).await;
+        if let (true, Err((code, _))) = (is_call, &result) {
+            self.metrics.call_failed(*code);
+            tracing::info!(call_id, code, "call failed");
+        }
+        result
+    }
+
+    /// Our user's bindings as targets: 404 unknown, 480 not registered.
+    pub(super) async fn lookup_targets(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        ruri: &Uri<'_>,
+    ) -> Result<Vec<Hop>, (u16, Bytes)> {
+        let refuse = |code: u16, reason: &'static str| {
+            (code, self.reply(msg, ctx, code).reason(reason).build())
+        };
+        let aor = ruri.aor().unwrap_or_default();
+        let domain = ruri.host.as_str().to_ascii_lowercase();
+        let user = scan::pct_decode(ruri.user.unwrap_or_default()).into_owned();
+        match self.subscribers.find(&user, &domain).await {
+            Ok(Some(s)) if s.enabled => {}
+            Ok(_) => return Err(refuse(404, "Not Found")),
+            Err(e) => {
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, retryable = e.retryable(), callee = %aor,
+                    "subscriber lookup of the callee failed; answering 503");
+                return Err((
+                    503,
+                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+                ));
+            }
+        }
+        let bindings = match self.location.lookup(&aor, unix_now()).await {
+            Ok(b) => b,
+            Err(e) => {
+                // Not a 480: the callee may well be registered, we just cannot tell now.
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, retryable = e.retryable(), callee = %aor,
+                    "location lookup failed; answering 503");
+                return Err((
+                    503,
+                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+                ));
+            }
+        };
+        let mut targets = Vec::new();
+        for b in preferred_flows(&bindings) {
+            if let Some(t) = self.binding_target(b).await {
+                targets.push(Hop {
+                    routes: b.path.clone(),
+                    ..Hop::to(b.contact.clone(), t)
+                });
+            }
+        }
+        if targets.is_empty() {
+            return Err(refuse(480, "Temporarily Unavailable"));
+        }
+        Ok(targets)
+    }
+
+    /// Proxy authentication (RFC 3261 §22.3): 407 until the caller proves it is the From user.
+    pub(super) async fn authorize_caller(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+    ) -> Result<(), (u16, Bytes)> {
+        let now = unix_now();
+        let Some(from) = msg.from() else {
+            return Err((400, self.reply(msg, ctx, 400).build()));
+        };
+        let realm = from.uri.host.as_str().to_ascii_lowercase();
+        let user = scan::pct_decode(from.uri.user.unwrap_or_default()).into_owned();
+        let checked = match self.prepare_auth(msg, ctx, Challenger::Proxy, &realm, &user, now) {
+            Ok(prepared) => self.verify_auth(msg, ctx, &realm, &prepared, now).await,
+            Err(e) => Err(e),
+        };
+        checked.map_err(|e| self.auth_answer(msg, ctx, Challenger::Proxy, &realm, &e, now))
+    }
+
+    /// Forwards a request without a transaction (ACK for 2xx).
+    pub(super) async fn stateless_forward(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+    ) -> Option<(Target, Bytes)> {
+        let step = proxy::route_step(msg, |u| self.is_ours(u));
+        if step.pop_routes == 0 && step.strict_request_uri.is_none() {
+            return None;
+        }
+        let uri = match &step.next_route {
+            Some(r) => careflow_proto::NameAddr::parse(r)?.uri.raw.to_string(),
+            None => step
+                .strict_request_uri
+                .clone()
+                .unwrap_or_else(|| msg.request_uri_str().to_string()),
+        };
+        let by_flow = match step.next_route {
+            None => self
+                .flow_target(msg, ctx, step.pop_routes)
+                .and_then(Result::ok),
+            Some(_) => None,
+        };
+        let target = match by_flow {
+            Some(t) => t,
+            None => self.resolve(&uri).await?,
+        };
+        let branch = proxy::branch(&proxy::loop_hash(msg), self.next_id());
+        let via = Self::via_at(
+            target.transport,
+            self.outbound_addr(target.transport, target.dest, ctx),
+            &branch,
+        );
+        let edit = RequestEdit {
+            request_uri: step.strict_request_uri.as_deref(),
+            via: Some(&via),
+            record_route: Vec::new(),
+            push_routes: Vec::new(),
+            pop_routes: step.pop_routes,
+            drop_last_route: step.strict_request_uri.is_some(),
+            max_forwards: Some(proxy::next_max_forwards(msg)?),
+        };
+        Some((target, edit.apply(msg)))
+    }
+
+    /// The address and transport a URI leads to (IP literals and host names).
+    pub(super) async fn resolve(&self, uri: &str) -> Option<Target> {
+        let u = Uri::parse(uri)?;
+        if !u.is_sip() {
+            return None;
+        }
+        let transport = match u.params.get("transport").flatten() {
+            Some(t) => t.parse().ok()?,
+            None if u.is_sips() => Transport::Tls,
+            None => Transport::Udp,
+        };
+        let port = u.port.unwrap_or(if transport == Transport::Tls {
+            5061
+        } else {
+            5060
+        });
+        let dest = match u.host.ip() {
+            Some(ip) => SocketAddr::new(ip, port),
+            None => tokio::net::lookup_host((u.host.as_str(), port))
+                .await
+                .ok()?
+                .next()?,
+        };
+        Some(Target::at(transport, dest))
+    }
+
+    /// Where a registered device is reached: over the connection it registered on, or (UDP)
+    /// at the address its REGISTER came from, which differs from its Contact behind NAT.
+    pub(super) async fn binding_target(&self, b: &careflow_core::Binding) -> Option<Target> {
+        if let Some(first) = b.path.first() {
+            // Behind an edge proxy: the request goes to it, with the Path as its route.
+            let uri = careflow_proto::NameAddr::parse(first)?.uri.raw.to_string();
+            return self.resolve(&uri).await;
+        }
+        if let Some(c) = b.conn {
+            let open = self.transports().is_some_and(|t| t.is_open(ConnId(c)));
+            // Closed: the binding is on its way out (the close handler removes it).
+            return open.then_some(Target {
+                conn: Some(ConnId(c)),
+                flow: true,
+                ..Target::at(b.transport, b.source)
+            });
+        }
+        if b.behind_nat() {
+            return Some(Target {
+                flow: true,
+                ..Target::at(Transport::Udp, b.source)
+            });
+        }
+        self.resolve(&b.contact).await
+    }
+
+    /// In-dialog routing by the flow token in one of our Route entries: the connection or NAT
+    /// address of the UA on the far side of the dialog. `None`: no token (route by URI);
+    /// `Err`: the flow is gone (its connection closed).
+    pub(super) fn flow_target(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        pop: usize,
+    ) -> Option<Result<Target, ()>> {
+        let arrival = (ctx.transport, ctx.source, ctx.conn.map(|c| c.0));
+        let flow = msg
+            .values(HeaderName::Route)
+            .take(pop)
+            .filter_map(careflow_proto::NameAddr::parse)
+            .filter_map(|na| Flow::decode(na.uri.user?, &self.cfg.secret))
+            .find(|f| !f.is_arrival(arrival.0, arrival.1, arrival.2))?;
+        let conn = flow.conn.map(ConnId);
+        if let Some(c) = conn
+            && !self.transports().is_some_and(|t| t.is_open(c))
+        {
+            return Some(Err(()));
+        }
+        Some(Ok(Target {
+            conn,
+            ..Target::at(flow.transport, flow.addr)
+        }))
+    }
+
+    /// Whether the request's sender must be reached through a flow: it is on a connection of
+    /// its own, or its Contact names another IP than the one the request came from (NAT; a
+    /// Contact on the sender's own IP is reachable as it is, whatever its port).
+    pub(crate) fn sender_needs_flow(msg: &Message, ctx: &Ctx) -> bool {
+        ctx.conn.is_some()
+            || msg
+                .header(HeaderName::Contact)
+                .and_then(careflow_proto::NameAddr::parse)
+                .is_some_and(|na| na.uri.host.ip() != Some(ctx.source.ip()))
+    }
+}
+
+/// One binding per SIP Outbound instance (RFC 5626 §5.2): of the flows a device keeps
+/// (several `reg-id`s), the one refreshed last (on a tie, registered last) carries requests;
+/// other bindings all fork.
+pub(super) fn preferred_flows(bindings: &[careflow_core::Binding]) -> Vec<&careflow_core::Binding> {
+    let mut out: Vec<&careflow_core::Binding> = Vec::new();
+    for b in bindings {
+        let (Some(inst), Some(_)) = (&b.instance, b.reg_id) else {
+            out.push(b);
+            continue;
+        };
+        let same = out
+            .iter()
+            .position(|o| o.reg_id.is_some() && o.instance.as_ref() == Some(inst));
+        match same {
+            Some(i) if out[i].expires_at <= b.expires_at => out[i] = b,
+            Some(_) => {}
+            None => out.push(b),
+        }
+    }
+    out
+}
