@@ -312,33 +312,6 @@ fn authorized_invite(ua: &Ua, (from, pw): (&str, &str), to: &str, call_id: &str)
     )
 }
 
-/// Receives until a message starting with `start` arrives.
-fn expect(ua: &Ua, start: &str) -> String {
-    for _ in 0..20 {
-        let m = ua
-            .recv()
-            .unwrap_or_else(|| panic!("nothing received while waiting for {start}"));
-        if m.starts_with(start) {
-            return m;
-        }
-    }
-    panic!("no {start}");
-}
-
-/// Answers a received request from a raw device back to the proxy.
-fn answer(ua: &Ua, request: &str, code: u16) {
-    let m = Message::parse(Bytes::from(request.to_string()), &ParseLimits::default()).unwrap();
-    let mut b = ResponseBuilder::new(&m, code)
-        .to_tag(format!("dev{}", ua.port()))
-        .header("Contact", format!("<sip:dev@127.0.0.1:{}>", ua.port()));
-    // A UAS copies Record-Route into its responses (RFC 3261 §12.1.1).
-    for rr in m.headers_named(careflow_proto::HeaderName::RecordRoute) {
-        b = b.header("Record-Route", rr);
-    }
-    let r = b.build();
-    ua.sock.send_to(&r, ua.server).unwrap();
-}
-
 /// Transaction first, routing second: an INVITE retransmitted while its route lookup is slow
 /// (the location store behind a relay that holds each request 1.5 s) is absorbed by the
 /// server transaction: 100 Trying at once, the callee sees one INVITE, the caller no 407.

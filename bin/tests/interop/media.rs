@@ -692,34 +692,14 @@ pub(crate) fn call_bob(alice: &Ua, password: &str, call_id: &str) -> String {
     sent
 }
 
-/// A raw device answers `request` with `code` and an SDP from `media_port`.
+/// Answers a request a raw phone received with `code` and a plain RTP answer on `media_port`.
 pub(crate) fn answer_with_sdp(ua: &Ua, request: &str, code: u16, media_port: u16) {
-    let req = careflow_proto::Message::parse(
-        bytes::Bytes::from(request.to_string()),
-        &careflow_proto::ParseLimits::default(),
-    )
-    .unwrap();
-    let body = phone_sdp(media_port);
-    let mut r = careflow_proto::ResponseBuilder::new(&req, code)
-        .to_tag(format!("dev{}", ua.port()))
-        .header("Contact", format!("<sip:bob@127.0.0.1:{}>", ua.port()))
-        .header("Content-Type", "application/sdp");
-    for rr in req.headers_named(careflow_proto::HeaderName::RecordRoute) {
-        r = r.header("Record-Route", rr);
-    }
-    ua.sock
-        .send_to(&r.body(body.as_bytes()).build(), ua.server)
-        .unwrap();
-}
-
-/// The first message `ua` receives that starts with `start`.
-pub(crate) fn expect_at(ua: &Ua, start: &str) -> String {
-    loop {
-        let m = ua.recv().unwrap_or_else(|| panic!("no {start} received"));
-        if m.starts_with(start) {
-            return m;
-        }
-    }
+    answer_with(
+        ua,
+        request,
+        code,
+        Some(("application/sdp", &phone_sdp(media_port))),
+    );
 }
 
 #[test]
@@ -805,11 +785,11 @@ fn early_media_is_anchored_and_a_cancelled_call_frees_its_media() {
     assert_eq!(status(&r), 200, "{r}");
     let alice = Ua::new(server.sip_addr());
     let sent = call_bob(&alice, "pw-alice-early", "early-media");
-    let invite = expect_at(&desk, "INVITE ");
+    let invite = expect(&desk, "INVITE ");
     assert!(!invite.contains("m=audio 4000 "), "{invite}");
     // 183 with SDP: the caller hears ringback from rtpengine's port, not the phone's.
     answer_with_sdp(&desk, &invite, 183, 4020);
-    let early = expect_at(&alice, "SIP/2.0 183");
+    let early = expect(&alice, "SIP/2.0 183");
     assert!(
         early.contains("m=audio ") && !early.contains("m=audio 4020 "),
         "{early}"
@@ -831,7 +811,7 @@ fn early_media_is_anchored_and_a_cancelled_call_frees_its_media() {
         .join("\r\n")
         + "\r\nContent-Length: 0\r\n\r\n";
     alice.send(&cancel);
-    let c = expect_at(&desk, "CANCEL ");
+    let c = expect(&desk, "CANCEL ");
     let cancel_msg = careflow_proto::Message::parse(
         bytes::Bytes::from(c),
         &careflow_proto::ParseLimits::default(),
@@ -856,7 +836,7 @@ fn early_media_is_anchored_and_a_cancelled_call_frees_its_media() {
             desk.server,
         )
         .unwrap();
-    expect_at(&alice, "SIP/2.0 487");
+    expect(&alice, "SIP/2.0 487");
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
     rtpengine_becomes_empty(&rtp, &server);
 }
@@ -896,13 +876,13 @@ fn a_call_nobody_answers_frees_its_media_when_timer_c_fires() {
     assert_eq!(status(&r), 200, "{r}");
     let alice = Ua::new(server.sip_addr());
     call_bob(&alice, "pw-alice-timer", "timer-media");
-    let invite = expect_at(&desk, "INVITE ");
+    let invite = expect(&desk, "INVITE ");
     answer_with_sdp(&desk, &invite, 183, 4030);
-    expect_at(&alice, "SIP/2.0 183");
+    expect(&alice, "SIP/2.0 183");
     assert_eq!(server.metric("careflow_sip_media_sessions"), 1);
     // Nobody answers and the phone ignores the CANCEL: Timer C, then the caller hears 408.
-    expect_at(&desk, "CANCEL ");
-    expect_at(&alice, "SIP/2.0 408");
+    expect(&desk, "CANCEL ");
+    expect(&alice, "SIP/2.0 408");
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
     rtpengine_becomes_empty(&rtp, &server);
 }

@@ -267,7 +267,7 @@ fn sigterm_under_load_loses_no_binding_and_answers_every_request() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    use crate::media::{answer_with_sdp, call_bob, expect_at};
+    use crate::media::{answer_with_sdp, call_bob};
 
     let mut server = Server::start_with("localhost", &[("SHUTDOWN_GRACE", "2")]);
     let tmp = tempfile::tempdir().unwrap();
@@ -324,9 +324,9 @@ fn sigterm_under_load_loses_no_binding_and_answers_every_request() {
     // A call is ringing when SIGTERM comes.
     let alice = Ua::new(server.sip_addr());
     call_bob(&alice, "pw-alice-term", "term-call");
-    let invite = expect_at(&bob, "INVITE ");
+    let invite = expect(&bob, "INVITE ");
     answer_with_sdp(&bob, &invite, 180, 4000);
-    expect_at(&alice, "SIP/2.0 180");
+    expect(&alice, "SIP/2.0 180");
     server.signal("TERM");
 
     // Draining: a new call is turned away at once, with a Retry-After.
@@ -336,13 +336,13 @@ fn sigterm_under_load_loses_no_binding_and_answers_every_request() {
     carol.send(&format!(
         "INVITE sip:bob@localhost SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKcarol1;rport\r\nMax-Forwards: 70\r\nFrom: <sip:carol@localhost>;tag=c1\r\nTo: <sip:bob@localhost>\r\nCall-ID: term-new-call\r\nCSeq: 1 INVITE\r\nContact: <sip:carol@127.0.0.1:{port}>\r\nContent-Length: 0\r\n\r\n"
     ));
-    let refused = expect_at(&carol, "SIP/2.0 503");
+    let refused = expect(&carol, "SIP/2.0 503");
     assert!(refused.contains("Retry-After: 5"), "{refused}");
 
     // The grace period ends: the ringing phone gets a CANCEL and the caller a 503.
-    let cancel = expect_at(&bob, "CANCEL ");
+    let cancel = expect(&bob, "CANCEL ");
     answer_with_sdp(&bob, &cancel, 200, 4000);
-    let last = expect_at(&alice, "SIP/2.0 503");
+    let last = expect(&alice, "SIP/2.0 503");
     assert!(last.contains("CSeq: 2 INVITE"), "{last}");
     server.stop();
     stop.store(true, Ordering::Relaxed);

@@ -364,6 +364,45 @@ impl Ua {
     }
 }
 
+/// Receives until a message starting with `start` arrives, skipping others (retransmissions,
+/// provisionals); at most 50 are skipped.
+pub fn expect(ua: &Ua, start: &str) -> String {
+    for _ in 0..50 {
+        let m = ua
+            .recv()
+            .unwrap_or_else(|| panic!("nothing received while waiting for {start}"));
+        if m.starts_with(start) {
+            return m;
+        }
+    }
+    panic!("no {start}");
+}
+
+/// Answers a request a raw device received with `code` (its own To tag and Contact, the
+/// Record-Route copied as a UAS does, RFC 3261 §12.1.1); `body` is (content type, body).
+pub fn answer_with(ua: &Ua, request: &str, code: u16, body: Option<(&str, &str)>) {
+    let m = careflow_proto::Message::parse(
+        bytes::Bytes::from(request.to_string()),
+        &careflow_proto::ParseLimits::default(),
+    )
+    .unwrap();
+    let mut b = careflow_proto::ResponseBuilder::new(&m, code)
+        .to_tag(format!("dev{}", ua.port()))
+        .header("Contact", format!("<sip:dev@127.0.0.1:{}>", ua.port()));
+    for rr in m.headers_named(careflow_proto::HeaderName::RecordRoute) {
+        b = b.header("Record-Route", rr);
+    }
+    if let Some((content_type, text)) = body {
+        b = b.header("Content-Type", content_type).body(text.as_bytes());
+    }
+    ua.sock.send_to(&b.build(), ua.server).unwrap();
+}
+
+/// [`answer_with`] without a body.
+pub fn answer(ua: &Ua, request: &str, code: u16) {
+    answer_with(ua, request, code, None);
+}
+
 /// The value of the first header `name` in a message.
 pub fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
     msg.lines().find_map(|l| {
