@@ -11,29 +11,6 @@ use careflow_proto::bencode::Value;
 use crate::calls::{baresip_home_at, register_contact, scenario, sipp_file};
 use crate::support::*;
 
-struct Rtpengine {
-    child: Child,
-    ng: String,
-    /// Its log (kept for failure messages).
-    log: tempfile::NamedTempFile,
-}
-
-impl Rtpengine {
-    /// The last lines of its log.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-}
-
-impl Drop for Rtpengine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn ng(addr: &str, cmd: &Value) -> Option<Value> {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_millis(500)))
@@ -55,51 +32,7 @@ fn ng(addr: &str, cmd: &Value) -> Option<Value> {
 }
 
 fn start_rtpengine() -> Rtpengine {
-    start_rtpengine_with(&[])
-}
-
-fn start_rtpengine_with(extra: &[&str]) -> Rtpengine {
-    require("rtpengine", "rtpengine-daemon");
-    let control = format!("127.0.0.1:{}", free_port());
-    let cli = free_port();
-    // A port range of its own per daemon (the tests of one process run side by side), inside
-    // 30000-49999 where the sipp scenarios expect rtpengine's ports.
-    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
-    let base = 30000 + (std::process::id() % 20) as u16 * 1000 + n * 100;
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let child = Command::new("rtpengine")
-        // Not the system's /etc/rtpengine/rtpengine.conf: its fixed HTTP port (2225) makes a
-        // second daemon fail to start.
-        .arg("--config-file=none")
-        .args([
-            "--interface=127.0.0.1",
-            "--foreground",
-            "--log-stderr",
-            "--table=-1",
-        ])
-        .arg(format!("--listen-ng={control}"))
-        .arg(format!("--listen-cli=127.0.0.1:{cli}"))
-        .arg(format!("--port-min={base}"))
-        .arg(format!("--port-max={}", base + 99))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let r = Rtpengine {
-        child,
-        ng: control,
-        log,
-    };
-    let ping = Value::dict([("command", Value::str("ping"))]);
-    for _ in 0..20 {
-        if ng(&r.ng, &ping).is_some() {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("rtpengine did not start");
+    Rtpengine::start(&[])
 }
 
 fn phones(server: &Server, dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -538,8 +471,7 @@ fn a_call_whose_rtpengine_dies_ends_cleanly_and_the_next_call_connects_unanchore
         server.log()
     );
     // rtpengine dies mid-call; the caller hangs up three seconds later.
-    let _ = rtp.child.kill();
-    let _ = rtp.child.wait();
+    rtp.kill();
     let out = caller.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -571,7 +503,7 @@ fn a_call_whose_rtpengine_dies_ends_cleanly_and_the_next_call_connects_unanchore
 fn a_call_rtpengine_dropped_after_its_phones_vanished_is_forgotten() {
     require("baresip", "baresip");
     // rtpengine drops a call two seconds after its media stops.
-    let rtp = start_rtpengine_with(&["--timeout=2"]);
+    let rtp = Rtpengine::start(&["--timeout=2"]);
     let server = Server::start_with(
         "localhost",
         &[

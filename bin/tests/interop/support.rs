@@ -3,7 +3,7 @@
 //! a missing tool fails the test loudly instead of skipping it.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -12,30 +12,7 @@ use careflow_proto::digest::{Algorithm, Credentials, expected_response, ha1};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_careflow-sip");
 
-/// Panics with an install hint when a tool is missing.
-pub fn require(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success());
-    assert!(
-        found.unwrap_or(false),
-        "`{tool}` is not installed: run scripts/test (it installs the Debian package `{package}`)"
-    );
-}
-
-/// A port free for both UDP and TCP on 127.0.0.1.
-pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = u.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
+pub use careflow_test_support::{Rtpengine, TestDb, free_port, require};
 
 pub struct Server {
     child: Option<Child>,
@@ -464,88 +441,4 @@ pub fn status(msg: &str) -> u16 {
 
 pub fn interop_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop"))
-}
-
-/// A database on the real PostgreSQL or MariaDB server, made for one test and dropped after
-/// it (scripts/ensure-services creates the `careflow` role).
-pub struct TestDb {
-    pub url: String,
-    drop_args: (&'static str, Vec<String>),
-}
-
-static DB_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-fn db_cli(cmd: &str, args: &[String]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .env("PGPASSWORD", "careflow")
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}: run scripts/ensure-services"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}: run scripts/ensure-services",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl TestDb {
-    fn name() -> String {
-        let n = DB_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        format!("cf_it_{}_{n}_{t}", std::process::id())
-    }
-
-    pub fn postgres() -> Self {
-        require("psql", "postgresql-client");
-        let name = Self::name();
-        let base: Vec<String> = ["-h", "127.0.0.1", "-U", "careflow", "-d", "postgres", "-c"]
-            .map(String::from)
-            .to_vec();
-        db_cli(
-            "psql",
-            &[base.clone(), vec![format!("CREATE DATABASE {name}")]].concat(),
-        );
-        Self {
-            url: format!("postgres://careflow:careflow@127.0.0.1:5432/{name}"),
-            drop_args: (
-                "psql",
-                [
-                    base,
-                    vec![format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")],
-                ]
-                .concat(),
-            ),
-        }
-    }
-
-    pub fn mariadb() -> Self {
-        require("mariadb", "mariadb-client");
-        let name = Self::name();
-        let base: Vec<String> = ["-h", "127.0.0.1", "-u", "careflow", "-pcareflow", "-e"]
-            .map(String::from)
-            .to_vec();
-        db_cli(
-            "mariadb",
-            &[base.clone(), vec![format!("CREATE DATABASE {name}")]].concat(),
-        );
-        Self {
-            url: format!("mysql://careflow:careflow@127.0.0.1:3306/{name}"),
-            drop_args: (
-                "mariadb",
-                [base, vec![format!("DROP DATABASE IF EXISTS {name}")]].concat(),
-            ),
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let _ = Command::new(self.drop_args.0)
-            .args(&self.drop_args.1)
-            .env("PGPASSWORD", "careflow")
-            .output();
-    }
 }

@@ -3,88 +3,16 @@
 //! packets, delete ends the session, a dead instance is reported.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::net::UdpSocket;
 use std::time::Duration;
 
 use careflow_core::media::{self, Leg, Sdp};
 use careflow_server::rtpengine::{MediaError, RtpEngine};
+use careflow_test_support::Rtpengine;
 use tokio_util::sync::CancellationToken;
 
-struct Daemon {
-    child: Child,
-    ng: SocketAddr,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_rtpengine() -> Daemon {
-    let found = Command::new("sh")
-        .args(["-c", "command -v rtpengine"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "rtpengine is not installed: run scripts/test (Debian package rtpengine-daemon)"
-    );
-    let ng: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-    // A media port range of its own per daemon (tests run in parallel in one process).
-    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let slot = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let base = 20000 + ((std::process::id() % 100) as u16 * 4 + slot % 4) * 100;
-    let child = Command::new("rtpengine")
-        // Not the system's /etc/rtpengine/rtpengine.conf: its fixed HTTP port (2225) makes a
-        // second daemon fail to start.
-        .arg("--config-file=none")
-        .args([
-            "--interface=127.0.0.1",
-            "--foreground",
-            "--log-stderr",
-            "--table=-1",
-        ])
-        .arg(format!("--listen-ng={ng}"))
-        // Its CLI port defaults to 2224 for every instance: tests run several at once.
-        .arg(format!(
-            "--listen-cli=127.0.0.1:{}",
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        ))
-        .arg(format!("--port-min={base}"))
-        .arg(format!("--port-max={}", base + 99))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Owned before waiting, so a failed start still kills the process.
-    let daemon = Daemon { child, ng };
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    for _ in 0..50 {
-        let _ = s.send_to(b"x1 d7:command4:pinge", ng);
-        let mut b = [0u8; 64];
-        if s.recv(&mut b).is_ok() {
-            return daemon;
-        }
-    }
-    panic!("rtpengine did not start");
+fn start_rtpengine() -> Rtpengine {
+    Rtpengine::start(&[])
 }
 
 fn sdp(port: u16, proto: &str) -> String {
@@ -128,7 +56,7 @@ fn from_phone<'a>(call_id: &'a str, offerer: &'a str, body: &'a str, to: Leg) ->
 async fn offer_answer_rtp_both_ways_query_and_delete() {
     let d = start_rtpengine();
     let engine = RtpEngine::start(
-        vec![d.ng],
+        vec![d.ng_addr()],
         Duration::from_millis(500),
         CancellationToken::new(),
     )
@@ -191,7 +119,7 @@ async fn offer_answer_rtp_both_ways_query_and_delete() {
 async fn a_browser_leg_gets_ice_and_dtls() {
     let d = start_rtpengine();
     let engine = RtpEngine::start(
-        vec![d.ng],
+        vec![d.ng_addr()],
         Duration::from_millis(500),
         CancellationToken::new(),
     )
@@ -222,7 +150,7 @@ async fn a_browser_leg_gets_ice_and_dtls() {
 
 #[tokio::test]
 async fn a_dead_instance_is_reported_not_waited_on_forever() {
-    let port = free_udp_port();
+    let port = careflow_test_support::free_port();
     let engine = RtpEngine::start(
         vec![format!("127.0.0.1:{port}").parse().unwrap()],
         Duration::from_millis(100),

@@ -8,33 +8,9 @@ use std::sync::Arc;
 
 use careflow_store::sqlite::DbUrl;
 use careflow_store::{Database, NewSubscriber, StoreError, open_database};
+use careflow_test_support::TestDb;
 
-fn unique(prefix: &str) -> String {
-    let mut b = [0u8; 6];
-    getrandom_bytes(&mut b);
-    format!("{prefix}_{}_{}", std::process::id(), hex(&b))
-}
-
-fn getrandom_bytes(b: &mut [u8]) {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (t >> (i * 8)) as u8 ^ (i as u8).wrapping_mul(97);
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A database made for one test, dropped afterwards.
-struct TestDb {
-    url: String,
-    drop_cmd: Option<(String, Vec<String>)>,
-}
-
+/// Runs a database client (psql, mariadb) with the test role's password.
 fn run(cmd: &str, args: &[String]) {
     let out = Command::new(cmd)
         .args(args)
@@ -46,47 +22,6 @@ fn run(cmd: &str, args: &[String]) {
         "{cmd} {args:?}: {} (run scripts/ensure-services)",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-impl TestDb {
-    fn postgres() -> Self {
-        let name = unique("cf");
-        let base = ["-h", "127.0.0.1", "-U", "careflow", "-d", "postgres", "-c"].map(String::from);
-        let mut create = base.to_vec();
-        create.push(format!("CREATE DATABASE {name}"));
-        run("psql", &create);
-        let mut drop = base.to_vec();
-        drop.push(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
-        Self {
-            url: format!("postgres://careflow:careflow@127.0.0.1:5432/{name}"),
-            drop_cmd: Some(("psql".into(), drop)),
-        }
-    }
-
-    fn mariadb() -> Self {
-        let name = unique("cf");
-        let base = ["-h", "127.0.0.1", "-u", "careflow", "-pcareflow", "-e"].map(String::from);
-        let mut create = base.to_vec();
-        create.push(format!("CREATE DATABASE {name}"));
-        run("mariadb", &create);
-        let mut drop = base.to_vec();
-        drop.push(format!("DROP DATABASE IF EXISTS {name}"));
-        Self {
-            url: format!("mysql://careflow:careflow@127.0.0.1:3306/{name}"),
-            drop_cmd: Some(("mariadb".into(), drop)),
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Some((cmd, args)) = self.drop_cmd.take() {
-            let _ = Command::new(cmd)
-                .args(args)
-                .env("PGPASSWORD", "careflow")
-                .output();
-        }
-    }
 }
 
 fn sub(u: &str, careflow: Option<&str>) -> NewSubscriber {
