@@ -377,8 +377,13 @@ impl Guard {
             return Admit::Pass;
         }
         let scope = BanScope::Flow(flow);
-        shard.ban(scope, BanReason::Flood, &cfg, now);
-        Admit::Banned(scope, BanReason::Flood)
+        if shard.ban(scope, BanReason::Flood, &cfg, now) {
+            Admit::Banned(scope, BanReason::Flood)
+        } else {
+            // The ban table is full (a spoofed-source flood): drop without a log line per
+            // datagram; the flow's empty bucket keeps dropping it.
+            Admit::Drop
+        }
     }
 
     /// Whether the site of `ip` is banned now (for new connections: a new connection is a new

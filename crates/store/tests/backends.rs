@@ -3,26 +3,11 @@
 //! own database and drops it).
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::sync::Arc;
 
 use careflow_store::sqlite::DbUrl;
 use careflow_store::{Database, NewSubscriber, StoreError, open_database};
-use careflow_test_support::TestDb;
-
-/// Runs a database client (psql, mariadb) with the test role's password.
-fn run(cmd: &str, args: &[String]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .env("PGPASSWORD", "careflow")
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (run scripts/ensure-services)"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {} (run scripts/ensure-services)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use careflow_test_support::{TestDb, db_cli};
 
 fn sub(u: &str, careflow: Option<&str>) -> NewSubscriber {
     NewSubscriber {
@@ -233,7 +218,7 @@ async fn upgraded_from_v1(db: Arc<dyn Database>) {
 async fn postgres_upgrades_from_the_first_schema() {
     let t = TestDb::postgres();
     let name = t.url.rsplit('/').next().unwrap().to_string();
-    run(
+    db_cli(
         "psql",
         &[
             "-h",
@@ -255,7 +240,7 @@ async fn postgres_upgrades_from_the_first_schema() {
 async fn mariadb_upgrades_from_the_first_schema() {
     let t = TestDb::mariadb();
     let name = t.url.rsplit('/').next().unwrap().to_string();
-    run(
+    db_cli(
         "mariadb",
         &[
             "-h",

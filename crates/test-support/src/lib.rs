@@ -43,7 +43,8 @@ pub struct TestDb {
 
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn db_cli(cmd: &str, args: &[String]) {
+/// Runs a database client (`psql`, `mariadb`) as the test role; panics with its error.
+pub fn db_cli(cmd: &str, args: &[String]) {
     let out = Command::new(cmd)
         .args(args)
         .env("PGPASSWORD", "careflow")

@@ -331,7 +331,7 @@ impl Transports {
     /// blocks on a slow peer (writes are queued in order).
     pub async fn send(&self, out: Outbound) -> Result<(), TransportError> {
         match out.transport {
-            Transport::Udp => udp::send(self, out).await,
+            Transport::Udp => udp::send_ordered(self, out),
             _ => stream::send(self, out).await,
         }
     }

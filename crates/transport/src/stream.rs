@@ -518,26 +518,37 @@ pub(crate) fn try_send(t: &Transports, out: Outbound) -> Option<Outbound> {
     let Some(w) = t.inner.conns.writer(out.conn, out.dest, out.transport) else {
         return Some(out);
     };
-    match w.tx.try_send(Wire::Sip(out.bytes)) {
-        Ok(()) => None,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            stalled(t, &w);
-            None
-        }
-        Err(mpsc::error::TrySendError::Closed(w)) => Some(Outbound {
-            bytes: w.into_bytes(),
-            ..out
-        }),
+    match enqueue(t, &w, out.bytes) {
+        Queued::Yes | Queued::Stalled => None,
+        Queued::Closed(bytes) => Some(Outbound { bytes, ..out }),
     }
 }
 
-/// The peer has `QUEUE` messages unread: it is disconnected, and what it was sent is dropped.
-fn stalled(t: &Transports, w: &crate::conn::Writer) {
-    t.inner.stats.send_dropped.fetch_add(1, Ordering::Relaxed);
-    if !w.close.is_cancelled() {
-        t.inner.stats.stalled_closed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(peer = %w.peer, queued = QUEUE, "closing connection: the peer does not read");
-        w.close.cancel();
+/// What became of a message given to a connection's writer.
+enum Queued {
+    Yes,
+    /// The peer had `QUEUE` messages unread: it is being disconnected, the message dropped.
+    Stalled,
+    /// The connection is gone; the message is given back.
+    Closed(Bytes),
+}
+
+/// Queues a message behind what the connection has queued, never waiting: a peer that does
+/// not read is disconnected instead.
+fn enqueue(t: &Transports, w: &crate::conn::Writer, bytes: Bytes) -> Queued {
+    match w.tx.try_send(Wire::Sip(bytes)) {
+        Ok(()) => Queued::Yes,
+        Err(mpsc::error::TrySendError::Closed(w)) => Queued::Closed(w.into_bytes()),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            t.inner.stats.send_dropped.fetch_add(1, Ordering::Relaxed);
+            if !w.close.is_cancelled() {
+                t.inner.stats.stalled_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %w.peer, queued = QUEUE,
+                    "closing connection: the peer does not read");
+                w.close.cancel();
+            }
+            Queued::Stalled
+        }
     }
 }
 
@@ -548,14 +559,9 @@ pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportE
     };
     let tx = match t.inner.conns.writer(out.conn, out.dest, out.transport) {
         Some(w) => {
-            // In order behind what is queued, and never waiting on a peer that does not read.
-            return match w.tx.try_send(Wire::Sip(out.bytes)) {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    stalled(t, &w);
-                    Err(closed())
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
+            return match enqueue(t, &w, out.bytes) {
+                Queued::Yes => Ok(()),
+                Queued::Stalled | Queued::Closed(_) => Err(closed()),
             };
         }
         // TCP and TLS dial out; WebSocket clients are reached over the connection they opened.

@@ -141,10 +141,6 @@ pub(crate) async fn drain_backlog(t: Transports, l: Arc<Listener>) {
     }
 }
 
-pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportError> {
-    send_ordered(t, out)
-}
-
 /// One UDP listener: its socket and its ordered send backlog.
 #[derive(Debug)]
 pub(crate) struct Listener {

@@ -295,4 +295,10 @@ fn every_table_stays_bounded_under_fresh_sources_and_usernames() {
         g.ban_now(BanScope::Flow(src), BanReason::Flood, t0);
     }
     assert!(g.bans(t0).len() <= 1600, "{}", g.bans(t0).len());
+    // A flood from yet another flow then is dropped, but not reported as a new ban per
+    // datagram (it could not be recorded).
+    let late = SocketAddr::new(ip("10.200.0.1"), 7);
+    let verdicts: Vec<Admit> = (0..300).map(|_| g.admit(late, t0)).collect();
+    assert!(verdicts.contains(&Admit::Drop));
+    assert!(!verdicts.iter().any(|v| matches!(v, Admit::Banned(..))));
 }

@@ -204,12 +204,7 @@ impl App {
             self.send_back(&msg, &ctx, resp);
             return;
         }
-        let app = self.clone();
-        let busy = crate::drain::InFlight::new(self);
-        tokio::spawn(async move {
-            app.route_request(msg, ctx).await;
-            drop(busy);
-        });
+        self.spawn_routing(msg, ctx);
     }
 
     /// Whether routing answers this INVITE without waiting for anything, so that a server
@@ -265,6 +260,17 @@ impl App {
         }
     }
 
+    /// Routes and forwards `msg` in a task of its own (lookups wait on stores and DNS), counted
+    /// for the shutdown drain.
+    fn spawn_routing(self: &Arc<Self>, msg: Message, ctx: Ctx) {
+        let app = self.clone();
+        let busy = crate::drain::InFlight::new(self);
+        tokio::spawn(async move {
+            app.route_request(msg, ctx).await;
+            drop(busy);
+        });
+    }
+
     /// The proxy tables are bounded like the server transactions (`MAX_TRANSACTIONS`).
     fn proxy_full(&self) -> bool {
         self.proxy
@@ -279,12 +285,7 @@ impl App {
             self.send_response(&msg, &ctx, 503, resp);
             return;
         }
-        let app = self.clone();
-        let busy = crate::drain::InFlight::new(self);
-        tokio::spawn(async move {
-            app.route_request(msg, ctx).await;
-            drop(busy);
-        });
+        self.spawn_routing(msg, ctx);
     }
 
     /// An ACK: absorbed by the INVITE transaction it acknowledges, dropped when it answers a
