@@ -1,5 +1,6 @@
 //! Proxy decisions of RFC 3261 §16 that need no I/O: Max-Forwards, loop detection, branch
-//! values and Route processing. The server applies them with `careflow_proto::rewrite`.
+//! values and Route processing (here; the server applies them with `careflow_proto::rewrite`),
+//! the choice of the best response ([`best`]) and the proxy's transactions ([`table`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -7,6 +8,21 @@ use std::hash::{Hash, Hasher};
 use careflow_proto::{HeaderName, Message, NameAddr, Uri, Via};
 
 pub mod best;
+pub mod table;
+
+pub use table::{
+    BranchKey, Event, Fork, Full, NewBranch, ProxyConfig, ProxyTable, Transmit, Upstream,
+};
+
+/// The To tag of every response we generate to `msg`: the same for every response of a
+/// transaction, so a resent response and a recomputed one agree, and an ACK for one of ours
+/// is recognised by it.
+pub fn local_tag(msg: &Message) -> String {
+    let mut h = DefaultHasher::new();
+    msg.call_id().hash(&mut h);
+    msg.from().and_then(|f| f.tag()).hash(&mut h);
+    format!("cf{:x}", h.finish())
+}
 
 /// Max-Forwards handling (§16.3 step 3, §16.6 step 3): the value to forward with, or `None`
 /// when the request has used up its hops (answer 483).

@@ -1,7 +1,5 @@
 //! Receives parsed requests, keeps the transaction table and dispatches by method.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -92,6 +90,14 @@ impl App {
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
         let start = u64::from_le_bytes(seed) & ((1 << 52) - 1);
+        let proxy = Mutex::new(crate::proxy::ProxyTables::new(
+            careflow_core::proxy::ProxyConfig {
+                timers: cfg.timers,
+                parse_limits: cfg.parse_limits,
+                server_header: cfg.server_header.clone(),
+                max_transactions: cfg.max_transactions,
+            },
+        ));
         Self {
             cfg,
             auth,
@@ -102,7 +108,7 @@ impl App {
             metrics: Metrics::default(),
             me,
             ids: AtomicU64::new(start),
-            proxy: Mutex::default(),
+            proxy,
             route_cache: Mutex::default(),
             bound: OnceLock::new(),
             flows: crate::flows::FlowIndex::default(),
@@ -233,16 +239,19 @@ impl App {
     pub(crate) fn send_response(&self, msg: &Message, ctx: &Ctx, code: u16, bytes: Bytes) {
         self.metrics.response(code);
         if code >= 200
-            && let (Some(key), Ok(mut t)) = (&ctx.key, self.txs.lock())
+            && let Some(key) = &ctx.key
         {
-            t.on_final_response(
-                key,
-                bytes.clone(),
-                ctx.transport.is_reliable(),
-                Instant::now(),
-            );
+            self.record_response(key, bytes.clone(), ctx.transport.is_reliable());
         }
         self.send_back(msg, ctx, bytes);
+    }
+
+    /// Keeps the final response of a non-INVITE server transaction, so a retransmitted
+    /// request gets it again.
+    pub(crate) fn record_response(&self, key: &TxKey, bytes: Bytes, reliable: bool) {
+        if let Ok(mut t) = self.txs.lock() {
+            t.on_final_response(key, bytes, reliable, Instant::now());
+        }
     }
 
     /// Sends bytes back where the request came from (RFC 3261 §18.2.2).
@@ -534,10 +543,7 @@ fn release_free_memory() {
 /// A To tag that is the same for every response in a transaction, so a resent response and
 /// a recomputed one agree.
 pub(crate) fn to_tag(msg: &Message) -> String {
-    let mut h = DefaultHasher::new();
-    msg.call_id().hash(&mut h);
-    msg.from().and_then(|f| f.tag()).hash(&mut h);
-    format!("cf{:x}", h.finish())
+    careflow_core::proxy::local_tag(msg)
 }
 
 impl App {

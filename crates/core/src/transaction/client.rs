@@ -83,6 +83,11 @@ impl ClientTransaction {
         &self.request
     }
 
+    /// Whether it is sent over a reliable transport (no retransmissions).
+    pub fn is_reliable(&self) -> bool {
+        self.reliable
+    }
+
     /// Current state.
     pub fn state(&self) -> ClientState {
         self.state

@@ -1,20 +1,19 @@
-//! Forking (RFC 3261 §16.6): one client transaction per target with our Via and
-//! Record-Route, the first transmission, and branches that fail at the transport.
+//! Forking (RFC 3261 §16.6): the request for each target with our Via and Record-Route, handed
+//! to the proxy table; sending on a branch, and branches that fail at the transport.
 
 use super::*;
 
 impl App {
-    /// Creates the forward and one branch per target, and sends.
+    /// Builds the request for every target (our Via, Record-Route, Route, Request-URI,
+    /// anchored SDP) and hands them to the proxy table, which makes one client transaction
+    /// each and sends.
     pub(super) fn fork(self: &Arc<Self>, msg: Message, ctx: Ctx, targets: Vec<Hop>) {
         let Some(key) = ctx.key.clone().or_else(|| TxKey::of(&msg)) else {
             return;
         };
-        let now = Instant::now();
         let mf = proxy::next_max_forwards(&msg).unwrap_or(0);
         let step = proxy::route_step(&msg, |u| self.is_ours(u));
         let hash = proxy::loop_hash(&msg);
-        let is_invite = msg.method() == Method::Invite;
-        let is_call = is_invite && msg.to().and_then(|t| t.tag()).is_none();
         let in_addr = self.inbound_addr(&ctx);
         let in_token = Self::sender_needs_flow(&msg, &ctx).then(|| {
             Flow {
@@ -24,31 +23,7 @@ impl App {
             }
             .encode(&self.cfg.secret)
         });
-        let mut sends = Sends::default();
-        let Ok(mut t) = self.proxy.lock() else { return };
-        // An INVITE's forward was made before routing (transaction first); a CANCEL or the
-        // shutdown may have answered it meanwhile, and then nothing is forked.
-        let made_before = match t.forwards.get(&key) {
-            Some(fw) if fw.final_sent => {
-                drop(t);
-                if is_call {
-                    self.media_end(msg.call_id().unwrap_or_default());
-                }
-                return;
-            }
-            Some(_) => true,
-            None => false,
-        };
-        let mut invite = (is_invite && !made_before).then(|| {
-            InviteServerTransaction::new(ctx.transport.is_reliable(), self.cfg.timers, now)
-        });
-        if let Some(inv) = invite.as_mut() {
-            // 100 Trying at once (§16.2), so the caller stops retransmitting.
-            let trying = ResponseBuilder::new(&msg, 100).source(ctx.source).build();
-            inv.send_response(100, trying, now);
-        }
-        let mut first_sends = Vec::new();
-        let mut names = Vec::new();
+        let mut branches = Vec::with_capacity(targets.len());
         for Hop {
             uri,
             target,
@@ -104,68 +79,20 @@ impl App {
             {
                 out = with;
             }
-            let mut tx =
-                ClientTransaction::new(out, target.transport.is_reliable(), self.cfg.timers, now);
-            let name = format!("{branch}|{}", msg.method_str());
-            while let Some(bytes) = tx.poll_transmit() {
-                first_sends.push((name.clone(), target.outbound(bytes)));
-            }
-            t.insert_branch(
-                name,
-                Branch {
-                    tx,
-                    forward: key.clone(),
-                    target,
-                    done: false,
-                },
-            );
-            names.push(branch);
+            branches.push(NewBranch {
+                branch,
+                request: out,
+                to: target,
+                reliable: target.transport.is_reliable(),
+            });
         }
-        if names.is_empty() {
-            drop(t);
-            let resp = self.reply(&msg, &ctx, 500).build();
-            if is_invite {
-                self.answer_invite(&msg, &ctx, 500, resp);
-            } else {
-                self.send_back(&msg, &ctx, resp);
-            }
-            return;
-        }
-        if let Some(fw) = t.forwards.get_mut(&key).filter(|_| made_before) {
-            fw.branches = names;
-            fw.call = is_call;
-            t.schedule_forward(&key);
-            drop(t);
-            for (name, out) in first_sends {
-                self.send_branch(name, out);
-            }
-            return;
-        }
-        let mut fw = Forward {
-            request: msg,
-            ctx,
-            invite,
-            branches: names,
-            best: None,
-            final_sent: false,
-            challenges: Vec::new(),
-            call: is_call,
-            local_final: false,
-        };
-        sends.0.extend(drain_forward(&mut fw).0);
-        t.forwards.insert(key.clone(), fw);
-        t.schedule_forward(&key);
-        t.reap_forward(&key);
-        drop(t);
-        self.flush(sends);
-        for (name, out) in first_sends {
-            self.send_branch(name, out);
-        }
+        let upstream = Self::upstream(&msg, &ctx);
+        self.with_proxy(|t| t.fork(key, msg, upstream, branches, Instant::now()));
     }
 
     /// Sends the first transmission of a branch; a transport failure (TCP connection refused,
     /// no route) ends the branch at once as a 503 (§16.9) instead of waiting for Timer B/F.
-    pub(super) fn send_branch(self: &Arc<Self>, name: String, out: Outbound) {
+    pub(super) fn send_branch(self: &Arc<Self>, branch: BranchKey, out: Outbound) {
         let Some(t) = self.transports() else { return };
         // Sent or queued at once when the socket or connection is there (a UDP failure comes
         // back as ICMP); only a connection to dial waits in a task.
@@ -175,7 +102,7 @@ impl App {
             let dest = out.dest;
             if let Err(e) = t.send(out).await {
                 tracing::info!(%dest, error = %e, "branch target unreachable");
-                app.proxy_branch_failed(&name);
+                app.with_proxy(|t| t.branch_failed(&branch, Instant::now()));
             }
         });
     }
@@ -183,56 +110,16 @@ impl App {
     /// ICMP said `dest` is unreachable: branches still waiting for any answer from it fail
     /// now (a stale binding must not hold a call for Timer B).
     pub(crate) fn proxy_unreachable(self: &Arc<Self>, transport: Transport, dest: SocketAddr) {
-        let names: Vec<String> = match self.proxy.lock() {
-            Ok(t) => t
-                .branches
-                .iter()
-                .filter(|(_, b)| {
-                    !b.done
-                        && b.target.transport == transport
-                        && b.target.dest == dest
-                        && b.tx.state() == ClientState::Calling
-                })
-                .map(|(n, _)| n.clone())
-                .collect(),
-            Err(_) => return,
+        let Ok(branches) = self
+            .proxy
+            .lock()
+            .map(|t| t.unanswered_to(|to| to.transport == transport && to.dest == dest))
+        else {
+            return;
         };
-        for name in names {
+        for branch in branches {
             tracing::info!(%dest, "branch target unreachable (ICMP)");
-            self.proxy_branch_failed(&name);
+            self.with_proxy(|t| t.branch_failed(&branch, Instant::now()));
         }
-    }
-
-    pub(super) fn proxy_branch_failed(self: &Arc<Self>, name: &str) {
-        let now = Instant::now();
-        let mut sends = Sends::default();
-        {
-            let Ok(mut guard) = self.proxy.lock() else {
-                return;
-            };
-            let t = &mut *guard;
-            let Some(b) = t.branches.get_mut(name) else {
-                return;
-            };
-            if b.done {
-                return;
-            }
-            b.done = true;
-            b.tx.abort();
-            let key = b.forward.clone();
-            if let Some(fw) = t.forwards.get_mut(&key)
-                && fw.best.as_ref().is_none_or(|(c, _)| best::better(503, *c))
-            {
-                let resp = self.reply(&fw.request, &fw.ctx, 503).build();
-                fw.best = Some((503, resp));
-            }
-            self.maybe_finish(t, &key, now);
-            if let Some(fw) = t.forwards.get_mut(&key) {
-                sends.0.extend(drain_forward(fw).0);
-            }
-            t.schedule_forward(&key);
-            t.reap_branch(name);
-        }
-        self.flush(sends);
     }
 }
