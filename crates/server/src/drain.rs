@@ -5,7 +5,7 @@
 //! branches are CANCELled and their callers answered 503. Only then do the listeners close.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use careflow_proto::{Message, Method};
@@ -27,9 +27,6 @@ impl Drop for InFlight {
         self.0.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
-
-/// Requests being handled in spawned tasks.
-pub(crate) type InFlightCount = AtomicUsize;
 
 impl App {
     /// Whether the server is draining.

@@ -9,6 +9,9 @@
 
 pub mod app;
 mod auth;
+mod clock;
+mod config;
+mod dispatch;
 mod drain;
 mod flows;
 pub mod keepalive;
@@ -20,59 +23,19 @@ pub mod routing;
 pub mod rtpengine;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use careflow_core::auth::Authenticator;
 use careflow_core::nonce::NonceIssuer;
-use careflow_core::registrar::RegistrarConfig;
-use careflow_core::transaction::{ServerTransactions, TimerConfig};
-use careflow_proto::ParseLimits;
-use careflow_proto::digest::Algorithm;
+use careflow_core::transaction::ServerTransactions;
 use careflow_store::{LocationStore, SubscriberStore};
-use careflow_transport::{ListenSpec, TransportError, TransportOptions, Transports};
+use careflow_transport::{ListenSpec, TransportError, Transports};
 use tokio_util::sync::CancellationToken;
 
 pub use app::App;
+pub use clock::unix_now;
+pub use config::ServerConfig;
 pub use metrics::{Gauges, Metrics};
-
-/// Everything the SIP side needs, already validated.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Domains served; the first is the default realm.
-    pub domains: Vec<String>,
-    /// Listeners.
-    pub listen: Vec<ListenSpec>,
-    /// Registrar limits.
-    pub registrar: RegistrarConfig,
-    /// Digest algorithms offered, in challenge order.
-    pub auth_algorithms: Vec<Algorithm>,
-    /// Nonce lifetime in seconds.
-    pub nonce_ttl_secs: u64,
-    /// Secret for nonces (shared by all nodes of a cluster).
-    pub secret: [u8; 32],
-    /// Message size and header bounds.
-    pub parse_limits: ParseLimits,
-    /// Transport limits, TLS and WebSocket settings.
-    pub transport: TransportOptions,
-    /// Transaction timers.
-    pub timers: TimerConfig,
-    /// Bound on open server transactions.
-    pub max_transactions: usize,
-    /// Value of the Server / User-Agent header we send.
-    pub server_header: String,
-    /// Where authenticated calls to other domains go (a SIP URI); none: they are refused.
-    pub outbound_gateway: Option<String>,
-    /// Route requests from other domains to our users without authentication.
-    pub allow_inbound: bool,
-    /// User-Agent fragments (lower case) whose requests are dropped silently.
-    pub scanner_user_agents: Vec<String>,
-    /// OPTIONS keep-alives to devices behind NAT.
-    pub keepalive: keepalive::KeepaliveConfig,
-    /// Per-source limits, brute-force counting and bans (shared with the transports).
-    pub guard: Option<Arc<careflow_core::guard::Guard>>,
-    /// Media anchoring at rtpengine.
-    pub media: Option<media::MediaConfig>,
-}
 
 /// A running SIP server.
 #[derive(Debug)]
@@ -102,13 +65,6 @@ impl RunningServer {
         self.transports.closed().await;
         while self.tasks.join_next().await.is_some() {}
     }
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Binds the listeners and starts serving until `cancel` fires.

@@ -9,7 +9,7 @@ use careflow_proto::{HeaderName, Message, scan};
 
 use crate::app::{App, Ctx};
 use crate::auth::{AuthError, Challenger, Prepared};
-use crate::unix_now;
+use crate::clock::unix_now;
 
 /// A REGISTER answered before any store access.
 enum Early {

@@ -1,8 +1,85 @@
-//! Where a response goes (RFC 3261 §18.2.2 with RFC 3581 rport).
+//! Where messages go on the wire: a response (RFC 3261 §18.2.2 with RFC 3581 rport), a caller
+//! of the proxy ([`Back`]), a branch's target ([`Target`]), and the proxy's table of both.
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
+use careflow_core::Transport;
+use careflow_core::flow::Flow;
+use careflow_core::proxy::ProxyTable;
 use careflow_proto::Via;
+use careflow_transport::{ConnId, Outbound};
+
+/// The way back to a caller (RFC 3261 §18.2.2), fixed when its request arrives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Back {
+    pub(crate) transport: Transport,
+    pub(crate) dest: SocketAddr,
+    pub(crate) conn: Option<ConnId>,
+    pub(crate) local: SocketAddr,
+}
+
+impl Back {
+    pub(crate) fn outbound(self, bytes: Bytes) -> Outbound {
+        Outbound {
+            transport: self.transport,
+            dest: self.dest,
+            conn: self.conn,
+            local: Some(self.local),
+            bytes,
+        }
+    }
+}
+
+/// Where a branch sends its request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target {
+    pub(crate) transport: Transport,
+    pub(crate) dest: SocketAddr,
+    /// Our listener to send from (the interface facing `dest`).
+    pub(crate) local: Option<SocketAddr>,
+    /// The connection to use (a device registered over it).
+    pub(crate) conn: Option<ConnId>,
+    /// The device is behind NAT or on its own connection: in-dialog requests must find it by
+    /// a flow token in our Record-Route, not by its Contact.
+    pub(crate) flow: bool,
+}
+
+impl Target {
+    pub(crate) fn at(transport: Transport, dest: SocketAddr) -> Self {
+        Self {
+            transport,
+            dest,
+            local: None,
+            conn: None,
+            flow: false,
+        }
+    }
+
+    pub(crate) fn flow_token(&self, secret: &[u8; 32]) -> Option<String> {
+        self.flow.then(|| {
+            Flow {
+                transport: self.transport,
+                conn: self.conn.map(|c| c.0),
+                addr: self.dest,
+            }
+            .encode(secret)
+        })
+    }
+
+    pub(crate) fn outbound(self, bytes: Bytes) -> Outbound {
+        Outbound {
+            transport: self.transport,
+            dest: self.dest,
+            conn: self.conn,
+            local: self.local,
+            bytes,
+        }
+    }
+}
+
+/// The proxy's transactions: callers are reached by a [`Back`], branch targets by a [`Target`].
+pub(crate) type ProxyTables = ProxyTable<Back, Target>;
 
 /// The destination of a response to a request whose top Via is `via`, received from
 /// `source`. Over streams the response uses the request's connection (the caller handles

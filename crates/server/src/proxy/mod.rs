@@ -26,7 +26,7 @@ use bytes::Bytes;
 use careflow_core::Transport;
 use careflow_core::flow::Flow;
 use careflow_core::proxy;
-use careflow_core::proxy::{BranchKey, Event, NewBranch, ProxyTable, Transmit, Upstream};
+use careflow_core::proxy::{BranchKey, Event, NewBranch, Transmit, Upstream};
 use careflow_core::transaction::TxKey;
 use careflow_proto::rewrite::{RequestEdit, strip_top_via};
 use careflow_proto::{HeaderName, Message, Method, Uri, Via, scan};
@@ -34,69 +34,24 @@ use careflow_transport::{ConnId, Outbound};
 
 use crate::app::{App, Ctx};
 use crate::auth::Challenger;
-use crate::unix_now;
+use crate::clock::unix_now;
+use crate::routing::{Back, ProxyTables, Target};
 
 mod addr;
 mod fork;
 mod respond;
 mod route;
 
-/// Where a branch sends its request.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Target {
-    pub(crate) transport: Transport,
-    dest: SocketAddr,
-    /// Our listener to send from (the interface facing `dest`).
-    local: Option<SocketAddr>,
-    /// The connection to use (a device registered over it).
-    conn: Option<ConnId>,
-    /// The device is behind NAT or on its own connection: in-dialog requests must find it by
-    /// a flow token in our Record-Route, not by its Contact.
-    pub(crate) flow: bool,
-}
-
-impl Target {
-    fn at(transport: Transport, dest: SocketAddr) -> Self {
-        Self {
-            transport,
-            dest,
-            local: None,
-            conn: None,
-            flow: false,
-        }
-    }
-
-    fn flow_token(&self, secret: &[u8; 32]) -> Option<String> {
-        self.flow.then(|| {
-            Flow {
-                transport: self.transport,
-                conn: self.conn.map(|c| c.0),
-                addr: self.dest,
-            }
-            .encode(secret)
-        })
-    }
-
-    fn outbound(self, bytes: Bytes) -> Outbound {
-        Outbound {
-            transport: self.transport,
-            dest: self.dest,
-            conn: self.conn,
-            local: self.local,
-            bytes,
-        }
-    }
-}
-
 /// Where one branch goes: its Request-URI (empty: unchanged), the next hop, and Route values
 /// to push (a registered Path). Media anchoring may give a branch its own Via branch and SDP.
 #[derive(Debug)]
 pub(crate) struct Hop {
     uri: String,
-    pub(crate) target: Target,
+    target: Target,
     routes: Vec<String>,
-    pub(crate) branch: Option<String>,
-    pub(crate) body: Option<String>,
+    /// Media anchoring's own Via branch and SDP for this hop (`media::BranchOffer`).
+    branch: Option<String>,
+    body: Option<String>,
 }
 
 impl Hop {
@@ -110,35 +65,6 @@ impl Hop {
         }
     }
 }
-
-/// A new Via branch for a request we forward.
-pub(crate) fn new_branch(app: &App, msg: &Message) -> String {
-    proxy::branch(&proxy::loop_hash(msg), app.next_id())
-}
-
-/// The way back to a caller (RFC 3261 §18.2.2), fixed when its request arrives.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Back {
-    transport: Transport,
-    dest: SocketAddr,
-    conn: Option<ConnId>,
-    local: SocketAddr,
-}
-
-impl Back {
-    fn outbound(self, bytes: Bytes) -> Outbound {
-        Outbound {
-            transport: self.transport,
-            dest: self.dest,
-            conn: self.conn,
-            local: Some(self.local),
-            bytes,
-        }
-    }
-}
-
-/// The proxy's transactions: callers are reached by a [`Back`], branch targets by a [`Target`].
-pub(crate) type ProxyTables = ProxyTable<Back, Target>;
 
 /// What the table queued during one call, sent and acted on once it is unlocked.
 #[derive(Default)]

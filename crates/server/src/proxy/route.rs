@@ -3,6 +3,7 @@
 //! proxy authentication of our callers.
 
 use super::*;
+use crate::media::Callee;
 
 impl App {
     /// Decides what to do with a request that is not for the registrar and forwards it.
@@ -17,7 +18,19 @@ impl App {
                 let initial =
                     msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
                 let msg = if initial {
-                    self.media_initial(msg, &ctx, &mut targets).await
+                    let callees: Vec<Callee> = targets
+                        .iter()
+                        .map(|h| Callee {
+                            transport: h.target.transport,
+                            behind_nat: h.target.flow,
+                        })
+                        .collect();
+                    let anchored = self.media_initial(msg, &ctx, &callees).await;
+                    for (hop, offer) in targets.iter_mut().zip(anchored.offers) {
+                        hop.branch = Some(offer.branch);
+                        hop.body = Some(offer.body);
+                    }
+                    anchored.msg
                 } else {
                     self.media_request(msg, ctx.source.ip()).await
                 };

@@ -4,41 +4,21 @@
 //! rtpengine too; the call's media is deleted when it ends. When no rtpengine answers, the call
 //! goes on with its original SDP and the log says why.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use careflow_core::Transport;
 use careflow_core::media::{Leg, Party, Policy, Seen, Session};
 use careflow_proto::bencode::Value;
 use careflow_proto::{HeaderName, Message, Method};
 
 use crate::app::{App, Ctx};
-use crate::proxy::Hop;
+pub use crate::config::MediaConfig;
 use crate::rtpengine::RtpEngine;
+use calls::MediaCall;
 
-/// Media settings.
-#[derive(Debug, Clone)]
-pub struct MediaConfig {
-    /// rtpengine ng control addresses; empty: no anchoring.
-    pub rtpengine: Vec<std::net::SocketAddr>,
-    /// When to anchor.
-    pub policy: Policy,
-    /// Time to wait for one answer from rtpengine (retried three times).
-    pub timeout: Duration,
-    /// How often anchored calls are checked against rtpengine.
-    pub check_interval: Duration,
-}
-
-/// An anchored call.
-#[derive(Debug)]
-pub(crate) struct MediaCall {
-    session: Session,
-    checked: Instant,
-}
-
-/// Anchored calls by Call-ID.
-pub(crate) type MediaCalls = std::sync::Mutex<HashMap<String, MediaCall>>;
+pub(crate) mod calls;
 
 /// The SDP body of a message, when it has one.
 pub(crate) fn sdp(msg: &Message) -> Option<&str> {
@@ -53,6 +33,41 @@ pub(crate) fn sdp(msg: &Message) -> Option<&str> {
 pub(crate) fn with_body(msg: &Message, body: &str) -> Option<Message> {
     let bytes = careflow_proto::rewrite::replace_body(msg, body.as_bytes());
     Message::parse(bytes, &careflow_proto::ParseLimits::default()).ok()
+}
+
+/// One branch of a call as media anchoring sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Callee {
+    /// The transport the branch goes over (a WebSocket callee speaks WebRTC media).
+    pub(crate) transport: Transport,
+    /// The callee is behind NAT or on its own connection.
+    pub(crate) behind_nat: bool,
+}
+
+/// What one branch of an anchored call carries: its own Via branch (which names the offer at
+/// rtpengine) and rtpengine's SDP for it.
+#[derive(Debug)]
+pub(crate) struct BranchOffer {
+    pub(crate) branch: String,
+    pub(crate) body: String,
+}
+
+/// The initial INVITE after media anchoring: the message (with rtpengine's SDP when one offer
+/// serves every branch), and one offer per branch when the branches need different media.
+#[derive(Debug)]
+pub(crate) struct Anchored {
+    pub(crate) msg: Message,
+    /// Empty, or one per callee in the order given.
+    pub(crate) offers: Vec<BranchOffer>,
+}
+
+impl Anchored {
+    fn unchanged(msg: Message) -> Self {
+        Self {
+            msg,
+            offers: Vec::new(),
+        }
+    }
 }
 
 fn seen<'a>(msg: &'a Message, body: &'a str, source: IpAddr) -> Option<Seen<'a>> {
@@ -89,36 +104,41 @@ impl App {
         }
     }
 
-    /// The initial INVITE of a call, before it is forked to `hops`. When the policy anchors
-    /// the call, its SDP is offered to rtpengine: once when every branch speaks the same kind
-    /// of media, else once per branch (each hop then carries its own branch and body).
-    pub(crate) async fn media_initial(&self, msg: Message, ctx: &Ctx, hops: &mut [Hop]) -> Message {
+    /// The initial INVITE of a call, before it is forked to `callees`. When the policy
+    /// anchors the call, its SDP is offered to rtpengine: once when every branch speaks the
+    /// same kind of media, else once per branch (each branch then gets its own offer).
+    pub(crate) async fn media_initial(
+        &self,
+        msg: Message,
+        ctx: &Ctx,
+        callees: &[Callee],
+    ) -> Anchored {
         let Some(engine) = self.rtpengine() else {
-            return msg;
+            return Anchored::unchanged(msg);
         };
         let (Some(call_id), Some(from_tag)) = (
             msg.call_id().map(str::to_string),
             msg.from().and_then(|f| f.tag()).map(str::to_string),
         ) else {
-            return msg;
+            return Anchored::unchanged(msg);
         };
         let body = sdp(&msg).map(str::to_string);
         let caller_leg = match &body {
             Some(b) => Leg::of_sdp(b),
             None => Leg::of_transport(ctx.transport),
         };
-        let callees: Vec<Leg> = hops
+        let legs: Vec<Leg> = callees
             .iter()
-            .map(|h| Leg::of_transport(h.target.transport))
+            .map(|c| Leg::of_transport(c.transport))
             .collect();
-        let natted = hops.iter().any(|h| h.target.flow) || App::sender_needs_flow(&msg, ctx);
+        let natted = callees.iter().any(|c| c.behind_nat) || App::sender_needs_flow(&msg, ctx);
         let wanted = match self.cfg.media.as_ref().map(|m| m.policy) {
             Some(Policy::Always) => true,
-            Some(Policy::WhenNeeded) => natted || callees.iter().any(|c| *c != caller_leg),
+            Some(Policy::WhenNeeded) => natted || legs.iter().any(|c| *c != caller_leg),
             _ => false,
         };
-        let Some(first) = callees.first().copied().filter(|_| wanted) else {
-            return msg;
+        let Some(first) = legs.first().copied().filter(|_| wanted) else {
+            return Anchored::unchanged(msg);
         };
         let caller = Party {
             leg: caller_leg,
@@ -137,12 +157,12 @@ impl App {
             // Late offer: the callee's 2xx offers, the caller's ACK answers.
             session.expect_late_offer();
             self.media_keep(&call_id, session);
-            return msg;
+            return Anchored::unchanged(msg);
         };
-        let out = if callees.iter().all(|c| *c == first) {
+        let anchored = if legs.iter().all(|c| *c == first) {
             let cmd = session.initial_offer(&body, first, None);
             match engine.command(&call_id, &cmd).await {
-                Ok(Some(new_sdp)) => with_body(&msg, &new_sdp),
+                Ok(Some(new_sdp)) => with_body(&msg, &new_sdp).map(Anchored::unchanged),
                 Ok(None) => None,
                 Err(e) => {
                     tracing::warn!(call_id, error = %e, "media not anchored; the call keeps its own SDP");
@@ -150,43 +170,41 @@ impl App {
                 }
             }
         } else {
-            let mut ok = true;
-            for (hop, leg) in hops.iter_mut().zip(&callees) {
-                let branch = crate::proxy::new_branch(self, &msg);
+            let mut offers = Vec::with_capacity(legs.len());
+            let mut failed = false;
+            for leg in &legs {
+                let branch = self.new_branch(&msg);
                 let cmd = session.initial_offer(&body, *leg, Some(&branch));
                 match engine.command(&call_id, &cmd).await {
-                    Ok(Some(new_sdp)) => {
-                        hop.branch = Some(branch);
-                        hop.body = Some(new_sdp);
-                    }
+                    Ok(Some(body)) => offers.push(BranchOffer { branch, body }),
                     other => {
                         if let Err(e) = other {
                             tracing::warn!(call_id, error = %e, "media not anchored; the call keeps its own SDP");
                         }
-                        ok = false;
+                        failed = true;
                         break;
                     }
                 }
             }
-            if !ok && hops.iter().any(|h| h.body.is_some()) {
+            if failed && !offers.is_empty() {
                 // The branches offered so far are not used: free them at rtpengine now.
-                for hop in hops.iter_mut() {
-                    hop.body = None;
-                }
                 let (engine, call_id) = (engine.clone(), call_id.clone());
                 tokio::spawn(async move {
                     let _ = engine.delete(&call_id).await;
                 });
             }
-            ok.then(|| msg.clone())
+            (!failed).then(|| Anchored {
+                msg: msg.clone(),
+                offers,
+            })
         };
-        match out {
-            Some(m) => {
+        match anchored {
+            Some(a) => {
                 session.at_engine = true;
                 self.media_keep(&call_id, session);
-                m
+                a
             }
-            None => msg,
+            None => Anchored::unchanged(msg),
         }
     }
 

@@ -1,0 +1,62 @@
+//! The SIP side's settings, already validated (the binary reads and checks them).
+
+use std::sync::Arc;
+
+use careflow_core::keepalive::KeepaliveConfig;
+use careflow_core::registrar::RegistrarConfig;
+use careflow_core::transaction::TimerConfig;
+use careflow_proto::ParseLimits;
+use careflow_proto::digest::Algorithm;
+use careflow_transport::{ListenSpec, TransportOptions};
+
+/// Everything the SIP side needs, already validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Domains served; the first is the default realm.
+    pub domains: Vec<String>,
+    /// Listeners.
+    pub listen: Vec<ListenSpec>,
+    /// Registrar limits.
+    pub registrar: RegistrarConfig,
+    /// Digest algorithms offered, in challenge order.
+    pub auth_algorithms: Vec<Algorithm>,
+    /// Nonce lifetime in seconds.
+    pub nonce_ttl_secs: u64,
+    /// Secret for nonces (shared by all nodes of a cluster).
+    pub secret: [u8; 32],
+    /// Message size and header bounds.
+    pub parse_limits: ParseLimits,
+    /// Transport limits, TLS and WebSocket settings.
+    pub transport: TransportOptions,
+    /// Transaction timers.
+    pub timers: TimerConfig,
+    /// Bound on open server transactions.
+    pub max_transactions: usize,
+    /// Value of the Server / User-Agent header we send.
+    pub server_header: String,
+    /// Where authenticated calls to other domains go (a SIP URI); none: they are refused.
+    pub outbound_gateway: Option<String>,
+    /// Route requests from other domains to our users without authentication.
+    pub allow_inbound: bool,
+    /// User-Agent fragments (lower case) whose requests are dropped silently.
+    pub scanner_user_agents: Vec<String>,
+    /// OPTIONS keep-alives to devices behind NAT.
+    pub keepalive: KeepaliveConfig,
+    /// Per-source limits, brute-force counting and bans (shared with the transports).
+    pub guard: Option<Arc<careflow_core::guard::Guard>>,
+    /// Media anchoring at rtpengine.
+    pub media: Option<MediaConfig>,
+}
+
+/// Media settings.
+#[derive(Debug, Clone)]
+pub struct MediaConfig {
+    /// rtpengine ng control addresses; empty: no anchoring.
+    pub rtpengine: Vec<std::net::SocketAddr>,
+    /// When to anchor.
+    pub policy: careflow_core::media::Policy,
+    /// Time to wait for one answer from rtpengine (retried three times).
+    pub timeout: std::time::Duration,
+    /// How often anchored calls are checked against rtpengine.
+    pub check_interval: std::time::Duration,
+}
