@@ -9,83 +9,10 @@ use bytes::Bytes;
 use careflow_proto::digest::Algorithm;
 use careflow_proto::{Message, ParseLimits, ResponseBuilder};
 
+use crate::peers::{baresip_home, register_contact, scenario, sipp_file};
 use crate::support::*;
 
 const DOMAIN: &str = "calls.test";
-
-pub(crate) fn sipp_file(
-    dir: &std::path::Path,
-    name: &str,
-    users: &[(&str, &str)],
-) -> std::path::PathBuf {
-    let mut s = String::from("SEQUENTIAL\n");
-    for (u, p) in users {
-        s.push_str(&format!(
-            "{u};{p};[authentication username={u} password={p}]\n"
-        ));
-    }
-    let path = dir.join(name);
-    std::fs::write(&path, s).unwrap();
-    path
-}
-
-pub(crate) fn scenario(name: &str) -> String {
-    interop_dir()
-        .join("sipp")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Registers the user of `users` (a sipp injection file) with sipp, on behalf of a UA at
-/// 127.0.0.1:`contact_port` reached over `contact_transport`. The REGISTER goes over UDP: a TCP
-/// registration would end with the registering process's connection, and its binding with it.
-pub(crate) fn register_contact(
-    server: &Server,
-    users: &std::path::Path,
-    contact_port: u16,
-    contact_transport: &str,
-) {
-    let ok = register_contact_at(
-        server.sip_addr(),
-        &server.domain,
-        users,
-        contact_port,
-        contact_transport,
-    );
-    assert!(ok, "registration of the sipp UA failed:\n{}", server.log());
-}
-
-/// As [`register_contact`], against any registrar; true when sipp's registration succeeded.
-pub(crate) fn register_contact_at(
-    registrar: SocketAddr,
-    domain: &str,
-    users: &std::path::Path,
-    contact_port: u16,
-    contact_transport: &str,
-) -> bool {
-    let reg = Command::new("sipp")
-        .arg(registrar.to_string())
-        .args(["-sf", &scenario("register-one.xml"), "-inf"])
-        .arg(users)
-        .args([
-            "-key",
-            "domain",
-            domain,
-            "-key",
-            "contact_host",
-            "127.0.0.1",
-        ])
-        .args(["-key", "contact_port", &contact_port.to_string()])
-        .args(["-key", "contact_transport", contact_transport])
-        .args(["-auth_uri", domain, "-i", "127.0.0.1"])
-        .args(["-p", &free_port().to_string(), "-t", "u1"])
-        .args(["-m", "1", "-nostdin", "-timeout", "15s", "-timeout_error"])
-        .stdout(Stdio::null())
-        .output()
-        .expect("run sipp register");
-    reg.status.success()
-}
 
 fn sipp_calls(transport: &str, callee_transport: &str) {
     sipp_calls_at(transport, callee_transport, 100, 50, false);
@@ -249,69 +176,6 @@ fn device(server: &Server, user: &str, password: &str) -> Ua {
     ua
 }
 
-fn invite(
-    ua: &Ua,
-    from: &str,
-    to: &str,
-    call_id: &str,
-    cseq: u32,
-    branch: &str,
-    extra: &str,
-) -> String {
-    let port = ua.port();
-    format!(
-        "INVITE sip:{to}@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{branch};rport\r\nMax-Forwards: 70\r\nFrom: <sip:{from}@{DOMAIN}>;tag=f-{call_id}\r\nTo: <sip:{to}@{DOMAIN}>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:{from}@127.0.0.1:{port}>\r\n{extra}Content-Length: 0\r\n\r\n"
-    )
-}
-
-/// Sends an out-of-dialog request that the proxy challenges: `build(cseq, extra)` makes it,
-/// the 407 is answered with `user`'s credentials. Returns the request sent the second time.
-fn send_with_proxy_auth(
-    ua: &Ua,
-    (user, password): (&str, &str),
-    (method, uri): (&str, &str),
-    build: impl Fn(u32, &str) -> String,
-) -> String {
-    let r = ua.request(&build(1, ""));
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(&r, Algorithm::Md5, user, DOMAIN, password, method, uri, 1);
-    let second = build(2, &format!("Proxy-Authorization: {auth}\r\n"));
-    ua.send(&second);
-    second
-}
-
-/// Sends an INVITE with proxy credentials (answering the 407 first) and returns the
-/// authorized request that was sent.
-fn invite_authorized(ua: &Ua, from: &str, pw: &str, to: &str, call_id: &str) -> String {
-    let uri = format!("sip:{to}@{DOMAIN}");
-    send_with_proxy_auth(ua, (from, pw), ("INVITE", &uri), |cseq, extra| {
-        let branch = format!("{call_id}{}", if cseq == 1 { 'a' } else { 'b' });
-        invite(ua, from, to, call_id, cseq, &branch, extra)
-    })
-}
-
-/// The INVITE of `from` to `to` with proxy credentials, built after its first, challenged copy
-/// (sent here); not sent itself.
-fn authorized_invite(ua: &Ua, (from, pw): (&str, &str), to: &str, call_id: &str) -> String {
-    let r = expect_for(
-        ua,
-        call_id,
-        &invite(ua, from, to, call_id, 1, &format!("{call_id}a"), ""),
-    );
-    assert_eq!(status(&r), 407, "{r}");
-    let uri = format!("sip:{to}@{DOMAIN}");
-    let auth = authorization(&r, Algorithm::Md5, from, DOMAIN, pw, "INVITE", &uri, 1);
-    invite(
-        ua,
-        from,
-        to,
-        call_id,
-        2,
-        &format!("{call_id}b"),
-        &format!("Proxy-Authorization: {auth}\r\n"),
-    )
-}
-
 /// Transaction first, routing second: an INVITE retransmitted while its route lookup is slow
 /// (the location store behind a relay that holds each request 1.5 s) is absorbed by the
 /// server transaction: 100 Trying at once, the callee sees one INVITE, the caller no 407.
@@ -327,7 +191,7 @@ fn an_invite_retransmitted_while_its_route_lookup_is_slow_reaches_the_callee_onc
     server.add_user("bob", "pw-bob");
     let bob = device(&server, "bob", "pw-bob");
     let a = Ua::new(server.sip_addr());
-    let authorized = authorized_invite(&a, ("alice", "pw-alice"), "bob", "cslow");
+    let authorized = authorized_invite(&a, DOMAIN, ("alice", "pw-alice"), "bob", "cslow");
     relay.slow_down(1500);
     let sent = Instant::now();
     a.send(&authorized);
@@ -381,7 +245,7 @@ fn an_invite_retransmitted_while_its_route_lookup_is_slow_reaches_the_callee_onc
 
     // Cancelled while still being routed: 200 for the CANCEL, 487 for the INVITE, and the
     // callee is never rung.
-    let authorized = authorized_invite(&a, ("alice", "pw-alice"), "bob", "cslow2");
+    let authorized = authorized_invite(&a, DOMAIN, ("alice", "pw-alice"), "bob", "cslow2");
     relay.slow_down(1500);
     a.send(&authorized);
     std::thread::sleep(Duration::from_millis(200));
@@ -417,18 +281,18 @@ fn unknown_and_unregistered_users_get_404_and_480() {
     server.add_user("alice", "pw-alice");
     server.add_user("bob", "pw-bob");
     let a = Ua::new(server.sip_addr());
-    invite_authorized(&a, "alice", "pw-alice", "bob", "c480");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "c480");
     let r = expect(&a, "SIP/2.0 480");
     assert!(r.contains("CSeq: 2 INVITE"), "{r}");
-    invite_authorized(&a, "alice", "pw-alice", "nobody", "c404");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "nobody", "c404");
     expect(&a, "SIP/2.0 404");
     assert_eq!(
         server.metric("careflow_sip_calls_total{result=\"failed\",class=\"4xx\"}"),
         2
     );
     // A caller that is not who the From says: 403.
-    let first = invite(&a, "alice", "bob", "c403", 1, "c403a", "");
-    let r = expect_for(&a, "c403", &first);
+    let first = invite_request(&a, DOMAIN, "alice", "bob", "c403", 1, "c403a", "");
+    let r = expect_final(&a, "c403", &first);
     let auth = authorization(
         &r,
         Algorithm::Md5,
@@ -440,8 +304,9 @@ fn unknown_and_unregistered_users_get_404_and_480() {
         1,
     );
     // (An INVITE with credentials gets its server transaction, and 100 Trying, first.)
-    a.send(&invite(
+    a.send(&invite_request(
         &a,
+        DOMAIN,
         "alice",
         "bob",
         "c403",
@@ -452,10 +317,10 @@ fn unknown_and_unregistered_users_get_404_and_480() {
     let r = expect(&a, "SIP/2.0 403");
     assert!(r.contains("Call-ID: c403\r\n"), "{r}");
     // A wrong password is challenged again.
-    let r = expect_for(
+    let r = expect_final(
         &a,
         "cbad",
-        &invite(&a, "alice", "bob", "cbad", 1, "cbada", ""),
+        &invite_request(&a, DOMAIN, "alice", "bob", "cbad", 1, "cbada", ""),
     );
     let auth = authorization(
         &r,
@@ -467,8 +332,9 @@ fn unknown_and_unregistered_users_get_404_and_480() {
         &format!("sip:bob@{DOMAIN}"),
         1,
     );
-    a.send(&invite(
+    a.send(&invite_request(
         &a,
+        DOMAIN,
         "alice",
         "bob",
         "cbad",
@@ -479,30 +345,15 @@ fn unknown_and_unregistered_users_get_404_and_480() {
     let r = expect(&a, "SIP/2.0 407");
     assert!(r.contains("CSeq: 2 INVITE"), "{r}");
     // Another domain is not relayed.
-    let r = expect_for(
+    let r = expect_final(
         &a,
         "crelay",
-        &invite(&a, "alice", "bob", "crelay", 1, "crelay", "").replace(
+        &invite_request(&a, DOMAIN, "alice", "bob", "crelay", 1, "crelay", "").replace(
             &format!("INVITE sip:bob@{DOMAIN}"),
             "INVITE sip:bob@elsewhere.test",
         ),
     );
     assert_eq!(status(&r), 403, "{r}");
-}
-
-/// Sends `msg` and returns the first final response of its Call-ID (earlier calls' final
-/// responses, retransmitted until ACKed, and 100 Trying are skipped).
-fn expect_for(ua: &Ua, call_id: &str, msg: &str) -> String {
-    ua.send(msg);
-    for _ in 0..20 {
-        let m = ua
-            .recv()
-            .unwrap_or_else(|| panic!("no answer for {call_id}"));
-        if m.contains(&format!("Call-ID: {call_id}\r\n")) && status(&m) >= 200 {
-            return m;
-        }
-    }
-    panic!("no final answer for {call_id}");
 }
 
 #[test]
@@ -520,6 +371,7 @@ fn message_is_delivered() {
     };
     send_with_proxy_auth(
         &a,
+        DOMAIN,
         ("alice", "pw-alice"),
         ("MESSAGE", &format!("sip:bob@{DOMAIN}")),
         msg,
@@ -543,7 +395,7 @@ fn forking_rings_every_device_and_cancels_the_loser() {
     let desk = device(&server, "bob", "pw-bob");
     let soft = device(&server, "bob", "pw-bob");
     let a = Ua::new(server.sip_addr());
-    invite_authorized(&a, "alice", "pw-alice", "bob", "fork1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "fork1");
     expect(&a, "SIP/2.0 100");
     let inv_desk = expect(&desk, "INVITE ");
     let inv_soft = expect(&soft, "INVITE ");
@@ -572,7 +424,7 @@ fn caller_cancels_a_ringing_call() {
     server.add_user("bob", "pw-bob");
     let bob = device(&server, "bob", "pw-bob");
     let a = Ua::new(server.sip_addr());
-    let sent = invite_authorized(&a, "alice", "pw-alice", "bob", "cancel1");
+    let sent = invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "cancel1");
     let inv = expect(&bob, "INVITE ");
     answer(&bob, &inv, 180);
     expect(&a, "SIP/2.0 180");
@@ -610,7 +462,7 @@ fn a_dead_binding_does_not_delay_the_call() {
     assert_eq!(status(&r), 200, "{r}");
     assert_eq!(server.bindings_of("bob").len(), 2);
     let a = Ua::new(server.sip_addr());
-    invite_authorized(&a, "alice", "pw-alice", "bob", "dead1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "dead1");
     let inv = expect(&desk, "INVITE ");
     answer(&desk, &inv, 200);
     expect(&a, "SIP/2.0 200");
@@ -635,81 +487,9 @@ fn a_dead_binding_does_not_delay_the_call() {
     ));
     assert_eq!(status(&r), 200, "{r}");
     assert_eq!(server.bindings_of("bob").len(), 1);
-    invite_authorized(&a, "alice", "pw-alice", "bob", "dead2");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "dead2");
     let r = expect(&a, "SIP/2.0 5");
     assert!(r.starts_with("SIP/2.0 500"), "{r}");
-}
-
-/// A port free for UDP and TCP whose successor is free too (baresip also binds port+1 for TLS).
-fn free_port_pair() -> u16 {
-    loop {
-        let p = free_port();
-        if p < 65535
-            && std::net::UdpSocket::bind(("127.0.0.1", p + 1)).is_ok()
-            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
-        {
-            return p;
-        }
-    }
-}
-
-fn baresip_home(dir: &std::path::Path, user: &str, password: &str, proxy_port: u16, extra: &str) {
-    baresip_home_at(
-        dir,
-        &format!("<sip:{user}@localhost>"),
-        password,
-        &format!("sip:127.0.0.1:{proxy_port}"),
-        extra,
-        "",
-    );
-}
-
-/// A baresip home whose account `aor` registers through `outbound` (a SIP URI, may name a
-/// transport); `config_extra` lines go into its config file.
-pub(crate) fn baresip_home_at(
-    dir: &std::path::Path,
-    aor: &str,
-    password: &str,
-    outbound: &str,
-    extra: &str,
-    config_extra: &str,
-) {
-    std::fs::create_dir_all(dir).unwrap();
-    let tone = dir.join("tone.wav");
-    // Ten seconds of 8 kHz silence as the audio source (baresip hangs up when it ends): no
-    // sound card is needed.
-    let mut wav = Vec::new();
-    let data_len: u32 = 16000 * 10;
-    wav.extend_from_slice(b"RIFF");
-    wav.extend_from_slice(&(36 + data_len).to_le_bytes());
-    wav.extend_from_slice(b"WAVEfmt ");
-    wav.extend_from_slice(&16u32.to_le_bytes());
-    wav.extend_from_slice(&1u16.to_le_bytes());
-    wav.extend_from_slice(&1u16.to_le_bytes());
-    wav.extend_from_slice(&8000u32.to_le_bytes());
-    wav.extend_from_slice(&16000u32.to_le_bytes());
-    wav.extend_from_slice(&2u16.to_le_bytes());
-    wav.extend_from_slice(&16u16.to_le_bytes());
-    wav.extend_from_slice(b"data");
-    wav.extend_from_slice(&data_len.to_le_bytes());
-    wav.resize(wav.len() + data_len as usize, 0);
-    std::fs::write(&tone, wav).unwrap();
-    let port = free_port_pair();
-    std::fs::write(
-        dir.join("config"),
-        format!(
-            "poll_method epoll\nsip_listen 127.0.0.1:{port}\n{config_extra}module_path /usr/lib/baresip/modules\nmodule g711.so\nmodule aufile.so\nmodule_app account.so\nmodule_app menu.so\naudio_player aufile,{out}\naudio_source aufile,{src}\naudio_alert aufile,{alert}\n",
-            out = dir.join("out.wav").display(),
-            src = tone.display(),
-            alert = dir.join("alert.wav").display(),
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("accounts"),
-        format!("{aor};auth_pass={password};outbound=\"{outbound}\";regint=300{extra}\n"),
-    )
-    .unwrap();
 }
 
 #[test]
@@ -796,8 +576,9 @@ fn other_domains_go_through_the_gateway_and_peers_only_when_allowed() {
     let a = Ua::new(server.sip_addr());
     // alice calls out: authenticated, then sent to the gateway with the Request-URI unchanged.
     let out = |cseq: u32, extra: &str| {
-        invite(
+        invite_request(
             &a,
+            DOMAIN,
             "alice",
             "carol",
             "gw1",
@@ -812,6 +593,7 @@ fn other_domains_go_through_the_gateway_and_peers_only_when_allowed() {
     };
     send_with_proxy_auth(
         &a,
+        DOMAIN,
         ("alice", "pw-alice"),
         ("INVITE", "sip:carol@elsewhere.test"),
         out,
@@ -856,7 +638,7 @@ fn timer_c_cancels_a_branch_that_rings_too_long() {
     server.add_user("bob", "pw-bob");
     let bob = device(&server, "bob", "pw-bob");
     let a = Ua::new(server.sip_addr());
-    invite_authorized(&a, "alice", "pw-alice", "bob", "ring1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "ring1");
     let inv = expect(&bob, "INVITE ");
     answer(&bob, &inv, 180);
     expect(&a, "SIP/2.0 180");
@@ -883,6 +665,7 @@ fn in_dialog_requests_follow_the_record_route_and_other_methods_are_routed() {
     };
     send_with_proxy_auth(
         &a,
+        DOMAIN,
         ("alice", "pw-alice"),
         ("OPTIONS", &format!("sip:bob@{DOMAIN}")),
         options,
@@ -892,7 +675,7 @@ fn in_dialog_requests_follow_the_record_route_and_other_methods_are_routed() {
     expect(&a, "SIP/2.0 200");
 
     // A call, then INFO and UPDATE inside the dialog along the recorded route.
-    invite_authorized(&a, "alice", "pw-alice", "bob", "dlg1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "dlg1");
     let inv = expect(&bob, "INVITE ");
     answer(&bob, &inv, 200);
     let ok = expect(&a, "SIP/2.0 200");
@@ -936,7 +719,7 @@ fn challenges_from_every_branch_are_aggregated() {
     let desk = device(&server, "bob", "pw-bob");
     let soft = device(&server, "bob", "pw-bob");
     let a = Ua::new(server.sip_addr());
-    invite_authorized(&a, "alice", "pw-alice", "bob", "agg1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "agg1");
     for (ua, realm) in [(&desk, "desk.example"), (&soft, "soft.example")] {
         let inv = expect(ua, "INVITE ");
         let m = Message::parse(Bytes::from(inv), &ParseLimits::default()).unwrap();
@@ -995,7 +778,7 @@ fn an_unreachable_udp_binding_fails_at_once() {
     assert_eq!(b.len(), 1, "{b:?}");
     assert!(b[0].contains(&format!(":{dead} ")), "{b:?}");
     let a = Ua::new(server.sip_addr());
-    invite_authorized(&a, "alice", "pw-alice", "bob", "icmp1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "icmp1");
     // Answered well before Timer B (32 s): the Ua waits 3 s at most.
     let r = expect(&a, "SIP/2.0 5");
     assert!(r.starts_with("SIP/2.0 500"), "{r}");
@@ -1011,12 +794,12 @@ fn hop_limit_loops_and_a_6xx_end_the_search() {
     let a = Ua::new(server.sip_addr());
     // Max-Forwards: 0 -> 483.
     let r = a.request(
-        &invite(&a, "alice", "bob", "mf0", 1, "mf0", "")
+        &invite_request(&a, DOMAIN, "alice", "bob", "mf0", 1, "mf0", "")
             .replace("Max-Forwards: 70", "Max-Forwards: 0"),
     );
     assert_eq!(status(&r), 483, "{r}");
     // Our own Via with the branch we would compute again -> 482.
-    let first = invite(&a, "alice", "bob", "loop1", 1, "loop1", "");
+    let first = invite_request(&a, DOMAIN, "alice", "bob", "loop1", 1, "loop1", "");
     let m = Message::parse(Bytes::from(first.clone()), &ParseLimits::default()).unwrap();
     let ours = format!(
         "Via: SIP/2.0/UDP 127.0.0.1:{};branch={}\r\n",
@@ -1027,7 +810,7 @@ fn hop_limit_loops_and_a_6xx_end_the_search() {
     let r = a.request(&looped);
     assert_eq!(status(&r), 482, "{r}");
     // A 6xx from one device ends the search: the other is cancelled, the caller gets the 6xx.
-    invite_authorized(&a, "alice", "pw-alice", "bob", "six1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "six1");
     let inv_desk = expect(&desk, "INVITE ");
     let inv_soft = expect(&soft, "INVITE ");
     answer(&soft, &inv_soft, 180);
@@ -1054,6 +837,7 @@ fn subscribe_notify_refer_and_prack_pass_through() {
     };
     send_with_proxy_auth(
         &a,
+        DOMAIN,
         ("alice", "pw-alice"),
         ("SUBSCRIBE", &format!("sip:bob@{DOMAIN}")),
         sub,
@@ -1075,7 +859,7 @@ fn subscribe_notify_refer_and_prack_pass_through() {
 
     // A call with a reliable provisional (100rel): the 183 and the PRACK pass untouched; then
     // a REFER inside the dialog.
-    invite_authorized(&a, "alice", "pw-alice", "bob", "rel1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "rel1");
     let inv = expect(&bob, "INVITE ");
     let m = Message::parse(Bytes::from(inv.clone()), &ParseLimits::default()).unwrap();
     let mut b183 = ResponseBuilder::new(&m, 183)
@@ -1130,7 +914,7 @@ fn a_call_across_two_interfaces_is_record_routed_on_both() {
     server.add_user("bob", "pw-bob");
     let bob = device(&server, "bob", "pw-bob");
     let a = Ua::new(SocketAddr::from(([127, 0, 0, 2], second)));
-    invite_authorized(&a, "alice", "pw-alice", "bob", "iface1");
+    invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "iface1");
     let inv = expect(&bob, "INVITE ");
     let rrs: Vec<&str> = inv
         .lines()

@@ -79,19 +79,13 @@ fn a_device_registered_on_one_node_is_called_through_the_other() {
              {extra}Content-Length: 0\r\n\r\n"
         )
     };
-    let r = alice.request(&invite(1, ""));
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        careflow_proto::digest::Algorithm::Md5,
-        "alice",
+    send_with_proxy_auth(
+        &alice,
         "cluster.test",
-        "pw-alice-c",
-        "INVITE",
-        "sip:bob@cluster.test",
-        1,
+        ("alice", "pw-alice-c"),
+        ("INVITE", "sip:bob@cluster.test"),
+        invite,
     );
-    alice.send(&invite(2, &format!("Proxy-Authorization: {auth}\r\n")));
     let got = (0..5)
         .filter_map(|_| bob.recv())
         .find(|m| m.starts_with("INVITE "))
@@ -135,19 +129,13 @@ fn registrations_survive_a_redis_outage() {
             ua.port()
         )
     };
-    let r = ua.request(&invite(1, ""));
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        careflow_proto::digest::Algorithm::Md5,
-        "carl",
+    send_with_proxy_auth(
+        &ua,
         "redis-down.test",
-        "pw-carl-r",
-        "INVITE",
-        "sip:rita@redis-down.test",
-        1,
+        ("carl", "pw-carl-r"),
+        ("INVITE", "sip:rita@redis-down.test"),
+        invite,
     );
-    ua.send(&invite(2, &format!("Proxy-Authorization: {auth}\r\n")));
     // Redis is given its response timeout and retries before the lookup fails.
     ua.sock
         .set_read_timeout(Some(Duration::from_secs(15)))

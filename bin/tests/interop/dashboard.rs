@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use crate::api::{IdentityProvider, api_server_on};
-use crate::calls::{register_contact, sipp_file};
+use crate::peers::{register_contact, sipp_file};
 use crate::support::*;
 use crate::websocket::{Events, js_dir};
 

@@ -14,6 +14,7 @@ mod nat_site;
 mod operations;
 mod outbound;
 mod package;
+mod peers;
 mod protocol;
 mod register;
 mod secure;

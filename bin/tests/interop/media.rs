@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use careflow_proto::bencode::Value;
 
-use crate::calls::{baresip_home_at, register_contact, scenario, sipp_file};
+use crate::peers::{
+    answer_with_sdp, baresip_home_at, call_bob, register_contact, scenario, sipp_file,
+};
 use crate::support::*;
 
 fn ng(addr: &str, cmd: &Value) -> Option<Value> {
@@ -280,8 +282,6 @@ fn browser_stats(line: &str) -> (u64, u64, String) {
 #[test]
 fn a_browser_and_a_desk_phone_talk_through_rtpengine_both_ways() {
     require("baresip", "baresip");
-    require("chromium", "chromium");
-    let js = crate::websocket::js_dir();
     let rtp = start_rtpengine();
     let server = Server::start_with(
         "localhost",
@@ -296,16 +296,13 @@ fn a_browser_and_a_desk_phone_talk_through_rtpengine_both_ways() {
     let tmp = tempfile::tempdir().unwrap();
     let (mia, noah) = phones(&server, tmp.path());
     let mut desk = baresip(&noah, "80", false);
-    let shots = interop_dir().join("../../../target/screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    let mut node = Command::new("node");
-    node.current_dir(&js).arg("browser-phone.js").args([
+    let node = crate::peers::browser_phone(
         &format!("wss://127.0.0.1:{}/", server.port2),
         "sip:web1@localhost",
         "pw-web1-media",
         "sip:noah@localhost",
-    ]);
-    node.arg(&shots).arg("media");
+        Some("media"),
+    );
     let mut browser = crate::websocket::Events::spawn(node);
     browser.wait("registered", &server);
     wait_registered(&server, "noah");
@@ -544,12 +541,6 @@ fn a_call_rtpengine_dropped_after_its_phones_vanished_is_forgotten() {
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
 }
 
-fn phone_sdp(port: u16) -> String {
-    format!(
-        "v=0\r\no=desk 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n"
-    )
-}
-
 /// A raw SIP-over-WebSocket client registered as `user`.
 struct WsPhone(std::net::TcpStream);
 
@@ -594,44 +585,6 @@ impl WsPhone {
             }
         }
     }
-}
-
-/// alice (a raw UA) calls bob with a plain-RTP offer from port 4000 (answering the 407).
-pub(crate) fn call_bob(alice: &Ua, password: &str, call_id: &str) -> String {
-    use careflow_proto::digest::Algorithm;
-    let port = alice.port();
-    let body = phone_sdp(4000);
-    let invite = |cseq: u32, extra: &str| {
-        format!(
-            "INVITE sip:bob@localhost SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@localhost>;tag=alice-{call_id}\r\nTo: <sip:bob@localhost>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:alice@127.0.0.1:{port}>\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    };
-    let challenge = alice.request(&invite(1, ""));
-    assert_eq!(status(&challenge), 407, "{challenge}");
-    let auth = authorization(
-        &challenge,
-        Algorithm::Md5,
-        "alice",
-        "localhost",
-        password,
-        "INVITE",
-        "sip:bob@localhost",
-        1,
-    );
-    let sent = invite(2, &format!("Proxy-Authorization: {auth}\r\n"));
-    alice.send(&sent);
-    sent
-}
-
-/// Answers a request a raw phone received with `code` and a plain RTP answer on `media_port`.
-pub(crate) fn answer_with_sdp(ua: &Ua, request: &str, code: u16, media_port: u16) {
-    answer_with(
-        ua,
-        request,
-        code,
-        Some(("application/sdp", &phone_sdp(media_port))),
-    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use careflow_proto::digest::{Algorithm, ha1};
 
-use crate::calls::{register_contact, sipp_file};
+use crate::peers::{register_contact, sipp_file};
 use crate::support::*;
 
 fn kamailio_schema(file: &str) -> std::path::PathBuf {

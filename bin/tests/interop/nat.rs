@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::calls::baresip_home_at;
+use crate::peers::baresip_home_at;
 use crate::support::*;
 
 fn sh(cmd: &str) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use careflow_proto::digest::Algorithm;
 
-use crate::calls::scenario;
+use crate::peers::scenario;
 use crate::register::sipp_users;
 use crate::security::tcp_from;
 use crate::support::*;

@@ -60,8 +60,8 @@ fn a_backup_taken_while_running_brings_back_users_keys_and_registrations() {
     server.start_again();
     assert_eq!(server.bindings_of("eve").len(), 1, "{}", server.log());
     // A real phone (sipp) authenticates against the restored subscriber.
-    let eve = crate::calls::sipp_file(tmp.path(), "eve.csv", &[("eve", "pw-eve-backup")]);
-    crate::calls::register_contact(&server, &eve, free_port(), "udp");
+    let eve = crate::peers::sipp_file(tmp.path(), "eve.csv", &[("eve", "pw-eve-backup")]);
+    crate::peers::register_contact(&server, &eve, free_port(), "udp");
     assert!(server.cli_ok(&["apikey", "list"]).contains("ops-desk"));
 
     // A backup from a newer careflow-sip (a schema this one does not know) is refused, and
@@ -267,7 +267,7 @@ fn sigterm_under_load_loses_no_binding_and_answers_every_request() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    use crate::media::{answer_with_sdp, call_bob};
+    use crate::peers::{answer_with_sdp, call_bob};
 
     let mut server = Server::start_with("localhost", &[("SHUTDOWN_GRACE", "2")]);
     let tmp = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::calls::{register_contact_at, sipp_file};
+use crate::peers::{register_contact_at, sipp_file};
 use crate::support::*;
 
 fn run(cmd: &mut Command) -> String {

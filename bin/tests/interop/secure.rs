@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::calls::baresip_home_at;
+use crate::peers::baresip_home_at;
 use crate::support::*;
 
 const TLS_LISTEN: &str = "udp:127.0.0.1:{port},tcp:127.0.0.1:{port},tls:127.0.0.1:{port2}";
@@ -679,7 +679,7 @@ impl Drop for Stunnel {
 
 #[test]
 fn sipp_registers_and_calls_over_tls() {
-    use crate::calls::{scenario, sipp_file};
+    use crate::peers::{scenario, sipp_file};
     require("sipp", "sip-tester");
     let server = Server::start_with("localhost", &[("SIP_LISTEN", TLS_LISTEN)]);
     let tmp = tempfile::tempdir().unwrap();
@@ -750,7 +750,7 @@ fn sipp_registers_and_calls_over_tls() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    crate::calls::register_contact(&server, &callee, uas_port, "udp");
+    crate::peers::register_contact(&server, &callee, uas_port, "udp");
     sipp(&[
         "-sf",
         &scenario("uac-call.xml"),

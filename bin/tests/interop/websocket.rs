@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::calls::{scenario, sipp_file};
+use crate::peers::{scenario, sipp_file};
 use crate::support::*;
 
 /// The npm packages the JavaScript peers need (installed by scripts/test with `npm ci`).
@@ -143,20 +143,14 @@ fn jssip_over_wss_is_called_calls_back_and_is_reachable_again_after_its_socket_d
 
 #[test]
 fn a_browser_running_jssip_over_wss_is_called_calls_back_and_reconnects() {
-    let js = js_dir();
-    require("chromium", "chromium");
-    let shots = interop_dir().join("../../../target/screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
     web_phone_scenario(|url| {
-        let mut node = Command::new("node");
-        node.current_dir(&js).arg("browser-phone.js").args([
+        crate::peers::browser_phone(
             url,
             "sip:web1@localhost",
             "pw-web1-browser",
             "sip:desk@localhost",
-        ]);
-        node.arg(&shots);
-        node
+            None,
+        )
     });
 }
 
@@ -188,7 +182,7 @@ fn web_phone_scenario(phone: impl Fn(&str) -> Command) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start sipp uas");
-    crate::calls::register_contact(&server, &desk, uas_port, "udp");
+    crate::peers::register_contact(&server, &desk, uas_port, "udp");
 
     let mut phone = Events::spawn(phone(&format!("wss://127.0.0.1:{}/", server.port2)));
     phone.wait("registered 1", &server);

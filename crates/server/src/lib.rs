@@ -1,10 +1,13 @@
 //! The SIP application of careflow-sip: wires the transports, the sans-IO logic of
 //! `careflow-core` and the stores together.
 //!
-//! - [`app`]: parses what the transports deliver, absorbs retransmissions, dispatches by method.
-//! - [`register`]: REGISTER with digest authentication and the location service.
-//! - [`metrics`]: counters for `/metrics`.
-//! - [`routing`]: where responses go.
+//! Modules form layers and never import upwards (scripts/check-module-cycles):
+//! - state and sending: [`app`] (the application's state, `reply`/`send_*`), [`routing`]
+//!   (where responses go; the caller's way back and a branch's target), `config`, `clock`,
+//!   [`metrics`], `flows`, [`rtpengine`];
+//! - handlers: `auth` (digest for registrar and proxy), [`register`], `proxy` (drives
+//!   `careflow_core::proxy::ProxyTable`), [`media`], [`keepalive`], `drain`;
+//! - `dispatch`: where every message from the transports enters and is sent to a handler.
 #![warn(missing_docs)]
 
 pub mod app;

@@ -1,12 +1,18 @@
 //! What the tests of several crates share: a loud check that a tool is installed, free ports,
-//! a database of its own on the real PostgreSQL or MariaDB server, and an rtpengine daemon of
-//! its own. Only std and tempfile: any crate can use it as a dev-dependency.
+//! a database of its own on the real PostgreSQL or MariaDB server, an rtpengine daemon of its
+//! own, the real server binary ([`Server`]) and a raw user agent with both digest
+//! authentications ([`ua`]).
 #![allow(clippy::unwrap_used)]
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::time::Duration;
+
+mod server;
+pub mod ua;
+
+pub use server::{Server, http_get_at};
 
 /// Panics with an install hint when a tool is missing (a test that needs a tool never skips).
 pub fn require(tool: &str, package: &str) {

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use careflow_proto::{HeaderName, Message, ParseLimits, ResponseBuilder};
+use careflow_proto::{HeaderName, ParseLimits};
 
 use super::*;
+use crate::transaction::TimerConfig;
 
 /// The caller's way back, as the driver would have it.
 const CALLER: &str = "caller";

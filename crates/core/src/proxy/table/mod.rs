@@ -18,181 +18,23 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
-use careflow_proto::rewrite::strip_top_via;
-use careflow_proto::{Message, Method, ParseLimits, ResponseBuilder, request};
+use careflow_proto::{Message, Method, ResponseBuilder};
 
-use super::best;
+use crate::transaction::TxKey;
 use crate::transaction::client::{ClientEvent, ClientState, ClientTransaction};
 use crate::transaction::invite_server::InviteServerTransaction;
-use crate::transaction::{TimerConfig, TxKey};
 
+mod aggregate;
+mod bookkeeping;
 #[cfg(test)]
 mod tests;
+mod types;
 
-/// A branch's client transaction: our Via branch value, and whether it is the CANCEL sent on
-/// that branch (which shares the INVITE's branch value, §9.1) or the request itself (RFC 3261
-/// §17.1.3 matches a response by branch and CSeq method).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BranchKey {
-    branch: Box<str>,
-    cancel: bool,
-}
-
-impl BranchKey {
-    /// The key of the request sent on `branch`.
-    pub fn request(branch: &str) -> Self {
-        Self {
-            branch: branch.into(),
-            cancel: false,
-        }
-    }
-
-    /// The key of the CANCEL sent on `branch`.
-    pub fn cancel(branch: &str) -> Self {
-        Self {
-            branch: branch.into(),
-            cancel: true,
-        }
-    }
-
-    /// The key a response names by its top Via branch and CSeq method.
-    pub fn of_response(msg: &Message) -> Option<Self> {
-        let via = msg.top_via()?;
-        let (_, method) = msg.cseq()?;
-        Some(Self {
-            branch: via.branch()?.into(),
-            cancel: method.eq_ignore_ascii_case("CANCEL"),
-        })
-    }
-
-    /// The Via branch value.
-    pub fn branch(&self) -> &str {
-        &self.branch
-    }
-
-    /// Whether this is the CANCEL of a branch.
-    pub fn is_cancel(&self) -> bool {
-        self.cancel
-    }
-}
-
-/// Settings of the proxy's transactions.
-#[derive(Debug, Clone)]
-pub struct ProxyConfig {
-    /// Transaction timers (T1, T2, T4, Timer C).
-    pub timers: TimerConfig,
-    /// Limits for the messages built here (CANCELs, merged challenges).
-    pub parse_limits: ParseLimits,
-    /// The `Server` header of the responses we generate (408, 487, 500, 503).
-    pub server_header: String,
-    /// How many forwards and branches the table holds at most (`MAX_TRANSACTIONS`).
-    pub max_transactions: usize,
-}
-
-/// How the caller of a forwarded request is answered.
-#[derive(Debug, Clone)]
-pub struct Upstream<U> {
-    /// Where the request came from (the `received`/`rport` of our own responses).
-    pub source: SocketAddr,
-    /// Whether it came over a reliable transport (no retransmissions of our responses).
-    pub reliable: bool,
-    /// The driver's way back to the caller.
-    pub to: U,
-}
-
-/// One request to send on a new branch: already carrying our Via (whose branch value is
-/// `branch`), Record-Route and the target's Request-URI.
-#[derive(Debug, Clone)]
-pub struct NewBranch<D> {
-    /// The Via branch value of `request`.
-    pub branch: String,
-    /// The request as it goes to the target.
-    pub request: Message,
-    /// The driver's way to the target.
-    pub to: D,
-    /// Whether the way to the target is reliable (no retransmissions).
-    pub reliable: bool,
-}
-
-/// Bytes to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transmit<U, D> {
-    /// A response for the caller.
-    Upstream {
-        /// The way back to the caller.
-        to: U,
-        /// The response.
-        bytes: Bytes,
-    },
-    /// A request down a branch. A transport failure sending it is reported back with
-    /// [`ProxyTable::branch_failed`].
-    Downstream {
-        /// The branch it belongs to.
-        branch: BranchKey,
-        /// The way to the target.
-        to: D,
-        /// The request (or its retransmission, or an ACK for a non-2xx).
-        bytes: Bytes,
-    },
-}
-
-/// What happened, for the driver's metrics, logs and media.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A final response went upstream (the first 2xx, or the best of §16.7, or our own).
-    /// `record` is set when the request has no INVITE server transaction here (a non-INVITE
-    /// request): the driver keeps the response in its non-INVITE server transaction so a
-    /// retransmitted request gets it again.
-    Final {
-        /// The server transaction answered.
-        key: TxKey,
-        /// The status code.
-        code: u16,
-        /// The response, for the driver's non-INVITE server transaction.
-        record: Option<Bytes>,
-        /// Whether the caller's transport is reliable (how long that record is kept).
-        reliable: bool,
-    },
-    /// A call (an out-of-dialog INVITE) was answered with a 2xx.
-    CallAnswered {
-        /// The call's Call-ID.
-        call_id: Box<str>,
-        /// The status code.
-        code: u16,
-    },
-    /// A call ended without a 2xx after it was forked.
-    CallFailed {
-        /// The call's Call-ID.
-        call_id: Box<str>,
-        /// The status code sent upstream.
-        code: u16,
-    },
-    /// Nothing of this call will be answered: its media session (if any) can end.
-    MediaEnd {
-        /// The call's Call-ID.
-        call_id: Box<str>,
-    },
-}
-
-/// The table is full (`max_transactions`): answer 503.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Full;
-
-/// What [`ProxyTable::fork`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fork {
-    /// The branches were created and their first transmissions queued.
-    Forked,
-    /// The request was answered while it was being routed (a CANCEL, the shutdown):
-    /// nothing was sent downstream.
-    AlreadyAnswered,
-    /// No branch could be made: the caller was answered 500.
-    NoBranches,
-}
+use aggregate::{call_id_of, local_response};
+pub use types::{BranchKey, Event, Fork, Full, NewBranch, ProxyConfig, Transmit, Upstream};
 
 /// One forwarded request: the server side and its branches.
 #[derive(Debug)]
@@ -401,7 +243,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         for nb in branches {
             let bk = BranchKey::request(&nb.branch);
             let tx = ClientTransaction::new(nb.request, nb.reliable, self.cfg.timers, now);
-            names.push(bk.branch.clone());
+            names.push(bk.branch().into());
             self.insert_branch(bk, tx, key.clone(), nb.to);
         }
         if let Some(fw) = self.forwards.get_mut(&key) {
@@ -420,22 +262,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         if fw.final_sent {
             return true;
         }
-        fw.final_sent = true;
-        match fw.invite.as_mut() {
-            Some(inv) => {
-                inv.send_response(code, bytes, now);
-                self.events.push_back(Event::Final {
-                    key: key.clone(),
-                    code,
-                    record: None,
-                    reliable: fw.upstream.reliable,
-                });
-            }
-            None => {
-                let upstream = fw.upstream.clone();
-                self.answer_non_invite(key.clone(), &upstream, code, bytes);
-            }
-        }
+        self.send_final(key, code, bytes, now);
         self.drain_forward(key);
         self.schedule_forward(key);
         self.reap_forward(key);
@@ -496,11 +323,11 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         let pass = b.tx.handle_response(msg, now);
         let code = msg.status().unwrap_or(0);
         let key = b.forward.clone();
-        if pass && !bk.cancel && code >= 200 {
+        if pass && !bk.is_cancel() && code >= 200 {
             b.done = true;
         }
         self.drain_branch(&bk);
-        if pass && !bk.cancel {
+        if pass && !bk.is_cancel() {
             self.on_branch_response(&key, code, msg, now);
         }
         self.schedule_branch(&bk);
@@ -521,7 +348,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         b.done = true;
         b.tx.abort();
         let key = b.forward.clone();
-        if !branch.cancel {
+        if !branch.is_cancel() {
             self.offer_local(&key, 503);
             self.maybe_finish(&key, now);
             self.drain_forward(&key);
@@ -536,7 +363,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         self.branches
             .iter()
             .filter(|(k, b)| {
-                !k.cancel && !b.done && b.tx.state() == ClientState::Calling && to(&b.to)
+                !k.is_cancel() && !b.done && b.tx.state() == ClientState::Calling && to(&b.to)
             })
             .map(|(k, _)| k.clone())
             .collect()
@@ -649,7 +476,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             return;
         }
         b.tx.handle_timeout(now);
-        let timed_out = b.tx.poll_event() == Some(ClientEvent::TimedOut) && !bk.cancel;
+        let timed_out = b.tx.poll_event() == Some(ClientEvent::TimedOut) && !bk.is_cancel();
         // Timer C fired on a ringing INVITE branch (§16.8): cancel it.
         let ringing = timed_out
             && b.tx.request().method() == Method::Invite
@@ -671,319 +498,4 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         self.schedule_branch(bk);
         self.reap_branch(bk);
     }
-
-    fn on_branch_response(&mut self, key: &TxKey, code: u16, msg: &Message, now: Instant) {
-        let Some(fw) = self.forwards.get_mut(key) else {
-            return;
-        };
-        match code {
-            100 => {}
-            101..=199 => {
-                if let Some(inv) = fw.invite.as_mut() {
-                    inv.send_response(code, strip_top_via(msg), now);
-                }
-            }
-            200..=299 => {
-                let bytes = strip_top_via(msg);
-                if let Some(inv) = fw.invite.as_mut() {
-                    // Every 2xx goes upstream (several branches may answer; §16.7 step 5).
-                    inv.send_response(code, bytes, now);
-                    if !fw.final_sent {
-                        fw.final_sent = true;
-                        self.events.push_back(Event::Final {
-                            key: key.clone(),
-                            code,
-                            record: None,
-                            reliable: fw.upstream.reliable,
-                        });
-                        if fw.call {
-                            let call_id = call_id_of(&fw.request);
-                            self.events.push_back(Event::CallAnswered { call_id, code });
-                        }
-                        self.cancel_pending(key, now);
-                    }
-                } else if !fw.final_sent {
-                    fw.final_sent = true;
-                    let upstream = fw.upstream.clone();
-                    self.answer_non_invite(key.clone(), &upstream, code, bytes);
-                }
-            }
-            _ => {
-                if code == 401 || code == 407 {
-                    fw.challenges.extend(best::challenge_lines(msg));
-                }
-                if fw.best.as_ref().is_none_or(|(b, _)| best::better(code, *b)) {
-                    fw.best = Some((code, strip_top_via(msg)));
-                }
-                if (600..700).contains(&code) && fw.invite.is_some() {
-                    self.cancel_pending(key, now);
-                }
-                self.maybe_finish(key, now);
-            }
-        }
-        self.drain_forward(key);
-    }
-
-    /// A final of our own making (timeout, unreachable target) competes with the branches'.
-    fn offer_local(&mut self, key: &TxKey, code: u16) {
-        let Some(fw) = self.forwards.get(key) else {
-            return;
-        };
-        if fw
-            .best
-            .as_ref()
-            .is_some_and(|(c, _)| !best::better(code, *c))
-        {
-            return;
-        }
-        let resp = local_response(
-            &self.cfg.server_header,
-            &fw.request,
-            fw.upstream.source,
-            code,
-        )
-        .build();
-        if let Some(fw) = self.forwards.get_mut(key) {
-            fw.best = Some((code, resp));
-        }
-    }
-
-    /// Sends the best final response once every branch has one (§16.7 step 6).
-    fn maybe_finish(&mut self, key: &TxKey, now: Instant) {
-        let Some(fw) = self.forwards.get(key) else {
-            return;
-        };
-        if fw.final_sent {
-            return;
-        }
-        let all_done = fw.branches.iter().all(|n| {
-            self.branches
-                .get(&BranchKey::request(n))
-                .is_none_or(|b| b.done)
-        });
-        if !all_done {
-            return;
-        }
-        let (code, bytes) = match &fw.best {
-            Some((c, b)) => (*c, b.clone()),
-            None => (
-                408,
-                local_response(
-                    &self.cfg.server_header,
-                    &fw.request,
-                    fw.upstream.source,
-                    408,
-                )
-                .build(),
-            ),
-        };
-        // §16.7 step 7: a 401/407 carries the challenges of every branch that sent one.
-        let bytes = if (code == 401 || code == 407) && !fw.challenges.is_empty() {
-            best::with_challenges(&bytes, &fw.challenges, &self.cfg.parse_limits)
-        } else {
-            bytes
-        };
-        // §16.7 step 6: a 503 from downstream becomes 500 upstream (ours, when shutting
-        // down, stays a 503 with its Retry-After).
-        let (code, bytes) = match best::upstream_status(code, fw.local_final) {
-            c if c != code => (
-                c,
-                local_response(&self.cfg.server_header, &fw.request, fw.upstream.source, c).build(),
-            ),
-            _ => (code, bytes),
-        };
-        let Some(fw) = self.forwards.get_mut(key) else {
-            return;
-        };
-        fw.final_sent = true;
-        fw.best = None;
-        let call = fw.call.then(|| call_id_of(&fw.request));
-        match fw.invite.as_mut() {
-            Some(inv) => {
-                inv.send_response(code, bytes, now);
-                self.events.push_back(Event::Final {
-                    key: key.clone(),
-                    code,
-                    record: None,
-                    reliable: fw.upstream.reliable,
-                });
-            }
-            None => {
-                let upstream = fw.upstream.clone();
-                self.answer_non_invite(key.clone(), &upstream, code, bytes);
-            }
-        }
-        if let Some(call_id) = call {
-            self.events.push_back(Event::MediaEnd {
-                call_id: call_id.clone(),
-            });
-            self.events.push_back(Event::CallFailed { call_id, code });
-        }
-    }
-
-    /// A final response to a request without an INVITE server transaction: sent once, and
-    /// handed to the driver's non-INVITE server transaction.
-    fn answer_non_invite(&mut self, key: TxKey, upstream: &Upstream<U>, code: u16, bytes: Bytes) {
-        self.transmits.push_back(Transmit::Upstream {
-            to: upstream.to.clone(),
-            bytes: bytes.clone(),
-        });
-        self.events.push_back(Event::Final {
-            key,
-            code,
-            record: Some(bytes),
-            reliable: upstream.reliable,
-        });
-    }
-
-    /// CANCELs every branch of `key` that has no final response yet (§16.10).
-    fn cancel_pending(&mut self, key: &TxKey, now: Instant) {
-        let Some(fw) = self.forwards.get(key) else {
-            return;
-        };
-        for name in fw.branches.clone() {
-            self.cancel_branch(&name, now);
-        }
-    }
-
-    fn cancel_branch(&mut self, name: &str, now: Instant) {
-        let Some(b) = self.branches.get(&BranchKey::request(name)) else {
-            return;
-        };
-        let cancel_key = BranchKey::cancel(name);
-        if b.done
-            || b.tx.request().method() != Method::Invite
-            || self.branches.contains_key(&cancel_key)
-        {
-            return;
-        }
-        let Ok(cancel) =
-            Message::parse(request::cancel_for(b.tx.request()), &self.cfg.parse_limits)
-        else {
-            return;
-        };
-        let reliable = b.tx.is_reliable();
-        let (forward, to) = (b.forward.clone(), b.to.clone());
-        let tx = ClientTransaction::new(cancel, reliable, self.cfg.timers, now);
-        self.insert_branch(cancel_key, tx, forward, to);
-    }
-
-    fn insert_branch(&mut self, bk: BranchKey, tx: ClientTransaction, forward: TxKey, to: D) {
-        self.branches.insert(
-            bk.clone(),
-            Branch {
-                tx,
-                forward,
-                to,
-                done: false,
-            },
-        );
-        self.drain_branch(&bk);
-        self.schedule_branch(&bk);
-    }
-
-    fn drain_branch(&mut self, bk: &BranchKey) {
-        let Some(b) = self.branches.get_mut(bk) else {
-            return;
-        };
-        while let Some(bytes) = b.tx.poll_transmit() {
-            self.transmits.push_back(Transmit::Downstream {
-                branch: bk.clone(),
-                to: b.to.clone(),
-                bytes,
-            });
-        }
-    }
-
-    fn drain_forward(&mut self, key: &TxKey) {
-        let Some(fw) = self.forwards.get_mut(key) else {
-            return;
-        };
-        if let Some(inv) = fw.invite.as_mut() {
-            while let Some(bytes) = inv.poll_transmit() {
-                self.transmits.push_back(Transmit::Upstream {
-                    to: fw.upstream.to.clone(),
-                    bytes,
-                });
-            }
-        }
-    }
-
-    fn schedule_branch(&mut self, bk: &BranchKey) {
-        if let Some(at) = self.branches.get(bk).and_then(|b| b.tx.poll_timeout()) {
-            self.timers.push(Reverse((at, Timed::Branch(bk.clone()))));
-        }
-    }
-
-    fn schedule_forward(&mut self, key: &TxKey) {
-        if let Some(at) = self
-            .forwards
-            .get(key)
-            .and_then(|f| f.invite.as_ref())
-            .and_then(|i| i.poll_timeout())
-        {
-            self.timers.push(Reverse((at, Timed::Forward(key.clone()))));
-        }
-    }
-
-    /// Removes a terminated branch, then its forward if nothing of it is left.
-    fn reap_branch(&mut self, bk: &BranchKey) {
-        let Some(b) = self.branches.get(bk) else {
-            return;
-        };
-        if !b.tx.is_terminated() {
-            return;
-        }
-        let key = b.forward.clone();
-        self.branches.remove(bk);
-        self.reap_forward(&key);
-    }
-
-    fn reap_forward(&mut self, key: &TxKey) {
-        let Some(fw) = self.forwards.get(key) else {
-            return;
-        };
-        let server_done = match &fw.invite {
-            Some(inv) => inv.is_terminated(),
-            None => fw.final_sent,
-        };
-        let branch_alive = fw.branches.iter().any(|n| {
-            self.branches.contains_key(&BranchKey::request(n))
-                || self.branches.contains_key(&BranchKey::cancel(n))
-        });
-        if server_done && !branch_alive {
-            self.forwards.remove(key);
-        }
-    }
-
-    /// Gives back table capacity after a burst (HashMaps never shrink by themselves, and
-    /// these hold whole transactions inline).
-    fn shrink(&mut self) {
-        if self.forwards.capacity() > 4 * self.forwards.len() + 1024 {
-            self.forwards.shrink_to(2 * self.forwards.len());
-        }
-        if self.branches.capacity() > 4 * self.branches.len() + 1024 {
-            self.branches.shrink_to(2 * self.branches.len());
-        }
-        if self.timers.capacity() > 4 * self.timers.len() + 1024 {
-            self.timers.shrink_to(2 * self.timers.len());
-        }
-    }
-}
-
-/// A response of ours to a forwarded request, with what every response of ours carries.
-fn local_response<'m>(
-    server_header: &str,
-    request: &'m Message,
-    source: SocketAddr,
-    code: u16,
-) -> ResponseBuilder<'m> {
-    ResponseBuilder::new(request, code)
-        .source(source)
-        .to_tag(super::local_tag(request))
-        .header("Server", server_header)
-}
-
-fn call_id_of(msg: &Message) -> Box<str> {
-    msg.call_id().unwrap_or_default().into()
 }
