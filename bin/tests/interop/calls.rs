@@ -162,6 +162,15 @@ fn sipp_calls_through_the_proxy_over_tcp() {
     sipp_calls("t1", "t1");
 }
 
+/// The two users of most call tests: alice (a raw UA, not registered: she only calls) and
+/// bob (a raw device, registered). Returns (alice, bob).
+fn alice_and_bob(server: &Server) -> (Ua, Ua) {
+    server.add_user("alice", "pw-alice");
+    server.add_user("bob", "pw-bob");
+    let bob = device(server, "bob", "pw-bob");
+    (Ua::new(server.sip_addr()), bob)
+}
+
 /// A raw user agent on its own port, registered as `user`.
 fn device(server: &Server, user: &str, password: &str) -> Ua {
     let ua = Ua::new(server.sip_addr());
@@ -187,10 +196,7 @@ fn an_invite_retransmitted_while_its_route_lookup_is_slow_reaches_the_callee_onc
         DOMAIN,
         &[("REDIS_URL", &format!("redis://127.0.0.1:{}/14", relay.port))],
     );
-    server.add_user("alice", "pw-alice");
-    server.add_user("bob", "pw-bob");
-    let bob = device(&server, "bob", "pw-bob");
-    let a = Ua::new(server.sip_addr());
+    let (a, bob) = alice_and_bob(&server);
     let authorized = authorized_invite(&a, DOMAIN, ("alice", "pw-alice"), "bob", "cslow");
     relay.slow_down(1500);
     let sent = Instant::now();
@@ -359,10 +365,7 @@ fn unknown_and_unregistered_users_get_404_and_480() {
 #[test]
 fn message_is_delivered() {
     let server = Server::start(DOMAIN);
-    server.add_user("alice", "pw-alice");
-    server.add_user("bob", "pw-bob");
-    let bob = device(&server, "bob", "pw-bob");
-    let a = Ua::new(server.sip_addr());
+    let (a, bob) = alice_and_bob(&server);
     let port = a.port();
     let msg = |cseq: u32, extra: &str| {
         format!(
@@ -420,10 +423,7 @@ fn forking_rings_every_device_and_cancels_the_loser() {
 #[test]
 fn caller_cancels_a_ringing_call() {
     let server = Server::start(DOMAIN);
-    server.add_user("alice", "pw-alice");
-    server.add_user("bob", "pw-bob");
-    let bob = device(&server, "bob", "pw-bob");
-    let a = Ua::new(server.sip_addr());
+    let (a, bob) = alice_and_bob(&server);
     let sent = invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "cancel1");
     let inv = expect(&bob, "INVITE ");
     answer(&bob, &inv, 180);
@@ -634,10 +634,7 @@ fn without_peering_other_domains_are_refused() {
 #[test]
 fn timer_c_cancels_a_branch_that_rings_too_long() {
     let server = Server::start_with(DOMAIN, &[("TIMER_C", "1")]);
-    server.add_user("alice", "pw-alice");
-    server.add_user("bob", "pw-bob");
-    let bob = device(&server, "bob", "pw-bob");
-    let a = Ua::new(server.sip_addr());
+    let (a, bob) = alice_and_bob(&server);
     invite_authorized(&a, DOMAIN, ("alice", "pw-alice"), "bob", "ring1");
     let inv = expect(&bob, "INVITE ");
     answer(&bob, &inv, 180);
@@ -652,10 +649,7 @@ fn timer_c_cancels_a_branch_that_rings_too_long() {
 #[test]
 fn in_dialog_requests_follow_the_record_route_and_other_methods_are_routed() {
     let server = Server::start(DOMAIN);
-    server.add_user("alice", "pw-alice");
-    server.add_user("bob", "pw-bob");
-    let bob = device(&server, "bob", "pw-bob");
-    let a = Ua::new(server.sip_addr());
+    let (a, bob) = alice_and_bob(&server);
     // OPTIONS to a user is proxied (after authentication) like any request.
     let port = a.port();
     let options = |cseq: u32, extra: &str| {
@@ -824,10 +818,7 @@ fn hop_limit_loops_and_a_6xx_end_the_search() {
 #[test]
 fn subscribe_notify_refer_and_prack_pass_through() {
     let server = Server::start(DOMAIN);
-    server.add_user("alice", "pw-alice");
-    server.add_user("bob", "pw-bob");
-    let bob = device(&server, "bob", "pw-bob");
-    let a = Ua::new(server.sip_addr());
+    let (a, bob) = alice_and_bob(&server);
     let port = a.port();
     // SUBSCRIBE out of dialog (authenticated), then NOTIFY back along the recorded route.
     let sub = |cseq: u32, extra: &str| {

@@ -49,17 +49,15 @@ pub struct App {
     pub(crate) me: Weak<App>,
     ids: AtomicU64,
     pub(crate) proxy: Mutex<routing::ProxyTables>,
-    /// Local IP per destination, for choosing the interface a proxied request leaves by.
-    pub(crate) route_cache: Mutex<std::collections::HashMap<std::net::IpAddr, std::net::IpAddr>>,
-    bound: OnceLock<Vec<ListenSpec>>,
+    /// Our listeners and which of them faces a peer.
+    pub(crate) interfaces: crate::interfaces::Interfaces,
     /// Which AoRs registered over which connection.
     pub(crate) flows: crate::flows::FlowIndex,
     /// Keep-alive probes to devices behind NAT.
     pub(crate) keepalives: Mutex<careflow_core::keepalive::Tracker>,
     /// The rtpengine client, when media anchoring is configured.
-    pub(crate) media_engine: OnceLock<Arc<crate::rtpengine::RtpEngine>>,
     /// Calls whose media is anchored.
-    pub(crate) media_calls: crate::media::calls::MediaCalls,
+    pub(crate) media: Arc<crate::media::MediaAnchor>,
     /// Responses waiting, by Call-ID, behind an earlier response of the call that is still at
     /// rtpengine (so they leave in arrival order).
     pub(crate) held_responses: Mutex<std::collections::HashMap<String, HeldResponses>>,
@@ -91,6 +89,7 @@ impl App {
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
         let start = u64::from_le_bytes(seed) & ((1 << 52) - 1);
+        let media_policy = cfg.media.as_ref().map(|m| m.policy);
         let proxy = Mutex::new(routing::ProxyTables::new(
             careflow_core::proxy::ProxyConfig {
                 timers: cfg.timers,
@@ -110,12 +109,10 @@ impl App {
             me,
             ids: AtomicU64::new(start),
             proxy,
-            route_cache: Mutex::default(),
-            bound: OnceLock::new(),
+            interfaces: Default::default(),
             flows: crate::flows::FlowIndex::default(),
             keepalives: Default::default(),
-            media_engine: OnceLock::new(),
-            media_calls: Default::default(),
+            media: Arc::new(crate::media::MediaAnchor::new(media_policy)),
             held_responses: Mutex::default(),
             draining: Default::default(),
             inflight: Default::default(),
@@ -124,23 +121,14 @@ impl App {
 
     pub(crate) fn set_transports(&self, t: Transports, bound: Vec<ListenSpec>) {
         let _ = self.transports.set(t);
-        let _ = self.bound.set(bound);
+        self.interfaces.set_bound(bound);
     }
 
     pub(crate) fn transports(&self) -> Option<Transports> {
         self.transports.get().cloned()
     }
 
-    pub(crate) fn bound_listeners(&self) -> &[ListenSpec] {
-        self.bound.get().map_or(&[], Vec::as_slice)
-    }
-
     /// A process-unique number: binding ids and the unique part of our branches.
-    /// A new Via branch for a request we forward (RFC 3261 §16.6 step 8).
-    pub(crate) fn new_branch(&self, msg: &Message) -> String {
-        careflow_core::proxy::branch(&careflow_core::proxy::loop_hash(msg), self.next_id())
-    }
-
     pub(crate) fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
@@ -173,8 +161,8 @@ impl App {
             refused_connections: stats
                 .as_ref()
                 .map_or(0, |s| s.refused_connections.load(Ordering::Relaxed)),
-            media_sessions: self.media_active() as u64,
-            rtpengine: self.rtpengine().map_or((0, 0, 0), |e| {
+            media_sessions: self.media.active() as u64,
+            rtpengine: self.media.engine().map_or((0, 0, 0), |e| {
                 (
                     e.stats.answered.load(Ordering::Relaxed),
                     e.stats.errors.load(Ordering::Relaxed),

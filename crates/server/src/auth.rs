@@ -3,19 +3,23 @@
 //! forwards for our users by the proxy (407, `Proxy-Authenticate`/`Proxy-Authorization`).
 //!
 //! Two steps so the synchronous checks run on the receiving task and only a request with
-//! plausible credentials waits for the store: [`App::prepare_auth`] (credentials for our realm,
-//! the identity, realm/algorithm/nonce), then [`App::verify_auth`] (the subscriber's HA1). Both
+//! plausible credentials waits for the store: [`Digest::prepare`] (credentials for our realm,
+//! the identity, realm/algorithm/nonce), then [`Digest::verify`] (the subscriber's HA1). Both
 //! say who failed in an [`AuthError`]; the log line, the metric and the brute-force count are
-//! done here once, and [`App::auth_answer`] turns the error into the response.
+//! done here once, and [`Digest::answer`] turns the error into the response. A [`Digest`]
+//! borrows only what authentication needs (`App::digest` lends one).
 
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use careflow_core::auth::{Failure, Pending, Verdict};
+use careflow_core::auth::{Authenticator, Failure, Pending, Verdict};
+use careflow_core::guard::Guard;
 use careflow_proto::digest::Credentials;
-use careflow_proto::{HeaderName, Message};
+use careflow_proto::{HeaderName, Message, ResponseBuilder};
+use careflow_store::SubscriberStore;
 
-use crate::app::{App, Ctx};
+use crate::app::{App, Ctx, to_tag};
+use crate::metrics::Metrics;
 
 /// Who authenticates: the registrar or the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,10 +86,33 @@ pub(crate) struct Prepared<'m> {
     pending: Pending,
 }
 
+/// Digest authentication with only what it needs: the nonces and verification, the
+/// subscriber store, the counters and the guard that counts guesses.
+pub(crate) struct Digest<'a> {
+    auth: &'a Authenticator,
+    subscribers: &'a dyn SubscriberStore,
+    metrics: &'a Metrics,
+    guard: Option<&'a Guard>,
+    server_header: &'a str,
+}
+
 impl App {
+    /// The application's digest authentication.
+    pub(crate) fn digest(&self) -> Digest<'_> {
+        Digest {
+            auth: &self.auth,
+            subscribers: &*self.subscribers,
+            metrics: &self.metrics,
+            guard: self.cfg.guard.as_deref(),
+            server_header: &self.cfg.server_header,
+        }
+    }
+}
+
+impl Digest<'_> {
     /// First step, synchronous: the credentials for `realm` in `challenger`'s header, naming
     /// `user`, with a realm, algorithm, qop and nonce we accept.
-    pub(crate) fn prepare_auth<'m>(
+    pub(crate) fn prepare<'m>(
         &self,
         msg: &'m Message,
         ctx: &Ctx,
@@ -108,7 +135,7 @@ impl App {
         match self.auth.prepare(&creds, realm, now) {
             Ok(pending) => Ok(Prepared { creds, pending }),
             Err(f) => {
-                self.auth_refused(ctx, &creds.username, realm, f);
+                self.refused(ctx, &creds.username, realm, f);
                 Err(AuthError::Refused { stale: false })
             }
         }
@@ -116,7 +143,7 @@ impl App {
 
     /// Second step: the response against the subscriber's HA1 (a decoy for unknown or disabled
     /// users, so they look alike).
-    pub(crate) async fn verify_auth(
+    pub(crate) async fn verify(
         &self,
         msg: &Message,
         ctx: &Ctx,
@@ -147,7 +174,7 @@ impl App {
         ) {
             Ok(()) => Ok(()),
             Err((f, verdict)) => {
-                self.auth_refused(ctx, username, realm, f);
+                self.refused(ctx, username, realm, f);
                 Err(AuthError::Refused {
                     stale: matches!(verdict, Verdict::Challenge { stale: true }),
                 })
@@ -156,7 +183,7 @@ impl App {
     }
 
     /// The answer to `err`: a fresh challenge, 403 or 503.
-    pub(crate) fn auth_answer(
+    pub(crate) fn answer(
         &self,
         msg: &Message,
         ctx: &Ctx,
@@ -205,9 +232,9 @@ impl App {
     /// authentication; a stale, reused or foreign nonce, or a realm or algorithm we do not
     /// offer, is only answered with a fresh challenge. Browser SIP stacks that resend a cached
     /// nonce with the same nc on every refresh must never be banned for it.
-    fn auth_refused(&self, ctx: &Ctx, user: &str, realm: &str, f: Failure) {
+    fn refused(&self, ctx: &Ctx, user: &str, realm: &str, f: Failure) {
         if f.is_guess() {
-            self.auth_failed(ctx, user, realm, failure_text(f));
+            self.failed(ctx, user, realm, failure_text(f));
         } else {
             self.metrics
                 .auth_rechallenges
@@ -219,7 +246,7 @@ impl App {
 
     /// One failed guess (never the first challenge of a normal registration): the stable
     /// security log line, the metric, and the brute-force count that may ban the flow.
-    fn auth_failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
+    fn failed(&self, ctx: &Ctx, user: &str, realm: &str, reason: &str) {
         self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         // The user name comes from the network: keep the line one line, and short.
         let user: String = user
@@ -234,13 +261,23 @@ impl App {
             ctx.source.port(),
             reason.replace(' ', "_")
         );
-        if let Some(guard) = self.cfg.guard.as_ref()
+        if let Some(guard) = self.guard
             && let Some((scope, reason)) =
                 guard.auth_failed(ctx.source, &user, std::time::Instant::now())
         {
             self.metrics.bans.fetch_add(1, Ordering::Relaxed);
             careflow_transport::log_ban(scope, reason, guard.config().ban_time);
         }
+    }
+}
+
+impl Digest<'_> {
+    /// A response of ours, with what every response of ours carries.
+    fn reply<'m>(&self, msg: &'m Message, ctx: &Ctx, code: u16) -> ResponseBuilder<'m> {
+        ResponseBuilder::new(msg, code)
+            .source(ctx.source)
+            .to_tag(to_tag(msg))
+            .header("Server", self.server_header)
     }
 }
 

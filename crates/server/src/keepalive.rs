@@ -77,7 +77,7 @@ impl App {
         let domain = self.cfg.domains.first().map_or("localhost", String::as_str);
         for id in &round.probe {
             let Some(b) = nated.get(id) else { continue };
-            let Some(local) = self.listener_towards(Transport::Udp, b.source) else {
+            let Some(local) = self.interfaces.listener_towards(Transport::Udp, b.source) else {
                 continue;
             };
             let bytes = options(b, local, round.number, domain);

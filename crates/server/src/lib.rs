@@ -3,7 +3,8 @@
 //!
 //! Modules form layers and never import upwards (scripts/check-module-cycles):
 //! - state and sending: [`app`] (the application's state, `reply`/`send_*`), [`routing`]
-//!   (where responses go; the caller's way back and a branch's target), `config`, `clock`,
+//!   (where responses go; the caller's way back and a branch's target), `interfaces` (our
+//!   listeners and which faces a peer), `config`, `clock`,
 //!   [`metrics`], `flows`, [`rtpengine`];
 //! - handlers: `auth` (digest for registrar and proxy), [`register`], `proxy` (drives
 //!   `careflow_core::proxy::ProxyTable`), [`media`], [`keepalive`], `drain`;
@@ -17,6 +18,7 @@ mod config;
 mod dispatch;
 mod drain;
 mod flows;
+mod interfaces;
 pub mod keepalive;
 pub mod media;
 pub mod metrics;
@@ -99,7 +101,7 @@ pub async fn start(
     if let Some(m) = cfg.media.as_ref().filter(|m| !m.rtpengine.is_empty()) {
         match rtpengine::RtpEngine::start(m.rtpengine.clone(), m.timeout, cancel.clone()).await {
             Ok(engine) => {
-                let _ = app.media_engine.set(engine);
+                app.media.set_engine(engine);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the rtpengine control socket; calls keep their own SDP")
@@ -113,10 +115,10 @@ pub async fn start(
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     if let Some(m) = cfg.media.as_ref()
-        && app.rtpengine().is_some()
+        && app.media.engine().is_some()
     {
         tasks.spawn(media::check_calls(
-            app.clone(),
+            app.media.clone(),
             m.check_interval,
             cancel.clone(),
         ));

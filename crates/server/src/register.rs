@@ -146,11 +146,12 @@ impl App {
             .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
 
         // Digest authentication (RFC 3261 §22.4).
-        let auth = self
-            .prepare_auth(msg, ctx, Challenger::Registrar, &domain, &user, now)
+        let digest = self.digest();
+        let auth = digest
+            .prepare(msg, ctx, Challenger::Registrar, &domain, &user, now)
             .map_err(|e| {
                 let (code, bytes) =
-                    self.auth_answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
+                    digest.answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
                 match e {
                     AuthError::Missing | AuthError::Refused { .. } => Early::Challenge(bytes),
                     AuthError::WrongIdentity | AuthError::Store => Early::Reply(code, bytes),
@@ -178,8 +179,10 @@ impl App {
             Err(Early::Challenge(b)) => return (401, b),
             Err(Early::Reply(code, b)) => return (code, b),
         };
-        if let Err(e) = self.verify_auth(msg, ctx, &domain, &auth, now).await {
-            return self.auth_answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
+        if let Err(e) = self.digest().verify(msg, ctx, &domain, &auth, now).await {
+            return self
+                .digest()
+                .answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
         }
 
         let ext = extensions(msg, &contacts);

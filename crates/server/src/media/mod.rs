@@ -13,7 +13,6 @@ use careflow_core::media::{Leg, Party, Policy, Seen, Session};
 use careflow_proto::bencode::Value;
 use careflow_proto::{HeaderName, Message, Method};
 
-use crate::app::{App, Ctx};
 pub use crate::config::MediaConfig;
 use crate::rtpengine::RtpEngine;
 use calls::MediaCall;
@@ -33,6 +32,27 @@ pub(crate) fn sdp(msg: &Message) -> Option<&str> {
 pub(crate) fn with_body(msg: &Message, body: &str) -> Option<Message> {
     let bytes = careflow_proto::rewrite::replace_body(msg, body.as_bytes());
     Message::parse(bytes, &careflow_proto::ParseLimits::default()).ok()
+}
+
+/// The caller of a call as media anchoring sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caller {
+    /// The transport the INVITE came over (its leg when it carries no SDP).
+    pub(crate) transport: Transport,
+    /// Where it came from.
+    pub(crate) source: IpAddr,
+    /// The caller is behind NAT or on its own connection.
+    pub(crate) behind_nat: bool,
+}
+
+/// Media anchoring at rtpengine: the policy, the engine's client once it is started, and the
+/// anchored calls. The proxy hands it messages and gets them back with rtpengine's SDP; it
+/// knows nothing of the proxy's state.
+#[derive(Debug, Default)]
+pub(crate) struct MediaAnchor {
+    policy: Option<Policy>,
+    engine: std::sync::OnceLock<Arc<RtpEngine>>,
+    calls: calls::MediaCalls,
 }
 
 /// One branch of a call as media anchoring sees it.
@@ -80,18 +100,31 @@ fn seen<'a>(msg: &'a Message, body: &'a str, source: IpAddr) -> Option<Seen<'a>>
     })
 }
 
-impl App {
-    pub(crate) fn rtpengine(&self) -> Option<&Arc<RtpEngine>> {
-        self.media_engine.get()
+impl MediaAnchor {
+    /// Anchoring by `policy` (none: never), without an engine until [`Self::set_engine`].
+    pub(crate) fn new(policy: Option<Policy>) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// The rtpengine client, once its control socket is open.
+    pub(crate) fn set_engine(&self, engine: Arc<RtpEngine>) {
+        let _ = self.engine.set(engine);
+    }
+
+    pub(crate) fn engine(&self) -> Option<&Arc<RtpEngine>> {
+        self.engine.get()
     }
 
     fn with_session<T>(&self, call_id: &str, f: impl FnOnce(&mut MediaCall) -> T) -> Option<T> {
-        self.media_calls.lock().ok()?.get_mut(call_id).map(f)
+        self.calls.lock().ok()?.get_mut(call_id).map(f)
     }
 
     /// Runs one command; the message comes back with rtpengine's SDP, or as it was.
     async fn through_engine(&self, msg: Message, call_id: &str, cmd: Value) -> Message {
-        let Some(engine) = self.rtpengine() else {
+        let Some(engine) = self.engine() else {
             return msg;
         };
         match engine.command(call_id, &cmd).await {
@@ -107,13 +140,15 @@ impl App {
     /// The initial INVITE of a call, before it is forked to `callees`. When the policy
     /// anchors the call, its SDP is offered to rtpengine: once when every branch speaks the
     /// same kind of media, else once per branch (each branch then gets its own offer).
-    pub(crate) async fn media_initial(
+    /// `new_branch` makes a Via branch for a branch that gets an offer of its own.
+    pub(crate) async fn initial(
         &self,
         msg: Message,
-        ctx: &Ctx,
+        caller: Caller,
         callees: &[Callee],
+        mut new_branch: impl FnMut() -> String,
     ) -> Anchored {
-        let Some(engine) = self.rtpengine() else {
+        let Some(engine) = self.engine() else {
             return Anchored::unchanged(msg);
         };
         let (Some(call_id), Some(from_tag)) = (
@@ -125,14 +160,14 @@ impl App {
         let body = sdp(&msg).map(str::to_string);
         let caller_leg = match &body {
             Some(b) => Leg::of_sdp(b),
-            None => Leg::of_transport(ctx.transport),
+            None => Leg::of_transport(caller.transport),
         };
         let legs: Vec<Leg> = callees
             .iter()
             .map(|c| Leg::of_transport(c.transport))
             .collect();
-        let natted = callees.iter().any(|c| c.behind_nat) || App::sender_needs_flow(&msg, ctx);
-        let wanted = match self.cfg.media.as_ref().map(|m| m.policy) {
+        let natted = callees.iter().any(|c| c.behind_nat) || caller.behind_nat;
+        let wanted = match self.policy {
             Some(Policy::Always) => true,
             Some(Policy::WhenNeeded) => natted || legs.iter().any(|c| *c != caller_leg),
             _ => false,
@@ -142,7 +177,7 @@ impl App {
         };
         let caller = Party {
             leg: caller_leg,
-            source: ctx.source.ip(),
+            source: caller.source,
         };
         let mut session = Session::new(
             &call_id,
@@ -150,13 +185,13 @@ impl App {
             caller,
             Party {
                 leg: first,
-                source: ctx.source.ip(),
+                source: caller.source,
             },
         );
         let Some(body) = body else {
             // Late offer: the callee's 2xx offers, the caller's ACK answers.
             session.expect_late_offer();
-            self.media_keep(&call_id, session);
+            self.keep(&call_id, session);
             return Anchored::unchanged(msg);
         };
         let anchored = if legs.iter().all(|c| *c == first) {
@@ -173,7 +208,7 @@ impl App {
             let mut offers = Vec::with_capacity(legs.len());
             let mut failed = false;
             for leg in &legs {
-                let branch = self.new_branch(&msg);
+                let branch = new_branch();
                 let cmd = session.initial_offer(&body, *leg, Some(&branch));
                 match engine.command(&call_id, &cmd).await {
                     Ok(Some(body)) => offers.push(BranchOffer { branch, body }),
@@ -201,15 +236,15 @@ impl App {
         match anchored {
             Some(a) => {
                 session.at_engine = true;
-                self.media_keep(&call_id, session);
+                self.keep(&call_id, session);
                 a
             }
             None => Anchored::unchanged(msg),
         }
     }
 
-    fn media_keep(&self, call_id: &str, session: Session) {
-        if let Ok(mut calls) = self.media_calls.lock() {
+    fn keep(&self, call_id: &str, session: Session) {
+        if let Ok(mut calls) = self.calls.lock() {
             calls.insert(
                 call_id.to_string(),
                 MediaCall {
@@ -222,10 +257,10 @@ impl App {
 
     /// An in-dialog request of an anchored call: re-INVITE/UPDATE offers, the ACK answering a
     /// late offer. Returns the request to forward.
-    pub(crate) async fn media_request(&self, msg: Message, source: IpAddr) -> Message {
+    pub(crate) async fn request(&self, msg: Message, source: IpAddr) -> Message {
         // Every in-dialog request and ACK comes through here: nothing to do without rtpengine.
         let method = msg.method();
-        if self.rtpengine().is_none()
+        if self.engine().is_none()
             || !matches!(method, Method::Invite | Method::Update | Method::Ack)
         {
             return msg;
@@ -262,7 +297,7 @@ impl App {
 
     /// Whether a response needs rtpengine before it is relayed: a 18x/2xx with SDP to an
     /// INVITE or UPDATE of an anchored call.
-    pub(crate) fn media_response_needed(&self, msg: &Message) -> bool {
+    pub(crate) fn response_needed(&self, msg: &Message) -> bool {
         let Some(code) = msg.status() else {
             return false;
         };
@@ -273,7 +308,7 @@ impl App {
             return false;
         }
         msg.call_id().is_some_and(|c| {
-            self.media_calls
+            self.calls
                 .lock()
                 .map(|m| m.contains_key(c))
                 .unwrap_or(false)
@@ -281,7 +316,7 @@ impl App {
     }
 
     /// Runs `answer` (or a late `offer`) for a response; returns it rewritten, or as it was.
-    pub(crate) async fn media_response(&self, msg: Message, source: IpAddr) -> Message {
+    pub(crate) async fn response(&self, msg: Message, source: IpAddr) -> Message {
         let (Some(call_id), Some(body)) = (msg.call_id().map(str::to_string), sdp(&msg)) else {
             return msg;
         };
@@ -301,16 +336,16 @@ impl App {
     }
 
     /// Ends the media session of a call (BYE, CANCEL, failure).
-    pub(crate) fn media_end(&self, call_id: &str) {
+    pub(crate) fn end(&self, call_id: &str) {
         let known = self
-            .media_calls
+            .calls
             .lock()
             .map(|mut m| m.remove(call_id).is_some_and(|c| c.session.at_engine))
             .unwrap_or(false);
         if !known {
             return;
         }
-        let Some(engine) = self.rtpengine().cloned() else {
+        let Some(engine) = self.engine().cloned() else {
             return;
         };
         let call_id = call_id.to_string();
@@ -322,20 +357,20 @@ impl App {
     }
 
     /// Active anchored calls (metrics).
-    pub(crate) fn media_active(&self) -> usize {
-        self.media_calls.lock().map(|m| m.len()).unwrap_or(0)
+    pub(crate) fn active(&self) -> usize {
+        self.calls.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Forgets anchored calls rtpengine no longer holds: it drops a call on its own when no
     /// media flows for a while, which is how calls end whose phones vanished without a BYE.
     /// At most `MAX_CHECKS` calls not checked for `every` are asked about per round.
-    pub(crate) async fn media_check(&self, every: Duration) {
+    pub(crate) async fn check(&self, every: Duration) {
         const MAX_CHECKS: usize = 1000;
-        let Some(engine) = self.rtpengine() else {
+        let Some(engine) = self.engine() else {
             return;
         };
         let now = Instant::now();
-        let due: Vec<String> = match self.media_calls.lock() {
+        let due: Vec<String> = match self.calls.lock() {
             Ok(calls) => calls
                 .iter()
                 .filter(|(_, c)| c.session.at_engine && now.duration_since(c.checked) >= every)
@@ -354,7 +389,7 @@ impl App {
                 Err(_) => false,
             };
             if gone {
-                self.media_calls.lock().ok().map(|mut m| m.remove(&call_id));
+                self.calls.lock().ok().map(|mut m| m.remove(&call_id));
                 engine.forget(&call_id);
                 tracing::info!(
                     call_id,
@@ -369,7 +404,7 @@ impl App {
 
 /// Checks anchored calls against rtpengine every `every`.
 pub(crate) async fn check_calls(
-    app: Arc<App>,
+    media: Arc<MediaAnchor>,
     every: Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
@@ -378,7 +413,7 @@ pub(crate) async fn check_calls(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => app.media_check(every).await,
+            _ = tick.tick() => media.check(every).await,
         }
     }
 }

@@ -14,7 +14,7 @@ impl App {
         let mf = proxy::next_max_forwards(&msg).unwrap_or(0);
         let step = proxy::route_step(&msg, |u| self.is_ours(u));
         let hash = proxy::loop_hash(&msg);
-        let in_addr = self.inbound_addr(&ctx);
+        let in_addr = self.interfaces.inbound(ctx.local, ctx.source);
         let in_token = Self::sender_needs_flow(&msg, &ctx).then(|| {
             Flow {
                 transport: ctx.transport,
@@ -33,12 +33,14 @@ impl App {
         } in targets
         {
             let branch = branch.unwrap_or_else(|| proxy::branch(&hash, self.next_id()));
-            let out_addr = self.outbound_addr(target.transport, target.dest, &ctx);
+            let out_addr =
+                self.interfaces
+                    .outbound(target.transport, target.dest, ctx.local, ctx.source);
             let target = Target {
                 local: Some(out_addr),
                 ..target
             };
-            let via = Self::via_at(target.transport, out_addr, &branch);
+            let via = via_at(target.transport, out_addr, &branch);
             // Record-Route (§16.6 step 4): once, or twice when the call changes transport or
             // interface, so each side reaches us where it can (RFC 5658): the top entry faces
             // the callee, the other the caller. An entry facing a UA behind NAT or on its own
@@ -52,10 +54,10 @@ impl App {
             let rr_lines: Vec<String> = match (record, double) {
                 (false, _) => Vec::new(),
                 (true, true) => vec![
-                    Self::record_route_at(target.transport, out_addr, out_token.as_deref()),
-                    Self::record_route_at(ctx.transport, in_addr, in_token.as_deref()),
+                    record_route_at(target.transport, out_addr, out_token.as_deref()),
+                    record_route_at(ctx.transport, in_addr, in_token.as_deref()),
                 ],
-                (true, false) => vec![Self::record_route_at(
+                (true, false) => vec![record_route_at(
                     ctx.transport,
                     in_addr,
                     in_token.as_deref().or(out_token.as_deref()),

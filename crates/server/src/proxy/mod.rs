@@ -7,15 +7,16 @@
 //! entry point is one [`App::with_proxy`] call, which then sends what the table queued and acts
 //! on its events (metrics, logs, the end of a call's media).
 //!
-//! Where an INVITE goes, file by file: `app.rs` parses and dispatches it to
+//! Where an INVITE goes, file by file: `dispatch.rs` parses and dispatches it to
 //! [`App::proxy_invite`] (here: its server transaction and 100 Trying come first, then routing
 //! runs in a task); `route.rs` decides where it goes (`decide`: hop limit, loops, in-dialog
 //! Route/flow token, our users' bindings, the gateway; proxy authentication through
-//! `auth.rs`); `media.rs` gives the hops their rtpengine offers; `fork.rs` builds the request for each
-//! target (Via, Record-Route, flow tokens) and hands them to the table; `respond.rs` keeps a
-//! call's responses in arrival order (behind one still at rtpengine) and gives them to the
-//! table, which relays provisionals and 2xx and picks the final answer; `proxy_tick` here runs
-//! the table's timers and `addr.rs` says which of our addresses face a peer.
+//! `auth.rs`'s `Digest`); `media/` (the `MediaAnchor`) gives each branch its rtpengine offer;
+//! `fork.rs` builds the request for each target (Via, Record-Route, flow tokens, with our
+//! addresses from `interfaces.rs`) and hands them to the table; `respond.rs` keeps a call's
+//! responses in arrival order (behind one still at rtpengine) and gives them to the table,
+//! which relays provisionals and 2xx and picks the final answer; `proxy_tick` here runs the
+//! table's timers; `addr.rs` says whether a URI names us.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use careflow_transport::{ConnId, Outbound};
 use crate::app::{App, Ctx};
 use crate::auth::Challenger;
 use crate::clock::unix_now;
+use crate::interfaces::{record_route_at, via_at};
 use crate::routing::{Back, ProxyTables, Target};
 
 mod addr;
@@ -152,7 +154,7 @@ impl App {
                     self.metrics.call_failed(code);
                     tracing::info!(call_id = &*call_id, code, "call failed");
                 }
-                Event::MediaEnd { call_id } => self.media_end(&call_id),
+                Event::MediaEnd { call_id } => self.media.end(&call_id),
             }
         }
     }
@@ -273,7 +275,7 @@ impl App {
         tokio::spawn(async move {
             let _busy = busy;
             // An ACK may answer a late offer of an anchored call.
-            let msg = app.media_request(msg, ctx.source.ip()).await;
+            let msg = app.media.request(msg, ctx.source.ip()).await;
             if let Some((target, bytes)) = app.stateless_forward(&msg, &ctx).await {
                 app.send_out(target.outbound(bytes));
             }

@@ -18,7 +18,7 @@ impl App {
                 q.push_back((msg, source));
                 return;
             }
-            if !self.media_response_needed(&msg) {
+            if !self.media.response_needed(&msg) {
                 drop(held);
                 self.relay_response(msg);
                 return;
@@ -35,8 +35,8 @@ impl App {
         let call_id = first.call_id().unwrap_or_default().to_string();
         let mut next = Some((first, source));
         while let Some((msg, source)) = next {
-            let msg = if self.media_response_needed(&msg) {
-                self.media_response(msg, source).await
+            let msg = if self.media.response_needed(&msg) {
+                self.media.response(msg, source).await
             } else {
                 msg
             };
@@ -72,7 +72,7 @@ impl App {
         ) else {
             return;
         };
-        if !self.is_our_via(&top) {
+        if !self.interfaces.is_our_via(&top) {
             return;
         }
         let Some(ip) = next

@@ -3,7 +3,7 @@
 //! proxy authentication of our callers.
 
 use super::*;
-use crate::media::Callee;
+use crate::media::{Callee, Caller};
 
 impl App {
     /// Decides what to do with a request that is not for the registrar and forwards it.
@@ -11,7 +11,7 @@ impl App {
         if msg.method() == Method::Bye
             && let Some(c) = msg.call_id()
         {
-            self.media_end(c);
+            self.media.end(c);
         }
         match self.decide(&msg, &ctx).await {
             Ok(mut targets) => {
@@ -25,14 +25,21 @@ impl App {
                             behind_nat: h.target.flow,
                         })
                         .collect();
-                    let anchored = self.media_initial(msg, &ctx, &callees).await;
+                    let caller = Caller {
+                        transport: ctx.transport,
+                        source: ctx.source.ip(),
+                        behind_nat: Self::sender_needs_flow(&msg, &ctx),
+                    };
+                    let hash = proxy::loop_hash(&msg);
+                    let new_branch = || proxy::branch(&hash, self.next_id());
+                    let anchored = self.media.initial(msg, caller, &callees, new_branch).await;
                     for (hop, offer) in targets.iter_mut().zip(anchored.offers) {
                         hop.branch = Some(offer.branch);
                         hop.body = Some(offer.body);
                     }
                     anchored.msg
                 } else {
-                    self.media_request(msg, ctx.source.ip()).await
+                    self.media.request(msg, ctx.source.ip()).await
                 };
                 self.fork(msg, ctx, targets)
             }
@@ -57,7 +64,7 @@ impl App {
         {
             return Err(refuse(483, "Too Many Hops"));
         }
-        if proxy::is_loop(msg, |v| self.is_our_via(v)) {
+        if proxy::is_loop(msg, |v| self.interfaces.is_our_via(v)) {
             return Err(refuse(482, "Loop Detected"));
         }
         let step = proxy::route_step(msg, |u| self.is_ours(u));
@@ -207,11 +214,12 @@ impl App {
         };
         let realm = from.uri.host.as_str().to_ascii_lowercase();
         let user = scan::pct_decode(from.uri.user.unwrap_or_default()).into_owned();
-        let checked = match self.prepare_auth(msg, ctx, Challenger::Proxy, &realm, &user, now) {
-            Ok(prepared) => self.verify_auth(msg, ctx, &realm, &prepared, now).await,
+        let digest = self.digest();
+        let checked = match digest.prepare(msg, ctx, Challenger::Proxy, &realm, &user, now) {
+            Ok(prepared) => digest.verify(msg, ctx, &realm, &prepared, now).await,
             Err(e) => Err(e),
         };
-        checked.map_err(|e| self.auth_answer(msg, ctx, Challenger::Proxy, &realm, &e, now))
+        checked.map_err(|e| digest.answer(msg, ctx, Challenger::Proxy, &realm, &e, now))
     }
 
     /// Forwards a request without a transaction (ACK for 2xx).
@@ -242,9 +250,10 @@ impl App {
             None => self.resolve(&uri).await?,
         };
         let branch = proxy::branch(&proxy::loop_hash(msg), self.next_id());
-        let via = Self::via_at(
+        let via = via_at(
             target.transport,
-            self.outbound_addr(target.transport, target.dest, ctx),
+            self.interfaces
+                .outbound(target.transport, target.dest, ctx.local, ctx.source),
             &branch,
         );
         let edit = RequestEdit {

@@ -1,0 +1,165 @@
+//! Our addresses: the listeners we bound, which of them faces a peer (the kernel's route,
+//! cached), and the Via and Record-Route values that name them. The proxy writes these into
+//! what it forwards; keep-alives leave by the listener facing the device.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, OnceLock};
+
+use careflow_core::Transport;
+use careflow_proto::{Uri, Via};
+use careflow_transport::ListenSpec;
+
+/// The listeners and the local IP the kernel uses towards each destination seen.
+#[derive(Debug, Default)]
+pub(crate) struct Interfaces {
+    bound: OnceLock<Vec<ListenSpec>>,
+    /// Local IP per destination, for choosing the interface a proxied request leaves by.
+    route_cache: Mutex<HashMap<IpAddr, IpAddr>>,
+}
+
+impl Interfaces {
+    /// The listeners as bound (port 0 resolved); set once at start.
+    pub(crate) fn set_bound(&self, bound: Vec<ListenSpec>) {
+        let _ = self.bound.set(bound);
+    }
+
+    pub(crate) fn bound(&self) -> &[ListenSpec] {
+        self.bound.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// The address a request from `source` reached us at on listener `local` (a wildcard
+    /// listener reports the interface the kernel uses towards the sender).
+    pub(crate) fn inbound(&self, local: SocketAddr, source: SocketAddr) -> SocketAddr {
+        if local.ip().is_unspecified() {
+            let ip = self.local_ip_towards(source.ip()).unwrap_or(local.ip());
+            SocketAddr::new(ip, local.port())
+        } else {
+            local
+        }
+    }
+
+    /// Our address for sending to `peer` over `transport`, for a request that reached us at
+    /// `local` from `source`: the listener on the interface the kernel routes `peer` through,
+    /// so a call that crosses interfaces is recorded on both.
+    pub(crate) fn outbound(
+        &self,
+        transport: Transport,
+        peer: SocketAddr,
+        local: SocketAddr,
+        source: SocketAddr,
+    ) -> SocketAddr {
+        if let Some(a) = self.listener_towards(transport, peer) {
+            return a;
+        }
+        let wildcard = self
+            .bound()
+            .iter()
+            .find(|l| l.transport == transport && l.addr.is_ipv4() == peer.is_ipv4());
+        match wildcard {
+            Some(l) => SocketAddr::new(self.inbound(local, source).ip(), l.addr.port()),
+            None => self.inbound(local, source),
+        }
+    }
+
+    /// Our listener of `transport` facing `peer` (its wildcard resolved to the interface
+    /// address), when we have one of that transport and address family.
+    pub(crate) fn listener_towards(
+        &self,
+        transport: Transport,
+        peer: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let listeners: Vec<SocketAddr> = self
+            .bound()
+            .iter()
+            .filter(|l| l.transport == transport && l.addr.is_ipv4() == peer.is_ipv4())
+            .map(|l| l.addr)
+            .collect();
+        let ip = self.local_ip_towards(peer.ip());
+        if let Some(ip) = ip {
+            if let Some(l) = listeners.iter().find(|a| a.ip() == ip) {
+                return Some(*l);
+            }
+            if let Some(l) = listeners.iter().find(|a| a.ip().is_unspecified()) {
+                return Some(SocketAddr::new(ip, l.port()));
+            }
+        }
+        listeners
+            .first()
+            .filter(|l| !l.ip().is_unspecified())
+            .copied()
+    }
+
+    /// The local IP the kernel would use to reach `dest` (a connected UDP socket's name;
+    /// nothing is sent), cached per destination.
+    fn local_ip_towards(&self, dest: IpAddr) -> Option<IpAddr> {
+        if let Some(ip) = self.route_cache.lock().ok()?.get(&dest) {
+            return Some(*ip);
+        }
+        let any: SocketAddr = if dest.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let probe = std::net::UdpSocket::bind(any).ok()?;
+        probe.connect((dest, 9)).ok()?;
+        let ip = probe.local_addr().ok()?.ip();
+        if let Ok(mut c) = self.route_cache.lock() {
+            if c.len() > 10_000 {
+                c.clear();
+            }
+            c.insert(dest, ip);
+        }
+        Some(ip)
+    }
+
+    /// True when a Via names this server.
+    pub(crate) fn is_our_via(&self, v: &Via<'_>) -> bool {
+        let port = v.port.unwrap_or(5060);
+        self.bound().iter().any(|l| {
+            l.addr.port() == port
+                && v.host
+                    .ip()
+                    .is_some_and(|ip| ip == l.addr.ip() || l.addr.ip().is_unspecified())
+        })
+    }
+
+    /// True when a URI's host and port name one of our listeners.
+    pub(crate) fn names_listener(&self, u: &Uri<'_>) -> bool {
+        let port = u.port.unwrap_or(5060);
+        self.bound().iter().any(|l| {
+            l.addr.port() == port
+                && u.host
+                    .ip()
+                    .is_some_and(|ip| ip == l.addr.ip() || l.addr.ip().is_unspecified())
+        })
+    }
+}
+
+/// Our Via for a request sent over `transport` from `addr` with `branch`.
+pub(crate) fn via_at(transport: Transport, addr: SocketAddr, branch: &str) -> String {
+    format!(
+        "SIP/2.0/{} {};branch={branch}",
+        transport.via_token(),
+        fmt_addr(addr)
+    )
+}
+
+/// Our Record-Route entry at `addr`, with a flow token as its user part when one is given.
+pub(crate) fn record_route_at(
+    transport: Transport,
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> String {
+    match token {
+        Some(t) => format!("<sip:{t}@{};transport={transport};lr>", fmt_addr(addr)),
+        None => format!("<sip:{};transport={transport};lr>", fmt_addr(addr)),
+    }
+}
+
+fn fmt_addr(a: SocketAddr) -> String {
+    match a {
+        SocketAddr::V4(v4) => v4.to_string(),
+        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+    }
+}
