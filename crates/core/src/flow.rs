@@ -63,6 +63,16 @@ impl Flow {
     /// The token for this flow.
     pub fn encode(&self, secret: &[u8; 32]) -> String {
         let mut body = Vec::with_capacity(32);
+        self.write(&mut body);
+        let tag = mac(secret, &body);
+        let mut s = String::with_capacity((body.len() + MAC_LEN) * 2);
+        push_hex(&mut s, &body);
+        push_hex(&mut s, &tag);
+        s
+    }
+
+    /// The flow's bytes in a token: transport, connection, address, port.
+    pub(crate) fn write(&self, body: &mut Vec<u8>) {
         body.push(transport_code(self.transport));
         body.extend_from_slice(&self.conn.unwrap_or(0).to_be_bytes());
         match self.addr.ip() {
@@ -70,26 +80,11 @@ impl Flow {
             IpAddr::V6(ip) => body.extend_from_slice(&ip.octets()),
         }
         body.extend_from_slice(&self.addr.port().to_be_bytes());
-        let tag = mac(secret, &body);
-        let mut s = String::with_capacity((body.len() + MAC_LEN) * 2);
-        for b in body.iter().chain(tag.iter()) {
-            s.push(char::from(HEX[usize::from(b >> 4)]));
-            s.push(char::from(HEX[usize::from(b & 15)]));
-        }
-        s
     }
 
-    /// Reads a token back; `None` when it is not one of ours (wrong MAC, wrong shape).
-    pub fn decode(token: &str, secret: &[u8; 32]) -> Option<Self> {
-        let raw = unhex(token)?;
-        if raw.len() < MAC_LEN + 1 {
-            return None;
-        }
-        let (body, tag) = raw.split_at(raw.len() - MAC_LEN);
-        if !bool::from(mac(secret, body).ct_eq(tag)) {
-            return None;
-        }
-        let transport = transport_from(body[0])?;
+    /// Reads what [`Self::write`] wrote (the whole of `body`).
+    pub(crate) fn read(body: &[u8]) -> Option<Self> {
+        let transport = transport_from(*body.first()?)?;
         let conn = u64::from_be_bytes(body.get(1..9)?.try_into().ok()?);
         let rest = &body[9..];
         let (ip, port) = match rest.len() {
@@ -111,6 +106,19 @@ impl Flow {
         })
     }
 
+    /// Reads a token back; `None` when it is not one of ours (wrong MAC, wrong shape).
+    pub fn decode(token: &str, secret: &[u8; 32]) -> Option<Self> {
+        let raw = unhex(token)?;
+        if raw.len() < MAC_LEN + 1 {
+            return None;
+        }
+        let (body, tag) = raw.split_at(raw.len() - MAC_LEN);
+        if !bool::from(mac(secret, body).ct_eq(tag)) {
+            return None;
+        }
+        Self::read(body)
+    }
+
     /// Whether a request that arrived over `transport` from `source` (on connection `conn`)
     /// came over this very flow (then the token does not say where the request goes).
     pub fn is_arrival(&self, transport: Transport, source: SocketAddr, conn: Option<u64>) -> bool {
@@ -123,7 +131,15 @@ impl Flow {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+/// Appends `bytes` as lower-case hex (a valid URI user part).
+pub(crate) fn push_hex(s: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+}
+
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
     if !b.len().is_multiple_of(2) || b.len() > 128 {
         return None;

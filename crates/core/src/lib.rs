@@ -8,6 +8,7 @@
 //! - [`registrar`]: which bindings a REGISTER adds, refreshes or removes (RFC 3261 §10.3).
 //! - [`transaction`]: non-INVITE server transactions (RFC 3261 §17.2.2).
 //! - [`proxy`]: proxy decisions of RFC 3261 §16 (Max-Forwards, loops, branches, Route).
+//! - [`cluster`]: owner tokens and membership of several nodes acting as one.
 //! - [`keepalive`]: which NATed bindings get an OPTIONS this round, and which are gone.
 //! - [`binding`]: the location-service record shared by the registrar and the stores.
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod binding;
 pub mod cidr;
+pub mod cluster;
 pub mod flow;
 pub mod guard;
 pub mod keepalive;

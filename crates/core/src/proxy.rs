@@ -11,7 +11,7 @@ pub mod best;
 pub mod table;
 
 pub use table::{
-    BranchKey, Event, Fork, Full, NewBranch, ProxyConfig, ProxyTable, Transmit, Upstream,
+    BranchKey, Event, Fork, Full, NewBranch, ProxyConfig, ProxyTable, Record, Transmit, Upstream,
 };
 
 /// The To tag of every response we generate to `msg`: the same for every response of a

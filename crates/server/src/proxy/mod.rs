@@ -135,15 +135,10 @@ impl App {
         }
         for e in out.events {
             match e {
-                Event::Final {
-                    key,
-                    code,
-                    record,
-                    reliable,
-                } => {
+                Event::Final { code, record } => {
                     self.metrics.response(code);
-                    if let Some(bytes) = record {
-                        self.record_response(&key, bytes, reliable);
+                    if let Some(r) = record {
+                        self.record_response(&r.key, r.response, r.reliable);
                     }
                 }
                 Event::CallAnswered { call_id, code } => {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use careflow_proto::rewrite::strip_top_via;
 use careflow_proto::{Message, Method, ResponseBuilder, request};
 
-use super::{BranchKey, Event, ProxyTable, Transmit, Upstream};
+use super::{BranchKey, Event, ProxyTable, Record, Transmit, Upstream};
 use crate::proxy::best;
 use crate::transaction::TxKey;
 use crate::transaction::client::ClientTransaction;
@@ -39,12 +39,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
                     inv.send_response(code, bytes, now);
                     if !fw.final_sent {
                         fw.final_sent = true;
-                        self.events.push_back(Event::Final {
-                            key: key.clone(),
-                            code,
-                            record: None,
-                            reliable: fw.upstream.reliable,
-                        });
+                        self.events.push_back(Event::Final { code, record: None });
                         if fw.call {
                             let call_id = call_id_of(&fw.request);
                             self.events.push_back(Event::CallAnswered { call_id, code });
@@ -103,11 +98,10 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         if fw.final_sent {
             return;
         }
-        let all_done = fw.branches.iter().all(|n| {
-            self.branches
-                .get(&BranchKey::request(n))
-                .is_none_or(|b| b.done)
-        });
+        let all_done = fw
+            .branches
+            .iter()
+            .all(|n| self.branches.get(n).is_none_or(|b| b.done));
         if !all_done {
             return;
         }
@@ -163,12 +157,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         match fw.invite.as_mut() {
             Some(inv) => {
                 inv.send_response(code, bytes, now);
-                self.events.push_back(Event::Final {
-                    key: key.clone(),
-                    code,
-                    record: None,
-                    reliable: fw.upstream.reliable,
-                });
+                self.events.push_back(Event::Final { code, record: None });
             }
             None => {
                 let upstream = fw.upstream.clone();
@@ -191,10 +180,12 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             bytes: bytes.clone(),
         });
         self.events.push_back(Event::Final {
-            key,
             code,
-            record: Some(bytes),
-            reliable: upstream.reliable,
+            record: Some(Record {
+                key,
+                response: bytes,
+                reliable: upstream.reliable,
+            }),
         });
     }
 
@@ -208,11 +199,11 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         }
     }
 
-    pub(super) fn cancel_branch(&mut self, name: &str, now: Instant) {
-        let Some(b) = self.branches.get(&BranchKey::request(name)) else {
+    pub(super) fn cancel_branch(&mut self, name: &BranchKey, now: Instant) {
+        let Some(b) = self.branches.get(name) else {
             return;
         };
-        let cancel_key = BranchKey::cancel(name);
+        let cancel_key = name.cancel_of();
         if b.done
             || b.tx.request().method() != Method::Invite
             || self.branches.contains_key(&cancel_key)

@@ -93,10 +93,10 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             Some(inv) => inv.is_terminated(),
             None => fw.final_sent,
         };
-        let branch_alive = fw.branches.iter().any(|n| {
-            self.branches.contains_key(&BranchKey::request(n))
-                || self.branches.contains_key(&BranchKey::cancel(n))
-        });
+        let branch_alive = fw
+            .branches
+            .iter()
+            .any(|n| self.branches.contains_key(n) || self.branches.contains_key(&n.cancel_of()));
         if server_done && !branch_alive {
             self.forwards.remove(key);
         }

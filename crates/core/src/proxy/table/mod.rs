@@ -34,7 +34,7 @@ mod tests;
 mod types;
 
 use aggregate::{call_id_of, local_response};
-pub use types::{BranchKey, Event, Fork, Full, NewBranch, ProxyConfig, Transmit, Upstream};
+pub use types::{BranchKey, Event, Fork, Full, NewBranch, ProxyConfig, Record, Transmit, Upstream};
 
 /// One forwarded request: the server side and its branches.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ struct Forward<U> {
     upstream: Upstream<U>,
     invite: Option<InviteServerTransaction>,
     /// Branch values of the requests sent for it.
-    branches: Vec<Box<str>>,
+    branches: Vec<BranchKey>,
     best: Option<(u16, Bytes)>,
     /// WWW-/Proxy-Authenticate lines of every 401/407 received (§16.7 step 7).
     challenges: Vec<String>,
@@ -214,10 +214,8 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
                         bytes: resp,
                     });
                     self.events.push_back(Event::Final {
-                        key,
                         code: 500,
                         record: None,
-                        reliable: upstream.reliable,
                     });
                 } else {
                     self.answer_non_invite(key, &upstream, 500, resp);
@@ -243,7 +241,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         for nb in branches {
             let bk = BranchKey::request(&nb.branch);
             let tx = ClientTransaction::new(nb.request, nb.reliable, self.cfg.timers, now);
-            names.push(bk.branch().into());
+            names.push(bk.clone());
             self.insert_branch(bk, tx, key.clone(), nb.to);
         }
         if let Some(fw) = self.forwards.get_mut(&key) {
@@ -398,7 +396,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
                 self.cancel_pending(key, now);
             }
             for n in &names {
-                if let Some(b) = self.branches.get_mut(&BranchKey::request(n)) {
+                if let Some(b) = self.branches.get_mut(n) {
                     b.done = true;
                 }
             }
@@ -484,7 +482,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         let key = b.forward.clone();
         self.drain_branch(bk);
         if ringing {
-            self.cancel_branch(bk.branch(), now);
+            self.cancel_branch(bk, now);
         }
         if timed_out {
             if let Some(b) = self.branches.get_mut(bk) {

@@ -2,6 +2,7 @@
 //! side, transmissions and events.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use careflow_proto::{Message, ParseLimits};
@@ -13,7 +14,9 @@ use crate::transaction::{TimerConfig, TxKey};
 /// §17.1.3 matches a response by branch and CSeq method).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BranchKey {
-    branch: Box<str>,
+    /// Shared by a branch's request and CANCEL keys and every transmission that names them,
+    /// so a key is made once per branch and cloned without allocating.
+    branch: Arc<str>,
     cancel: bool,
 }
 
@@ -30,6 +33,14 @@ impl BranchKey {
     pub fn cancel(branch: &str) -> Self {
         Self {
             branch: branch.into(),
+            cancel: true,
+        }
+    }
+
+    /// The key of the CANCEL sent on this key's branch.
+    pub fn cancel_of(&self) -> Self {
+        Self {
+            branch: self.branch.clone(),
             cancel: true,
         }
     }
@@ -119,18 +130,13 @@ pub enum Transmit<U, D> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A final response went upstream (the first 2xx, or the best of §16.7, or our own).
-    /// `record` is set when the request has no INVITE server transaction here (a non-INVITE
-    /// request): the driver keeps the response in its non-INVITE server transaction so a
-    /// retransmitted request gets it again.
     Final {
-        /// The server transaction answered.
-        key: TxKey,
         /// The status code.
         code: u16,
-        /// The response, for the driver's non-INVITE server transaction.
-        record: Option<Bytes>,
-        /// Whether the caller's transport is reliable (how long that record is kept).
-        reliable: bool,
+        /// Set when the request has no INVITE server transaction here (a non-INVITE
+        /// request): the driver keeps the response in its non-INVITE server transaction so a
+        /// retransmitted request gets it again.
+        record: Option<Record>,
     },
     /// A call (an out-of-dialog INVITE) was answered with a 2xx.
     CallAnswered {
@@ -151,6 +157,17 @@ pub enum Event {
         /// The call's Call-ID.
         call_id: Box<str>,
     },
+}
+
+/// The final response of a non-INVITE request, for the driver's server transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The server transaction answered.
+    pub key: TxKey,
+    /// The response.
+    pub response: Bytes,
+    /// Whether the caller's transport is reliable (how long the record is kept).
+    pub reliable: bool,
 }
 
 /// The table is full (`max_transactions`): answer 503.
