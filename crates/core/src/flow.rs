@@ -50,12 +50,18 @@ fn transport_from(code: u8) -> Option<Transport> {
 }
 
 fn mac(secret: &[u8; 32], body: &[u8]) -> [u8; MAC_LEN] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
-    m.update(b"careflow-flow");
+    signature(secret, b"careflow-flow", body)
+}
+
+/// The first `N` bytes of HMAC-SHA256(`key`, `label` || `body`): each kind of token has its
+/// own label, so one kind can never pass for another under the same key.
+pub(crate) fn signature<const N: usize>(key: &[u8; 32], label: &[u8], body: &[u8]) -> [u8; N] {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    m.update(label);
     m.update(body);
     let full = m.finalize().into_bytes();
-    let mut out = [0u8; MAC_LEN];
-    out.copy_from_slice(&full[..MAC_LEN]);
+    let mut out = [0u8; N];
+    out.copy_from_slice(&full[..N]);
     out
 }
 

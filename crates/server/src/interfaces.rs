@@ -115,24 +115,21 @@ impl Interfaces {
 
     /// True when a Via names this server.
     pub(crate) fn is_our_via(&self, v: &Via<'_>) -> bool {
-        let port = v.port.unwrap_or(5060);
-        self.bound().iter().any(|l| {
-            l.addr.port() == port
-                && v.host
-                    .ip()
-                    .is_some_and(|ip| ip == l.addr.ip() || l.addr.ip().is_unspecified())
-        })
+        self.listens_at(v.host.ip(), v.port.unwrap_or(5060))
     }
 
     /// True when a URI's host and port name one of our listeners.
     pub(crate) fn names_listener(&self, u: &Uri<'_>) -> bool {
-        let port = u.port.unwrap_or(5060);
-        self.bound().iter().any(|l| {
-            l.addr.port() == port
-                && u.host
-                    .ip()
-                    .is_some_and(|ip| ip == l.addr.ip() || l.addr.ip().is_unspecified())
-        })
+        self.listens_at(u.host.ip(), u.port.unwrap_or(5060))
+    }
+
+    /// Whether one of our listeners is at `ip` (a literal; names are never ours here) and
+    /// `port`, a wildcard listener counting for every address.
+    fn listens_at(&self, ip: Option<IpAddr>, port: u16) -> bool {
+        let Some(ip) = ip else { return false };
+        self.bound()
+            .iter()
+            .any(|l| l.addr.port() == port && (ip == l.addr.ip() || l.addr.ip().is_unspecified()))
     }
 }
 

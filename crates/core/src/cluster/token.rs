@@ -7,11 +7,10 @@
 //! makes every token of a previous life of the node stale at once. Hex, so it is a valid URI user
 //! part as it is.
 
-use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::flow::{Flow, push_hex, unhex};
+use crate::flow::{Flow, push_hex, signature, unhex};
 
 /// Bytes of the MAC kept in a token: 128 bits, the token is an authorization to use a flow.
 const MAC_LEN: usize = 16;
@@ -59,13 +58,7 @@ impl ClusterKeys {
 }
 
 fn mac(key: &[u8; 32], body: &[u8]) -> [u8; MAC_LEN] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    m.update(b"careflow-owner");
-    m.update(body);
-    let full = m.finalize().into_bytes();
-    let mut out = [0u8; MAC_LEN];
-    out.copy_from_slice(&full[..MAC_LEN]);
-    out
+    signature(key, b"careflow-owner", body)
 }
 
 /// Which node holds a device's flow, and the flow.
