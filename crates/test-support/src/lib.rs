@@ -76,43 +76,42 @@ impl TestDb {
     /// A new PostgreSQL database.
     pub fn postgres() -> Self {
         require("psql", "postgresql-client");
-        let name = Self::name();
-        let base: Vec<String> = ["-h", "127.0.0.1", "-U", "careflow", "-d", "postgres", "-c"]
-            .map(String::from)
-            .to_vec();
-        db_cli(
+        let base = ["-h", "127.0.0.1", "-U", "careflow", "-d", "postgres", "-c"];
+        Self::create(
             "psql",
-            &[base.clone(), vec![format!("CREATE DATABASE {name}")]].concat(),
-        );
-        Self {
-            url: format!("postgres://careflow:careflow@127.0.0.1:5432/{name}"),
-            drop_args: (
-                "psql",
-                [
-                    base,
-                    vec![format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")],
-                ]
-                .concat(),
-            ),
-        }
+            &base,
+            "postgres://careflow:careflow@127.0.0.1:5432",
+            " WITH (FORCE)",
+        )
     }
 
     /// A new MariaDB database.
     pub fn mariadb() -> Self {
         require("mariadb", "mariadb-client");
-        let name = Self::name();
-        let base: Vec<String> = ["-h", "127.0.0.1", "-u", "careflow", "-pcareflow", "-e"]
-            .map(String::from)
-            .to_vec();
-        db_cli(
+        let base = ["-h", "127.0.0.1", "-u", "careflow", "-pcareflow", "-e"];
+        Self::create(
             "mariadb",
-            &[base.clone(), vec![format!("CREATE DATABASE {name}")]].concat(),
-        );
+            &base,
+            "mysql://careflow:careflow@127.0.0.1:3306",
+            "",
+        )
+    }
+
+    /// Creates a database with `cli` `base` SQL; `server` is the URL without the database,
+    /// `drop_suffix` what the server's DROP DATABASE needs to end open sessions.
+    fn create(cli: &'static str, base: &[&str], server: &str, drop_suffix: &str) -> Self {
+        let name = Self::name();
+        let with = |sql: String| {
+            let mut args: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+            args.push(sql);
+            args
+        };
+        db_cli(cli, &with(format!("CREATE DATABASE {name}")));
         Self {
-            url: format!("mysql://careflow:careflow@127.0.0.1:3306/{name}"),
+            url: format!("{server}/{name}"),
             drop_args: (
-                "mariadb",
-                [base, vec![format!("DROP DATABASE IF EXISTS {name}")]].concat(),
+                cli,
+                with(format!("DROP DATABASE IF EXISTS {name}{drop_suffix}")),
             ),
         }
     }

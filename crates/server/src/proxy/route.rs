@@ -158,6 +158,13 @@ impl App {
         let refuse = |code: u16, reason: &'static str| {
             (code, self.reply(msg, ctx, code).reason(reason).build())
         };
+        // A store that cannot answer: the callee may well exist and be registered.
+        let unavailable = || {
+            (
+                503,
+                self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
+            )
+        };
         let aor = ruri.aor().unwrap_or_default();
         let domain = ruri.host.as_str().to_ascii_lowercase();
         let user = scan::pct_decode(ruri.user.unwrap_or_default()).into_owned();
@@ -168,23 +175,16 @@ impl App {
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, retryable = e.retryable(), callee = %aor,
                     "subscriber lookup of the callee failed; answering 503");
-                return Err((
-                    503,
-                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
-                ));
+                return Err(unavailable());
             }
         }
         let bindings = match self.location.lookup(&aor, unix_now()).await {
             Ok(b) => b,
             Err(e) => {
-                // Not a 480: the callee may well be registered, we just cannot tell now.
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, retryable = e.retryable(), callee = %aor,
                     "location lookup failed; answering 503");
-                return Err((
-                    503,
-                    self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
-                ));
+                return Err(unavailable());
             }
         };
         let mut targets = Vec::new();

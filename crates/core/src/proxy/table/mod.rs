@@ -117,11 +117,6 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         self.forwards.values().filter(|f| !f.final_sent).count()
     }
 
-    /// Whether `key` is a forward we hold.
-    pub fn contains(&self, key: &TxKey) -> bool {
-        self.forwards.contains_key(key)
-    }
-
     /// An INVITE arrived again: absorbed, its last response sent again. False when `key` is
     /// not a forward of ours (then it is a new request).
     pub fn handle_retransmission(&mut self, key: &TxKey) -> bool {

@@ -29,14 +29,6 @@ impl BranchKey {
         }
     }
 
-    /// The key of the CANCEL sent on `branch`.
-    pub fn cancel(branch: &str) -> Self {
-        Self {
-            branch: branch.into(),
-            cancel: true,
-        }
-    }
-
     /// The key of the CANCEL sent on this key's branch.
     pub fn cancel_of(&self) -> Self {
         Self {
