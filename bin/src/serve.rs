@@ -66,14 +66,17 @@ pub(crate) async fn run(
     let db = open_subscribers(&cfg).await?;
     let subscribers: Arc<dyn SubscriberStore> = db.clone();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
+    let mut redis = None;
     let location: Arc<dyn LocationStore> = match &cfg.redis_url {
         Some(url) => {
             let mut id = [0u8; 8];
             getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
             let node = careflow_proto::digest::hex(&id);
-            let store = careflow_store::redis::RedisLocation::open(url, node.clone())
+            let shared = careflow_store::redis::Redis::open(url)
                 .await
                 .context("cannot connect to REDIS_URL")?;
+            redis = Some(shared.clone());
+            let store = careflow_store::redis::RedisLocation::over(shared, node.clone());
             store.remove_expired(careflow_server::unix_now()).await?;
             tracing::info!(node = %node, "registrations are shared through redis");
             Arc::new(store)
@@ -124,6 +127,14 @@ pub(crate) async fn run(
         scanner_user_agents: cfg.scanner_user_agents.clone(),
         keepalive: cfg.keepalive,
         media: Some(cfg.media.clone()),
+        cluster: match (&cfg.cluster, redis) {
+            (Some(c), Some(redis)) => Some(careflow_server::ClusterConfig {
+                address: c.address,
+                keys: careflow_core::cluster::ClusterKeys::new(c.secret, c.previous),
+                nodes: careflow_store::redis::nodes::NodeKeys::new(redis),
+            }),
+            _ => None,
+        },
     };
     let cancel = CancellationToken::new();
     if let Some(g) = control_guard {

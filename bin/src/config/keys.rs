@@ -155,6 +155,26 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "`redis://HOST:PORT[/DB]`: keep registrations in Redis so several nodes share them (with a shared DB_URL and the same NONCE_SECRET). Unset: in memory with a journal in DATA_DIR.",
     ),
     (
+        "cluster_address",
+        "",
+        "`IP:PORT` of this node's internal link (TCP), which the other nodes of a cluster dial to reach the devices this node holds (connections, UDP behind NAT). Needs REDIS_URL and CLUSTER_SECRET; a shared DB_URL and NONCE_SECRET too. Unset: the node is alone. See docs/operations.md, \"A cluster\".",
+    ),
+    (
+        "cluster_secret",
+        "",
+        "64 hex digits, the same on every node: signs the owner tokens that say which node holds a device's flow. Never logged.",
+    ),
+    (
+        "cluster_secret_file",
+        "",
+        "A file holding CLUSTER_SECRET (e.g. a systemd credential), instead of the value itself.",
+    ),
+    (
+        "cluster_secret_previous",
+        "",
+        "During a secret rotation, the previous CLUSTER_SECRET: tokens signed with it are still accepted. Drop it once every device has re-registered (its registration interval after the change).",
+    ),
+    (
         "nonce_secret",
         "",
         "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",

@@ -14,9 +14,11 @@ use careflow_proto::digest::Algorithm;
 use careflow_store::sqlite::DbUrl;
 use careflow_transport::ListenSpec;
 
+pub use cluster::ClusterSettings;
 pub use keys::KEYS;
 
 mod api;
+mod cluster;
 mod keys;
 mod media;
 mod raw;
@@ -41,6 +43,8 @@ pub struct Config {
     pub db_url: DbUrl,
     /// Shared location service.
     pub redis_url: Option<String>,
+    /// Membership of a cluster, when `CLUSTER_ADDRESS` is set.
+    pub cluster: Option<ClusterSettings>,
     /// Nonce secret, when configured.
     pub nonce_secret: Option<[u8; 32]>,
     /// Digest algorithms in order.
@@ -292,6 +296,7 @@ impl Config {
             url => DbUrl::parse(url).map_err(|m| invalid("db_url", m))?,
         };
         let nonce_secret = sip::nonce_secret(&r)?;
+        let cluster = cluster::cluster(&r, !r.get("redis_url").is_empty())?;
         let auth_algorithms = sip::auth_algorithms(&r)?;
         let registrar = sip::registrar(&r)?;
         let keepalive = sip::keepalive(&r)?;
@@ -343,6 +348,7 @@ impl Config {
                 }
             },
             nonce_secret,
+            cluster,
             auth_algorithms,
             nonce_ttl: r.num("nonce_ttl", 10, 86_400)?,
             registrar,

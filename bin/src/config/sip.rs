@@ -193,7 +193,7 @@ pub(super) fn outbound_gateway(r: &Raw<'_>) -> Result<Option<String>, ConfigErro
     }
 }
 
-fn parse_secret(s: &str) -> Option<[u8; 32]> {
+pub(super) fn parse_secret(s: &str) -> Option<[u8; 32]> {
     let b = s.as_bytes();
     if b.len() != 64 {
         return None;

@@ -172,3 +172,76 @@ fn check_reports_every_problem_at_once() {
     assert_eq!(problems.len(), 5, "{text:?}");
     assert!(Config::check(None, env(&[])).is_empty());
 }
+
+#[test]
+fn cluster_settings_need_redis_and_a_secret_and_name_the_key() {
+    const SECRET: &str = "c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5";
+    let err = |pairs: &[(&str, &str)]| Config::load(None, env(pairs)).unwrap_err().to_string();
+    let redis = ("REDIS_URL", "redis://127.0.0.1:6379/0");
+    assert!(Config::load(None, env(&[])).unwrap().cluster.is_none());
+    let e = err(&[
+        ("CLUSTER_ADDRESS", "10.0.0.2:5090"),
+        ("CLUSTER_SECRET", SECRET),
+    ]);
+    assert!(
+        e.contains("CLUSTER_ADDRESS") && e.contains("REDIS_URL"),
+        "{e}"
+    );
+    let e = err(&[("CLUSTER_ADDRESS", "10.0.0.2:5090"), redis]);
+    assert!(e.contains("CLUSTER_SECRET"), "{e}");
+    let e = err(&[
+        ("CLUSTER_ADDRESS", "0.0.0.0:5090"),
+        redis,
+        ("CLUSTER_SECRET", SECRET),
+    ]);
+    assert!(e.contains("CLUSTER_ADDRESS") && e.contains("dial"), "{e}");
+    let e = err(&[
+        ("CLUSTER_ADDRESS", "node-a:5090"),
+        redis,
+        ("CLUSTER_SECRET", SECRET),
+    ]);
+    assert!(e.contains("CLUSTER_ADDRESS"), "{e}");
+    let e = err(&[
+        ("CLUSTER_ADDRESS", "10.0.0.2:5090"),
+        redis,
+        ("CLUSTER_SECRET", "short"),
+    ]);
+    assert!(e.contains("CLUSTER_SECRET") && !e.contains("short"), "{e}");
+    let e = err(&[
+        ("CLUSTER_ADDRESS", "10.0.0.2:5090"),
+        redis,
+        ("CLUSTER_SECRET", SECRET),
+        ("CLUSTER_SECRET_PREVIOUS", "zz"),
+    ]);
+    assert!(e.contains("CLUSTER_SECRET_PREVIOUS"), "{e}");
+
+    // From a file (a systemd credential), with the previous key of a rotation.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster.key");
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    let c = Config::load(
+        None,
+        env(&[
+            ("CLUSTER_ADDRESS", "10.0.0.2:5090"),
+            redis,
+            ("CLUSTER_SECRET_FILE", file.to_str().unwrap()),
+            ("CLUSTER_SECRET_PREVIOUS", &SECRET.replace('c', "d")),
+        ]),
+    )
+    .unwrap();
+    let cluster = c.cluster.expect("cluster settings");
+    assert_eq!(cluster.address.to_string(), "10.0.0.2:5090");
+    assert_eq!(cluster.secret[0], 0xc1);
+    assert_eq!(cluster.previous.map(|p| p[0]), Some(0xd1));
+    assert!(
+        !format!("{cluster:?}").contains("193"),
+        "no secret in Debug"
+    );
+    let e = err(&[
+        ("CLUSTER_ADDRESS", "10.0.0.2:5090"),
+        redis,
+        ("CLUSTER_SECRET", SECRET),
+        ("CLUSTER_SECRET_FILE", file.to_str().unwrap()),
+    ]);
+    assert!(e.contains("CLUSTER_SECRET_FILE"), "{e}");
+}

@@ -157,7 +157,6 @@ fn a_browser_running_jssip_over_wss_is_called_calls_back_and_reconnects() {
 /// The CareFlow Web scenario of js/phone.js against sipp phones on UDP: `phone(url)` makes
 /// the command that runs the web phone against the WSS URL.
 fn web_phone_scenario(phone: impl Fn(&str) -> Command) {
-    require("sipp", "sip-tester");
     let server = Server::start_with(
         "localhost",
         &[(
@@ -165,9 +164,16 @@ fn web_phone_scenario(phone: impl Fn(&str) -> Command) {
             "udp:127.0.0.1:{port},tcp:127.0.0.1:{port},wss:127.0.0.1:{port2}",
         )],
     );
-    server.add_user("web1", "pw-web1-browser");
-    server.add_user("desk", "pw-desk-phone");
-    server.add_user("caller", "pw-caller-phone");
+    web_phone_calls(&server, &server, phone);
+}
+
+/// The web phone registered on `web`'s WSS listener (its second port), the sipp phones on
+/// `phones` (the same server, or another node of a cluster sharing its database).
+pub(crate) fn web_phone_calls(web: &Server, phones: &Server, phone: impl Fn(&str) -> Command) {
+    require("sipp", "sip-tester");
+    phones.add_user("web1", "pw-web1-browser");
+    phones.add_user("desk", "pw-desk-phone");
+    phones.add_user("caller", "pw-caller-phone");
     let tmp = tempfile::tempdir().unwrap();
     let caller = sipp_file(tmp.path(), "caller.csv", &[("caller", "pw-caller-phone")]);
     let desk = sipp_file(tmp.path(), "desk.csv", &[("desk", "pw-desk-phone")]);
@@ -182,33 +188,36 @@ fn web_phone_scenario(phone: impl Fn(&str) -> Command) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start sipp uas");
-    crate::peers::register_contact(&server, &desk, uas_port, "udp");
+    crate::peers::register_contact(phones, &desk, uas_port, "udp");
 
-    let mut phone = Events::spawn(phone(&format!("wss://127.0.0.1:{}/", server.port2)));
-    phone.wait("registered 1", &server);
-    let b = server.bindings_of("web1");
+    let mut phone = Events::spawn(phone(&format!("wss://{}:{}/", web.host, web.port2)));
+    phone.wait("registered 1", web);
+    let b = phones.bindings_of("web1");
     assert_eq!(b.len(), 1, "{b:?}");
     assert!(b[0].contains(" wss ") && b[0].contains(".invalid"), "{b:?}");
 
     // A UDP phone calls the browser; the BYE reaches it over its WebSocket (flow token).
-    sipp_calls(&server, &caller, "web1", &mut phone);
-    phone.wait("incoming-confirmed 1", &server);
-    phone.wait("incoming-ended 1", &server);
+    sipp_calls(phones, &caller, "web1", &mut phone);
+    phone.wait("incoming-confirmed 1", web);
+    phone.wait("incoming-ended 1", web);
     // The browser calls the desk phone and hangs up.
-    phone.wait("outgoing-confirmed", &server);
-    phone.wait("outgoing-ended", &server);
+    phone.wait("outgoing-confirmed", web);
+    phone.wait("outgoing-ended", web);
     // Its socket is cut; JsSIP reconnects and registers again, and is called at once.
-    phone.wait("dropped", &server);
-    phone.wait("registered 2", &server);
-    assert_eq!(server.bindings_of("web1").len(), 1);
-    sipp_calls(&server, &caller, "web1", &mut phone);
-    phone.wait("incoming-confirmed 2", &server);
-    phone.wait("done", &server);
+    phone.wait("dropped", web);
+    phone.wait("registered 2", web);
+    assert_eq!(phones.bindings_of("web1").len(), 1);
+    sipp_calls(phones, &caller, "web1", &mut phone);
+    phone.wait("incoming-confirmed 2", web);
+    phone.wait("done", web);
     let _ = uas.wait();
-    assert_eq!(
-        server.metric("careflow_sip_calls_total{result=\"answered\"}"),
-        3
-    );
+    let answered = |s: &Server| s.metric("careflow_sip_calls_total{result=\"answered\"}");
+    let total = if std::ptr::eq(web, phones) {
+        answered(web)
+    } else {
+        answered(web) + answered(phones)
+    };
+    assert_eq!(total, 3);
 }
 
 /// Sends an HTTP upgrade over plain TCP and returns the status line and the stream.

@@ -107,6 +107,11 @@ pub struct Binding {
     /// Registered through this process (always, unless several nodes share the location
     /// service): only then can this node reach the device's NAT mapping or connection.
     pub here: bool,
+    /// The route to the node that holds this binding's flow when several nodes form a
+    /// cluster (`<sip:OWNER-TOKEN@CLUSTER_ADDRESS;transport=tcp;lr>`, see
+    /// `cluster::token`): any node reaches the device through it. `None` on a single node,
+    /// and for devices every node can reach directly.
+    pub owner: Option<String>,
 }
 
 impl Binding {

@@ -228,6 +228,9 @@ pub struct Guard {
     recent: Mutex<VecDeque<(Instant, IpAddr, String)>>,
     /// Keys the username hash, so nobody can aim many usernames at one counter.
     user_key: std::hash::RandomState,
+    /// The other nodes of our cluster, passed like the allow-list while they are members:
+    /// one internal link carries the traffic of many callers.
+    peers: RwLock<Arc<Vec<IpAddr>>>,
 }
 
 /// Failed authentications kept for the admin view.
@@ -290,7 +293,25 @@ impl Guard {
             }),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
             user_key: std::hash::RandomState::new(),
+            peers: RwLock::default(),
         }
+    }
+
+    /// The addresses of the other nodes of our cluster, now.
+    pub fn set_peers(&self, peers: Vec<IpAddr>) {
+        match self.peers.write() {
+            Ok(mut p) => *p = Arc::new(peers),
+            Err(p) => *p.into_inner() = Arc::new(peers),
+        }
+    }
+
+    /// Whether `ip` is passed without limits: on the allow-list of `cfg`, or a cluster peer.
+    fn exempt(&self, cfg: &GuardConfig, ip: IpAddr) -> bool {
+        cfg.allowlist.iter().any(|c| c.contains(ip))
+            || match self.peers.read() {
+                Ok(p) => p.contains(&ip),
+                Err(p) => p.into_inner().contains(&ip),
+            }
     }
 
     /// The last failed authentications, newest first.
@@ -330,16 +351,16 @@ impl Guard {
         &self.shards[(h ^ (h >> 8) ^ (h >> 16)) % SHARDS]
     }
 
-    /// Whether `ip` is on the allow-list.
+    /// Whether `ip` is on the allow-list (or a cluster peer).
     pub fn allowed(&self, ip: IpAddr) -> bool {
-        self.config().allowlist.iter().any(|c| c.contains(ip))
+        self.exempt(&self.config(), ip)
     }
 
     /// One message from `src`: pass, drop (banned), ban its flow now (flood), or shed it (its
     /// site is over the site ceiling).
     pub fn admit(&self, src: SocketAddr, now: Instant) -> Admit {
         let cfg = self.config();
-        if cfg.allowlist.iter().any(|c| c.contains(src.ip())) {
+        if self.exempt(&cfg, src.ip()) {
             return Admit::Pass;
         }
         let site = site_of(src.ip());
@@ -429,7 +450,7 @@ impl Guard {
             recent.push_back((now, src.ip(), user.chars().take(64).collect()));
         }
         let cfg = self.config();
-        if cfg.allowlist.iter().any(|c| c.contains(src.ip())) {
+        if self.exempt(&cfg, src.ip()) {
             return None;
         }
         let window = cfg.auth_window;

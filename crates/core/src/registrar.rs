@@ -73,6 +73,9 @@ pub struct RegisterRequest<'a> {
     pub conn: Option<u64>,
     /// Path values (RFC 3327), in order.
     pub path: Vec<&'a str>,
+    /// The route to this node for other nodes of a cluster, when the device is reachable
+    /// only through it (see [`Binding::owner`]).
+    pub owner: Option<&'a str>,
     /// Unix seconds.
     pub now: u64,
 }
@@ -202,6 +205,7 @@ pub fn apply(
                 b.user_agent = req.user_agent.map(str::to_string);
                 b.conn = req.conn;
                 b.here = true;
+                b.owner = req.owner.map(str::to_string);
                 b.path = req.path.iter().map(|p| p.to_string()).collect();
                 b.q = q_value(na);
                 b.instance = instance(na);
@@ -223,6 +227,7 @@ pub fn apply(
                 user_agent: req.user_agent.map(str::to_string),
                 conn: req.conn,
                 here: true,
+                owner: req.owner.map(str::to_string),
                 path: req.path.iter().map(|p| p.to_string()).collect(),
             }),
         }
@@ -292,6 +297,7 @@ mod tests {
             user_agent: Some("test"),
             conn: None,
             path: Vec::new(),
+            owner: None,
             now,
         }
     }

@@ -65,6 +65,8 @@ pub struct App {
     pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Requests being handled in spawned tasks.
     pub(crate) inflight: std::sync::atomic::AtomicUsize,
+    /// This node's part in a cluster (`CLUSTER_ADDRESS`); none when it is alone.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for App {
@@ -90,6 +92,12 @@ impl App {
         let _ = getrandom::fill(&mut seed);
         let start = u64::from_le_bytes(seed) & ((1 << 52) - 1);
         let media_policy = cfg.media.as_ref().map(|m| m.policy);
+        let cluster = cfg.cluster.clone().map(|c| {
+            let epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            Arc::new(crate::cluster::Cluster::new(c, epoch))
+        });
         let proxy = Mutex::new(routing::ProxyTables::new(
             careflow_core::proxy::ProxyConfig {
                 timers: cfg.timers,
@@ -116,6 +124,7 @@ impl App {
             held_responses: Mutex::default(),
             draining: Default::default(),
             inflight: Default::default(),
+            cluster,
         }
     }
 

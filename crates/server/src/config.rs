@@ -46,6 +46,19 @@ pub struct ServerConfig {
     pub guard: Option<Arc<careflow_core::guard::Guard>>,
     /// Media anchoring at rtpengine.
     pub media: Option<MediaConfig>,
+    /// Membership of a cluster (`CLUSTER_ADDRESS`); none: this node is alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// A cluster node's settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Where the other nodes reach this one's internal link (a TCP listener).
+    pub address: std::net::SocketAddr,
+    /// Keys of the owner tokens (`CLUSTER_SECRET`, and the previous one during a rotation).
+    pub keys: careflow_core::cluster::ClusterKeys,
+    /// The nodes' liveness keys in the shared Redis.
+    pub nodes: careflow_store::redis::nodes::NodeKeys,
 }
 
 /// Media settings.

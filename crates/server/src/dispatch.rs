@@ -273,7 +273,9 @@ impl App {
     /// reached and are removed (their devices re-register when they reconnect).
     pub(crate) async fn drop_orphaned_flows(&self) {
         if self.location.shared() {
-            // Another node may hold those connections.
+            // Another node may hold those connections; only ours of an earlier life (their
+            // owner route names this node in an older epoch) are known to be dead.
+            self.drop_bindings_of_my_past().await;
             return;
         }
         let Ok(all) = self.location.all(crate::clock::unix_now()).await else {
@@ -296,6 +298,39 @@ impl App {
             tracing::info!(
                 removed,
                 "bindings over connections from before the restart removed"
+            );
+        }
+    }
+
+    /// Removes the bindings whose flows this node held before it restarted (the other nodes
+    /// already skip them; this spares them the lookups until they expire).
+    async fn drop_bindings_of_my_past(&self) {
+        let Some(cluster) = &self.cluster else { return };
+        let Ok(all) = self.location.all(crate::clock::unix_now()).await else {
+            return;
+        };
+        let stale = |b: &careflow_core::Binding| {
+            b.owner
+                .as_deref()
+                .and_then(careflow_proto::NameAddr::parse)
+                .and_then(|na| cluster.token(na.uri.user?))
+                .is_some_and(|t| cluster.is_my_past(&t))
+        };
+        let mut aors: Vec<&str> = all
+            .iter()
+            .filter(|b| stale(b))
+            .map(|b| b.aor.as_str())
+            .collect();
+        aors.sort_unstable();
+        aors.dedup();
+        let mut removed = 0;
+        for aor in aors {
+            removed += crate::flows::remove_bindings(&*self.location, aor, stale).await;
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "bindings this node held before its restart removed"
             );
         }
     }

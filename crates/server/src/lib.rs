@@ -4,7 +4,8 @@
 //! Modules form layers and never import upwards (scripts/check-module-cycles):
 //! - state and sending: [`app`] (the application's state, `reply`/`send_*`), [`routing`]
 //!   (where responses go; the caller's way back and a branch's target), `interfaces` (our
-//!   listeners and which faces a peer), `config`, `clock`,
+//!   listeners and which faces a peer), `cluster` (this node's identity, owner routes and
+//!   view of the other nodes), `config`, `clock`,
 //!   [`metrics`], `flows`, [`rtpengine`];
 //! - handlers: `auth` (digest for registrar and proxy), [`register`], `proxy` (drives
 //!   `careflow_core::proxy::ProxyTable`), [`media`], [`keepalive`], `drain`;
@@ -14,6 +15,7 @@
 pub mod app;
 mod auth;
 mod clock;
+mod cluster;
 mod config;
 mod dispatch;
 mod drain;
@@ -39,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use app::App;
 pub use clock::unix_now;
-pub use config::ServerConfig;
+pub use config::{ClusterConfig, ServerConfig};
 pub use metrics::{Gauges, Metrics};
 
 /// A running SIP server.
@@ -90,13 +92,19 @@ pub async fn start(
     let app = Arc::new_cyclic(|weak| {
         App::new(cfg.clone(), auth, txs, subscribers, location, weak.clone())
     });
-    let (transports, bound) = Transports::start(
-        &cfg.listen,
-        cfg.transport.clone(),
-        app.clone(),
-        cancel.clone(),
-    )
-    .await?;
+    let mut listen = cfg.listen.clone();
+    if let Some(c) = &cfg.cluster {
+        // The internal link: other nodes hand us requests for the devices we hold.
+        let internal = ListenSpec {
+            transport: careflow_core::Transport::Tcp,
+            addr: c.address,
+        };
+        if !listen.contains(&internal) {
+            listen.push(internal);
+        }
+    }
+    let (transports, bound) =
+        Transports::start(&listen, cfg.transport.clone(), app.clone(), cancel.clone()).await?;
     app.set_transports(transports.clone(), bound.clone());
     if let Some(m) = cfg.media.as_ref().filter(|m| !m.rtpengine.is_empty()) {
         match rtpengine::RtpEngine::start(m.rtpengine.clone(), m.timeout, cancel.clone()).await {
@@ -114,6 +122,9 @@ pub async fn start(
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
+    if let Some(c) = app.cluster.clone() {
+        tasks.spawn(c.run(cfg.guard.clone(), cancel.clone()));
+    }
     if let Some(m) = cfg.media.as_ref()
         && app.media.engine().is_some()
     {

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// Requests from known SIP scanners, dropped unanswered.
     pub scanner_drops: AtomicU64,
+    /// Bindings not forked to because the node holding their flow is gone or restarted.
+    pub cluster_skipped: AtomicU64,
     /// Bindings removed because their connection closed.
     pub flow_bindings_dropped: AtomicU64,
     /// OPTIONS keep-alives that got no answer.
@@ -208,6 +210,11 @@ impl Metrics {
                 "careflow_sip_store_errors_total",
                 "Subscriber or location store errors.",
                 &self.store_errors,
+            ),
+            (
+                "careflow_sip_cluster_bindings_skipped_total",
+                "Bindings not called because the cluster node holding their flow is gone or restarted.",
+                &self.cluster_skipped,
             ),
             (
                 "careflow_sip_scanner_drops_total",

@@ -166,6 +166,30 @@ impl App {
         })
     }
 
+    /// In a cluster, the route other nodes take to this device when only this node can reach
+    /// it: it is on a connection to us, or a UDP device behind NAT (its NAT lets only our
+    /// address in). Devices behind an edge proxy (Path) or on a reachable address need none.
+    fn owner_route(
+        &self,
+        ctx: &Ctx,
+        contacts: &[ContactValue<'_>],
+        ext: &Extensions<'_>,
+    ) -> Option<String> {
+        let cluster = self.cluster.as_ref()?;
+        let behind_nat = !ctx.transport.is_reliable()
+            && contacts.iter().any(|c| {
+                matches!(c, ContactValue::Address(na) if na.uri.host.ip() != Some(ctx.source.ip()))
+            });
+        if !ext.path.is_empty() || !(ctx.conn.is_some() || behind_nat) {
+            return None;
+        }
+        Some(cluster.route_for(careflow_core::flow::Flow {
+            transport: ctx.transport,
+            conn: ctx.conn.map(|c| c.0),
+            addr: ctx.source,
+        }))
+    }
+
     async fn register(&self, msg: &Message, ctx: &Ctx) -> (u16, bytes::Bytes) {
         let now = unix_now();
         let Checked {
@@ -193,6 +217,7 @@ impl App {
                 .reason("First Hop Lacks Outbound Support");
             return (439, b.build());
         }
+        let owner = self.owner_route(ctx, &contacts, &ext);
         let req = RegisterRequest {
             aor: &aor,
             call_id: msg.call_id().unwrap_or_default(),
@@ -205,6 +230,7 @@ impl App {
             // Behind an edge proxy (Path) the connection is the proxy's, not the device's.
             conn: ctx.conn.filter(|_| ext.path.is_empty()).map(|c| c.0),
             path: ext.path.clone(),
+            owner: owner.as_deref(),
             now,
         };
         let cfg = self.cfg.registrar;

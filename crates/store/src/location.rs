@@ -240,6 +240,7 @@ fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
                 user_agent: r.get(12)?,
                 conn: None,
                 here: true,
+                owner: None,
                 path: r
                     .get::<_, Option<String>>(13)?
                     .map(|p| p.lines().map(str::to_string).collect())
@@ -358,6 +359,7 @@ mod tests {
                 user_agent: Some("ua"),
                 conn: None,
                 path: vec!["<sip:edge.example.com;lr>"],
+                owner: None,
                 now,
             };
             registrar::apply(&RegistrarConfig::default(), cur, &req, &mut || 7)

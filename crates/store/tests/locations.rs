@@ -24,11 +24,24 @@ async fn register(
     (call_id, cseq): (&str, u32),
     now: u64,
 ) -> Result<Outcome, Reject> {
+    register_flow(store, aor, contacts, expires, (call_id, cseq), now, |r| r).await
+}
+
+/// [`register`] with the request adjusted by `adjust` (a connection, an owner route).
+async fn register_flow(
+    store: &dyn LocationStore,
+    aor: &str,
+    contacts: &[&str],
+    expires: u32,
+    (call_id, cseq): (&str, u32),
+    now: u64,
+    adjust: impl for<'a> FnOnce(RegisterRequest<'a>) -> RegisterRequest<'a>,
+) -> Result<Outcome, Reject> {
     let contacts: Vec<ContactValue<'_>> = contacts
         .iter()
         .map(|c| ContactValue::parse(c).unwrap())
         .collect();
-    let req = RegisterRequest {
+    let req = adjust(RegisterRequest {
         aor,
         call_id,
         cseq,
@@ -39,8 +52,9 @@ async fn register(
         user_agent: Some("battery"),
         conn: None,
         path: Vec::new(),
+        owner: None,
         now,
-    };
+    });
     let cfg = registrar::RegistrarConfig {
         max_contacts: 50,
         ..registrar::RegistrarConfig::default()
@@ -219,4 +233,66 @@ async fn bindings_outlive_the_process_that_wrote_them() {
         .unwrap();
     assert_eq!(node_b.lookup(&a, NOW).await.unwrap().len(), 1, "redis");
     assert!(node_b.shared() && !reopened.shared());
+}
+
+#[tokio::test]
+async fn a_node_rewriting_an_aor_keeps_the_flows_and_owner_routes_of_another() {
+    let url = "redis://127.0.0.1:6379/15";
+    let x = RedisLocation::open(url, "node-x".into()).await.unwrap();
+    let y = RedisLocation::open(url, "node-y".into()).await.unwrap();
+    let a = aor("shared");
+    let route = "<sip:0a0b@10.0.0.2:5090;transport=tcp;lr>";
+    // Node x: a device on its connection 7, reachable by others through x's owner route.
+    register_flow(
+        &x,
+        &a,
+        &["<sip:web@df7jal23ls0d.invalid;transport=ws>"],
+        600,
+        ("cx", 1),
+        NOW,
+        |r| RegisterRequest {
+            transport: Transport::Wss,
+            conn: Some(7),
+            owner: Some(route),
+            ..r
+        },
+    )
+    .await
+    .unwrap();
+    // Node y rewrites the AoR (another device of the same user registers through it).
+    register(&y, &a, &["<sip:desk@192.0.2.31:5060>"], 600, ("cy", 1), NOW)
+        .await
+        .unwrap();
+    let web = |bs: Vec<Binding>| {
+        bs.into_iter()
+            .find(|b| b.contact.contains(".invalid"))
+            .expect("the web binding survives")
+    };
+    let on_x = web(x.lookup(&a, NOW).await.unwrap());
+    assert!(on_x.here, "still x's own");
+    assert_eq!(on_x.conn, Some(7), "x still knows its connection");
+    assert_eq!(on_x.owner.as_deref(), Some(route));
+    let on_y = web(y.lookup(&a, NOW).await.unwrap());
+    assert!(!on_y.here);
+    assert_eq!(on_y.conn, None, "a connection of x means nothing on y");
+    assert_eq!(on_y.owner.as_deref(), Some(route));
+    // And x rewriting it in turn leaves y's device as y's.
+    register(
+        &x,
+        &a,
+        &["<sip:web2@192.0.2.32:5060>"],
+        600,
+        ("cx2", 1),
+        NOW,
+    )
+    .await
+    .unwrap();
+    let desk = y
+        .lookup(&a, NOW)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.contact.contains("desk"))
+        .unwrap();
+    assert!(desk.here);
 }

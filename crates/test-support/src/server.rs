@@ -19,6 +19,9 @@ pub struct Server {
     pub port2: u16,
     pub port3: u16,
     pub domain: String,
+    /// The loopback address its SIP listeners are on (127.0.0.1 unless launched `on` another,
+    /// so several nodes are told apart by address).
+    pub host: std::net::Ipv4Addr,
     dir: tempfile::TempDir,
     extra_env: Vec<(String, String)>,
 }
@@ -27,7 +30,19 @@ impl Server {
     /// Starts `bin` (the test's `CARGO_BIN_EXE_careflow-sip`) serving `domain`, with `env`
     /// on top of the test defaults; returns once `/healthz` answers.
     pub fn launch(bin: &Path, domain: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch_on(bin, std::net::Ipv4Addr::LOCALHOST, domain, env)
+    }
+
+    /// [`Self::launch`] with the SIP listeners on `host` (a loopback address); "{host}" in
+    /// the environment stands for it.
+    pub fn launch_on(
+        bin: &Path,
+        host: std::net::Ipv4Addr,
+        domain: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut s = Self {
+            host,
             bin: bin.to_path_buf(),
             child: None,
             port: free_port(),
@@ -46,7 +61,7 @@ impl Server {
     }
 
     pub fn sip_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from((self.host, self.port))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -79,7 +94,7 @@ impl Server {
             .env("SIP_DOMAIN", &self.domain)
             .env(
                 "SIP_LISTEN",
-                format!("udp:127.0.0.1:{0},tcp:127.0.0.1:{0}", self.port),
+                format!("udp:{1}:{0},tcp:{1}:{0}", self.port, self.host),
             )
             .env("HTTP_LISTEN", format!("127.0.0.1:{}", self.http))
             .env("DATA_DIR", self.data_dir())
@@ -94,6 +109,7 @@ impl Server {
             c.env(
                 k,
                 v.replace("{port}", &self.port.to_string())
+                    .replace("{host}", &self.host.to_string())
                     .replace("{port2}", &self.port2.to_string())
                     .replace("{port3}", &self.port3.to_string()),
             );

@@ -180,6 +180,25 @@ impl Membership {
         self.members.get(&node).map(|m| m.address.as_str())
     }
 
+    /// Whether `ip` is the address of a node we have seen (alive or not): only they may hand
+    /// us requests with internal routes.
+    pub fn is_member_ip(&self, ip: std::net::IpAddr) -> bool {
+        self.member_ips().contains(&ip)
+    }
+
+    /// The IP addresses of the other nodes we have seen.
+    pub fn member_ips(&self) -> Vec<std::net::IpAddr> {
+        let mut ips: Vec<std::net::IpAddr> = self
+            .members
+            .values()
+            .filter_map(|m| m.address.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ips
+    }
+
     /// The nodes alive now, this one included.
     pub fn alive(&self) -> Vec<NodeId> {
         let mut v: Vec<NodeId> = self
@@ -238,6 +257,8 @@ mod tests {
         m.observed(&[node(1), node(2), node(3)], c.at(0.0));
         assert_eq!(m.status(NodeId(2), 102), Liveness::Alive);
         assert_eq!(m.address(NodeId(3)), Some("127.0.0.3:5090"));
+        assert!(m.is_member_ip("127.0.0.3".parse().expect("ip")));
+        assert!(!m.is_member_ip("127.0.0.9".parse().expect("ip")));
         // Node 3 stops refreshing; reads every 2 s keep succeeding.
         for t in [2.0, 4.0] {
             m.observed(&[node(1), node(2)], c.at(t));

@@ -302,3 +302,27 @@ fn every_table_stays_bounded_under_fresh_sources_and_usernames() {
     assert!(verdicts.contains(&Admit::Drop));
     assert!(!verdicts.iter().any(|v| matches!(v, Admit::Banned(..))));
 }
+
+#[test]
+fn cluster_peers_pass_unlimited_while_they_are_peers() {
+    let g = Guard::new(GuardConfig {
+        rate: 10,
+        burst: 20,
+        ..nobody_allowed()
+    });
+    let t0 = Instant::now();
+    let node = at("10.0.0.3:40123");
+    g.set_peers(vec![node.ip()]);
+    // One internal link carries many callers' requests: far over a device's rate.
+    for _ in 0..1000 {
+        assert_eq!(g.admit(node, t0), Admit::Pass);
+    }
+    assert!(g.allowed(node.ip()));
+    // No longer a member: limited like anyone else.
+    g.set_peers(Vec::new());
+    let verdicts: Vec<Admit> = (0..21).map(|_| g.admit(node, t0)).collect();
+    assert_eq!(
+        verdicts.last(),
+        Some(&Admit::Banned(BanScope::Flow(node), BanReason::Flood))
+    );
+}

@@ -15,7 +15,9 @@ impl App {
         let step = proxy::route_step(&msg, |u| self.is_ours(u));
         let hash = proxy::loop_hash(&msg);
         let in_addr = self.interfaces.inbound(ctx.local, ctx.source);
-        let in_token = Self::sender_needs_flow(&msg, &ctx).then(|| {
+        // Another node of the cluster is reached at its address, never by a flow.
+        let came_over_cluster = self.came_over_cluster(&ctx);
+        let in_token = (Self::sender_needs_flow(&msg, &ctx) && !came_over_cluster).then(|| {
             Flow {
                 transport: ctx.transport,
                 conn: ctx.conn.map(|c| c.0),
@@ -30,12 +32,15 @@ impl App {
             routes,
             branch,
             body,
+            device: _,
         } in targets
         {
             let branch = branch.unwrap_or_else(|| proxy::branch(&hash, self.next_id()));
-            let out_addr =
+            // A hop to another node leaves by our internal link (set by the lookup).
+            let out_addr = target.local.unwrap_or_else(|| {
                 self.interfaces
-                    .outbound(target.transport, target.dest, ctx.local, ctx.source);
+                    .outbound(target.transport, target.dest, ctx.local, ctx.source)
+            });
             let target = Target {
                 local: Some(out_addr),
                 ..target
@@ -88,7 +93,7 @@ impl App {
                 reliable: target.transport.is_reliable(),
             });
         }
-        let upstream = Self::upstream(&msg, &ctx);
+        let upstream = self.upstream(&msg, &ctx);
         self.with_proxy(|t| t.fork(key, msg, upstream, branches, Instant::now()));
     }
 

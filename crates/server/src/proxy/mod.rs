@@ -54,6 +54,9 @@ pub(crate) struct Hop {
     /// Media anchoring's own Via branch and SDP for this hop (`media::BranchOffer`).
     branch: Option<String>,
     body: Option<String>,
+    /// The device at the end, as media anchoring sees it, when the hop is not the device
+    /// itself (another node of the cluster holds its flow).
+    device: Option<crate::media::Callee>,
 }
 
 impl Hop {
@@ -64,7 +67,15 @@ impl Hop {
             routes: Vec::new(),
             branch: None,
             body: None,
+            device: None,
         }
+    }
+
+    fn callee(&self) -> crate::media::Callee {
+        self.device.unwrap_or(crate::media::Callee {
+            transport: self.target.transport,
+            behind_nat: self.target.flow,
+        })
     }
 }
 
@@ -89,10 +100,11 @@ enum Opened {
 
 impl App {
     /// How the caller of `msg` is answered.
-    fn upstream(msg: &Message, ctx: &Ctx) -> Upstream<Back> {
+    fn upstream(&self, msg: &Message, ctx: &Ctx) -> Upstream<Back> {
         Upstream {
             source: ctx.source,
             reliable: ctx.transport.is_reliable(),
+            reports_call: !self.came_over_cluster(ctx),
             to: Back {
                 transport: ctx.transport,
                 dest: crate::routing::response_destination(msg.top_via().as_ref(), ctx.source),
@@ -172,7 +184,7 @@ impl App {
             } else if stateless {
                 Opened::Stateless
             } else {
-                match t.open(key.clone(), msg.clone(), Self::upstream(&msg, &ctx), now) {
+                match t.open(key.clone(), msg.clone(), self.upstream(&msg, &ctx), now) {
                     Ok(()) => Opened::Stateful,
                     Err(_) => Opened::Full,
                 }

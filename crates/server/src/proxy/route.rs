@@ -3,6 +3,7 @@
 //! proxy authentication of our callers.
 
 use super::*;
+use crate::cluster::Owner;
 use crate::media::{Callee, Caller};
 
 impl App {
@@ -17,14 +18,9 @@ impl App {
             Ok(mut targets) => {
                 let initial =
                     msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
-                let msg = if initial {
-                    let callees: Vec<Callee> = targets
-                        .iter()
-                        .map(|h| Callee {
-                            transport: h.target.transport,
-                            behind_nat: h.target.flow,
-                        })
-                        .collect();
+                // A request another node hands us for a device we hold was anchored there.
+                let msg = if initial && !self.came_over_cluster(&ctx) {
+                    let callees: Vec<Callee> = targets.iter().map(Hop::callee).collect();
                     let caller = Caller {
                         transport: ctx.transport,
                         source: ctx.source.ip(),
@@ -97,6 +93,13 @@ impl App {
                 .ok_or_else(|| refuse(404, "Not Found"))?;
             let new_uri = step.strict_request_uri.clone().unwrap_or_default();
             return Ok(vec![Hop::to(new_uri, target)]);
+        }
+        if step.pop_routes > 0
+            && let Some(delivery) = self.owner_delivery(msg, ctx, step.pop_routes)
+        {
+            return delivery
+                .map(|t| vec![Hop::to(String::new(), t)])
+                .map_err(|(code, reason)| refuse(code, reason));
         }
         if step.next_route.is_some() {
             return Err(refuse(403, "Relaying Denied"));
@@ -189,11 +192,8 @@ impl App {
         };
         let mut targets = Vec::new();
         for b in preferred_flows(&bindings) {
-            if let Some(t) = self.binding_target(b).await {
-                targets.push(Hop {
-                    routes: b.path.clone(),
-                    ..Hop::to(b.contact.clone(), t)
-                });
+            if let Some(hop) = self.binding_hop(b).await {
+                targets.push(hop);
             }
         }
         if targets.is_empty() {
@@ -294,9 +294,91 @@ impl App {
         Some(Target::at(transport, dest))
     }
 
+    /// The branch to a registered device: to the node that holds its flow when that is another
+    /// node of the cluster (none when that node is gone or has restarted since), else to the
+    /// device (see [`Self::binding_target`]).
+    async fn binding_hop(&self, b: &careflow_core::Binding) -> Option<Hop> {
+        if let (Some(route), Some(cluster)) = (&b.owner, &self.cluster) {
+            match cluster.owner_of(route) {
+                Owner::Here(_) => {}
+                Owner::At(node) => {
+                    return Some(Hop {
+                        routes: vec![route.clone()],
+                        device: Some(Callee {
+                            transport: b.transport,
+                            behind_nat: true,
+                        }),
+                        ..Hop::to(
+                            b.contact.clone(),
+                            Target {
+                                local: Some(cluster.address()),
+                                ..Target::at(Transport::Tcp, node)
+                            },
+                        )
+                    });
+                }
+                Owner::Lost => {
+                    self.metrics.cluster_skipped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(aor = %b.aor, contact = %b.contact,
+                        "binding of a node that is gone or restarted skipped");
+                    return None;
+                }
+            }
+        }
+        let t = self.binding_target(b).await?;
+        Some(Hop {
+            routes: b.path.clone(),
+            ..Hop::to(b.contact.clone(), t)
+        })
+    }
+
+    /// Whether a request came over the internal link from another node of our cluster.
+    pub(crate) fn came_over_cluster(&self, ctx: &Ctx) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| c.is_internal(ctx.local, ctx.source))
+    }
+
+    /// A request another node hands us for a device we hold: its top Route (ours, popped) is
+    /// an owner route with our token. `None`: there is none; `Err`: refused (it did not come
+    /// from a member over the internal link: 403; the flow is gone, or the token is of an
+    /// earlier life of this node: 430, so the sender tries the device's other flows).
+    fn owner_delivery(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        pop: usize,
+    ) -> Option<Result<Target, (u16, &'static str)>> {
+        let cluster = self.cluster.as_ref()?;
+        let token = msg
+            .values(HeaderName::Route)
+            .take(pop)
+            .filter_map(careflow_proto::NameAddr::parse)
+            .find_map(|na| cluster.token(na.uri.user?))?;
+        if !cluster.is_internal(ctx.local, ctx.source) {
+            tracing::warn!(source = %ctx.source, "internal route from outside the cluster refused");
+            return Some(Err((403, "Internal Route Refused")));
+        }
+        if !cluster.is_mine(&token) {
+            return Some(Err((430, "Flow Failed")));
+        }
+        let flow = token.flow;
+        let conn = flow.conn.map(ConnId);
+        if let Some(c) = conn
+            && !self.transports().is_some_and(|t| t.is_open(c))
+        {
+            return Some(Err((430, "Flow Failed")));
+        }
+        Some(Ok(Target {
+            conn,
+            flow: true,
+            ..Target::at(flow.transport, flow.addr)
+        }))
+    }
+
     /// Where a registered device is reached: over the connection it registered on, or (UDP)
     /// at the address its REGISTER came from, which differs from its Contact behind NAT.
-    pub(super) async fn binding_target(&self, b: &careflow_core::Binding) -> Option<Target> {
+    async fn binding_target(&self, b: &careflow_core::Binding) -> Option<Target> {
         if let Some(first) = b.path.first() {
             // Behind an edge proxy: the request goes to it, with the Path as its route.
             let uri = careflow_proto::NameAddr::parse(first)?.uri.raw.to_string();

@@ -116,21 +116,43 @@ pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportE
         }
         // TCP and TLS dial out; WebSocket clients are reached over the connection they opened.
         None if matches!(out.transport, Transport::Tcp | Transport::Tls) => {
-            connect(t, out.dest, out.transport).await?
+            let from = out
+                .local
+                .map(|l| l.ip())
+                .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == out.dest.is_ipv4());
+            connect(t, out.dest, out.transport, from).await?
         }
         None => return Err(closed()),
     };
     tx.send(Wire::Sip(out.bytes)).await.map_err(|_| closed())
 }
 
+/// Dials `dest`, from the address `from` when given: the connection then leaves by the
+/// interface our Via and Record-Route name (on a host with several, the kernel's choice may
+/// differ, and a cluster peer recognises us by address).
 async fn connect(
     t: &Transports,
     dest: SocketAddr,
     transport: Transport,
+    from: Option<std::net::IpAddr>,
 ) -> Result<mpsc::Sender<Wire>, TransportError> {
     let err = |source| TransportError::Send { dest, source };
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(dest))
+    let dial = async {
+        match from {
+            Some(ip) => {
+                let socket = if ip.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(dest).await
+            }
+            None => TcpStream::connect(dest).await,
+        }
+    };
+    let stream = tokio::time::timeout(Duration::from_secs(5), dial)
         .await
         .map_err(|_| err(timed_out()))?
         .map_err(err)?;

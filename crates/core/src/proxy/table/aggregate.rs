@@ -40,7 +40,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
                     if !fw.final_sent {
                         fw.final_sent = true;
                         self.events.push_back(Event::Final { code, record: None });
-                        if fw.call {
+                        if fw.call && fw.upstream.reports_call {
                             let call_id = call_id_of(&fw.request);
                             self.events.push_back(Event::CallAnswered { call_id, code });
                         }
@@ -138,12 +138,15 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         };
         fw.best = None;
         let call = fw.call.then(|| call_id_of(&fw.request));
+        let reports = fw.upstream.reports_call;
         self.send_final(key, code, bytes, now);
         if let Some(call_id) = call {
             self.events.push_back(Event::MediaEnd {
                 call_id: call_id.clone(),
             });
-            self.events.push_back(Event::CallFailed { call_id, code });
+            if reports {
+                self.events.push_back(Event::CallFailed { call_id, code });
+            }
         }
     }
 

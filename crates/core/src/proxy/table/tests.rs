@@ -47,6 +47,7 @@ fn upstream() -> Upstream<&'static str> {
         source: "192.0.2.10:5060".parse().expect("address"),
         reliable: false,
         to: CALLER,
+        reports_call: true,
     }
 }
 
@@ -536,5 +537,48 @@ fn the_table_is_bounded() {
     assert_eq!(
         h.table.open(Harness::key(&b), b, upstream(), h.now),
         Err(Full)
+    );
+}
+
+#[test]
+fn a_call_delivered_for_another_node_reports_no_outcome_but_still_ends_its_media() {
+    let mut h = Harness::new();
+    let (answered, failed) = (request("INVITE", "d1"), request("INVITE", "d2"));
+    let quiet = Upstream {
+        reports_call: false,
+        ..upstream()
+    };
+    for (n, req) in [(1, &answered), (2, &failed)] {
+        h.table
+            .open(Harness::key(req), req.clone(), quiet.clone(), h.now)
+            .expect("room");
+        let branch = NewBranch {
+            branch: branch_of(n),
+            request: forwarded(req, n),
+            to: n,
+            reliable: false,
+        };
+        h.table.fork(
+            Harness::key(req),
+            req.clone(),
+            quiet.clone(),
+            vec![branch],
+            h.now,
+        );
+    }
+    h.sent();
+    h.table
+        .handle_response(&response(&answered, 1, 200, &[]), h.now);
+    h.table
+        .handle_response(&response(&failed, 2, 486, &[]), h.now);
+    assert_eq!(
+        h.events(),
+        vec![
+            final_event(200),
+            final_event(486),
+            Event::MediaEnd {
+                call_id: "d2".into()
+            },
+        ]
     );
 }

@@ -80,6 +80,9 @@ pub struct Upstream<U> {
     pub reliable: bool,
     /// The driver's way back to the caller.
     pub to: U,
+    /// Whether a call's outcome is reported (`CallAnswered`, `CallFailed`): not when another
+    /// node of a cluster handed us the call to deliver (that node counts it).
+    pub reports_call: bool,
 }
 
 /// One request to send on a new branch: already carrying our Via (whose branch value is

@@ -11,19 +11,23 @@
 //! in the background: the manager's own reconnection was seen to stall for good after an
 //! outage, leaving every later command waiting.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use careflow_core::registrar::{Outcome, Reject};
 use careflow_core::{Binding, Transport};
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 
 use crate::{LocationStore, StoreError, UpdateFn};
+
+mod conn;
+pub mod nodes;
+
+pub use conn::Redis;
 
 const PREFIX: &str = "careflow:loc:";
 
@@ -44,10 +48,7 @@ return 1
 
 /// Bindings in Redis.
 pub struct RedisLocation {
-    client: redis::Client,
-    /// Replaced whole when it stalls (see [`Self::within`]).
-    conn: Arc<RwLock<ConnectionManager>>,
-    rebuilding: Arc<AtomicBool>,
+    redis: Redis,
     /// Updates of one AoR from this node run one at a time (striped by AoR), so the
     /// compare-and-set only ever races with other nodes: twenty phones of one user registering
     /// at once through one node must not exhaust its retries.
@@ -66,138 +67,77 @@ impl std::fmt::Debug for RedisLocation {
     }
 }
 
-fn redis_err(e: redis::RedisError) -> StoreError {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
-        StoreError::unavailable("redis", e)
-    } else {
-        StoreError::backend("redis", e)
-    }
-}
-
-/// Longest wait for one Redis command: a call must fail over to 503 rather than wait.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Stripes of the per-AoR update lock.
 const UPDATE_STRIPES: usize = 64;
 
-fn manager_config() -> redis::aio::ConnectionManagerConfig {
-    redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(3))
-        .set_response_timeout(COMMAND_TIMEOUT)
-        .set_number_of_retries(2)
-}
+/// Where a binding of another process lives: its process and connection, kept as they were
+/// when this process rewrites the AoR (only that process can use them).
+type Foreign = HashMap<(u64, String), (Value, Value)>;
 
 impl RedisLocation {
     /// Connects (`redis://HOST:PORT[/DB]`); `node` names this process.
     pub async fn open(url: &str, node: String) -> Result<Self, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::Invalid(format!("REDIS_URL: {e}")))?;
-        let conn = tokio::time::timeout(
-            Duration::from_secs(5),
-            ConnectionManager::new_with_config(client.clone(), manager_config()),
-        )
-        .await
-        .map_err(|_| StoreError::unavailable("redis", "connection timed out"))?
-        .map_err(redis_err)?;
-        Ok(Self {
-            client,
-            conn: Arc::new(RwLock::new(conn)),
-            rebuilding: Arc::default(),
+        Ok(Self::over(Redis::open(url).await?, node))
+    }
+
+    /// The location service on a Redis connection shared with other users of it.
+    pub fn over(redis: Redis, node: String) -> Self {
+        Self {
+            redis,
             update_locks: (0..UPDATE_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             cas: redis::Script::new(CAS),
             node,
             count: AtomicUsize::new(0),
-        })
-    }
-
-    /// The current connection manager (cheap to clone; commands are multiplexed).
-    fn conn(&self) -> ConnectionManager {
-        match self.conn.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
         }
     }
 
-    /// Runs one Redis command within [`COMMAND_TIMEOUT`]; one that misses it has the
-    /// connection manager rebuilt in the background.
-    async fn within<T>(
-        &self,
-        command: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(COMMAND_TIMEOUT, command).await {
-            Ok(r) => r.map_err(redis_err),
-            Err(_) => {
-                self.rebuild();
-                Err(StoreError::unavailable(
-                    "redis",
-                    format!("no answer within {} s", COMMAND_TIMEOUT.as_secs()),
-                ))
-            }
-        }
-    }
-
-    /// Builds a new connection manager (retrying every second until Redis answers) and swaps
-    /// it in; one rebuild at a time.
-    fn rebuild(&self) {
-        if self.rebuilding.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (client, slot, flag) = (
-            self.client.clone(),
-            self.conn.clone(),
-            self.rebuilding.clone(),
-        );
-        tokio::spawn(async move {
-            loop {
-                let fresh = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    ConnectionManager::new_with_config(client.clone(), manager_config()),
-                )
-                .await;
-                match fresh {
-                    Ok(Ok(c)) => {
-                        match slot.write() {
-                            Ok(mut s) => *s = c,
-                            Err(p) => *p.into_inner() = c,
-                        }
-                        tracing::info!("redis connection re-established");
-                        break;
-                    }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "redis still unavailable; retrying"),
-                    Err(_) => tracing::warn!("redis still not answering; retrying"),
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            flag.store(false, Ordering::Release);
-        });
-    }
-
-    fn encode(&self, bindings: &[Binding]) -> String {
+    fn encode(&self, bindings: &[Binding], foreign: &Foreign) -> String {
         let list: Vec<Value> = bindings
             .iter()
             .map(|b| {
+                // The connection only means something on the node that holds it.
+                let (node, conn) = if b.here {
+                    (json!(self.node), json!(b.conn))
+                } else {
+                    foreign
+                        .get(&(b.id, b.contact.clone()))
+                        .cloned()
+                        .unwrap_or((Value::Null, Value::Null))
+                };
                 json!({
                     "id": b.id, "aor": b.aor, "contact": b.contact, "callId": b.call_id,
                     "cseq": b.cseq, "expiresAt": b.expires_at, "registeredAt": b.registered_at,
                     "q": b.q, "instance": b.instance, "regId": b.reg_id,
                     "transport": b.transport.as_str(), "source": b.source.to_string(),
-                    "userAgent": b.user_agent, "path": b.path,
-                    // The connection only means something on the node that holds it.
-                    "conn": b.conn, "node": self.node,
+                    "userAgent": b.user_agent, "path": b.path, "owner": b.owner,
+                    "conn": conn, "node": node,
                 })
             })
             .collect();
         Value::Array(list).to_string()
     }
 
-    fn decode(&self, text: &str) -> Vec<Binding> {
+    /// The bindings in `text`, and where those of other processes live.
+    fn decode(&self, text: &str) -> (Vec<Binding>, Foreign) {
         let Ok(Value::Array(list)) = serde_json::from_str::<Value>(text) else {
             tracing::warn!("unreadable bindings in redis; ignoring them");
-            return Vec::new();
+            return Default::default();
         };
-        list.iter().filter_map(|v| self.binding(v)).collect()
+        let mut foreign = Foreign::new();
+        let bindings = list
+            .iter()
+            .filter_map(|v| {
+                let b = self.binding(v)?;
+                if !b.here {
+                    let field = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+                    foreign.insert((b.id, b.contact.clone()), (field("node"), field("conn")));
+                }
+                Some(b)
+            })
+            .collect();
+        (bindings, foreign)
     }
 
     fn binding(&self, v: &Value) -> Option<Binding> {
@@ -222,6 +162,7 @@ impl RedisLocation {
             user_agent: s("userAgent"),
             conn: if ours { n("conn") } else { None },
             here: ours,
+            owner: s("owner"),
             path: v
                 .get("path")
                 .and_then(Value::as_array)
@@ -233,30 +174,6 @@ impl RedisLocation {
                 })
                 .unwrap_or_default(),
         })
-    }
-
-    async fn keys(&self) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn();
-        let mut keys = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = self
-                .within(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(format!("{PREFIX}*"))
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            keys.extend(batch);
-            if next == 0 {
-                return Ok(keys);
-            }
-            cursor = next;
-        }
     }
 }
 
@@ -273,16 +190,16 @@ impl LocationStore for RedisLocation {
             BuildHasherDefault::<DefaultHasher>::default().hash_one(aor) as usize % UPDATE_STRIPES
         };
         let _one_at_a_time = self.update_locks[stripe].lock().await;
-        let mut conn = self.conn();
+        let mut conn = self.redis.conn();
         for attempt in 0..16u64 {
             if attempt > 0 {
                 // Another node won the race: let it finish before reading again.
                 tokio::time::sleep(Duration::from_millis(1 + attempt % 4)).await;
             }
-            let old: Option<String> = self.within(conn.get(&key)).await?;
+            let old: Option<String> = self.redis.within(conn.get(&key)).await?;
             let old = old.unwrap_or_default();
-            let current = if old.is_empty() {
-                Vec::new()
+            let (current, foreign) = if old.is_empty() {
+                Default::default()
             } else {
                 self.decode(&old)
             };
@@ -296,7 +213,7 @@ impl LocationStore for RedisLocation {
             let new = if outcome.bindings.is_empty() {
                 String::new()
             } else {
-                self.encode(&outcome.bindings)
+                self.encode(&outcome.bindings, &foreign)
             };
             let expiry_ms = outcome
                 .bindings
@@ -306,6 +223,7 @@ impl LocationStore for RedisLocation {
                 .unwrap_or(0)
                 .saturating_mul(1000);
             let done: i64 = self
+                .redis
                 .within(
                     self.cas
                         .key(&key)
@@ -335,9 +253,12 @@ impl LocationStore for RedisLocation {
     }
 
     async fn lookup(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError> {
-        let mut conn = self.conn();
-        let v: Option<String> = self.within(conn.get(format!("{PREFIX}{aor}"))).await?;
-        Ok(v.map(|t| self.decode(&t))
+        let mut conn = self.redis.conn();
+        let v: Option<String> = self
+            .redis
+            .within(conn.get(format!("{PREFIX}{aor}")))
+            .await?;
+        Ok(v.map(|t| self.decode(&t).0)
             .unwrap_or_default()
             .into_iter()
             .filter(|b| b.expires_at > now)
@@ -345,15 +266,16 @@ impl LocationStore for RedisLocation {
     }
 
     async fn all(&self, now: u64) -> Result<Vec<Binding>, StoreError> {
-        let keys = self.keys().await?;
-        let mut conn = self.conn();
+        let keys = self.redis.scan(&format!("{PREFIX}*")).await?;
+        let mut conn = self.redis.conn();
         let mut out = Vec::new();
         for chunk in keys.chunks(500) {
             let values: Vec<Option<String>> = self
+                .redis
                 .within(redis::cmd("MGET").arg(chunk).query_async(&mut conn))
                 .await?;
             for v in values.into_iter().flatten() {
-                out.extend(self.decode(&v).into_iter().filter(|b| b.expires_at > now));
+                out.extend(self.decode(&v).0.into_iter().filter(|b| b.expires_at > now));
             }
         }
         Ok(out)

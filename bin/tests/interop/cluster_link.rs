@@ -1,0 +1,376 @@
+//! Several nodes as one service (CLUSTER_ADDRESS): each node on its own loopback address
+//! (127.0.0.2, .3, .4), sharing a real PostgreSQL and a real Redis. A device that only one
+//! node can reach (behind NAT, on a connection) is called through any node over the internal
+//! link; a node that dies is skipped fast, a restarted one refuses its old flows; internal
+//! routes from outside the cluster are refused; a Redis stall does not flap membership.
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::cluster::flush;
+use crate::support::*;
+
+const NONCE: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+const CLUSTER_SECRET: &str = "c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5c1a5";
+const DOMAIN: &str = "nodes.test";
+
+/// Node `n` of a cluster at 127.0.0.`n` (internal link on its third port, WSS on its
+/// second).
+pub(crate) fn member(n: u8, db: &TestDb, redis: &str) -> Server {
+    Server::launch_on(
+        Path::new(BIN),
+        Ipv4Addr::new(127, 0, 0, n),
+        DOMAIN,
+        &[
+            ("DB_URL", db.url.as_str()),
+            ("REDIS_URL", redis),
+            ("NONCE_SECRET", NONCE),
+            ("CLUSTER_ADDRESS", "{host}:{port3}"),
+            ("CLUSTER_SECRET", CLUSTER_SECRET),
+            (
+                "SIP_LISTEN",
+                "udp:{host}:{port},tcp:{host}:{port},wss:{host}:{port2}",
+            ),
+        ],
+    )
+}
+
+/// Waits until every node sees all `nodes.len()` members alive.
+pub(crate) fn joined(nodes: &[&Server]) {
+    let want = format!("cluster membership changed nodes={}", nodes.len());
+    for n in nodes {
+        assert!(n.log_shows(&want), "no `{want}`:\n{}", n.log());
+    }
+}
+
+/// A REGISTER from a device behind NAT: its Contact names a private address, so only the
+/// node it registered through can reach it.
+fn register_behind_nat(ua: &Ua, user: &str, password: &str, call_id: &str) {
+    let private = |m: String| {
+        m.replace(
+            &format!("Contact: <sip:{user}@127.0.0.1:{}>", ua.port()),
+            &format!("Contact: <sip:{user}@192.168.7.{}:5060>", ua.port() % 250),
+        )
+    };
+    let r1 = ua.request(&private(ua.register_msg(user, DOMAIN, call_id, 1, "")));
+    assert_eq!(status(&r1), 401, "{r1}");
+    let auth = authorization(
+        &r1,
+        careflow_proto::digest::Algorithm::Md5,
+        user,
+        DOMAIN,
+        password,
+        "REGISTER",
+        &format!("sip:{DOMAIN}"),
+        1,
+    );
+    let r2 = ua.request(&private(ua.register_msg(
+        user,
+        DOMAIN,
+        call_id,
+        2,
+        &format!("Authorization: {auth}\r\n"),
+    )));
+    assert_eq!(status(&r2), 200, "{r2}");
+}
+
+/// INVITEs a device receives within `window`, by Via branch (a retransmission is the same).
+fn invites_within(dev: &Ua, window: Duration) -> Vec<String> {
+    let deadline = Instant::now() + window;
+    let mut got: Vec<String> = Vec::new();
+    dev.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    while Instant::now() < deadline {
+        if let Some(m) = dev.recv()
+            && m.starts_with("INVITE ")
+        {
+            let branch = header(&m, "Via").unwrap_or_default().to_string();
+            if !got
+                .iter()
+                .any(|g| header(g, "Via").unwrap_or_default() == branch)
+            {
+                got.push(m);
+            }
+        }
+    }
+    dev.sock
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    got
+}
+
+/// The owner route stored in `user`'s first binding (from Redis, as any node reads it).
+fn owner_route(redis_db: u32, user: &str) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-n", &redis_db.to_string(), "GET"])
+        .arg(format!("careflow:loc:{user}@{DOMAIN}"))
+        .output()
+        .expect("redis-cli");
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("no bindings of {user}"));
+    json[0]["owner"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no owner route in {json}"))
+        .to_string()
+}
+
+#[test]
+fn an_aor_with_devices_on_three_nodes_rings_each_once_and_cancel_reaches_all() {
+    let db = TestDb::postgres();
+    flush(13);
+    let redis = "redis://127.0.0.1:6379/13";
+    let (a, b, c) = (
+        member(2, &db, redis),
+        member(3, &db, redis),
+        member(4, &db, redis),
+    );
+    joined(&[&a, &b, &c]);
+    a.add_user("alice", "pw-alice-n");
+    a.add_user("bob", "pw-bob-n");
+    let devices: Vec<Ua> = [&a, &b, &c]
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let dev = Ua::new(node.sip_addr());
+            register_behind_nat(&dev, "bob", "pw-bob-n", &format!("bob-dev-{i}"));
+            dev
+        })
+        .collect();
+    assert_eq!(b.bindings_of("bob").len(), 3);
+
+    let alice = Ua::new(a.sip_addr());
+    let invite = invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-n"), "bob", "three-ring");
+    let mut received = Vec::new();
+    for (i, dev) in devices.iter().enumerate() {
+        let got = invites_within(dev, Duration::from_millis(1500));
+        assert_eq!(
+            got.len(),
+            1,
+            "device on node {i} rang {} times: {got:?}",
+            got.len()
+        );
+        let inv = got.into_iter().next().unwrap();
+        // Nothing of the cluster's inner routing leaves it.
+        assert!(header(&inv, "Route").is_none(), "{inv}");
+        assert!(inv.starts_with("INVITE sip:bob@192.168.7."), "{inv}");
+        answer(dev, &inv, 180);
+        received.push(inv);
+    }
+    // The caller cancels: every device gets the CANCEL.
+    let branch = header(&invite, "Via").unwrap().to_string();
+    alice.send(&format!(
+        "CANCEL sip:bob@{DOMAIN} SIP/2.0\r\nVia: {branch}\r\nMax-Forwards: 70\r\n\
+         From: <sip:alice@{DOMAIN}>;tag=f-three-ring\r\nTo: <sip:bob@{DOMAIN}>\r\n\
+         Call-ID: three-ring\r\nCSeq: 2 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    ));
+    for (i, (dev, inv)) in devices.iter().zip(&received).enumerate() {
+        let cancel = expect(dev, "CANCEL ");
+        assert_eq!(
+            header(&cancel, "Via"),
+            header(inv, "Via"),
+            "node {i}: the CANCEL matches its INVITE"
+        );
+        answer(dev, &cancel, 200);
+        answer(dev, inv, 487);
+    }
+    let fin = (0..20)
+        .filter_map(|_| alice.recv())
+        .find(|m| m.contains("INVITE\r\n") && status(m) >= 300)
+        .unwrap_or_else(|| panic!("no final answer to the cancelled call:\n{}", a.log()));
+    assert_eq!(status(&fin), 487, "{fin}");
+}
+
+#[test]
+fn a_dead_node_is_skipped_fast_a_restarted_one_refuses_its_old_flows_and_outsiders_cannot_route_inside()
+ {
+    let db = TestDb::postgres();
+    flush(14);
+    let redis = "redis://127.0.0.1:6379/14";
+    let a = member(2, &db, redis);
+    let mut b = member(3, &db, redis);
+    joined(&[&a, &b]);
+    a.add_user("alice", "pw-alice-d");
+    a.add_user("bob", "pw-bob-d");
+    let bob = Ua::new(b.sip_addr());
+    register_behind_nat(&bob, "bob", "pw-bob-d", "bob-on-b");
+    let route = owner_route(14, "bob");
+    assert!(
+        route.contains(&format!("@127.0.0.3:{};transport=tcp;lr", b.port3)),
+        "{route}"
+    );
+
+    // alice on A calls bob on B: INVITE, 200, ACK through the internal link; bob hangs up.
+    let alice = Ua::new(a.sip_addr());
+    invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-d"), "bob", "across");
+    let inv = expect(&bob, "INVITE ");
+    answer(&bob, &inv, 200);
+    let ok = (0..20)
+        .filter_map(|_| alice.recv())
+        .find(|m| m.starts_with("SIP/2.0 200"))
+        .unwrap_or_else(|| panic!("no 200 through the link:\n{}\n{}", a.log(), b.log()));
+    let rr: Vec<&str> = ok
+        .lines()
+        .filter_map(|l| l.strip_prefix("Record-Route: "))
+        .collect();
+    let route_set: String = rr.iter().rev().map(|r| format!("Route: {r}\r\n")).collect();
+    let contact = header(&ok, "Contact")
+        .unwrap()
+        .trim_matches(|c| c == '<' || c == '>');
+    let to = header(&ok, "To").unwrap().to_string();
+    let port = alice.port();
+    alice.send(&format!(
+        "ACK {contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKack-across;rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=f-across\r\nTo: {to}\r\nCall-ID: across\r\n\
+         CSeq: 2 ACK\r\n{route_set}Content-Length: 0\r\n\r\n"
+    ));
+    let ack = expect(&bob, "ACK ");
+    assert!(header(&ack, "Route").is_none(), "{ack}");
+    // bob's BYE follows the route set the other way (B, then A, then alice).
+    let bob_routes: String = inv
+        .lines()
+        .filter_map(|l| l.strip_prefix("Record-Route: "))
+        .map(|r| format!("Route: {r}\r\n"))
+        .collect();
+    let from = header(&inv, "From").unwrap().to_string();
+    let bport = bob.port();
+    bob.send(&format!(
+        "BYE sip:alice@127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 192.168.7.1:5060;branch=z9hG4bKbye-across;rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:bob@{DOMAIN}>;tag=dev{bport}\r\nTo: {from}\r\nCall-ID: across\r\n\
+         CSeq: 1 BYE\r\n{bob_routes}Content-Length: 0\r\n\r\n"
+    ));
+    let bye = expect(&alice, "BYE ");
+    answer(&alice, &bye, 200);
+    assert_eq!(status(&expect(&bob, "SIP/2.0 ")), 200);
+
+    // The owner route from outside the cluster: to B's SIP port, and to its internal link.
+    let forged_uri = format!("sip:bob@192.168.7.{}:5060", bob.port() % 250);
+    let outsider = Ua::new(b.sip_addr());
+    let forged = |transport: &str, port: u16| {
+        format!(
+            "INVITE {forged_uri} SIP/2.0\r\nVia: SIP/2.0/{transport} 127.0.0.1:{port};branch=z9hG4bKforged{transport};rport\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:mallory@evil.test>;tag=m\r\nTo: <sip:bob@{DOMAIN}>\r\n\
+             Call-ID: forged-{transport}\r\nCSeq: 1 INVITE\r\nRoute: {route}\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let r = expect_final(&outsider, "forged-UDP", &forged("UDP", outsider.port()));
+    assert_eq!(status(&r), 403, "{r}");
+    let mut link = std::net::TcpStream::connect(("127.0.0.3", b.port3)).unwrap();
+    link.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let local = link.local_addr().unwrap().port();
+    link.write_all(forged("TCP", local).as_bytes()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut seen = String::new();
+    while !seen.contains("SIP/2.0 403") {
+        match link.read(&mut buf) {
+            Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => panic!("no 403 on the internal link from outside; got {seen:?}"),
+        }
+    }
+    assert!(bob.recv().is_none(), "a forged route reached the device");
+
+    // Redis stalls for 2 s: nobody is taken for dead, calls still go through.
+    let before = a.log().len();
+    let paused = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "CLIENT", "PAUSE", "2000", "ALL"])
+        .output()
+        .expect("redis-cli");
+    assert!(paused.status.success());
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !a.log()[before..].contains("cluster membership changed"),
+        "a Redis stall flapped membership:\n{}",
+        a.log()
+    );
+    invite_authorized(
+        &alice,
+        DOMAIN,
+        ("alice", "pw-alice-d"),
+        "bob",
+        "after-stall",
+    );
+    let inv = expect(&bob, "INVITE ");
+    answer(&bob, &inv, 486);
+    let r = (0..20)
+        .filter_map(|_| alice.recv())
+        .find(|m| m.contains("Call-ID: after-stall") && status(m) >= 300)
+        .unwrap();
+    assert_eq!(status(&r), 486, "{r}");
+
+    // B dies (SIGKILL): once its key has expired, calls to its device fail at once.
+    b.crash();
+    let died = Instant::now();
+    let mut n = 0;
+    let fast_480 = loop {
+        n += 1;
+        let call_id = format!("after-death-{n}");
+        // A fresh socket each time: the proxy retransmits finals nobody ACKs here.
+        let alice = Ua::new(a.sip_addr());
+        let sent = Instant::now();
+        invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-d"), "bob", &call_id);
+        let r = (0..20)
+            .filter_map(|_| alice.recv())
+            .find(|m| m.contains(&format!("Call-ID: {call_id}\r\n")) && status(m) >= 300);
+        if r.as_deref().map(status) == Some(480) {
+            break sent.elapsed();
+        }
+        assert!(
+            died.elapsed() < Duration::from_secs(15),
+            "calls to a dead node's device still not refused:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(fast_480 < Duration::from_secs(1), "{fast_480:?}");
+    eprintln!(
+        "a dead node's device refused {:?} after the kill, each call in {fast_480:?}",
+        died.elapsed()
+    );
+    assert!(a.metric("careflow_sip_cluster_bindings_skipped_total") > 0);
+
+    // B restarts (same address, a new boot epoch): its old flows are dropped, not used.
+    b.start_again();
+    assert!(
+        b.log_shows("bindings this node held before its restart removed"),
+        "{}",
+        b.log()
+    );
+    assert!(a.bindings_of("bob").is_empty());
+    // bob re-registers on A (failover): reachable again, one binding.
+    let bob_on_a = Ua::new(a.sip_addr());
+    register_behind_nat(&bob_on_a, "bob", "pw-bob-d", "bob-on-a");
+    assert_eq!(b.bindings_of("bob").len(), 1);
+    let alice = Ua::new(a.sip_addr());
+    invite_authorized(
+        &alice,
+        DOMAIN,
+        ("alice", "pw-alice-d"),
+        "bob",
+        "failed-over",
+    );
+    let inv = expect(&bob_on_a, "INVITE ");
+    assert!(inv.contains("Call-ID: failed-over"), "{inv}");
+}
+
+#[test]
+fn a_web_phone_on_one_node_and_udp_phones_on_another_call_each_other() {
+    let js = crate::websocket::js_dir();
+    let db = TestDb::postgres();
+    flush(10);
+    let redis = "redis://127.0.0.1:6379/10";
+    let (a, b) = (member(2, &db, redis), member(3, &db, redis));
+    joined(&[&a, &b]);
+    // JsSIP over WSS on B; the calling phone and the desk phone (sipp, UDP) on A.
+    crate::websocket::web_phone_calls(&b, &a, |url| {
+        let mut node = std::process::Command::new("node");
+        node.current_dir(&js).arg("jssip-phone.js").args([
+            url,
+            &format!("sip:web1@{DOMAIN}"),
+            "pw-web1-browser",
+            &format!("sip:desk@{DOMAIN}"),
+        ]);
+        node
+    });
+}
