@@ -131,7 +131,8 @@ pub(crate) async fn run(
             (Some(c), Some(redis)) => Some(careflow_server::ClusterConfig {
                 address: c.address,
                 keys: careflow_core::cluster::ClusterKeys::new(c.secret, c.previous),
-                nodes: careflow_store::redis::nodes::NodeKeys::new(redis),
+                nodes: careflow_store::redis::nodes::NodeKeys::new(redis.clone()),
+                bus: careflow_store::redis::bus::Bus::new(redis),
             }),
             _ => None,
         },

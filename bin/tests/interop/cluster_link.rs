@@ -374,3 +374,92 @@ fn a_web_phone_on_one_node_and_udp_phones_on_another_call_each_other() {
         node
     });
 }
+
+#[test]
+fn a_ban_on_one_node_holds_on_all_and_a_node_that_stops_is_skipped_at_once() {
+    let db = TestDb::postgres();
+    flush(8);
+    let redis = "redis://127.0.0.1:6379/8";
+    let a = member(2, &db, redis);
+    let mut b = member(3, &db, redis);
+    joined(&[&a, &b]);
+    a.add_user("alice", "pw-alice-s");
+    a.add_user("bob", "pw-bob-s");
+
+    // A password guesser (not allow-listed) is banned on A after five wrong guesses...
+    let guesser = Ua::from_ip(a.sip_addr(), "127.0.0.9");
+    for i in 0..5 {
+        let r1 = guesser.request(&guesser.register_msg("alice", DOMAIN, "guess", 2 * i + 1, ""));
+        let auth = authorization(
+            &r1,
+            careflow_proto::digest::Algorithm::Md5,
+            "alice",
+            DOMAIN,
+            "not-her-password",
+            "REGISTER",
+            &format!("sip:{DOMAIN}"),
+            1,
+        );
+        let r2 = guesser.request(&guesser.register_msg(
+            "alice",
+            DOMAIN,
+            "guess",
+            2 * i + 2,
+            &format!("Authorization: {auth}\r\n"),
+        ));
+        assert!(matches!(status(&r2), 401 | 403), "{r2}");
+    }
+    assert!(
+        a.log_shows("SECURITY banned_flow src_ip=127.0.0.9"),
+        "{}",
+        a.log()
+    );
+    // ...and, from the same flow, gets nothing from B either (the ban was shared).
+    let same_flow = Ua {
+        sock: guesser.sock.try_clone().unwrap(),
+        server: b.sip_addr(),
+    };
+    // (Bans are shared once a second.)
+    same_flow
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut answered_by_b = true;
+    for _ in 0..8 {
+        same_flow.send(&same_flow.register_msg("alice", DOMAIN, "guess-b", 99, ""));
+        if same_flow.recv().is_none() {
+            answered_by_b = false;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        !answered_by_b,
+        "B still answers a flow banned on A:\n{}",
+        b.log()
+    );
+    // Another device at the guesser's address is not affected (a flow ban, not a site ban).
+    let neighbour = Ua::from_ip(b.sip_addr(), "127.0.0.9");
+    let r = neighbour.request(&neighbour.register_msg("alice", DOMAIN, "n", 1, ""));
+    assert_eq!(status(&r), 401, "{r}");
+
+    // bob's phone is on B; B stops (SIGTERM): A skips it at once, without waiting for B's key
+    // to expire.
+    let bob = Ua::new(b.sip_addr());
+    register_behind_nat(&bob, "bob", "pw-bob-s", "bob-s");
+    b.stop();
+    let stopped = Instant::now();
+    assert!(a.log_shows("a node announced its stop"), "{}", a.log());
+    let alice = Ua::new(a.sip_addr());
+    invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-s"), "bob", "after-stop");
+    let r = (0..20)
+        .filter_map(|_| alice.recv())
+        .find(|m| m.contains("Call-ID: after-stop") && status(m) >= 300)
+        .unwrap_or_else(|| panic!("no answer:\n{}", a.log()));
+    assert_eq!(status(&r), 480, "{r}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopped.elapsed()
+    );
+}

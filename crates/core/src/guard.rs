@@ -231,7 +231,22 @@ pub struct Guard {
     /// The other nodes of our cluster, passed like the allow-list while they are members:
     /// one internal link carries the traffic of many callers.
     peers: RwLock<Arc<Vec<IpAddr>>>,
+    /// Bans and unbans made here, waiting to be shared with the other nodes (only while
+    /// [`Self::share`] is on; bounded: when nobody drains it, the oldest go).
+    outbox: Mutex<Option<VecDeque<Shared>>>,
 }
+
+/// A ban decision to share with the other nodes of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shared {
+    /// `scope` was banned for `reason`.
+    Ban(BanScope, BanReason),
+    /// `scope` was unbanned (by an operator).
+    Unban(BanScope),
+}
+
+/// Shared decisions kept while nobody drains them.
+const OUTBOX: usize = 1024;
 
 /// Failed authentications kept for the admin view.
 const RECENT_FAILURES: usize = 100;
@@ -294,6 +309,45 @@ impl Guard {
             recent: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
             user_key: std::hash::RandomState::new(),
             peers: RwLock::default(),
+            outbox: Mutex::new(None),
+        }
+    }
+
+    /// Starts keeping this node's bans and unbans for [`Self::take_shared`] (a cluster).
+    pub fn share(&self) {
+        lock(&self.outbox).get_or_insert_with(VecDeque::new);
+    }
+
+    /// The bans and unbans made here since the last call, oldest first.
+    pub fn take_shared(&self) -> Vec<Shared> {
+        lock(&self.outbox)
+            .as_mut()
+            .map(|q| q.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    fn announce(&self, decision: Shared) {
+        if let Some(q) = lock(&self.outbox).as_mut() {
+            if q.len() == OUTBOX {
+                q.pop_front();
+            }
+            q.push_back(decision);
+        }
+    }
+
+    /// A ban another node made: applied here for this node's ban time, not shared again.
+    pub fn apply_shared(&self, decision: Shared, now: Instant) {
+        match decision {
+            Shared::Ban(scope, reason) => {
+                if !self.allowed(scope.ip()) {
+                    let cfg = self.config();
+                    let scope = normalise(scope);
+                    let _ = lock(self.shard(site_of(scope.ip()))).ban(scope, reason, &cfg, now);
+                }
+            }
+            Shared::Unban(scope) => {
+                self.lift(scope, now);
+            }
         }
     }
 
@@ -399,6 +453,8 @@ impl Guard {
         }
         let scope = BanScope::Flow(flow);
         if shard.ban(scope, BanReason::Flood, &cfg, now) {
+            drop(shard);
+            self.announce(Shared::Ban(scope, BanReason::Flood));
             Admit::Banned(scope, BanReason::Flood)
         } else {
             // The ban table is full (a spoofed-source flood): drop without a log line per
@@ -425,7 +481,11 @@ impl Guard {
         let cfg = self.config();
         let scope = normalise(scope);
         let site = site_of(scope.ip());
-        lock(self.shard(site)).ban(scope, reason, &cfg, now)
+        let banned = lock(self.shard(site)).ban(scope, reason, &cfg, now);
+        if banned {
+            self.announce(Shared::Ban(scope, reason));
+        }
+        banned
     }
 
     fn username_hash(&self, user: &str) -> u64 {
@@ -495,9 +555,12 @@ impl Guard {
         }
         if site_guesses >= cfg.site_auth_failures {
             let scope = BanScope::Site(site);
-            return shard
-                .ban(scope, BanReason::BruteForce, &cfg, now)
-                .then_some((scope, BanReason::BruteForce));
+            let banned = shard.ban(scope, BanReason::BruteForce, &cfg, now);
+            drop(shard);
+            return banned.then(|| {
+                self.announce(Shared::Ban(scope, BanReason::BruteForce));
+                (scope, BanReason::BruteForce)
+            });
         }
         let reason = if flow_guesses >= limit {
             BanReason::BruteForce
@@ -510,9 +573,12 @@ impl Guard {
         if shard.banned(scope, now) {
             return None;
         }
-        shard
-            .ban(scope, reason, &cfg, now)
-            .then_some((scope, reason))
+        let banned = shard.ban(scope, reason, &cfg, now);
+        drop(shard);
+        banned.then(|| {
+            self.announce(Shared::Ban(scope, reason));
+            (scope, reason)
+        })
     }
 
     /// Current bans, sites first.
@@ -539,6 +605,14 @@ impl Guard {
     /// Lifts bans: a site (`Site(ip)`: the site's ban and every flow ban of its address) or one
     /// flow. False when nothing was banned.
     pub fn unban(&self, scope: BanScope, now: Instant) -> bool {
+        let lifted = self.lift(scope, now);
+        if lifted {
+            self.announce(Shared::Unban(normalise(scope)));
+        }
+        lifted
+    }
+
+    fn lift(&self, scope: BanScope, now: Instant) -> bool {
         let scope = normalise(scope);
         let site = site_of(scope.ip());
         let mut shard = lock(self.shard(site));

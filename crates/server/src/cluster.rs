@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use careflow_core::cluster::{Announcement, Liveness, Membership, NodeId, OwnerToken};
 use careflow_core::flow::Flow;
+use careflow_core::guard::Guard;
 use careflow_proto::NameAddr;
+use careflow_store::redis::nodes::{self, NodeEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
@@ -43,6 +45,8 @@ pub(crate) struct Cluster {
     address: SocketAddr,
     cfg: ClusterConfig,
     view: Mutex<Membership>,
+    /// Set once the stop is announced: the key is not refreshed any more.
+    left: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -64,6 +68,7 @@ impl Cluster {
             address: cfg.address,
             view: Mutex::new(Membership::new(me, epoch, DOWN_AFTER)),
             cfg,
+            left: Default::default(),
         }
     }
 
@@ -153,70 +158,239 @@ impl Cluster {
             && self.view.lock().is_ok_and(|v| v.is_member_ip(source.ip()))
     }
 
-    /// Keeps this node's liveness key fresh and the view current until `cancel`; then removes
-    /// the key, so the others stop routing to us without waiting for it to expire.
-    /// The other nodes pass `guard` unlimited while they are members.
-    pub(crate) async fn run(
-        self: Arc<Self>,
-        guard: Option<Arc<careflow_core::guard::Guard>>,
-        cancel: CancellationToken,
-    ) {
+    /// Keeps this node's liveness key fresh and the view current until `cancel`, and shares
+    /// bans with the other nodes; then announces the stop and removes the key, so the others
+    /// stop routing to us at once. The other nodes pass `guard` unlimited while they are
+    /// members.
+    pub(crate) async fn run(self: Arc<Self>, guard: Option<Arc<Guard>>, cancel: CancellationToken) {
         let me = self.announcement();
+        let mut news = self.cfg.bus.subscribe(&[nodes::CHANNEL, BANS]);
+        if let Some(g) = &guard {
+            g.share();
+        }
+        self.publish(nodes::CHANNEL, NodeEvent::Up(me.clone()).encode())
+            .await;
         let mut tick = tokio::time::interval(REFRESH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut healthy = true;
-        let mut alive = Vec::new();
+        let mut watch = Watch {
+            healthy: true,
+            alive: Vec::new(),
+        };
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let announced = self.cfg.nodes.announce(&me, KEY_TTL).await;
-            let read = match announced {
-                Ok(()) => self.cfg.nodes.read().await,
-                Err(e) => Err(e),
-            };
-            match read {
-                Ok(live) => {
-                    if !healthy {
-                        tracing::info!("cluster liveness keys readable again");
-                        healthy = true;
-                    }
-                    let (now_alive, peers) = match self.view.lock() {
-                        Ok(mut v) => {
-                            v.observed(&live, Instant::now());
-                            (v.alive(), v.member_ips())
-                        }
-                        Err(_) => continue,
-                    };
+                _ = tick.tick() => {
+                    self.refresh(&me, &mut watch).await;
+                    self.report(&mut watch, guard.as_deref());
                     if let Some(g) = &guard {
-                        g.set_peers(peers);
-                    }
-                    if now_alive != alive {
-                        let addresses: Vec<&str> = live
-                            .iter()
-                            .filter(|a| now_alive.contains(&a.node))
-                            .map(|a| a.address.as_str())
-                            .collect();
-                        tracing::info!(nodes = now_alive.len(), members = ?addresses,
-                            "cluster membership changed");
-                        alive = now_alive;
+                        self.share_bans(g).await;
                     }
                 }
-                Err(e) => {
-                    // Nothing is concluded from a failed read (see Membership).
-                    if healthy {
-                        tracing::warn!(error = %e, "cluster liveness keys unavailable; keeping the last view");
-                        healthy = false;
-                    }
+                Some((channel, payload)) = news.recv() => {
+                    self.heard(&channel, &payload, guard.as_deref());
+                    self.report(&mut watch, guard.as_deref());
                 }
             }
         }
+        self.leave().await;
+    }
+
+    /// Announces this node's stop and removes its liveness key (once): the others skip its
+    /// devices at once. Called when the drain starts, and at the end in any case.
+    pub(crate) async fn leave(&self) {
+        if self.left.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let me = self.announcement();
+        self.publish(nodes::CHANNEL, NodeEvent::Down(me.clone()).encode())
+            .await;
         match self.cfg.nodes.withdraw(&me).await {
             Ok(()) => tracing::info!("left the cluster"),
             Err(e) => {
                 tracing::warn!(error = %e, "could not remove this node's liveness key; it expires by itself")
             }
+        }
+    }
+
+    /// Refreshes our key and reads every node's.
+    async fn refresh(&self, me: &Announcement, watch: &mut Watch) {
+        let announced = if self.left.load(std::sync::atomic::Ordering::Acquire) {
+            Ok(())
+        } else {
+            self.cfg.nodes.announce(me, KEY_TTL).await
+        };
+        let read = match announced {
+            Ok(()) => self.cfg.nodes.read().await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(live) => {
+                if !watch.healthy {
+                    tracing::info!("cluster liveness keys readable again");
+                    watch.healthy = true;
+                }
+                self.with_view(|v| v.observed(&live, Instant::now()));
+            }
+            Err(e) => {
+                // Nothing is concluded from a failed read (see Membership).
+                if watch.healthy {
+                    tracing::warn!(error = %e, "cluster liveness keys unavailable; keeping the last view");
+                    watch.healthy = false;
+                }
+            }
+        }
+    }
+
+    /// Logs a change of the nodes alive and tells the guard who the members are.
+    fn report(&self, watch: &mut Watch, guard: Option<&Guard>) {
+        let Some((alive, peers, addresses)) = self.with_view(|v| {
+            let alive = v.alive();
+            let addresses: Vec<String> = alive
+                .iter()
+                .map(|n| {
+                    v.address(*n)
+                        .map_or(self.address.to_string(), str::to_string)
+                })
+                .collect();
+            (alive, v.member_ips(), addresses)
+        }) else {
+            return;
+        };
+        if let Some(g) = guard {
+            g.set_peers(peers);
+        }
+        if alive != watch.alive {
+            tracing::info!(nodes = alive.len(), members = ?addresses, "cluster membership changed");
+            watch.alive = alive;
+        }
+    }
+
+    /// An announcement of another node (or our own, coming back: ignored).
+    fn heard(&self, channel: &str, payload: &str, guard: Option<&Guard>) {
+        if channel == nodes::CHANNEL {
+            match NodeEvent::parse(payload) {
+                Some(NodeEvent::Up(a)) => {
+                    self.with_view(|v| v.announced_up(&a, Instant::now()));
+                }
+                Some(NodeEvent::Down(a)) if a.node != self.me => {
+                    tracing::info!(node = %a.address, "a node announced its stop");
+                    self.with_view(|v| v.announced_down(a.node, a.epoch));
+                }
+                Some(NodeEvent::Down(_)) => {}
+                None => tracing::warn!("unreadable cluster node announcement ignored"),
+            }
+        } else if channel == BANS
+            && let Some(g) = guard
+        {
+            match shared_ban::parse(payload) {
+                Some((from, _)) if from == self.me => {}
+                Some((_, decision)) => g.apply_shared(decision, Instant::now()),
+                None => tracing::warn!("unreadable shared ban ignored"),
+            }
+        }
+    }
+
+    /// Publishes the bans and unbans made here since the last round.
+    async fn share_bans(&self, guard: &Guard) {
+        for decision in guard.take_shared() {
+            self.publish(BANS, shared_ban::encode(self.me, decision))
+                .await;
+        }
+    }
+
+    async fn publish(&self, channel: &str, payload: String) {
+        if let Err(e) = self.cfg.bus.publish(channel, &payload).await {
+            tracing::debug!(error = %e, channel, "cluster announcement not published");
+        }
+    }
+
+    fn with_view<R>(&self, f: impl FnOnce(&mut Membership) -> R) -> Option<R> {
+        self.view.lock().ok().map(|mut v| f(&mut v))
+    }
+}
+
+/// What the run loop remembers between rounds (for its logs).
+struct Watch {
+    healthy: bool,
+    alive: Vec<NodeId>,
+}
+
+/// The pub/sub channel of bans and unbans.
+const BANS: &str = "bans";
+
+/// Bans as published: which node made the decision (its own come back to it) and what.
+mod shared_ban {
+    use std::net::{IpAddr, SocketAddr};
+
+    use careflow_core::cluster::NodeId;
+    use careflow_core::guard::{BanReason, BanScope, Shared};
+    use serde_json::{Value, json};
+
+    pub(super) fn encode(from: NodeId, decision: Shared) -> String {
+        let (op, scope, reason) = match decision {
+            Shared::Ban(scope, reason) => ("ban", scope, Some(reason.as_str())),
+            Shared::Unban(scope) => ("unban", scope, None),
+        };
+        let (kind, addr) = match scope {
+            BanScope::Flow(a) => ("flow", a.to_string()),
+            BanScope::Site(ip) => ("site", ip.to_string()),
+        };
+        json!({ "node": format!("{:016x}", from.0), "op": op, "scope": kind, "addr": addr,
+                "reason": reason })
+        .to_string()
+    }
+
+    pub(super) fn parse(payload: &str) -> Option<(NodeId, Shared)> {
+        let v: Value = serde_json::from_str(payload).ok()?;
+        let from = NodeId(u64::from_str_radix(v.get("node")?.as_str()?, 16).ok()?);
+        let addr = v.get("addr")?.as_str()?;
+        let scope = match v.get("scope")?.as_str()? {
+            "flow" => BanScope::Flow(addr.parse::<SocketAddr>().ok()?),
+            "site" => BanScope::Site(addr.parse::<IpAddr>().ok()?),
+            _ => return None,
+        };
+        let decision = match v.get("op")?.as_str()? {
+            "ban" => {
+                let reason = match v.get("reason")?.as_str()? {
+                    "flood" => BanReason::Flood,
+                    "brute_force" => BanReason::BruteForce,
+                    "user_brute_force" => BanReason::UserBruteForce,
+                    "connections" => BanReason::Connections,
+                    _ => return None,
+                };
+                Shared::Ban(scope, reason)
+            }
+            "unban" => Shared::Unban(scope),
+            _ => return None,
+        };
+        Some((from, decision))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn bans_round_trip_and_junk_is_refused() {
+            let node = NodeId(0xabc);
+            for d in [
+                Shared::Ban(
+                    BanScope::Flow("198.51.100.7:5060".parse().expect("addr")),
+                    BanReason::BruteForce,
+                ),
+                Shared::Ban(
+                    BanScope::Site("2001:db8::".parse().expect("ip")),
+                    BanReason::Flood,
+                ),
+                Shared::Unban(BanScope::Site("198.51.100.7".parse().expect("ip"))),
+            ] {
+                assert_eq!(parse(&encode(node, d)), Some((node, d)));
+            }
+            assert_eq!(parse("{}"), None);
+            assert_eq!(
+                parse(r#"{"node":"1","op":"ban","scope":"flow","addr":"x","reason":"flood"}"#),
+                None
+            );
         }
     }
 }

@@ -59,6 +59,8 @@ pub struct ClusterConfig {
     pub keys: careflow_core::cluster::ClusterKeys,
     /// The nodes' liveness keys in the shared Redis.
     pub nodes: careflow_store::redis::nodes::NodeKeys,
+    /// Pub/sub between the nodes (starts and stops, bans).
+    pub bus: careflow_store::redis::bus::Bus,
 }
 
 /// Media settings.

@@ -61,6 +61,11 @@ impl App {
     /// period is over and what was left has been answered).
     pub async fn drain(self: &Arc<Self>, grace: Duration) {
         self.draining.store(true, Ordering::Release);
+        if let Some(c) = &self.cluster {
+            // The other nodes stop sending us calls for our devices now, not when our key
+            // expires.
+            c.leave().await;
+        }
         let deadline = Instant::now() + grace;
         tracing::info!(
             grace_secs = grace.as_secs(),

@@ -326,3 +326,51 @@ fn cluster_peers_pass_unlimited_while_they_are_peers() {
         Some(&Admit::Banned(BanScope::Flow(node), BanReason::Flood))
     );
 }
+
+#[test]
+fn bans_made_here_are_kept_for_the_cluster_and_bans_from_there_are_applied_not_echoed() {
+    let here = Guard::new(GuardConfig {
+        rate: 10,
+        burst: 20,
+        auth_failures: 2,
+        ..nobody_allowed()
+    });
+    let there = Guard::new(nobody_allowed());
+    let t0 = Instant::now();
+    let flooder = at("198.51.100.7:5060");
+    // Not in a cluster: nothing is kept.
+    for _ in 0..21 {
+        here.admit(flooder, t0);
+    }
+    assert!(here.take_shared().is_empty());
+    here.share();
+    there.share();
+    let guesser = at("198.51.100.8:5070");
+    here.auth_failed(guesser, "alice", t0);
+    here.auth_failed(guesser, "alice", t0);
+    let shared = here.take_shared();
+    assert_eq!(
+        shared,
+        vec![Shared::Ban(BanScope::Flow(guesser), BanReason::BruteForce)]
+    );
+    // The other node applies it: the guesser's flow is dropped there too, and it is not
+    // shared back.
+    for d in &shared {
+        there.apply_shared(*d, t0);
+    }
+    assert_eq!(there.admit(guesser, t0), Admit::Drop);
+    assert!(there.take_shared().is_empty(), "not echoed");
+    // An operator's unban on one node lifts it on the other.
+    assert!(here.unban(BanScope::Flow(guesser), t0));
+    for d in here.take_shared() {
+        there.apply_shared(d, t0);
+    }
+    assert_eq!(there.admit(guesser, t0), Admit::Pass);
+    // A shared ban of an allow-listed address is ignored.
+    let trusted = Guard::new(GuardConfig {
+        allowlist: vec!["198.51.100.0/24".parse().unwrap()],
+        ..nobody_allowed()
+    });
+    trusted.apply_shared(Shared::Ban(BanScope::Flow(guesser), BanReason::Flood), t0);
+    assert!(trusted.bans(t0).is_empty());
+}

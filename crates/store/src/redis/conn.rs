@@ -63,6 +63,11 @@ impl Redis {
         })
     }
 
+    /// The client (for connections of their own, such as pub/sub).
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
     /// The current connection manager (cheap to clone; commands are multiplexed).
     pub(crate) fn conn(&self) -> ConnectionManager {
         match self.conn.read() {

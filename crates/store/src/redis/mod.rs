@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{LocationStore, StoreError, UpdateFn};
 
+pub mod bus;
 mod conn;
 pub mod nodes;
 

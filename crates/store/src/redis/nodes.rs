@@ -12,6 +12,48 @@ use crate::StoreError;
 
 const PREFIX: &str = "careflow:node:";
 
+/// The pub/sub channel of node starts and stops.
+pub const CHANNEL: &str = "nodes";
+
+/// A node announcing a change of its life on [`CHANNEL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// It started (in this epoch).
+    Up(Announcement),
+    /// It is stopping (this epoch ends).
+    Down(Announcement),
+}
+
+impl NodeEvent {
+    /// The message published.
+    pub fn encode(&self) -> String {
+        let (kind, a) = match self {
+            Self::Up(a) => ("up", a),
+            Self::Down(a) => ("down", a),
+        };
+        json!({
+            "event": kind, "node": format!("{:016x}", a.node.0),
+            "address": a.address, "epoch": a.epoch.to_string(),
+        })
+        .to_string()
+    }
+
+    /// A message read back; `None` for anything else.
+    pub fn parse(payload: &str) -> Option<Self> {
+        let v: Value = serde_json::from_str(payload).ok()?;
+        let a = Announcement {
+            node: NodeId(u64::from_str_radix(v.get("node")?.as_str()?, 16).ok()?),
+            epoch: v.get("epoch")?.as_str()?.parse().ok()?,
+            address: v.get("address")?.as_str()?.to_string(),
+        };
+        match v.get("event")?.as_str()? {
+            "up" => Some(Self::Up(a)),
+            "down" => Some(Self::Down(a)),
+            _ => None,
+        }
+    }
+}
+
 /// KEYS[1] = key, ARGV[1] = the epoch that may be deleted: a node going down removes its own
 /// key, never the one a newer start of it wrote.
 const WITHDRAW: &str = r"
@@ -126,8 +168,12 @@ mod tests {
         let k = key(a.node);
         assert_eq!(k, "careflow:node:000000000000feed");
         let v = encode(&a);
-        assert_eq!(parse(&k, &v), Some(a));
+        assert_eq!(parse(&k, &v), Some(a.clone()));
         assert_eq!(parse("careflow:node:zz", &v), None);
         assert_eq!(parse(&k, "{\"address\":1}"), None);
+        for e in [NodeEvent::Up(a.clone()), NodeEvent::Down(a.clone())] {
+            assert_eq!(NodeEvent::parse(&e.encode()), Some(e));
+        }
+        assert_eq!(NodeEvent::parse("{\"event\":\"sideways\"}"), None);
     }
 }
