@@ -333,18 +333,19 @@ pub(crate) async fn registrations(cfg: &Config, user: Option<&str>) -> anyhow::R
         .filter(|b| filter.as_deref().is_none_or(|f| b.aor == f))
         .collect();
     println!(
-        "{:<32} {:<48} {:<9} {:<24} {:<24} EXPIRES_IN",
-        "AOR", "CONTACT", "TRANSPORT", "SOURCE", "USER_AGENT"
+        "{:<32} {:<48} {:<9} {:<24} {:<24} {:<10} NODE",
+        "AOR", "CONTACT", "TRANSPORT", "SOURCE", "USER_AGENT", "EXPIRES_IN"
     );
     for b in &rows {
         println!(
-            "{:<32} {:<48} {:<9} {:<24} {:<24} {}s",
+            "{:<32} {:<48} {:<9} {:<24} {:<24} {:<10} {}",
             b.aor,
             b.contact,
             b.transport,
             b.source,
             b.user_agent.as_deref().unwrap_or("-"),
-            b.expires_in(now)
+            format!("{}s", b.expires_in(now)),
+            b.owner_node().as_deref().unwrap_or("-")
         );
     }
     println!("{} binding(s)", rows.len());

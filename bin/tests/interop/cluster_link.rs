@@ -139,7 +139,16 @@ fn an_aor_with_devices_on_three_nodes_rings_each_once_and_cancel_reaches_all() {
             dev
         })
         .collect();
-    assert_eq!(b.bindings_of("bob").len(), 3);
+    // Every node lists every device, each with the node holding it.
+    let listed = a.bindings_of("bob");
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    for node in [&a, &b, &c] {
+        let at = format!("{}:{}", node.host, node.port3);
+        assert!(
+            listed.iter().any(|l| l.ends_with(&at)),
+            "{at} in {listed:?}"
+        );
+    }
 
     let alice = Ua::new(a.sip_addr());
     let invite = invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-n"), "bob", "three-ring");
@@ -461,5 +470,66 @@ fn a_ban_on_one_node_holds_on_all_and_a_node_that_stops_is_skipped_at_once() {
         stopped.elapsed() < Duration::from_secs(2),
         "{:?}",
         stopped.elapsed()
+    );
+}
+
+#[test]
+fn a_web_phone_whose_node_dies_reconnects_to_another_and_is_called_there_with_one_binding() {
+    require("sipp", "sip-tester");
+    let js = crate::websocket::js_dir();
+    let db = TestDb::postgres();
+    flush(7);
+    let redis = "redis://127.0.0.1:6379/7";
+    let a = member(2, &db, redis);
+    let mut b = member(3, &db, redis);
+    joined(&[&a, &b]);
+    a.add_user("web1", "pw-web1-failover");
+    a.add_user("caller", "pw-caller-failover");
+    let tmp = tempfile::tempdir().unwrap();
+    let caller = crate::peers::sipp_file(
+        tmp.path(),
+        "caller.csv",
+        &[("caller", "pw-caller-failover")],
+    );
+
+    let wss = |s: &Server| format!("wss://{}:{}/", s.host, s.port2);
+    let mut phone = crate::websocket::Events::spawn({
+        let mut node = std::process::Command::new("node");
+        node.current_dir(&js).arg("jssip-failover.js").args([
+            wss(&b),
+            wss(&a),
+            format!("sip:web1@{DOMAIN}"),
+            "pw-web1-failover".to_string(),
+        ]);
+        node
+    });
+    phone.wait("registered 1", &b);
+    let on_b = format!("{}:{}", b.host, b.port3);
+    let listed = a.bindings_of("web1");
+    assert!(
+        listed.len() == 1 && listed[0].ends_with(&on_b),
+        "{listed:?}"
+    );
+    // Called from a UDP phone on A: through the internal link to B, over the tab's WebSocket.
+    crate::websocket::sipp_calls(&a, &caller, "web1", &mut phone);
+    phone.wait("incoming-confirmed 1", &b);
+    phone.wait("incoming-ended 1", &b);
+
+    // B dies; the tab reconnects to A and registers again: one binding, now A's.
+    b.crash();
+    phone.wait("registered 2", &a);
+    let listed = a.bindings_of("web1");
+    let on_a = format!("{}:{}", a.host, a.port3);
+    assert!(
+        listed.len() == 1 && listed[0].ends_with(&on_a),
+        "{listed:?}"
+    );
+    crate::websocket::sipp_calls(&a, &caller, "web1", &mut phone);
+    phone.wait("incoming-confirmed 2", &a);
+    phone.wait("incoming-ended 2", &a);
+    assert_eq!(
+        a.metric("careflow_sip_calls_total{result=\"answered\"}"),
+        2,
+        "each call rang the tab once"
     );
 }

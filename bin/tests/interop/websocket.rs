@@ -95,7 +95,12 @@ impl Drop for Events {
 }
 
 /// Calls `callee` once from a sipp UAC over UDP with a WebRTC-style offer.
-fn sipp_calls(server: &Server, users: &std::path::Path, callee: &str, phone: &mut Events) {
+pub(crate) fn sipp_calls(
+    server: &Server,
+    users: &std::path::Path,
+    callee: &str,
+    phone: &mut Events,
+) {
     let out = Command::new("sipp")
         .arg(server.sip_addr().to_string())
         .args(["-sf", &scenario("uac-call-webrtc.xml"), "-inf"])

@@ -667,8 +667,9 @@
       el('td', { text: deviceName(b.userAgent) }),
       el('td', { text: b.transport.toUpperCase() }),
       el('td', {}, el('code', { text: b.sourceAddress })),
+      el('td', {}, el('code', { text: b.node || '-' })),
       el('td', { text: duration(b.expiresIn) }))));
-    if (!list.length) $('#admin-devices').replaceChildren(el('tr', {}, el('td', { colspan: '5', text: 'No device is registered.' })));
+    if (!list.length) $('#admin-devices').replaceChildren(el('tr', {}, el('td', { colspan: '6', text: 'No device is registered.' })));
   }
 
   async function adminSecurity() {

@@ -398,6 +398,7 @@ pub(crate) fn device(b: &Binding, now: u64) -> Device {
         user_agent: b.user_agent.clone(),
         registered_at: b.registered_at,
         expires_in: b.expires_in(now),
+        node: b.owner_node(),
     }
 }
 

@@ -115,6 +115,17 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// The cluster node holding this binding's flow (its internal-link `IP:PORT`, from the
+    /// owner route), when only that node can reach the device.
+    pub fn owner_node(&self) -> Option<String> {
+        let na = careflow_proto::NameAddr::parse(self.owner.as_deref()?)?;
+        let host = na.uri.host.as_str();
+        Some(match na.uri.port {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        })
+    }
+
     /// Seconds left at `now` (0 once expired).
     pub fn expires_in(&self, now: u64) -> u64 {
         self.expires_at.saturating_sub(now)

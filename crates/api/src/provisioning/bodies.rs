@@ -57,6 +57,10 @@ pub struct Device {
     pub registered_at: u64,
     /// Seconds until the registration expires.
     pub expires_in: u64,
+    /// In a cluster, the node the device is connected to (its `CLUSTER_ADDRESS`), when only
+    /// that node can reach it; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Registration status.
