@@ -515,7 +515,13 @@ fn a_web_phone_whose_node_dies_reconnects_to_another_and_is_called_there_with_on
     phone.wait("incoming-confirmed 1", &b);
     phone.wait("incoming-ended 1", &b);
 
-    // B dies; the tab reconnects to A and registers again: one binding, now A's.
+    // A second call is up when B dies; the tab reconnects to A and registers again: one
+    // binding, now A's. The caller's BYE follows the tab to its new connection.
+    let held = crate::websocket::sipp_call(&a, &caller, "web1", 8000)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    phone.wait("incoming-confirmed 2", &b);
     b.crash();
     phone.wait("registered 2", &a);
     let listed = a.bindings_of("web1");
@@ -524,12 +530,26 @@ fn a_web_phone_whose_node_dies_reconnects_to_another_and_is_called_there_with_on
         listed.len() == 1 && listed[0].ends_with(&on_a),
         "{listed:?}"
     );
-    crate::websocket::sipp_calls(&a, &caller, "web1", &mut phone);
-    phone.wait("incoming-confirmed 2", &a);
     phone.wait("incoming-ended 2", &a);
+    let out = held.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the call held across the failover did not end cleanly: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log()
+    );
+    assert!(
+        a.log().contains("in-dialog request follows its device"),
+        "{}",
+        a.log()
+    );
+    // A new call reaches the tab on A.
+    crate::websocket::sipp_calls(&a, &caller, "web1", &mut phone);
+    phone.wait("incoming-confirmed 3", &a);
+    phone.wait("incoming-ended 3", &a);
     assert_eq!(
         a.metric("careflow_sip_calls_total{result=\"answered\"}"),
-        2,
+        3,
         "each call rang the tab once"
     );
 }

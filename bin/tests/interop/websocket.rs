@@ -94,15 +94,16 @@ impl Drop for Events {
     }
 }
 
-/// Calls `callee` once from a sipp UAC over UDP with a WebRTC-style offer.
-pub(crate) fn sipp_calls(
+/// The sipp UAC that calls `callee` once over UDP with a WebRTC-style offer and hangs up
+/// after `hold_ms`.
+pub(crate) fn sipp_call(
     server: &Server,
     users: &std::path::Path,
     callee: &str,
-    phone: &mut Events,
-) {
-    let out = Command::new("sipp")
-        .arg(server.sip_addr().to_string())
+    hold_ms: u32,
+) -> Command {
+    let mut sipp = Command::new("sipp");
+    sipp.arg(server.sip_addr().to_string())
         .args(["-sf", &scenario("uac-call-webrtc.xml"), "-inf"])
         .arg(users)
         .args(["-key", "domain", &server.domain, "-key", "callee", callee])
@@ -115,9 +116,26 @@ pub(crate) fn sipp_calls(
             "-t",
             "u1",
         ])
-        .args(["-m", "1", "-d", "1000", "-nostdin", "-timeout", "30s"])
-        .args(["-timeout_error", "-default_behaviors", "-abortunexp"])
-        .stdout(Stdio::null())
+        .args(["-m", "1", "-d", &hold_ms.to_string(), "-nostdin"])
+        .args([
+            "-timeout",
+            "30s",
+            "-timeout_error",
+            "-default_behaviors",
+            "-abortunexp",
+        ])
+        .stdout(Stdio::null());
+    sipp
+}
+
+/// Calls `callee` once from a sipp UAC over UDP with a WebRTC-style offer.
+pub(crate) fn sipp_calls(
+    server: &Server,
+    users: &std::path::Path,
+    callee: &str,
+    phone: &mut Events,
+) {
+    let out = sipp_call(server, users, callee, 1000)
         .output()
         .expect("run sipp");
     if !out.status.success() {

@@ -140,6 +140,12 @@ impl Cluster {
         }
     }
 
+    /// Whether `ip` is the address of a node that is gone: our Record-Route entries of a dialog
+    /// it was part of lead nowhere now.
+    pub(crate) fn is_gone_ip(&self, ip: std::net::IpAddr) -> bool {
+        self.with_view(|v| v.is_gone_ip(ip)).unwrap_or(false)
+    }
+
     /// Whether a token names this process (this node in this boot epoch).
     pub(crate) fn is_mine(&self, token: &OwnerToken) -> bool {
         token.node == self.me && token.epoch == self.epoch

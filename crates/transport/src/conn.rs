@@ -94,10 +94,10 @@ impl ConnTable {
     }
 
     /// Whether the connection is still open.
-    pub(crate) fn is_open(&self, id: ConnId) -> bool {
+    pub(crate) fn is_open(&self, id: ConnId, peer: SocketAddr) -> bool {
         self.inner
             .lock()
-            .map(|t| t.by_id.contains_key(&id))
+            .map(|t| t.by_id.get(&id).is_some_and(|e| e.peer == peer))
             .unwrap_or(false)
     }
 
@@ -115,7 +115,12 @@ impl ConnTable {
             close: e.close.clone(),
             peer: e.peer,
         };
-        if let Some(e) = id.and_then(|id| t.by_id.get(&id)) {
+        // A connection id names a connection only together with its peer: an id from a
+        // token of before a restart may have been given to another peer's connection since.
+        if let Some(e) = id
+            .and_then(|id| t.by_id.get(&id))
+            .filter(|e| e.peer == peer)
+        {
             return Some(writer(e));
         }
         let id = t.by_peer.get(&peer)?;
@@ -123,5 +128,40 @@ impl ConnTable {
             .get(id)
             .filter(|e| e.transport == transport)
             .map(writer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_id_finds_its_connection_only_with_its_peer() {
+        let table = ConnTable::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let phone: SocketAddr = "198.51.100.7:40001".parse().expect("addr");
+        let other: SocketAddr = "198.51.100.8:40002".parse().expect("addr");
+        // After a restart, id 5 went to another peer's connection.
+        table.insert(
+            ConnId(5),
+            other,
+            Transport::Wss,
+            tx,
+            CancellationToken::new(),
+        );
+        assert!(table.is_open(ConnId(5), other));
+        assert!(
+            !table.is_open(ConnId(5), phone),
+            "an old token's id is not that phone"
+        );
+        assert!(
+            table
+                .writer(Some(ConnId(5)), phone, Transport::Wss)
+                .is_none()
+        );
+        let w = table
+            .writer(Some(ConnId(5)), other, Transport::Wss)
+            .expect("writer");
+        assert_eq!(w.peer, other);
     }
 }

@@ -352,8 +352,8 @@ impl Transports {
     }
 
     /// Whether a stream connection is still open.
-    pub fn is_open(&self, conn: ConnId) -> bool {
-        self.inner.conns.is_open(conn)
+    pub fn is_open(&self, conn: ConnId, peer: SocketAddr) -> bool {
+        self.inner.conns.is_open(conn, peer)
     }
 
     /// The TLS server (certificate reloads), when one is configured.

@@ -186,6 +186,24 @@ impl Membership {
         self.member_ips().contains(&ip)
     }
 
+    /// Whether `ip` is the address of a node that is gone (and of no node alive): a route
+    /// naming it leads nowhere.
+    pub fn is_gone_ip(&self, ip: std::net::IpAddr) -> bool {
+        let on_ip = |m: &Member| {
+            m.address
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip() == ip)
+        };
+        let mut gone = false;
+        for (id, m) in self.members.iter().filter(|(_, m)| on_ip(m)) {
+            match self.status(*id, m.epoch) {
+                Liveness::Gone => gone = true,
+                _ => return false,
+            }
+        }
+        gone
+    }
+
     /// The IP addresses of the other nodes we have seen.
     pub fn member_ips(&self) -> Vec<std::net::IpAddr> {
         let mut ips: Vec<std::net::IpAddr> = self
@@ -267,6 +285,12 @@ mod tests {
         m.observed(&[node(1), node(2)], c.at(6.0));
         assert_eq!(m.status(NodeId(3), 103), Liveness::Gone);
         assert_eq!(m.status(NodeId(2), 102), Liveness::Alive);
+        assert!(m.is_gone_ip("127.0.0.3".parse().expect("ip")));
+        assert!(!m.is_gone_ip("127.0.0.2".parse().expect("ip")));
+        assert!(
+            !m.is_gone_ip("127.0.0.9".parse().expect("ip")),
+            "never a member"
+        );
         assert_eq!(m.alive(), vec![NodeId(1), NodeId(2)]);
     }
 

@@ -12,7 +12,7 @@ impl App {
             return;
         };
         let mf = proxy::next_max_forwards(&msg).unwrap_or(0);
-        let step = proxy::route_step(&msg, |u| self.is_ours(u));
+        let step = proxy::route_step(&msg, |u| self.passes_route(u));
         let hash = proxy::loop_hash(&msg);
         let in_addr = self.interfaces.inbound(ctx.local, ctx.source);
         // Another node of the cluster is reached at its address, never by a flow.

@@ -63,18 +63,25 @@ impl App {
         if proxy::is_loop(msg, |v| self.interfaces.is_our_via(v)) {
             return Err(refuse(482, "Loop Detected"));
         }
-        let step = proxy::route_step(msg, |u| self.is_ours(u));
+        let step = proxy::route_step(msg, |u| self.passes_route(u));
         let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
         if in_dialog {
             // In-dialog requests pass only along a route set we recorded; anything else would
             // make us an open relay.
-            if step.pop_routes == 0 && step.strict_request_uri.is_none() {
+            if !self.recorded_here(msg, step.pop_routes) && step.strict_request_uri.is_none() {
                 return Err(refuse(403, "Not Routed Through Here"));
             }
             if step.next_route.is_none() {
                 match self.flow_target(msg, ctx, step.pop_routes) {
                     Some(Ok(target)) => return Ok(vec![Hop::to(String::new(), target)]),
-                    Some(Err(())) => return Err(refuse(430, "Flow Failed")),
+                    Some(Err(())) => {
+                        // The flow is gone (its connection closed, or the node holding it
+                        // died): the device may have registered again since, elsewhere.
+                        return match self.rebound(msg).await {
+                            Some(hop) => Ok(vec![hop]),
+                            None => Err(refuse(430, "Flow Failed")),
+                        };
+                    }
                     None => {}
                 }
             }
@@ -228,8 +235,8 @@ impl App {
         msg: &Message,
         ctx: &Ctx,
     ) -> Option<(Target, Bytes)> {
-        let step = proxy::route_step(msg, |u| self.is_ours(u));
-        if step.pop_routes == 0 && step.strict_request_uri.is_none() {
+        let step = proxy::route_step(msg, |u| self.passes_route(u));
+        if !self.recorded_here(msg, step.pop_routes) && step.strict_request_uri.is_none() {
             return None;
         }
         let uri = match &step.next_route {
@@ -240,14 +247,16 @@ impl App {
                 .unwrap_or_else(|| msg.request_uri_str().to_string()),
         };
         let by_flow = match step.next_route {
-            None => self
-                .flow_target(msg, ctx, step.pop_routes)
-                .and_then(Result::ok),
+            None => self.flow_target(msg, ctx, step.pop_routes),
             Some(_) => None,
         };
-        let target = match by_flow {
-            Some(t) => t,
-            None => self.resolve(&uri).await?,
+        let (target, routes) = match by_flow {
+            Some(Ok(t)) => (t, Vec::new()),
+            Some(Err(())) => {
+                let hop = self.rebound(msg).await?;
+                (hop.target, hop.routes)
+            }
+            None => (self.resolve(&uri).await?, Vec::new()),
         };
         let branch = proxy::branch(&proxy::loop_hash(msg), self.next_id());
         let via = via_at(
@@ -260,7 +269,7 @@ impl App {
             request_uri: step.strict_request_uri.as_deref(),
             via: Some(&via),
             record_route: Vec::new(),
-            push_routes: Vec::new(),
+            push_routes: routes.iter().map(String::as_str).collect(),
             pop_routes: step.pop_routes,
             drop_last_route: step.strict_request_uri.is_some(),
             max_forwards: Some(proxy::next_max_forwards(msg)?),
@@ -365,7 +374,7 @@ impl App {
         let flow = token.flow;
         let conn = flow.conn.map(ConnId);
         if let Some(c) = conn
-            && !self.transports().is_some_and(|t| t.is_open(c))
+            && !self.transports().is_some_and(|t| t.is_open(c, flow.addr))
         {
             return Some(Err((430, "Flow Failed")));
         }
@@ -385,7 +394,9 @@ impl App {
             return self.resolve(&uri).await;
         }
         if let Some(c) = b.conn {
-            let open = self.transports().is_some_and(|t| t.is_open(ConnId(c)));
+            let open = self
+                .transports()
+                .is_some_and(|t| t.is_open(ConnId(c), b.source));
             // Closed: the binding is on its way out (the close handler removes it).
             return open.then_some(Target {
                 conn: Some(ConnId(c)),
@@ -412,22 +423,61 @@ impl App {
         pop: usize,
     ) -> Option<Result<Target, ()>> {
         let arrival = (ctx.transport, ctx.source, ctx.conn.map(|c| c.0));
-        let flow = msg
+        let mut tokens = msg
             .values(HeaderName::Route)
             .take(pop)
             .filter_map(careflow_proto::NameAddr::parse)
             .filter_map(|na| Flow::decode(na.uri.user?, &self.cfg.secret))
-            .find(|f| !f.is_arrival(arrival.0, arrival.1, arrival.2))?;
-        let conn = flow.conn.map(ConnId);
-        if let Some(c) = conn
-            && !self.transports().is_some_and(|t| t.is_open(c))
-        {
-            return Some(Err(()));
+            .filter(|f| !f.is_arrival(arrival.0, arrival.1, arrival.2))
+            .peekable();
+        tokens.peek()?;
+        // The first flow still open: after a failover the route set also holds the far
+        // side's flow on a node that is gone, or the sender's own earlier connection.
+        let open = tokens.find(|f| {
+            f.conn.is_none_or(|c| {
+                self.transports()
+                    .is_some_and(|t| t.is_open(ConnId(c), f.addr))
+            })
+        });
+        Some(
+            open.map(|flow| Target {
+                conn: flow.conn.map(ConnId),
+                ..Target::at(flow.transport, flow.addr)
+            })
+            .ok_or(()),
+        )
+    }
+
+    /// Whether one of the Route entries popped is ours: an in-dialog request must have been
+    /// routed through here (entries of a node that is gone alone do not make it so).
+    fn recorded_here(&self, msg: &Message, pop: usize) -> bool {
+        msg.values(HeaderName::Route)
+            .take(pop)
+            .filter_map(careflow_proto::NameAddr::parse)
+            .any(|na| self.is_ours(&na.uri))
+    }
+
+    /// The far side of a dialog whose flow is gone, found again by its current binding: the
+    /// To user's binding whose Contact is the Request-URI (a device that reconnected, or
+    /// registered through another node after its node died, keeps its Contact).
+    async fn rebound(&self, msg: &Message) -> Option<Hop> {
+        let to = msg.to()?;
+        if !self.serves_domain(&to.uri.host.as_str().to_ascii_lowercase()) {
+            return None;
         }
-        Some(Ok(Target {
-            conn,
-            ..Target::at(flow.transport, flow.addr)
-        }))
+        let aor = to.uri.aor()?;
+        let ruri = msg.request_uri_str();
+        let bindings = self.location.lookup(&aor, unix_now()).await.ok()?;
+        let b = bindings
+            .iter()
+            .find(|b| b.contact.eq_ignore_ascii_case(ruri))?;
+        let hop = self.binding_hop(b).await?;
+        tracing::info!(aor = %aor, call_id = msg.call_id().unwrap_or_default(),
+            "in-dialog request follows its device to its current flow");
+        Some(Hop {
+            uri: String::new(),
+            ..hop
+        })
     }
 
     /// Whether the request's sender must be reached through a flow: it is on a connection of
