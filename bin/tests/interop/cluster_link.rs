@@ -553,3 +553,53 @@ fn a_web_phone_whose_node_dies_reconnects_to_another_and_is_called_there_with_on
         "each call rang the tab once"
     );
 }
+
+#[test]
+fn a_call_ringing_when_its_node_dies_connects_when_the_device_registers_again_elsewhere() {
+    let db = TestDb::postgres();
+    flush(6);
+    let redis = "redis://127.0.0.1:6379/6";
+    let a = member(2, &db, redis);
+    let mut b = member(3, &db, redis);
+    joined(&[&a, &b]);
+    a.add_user("alice", "pw-alice-l");
+    a.add_user("bob", "pw-bob-l");
+    let bob = Ua::new(b.sip_addr());
+    register_behind_nat(&bob, "bob", "pw-bob-l", "bob-l");
+
+    // alice (on A) calls bob (on B); bob's phone rings.
+    let alice = Ua::new(a.sip_addr());
+    invite_authorized(
+        &alice,
+        DOMAIN,
+        ("alice", "pw-alice-l"),
+        "bob",
+        "ringing-over",
+    );
+    let first = expect(&bob, "INVITE ");
+    answer(&bob, &first, 180);
+    let ringing = (0..10)
+        .filter_map(|_| alice.recv())
+        .find(|m| m.starts_with("SIP/2.0 180"));
+    assert!(ringing.is_some(), "no 180 through the link:\n{}", a.log());
+
+    // B dies while it rings; the phone registers again through A (the same Contact).
+    b.crash();
+    let bob_via_a = Ua {
+        sock: bob.sock.try_clone().unwrap(),
+        server: a.sip_addr(),
+    };
+    register_behind_nat(&bob_via_a, "bob", "pw-bob-l", "bob-l-again");
+    // The ringing call gains a branch to the phone's new flow, and connects.
+    let late = expect(&bob, "INVITE ");
+    assert!(late.contains("Call-ID: ringing-over"), "{late}");
+    assert_ne!(header(&late, "Via"), header(&first, "Via"), "a new branch");
+    answer(&bob_via_a, &late, 200);
+    let ok = (0..20)
+        .filter_map(|_| alice.recv())
+        .find(|m| status(m) >= 200 && m.contains("INVITE\r\n"))
+        .unwrap_or_else(|| panic!("no final answer:\n{}", a.log()));
+    assert_eq!(status(&ok), 200, "{ok}");
+    assert!(a.log().contains("late fork"), "{}", a.log());
+    assert_eq!(a.metric("careflow_sip_calls_total{result=\"answered\"}"), 1);
+}

@@ -67,6 +67,8 @@ pub struct App {
     pub(crate) inflight: std::sync::atomic::AtomicUsize,
     /// This node's part in a cluster (`CLUSTER_ADDRESS`); none when it is alone.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Calls ringing, by callee, for late forking.
+    pub(crate) ringing: crate::ringing::RingingIndex,
 }
 
 impl std::fmt::Debug for App {
@@ -125,6 +127,7 @@ impl App {
             draining: Default::default(),
             inflight: Default::default(),
             cluster,
+            ringing: Default::default(),
         }
     }
 

@@ -26,6 +26,7 @@ pub mod media;
 pub mod metrics;
 mod proxy;
 pub mod register;
+mod ringing;
 pub mod routing;
 pub mod rtpengine;
 

@@ -234,14 +234,37 @@ impl App {
             now,
         };
         let cfg = self.cfg.registrar;
+        // Whether a device is reachable over a flow it was not before (a new binding, or a
+        // binding that moved to another connection, address or node): a call ringing for it
+        // gains a branch.
+        let new_flow = std::sync::atomic::AtomicBool::new(false);
         let decide = |current: &[careflow_core::Binding]| {
-            registrar::apply(&cfg, current, &req, &mut || self.next_id())
+            let r = registrar::apply(&cfg, current, &req, &mut || self.next_id());
+            if let Ok(o) = &r {
+                let moved = o.bindings.iter().any(|b| {
+                    !current.iter().any(|c| {
+                        c.id == b.id
+                            && c.source == b.source
+                            && c.conn == b.conn
+                            && c.owner == b.owner
+                    })
+                });
+                new_flow.store(moved, Ordering::Relaxed);
+            }
+            r
         };
         match self.location.update(&aor, &decide).await {
             Ok(Ok(outcome)) => {
                 self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
                 if let Some(conn) = ctx.conn.filter(|_| ext.path.is_empty()) {
                     self.flows.bound(conn.0, &aor);
+                }
+                if new_flow.load(Ordering::Relaxed)
+                    && self.ringing.has(&aor)
+                    && let Some(app) = self.me.upgrade()
+                {
+                    let aor = aor.clone();
+                    tokio::spawn(async move { app.late_fork(&aor).await });
                 }
                 tracing::info!(
                     aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,

@@ -295,6 +295,14 @@ impl MediaAnchor {
         }
     }
 
+    /// Whether the call's media is anchored at rtpengine.
+    pub(crate) fn is_anchored(&self, call_id: &str) -> bool {
+        self.calls
+            .lock()
+            .map(|m| m.contains_key(call_id))
+            .unwrap_or(false)
+    }
+
     /// Whether a response needs rtpengine before it is relayed: a 18x/2xx with SDP to an
     /// INVITE or UPDATE of an anchored call.
     pub(crate) fn response_needed(&self, msg: &Message) -> bool {

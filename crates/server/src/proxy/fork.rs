@@ -11,13 +11,25 @@ impl App {
         let Some(key) = ctx.key.clone().or_else(|| TxKey::of(&msg)) else {
             return;
         };
-        let mf = proxy::next_max_forwards(&msg).unwrap_or(0);
-        let step = proxy::route_step(&msg, |u| self.passes_route(u));
-        let hash = proxy::loop_hash(&msg);
+        let branches = self.branches(&msg, &ctx, targets);
+        let upstream = self.upstream(&msg, &ctx);
+        self.with_proxy(|t| t.fork(key, msg, upstream, branches, Instant::now()));
+    }
+
+    /// The request for each target: our Via, Record-Route, Route, Request-URI, anchored SDP.
+    pub(super) fn branches(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        targets: Vec<Hop>,
+    ) -> Vec<NewBranch<Target>> {
+        let mf = proxy::next_max_forwards(msg).unwrap_or(0);
+        let step = proxy::route_step(msg, |u| self.passes_route(u));
+        let hash = proxy::loop_hash(msg);
         let in_addr = self.interfaces.inbound(ctx.local, ctx.source);
         // Another node of the cluster is reached at its address, never by a flow.
-        let came_over_cluster = self.came_over_cluster(&ctx);
-        let in_token = (Self::sender_needs_flow(&msg, &ctx) && !came_over_cluster).then(|| {
+        let came_over_cluster = self.came_over_cluster(ctx);
+        let in_token = (Self::sender_needs_flow(msg, ctx) && !came_over_cluster).then(|| {
             Flow {
                 transport: ctx.transport,
                 conn: ctx.conn.map(|c| c.0),
@@ -78,7 +90,7 @@ impl App {
                 drop_last_route: step.strict_request_uri.is_some(),
                 max_forwards: Some(mf),
             };
-            let Ok(mut out) = Message::parse(edit.apply(&msg), &self.cfg.parse_limits) else {
+            let Ok(mut out) = Message::parse(edit.apply(msg), &self.cfg.parse_limits) else {
                 continue;
             };
             if let Some(body) = body.as_deref()
@@ -93,8 +105,7 @@ impl App {
                 reliable: target.transport.is_reliable(),
             });
         }
-        let upstream = self.upstream(&msg, &ctx);
-        self.with_proxy(|t| t.fork(key, msg, upstream, branches, Instant::now()));
+        branches
     }
 
     /// Sends the first transmission of a branch; a transport failure (TCP connection refused,

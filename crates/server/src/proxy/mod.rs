@@ -41,12 +41,13 @@ use crate::routing::{Back, ProxyTables, Target};
 
 mod addr;
 mod fork;
+mod late;
 mod respond;
 mod route;
 
 /// Where one branch goes: its Request-URI (empty: unchanged), the next hop, and Route values
 /// to push (a registered Path). Media anchoring may give a branch its own Via branch and SDP.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Hop {
     uri: String,
     target: Target,
@@ -69,6 +70,19 @@ impl Hop {
             body: None,
             device: None,
         }
+    }
+
+    /// What this hop reaches (a device's contact over one flow): a late branch is added only
+    /// for a flow the call was not forked to yet.
+    fn flow_id(&self) -> String {
+        format!(
+            "{}|{}|{}|{:?}|{}",
+            self.uri,
+            self.target.transport,
+            self.target.dest,
+            self.target.conn.map(|c| c.0),
+            self.routes.join(",")
+        )
     }
 
     fn callee(&self) -> crate::media::Callee {

@@ -18,6 +18,9 @@ impl App {
             Ok(mut targets) => {
                 let initial =
                     msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
+                if initial && !self.came_over_cluster(&ctx) {
+                    self.ringing_to_user(&msg, &ctx, &targets);
+                }
                 // A request another node hands us for a device we hold was anchored there.
                 let msg = if initial && !self.came_over_cluster(&ctx) {
                     let callees: Vec<Callee> = targets.iter().map(Hop::callee).collect();
@@ -306,7 +309,7 @@ impl App {
     /// The branch to a registered device: to the node that holds its flow when that is another
     /// node of the cluster (none when that node is gone or has restarted since), else to the
     /// device (see [`Self::binding_target`]).
-    async fn binding_hop(&self, b: &careflow_core::Binding) -> Option<Hop> {
+    pub(super) async fn binding_hop(&self, b: &careflow_core::Binding) -> Option<Hop> {
         if let (Some(route), Some(cluster)) = (&b.owner, &self.cluster) {
             match cluster.owner_of(route) {
                 Owner::Here(_) => {}

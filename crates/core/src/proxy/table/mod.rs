@@ -52,6 +52,8 @@ struct Forward<U> {
     call: bool,
     /// `best` is our own answer (CANCEL while routing, shutdown), not one from downstream.
     local_final: bool,
+    /// The caller cancelled (or the server is shutting down): no branch is added any more.
+    cancelled: bool,
 }
 
 /// One request sent downstream.
@@ -174,6 +176,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             final_sent: false,
             call,
             local_final: false,
+            cancelled: false,
         };
         self.forwards.insert(key.clone(), fw);
         self.drain_forward(&key);
@@ -245,6 +248,35 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         Fork::Forked
     }
 
+    /// Late forking: more branches for an INVITE still being forked (its callee registered
+    /// a device while it rings). False when the call was answered, cancelled or is gone:
+    /// nothing was sent.
+    pub fn add_branches(&mut self, key: &TxKey, branches: Vec<NewBranch<D>>, now: Instant) -> bool {
+        if self.ringing(key).is_none() || branches.is_empty() {
+            return false;
+        }
+        for nb in branches {
+            let bk = BranchKey::request(&nb.branch);
+            let tx = ClientTransaction::new(nb.request, nb.reliable, self.cfg.timers, now);
+            if let Some(fw) = self.forwards.get_mut(key) {
+                fw.branches.push(bk.clone());
+            }
+            self.insert_branch(bk, tx, key.clone(), nb.to);
+        }
+        true
+    }
+
+    /// The request and the caller's way back of an INVITE still being forked (not answered,
+    /// not cancelled), to build late branches from.
+    pub fn ringing(&self, key: &TxKey) -> Option<(&Message, &Upstream<U>)> {
+        self.forwards
+            .get(key)
+            .filter(|fw| {
+                fw.invite.is_some() && !fw.final_sent && !fw.cancelled && !fw.branches.is_empty()
+            })
+            .map(|fw| (&fw.request, &fw.upstream))
+    }
+
     /// Our own final answer to a forwarded INVITE (routing refused it: 404, 480, 407, ...):
     /// through its server transaction, which retransmits it until the ACK. False when `key`
     /// has no forward: the driver answers statelessly.
@@ -281,6 +313,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         let Some(fw) = self.forwards.get_mut(key) else {
             return false;
         };
+        fw.cancelled = true;
         if fw.final_sent {
             return true;
         }
@@ -386,6 +419,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             .build();
             fw.best = Some((503, resp));
             fw.local_final = true;
+            fw.cancelled = true;
             let names = fw.branches.clone();
             if fw.invite.is_some() {
                 self.cancel_pending(key, now);

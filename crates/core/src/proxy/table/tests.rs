@@ -582,3 +582,47 @@ fn a_call_delivered_for_another_node_reports_no_outcome_but_still_ends_its_media
         ]
     );
 }
+
+#[test]
+fn a_ringing_call_gains_a_late_branch_that_can_answer_it_but_not_after_cancel_or_answer() {
+    let mut h = Harness::new();
+    let req = request("INVITE", "late");
+    let key = Harness::key(&req);
+    h.call(&req, &[1]);
+    h.table.handle_response(&response(&req, 1, 180, &[]), h.now);
+    h.sent();
+    // The callee's device registers again elsewhere while branch 1 rings: a second branch.
+    let late = |n: u8| NewBranch {
+        branch: branch_of(n),
+        request: forwarded(&req, n),
+        to: n,
+        reliable: false,
+    };
+    assert!(h.table.ringing(&key).is_some());
+    assert!(h.table.add_branches(&key, vec![late(2)], h.now));
+    assert_eq!(h.sent(), (vec![], down(&[(2, "INVITE")])));
+    // Branch 1 fails meanwhile: the call waits for the late branch instead of failing.
+    h.table.handle_response(&response(&req, 1, 503, &[]), h.now);
+    assert_eq!(h.sent(), (vec![], down(&[(1, "ACK")])));
+    h.table.handle_response(&response(&req, 2, 200, &[]), h.now);
+    assert_eq!(h.upstream(), vec![200]);
+    // Answered: no more branches.
+    assert!(h.table.ringing(&key).is_none());
+    assert!(!h.table.add_branches(&key, vec![late(3)], h.now));
+
+    // A cancelled call gains none either.
+    let req = request("INVITE", "late2");
+    let key = Harness::key(&req);
+    h.call(&req, &[4]);
+    h.sent();
+    assert!(h.table.handle_cancel(&key, h.now));
+    assert!(h.table.ringing(&key).is_none());
+    let nb = NewBranch {
+        branch: branch_of(5),
+        request: forwarded(&req, 5),
+        to: 5,
+        reliable: false,
+    };
+    assert!(!h.table.add_branches(&key, vec![nb], h.now));
+    assert_eq!(h.sent(), (vec![], down(&[(4, "CANCEL")])));
+}
