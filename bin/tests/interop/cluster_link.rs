@@ -561,14 +561,15 @@ fn a_call_ringing_when_its_node_dies_connects_when_the_device_registers_again_el
     let redis = "redis://127.0.0.1:6379/6";
     let a = member(2, &db, redis);
     let mut b = member(3, &db, redis);
-    joined(&[&a, &b]);
+    let c = member(4, &db, redis);
+    joined(&[&a, &b, &c]);
     a.add_user("alice", "pw-alice-l");
     a.add_user("bob", "pw-bob-l");
     let bob = Ua::new(b.sip_addr());
     register_behind_nat(&bob, "bob", "pw-bob-l", "bob-l");
 
-    // alice (on A) calls bob (on B); bob's phone rings.
-    let alice = Ua::new(a.sip_addr());
+    // alice (on C) calls bob (on B); bob's phone rings.
+    let alice = Ua::new(c.sip_addr());
     invite_authorized(
         &alice,
         DOMAIN,
@@ -581,9 +582,10 @@ fn a_call_ringing_when_its_node_dies_connects_when_the_device_registers_again_el
     let ringing = (0..10)
         .filter_map(|_| alice.recv())
         .find(|m| m.starts_with("SIP/2.0 180"));
-    assert!(ringing.is_some(), "no 180 through the link:\n{}", a.log());
+    assert!(ringing.is_some(), "no 180 through the link:\n{}", c.log());
 
-    // B dies while it rings; the phone registers again through A (the same Contact).
+    // B dies while it rings; the phone registers again through A (the same Contact). C hears
+    // of it and the call gains a branch through A.
     b.crash();
     let bob_via_a = Ua {
         sock: bob.sock.try_clone().unwrap(),
@@ -598,8 +600,8 @@ fn a_call_ringing_when_its_node_dies_connects_when_the_device_registers_again_el
     let ok = (0..20)
         .filter_map(|_| alice.recv())
         .find(|m| status(m) >= 200 && m.contains("INVITE\r\n"))
-        .unwrap_or_else(|| panic!("no final answer:\n{}", a.log()));
+        .unwrap_or_else(|| panic!("no final answer:\n{}", c.log()));
     assert_eq!(status(&ok), 200, "{ok}");
-    assert!(a.log().contains("late fork"), "{}", a.log());
-    assert_eq!(a.metric("careflow_sip_calls_total{result=\"answered\"}"), 1);
+    assert!(c.log().contains("late fork"), "{}", c.log());
+    assert_eq!(c.metric("careflow_sip_calls_total{result=\"answered\"}"), 1);
 }

@@ -13,6 +13,7 @@ use careflow_core::flow::Flow;
 use careflow_core::guard::Guard;
 use careflow_proto::NameAddr;
 use careflow_store::redis::nodes::{self, NodeEvent};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
@@ -168,9 +169,15 @@ impl Cluster {
     /// bans with the other nodes; then announces the stop and removes the key, so the others
     /// stop routing to us at once. The other nodes pass `guard` unlimited while they are
     /// members.
-    pub(crate) async fn run(self: Arc<Self>, guard: Option<Arc<Guard>>, cancel: CancellationToken) {
+    /// Registrations of new flows on other nodes are passed to `registered` (late forking).
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        guard: Option<Arc<Guard>>,
+        registered: mpsc::Sender<String>,
+        cancel: CancellationToken,
+    ) {
         let me = self.announcement();
-        let mut news = self.cfg.bus.subscribe(&[nodes::CHANNEL, BANS]);
+        let mut news = self.cfg.bus.subscribe(&[nodes::CHANNEL, BANS, REGISTERED]);
         if let Some(g) = &guard {
             g.share();
         }
@@ -193,8 +200,12 @@ impl Cluster {
                     }
                 }
                 Some((channel, payload)) = news.recv() => {
-                    self.heard(&channel, &payload, guard.as_deref());
-                    self.report(&mut watch, guard.as_deref());
+                    if channel == REGISTERED {
+                        self.heard_registration(&payload, &registered);
+                    } else {
+                        self.heard(&channel, &payload, guard.as_deref());
+                        self.report(&mut watch, guard.as_deref());
+                    }
                 }
             }
         }
@@ -296,6 +307,33 @@ impl Cluster {
         }
     }
 
+    /// Tells the other nodes that `aor` registered a new flow here: a call to it ringing
+    /// there gains a branch. Sent in the background; a lost message only means no late branch.
+    pub(crate) fn registered(&self, aor: &str) {
+        let bus = self.cfg.bus.clone();
+        let payload =
+            serde_json::json!({ "node": format!("{:016x}", self.me.0), "aor": aor }).to_string();
+        tokio::spawn(async move {
+            if let Err(e) = bus.publish(REGISTERED, &payload).await {
+                tracing::debug!(error = %e, "registration not announced to the cluster");
+            }
+        });
+    }
+
+    fn heard_registration(&self, payload: &str, registered: &mpsc::Sender<String>) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) else {
+            return;
+        };
+        let from = v.get("node").and_then(|n| n.as_str());
+        if from == Some(format!("{:016x}", self.me.0).as_str()) {
+            return;
+        }
+        if let Some(aor) = v.get("aor").and_then(|a| a.as_str()) {
+            // Full: late forking is best effort, the registration itself is stored.
+            let _ = registered.try_send(aor.to_string());
+        }
+    }
+
     /// Publishes the bans and unbans made here since the last round.
     async fn share_bans(&self, guard: &Guard) {
         for decision in guard.take_shared() {
@@ -323,6 +361,9 @@ struct Watch {
 
 /// The pub/sub channel of bans and unbans.
 const BANS: &str = "bans";
+/// The pub/sub channel of registrations of new flows (not refreshes): `{"node", "aor"}`.
+/// One channel for every AoR: each node checks its own ringing calls, a map lookup.
+const REGISTERED: &str = "registered";
 
 /// Bans as published: which node made the decision (its own come back to it) and what.
 mod shared_ban {

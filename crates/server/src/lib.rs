@@ -124,7 +124,9 @@ pub async fn start(
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     if let Some(c) = app.cluster.clone() {
-        tasks.spawn(c.run(cfg.guard.clone(), cancel.clone()));
+        let (registered, elsewhere) = tokio::sync::mpsc::channel(1024);
+        tasks.spawn(c.run(cfg.guard.clone(), registered, cancel.clone()));
+        tasks.spawn(late_fork_for_the_cluster(app.clone(), elsewhere));
     }
     if let Some(m) = cfg.media.as_ref()
         && app.media.engine().is_some()
@@ -165,6 +167,18 @@ async fn proxy_timers(app: Arc<App>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => app.proxy_tick(std::time::Instant::now()),
+        }
+    }
+}
+
+/// Registrations of new flows on other nodes: calls ringing here gain branches to them.
+async fn late_fork_for_the_cluster(
+    app: Arc<App>,
+    mut elsewhere: tokio::sync::mpsc::Receiver<String>,
+) {
+    while let Some(aor) = elsewhere.recv().await {
+        if app.ringing.has(&aor) {
+            app.late_fork(&aor).await;
         }
     }
 }

@@ -259,12 +259,16 @@ impl App {
                 if let Some(conn) = ctx.conn.filter(|_| ext.path.is_empty()) {
                     self.flows.bound(conn.0, &aor);
                 }
-                if new_flow.load(Ordering::Relaxed)
-                    && self.ringing.has(&aor)
-                    && let Some(app) = self.me.upgrade()
-                {
-                    let aor = aor.clone();
-                    tokio::spawn(async move { app.late_fork(&aor).await });
+                if new_flow.load(Ordering::Relaxed) {
+                    if let Some(c) = &self.cluster {
+                        c.registered(&aor);
+                    }
+                    if self.ringing.has(&aor)
+                        && let Some(app) = self.me.upgrade()
+                    {
+                        let aor = aor.clone();
+                        tokio::spawn(async move { app.late_fork(&aor).await });
+                    }
                 }
                 tracing::info!(
                     aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,
