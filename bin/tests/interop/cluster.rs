@@ -45,7 +45,9 @@ fn a_device_registered_on_one_node_is_called_through_the_other() {
     let listed = b.bindings_of("bob");
     assert_eq!(listed.len(), 1, "{listed:?}");
 
-    // A challenge from A is answered on B (shared nonce secret).
+    // A challenge from A answered on B (shared nonce secret): B cannot tell whether that
+    // nonce count was used on A, so it asks again with stale=true (the client retries without
+    // its user) and takes the answer to its own challenge.
     let probe = Ua::new(a.sip_addr());
     let ch = probe.request(&probe.register_msg("alice", "cluster.test", "c-x", 1, ""));
     let auth = authorization(
@@ -64,6 +66,25 @@ fn a_device_registered_on_one_node_is_called_through_the_other() {
         "cluster.test",
         "c-x",
         2,
+        &format!("Authorization: {auth}\r\n"),
+    ));
+    assert_eq!(status(&r), 401, "{r}");
+    assert!(r.contains("stale=true"), "{r}");
+    let auth = authorization(
+        &r,
+        careflow_proto::digest::Algorithm::Md5,
+        "alice",
+        "cluster.test",
+        "pw-alice-c",
+        "REGISTER",
+        "sip:cluster.test",
+        1,
+    );
+    let r = on_b.request(&on_b.register_msg(
+        "alice",
+        "cluster.test",
+        "c-x",
+        3,
         &format!("Authorization: {auth}\r\n"),
     ));
     assert_eq!(status(&r), 200, "{r}");

@@ -33,11 +33,21 @@ pub struct NonceId {
 }
 
 /// Issues and verifies nonces.
+///
+/// A nonce counts as fresh only at the process that issued it, the only one that knows which
+/// nonce counts were used: the top 24 bits of its counter name the issuer (random per start).
+/// Another node of a cluster (sharing the secret) or this node after a restart answers a
+/// valid nonce of another issuer with `stale=true`, so the client retries at once with a fresh
+/// one, and a captured request cannot be replayed there.
 pub struct NonceIssuer {
     secret: [u8; 32],
     ttl_secs: u64,
     counter: AtomicU64,
+    issuer: u64,
 }
+
+/// Bits of the counter below the issuer's.
+const ISSUER_SHIFT: u32 = 40;
 
 impl std::fmt::Debug for NonceIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,10 +60,15 @@ impl std::fmt::Debug for NonceIssuer {
 impl NonceIssuer {
     /// `counter_start` should be random so restarted servers do not reissue old values.
     pub fn new(secret: [u8; 32], ttl_secs: u64, counter_start: u64) -> Self {
+        // The sequence starts in the lower half of its 40 bits: 2^39 nonces before it could
+        // reach the issuer's bits.
+        let sequence = counter_start & ((1 << (ISSUER_SHIFT - 1)) - 1);
+        let issuer = counter_start >> ISSUER_SHIFT;
         Self {
             secret,
             ttl_secs,
-            counter: AtomicU64::new(counter_start),
+            counter: AtomicU64::new((issuer << ISSUER_SHIFT) | sequence),
+            issuer,
         }
     }
 
@@ -86,6 +101,10 @@ impl NonceIssuer {
         }
         // A nonce "from the future" (clock stepped back) is treated as fresh but bounded.
         if now > issued_at.saturating_add(self.ttl_secs) || issued_at > now.saturating_add(60) {
+            return NonceCheck::Stale;
+        }
+        if counter >> ISSUER_SHIFT != self.issuer {
+            // Issued by another node, or before a restart: this one cannot tell a replay.
             return NonceCheck::Stale;
         }
         NonceCheck::Fresh(NonceId { issued_at, counter })
@@ -224,6 +243,32 @@ mod tests {
             other.check(&nonce, "example.com", 1100),
             NonceCheck::Invalid
         );
+    }
+
+    #[test]
+    fn a_nonce_is_fresh_only_where_it_was_issued() {
+        let here = NonceIssuer::new([7; 32], 300, 0x0000_0a00_0000_0005);
+        // Another node of the cluster (same secret), or this node after a restart.
+        let there = NonceIssuer::new([7; 32], 300, 0x0000_0b00_0000_0005);
+        let nonce = here.issue("example.com", 1000);
+        assert!(matches!(
+            here.check(&nonce, "example.com", 1001),
+            NonceCheck::Fresh(_)
+        ));
+        assert_eq!(
+            there.check(&nonce, "example.com", 1001),
+            NonceCheck::Stale,
+            "valid, but only its issuer can tell a replay"
+        );
+        // A counter start near the top of its range does not run into the issuer's bits.
+        let edge = NonceIssuer::new([7; 32], 300, 0x0000_0aff_ffff_ffff);
+        for _ in 0..1000 {
+            let n = edge.issue("example.com", 1000);
+            assert!(matches!(
+                edge.check(&n, "example.com", 1000),
+                NonceCheck::Fresh(_)
+            ));
+        }
     }
 
     #[test]
