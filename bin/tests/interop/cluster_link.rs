@@ -605,3 +605,72 @@ fn a_call_ringing_when_its_node_dies_connects_when_the_device_registers_again_el
     assert!(c.log().contains("late fork"), "{}", c.log());
     assert_eq!(c.metric("careflow_sip_calls_total{result=\"answered\"}"), 1);
 }
+
+#[test]
+fn a_frozen_node_is_skipped_once_its_key_expires_and_comes_back_when_it_thaws() {
+    let db = TestDb::postgres();
+    flush(5);
+    let redis = "redis://127.0.0.1:6379/5";
+    let a = member(2, &db, redis);
+    let b = member(3, &db, redis);
+    joined(&[&a, &b]);
+    a.add_user("alice", "pw-alice-f");
+    a.add_user("bob", "pw-bob-f");
+    let bob = Ua::new(b.sip_addr());
+    register_behind_nat(&bob, "bob", "pw-bob-f", "bob-f");
+
+    // B stops answering anything (SIGSTOP: its sockets still accept, nothing is read; as
+    // when its host is cut off). Once its liveness key has expired, A refuses calls to B's
+    // device at once instead of letting them hang on the link.
+    b.signal("STOP");
+    let frozen = Instant::now();
+    let fast = loop {
+        let alice = Ua::new(a.sip_addr());
+        let call_id = format!("frozen-{}", frozen.elapsed().as_millis());
+        let sent = Instant::now();
+        invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-f"), "bob", &call_id);
+        alice
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let r = (0..4)
+            .filter_map(|_| alice.recv())
+            .find(|m| m.contains(&format!("Call-ID: {call_id}\r\n")) && status(m) >= 300);
+        if r.as_deref().map(status) == Some(480) {
+            break sent.elapsed();
+        }
+        assert!(
+            frozen.elapsed() < Duration::from_secs(15),
+            "calls to a frozen node's device still not refused:\n{}",
+            a.log()
+        );
+    };
+    assert!(fast < Duration::from_secs(1), "{fast:?}");
+    eprintln!(
+        "a frozen node's device refused {:?} after the freeze",
+        frozen.elapsed()
+    );
+    // B thaws: the same life (its epoch), its key is refreshed, its device is reachable again.
+    b.signal("CONT");
+    let thawed = Instant::now();
+    loop {
+        let alice = Ua::new(a.sip_addr());
+        let call_id = format!("thawed-{}", thawed.elapsed().as_millis());
+        invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-f"), "bob", &call_id);
+        bob.sock
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        // (Calls A sent while B was frozen may arrive first: B reads its backlog now.)
+        if (0..8)
+            .filter_map(|_| bob.recv())
+            .any(|m| m.starts_with("INVITE ") && m.contains(&format!("Call-ID: {call_id}\r\n")))
+        {
+            break;
+        }
+        assert!(
+            thawed.elapsed() < Duration::from_secs(10),
+            "B's device not reachable after B thawed:\n{}",
+            a.log()
+        );
+    }
+}

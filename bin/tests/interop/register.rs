@@ -426,7 +426,9 @@ fn bindings_survive_restart_and_crash() {
     server.start_again();
     assert_eq!(server.bindings_of("hank").len(), 1);
     assert_eq!(server.metric("careflow_sip_active_bindings"), 1);
-    // a challenge issued before a crash is still honoured after it (the secret persists)
+    // a challenge issued before a crash is recognised after it (the secret persists) but
+    // answered with stale=true: the restarted process cannot know which nonce counts were
+    // used, so a captured request cannot be replayed; the phone retries at once
     let r1 = ua.request(&ua.register_msg(
         "hank",
         "example.test",
@@ -451,6 +453,25 @@ fn bindings_survive_restart_and_crash() {
         "example.test",
         "c2",
         2,
+        &format!("Authorization: {auth}\r\nContact: <sip:hank@127.0.0.1:7777>\r\n"),
+    ));
+    assert_eq!(status(&r), 401, "{r}");
+    assert!(r.contains("stale=true"), "{r}");
+    let auth = authorization(
+        &r,
+        Algorithm::Md5,
+        "hank",
+        "example.test",
+        "pw-hank",
+        "REGISTER",
+        "sip:example.test",
+        1,
+    );
+    let r = ua.request(&ua.register_msg(
+        "hank",
+        "example.test",
+        "c2",
+        3,
         &format!("Authorization: {auth}\r\nContact: <sip:hank@127.0.0.1:7777>\r\n"),
     ));
     assert_eq!(status(&r), 200, "{r}");
