@@ -130,6 +130,7 @@ pub(crate) async fn run(
         cluster: match (&cfg.cluster, redis) {
             (Some(c), Some(redis)) => Some(careflow_server::ClusterConfig {
                 address: c.address,
+                tls: c.tls,
                 keys: careflow_core::cluster::ClusterKeys::new(c.secret, c.previous),
                 nodes: careflow_store::redis::nodes::NodeKeys::new(redis.clone()),
                 bus: careflow_store::redis::bus::Bus::new(redis),
@@ -232,7 +233,8 @@ fn tls_server(cfg: &Config) -> anyhow::Result<Option<TlsServer>> {
     let needs_tls = cfg
         .sip_listen
         .iter()
-        .any(|l| matches!(l.transport, Transport::Tls | Transport::Wss));
+        .any(|l| matches!(l.transport, Transport::Tls | Transport::Wss))
+        || cfg.cluster.as_ref().is_some_and(|c| c.tls);
     if !needs_tls {
         return Ok(None);
     }

@@ -16,6 +16,8 @@ pub struct ClusterSettings {
     pub secret: [u8; 32],
     /// `CLUSTER_SECRET_PREVIOUS`, during a rotation.
     pub previous: Option<[u8; 32]>,
+    /// `CLUSTER_TLS`: the internal link is TLS.
+    pub tls: bool,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -24,6 +26,7 @@ impl std::fmt::Debug for ClusterSettings {
         f.debug_struct("ClusterSettings")
             .field("address", &self.address)
             .field("rotating", &self.previous.is_some())
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -96,5 +99,6 @@ pub(super) fn cluster(r: &Raw<'_>, redis: bool) -> Result<Option<ClusterSettings
         address,
         secret,
         previous,
+        tls: r.flag("cluster_tls")?,
     }))
 }

@@ -175,6 +175,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "During a secret rotation, the previous CLUSTER_SECRET: tokens signed with it are still accepted. Drop it once every device has re-registered (its registration interval after the change).",
     ),
     (
+        "cluster_tls",
+        "false",
+        "`true`: the internal link is TLS (with TLS_CERT/TLS_KEY; each node's certificate must name its CLUSTER_ADDRESS IP as a subjectAltName and be issued by a CA in TLS_CA_FILE or the system's). Set it alike on every node.",
+    ),
+    (
         "nonce_secret",
         "",
         "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",

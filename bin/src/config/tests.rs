@@ -231,6 +231,7 @@ fn cluster_settings_need_redis_and_a_secret_and_name_the_key() {
     .unwrap();
     let cluster = c.cluster.expect("cluster settings");
     assert_eq!(cluster.address.to_string(), "10.0.0.2:5090");
+    assert!(!cluster.tls, "plain TCP unless CLUSTER_TLS");
     assert_eq!(cluster.secret[0], 0xc1);
     assert_eq!(cluster.previous.map(|p| p[0]), Some(0xd1));
     assert!(

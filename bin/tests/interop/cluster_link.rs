@@ -19,22 +19,64 @@ const DOMAIN: &str = "nodes.test";
 /// Node `n` of a cluster at 127.0.0.`n` (internal link on its third port, WSS on its
 /// second).
 pub(crate) fn member(n: u8, db: &TestDb, redis: &str) -> Server {
-    Server::launch_on(
-        Path::new(BIN),
-        Ipv4Addr::new(127, 0, 0, n),
-        DOMAIN,
-        &[
-            ("DB_URL", db.url.as_str()),
-            ("REDIS_URL", redis),
-            ("NONCE_SECRET", NONCE),
-            ("CLUSTER_ADDRESS", "{host}:{port3}"),
-            ("CLUSTER_SECRET", CLUSTER_SECRET),
-            (
-                "SIP_LISTEN",
-                "udp:{host}:{port},tcp:{host}:{port},wss:{host}:{port2}",
-            ),
-        ],
-    )
+    member_with(n, db, redis, &[])
+}
+
+/// [`member`] with more settings.
+fn member_with(n: u8, db: &TestDb, redis: &str, extra: &[(&str, &str)]) -> Server {
+    let mut env = vec![
+        ("DB_URL", db.url.as_str()),
+        ("REDIS_URL", redis),
+        ("NONCE_SECRET", NONCE),
+        ("CLUSTER_ADDRESS", "{host}:{port3}"),
+        ("CLUSTER_SECRET", CLUSTER_SECRET),
+        (
+            "SIP_LISTEN",
+            "udp:{host}:{port},tcp:{host}:{port},wss:{host}:{port2}",
+        ),
+    ];
+    env.extend_from_slice(extra);
+    Server::launch_on(Path::new(BIN), Ipv4Addr::new(127, 0, 0, n), DOMAIN, &env)
+}
+
+/// Environment pairs as `member_with` takes them.
+fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// A CA and, for each node address, a certificate it signed naming that IP: (CA, [(cert,
+/// key)]).
+fn cluster_pki(
+    dir: &Path,
+    ips: &[&str],
+) -> (
+    std::path::PathBuf,
+    Vec<(std::path::PathBuf, std::path::PathBuf)>,
+) {
+    require("openssl", "openssl");
+    let d = dir.display();
+    crate::secure::sh_ok(&format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -days 2 -subj /CN=careflow-cluster-ca -keyout ca.key -out ca.crt 2>/dev/null"
+    ));
+    let leaves = ips
+        .iter()
+        .map(|ip| {
+            std::fs::write(
+                dir.join(format!("{ip}.ext")),
+                format!("subjectAltName=IP:{ip},DNS:{DOMAIN}\nbasicConstraints=CA:FALSE\n"),
+            )
+            .unwrap();
+            crate::secure::sh_ok(&format!(
+                "cd {d} && openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                 -subj /CN={ip} -keyout {ip}.key -out {ip}.csr 2>/dev/null && \
+                 openssl x509 -req -in {ip}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+                 -extfile {ip}.ext -out {ip}.crt 2>/dev/null"
+            ));
+            (dir.join(format!("{ip}.crt")), dir.join(format!("{ip}.key")))
+        })
+        .collect();
+    (dir.join("ca.crt"), leaves)
 }
 
 /// Waits until every node sees all `nodes.len()` members alive.
@@ -673,4 +715,53 @@ fn a_frozen_node_is_skipped_once_its_key_expires_and_comes_back_when_it_thaws() 
             a.log()
         );
     }
+}
+
+#[test]
+fn the_internal_link_can_be_tls_with_certificates_naming_the_nodes() {
+    let db = TestDb::postgres();
+    flush(4);
+    let redis = "redis://127.0.0.1:6379/4";
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, certs) = cluster_pki(tmp.path(), &["127.0.0.2", "127.0.0.3"]);
+    let tls = |i: usize| {
+        vec![
+            ("CLUSTER_TLS", "true".to_string()),
+            ("TLS_CERT", certs[i].0.display().to_string()),
+            ("TLS_KEY", certs[i].1.display().to_string()),
+            ("TLS_CA_FILE", ca.display().to_string()),
+        ]
+    };
+    let (ea, eb) = (tls(0), tls(1));
+    let a = member_with(2, &db, redis, &borrowed(&ea));
+    let b = member_with(3, &db, redis, &borrowed(&eb));
+    joined(&[&a, &b]);
+    assert!(
+        b.log()
+            .contains(&format!("transport=tls addr=127.0.0.3:{}", b.port3)),
+        "{}",
+        b.log()
+    );
+    a.add_user("alice", "pw-alice-t");
+    a.add_user("bob", "pw-bob-t");
+    let bob = Ua::new(b.sip_addr());
+    register_behind_nat(&bob, "bob", "pw-bob-t", "bob-t");
+    let route = owner_route(4, "bob");
+    assert!(route.contains(";transport=tls;lr"), "{route}");
+
+    // A calls bob on B over the TLS link (A checks B's certificate against the CA).
+    let alice = Ua::new(a.sip_addr());
+    invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-t"), "bob", "over-tls");
+    let inv = expect(&bob, "INVITE ");
+    assert!(inv.contains("Via: SIP/2.0/UDP 127.0.0.3"), "{inv}");
+    assert!(
+        inv.contains("SIP/2.0/TLS 127.0.0.2"),
+        "A's Via names its TLS link: {inv}"
+    );
+    answer(&bob, &inv, 486);
+    let r = (0..20)
+        .filter_map(|_| alice.recv())
+        .find(|m| m.contains("Call-ID: over-tls") && status(m) >= 300)
+        .unwrap_or_else(|| panic!("no answer over the TLS link:\n{}\n{}", a.log(), b.log()));
+    assert_eq!(status(&r), 486, "{r}");
 }

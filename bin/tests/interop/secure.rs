@@ -64,7 +64,7 @@ fn openssl_ca_and_leaf(
     )
 }
 
-fn sh_ok(cmd: &str) {
+pub(crate) fn sh_ok(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
     assert!(
         out.status.success(),

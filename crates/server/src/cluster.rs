@@ -32,8 +32,8 @@ const DOWN_AFTER: Duration = Duration::from_secs(2);
 pub(crate) enum Owner {
     /// This very process holds the flow.
     Here(Flow),
-    /// Another node, at its internal link.
-    At(SocketAddr),
+    /// Another node, at its internal link (TCP or TLS).
+    At(SocketAddr, careflow_core::Transport),
     /// The owner is gone or has restarted (the flow died with it), or the route is not one
     /// of ours (a rotated-out key): the binding is skipped.
     Lost,
@@ -94,11 +94,16 @@ impl Cluster {
             flow,
         }
         .encode(&self.cfg.keys);
-        crate::interfaces::record_route_at(
-            careflow_core::Transport::Tcp,
-            self.address,
-            Some(&token),
-        )
+        crate::interfaces::record_route_at(self.link_transport(), self.address, Some(&token))
+    }
+
+    /// The transport of our internal link.
+    pub(crate) fn link_transport(&self) -> careflow_core::Transport {
+        if self.cfg.tls {
+            careflow_core::Transport::Tls
+        } else {
+            careflow_core::Transport::Tcp
+        }
     }
 
     /// The owner token of a URI user part, when it is one signed with our keys.
@@ -123,9 +128,15 @@ impl Cluster {
         }
         match self.liveness(token.node, token.epoch) {
             Liveness::Alive | Liveness::Unknown => {
+                // The owner's own setting, as its route says (nodes may differ while
+                // CLUSTER_TLS is being rolled out).
+                let transport = match na.uri.params.get("transport").flatten() {
+                    Some(t) => t.parse().unwrap_or(careflow_core::Transport::Tcp),
+                    None => careflow_core::Transport::Tcp,
+                };
                 let port = na.uri.port.unwrap_or(5060);
                 match na.uri.host.ip() {
-                    Some(ip) => Owner::At(SocketAddr::new(ip, port)),
+                    Some(ip) => Owner::At(SocketAddr::new(ip, port), transport),
                     None => Owner::Lost,
                 }
             }

@@ -55,6 +55,8 @@ pub struct ServerConfig {
 pub struct ClusterConfig {
     /// Where the other nodes reach this one's internal link (a TCP listener).
     pub address: std::net::SocketAddr,
+    /// The internal link is TLS (`CLUSTER_TLS`).
+    pub tls: bool,
     /// Keys of the owner tokens (`CLUSTER_SECRET`, and the previous one during a rotation).
     pub keys: careflow_core::cluster::ClusterKeys,
     /// The nodes' liveness keys in the shared Redis.

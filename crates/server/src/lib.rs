@@ -97,7 +97,11 @@ pub async fn start(
     if let Some(c) = &cfg.cluster {
         // The internal link: other nodes hand us requests for the devices we hold.
         let internal = ListenSpec {
-            transport: careflow_core::Transport::Tcp,
+            transport: if c.tls {
+                careflow_core::Transport::Tls
+            } else {
+                careflow_core::Transport::Tcp
+            },
             addr: c.address,
         };
         if !listen.contains(&internal) {

@@ -313,7 +313,7 @@ impl App {
         if let (Some(route), Some(cluster)) = (&b.owner, &self.cluster) {
             match cluster.owner_of(route) {
                 Owner::Here(_) => {}
-                Owner::At(node) => {
+                Owner::At(node, transport) => {
                     return Some(Hop {
                         routes: vec![route.clone()],
                         device: Some(Callee {
@@ -324,7 +324,7 @@ impl App {
                             b.contact.clone(),
                             Target {
                                 local: Some(cluster.address()),
-                                ..Target::at(Transport::Tcp, node)
+                                ..Target::at(transport, node)
                             },
                         )
                     });
