@@ -170,6 +170,7 @@ fn an_aor_with_devices_on_three_nodes_rings_each_once_and_cancel_reaches_all() {
         member(4, &db, redis),
     );
     joined(&[&a, &b, &c]);
+    assert_eq!(b.metric("careflow_sip_cluster_nodes"), 3);
     a.add_user("alice", "pw-alice-n");
     a.add_user("bob", "pw-bob-n");
     let devices: Vec<Ua> = [&a, &b, &c]

@@ -174,6 +174,7 @@ impl App {
                 .as_ref()
                 .map_or(0, |s| s.refused_connections.load(Ordering::Relaxed)),
             media_sessions: self.media.active() as u64,
+            cluster_nodes: self.cluster.as_ref().map_or(0, |c| c.alive() as u64),
             rtpengine: self.media.engine().map_or((0, 0, 0), |e| {
                 (
                     e.stats.answered.load(Ordering::Relaxed),

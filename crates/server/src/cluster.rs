@@ -144,6 +144,11 @@ impl Cluster {
         }
     }
 
+    /// How many nodes are alive (this one included).
+    pub(crate) fn alive(&self) -> usize {
+        self.with_view(|v| v.alive().len()).unwrap_or(1)
+    }
+
     /// What this node knows of `node`'s life in boot epoch `epoch`.
     pub(crate) fn liveness(&self, node: NodeId, epoch: u64) -> Liveness {
         match self.view.lock() {

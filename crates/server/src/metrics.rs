@@ -115,6 +115,8 @@ pub struct Gauges {
     pub media_sessions: u64,
     /// rtpengine commands answered, failed, and their summed answer time (µs).
     pub rtpengine: (u64, u64, u64),
+    /// Cluster nodes alive as this node sees them (itself included); 0 when it is alone.
+    pub cluster_nodes: u64,
 }
 
 impl Metrics {
@@ -338,8 +340,9 @@ impl Metrics {
         );
         let _ = write!(
             s,
-            "# HELP careflow_sip_banned_sources Sources banned now.\n# TYPE careflow_sip_banned_sources gauge\ncareflow_sip_banned_sources {}\n",
-            g.banned_now
+            "# HELP careflow_sip_banned_sources Sources banned now.\n# TYPE careflow_sip_banned_sources gauge\ncareflow_sip_banned_sources {}\n\
+             # HELP careflow_sip_cluster_nodes Cluster nodes alive as this node sees them (itself included; 0: not in a cluster).\n# TYPE careflow_sip_cluster_nodes gauge\ncareflow_sip_cluster_nodes {}\n",
+            g.banned_now, g.cluster_nodes
         );
         s
     }
