@@ -490,6 +490,47 @@ fn a_ban_on_one_node_holds_on_all_and_a_node_that_stops_is_skipped_at_once() {
         "B still answers a flow banned on A:\n{}",
         b.log()
     );
+    // A guesser spreading its guesses over the nodes gets no more than at one: three on A,
+    // then two on B ban it (each node counts the other's).
+    let spreader = Ua::from_ip(a.sip_addr(), "127.0.0.10");
+    let on_b = Ua {
+        sock: spreader.sock.try_clone().unwrap(),
+        server: b.sip_addr(),
+    };
+    // (Guessing bob's password: alice's has had its five guesses from anywhere already.)
+    let guess = |ua: &Ua, cseq: u32| {
+        let r1 = ua.request(&ua.register_msg("bob", DOMAIN, "spread", cseq, ""));
+        let auth = authorization(
+            &r1,
+            careflow_proto::digest::Algorithm::Md5,
+            "bob",
+            DOMAIN,
+            "not-his-password",
+            "REGISTER",
+            &format!("sip:{DOMAIN}"),
+            1,
+        );
+        ua.request(&ua.register_msg(
+            "bob",
+            DOMAIN,
+            "spread",
+            cseq + 1,
+            &format!("Authorization: {auth}\r\n"),
+        ))
+    };
+    for i in 0..3 {
+        assert!(matches!(status(&guess(&spreader, 2 * i + 1)), 401 | 403));
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // guesses are shared once a second
+    for i in 3..5 {
+        assert!(matches!(status(&guess(&on_b, 2 * i + 1)), 401 | 403));
+    }
+    assert!(
+        b.log_shows("SECURITY banned_flow src_ip=127.0.0.10"),
+        "five guesses over two nodes did not ban:\n{}",
+        b.log()
+    );
+
     // Another device at the guesser's address is not affected (a flow ban, not a site ban).
     let neighbour = Ua::from_ip(b.sip_addr(), "127.0.0.9");
     let r = neighbour.request(&neighbour.register_msg("alice", DOMAIN, "n", 1, ""));

@@ -236,13 +236,16 @@ pub struct Guard {
     outbox: Mutex<Option<VecDeque<Shared>>>,
 }
 
-/// A ban decision to share with the other nodes of a cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a node shares with the other nodes of a cluster, so that the guard counts and bans
+/// as one: a guesser spreading guesses over the nodes gets no more than at one.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shared {
     /// `scope` was banned for `reason`.
     Ban(BanScope, BanReason),
     /// `scope` was unbanned (by an operator).
     Unban(BanScope),
+    /// A failed guess from this flow for this username.
+    Guess(SocketAddr, String),
 }
 
 /// Shared decisions kept while nobody drains them.
@@ -335,9 +338,13 @@ impl Guard {
         }
     }
 
-    /// A ban another node made: applied here for this node's ban time, not shared again.
+    /// A ban another node made: applied here for this node's ban time, not shared again; a
+    /// guess another node saw: counted here too (a ban it causes is shared as ours).
     pub fn apply_shared(&self, decision: Shared, now: Instant) {
         match decision {
+            Shared::Guess(src, user) => {
+                let _ = self.count_guess(src, &user, now);
+            }
             Shared::Ban(scope, reason) => {
                 if !self.allowed(scope.ip()) {
                     let cfg = self.config();
@@ -497,6 +504,19 @@ impl Guard {
     /// caused, if any. The challenge that starts every normal registration, and credentials
     /// with a stale or reused nonce, are no guesses and must not be reported here.
     pub fn auth_failed(
+        &self,
+        src: SocketAddr,
+        user: &str,
+        now: Instant,
+    ) -> Option<(BanScope, BanReason)> {
+        let ban = self.count_guess(src, user, now);
+        if !self.exempt(&self.config(), src.ip()) {
+            self.announce(Shared::Guess(src, user.chars().take(64).collect()));
+        }
+        ban
+    }
+
+    fn count_guess(
         &self,
         src: SocketAddr,
         user: &str,

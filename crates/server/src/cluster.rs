@@ -375,7 +375,7 @@ struct Watch {
     alive: Vec<NodeId>,
 }
 
-/// The pub/sub channel of bans and unbans.
+/// The pub/sub channel of bans, unbans and failed guesses.
 const BANS: &str = "bans";
 /// The pub/sub channel of registrations of new flows (not refreshes): `{"node", "aor"}`.
 /// One channel for every AoR: each node checks its own ringing calls, a map lookup.
@@ -393,6 +393,11 @@ mod shared_ban {
         let (op, scope, reason) = match decision {
             Shared::Ban(scope, reason) => ("ban", scope, Some(reason.as_str())),
             Shared::Unban(scope) => ("unban", scope, None),
+            Shared::Guess(flow, user) => {
+                return json!({ "node": format!("{:016x}", from.0), "op": "guess",
+                               "scope": "flow", "addr": flow.to_string(), "user": user })
+                .to_string();
+            }
         };
         let (kind, addr) = match scope {
             BanScope::Flow(a) => ("flow", a.to_string()),
@@ -424,6 +429,10 @@ mod shared_ban {
                 Shared::Ban(scope, reason)
             }
             "unban" => Shared::Unban(scope),
+            "guess" => match scope {
+                BanScope::Flow(flow) => Shared::Guess(flow, v.get("user")?.as_str()?.to_string()),
+                BanScope::Site(_) => return None,
+            },
             _ => return None,
         };
         Some((from, decision))
@@ -446,8 +455,9 @@ mod shared_ban {
                     BanReason::Flood,
                 ),
                 Shared::Unban(BanScope::Site("198.51.100.7".parse().expect("ip"))),
+                Shared::Guess("198.51.100.7:5060".parse().expect("addr"), "alice".into()),
             ] {
-                assert_eq!(parse(&encode(node, d)), Some((node, d)));
+                assert_eq!(parse(&encode(node, d.clone())), Some((node, d)));
             }
             assert_eq!(parse("{}"), None);
             assert_eq!(

@@ -351,12 +351,16 @@ fn bans_made_here_are_kept_for_the_cluster_and_bans_from_there_are_applied_not_e
     let shared = here.take_shared();
     assert_eq!(
         shared,
-        vec![Shared::Ban(BanScope::Flow(guesser), BanReason::BruteForce)]
+        vec![
+            Shared::Guess(guesser, "alice".into()),
+            Shared::Ban(BanScope::Flow(guesser), BanReason::BruteForce),
+            Shared::Guess(guesser, "alice".into()),
+        ]
     );
     // The other node applies it: the guesser's flow is dropped there too, and it is not
     // shared back.
     for d in &shared {
-        there.apply_shared(*d, t0);
+        there.apply_shared(d.clone(), t0);
     }
     assert_eq!(there.admit(guesser, t0), Admit::Drop);
     assert!(there.take_shared().is_empty(), "not echoed");
@@ -373,4 +377,32 @@ fn bans_made_here_are_kept_for_the_cluster_and_bans_from_there_are_applied_not_e
     });
     trusted.apply_shared(Shared::Ban(BanScope::Flow(guesser), BanReason::Flood), t0);
     assert!(trusted.bans(t0).is_empty());
+}
+
+#[test]
+fn guesses_spread_over_the_nodes_count_as_at_one() {
+    let cfg = || GuardConfig {
+        auth_failures: 5,
+        ..nobody_allowed()
+    };
+    let (a, b) = (Guard::new(cfg()), Guard::new(cfg()));
+    a.share();
+    b.share();
+    let t0 = Instant::now();
+    let guesser = at("203.0.113.9:5060");
+    // Two guesses on A, two on B: each node hears of the other's.
+    for g in [&a, &a, &b, &b] {
+        assert_eq!(g.auth_failed(guesser, "alice", t0), None);
+    }
+    for d in a.take_shared() {
+        b.apply_shared(d, t0);
+    }
+    for d in b.take_shared() {
+        a.apply_shared(d, t0);
+    }
+    // The fifth guess, wherever it lands, bans the flow.
+    assert_eq!(
+        b.auth_failed(guesser, "alice", t0),
+        Some((BanScope::Flow(guesser), BanReason::BruteForce))
+    );
 }
