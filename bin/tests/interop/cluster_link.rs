@@ -807,3 +807,72 @@ fn the_internal_link_can_be_tls_with_certificates_naming_the_nodes() {
         .unwrap_or_else(|| panic!("no answer over the TLS link:\n{}\n{}", a.log(), b.log()));
     assert_eq!(status(&r), 486, "{r}");
 }
+
+/// A REGISTER of one SIP Outbound flow (RFC 5626) of a device behind NAT: its instance id and
+/// `reg_id`, with a private Contact.
+fn register_outbound_flow(ua: &Ua, user: &str, password: &str, call_id: &str, reg_id: u32) {
+    let flow = |m: String| {
+        m.replace(
+            &format!("Contact: <sip:{user}@127.0.0.1:{}>", ua.port()),
+            &format!(
+                "Supported: outbound, path\r\nContact: <sip:{user}@192.168.9.{reg_id}:5060>;reg-id={reg_id};\
+                 +sip.instance=\"<urn:uuid:00000000-0000-4000-8000-00000000da17>\""
+            ),
+        )
+    };
+    let r1 = ua.request(&flow(ua.register_msg(user, DOMAIN, call_id, 1, "")));
+    assert_eq!(status(&r1), 401, "{r1}");
+    let auth = authorization(
+        &r1,
+        careflow_proto::digest::Algorithm::Md5,
+        user,
+        DOMAIN,
+        password,
+        "REGISTER",
+        &format!("sip:{DOMAIN}"),
+        1,
+    );
+    let r2 = ua.request(&flow(ua.register_msg(
+        user,
+        DOMAIN,
+        call_id,
+        2,
+        &format!("Authorization: {auth}\r\n"),
+    )));
+    assert_eq!(status(&r2), 200, "{r2}");
+}
+
+#[test]
+fn when_one_flow_of_a_device_fails_the_call_tries_its_other_flow() {
+    let db = TestDb::postgres();
+    flush(3);
+    let redis = "redis://127.0.0.1:6379/3";
+    let a = member(2, &db, redis);
+    let mut b = member(3, &db, redis);
+    joined(&[&a, &b]);
+    a.add_user("alice", "pw-alice-o");
+    a.add_user("dan", "pw-dan-o");
+    // Dan's phone keeps two flows (RFC 5626): reg-id 1 through A, reg-id 2 through B (the one
+    // refreshed last, which calls use first).
+    let flow_a = Ua::new(a.sip_addr());
+    register_outbound_flow(&flow_a, "dan", "pw-dan-o", "dan-1", 1);
+    std::thread::sleep(Duration::from_millis(1100));
+    let flow_b = Ua::new(b.sip_addr());
+    register_outbound_flow(&flow_b, "dan", "pw-dan-o", "dan-2", 2);
+    assert_eq!(a.bindings_of("dan").len(), 2);
+
+    // B dies; before anyone notices, alice calls: the branch to B's flow fails at once (the
+    // link refuses), and the call tries the flow through A.
+    b.crash();
+    let alice = Ua::new(a.sip_addr());
+    invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-o"), "dan", "two-flows");
+    let inv = expect(&flow_a, "INVITE ");
+    assert!(inv.contains("Call-ID: two-flows"), "{inv}");
+    answer(&flow_a, &inv, 200);
+    let ok = (0..20)
+        .filter_map(|_| alice.recv())
+        .find(|m| status(m) >= 200 && m.contains("INVITE\r\n"))
+        .unwrap_or_else(|| panic!("no final answer:\n{}", a.log()));
+    assert_eq!(status(&ok), 200, "{ok}");
+    assert!(a.log().contains("trying its next flow"), "{}", a.log());
+}

@@ -69,6 +69,8 @@ pub struct App {
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Calls ringing, by callee, for late forking.
     pub(crate) ringing: crate::ringing::RingingIndex,
+    /// Other flows of the devices branches go to, for a retry when one fails.
+    pub(crate) alternate_flows: crate::ringing::AlternateFlows,
 }
 
 impl std::fmt::Debug for App {
@@ -128,6 +130,7 @@ impl App {
             inflight: Default::default(),
             cluster,
             ringing: Default::default(),
+            alternate_flows: Default::default(),
         }
     }
 

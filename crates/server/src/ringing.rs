@@ -179,3 +179,71 @@ mod tests {
         assert!(idx.has("v1@example.com"), "fresh calls stay");
     }
 }
+
+/// The other flows of a device (RFC 5626 §5.3): when the branch to one flow of an instance
+/// fails (430 Flow Failed, or its transport), the call tries the instance's next flow.
+#[derive(Debug, Default)]
+pub(crate) struct AlternateFlows {
+    inner: Mutex<Alternates>,
+}
+
+#[derive(Debug, Default)]
+struct Alternates {
+    /// Via branch → (the call, the callee AoR, binding ids of its other flows, best first).
+    by_branch: HashMap<String, Alternate>,
+    swept: Option<Instant>,
+}
+
+/// The flows left to try for one branch.
+#[derive(Debug, Clone)]
+pub(crate) struct Alternate {
+    pub(crate) key: TxKey,
+    pub(crate) aor: String,
+    pub(crate) bindings: Vec<u64>,
+    since: Instant,
+}
+
+impl AlternateFlows {
+    /// The branch `branch` of call `key` goes to one flow of a device with other flows.
+    pub(crate) fn add(
+        &self,
+        branch: &str,
+        key: TxKey,
+        aor: &str,
+        bindings: Vec<u64>,
+        now: Instant,
+    ) {
+        let Ok(mut all) = self.inner.lock() else {
+            return;
+        };
+        let due = all
+            .swept
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY);
+        if all.by_branch.len() >= SWEEP_AT && due {
+            all.swept = Some(now);
+            all.by_branch
+                .retain(|_, a| now.saturating_duration_since(a.since) < KEEP);
+        }
+        all.by_branch.insert(
+            branch.to_string(),
+            Alternate {
+                key,
+                aor: aor.to_string(),
+                bindings,
+                since: now,
+            },
+        );
+    }
+
+    /// Whether `branch` has flows left to try.
+    pub(crate) fn has(&self, branch: &str) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|all| all.by_branch.contains_key(branch))
+    }
+
+    /// The flows left to try when `branch` failed (taken: each is tried once).
+    pub(crate) fn take(&self, branch: &str) -> Option<Alternate> {
+        self.inner.lock().ok()?.by_branch.remove(branch)
+    }
+}

@@ -45,9 +45,16 @@ impl App {
             branch,
             body,
             device: _,
+            alternates,
         } in targets
         {
             let branch = branch.unwrap_or_else(|| proxy::branch(&hash, self.next_id()));
+            if !alternates.is_empty()
+                && let (Some(key), Some(aor)) = (ctx.key.clone(), late::callee_aor(msg))
+            {
+                self.alternate_flows
+                    .add(&branch, key, &aor, alternates, Instant::now());
+            }
             // A hop to another node leaves by our internal link (set by the lookup).
             let out_addr = target.local.unwrap_or_else(|| {
                 self.interfaces
@@ -109,7 +116,8 @@ impl App {
     }
 
     /// Sends the first transmission of a branch; a transport failure (TCP connection refused,
-    /// no route) ends the branch at once as a 503 (§16.9) instead of waiting for Timer B/F.
+    /// no route) ends the branch at once as a 503 (§16.9) instead of waiting for Timer B/F,
+    /// after the device's next flow, if it has one, got a branch of its own.
     pub(super) fn send_branch(self: &Arc<Self>, branch: BranchKey, out: Outbound) {
         let Some(t) = self.transports() else { return };
         // Sent or queued at once when the socket or connection is there (a UDP failure comes
@@ -120,9 +128,47 @@ impl App {
             let dest = out.dest;
             if let Err(e) = t.send(out).await {
                 tracing::info!(%dest, error = %e, "branch target unreachable");
+                if !branch.is_cancel() {
+                    app.try_next_flow(branch.branch()).await;
+                }
                 app.with_proxy(|t| t.branch_failed(&branch, Instant::now()));
             }
         });
+    }
+
+    /// The branch `branch` failed on its flow (430, or its transport): the device's next flow
+    /// gets a branch of the same call (RFC 5626 §5.3), before the failure is counted, so the
+    /// call does not end meanwhile.
+    pub(super) async fn try_next_flow(self: &Arc<Self>, branch: &str) {
+        let Some(mut alt) = self.alternate_flows.take(branch) else {
+            return;
+        };
+        let Ok(bindings) = self.location.lookup(&alt.aor, unix_now()).await else {
+            return;
+        };
+        while !alt.bindings.is_empty() {
+            let id = alt.bindings.remove(0);
+            let Some(b) = bindings.iter().find(|b| b.id == id) else {
+                continue;
+            };
+            let Some(hop) = self.binding_hop(b).await else {
+                continue;
+            };
+            let Some((msg, ctx)) = self.ringing_call(&alt.key) else {
+                return;
+            };
+            let hop = Hop {
+                alternates: std::mem::take(&mut alt.bindings),
+                ..hop
+            };
+            let branches = self.branches(&msg, &ctx, vec![hop]);
+            let now = Instant::now();
+            if self.with_proxy(|t| t.add_branches(&alt.key, branches, now)) == Some(true) {
+                tracing::info!(aor = %alt.aor, call_id = msg.call_id().unwrap_or_default(),
+                    "a flow of the device failed; trying its next flow");
+            }
+            return;
+        }
     }
 
     /// ICMP said `dest` is unreachable: branches still waiting for any answer from it fail

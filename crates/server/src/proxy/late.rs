@@ -4,6 +4,13 @@
 
 use super::*;
 
+/// The callee AoR of an out-of-dialog request (its Request-URI).
+pub(super) fn callee_aor(msg: &Message) -> Option<String> {
+    let ruri = Uri::parse(msg.request_uri_str())?;
+    ruri.user?;
+    ruri.aor()
+}
+
 impl App {
     /// Remembers an out-of-dialog INVITE to one of our users as ringing, with the flows it was
     /// forked to.
@@ -72,7 +79,7 @@ impl App {
     }
 
     /// The INVITE of a call still ringing and where it came from (as its Ctx).
-    fn ringing_call(&self, key: &TxKey) -> Option<(Message, Ctx)> {
+    pub(super) fn ringing_call(&self, key: &TxKey) -> Option<(Message, Ctx)> {
         let t = self.proxy.lock().ok()?;
         let (msg, up) = t.ringing(key)?;
         let ctx = Ctx {

@@ -58,6 +58,8 @@ pub(crate) struct Hop {
     /// The device at the end, as media anchoring sees it, when the hop is not the device
     /// itself (another node of the cluster holds its flow).
     device: Option<crate::media::Callee>,
+    /// The device's other flows (binding ids, best first), tried when this one fails.
+    alternates: Vec<u64>,
 }
 
 impl Hop {
@@ -69,6 +71,7 @@ impl Hop {
             branch: None,
             body: None,
             device: None,
+            alternates: Vec::new(),
         }
     }
 

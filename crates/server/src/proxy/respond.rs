@@ -57,6 +57,22 @@ impl App {
     /// Hands a response to the proxy table, which matches it to its branch; one that
     /// matches no branch of ours is relayed by its Via.
     pub(super) fn relay_response(self: &Arc<Self>, msg: Message) {
+        // 430 Flow Failed from one flow of a device with others: the next one is tried first.
+        if msg.status() == Some(430)
+            && let Some(branch) = msg.top_via().and_then(|v| v.branch().map(str::to_string))
+            && self.alternate_flows.has(&branch)
+        {
+            let app = self.clone();
+            tokio::spawn(async move {
+                app.try_next_flow(&branch).await;
+                app.hand_to_table(msg);
+            });
+            return;
+        }
+        self.hand_to_table(msg);
+    }
+
+    fn hand_to_table(self: &Arc<Self>, msg: Message) {
         let matched = self.with_proxy(|t| t.handle_response(&msg, Instant::now()));
         if matched == Some(false) {
             // No transaction (e.g. a 2xx retransmitted after it ended): forward by Via.

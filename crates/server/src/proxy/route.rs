@@ -203,7 +203,10 @@ impl App {
         let mut targets = Vec::new();
         for b in preferred_flows(&bindings) {
             if let Some(hop) = self.binding_hop(b).await {
-                targets.push(hop);
+                targets.push(Hop {
+                    alternates: other_flows(&bindings, b),
+                    ..hop
+                });
             }
         }
         if targets.is_empty() {
@@ -493,6 +496,20 @@ impl App {
                 .and_then(careflow_proto::NameAddr::parse)
                 .is_some_and(|na| na.uri.host.ip() != Some(ctx.source.ip()))
     }
+}
+
+/// The other flows of `b`'s device (same `+sip.instance`, another `reg-id`), refreshed last
+/// first: tried in turn when the branch to `b` fails (RFC 5626 §5.3).
+fn other_flows(bindings: &[careflow_core::Binding], b: &careflow_core::Binding) -> Vec<u64> {
+    let (Some(inst), Some(_)) = (&b.instance, b.reg_id) else {
+        return Vec::new();
+    };
+    let mut others: Vec<&careflow_core::Binding> = bindings
+        .iter()
+        .filter(|o| o.id != b.id && o.reg_id.is_some() && o.instance.as_ref() == Some(inst))
+        .collect();
+    others.sort_by_key(|o| std::cmp::Reverse(o.expires_at));
+    others.iter().map(|o| o.id).collect()
 }
 
 /// One binding per SIP Outbound instance (RFC 5626 §5.2): of the flows a device keeps
