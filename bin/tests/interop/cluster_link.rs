@@ -876,3 +876,168 @@ fn when_one_flow_of_a_device_fails_the_call_tries_its_other_flow() {
     assert_eq!(status(&ok), 200, "{ok}");
     assert!(a.log().contains("trying its next flow"), "{}", a.log());
 }
+
+/// An in-dialog request from `ua` (whose Via it names) to `target` along `routes` (Route
+/// header lines, in order), with the dialog's From/To as the sender writes them.
+#[allow(clippy::too_many_arguments)]
+fn in_dialog(
+    ua: &Ua,
+    via_host: &str,
+    method: &str,
+    target: &str,
+    routes: &str,
+    (from, to): (&str, &str),
+    call_id: &str,
+    cseq: u32,
+) -> String {
+    let port = ua.port();
+    format!(
+        "{method} {target} SIP/2.0\r\nVia: SIP/2.0/UDP {via_host}:{port};branch=z9hG4bK{method}{cseq}{call_id};rport\r\n\
+         Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\
+         {routes}Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// Route header lines from a message's Record-Route, in order or reversed.
+fn route_set(msg: &str, reversed: bool) -> String {
+    let mut rr: Vec<&str> = msg
+        .lines()
+        .filter_map(|l| l.strip_prefix("Record-Route: "))
+        .collect();
+    if reversed {
+        rr.reverse();
+    }
+    rr.iter().map(|r| format!("Route: {r}\r\n")).collect()
+}
+
+#[test]
+fn re_invites_go_both_ways_over_the_link_and_a_cancel_crossing_the_answer_leaves_one_call() {
+    let db = TestDb::postgres();
+    flush(2);
+    let redis = "redis://127.0.0.1:6379/2";
+    let (a, b) = (member(2, &db, redis), member(3, &db, redis));
+    joined(&[&a, &b]);
+    a.add_user("alice", "pw-alice-r");
+    a.add_user("bob", "pw-bob-r");
+    let bob = Ua::new(b.sip_addr());
+    register_behind_nat(&bob, "bob", "pw-bob-r", "bob-r");
+    let alice = Ua::new(a.sip_addr());
+
+    // The call: alice on A, bob on B.
+    invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-r"), "bob", "reinvite");
+    let inv = expect(&bob, "INVITE ");
+    answer(&bob, &inv, 200);
+    let ok = expect(&alice, "SIP/2.0 200");
+    let bob_contact = header(&ok, "Contact")
+        .unwrap()
+        .trim_matches(|c| c == '<' || c == '>')
+        .to_string();
+    let alice_contact = format!("sip:alice@127.0.0.1:{}", alice.port());
+    let (alice_from, to_bob) = (
+        header(&inv, "From").unwrap().to_string(),
+        header(&ok, "To").unwrap().to_string(),
+    );
+    let alice_routes = route_set(&ok, true);
+    let bob_routes = route_set(&inv, false);
+    let ack = in_dialog(
+        &alice,
+        "127.0.0.1",
+        "ACK",
+        &bob_contact,
+        &alice_routes,
+        (&alice_from, &to_bob),
+        "reinvite",
+        2,
+    );
+    alice.send(&ack);
+    expect(&bob, "ACK ");
+
+    // alice re-INVITEs (hold, say): through A and B to bob, 200 back, ACK on.
+    alice.send(&in_dialog(
+        &alice,
+        "127.0.0.1",
+        "INVITE",
+        &bob_contact,
+        &alice_routes,
+        (&alice_from, &to_bob),
+        "reinvite",
+        3,
+    ));
+    let re = expect(&bob, "INVITE ");
+    assert!(re.contains("CSeq: 3 INVITE"), "{re}");
+    answer(&bob, &re, 200);
+    assert!(expect(&alice, "SIP/2.0 200").contains("CSeq: 3 INVITE"));
+    alice.send(&in_dialog(
+        &alice,
+        "127.0.0.1",
+        "ACK",
+        &bob_contact,
+        &alice_routes,
+        (&alice_from, &to_bob),
+        "reinvite",
+        3,
+    ));
+    assert!(expect(&bob, "ACK ").contains("CSeq: 3 ACK"));
+
+    // bob re-INVITEs the other way: B, then A, then alice.
+    bob.send(&in_dialog(
+        &bob,
+        "192.168.7.1",
+        "INVITE",
+        &alice_contact,
+        &bob_routes,
+        (&to_bob, &alice_from),
+        "reinvite",
+        1,
+    ));
+    let back = expect(&alice, "INVITE ");
+    assert!(back.contains("CSeq: 1 INVITE"), "{back}");
+    answer(&alice, &back, 200);
+    assert!(expect(&bob, "SIP/2.0 200").contains("CSeq: 1 INVITE"));
+
+    // alice hangs up.
+    alice.send(&in_dialog(
+        &alice,
+        "127.0.0.1",
+        "BYE",
+        &bob_contact,
+        &alice_routes,
+        (&alice_from, &to_bob),
+        "reinvite",
+        4,
+    ));
+    let bye = expect(&bob, "BYE ");
+    answer(&bob, &bye, 200);
+    assert!(expect(&alice, "SIP/2.0 200").contains("CSeq: 4 BYE"));
+
+    // A CANCEL crossing the 200: alice cancels as bob answers. One outcome: the call is up.
+    let invite = invite_authorized(&alice, DOMAIN, ("alice", "pw-alice-r"), "bob", "crossing");
+    let inv = expect(&bob, "INVITE ");
+    let via = header(&invite, "Via").unwrap().to_string();
+    answer(&bob, &inv, 200);
+    alice.send(&format!(
+        "CANCEL sip:bob@{DOMAIN} SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\n\
+         From: <sip:alice@{DOMAIN}>;tag=f-crossing\r\nTo: <sip:bob@{DOMAIN}>\r\n\
+         Call-ID: crossing\r\nCSeq: 2 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    ));
+    let mut finals = Vec::new();
+    while let Some(m) = alice.recv() {
+        if m.contains("Call-ID: crossing") && m.contains("INVITE\r\n") && status(&m) >= 200 {
+            finals.push(status(&m));
+        }
+    }
+    assert_eq!(finals.first(), Some(&200), "{finals:?}");
+    assert!(
+        !finals.contains(&487),
+        "the answered call was not also cancelled: {finals:?}"
+    );
+    // A CANCEL that reached bob after his 200 is answered and changes nothing.
+    bob.sock
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Some(m) = bob.recv() {
+        if m.starts_with("CANCEL ") {
+            answer(&bob, &m, 200);
+        }
+    }
+}
