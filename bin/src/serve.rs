@@ -127,7 +127,7 @@ pub(crate) async fn run(
         scanner_user_agents: cfg.scanner_user_agents.clone(),
         keepalive: cfg.keepalive,
         media: Some(cfg.media.clone()),
-        cluster: match (&cfg.cluster, redis) {
+        cluster: match (&cfg.cluster, redis.clone()) {
             (Some(c), Some(redis)) => Some(careflow_server::ClusterConfig {
                 address: c.address,
                 tls: c.tls,
@@ -138,6 +138,7 @@ pub(crate) async fn run(
             _ => None,
         },
     };
+    let redis_for_links = redis;
     let cancel = CancellationToken::new();
     if let Some(g) = control_guard {
         crate::control::serve(&crate::control::socket_path(&cfg), g, cancel.clone())?;
@@ -177,7 +178,14 @@ pub(crate) async fn run(
         limiter: careflow_api::auth::RateLimiter::new(cfg.api_rate_limit, cfg.api_rate_burst),
         user_check: cfg.user_check.clone(),
         guard: api_guard,
-        links: Default::default(),
+        // With Redis, links are shared: behind a load balancer the phone may fetch its link
+        // from another node than the one that made it.
+        links: match redis_for_links {
+            Some(r) => careflow_api::provision_link::Links::shared(
+                careflow_store::redis::links::SharedLinks::new(r),
+            ),
+            None => Default::default(),
+        },
     });
     let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), api, async move {
         http_cancel.cancelled().await
@@ -196,8 +204,16 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// How clients reach us, for the API's `sipConfig`: the first listener of each kind.
+/// How clients reach us, for the API's `sipConfig`: the first listener of each kind (never
+/// the cluster's internal link).
 fn sip_config(cfg: &Config, bound: &[careflow_transport::ListenSpec]) -> careflow_api::SipConfig {
+    let internal = cfg.cluster.as_ref().map(|c| c.address);
+    let public: Vec<careflow_transport::ListenSpec> = bound
+        .iter()
+        .filter(|l| Some(l.addr) != internal)
+        .copied()
+        .collect();
+    let bound = public.as_slice();
     let port_of = |t: Transport| {
         bound
             .iter()

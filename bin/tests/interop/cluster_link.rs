@@ -1041,3 +1041,51 @@ fn re_invites_go_both_ways_over_the_link_and_a_cancel_crossing_the_answer_leaves
         }
     }
 }
+
+#[test]
+fn a_provisioning_link_made_through_one_node_is_fetched_once_through_another() {
+    let db = TestDb::postgres();
+    flush(1);
+    let redis = "redis://127.0.0.1:6379/1";
+    let secret = "cluster-link-jwt-secret-0123456789abcdef";
+    let env = [("AUTH_JWT_SECRET", secret)];
+    let (a, b) = (
+        member_with(2, &db, redis, &env),
+        member_with(3, &db, redis, &env),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "clinician-7", "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let (code, _, creds) = crate::api::http(&a, "POST", "/api/sip/register", Some(&token), None);
+    assert_eq!(code, 201, "{creds}");
+    // Clients are told about the public listeners only, never the internal link.
+    let listed = creds["sipConfig"].to_string();
+    assert!(!listed.contains(&a.port3.to_string()), "{listed}");
+    let body = format!(r#"{{"baseUrl":"http://127.0.0.1:{}"}}"#, a.http);
+    let (code, _, link) = crate::api::http(
+        &a,
+        "POST",
+        "/api/sip/provisioning",
+        Some(&token),
+        Some(&body),
+    );
+    assert_eq!(code, 200, "{link}");
+    let url = link["url"].as_str().unwrap();
+    let path = &url[url.find("/provision/").unwrap()..];
+    // The phone's request lands on B (a load balancer in front of the nodes).
+    let (code, head, xml) = http_get_at(b.http, path).expect("an answer from B");
+    assert!(
+        code == 200 && head.contains("application/xml"),
+        "{code} {head}"
+    );
+    assert!(xml.contains("<entry name=\"ha1\">"), "{xml}");
+    let (again, _, _) = http_get_at(a.http, path).expect("an answer from A");
+    assert_eq!(again, 404, "a provisioning link works once, on any node");
+}

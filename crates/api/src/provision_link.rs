@@ -22,33 +22,59 @@ const TTL: Duration = Duration::from_secs(600);
 /// Links kept at most (expired ones are dropped first).
 const MAX_LINKS: usize = 10_000;
 
-/// The links handed out and not yet used.
+/// The links handed out and not yet used: in this process, or in Redis when several nodes
+/// serve the API (a link made through one node is fetched through any).
 #[derive(Debug, Default)]
 pub struct Links {
     map: Mutex<HashMap<String, (String, Instant)>>,
+    shared: Option<careflow_store::redis::links::SharedLinks>,
 }
 
 impl Links {
+    /// Links kept in Redis, for every node.
+    pub fn shared(links: careflow_store::redis::links::SharedLinks) -> Self {
+        Self {
+            map: Mutex::default(),
+            shared: Some(links),
+        }
+    }
+
     /// A new link token for `username`.
-    fn create(&self, username: &str, now: Instant) -> Option<String> {
+    async fn create(&self, username: &str, now: Instant) -> Result<String, Problem> {
+        let full = || Problem::unavailable("provisioning links", &"too many open links");
         let mut bytes = [0u8; 24];
-        getrandom::fill(&mut bytes).ok()?;
+        getrandom::fill(&mut bytes).map_err(|_| full())?;
         let token = careflow_proto::digest::hex(&bytes);
-        let mut map = self.map.lock().ok()?;
+        if let Some(shared) = &self.shared {
+            shared
+                .put(&token, username, TTL)
+                .await
+                .map_err(|e| Problem::unavailable("provisioning links (redis)", &e))?;
+            return Ok(token);
+        }
+        let mut map = self.map.lock().map_err(|_| full())?;
         if map.len() >= MAX_LINKS {
             map.retain(|_, (_, until)| *until > now);
             if map.len() >= MAX_LINKS {
-                return None;
+                return Err(full());
             }
         }
         map.insert(token.clone(), (username.to_string(), now + TTL));
-        Some(token)
+        Ok(token)
     }
 
     /// The username of a live link, which is used up by this call.
-    fn take(&self, token: &str, now: Instant) -> Option<String> {
-        let (user, until) = self.map.lock().ok()?.remove(token)?;
-        (until > now).then_some(user)
+    async fn take(&self, token: &str, now: Instant) -> Result<Option<String>, Problem> {
+        if let Some(shared) = &self.shared {
+            return shared
+                .take(token)
+                .await
+                .map_err(|e| Problem::unavailable("provisioning links (redis)", &e));
+        }
+        let Some((user, until)) = self.map.lock().ok().and_then(|mut m| m.remove(token)) else {
+            return Ok(None);
+        };
+        Ok((until > now).then_some(user))
     }
 }
 
@@ -118,10 +144,7 @@ pub(crate) async fn create(
         .await
         .map_err(|e| Problem::unavailable("the subscriber store", &e))?
         .ok_or_else(|| Problem::not_found("you have no SIP credentials yet"))?;
-    let token = api
-        .links
-        .create(&s.username, Instant::now())
-        .ok_or_else(|| Problem::unavailable("provisioning links", &"too many open links"))?;
+    let token = api.links.create(&s.username, Instant::now()).await?;
     let url = format!("{base}/provision/{token}/linphone.xml");
     let qr = qrcode::QrCode::new(url.as_bytes())
         .map_err(|e| Problem::invalid("baseUrl", format!("cannot make a QR code: {e}")))?;
@@ -182,8 +205,10 @@ pub(crate) async fn fetch(
         Problem::not_found("this provisioning link is unknown, used or expired; make a new one")
             .into_response()
     };
-    let Some(username) = api.links.take(&token, Instant::now()) else {
-        return gone();
+    let username = match api.links.take(&token, Instant::now()).await {
+        Ok(Some(u)) => u,
+        Ok(None) => return gone(),
+        Err(p) => return p.into_response(),
     };
     let s = match api.subscribers.find(&username, &api.sip.domain).await {
         Ok(Some(s)) if s.enabled => s,
@@ -206,8 +231,8 @@ pub(crate) async fn fetch(
 mod tests {
     use super::*;
 
-    #[test]
-    fn links_work_once_and_expire() {
+    #[tokio::test]
+    async fn links_work_once_and_expire() {
         let links = Links::default();
         let now = Instant::now();
         let t = links.create("careflow_abc", now).unwrap();

@@ -26,6 +26,7 @@ use crate::{LocationStore, StoreError, UpdateFn};
 
 pub mod bus;
 mod conn;
+pub mod links;
 pub mod nodes;
 
 pub use conn::Redis;
