@@ -235,12 +235,14 @@ mod tests {
     async fn links_work_once_and_expire() {
         let links = Links::default();
         let now = Instant::now();
-        let t = links.create("careflow_abc", now).unwrap();
+        let t = links.create("careflow_abc", now).await.unwrap();
         assert_eq!(t.len(), 48);
-        assert_eq!(links.take(&t, now).as_deref(), Some("careflow_abc"));
-        assert_eq!(links.take(&t, now), None);
-        let t = links.create("careflow_abc", now).unwrap();
-        assert_eq!(links.take(&t, now + TTL + Duration::from_secs(1)), None);
+        let used = links.take(&t, now).await.unwrap();
+        assert_eq!(used.as_deref(), Some("careflow_abc"));
+        assert_eq!(links.take(&t, now).await.unwrap(), None);
+        let t = links.create("careflow_abc", now).await.unwrap();
+        let late = now + TTL + Duration::from_secs(1);
+        assert_eq!(links.take(&t, late).await.unwrap(), None);
     }
 
     #[test]
