@@ -57,8 +57,9 @@ impl App {
     /// Hands a response to the proxy table, which matches it to its branch; one that
     /// matches no branch of ours is relayed by its Via.
     pub(super) fn relay_response(self: &Arc<Self>, msg: Message) {
-        // 430 Flow Failed from one flow of a device with others: the next one is tried first.
-        if msg.status() == Some(430)
+        // 430 Flow Failed (or 408: the flow's device did not answer) from one flow of a device
+        // with others: the next one is tried first (RFC 5626 §5.3).
+        if matches!(msg.status(), Some(430 | 408))
             && let Some(branch) = msg.top_via().and_then(|v| v.branch().map(str::to_string))
             && self.alternate_flows.has(&branch)
         {
