@@ -1089,3 +1089,40 @@ fn a_provisioning_link_made_through_one_node_is_fetched_once_through_another() {
     let (again, _, _) = http_get_at(a.http, path).expect("an answer from A");
     assert_eq!(again, 404, "a provisioning link works once, on any node");
 }
+
+#[test]
+fn only_the_node_holding_a_flow_sends_its_keep_alives() {
+    let db = TestDb::postgres();
+    flush(9);
+    let redis = "redis://127.0.0.1:6379/9";
+    let env = [("NAT_KEEPALIVE_INTERVAL", "1")];
+    let (a, b) = (
+        member_with(2, &db, redis, &env),
+        member_with(3, &db, redis, &env),
+    );
+    joined(&[&a, &b]);
+    a.add_user("bob", "pw-bob-k");
+    let bob = Ua::new(b.sip_addr());
+    register_behind_nat(&bob, "bob", "pw-bob-k", "bob-k");
+    // Both nodes see bob's binding behind NAT; only B, which holds the flow, pings it.
+    let mut pings = Vec::new();
+    let until = Instant::now() + Duration::from_secs(4);
+    bob.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    while Instant::now() < until {
+        if let Some(m) = bob.recv()
+            && m.starts_with("OPTIONS ")
+        {
+            answer(&bob, &m, 200);
+            pings.push(header(&m, "Via").unwrap_or_default().to_string());
+        }
+    }
+    assert!(pings.len() >= 2, "{pings:?}");
+    assert!(
+        pings.iter().all(|v| v.contains("127.0.0.3:")),
+        "a ping from another node than the owner: {pings:?}"
+    );
+    assert_eq!(a.metric("careflow_sip_keepalives_sent_total"), 0);
+    assert!(b.metric("careflow_sip_keepalives_sent_total") >= 2);
+}
