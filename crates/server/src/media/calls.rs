@@ -3,13 +3,16 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use careflow_core::media::Session;
+use careflow_core::media::{Leg, Session};
 
 /// An anchored call.
 #[derive(Debug)]
 pub(crate) struct MediaCall {
     pub(crate) session: Session,
     pub(crate) checked: Instant,
+    /// The kind of media the one offer in the forked INVITE serves (every branch of that kind
+    /// can use it, a late one too); `None` when each branch got an offer of its own.
+    pub(crate) one_offer: Option<Leg>,
 }
 
 /// Anchored calls by Call-ID.

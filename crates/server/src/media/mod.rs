@@ -191,10 +191,11 @@ impl MediaAnchor {
         let Some(body) = body else {
             // Late offer: the callee's 2xx offers, the caller's ACK answers.
             session.expect_late_offer();
-            self.keep(&call_id, session);
+            self.keep(&call_id, session, Some(first));
             return Anchored::unchanged(msg);
         };
-        let anchored = if legs.iter().all(|c| *c == first) {
+        let one_offer = legs.iter().all(|c| *c == first);
+        let anchored = if one_offer {
             let cmd = session.initial_offer(&body, first, None);
             match engine.command(&call_id, &cmd).await {
                 Ok(Some(new_sdp)) => with_body(&msg, &new_sdp).map(Anchored::unchanged),
@@ -236,22 +237,36 @@ impl MediaAnchor {
         match anchored {
             Some(a) => {
                 session.at_engine = true;
-                self.keep(&call_id, session);
+                self.keep(&call_id, session, one_offer.then_some(first));
                 a
             }
             None => Anchored::unchanged(msg),
         }
     }
 
-    fn keep(&self, call_id: &str, session: Session) {
+    fn keep(&self, call_id: &str, session: Session, one_offer: Option<Leg>) {
         if let Ok(mut calls) = self.calls.lock() {
             calls.insert(
                 call_id.to_string(),
                 MediaCall {
                     session,
                     checked: Instant::now(),
+                    one_offer,
                 },
             );
+        }
+    }
+
+    /// Whether a branch added to a call later (late forking, a device's next flow) can be sent
+    /// the INVITE as it was forked: the call's media is not anchored, or the one offer in it
+    /// serves the callee's kind of media. Otherwise the branch would need an offer of its own.
+    pub(crate) fn late_branch_fits(&self, call_id: &str, callee: Callee) -> bool {
+        let Ok(calls) = self.calls.lock() else {
+            return false;
+        };
+        match calls.get(call_id) {
+            None => true,
+            Some(c) => c.one_offer == Some(Leg::of_transport(callee.transport)),
         }
     }
 
@@ -293,14 +308,6 @@ impl MediaAnchor {
             Some(cmd) => self.through_engine(msg, &call_id, cmd).await,
             None => msg,
         }
-    }
-
-    /// Whether the call's media is anchored at rtpengine.
-    pub(crate) fn is_anchored(&self, call_id: &str) -> bool {
-        self.calls
-            .lock()
-            .map(|m| m.contains_key(call_id))
-            .unwrap_or(false)
     }
 
     /// Whether a response needs rtpengine before it is relayed: a 18x/2xx with SDP to an
@@ -423,5 +430,38 @@ pub(crate) async fn check_calls(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => media.check(every).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_branch_fits_an_anchored_call_only_when_its_one_offer_serves_its_media() {
+        let media = MediaAnchor::new(Some(Policy::Always));
+        let party = |leg| Party {
+            leg,
+            source: "192.0.2.1".parse().expect("ip"),
+        };
+        let session =
+            |id: &str| Session::new(id, "caller-tag", party(Leg::Plain), party(Leg::Plain));
+        let web = Callee {
+            transport: Transport::Wss,
+            behind_nat: true,
+        };
+        let desk = Callee {
+            transport: Transport::Udp,
+            behind_nat: false,
+        };
+        assert!(media.late_branch_fits("not-anchored", web));
+        media.keep("one-offer", session("one-offer"), Some(Leg::Plain));
+        assert!(media.late_branch_fits("one-offer", desk));
+        assert!(
+            !media.late_branch_fits("one-offer", web),
+            "plain RTP offer, WebRTC branch"
+        );
+        media.keep("per-branch", session("per-branch"), None);
+        assert!(!media.late_branch_fits("per-branch", desk));
     }
 }

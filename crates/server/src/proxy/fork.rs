@@ -157,6 +157,12 @@ impl App {
             let Some((msg, ctx)) = self.ringing_call(&alt.key) else {
                 return;
             };
+            if !self
+                .media
+                .late_branch_fits(msg.call_id().unwrap_or_default(), hop.callee())
+            {
+                continue;
+            }
             let hop = Hop {
                 alternates: std::mem::take(&mut alt.bindings),
                 ..hop

@@ -48,14 +48,13 @@ impl App {
                 self.ringing.update(aor, &call.key, None);
                 continue;
             };
-            if msg.call_id().is_some_and(|c| self.media.is_anchored(c)) {
-                // rtpengine made one offer per branch at the start; a late branch would need
-                // its own (not done yet): the device is called on the next attempt.
-                continue;
-            }
+            let call_id = msg.call_id().unwrap_or_default();
             let new: Vec<Hop> = hops
                 .iter()
                 .filter(|h| !call.forked.contains(&h.flow_id()))
+                // A call whose branches got rtpengine offers of their own: a late one would
+                // need its own too (not made yet); the device is reached on the next call.
+                .filter(|h| self.media.late_branch_fits(call_id, h.callee()))
                 .cloned()
                 .collect();
             if new.is_empty() {
