@@ -771,3 +771,66 @@ fn a_call_nobody_answers_frees_its_media_when_timer_c_fires() {
     assert_eq!(server.metric_becomes("careflow_sip_media_sessions", 0), 0);
     rtpengine_becomes_empty(&rtp, &server);
 }
+
+#[test]
+fn a_ringing_fork_with_an_offer_per_branch_gains_a_late_branch_with_its_own_offer() {
+    let rtp = start_rtpengine();
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("SIP_LISTEN", "udp:127.0.0.1:{port},ws:127.0.0.1:{port2}"),
+            ("RTPENGINE", rtp.ng.as_str()),
+        ],
+    );
+    server.add_user("alice", "pw-alice-late");
+    server.add_user("bob", "pw-bob-late");
+    // bob's desk phone and browser ring: each branch has its own rtpengine offer.
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("bob", "pw-bob-late", "localhost", "late-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let mut web = WsPhone::register(server.port2, "bob", "pw-bob-late");
+    let alice = Ua::new(server.sip_addr());
+    call_bob(&alice, "pw-alice-late", "late-media");
+    let to_desk = loop {
+        let m = desk.recv().expect("INVITE at the desk phone");
+        if m.starts_with("INVITE ") {
+            break m;
+        }
+    };
+    answer(&desk, &to_desk, 180);
+    let _ = web.recv();
+
+    // While it rings, bob's second desk phone registers: it gets a branch with an offer of its
+    // own from rtpengine (plain RTP, not the caller's SDP), answers, and the call connects.
+    let desk2 = Ua::new(server.sip_addr());
+    let r = desk2.register("bob", "pw-bob-late", "localhost", "late-desk2", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let late = loop {
+        let m = desk2
+            .recv()
+            .expect("a late INVITE at the second desk phone");
+        if m.starts_with("INVITE ") {
+            break m;
+        }
+    };
+    assert!(late.contains("Call-ID: late-media"), "{late}");
+    assert!(
+        late.contains(" RTP/AVP ")
+            && !late.contains("a=fingerprint")
+            && !late.contains("m=audio 4000 "),
+        "the late branch has rtpengine's plain offer: {late}"
+    );
+    assert_ne!(header(&late, "Via"), header(&to_desk, "Via"));
+    answer_with_sdp(&desk2, &late, 200, 4020);
+    let answered = loop {
+        let m = alice.recv().expect("200 at alice");
+        if m.starts_with("SIP/2.0 200") {
+            break m;
+        }
+    };
+    assert!(
+        answered.contains(" RTP/AVP ") && !answered.contains("m=audio 4020 "),
+        "alice gets rtpengine's answer: {answered}"
+    );
+    assert!(server.log().contains("late fork"), "{}", server.log());
+}

@@ -72,6 +72,17 @@ pub(crate) struct BranchOffer {
     pub(crate) body: String,
 }
 
+/// What a branch added later to a call carries (see [`MediaAnchor::late_branch`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum LateBranch {
+    /// The INVITE as it was forked.
+    AsForked,
+    /// The INVITE with this SDP (rtpengine's offer for the branch).
+    Offer(String),
+    /// No branch can be added with media that works.
+    No,
+}
+
 /// The initial INVITE after media anchoring: the message (with rtpengine's SDP when one offer
 /// serves every branch), and one offer per branch when the branches need different media.
 #[derive(Debug)]
@@ -257,16 +268,45 @@ impl MediaAnchor {
         }
     }
 
-    /// Whether a branch added to a call later (late forking, a device's next flow) can be sent
-    /// the INVITE as it was forked: the call's media is not anchored, or the one offer in it
-    /// serves the callee's kind of media. Otherwise the branch would need an offer of its own.
-    pub(crate) fn late_branch_fits(&self, call_id: &str, callee: Callee) -> bool {
-        let Ok(calls) = self.calls.lock() else {
-            return false;
+    /// What a branch added to a call later (late forking, a device's next flow) to `callee`
+    /// is sent: the INVITE as it was forked when the call's media is not anchored or its one
+    /// offer serves the callee's kind of media; its own rtpengine offer (under Via branch
+    /// `branch`) when each branch got one; nothing when neither works.
+    pub(crate) async fn late_branch(
+        &self,
+        msg: &Message,
+        callee: Callee,
+        branch: &str,
+    ) -> LateBranch {
+        let leg = Leg::of_transport(callee.transport);
+        let Some(call_id) = msg.call_id() else {
+            return LateBranch::AsForked;
         };
-        match calls.get(call_id) {
-            None => true,
-            Some(c) => c.one_offer == Some(Leg::of_transport(callee.transport)),
+        let cmd = {
+            let Ok(mut calls) = self.calls.lock() else {
+                return LateBranch::No;
+            };
+            let Some(call) = calls.get_mut(call_id) else {
+                return LateBranch::AsForked;
+            };
+            match (call.one_offer, sdp(msg)) {
+                (Some(served), _) if served == leg => return LateBranch::AsForked,
+                // Each branch has its own offer, made from the caller's SDP the INVITE still
+                // carries.
+                (None, Some(body)) => call.session.initial_offer(body, leg, Some(branch)),
+                _ => return LateBranch::No,
+            }
+        };
+        let Some(engine) = self.engine() else {
+            return LateBranch::No;
+        };
+        match engine.command(call_id, &cmd).await {
+            Ok(Some(body)) => LateBranch::Offer(body),
+            Ok(None) => LateBranch::No,
+            Err(e) => {
+                tracing::warn!(call_id, error = %e, "no rtpengine offer for a late branch; not added");
+                LateBranch::No
+            }
         }
     }
 
@@ -437,8 +477,8 @@ pub(crate) async fn check_calls(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_late_branch_fits_an_anchored_call_only_when_its_one_offer_serves_its_media() {
+    #[tokio::test]
+    async fn a_late_branch_uses_the_one_offer_of_its_kind_and_never_a_wrong_one() {
         let media = MediaAnchor::new(Some(Policy::Always));
         let party = |leg| Party {
             leg,
@@ -446,6 +486,17 @@ mod tests {
         };
         let session =
             |id: &str| Session::new(id, "caller-tag", party(Leg::Plain), party(Leg::Plain));
+        let invite = |call_id: &str| {
+            Message::parse(
+                bytes::Bytes::from(format!(
+                    "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx\r\n\
+                     From: <sip:a@example.com>;tag=caller-tag\r\nTo: <sip:bob@example.com>\r\n\
+                     Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+                )),
+                &careflow_proto::ParseLimits::default(),
+            )
+            .expect("invite")
+        };
         let web = Callee {
             transport: Transport::Wss,
             behind_nat: true,
@@ -454,14 +505,20 @@ mod tests {
             transport: Transport::Udp,
             behind_nat: false,
         };
-        assert!(media.late_branch_fits("not-anchored", web));
+        let late = |id: &'static str, c: Callee| {
+            let media = &media;
+            async move { media.late_branch(&invite(id), c, "z9hG4bKlate").await }
+        };
+        assert_eq!(late("not-anchored", web).await, LateBranch::AsForked);
         media.keep("one-offer", session("one-offer"), Some(Leg::Plain));
-        assert!(media.late_branch_fits("one-offer", desk));
-        assert!(
-            !media.late_branch_fits("one-offer", web),
+        assert_eq!(late("one-offer", desk).await, LateBranch::AsForked);
+        assert_eq!(
+            late("one-offer", web).await,
+            LateBranch::No,
             "plain RTP offer, WebRTC branch"
         );
+        // Offers per branch need the caller's SDP (this INVITE has none) and rtpengine.
         media.keep("per-branch", session("per-branch"), None);
-        assert!(!media.late_branch_fits("per-branch", desk));
+        assert_eq!(late("per-branch", desk).await, LateBranch::No);
     }
 }

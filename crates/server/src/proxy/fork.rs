@@ -157,12 +157,9 @@ impl App {
             let Some((msg, ctx)) = self.ringing_call(&alt.key) else {
                 return;
             };
-            if !self
-                .media
-                .late_branch_fits(msg.call_id().unwrap_or_default(), hop.callee())
-            {
+            let Some(hop) = self.with_media_for_late_branch(&msg, hop).await else {
                 continue;
-            }
+            };
             let hop = Hop {
                 alternates: std::mem::take(&mut alt.bindings),
                 ..hop

@@ -48,15 +48,12 @@ impl App {
                 self.ringing.update(aor, &call.key, None);
                 continue;
             };
-            let call_id = msg.call_id().unwrap_or_default();
-            let new: Vec<Hop> = hops
-                .iter()
-                .filter(|h| !call.forked.contains(&h.flow_id()))
-                // A call whose branches got rtpengine offers of their own: a late one would
-                // need its own too (not made yet); the device is reached on the next call.
-                .filter(|h| self.media.late_branch_fits(call_id, h.callee()))
-                .cloned()
-                .collect();
+            let mut new: Vec<Hop> = Vec::new();
+            for h in hops.iter().filter(|h| !call.forked.contains(&h.flow_id())) {
+                if let Some(h) = self.with_media_for_late_branch(&msg, h.clone()).await {
+                    new.push(h);
+                }
+            }
             if new.is_empty() {
                 continue;
             }
@@ -73,6 +70,27 @@ impl App {
                 for id in ids {
                     self.ringing.update(aor, &call.key, Some(id));
                 }
+            }
+        }
+    }
+
+    /// A hop added to a ringing call, with its own rtpengine offer when the call's branches
+    /// each have one; `None` when no media that works can be given to it.
+    pub(super) async fn with_media_for_late_branch(&self, msg: &Message, hop: Hop) -> Option<Hop> {
+        let branch = proxy::branch(&proxy::loop_hash(msg), self.next_id());
+        match self.media.late_branch(msg, hop.callee(), &branch).await {
+            crate::media::LateBranch::AsForked => Some(hop),
+            crate::media::LateBranch::Offer(body) => Some(Hop {
+                branch: Some(branch),
+                body: Some(body),
+                ..hop
+            }),
+            crate::media::LateBranch::No => {
+                tracing::info!(
+                    call_id = msg.call_id().unwrap_or_default(),
+                    "no media for a late branch; the device is reached on the next call"
+                );
+                None
             }
         }
     }
