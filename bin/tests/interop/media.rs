@@ -834,3 +834,59 @@ fn a_ringing_fork_with_an_offer_per_branch_gains_a_late_branch_with_its_own_offe
     );
     assert!(server.log().contains("late fork"), "{}", server.log());
 }
+
+#[test]
+fn a_ringing_call_to_a_desk_phone_gains_a_browser_with_its_own_webrtc_offer() {
+    let rtp = start_rtpengine();
+    let server = Server::start_with(
+        "localhost",
+        &[
+            ("SIP_LISTEN", "udp:127.0.0.1:{port},ws:127.0.0.1:{port2}"),
+            ("RTPENGINE", rtp.ng.as_str()),
+            ("MEDIA_POLICY", "always"),
+        ],
+    );
+    server.add_user("alice", "pw-alice-lw");
+    server.add_user("bob", "pw-bob-lw");
+    // Only bob's desk phone rings: one plain offer in the INVITE.
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("bob", "pw-bob-lw", "localhost", "lw-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let alice = Ua::new(server.sip_addr());
+    call_bob(&alice, "pw-alice-lw", "late-web");
+    let to_desk = loop {
+        let m = desk.recv().expect("INVITE at the desk phone");
+        if m.starts_with("INVITE ") {
+            break m;
+        }
+    };
+    answer(&desk, &to_desk, 180);
+    // bob opens CareFlow Web while it rings: the browser's branch gets a WebRTC offer of its
+    // own (ICE, DTLS-SRTP) from rtpengine.
+    let mut web = WsPhone::register(server.port2, "bob", "pw-bob-lw");
+    let to_web = loop {
+        let m = web.recv();
+        if m.starts_with("INVITE ") {
+            break m;
+        }
+    };
+    assert!(to_web.contains("Call-ID: late-web"), "{to_web}");
+    assert!(
+        to_web.contains("UDP/TLS/RTP/SAVPF")
+            && to_web.contains("a=fingerprint")
+            && to_web.contains("a=ice-ufrag"),
+        "{to_web}"
+    );
+    // The desk phone answers after all: the call connects with rtpengine's answer.
+    answer_with_sdp(&desk, &to_desk, 200, 4030);
+    let answered = loop {
+        let m = alice.recv().expect("200 at alice");
+        if m.starts_with("SIP/2.0 200") {
+            break m;
+        }
+    };
+    assert!(
+        answered.contains(" RTP/AVP ") && !answered.contains("m=audio 4030 "),
+        "{answered}"
+    );
+}

@@ -13,6 +13,9 @@ pub(crate) struct MediaCall {
     /// The kind of media the one offer in the forked INVITE serves (every branch of that kind
     /// can use it, a late one too); `None` when each branch got an offer of its own.
     pub(crate) one_offer: Option<Leg>,
+    /// The caller's own SDP when one offer replaced it in the INVITE: a late branch of the
+    /// other kind of media gets an offer of its own from it.
+    pub(crate) caller_sdp: Option<String>,
 }
 
 /// Anchored calls by Call-ID.

@@ -202,7 +202,7 @@ impl MediaAnchor {
         let Some(body) = body else {
             // Late offer: the callee's 2xx offers, the caller's ACK answers.
             session.expect_late_offer();
-            self.keep(&call_id, session, Some(first));
+            self.keep(&call_id, session, Some(first), None);
             return Anchored::unchanged(msg);
         };
         let one_offer = legs.iter().all(|c| *c == first);
@@ -248,14 +248,21 @@ impl MediaAnchor {
         match anchored {
             Some(a) => {
                 session.at_engine = true;
-                self.keep(&call_id, session, one_offer.then_some(first));
+                let caller_sdp = one_offer.then(|| body.clone());
+                self.keep(&call_id, session, one_offer.then_some(first), caller_sdp);
                 a
             }
             None => Anchored::unchanged(msg),
         }
     }
 
-    fn keep(&self, call_id: &str, session: Session, one_offer: Option<Leg>) {
+    fn keep(
+        &self,
+        call_id: &str,
+        session: Session,
+        one_offer: Option<Leg>,
+        caller_sdp: Option<String>,
+    ) {
         if let Ok(mut calls) = self.calls.lock() {
             calls.insert(
                 call_id.to_string(),
@@ -263,6 +270,7 @@ impl MediaAnchor {
                     session,
                     checked: Instant::now(),
                     one_offer,
+                    caller_sdp,
                 },
             );
         }
@@ -289,13 +297,17 @@ impl MediaAnchor {
             let Some(call) = calls.get_mut(call_id) else {
                 return LateBranch::AsForked;
             };
-            match (call.one_offer, sdp(msg)) {
-                (Some(served), _) if served == leg => return LateBranch::AsForked,
-                // Each branch has its own offer, made from the caller's SDP the INVITE still
-                // carries.
-                (None, Some(body)) => call.session.initial_offer(body, leg, Some(branch)),
-                _ => return LateBranch::No,
-            }
+            // An offer of its own is made from the caller's SDP: the INVITE still carries it
+            // when each branch has its own offer, else it was kept aside.
+            let caller_sdp = match call.one_offer {
+                Some(served) if served == leg => return LateBranch::AsForked,
+                Some(_) => call.caller_sdp.clone(),
+                None => sdp(msg).map(str::to_string),
+            };
+            let Some(body) = caller_sdp else {
+                return LateBranch::No;
+            };
+            call.session.initial_offer(&body, leg, Some(branch))
         };
         let Some(engine) = self.engine() else {
             return LateBranch::No;
@@ -510,15 +522,15 @@ mod tests {
             async move { media.late_branch(&invite(id), c, "z9hG4bKlate").await }
         };
         assert_eq!(late("not-anchored", web).await, LateBranch::AsForked);
-        media.keep("one-offer", session("one-offer"), Some(Leg::Plain));
+        media.keep("one-offer", session("one-offer"), Some(Leg::Plain), None);
         assert_eq!(late("one-offer", desk).await, LateBranch::AsForked);
         assert_eq!(
             late("one-offer", web).await,
             LateBranch::No,
-            "plain RTP offer, WebRTC branch"
+            "plain RTP offer, WebRTC branch, no caller SDP kept to offer from"
         );
         // Offers per branch need the caller's SDP (this INVITE has none) and rtpengine.
-        media.keep("per-branch", session("per-branch"), None);
+        media.keep("per-branch", session("per-branch"), None, None);
         assert_eq!(late("per-branch", desk).await, LateBranch::No);
     }
 }
