@@ -10,6 +10,8 @@
 //! - [`proxy`]: proxy decisions of RFC 3261 §16 (Max-Forwards, loops, branches, Route).
 //! - [`cluster`]: owner tokens and membership of several nodes acting as one.
 //! - [`keepalive`]: which NATed bindings get an OPTIONS this round, and which are gone.
+//! - [`push`]: RFC 8599 push parameters, `Feature-Caps`, and requests waiting for a sleeping
+//!   device (one push per call and device).
 //! - [`binding`]: the location-service record shared by the registrar and the stores.
 #![warn(missing_docs)]
 
@@ -23,6 +25,7 @@ pub mod keepalive;
 pub mod media;
 pub mod nonce;
 pub mod proxy;
+pub mod push;
 pub mod ratelimit;
 pub mod registrar;
 pub mod transaction;

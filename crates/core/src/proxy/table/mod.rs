@@ -54,6 +54,8 @@ struct Forward<U> {
     local_final: bool,
     /// The caller cancelled (or the server is shutting down): no branch is added any more.
     cancelled: bool,
+    /// Held without a branch until then (its callees sleep and were woken by a push).
+    held_until: Option<Instant>,
 }
 
 /// One request sent downstream.
@@ -71,6 +73,7 @@ struct Branch<D> {
 enum Timed {
     Branch(BranchKey),
     Forward(TxKey),
+    Hold(TxKey),
 }
 
 /// Every forward and branch of the proxy, their timers and their output.
@@ -177,6 +180,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             call,
             local_final: false,
             cancelled: false,
+            held_until: None,
         };
         self.forwards.insert(key.clone(), fw);
         self.drain_forward(&key);
@@ -255,6 +259,9 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         if self.ringing(key).is_none() || branches.is_empty() {
             return false;
         }
+        if let Some(fw) = self.forwards.get_mut(key) {
+            fw.held_until = None;
+        }
         for nb in branches {
             let bk = BranchKey::request(&nb.branch);
             let tx = ClientTransaction::new(nb.request, nb.reliable, self.cfg.timers, now);
@@ -272,9 +279,28 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         self.forwards
             .get(key)
             .filter(|fw| {
-                fw.invite.is_some() && !fw.final_sent && !fw.cancelled && !fw.branches.is_empty()
+                fw.invite.is_some()
+                    && !fw.final_sent
+                    && !fw.cancelled
+                    && (!fw.branches.is_empty() || fw.held_until.is_some())
             })
             .map(|fw| (&fw.request, &fw.upstream))
+    }
+
+    /// An opened INVITE whose callees all sleep (a push went to each): it waits without a
+    /// branch until `until` for [`Self::add_branches`] (a woken device registered), then gets
+    /// 480. A CANCEL meanwhile answers 487 as for any INVITE not forked yet. False when it is
+    /// not an INVITE waiting to be forked.
+    pub fn hold(&mut self, key: &TxKey, until: Instant) -> bool {
+        let Some(fw) = self.forwards.get_mut(key) else {
+            return false;
+        };
+        if fw.final_sent || fw.cancelled || fw.invite.is_none() || !fw.branches.is_empty() {
+            return false;
+        }
+        fw.held_until = Some(until);
+        self.timers.push(Reverse((until, Timed::Hold(key.clone()))));
+        true
     }
 
     /// Our own final answer to a forwarded INVITE (routing refused it: 404, 480, 407, ...):
@@ -447,6 +473,11 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
                     .get(key)
                     .and_then(|f| f.invite.as_ref())
                     .and_then(|i| i.poll_timeout()),
+                Timed::Hold(key) => self
+                    .forwards
+                    .get(key)
+                    .filter(|f| f.branches.is_empty() && !f.final_sent)
+                    .and_then(|f| f.held_until),
             };
             if current == Some(*at) {
                 return Some(*at);
@@ -467,6 +498,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             };
             match timed {
                 Timed::Branch(bk) => self.branch_timeout(&bk, now),
+                Timed::Hold(key) => self.hold_timeout(&key, now),
                 Timed::Forward(key) => {
                     let Some(inv) = self.forwards.get_mut(&key).and_then(|f| f.invite.as_mut())
                     else {
@@ -493,6 +525,29 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
     /// The next event.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// A held INVITE whose devices did not wake in time: 480.
+    fn hold_timeout(&mut self, key: &TxKey, now: Instant) {
+        let Some(fw) = self.forwards.get(key) else {
+            return;
+        };
+        if fw.held_until.is_none_or(|t| t > now) || fw.final_sent || !fw.branches.is_empty() {
+            return;
+        }
+        let resp = local_response(
+            &self.cfg.server_header,
+            &fw.request,
+            fw.upstream.source,
+            480,
+        )
+        .reason("Temporarily Unavailable")
+        .header(
+            "Reason",
+            "SIP;cause=480;text=\"the device did not wake up\"",
+        )
+        .build();
+        self.answer(key, 480, resp, now);
     }
 
     fn branch_timeout(&mut self, bk: &BranchKey, now: Instant) {
