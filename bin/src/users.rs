@@ -340,7 +340,7 @@ pub(crate) async fn registrations(cfg: &Config, user: Option<&str>) -> anyhow::R
         println!(
             "{:<32} {:<48} {:<9} {:<24} {:<24} {:<10} {}",
             b.aor,
-            b.contact,
+            careflow_core::push::redacted(&b.contact),
             b.transport,
             b.source,
             b.user_agent.as_deref().unwrap_or("-"),

@@ -486,3 +486,78 @@ fn bindings_survive_restart_and_crash() {
     let (code, _) = server.http_get("/healthz").unwrap();
     assert_eq!(code, 200);
 }
+
+/// A REGISTER of `ua` whose Contact carries RFC 8599 push parameters with `token`.
+fn register_with_push(ua: &Ua, call_id: &str, token: &str) -> String {
+    let with_push = |m: String| {
+        m.replace(
+            &format!("Contact: <sip:pat@127.0.0.1:{}>", ua.port()),
+            &format!(
+                "Contact: <sip:pat@127.0.0.1:{};pn-provider=apns;pn-param=TEAM1.org.linphone.phone.voip;pn-prid={token}>",
+                ua.port()
+            ),
+        )
+    };
+    let r1 = ua.request(&with_push(ua.register_msg(
+        "pat",
+        "example.test",
+        call_id,
+        1,
+        "",
+    )));
+    let auth = authorization(
+        &r1,
+        Algorithm::Md5,
+        "pat",
+        "example.test",
+        "pw-pat",
+        "REGISTER",
+        "sip:example.test",
+        1,
+    );
+    ua.request(&with_push(ua.register_msg(
+        "pat",
+        "example.test",
+        call_id,
+        2,
+        &format!("Authorization: {auth}\r\n"),
+    )))
+}
+
+#[test]
+fn push_devices_are_one_binding_wherever_they_register_from_and_their_tokens_stay_private() {
+    let server = Server::start("example.test");
+    server.add_user("pat", "pw-pat");
+    let phone = Ua::new(server.sip_addr());
+    let r = register_with_push(&phone, "pat-phone", "a1b2c3d4e5f60718293a");
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(
+        r.contains("pn-prid=a1b2c3d4e5f60718293a"),
+        "its own Contact as registered: {r}"
+    );
+    // A second device of the same user sees the phone's binding without its token.
+    let tablet = Ua::new(server.sip_addr());
+    let r = register_with_push(&tablet, "pat-tablet", "ffeeddccbbaa99887766");
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(
+        !r.contains("a1b2c3d4e5f60718293a"),
+        "another device's token leaked: {r}"
+    );
+    assert!(r.contains("pn-prid=#"), "{r}");
+    // The phone, woken, registers from another port and Call-ID: its binding is replaced.
+    let woken = Ua::new(server.sip_addr());
+    let r = register_with_push(&woken, "pat-phone-woken", "a1b2c3d4e5f60718293a");
+    assert_eq!(status(&r), 200, "{r}");
+    let listed = server.bindings_of("pat");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .all(|l| !l.contains("a1b2c3d4e5f60718293a") && !l.contains("ffeeddccbbaa99887766")),
+        "the CLI shows tokens only as hashes: {listed:?}"
+    );
+    assert!(
+        !server.log().contains("a1b2c3d4e5f60718293a"),
+        "a token in the log"
+    );
+}

@@ -392,7 +392,7 @@ pub(crate) async fn revoke(State(api): Api, headers: HeaderMap) -> Result<Status
 pub(crate) fn device(b: &Binding, now: u64) -> Device {
     Device {
         id: b.id,
-        contact: b.contact.clone(),
+        contact: careflow_core::push::redacted(&b.contact).into_owned(),
         transport: b.transport.to_string(),
         source_address: b.source.to_string(),
         user_agent: b.user_agent.clone(),

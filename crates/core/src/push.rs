@@ -122,6 +122,24 @@ impl PushParams {
     }
 }
 
+/// `contact` with its `pn-prid` value (the device's push token, a credential) replaced by
+/// `#HASH`, for anything shown to anyone but the device itself: the other devices' Contacts
+/// in a 2xx to REGISTER, logs, the API and the CLI.
+pub fn redacted(contact: &str) -> std::borrow::Cow<'_, str> {
+    let lower = contact.to_ascii_lowercase();
+    let Some(at) = lower.find(";pn-prid=") else {
+        return std::borrow::Cow::Borrowed(contact);
+    };
+    let start = at + ";pn-prid=".len();
+    let end = contact[start..]
+        .find([';', '>', '?', ',', ' '])
+        .map_or(contact.len(), |i| start + i);
+    let d = Sha256::digest(contact[start..end].trim_matches('"').as_bytes());
+    let mut hash = String::from("#");
+    crate::flow::push_hex(&mut hash, &d[..6]);
+    std::borrow::Cow::Owned(format!("{}{hash}{}", &contact[..start], &contact[end..]))
+}
+
 /// The `Feature-Caps` value of a registrar's 2xx (RFC 8599 §5.6.1): the services we push
 /// through, and `+sip.pnsreg` (§6.2) when the device asked for the periodic wake-up interval.
 pub fn feature_caps(services: &[Provider], pnsreg: Option<u32>) -> Option<String> {
@@ -288,6 +306,22 @@ mod tests {
         };
         assert!(a.same_device(&b));
         assert!(!a.same_device(&c));
+    }
+
+    #[test]
+    fn tokens_are_redacted_to_their_hash() {
+        let c = "sip:alice@10.1.1.1:5060;pn-provider=apns;pn-prid=00fc13ad;pn-param=T.app.voip";
+        let r = redacted(c);
+        assert!(!r.contains("00fc13ad"), "{r}");
+        let PushRequest::Push(p) = PushParams::of_uri(&uri(c)) else {
+            panic!()
+        };
+        assert!(
+            r.contains(&format!(";pn-prid=#{};pn-param=T.app.voip", p.log_id())),
+            "{r}"
+        );
+        assert_eq!(redacted("sip:bob@192.0.2.1"), "sip:bob@192.0.2.1");
+        assert!(!redacted("<sip:a@h;PN-PRID=secret>;expires=60").contains("secret"));
     }
 
     #[test]

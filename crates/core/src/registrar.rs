@@ -170,6 +170,12 @@ pub fn apply(
         // (RFC 5626 §6, RFC 5627 §4.1): a phone that rebooted and registers a new contact
         // over a new connection replaces its old binding instead of adding a dead one.
         let (inst, reg) = (instance(na), reg_id(na));
+        // ...or by its push address (RFC 8599 §5.6.1): a mobile device woken by a push
+        // registers from wherever it is now, with the same pn-* parameters.
+        let push = match crate::push::PushParams::of_uri(&na.uri) {
+            crate::push::PushRequest::Push(p) => Some(p),
+            _ => None,
+        };
         let pos = bindings
             .iter()
             .position(|b| b.contact.eq_ignore_ascii_case(uri))
@@ -178,6 +184,15 @@ pub fn apply(
                     bindings
                         .iter()
                         .position(|b| b.instance.as_ref() == Some(i) && b.reg_id == reg)
+                })
+            })
+            .or_else(|| {
+                let push = push.as_ref()?;
+                bindings.iter().position(|b| {
+                    careflow_proto::Uri::parse(&b.contact).is_some_and(|u| {
+                        matches!(crate::push::PushParams::of_uri(&u),
+                            crate::push::PushRequest::Push(p) if p.same_device(push))
+                    })
                 })
             });
         if let Some(i) = pos {
@@ -308,6 +323,39 @@ mod tests {
             n += 1;
             n
         }
+    }
+
+    #[test]
+    fn a_woken_device_with_a_new_address_replaces_its_push_binding() {
+        let cfg = RegistrarConfig::default();
+        let mut id = ids();
+        let first =
+            "<sip:alice@10.1.1.1:5060;pn-provider=apns;pn-param=T.org.app.voip;pn-prid=tok1>";
+        let o = apply(&cfg, &[], &req(&[first], Some(600), "c1", 1, 1000), &mut id).unwrap();
+        // Woken by a push, it registers from another network, with another Call-ID.
+        let moved =
+            "<sip:alice@172.16.0.9:41000;pn-provider=apns;pn-param=T.org.app.voip;pn-prid=tok1>";
+        let o = apply(
+            &cfg,
+            &o.bindings,
+            &req(&[moved], Some(600), "c2", 1, 1010),
+            &mut id,
+        )
+        .unwrap();
+        assert_eq!(o.bindings.len(), 1, "replaced, not added");
+        assert!(o.bindings[0].contact.contains("172.16.0.9"));
+        assert_eq!(o.bindings[0].id, 1);
+        // Another device (another token) adds a binding.
+        let other =
+            "<sip:alice@172.16.0.9:41002;pn-provider=apns;pn-param=T.org.app.voip;pn-prid=tok2>";
+        let o = apply(
+            &cfg,
+            &o.bindings,
+            &req(&[other], Some(600), "c3", 1, 1020),
+            &mut id,
+        )
+        .unwrap();
+        assert_eq!(o.bindings.len(), 2);
     }
 
     #[test]

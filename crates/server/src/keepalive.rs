@@ -69,7 +69,7 @@ impl App {
                 self.metrics
                     .keepalive_bindings_dropped
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(aor = %b.aor, contact = %b.contact, source = %b.source,
+                tracing::info!(aor = %b.aor, contact = %careflow_core::push::redacted(&b.contact), source = %b.source,
                     failures = cfg.max_failures, "device behind NAT stopped answering keep-alives; binding removed");
             }
         }

@@ -318,15 +318,21 @@ impl App {
             }
         }
         // One Contact line per binding with the expiry actually granted (RFC 3261 §10.3 step 8).
+        // Another device's push token is not this one's business (RFC 8599).
+        let own: Vec<&str> = msg
+            .values(HeaderName::Contact)
+            .filter_map(careflow_proto::NameAddr::parse)
+            .map(|na| na.uri.raw)
+            .collect();
         let mut line = String::new();
         for binding in &outcome.bindings {
             line.clear();
-            let _ = write!(
-                line,
-                "<{}>;expires={}",
-                binding.contact,
-                binding.expires_in(now)
-            );
+            let contact = if own.iter().any(|c| c.eq_ignore_ascii_case(&binding.contact)) {
+                std::borrow::Cow::Borrowed(binding.contact.as_str())
+            } else {
+                careflow_core::push::redacted(&binding.contact)
+            };
+            let _ = write!(line, "<{contact}>;expires={}", binding.expires_in(now));
             b = b.header("Contact", &line);
         }
         b.header("Date", httpdate(now)).build()

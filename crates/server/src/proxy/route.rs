@@ -334,7 +334,7 @@ impl App {
                 }
                 Owner::Lost => {
                     self.metrics.cluster_skipped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(aor = %b.aor, contact = %b.contact,
+                    tracing::debug!(aor = %b.aor, contact = %careflow_core::push::redacted(&b.contact),
                         "binding of a node that is gone or restarted skipped");
                     return None;
                 }
