@@ -5,6 +5,7 @@
 mod api;
 mod calls;
 mod cluster;
+mod cluster_failover;
 mod cluster_link;
 mod dashboard;
 mod database;

@@ -236,21 +236,6 @@ pub struct Guard {
     outbox: Mutex<Option<VecDeque<Shared>>>,
 }
 
-/// What a node shares with the other nodes of a cluster, so that the guard counts and bans
-/// as one: a guesser spreading guesses over the nodes gets no more than at one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Shared {
-    /// `scope` was banned for `reason`.
-    Ban(BanScope, BanReason),
-    /// `scope` was unbanned (by an operator).
-    Unban(BanScope),
-    /// A failed guess from this flow for this username.
-    Guess(SocketAddr, String),
-}
-
-/// Shared decisions kept while nobody drains them.
-const OUTBOX: usize = 1024;
-
 /// Failed authentications kept for the admin view.
 const RECENT_FAILURES: usize = 100;
 
@@ -314,65 +299,6 @@ impl Guard {
             peers: RwLock::default(),
             outbox: Mutex::new(None),
         }
-    }
-
-    /// Starts keeping this node's bans and unbans for [`Self::take_shared`] (a cluster).
-    pub fn share(&self) {
-        lock(&self.outbox).get_or_insert_with(VecDeque::new);
-    }
-
-    /// The bans and unbans made here since the last call, oldest first.
-    pub fn take_shared(&self) -> Vec<Shared> {
-        lock(&self.outbox)
-            .as_mut()
-            .map(|q| q.drain(..).collect())
-            .unwrap_or_default()
-    }
-
-    fn announce(&self, decision: Shared) {
-        if let Some(q) = lock(&self.outbox).as_mut() {
-            if q.len() == OUTBOX {
-                q.pop_front();
-            }
-            q.push_back(decision);
-        }
-    }
-
-    /// A ban another node made: applied here for this node's ban time, not shared again; a
-    /// guess another node saw: counted here too (a ban it causes is shared as ours).
-    pub fn apply_shared(&self, decision: Shared, now: Instant) {
-        match decision {
-            Shared::Guess(src, user) => {
-                let _ = self.count_guess(src, &user, now);
-            }
-            Shared::Ban(scope, reason) => {
-                if !self.allowed(scope.ip()) {
-                    let cfg = self.config();
-                    let scope = normalise(scope);
-                    let _ = lock(self.shard(site_of(scope.ip()))).ban(scope, reason, &cfg, now);
-                }
-            }
-            Shared::Unban(scope) => {
-                self.lift(scope, now);
-            }
-        }
-    }
-
-    /// The addresses of the other nodes of our cluster, now.
-    pub fn set_peers(&self, peers: Vec<IpAddr>) {
-        match self.peers.write() {
-            Ok(mut p) => *p = Arc::new(peers),
-            Err(p) => *p.into_inner() = Arc::new(peers),
-        }
-    }
-
-    /// Whether `ip` is passed without limits: on the allow-list of `cfg`, or a cluster peer.
-    fn exempt(&self, cfg: &GuardConfig, ip: IpAddr) -> bool {
-        cfg.allowlist.iter().any(|c| c.contains(ip))
-            || match self.peers.read() {
-                Ok(p) => p.contains(&ip),
-                Err(p) => p.into_inner().contains(&ip),
-            }
     }
 
     /// The last failed authentications, newest first.
@@ -500,23 +426,7 @@ impl Guard {
         self.user_key.hash_one(user.to_ascii_lowercase())
     }
 
-    /// A failed guess (wrong digest or unknown user) from `src` for `user`. Returns the ban it
-    /// caused, if any. The challenge that starts every normal registration, and credentials
-    /// with a stale or reused nonce, are no guesses and must not be reported here.
-    pub fn auth_failed(
-        &self,
-        src: SocketAddr,
-        user: &str,
-        now: Instant,
-    ) -> Option<(BanScope, BanReason)> {
-        let ban = self.count_guess(src, user, now);
-        if !self.exempt(&self.config(), src.ip()) {
-            self.announce(Shared::Guess(src, user.chars().take(64).collect()));
-        }
-        ban
-    }
-
-    fn count_guess(
+    pub(super) fn count_guess(
         &self,
         src: SocketAddr,
         user: &str,
@@ -680,5 +590,8 @@ fn normalise(scope: BanScope) -> BanScope {
     }
 }
 
+mod shared;
 #[cfg(test)]
 mod tests;
+
+pub use shared::Shared;

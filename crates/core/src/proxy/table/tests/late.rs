@@ -1,0 +1,159 @@
+//! Branches added to a call after it was forked (late forking, a device's next flow), calls
+//! held for a sleeping device, and calls another node counts.
+
+use super::*;
+
+#[test]
+fn a_call_delivered_for_another_node_reports_no_outcome_but_still_ends_its_media() {
+    let mut h = Harness::new();
+    let (answered, failed) = (request("INVITE", "d1"), request("INVITE", "d2"));
+    let quiet = Upstream {
+        reports_call: false,
+        ..upstream()
+    };
+    for (n, req) in [(1, &answered), (2, &failed)] {
+        h.table
+            .open(Harness::key(req), req.clone(), quiet.clone(), h.now)
+            .expect("room");
+        let branch = NewBranch {
+            branch: branch_of(n),
+            request: forwarded(req, n),
+            to: n,
+            reliable: false,
+        };
+        h.table.fork(
+            Harness::key(req),
+            req.clone(),
+            quiet.clone(),
+            vec![branch],
+            h.now,
+        );
+    }
+    h.sent();
+    h.table
+        .handle_response(&response(&answered, 1, 200, &[]), h.now);
+    h.table
+        .handle_response(&response(&failed, 2, 486, &[]), h.now);
+    assert_eq!(
+        h.events(),
+        vec![
+            final_event(200),
+            final_event(486),
+            Event::MediaEnd {
+                call_id: "d2".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_ringing_call_gains_a_late_branch_that_can_answer_it_but_not_after_cancel_or_answer() {
+    let mut h = Harness::new();
+    let req = request("INVITE", "late");
+    let key = Harness::key(&req);
+    h.call(&req, &[1]);
+    h.table.handle_response(&response(&req, 1, 180, &[]), h.now);
+    h.sent();
+    // The callee's device registers again elsewhere while branch 1 rings: a second branch.
+    let late = |n: u8| NewBranch {
+        branch: branch_of(n),
+        request: forwarded(&req, n),
+        to: n,
+        reliable: false,
+    };
+    assert!(h.table.ringing(&key).is_some());
+    assert!(h.table.add_branches(&key, vec![late(2)], h.now));
+    assert_eq!(h.sent(), (vec![], down(&[(2, "INVITE")])));
+    // Branch 1 fails meanwhile: the call waits for the late branch instead of failing.
+    h.table.handle_response(&response(&req, 1, 503, &[]), h.now);
+    assert_eq!(h.sent(), (vec![], down(&[(1, "ACK")])));
+    h.table.handle_response(&response(&req, 2, 200, &[]), h.now);
+    assert_eq!(h.upstream(), vec![200]);
+    // Answered: no more branches.
+    assert!(h.table.ringing(&key).is_none());
+    assert!(!h.table.add_branches(&key, vec![late(3)], h.now));
+
+    // A cancelled call gains none either.
+    let req = request("INVITE", "late2");
+    let key = Harness::key(&req);
+    h.call(&req, &[4]);
+    h.sent();
+    assert!(h.table.handle_cancel(&key, h.now));
+    assert!(h.table.ringing(&key).is_none());
+    let nb = NewBranch {
+        branch: branch_of(5),
+        request: forwarded(&req, 5),
+        to: 5,
+        reliable: false,
+    };
+    assert!(!h.table.add_branches(&key, vec![nb], h.now));
+    assert_eq!(h.sent(), (vec![], down(&[(4, "CANCEL")])));
+}
+
+#[test]
+fn an_invite_held_for_a_sleeping_device_is_forked_when_it_wakes_or_gets_480() {
+    let mut h = Harness::new();
+    // Held: no branch yet (a push went out); the device registers and gets its branch.
+    let woken = request("INVITE", "held-1");
+    let key = Harness::key(&woken);
+    h.table
+        .open(key.clone(), woken.clone(), upstream(), h.now)
+        .expect("room");
+    assert!(h.table.hold(&key, h.now + Duration::from_secs(10)));
+    assert_eq!(h.upstream(), vec![100]);
+    assert!(
+        h.table.ringing(&key).is_some(),
+        "a held call can gain a branch"
+    );
+    h.advance(Duration::from_secs(3));
+    let nb = NewBranch {
+        branch: branch_of(1),
+        request: forwarded(&woken, 1),
+        to: 1,
+        reliable: false,
+    };
+    assert!(h.table.add_branches(&key, vec![nb], h.now));
+    assert_eq!(h.sent(), (vec![], down(&[(1, "INVITE")])));
+    // Its deadline no longer applies once it has a branch.
+    h.advance(Duration::from_secs(8));
+    assert_eq!(h.upstream(), Vec::<u16>::new());
+    h.table
+        .handle_response(&response(&woken, 1, 200, &[]), h.now);
+    assert_eq!(h.upstream(), vec![200]);
+
+    // Nobody wakes: one 480 at the deadline, and a late registration adds nothing.
+    let asleep = request("INVITE", "held-2");
+    let key = Harness::key(&asleep);
+    h.table
+        .open(key.clone(), asleep.clone(), upstream(), h.now)
+        .expect("room");
+    assert!(h.table.hold(&key, h.now + Duration::from_secs(10)));
+    h.sent();
+    h.advance(Duration::from_secs(9));
+    assert_eq!(h.upstream(), Vec::<u16>::new());
+    h.advance(Duration::from_secs(1));
+    let m = h.last_upstream();
+    assert_eq!(m.status(), Some(480));
+    assert!(
+        String::from_utf8_lossy(m.bytes()).contains("\r\nReason: SIP;cause=480;"),
+        "the 480 says why"
+    );
+    let nb = NewBranch {
+        branch: branch_of(2),
+        request: forwarded(&asleep, 2),
+        to: 2,
+        reliable: false,
+    };
+    assert!(!h.table.add_branches(&key, vec![nb], h.now));
+
+    // Cancelled while held: 487.
+    let cancelled = request("INVITE", "held-3");
+    let key = Harness::key(&cancelled);
+    h.table
+        .open(key.clone(), cancelled.clone(), upstream(), h.now)
+        .expect("room");
+    assert!(h.table.hold(&key, h.now + Duration::from_secs(10)));
+    h.sent();
+    assert!(h.table.handle_cancel(&key, h.now));
+    assert_eq!(h.last_upstream().status(), Some(487));
+}
