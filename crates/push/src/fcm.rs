@@ -1,0 +1,180 @@
+//! FCM HTTP v1 credentials: a service account (its JSON key file) signs an RS256 assertion,
+//! exchanged at its `token_uri` for an OAuth2 access token (RFC 7523 JWT bearer grant); the
+//! token is cached until shortly before it expires.
+
+use std::sync::Mutex;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::{Deserialize, Serialize};
+
+use crate::{PushError, credentials};
+
+/// The OAuth2 scope of FCM's send API.
+pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
+/// A cached access token is renewed this long before it expires.
+pub const RENEW_BEFORE: u64 = 60;
+/// Lifetime asked for in the assertion (Google's maximum).
+const ASSERTION_LIFETIME: u64 = 3600;
+
+#[derive(Deserialize)]
+struct ServiceAccount {
+    project_id: String,
+    private_key: String,
+    client_email: String,
+    token_uri: String,
+}
+
+/// A service account and the access token in use.
+pub struct FcmAuth {
+    project_id: String,
+    client_email: String,
+    token_uri: String,
+    key: EncodingKey,
+    current: Mutex<Option<(String, u64)>>,
+}
+
+impl std::fmt::Debug for FcmAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FcmAuth")
+            .field("project_id", &self.project_id)
+            .field("client_email", &self.client_email)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct Assertion<'a> {
+    iss: &'a str,
+    scope: &'a str,
+    aud: &'a str,
+    iat: u64,
+    exp: u64,
+}
+
+impl FcmAuth {
+    /// From the service account's JSON key file.
+    pub fn from_json(json: &str) -> Result<Self, PushError> {
+        let sa: ServiceAccount =
+            serde_json::from_str(json).map_err(|e| credentials("FCM service account (JSON)", e))?;
+        let key = EncodingKey::from_rsa_pem(sa.private_key.as_bytes())
+            .map_err(|e| credentials("FCM service account private_key", e))?;
+        Ok(Self {
+            project_id: sa.project_id,
+            client_email: sa.client_email,
+            token_uri: sa.token_uri,
+            key,
+            current: Mutex::new(None),
+        })
+    }
+
+    /// The Firebase project the messages are sent in.
+    pub fn project_id(&self) -> &str {
+        &self.project_id
+    }
+
+    /// Where the assertion is exchanged for an access token.
+    pub fn token_uri(&self) -> &str {
+        &self.token_uri
+    }
+
+    /// The form body that asks `token_uri` for an access token at unix time `now`.
+    pub fn token_request(&self, now: u64) -> Result<String, PushError> {
+        let claims = Assertion {
+            iss: &self.client_email,
+            scope: SCOPE,
+            aud: &self.token_uri,
+            iat: now,
+            exp: now + ASSERTION_LIFETIME,
+        };
+        let assertion = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)
+            .map_err(|e| credentials("FCM assertion", e))?;
+        Ok(format!(
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={assertion}"
+        ))
+    }
+
+    /// The access token in use at `now`, while it has more than [`RENEW_BEFORE`] left.
+    pub fn cached(&self, now: u64) -> Option<String> {
+        let current = self.current.lock().ok()?;
+        let (token, expires_at) = current.as_ref()?;
+        (now + RENEW_BEFORE < *expires_at).then(|| token.clone())
+    }
+
+    /// The token service's answer at `now`: `access_token`, valid `expires_in` seconds.
+    pub fn store(&self, access_token: &str, expires_in: u64, now: u64) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some((access_token.to_string(), now + expires_in));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{DecodingKey, Validation};
+
+    use super::*;
+
+    const ACCOUNT: &str = include_str!("../testdata/fcm-test-service-account.json");
+    const PUBLIC: &str = include_str!("../testdata/fcm-test-key.pub");
+
+    #[derive(Deserialize)]
+    struct Seen {
+        iss: String,
+        scope: String,
+        aud: String,
+        iat: u64,
+        exp: u64,
+    }
+
+    #[test]
+    fn the_assertion_is_signed_and_the_access_token_reused_until_it_is_due() {
+        let auth = FcmAuth::from_json(ACCOUNT).expect("service account");
+        assert_eq!(auth.project_id(), "careflow-test");
+        let t0 = 1_796_000_000;
+        let body = auth.token_request(t0).expect("assertion");
+        let assertion = body
+            .strip_prefix(
+                "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion=",
+            )
+            .expect("a JWT bearer grant");
+        let mut v = Validation::new(Algorithm::RS256);
+        v.set_audience(&["https://oauth2.googleapis.com/token"]);
+        v.validate_exp = false;
+        let key = DecodingKey::from_rsa_pem(PUBLIC.as_bytes()).expect("public key");
+        let seen = jsonwebtoken::decode::<Seen>(assertion, &key, &v)
+            .expect("a valid RS256 assertion")
+            .claims;
+        assert_eq!(seen.iss, "push@careflow-test.iam.gserviceaccount.com");
+        assert_eq!(seen.scope, SCOPE);
+        assert_eq!(seen.aud, "https://oauth2.googleapis.com/token");
+        assert_eq!((seen.iat, seen.exp), (t0, t0 + 3600));
+
+        assert_eq!(auth.cached(t0), None, "nothing cached yet");
+        auth.store("ya29.test-token", 3599, t0);
+        assert_eq!(
+            auth.cached(t0 + 3599 - RENEW_BEFORE - 1).as_deref(),
+            Some("ya29.test-token")
+        );
+        assert_eq!(
+            auth.cached(t0 + 3599 - RENEW_BEFORE),
+            None,
+            "renewed before it expires"
+        );
+        assert!(!format!("{auth:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn a_bad_service_account_is_named() {
+        let e = FcmAuth::from_json("{}").unwrap_err();
+        assert!(
+            e.to_string().starts_with("FCM service account (JSON):"),
+            "{e}"
+        );
+        let broken = ACCOUNT.replace("BEGIN PRIVATE KEY", "BEGIN NOTHING");
+        let e = FcmAuth::from_json(&broken).unwrap_err();
+        assert!(
+            e.to_string().starts_with("FCM service account private_key"),
+            "{e}"
+        );
+    }
+}
