@@ -498,30 +498,7 @@ fn register_with_push(ua: &Ua, call_id: &str, token: &str) -> String {
             ),
         )
     };
-    let r1 = ua.request(&with_push(ua.register_msg(
-        "pat",
-        "example.test",
-        call_id,
-        1,
-        "",
-    )));
-    let auth = authorization(
-        &r1,
-        Algorithm::Md5,
-        "pat",
-        "example.test",
-        "pw-pat",
-        "REGISTER",
-        "sip:example.test",
-        1,
-    );
-    ua.request(&with_push(ua.register_msg(
-        "pat",
-        "example.test",
-        call_id,
-        2,
-        &format!("Authorization: {auth}\r\n"),
-    )))
+    ua.register_rewritten("pat", "pw-pat", "example.test", call_id, with_push)
 }
 
 #[test]

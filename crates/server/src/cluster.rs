@@ -327,8 +327,7 @@ impl Cluster {
     /// there gains a branch. Sent in the background; a lost message only means no late branch.
     pub(crate) fn registered(&self, aor: &str) {
         let bus = self.cfg.bus.clone();
-        let payload =
-            serde_json::json!({ "node": format!("{:016x}", self.me.0), "aor": aor }).to_string();
+        let payload = serde_json::json!({ "node": self.me.to_string(), "aor": aor }).to_string();
         tokio::spawn(async move {
             if let Err(e) = bus.publish(REGISTERED, &payload).await {
                 tracing::debug!(error = %e, "registration not announced to the cluster");
@@ -341,7 +340,7 @@ impl Cluster {
             return;
         };
         let from = v.get("node").and_then(|n| n.as_str());
-        if from == Some(format!("{:016x}", self.me.0).as_str()) {
+        if from.and_then(|n| n.parse::<NodeId>().ok()) == Some(self.me) {
             return;
         }
         if let Some(aor) = v.get("aor").and_then(|a| a.as_str()) {
@@ -394,7 +393,7 @@ mod shared_ban {
             Shared::Ban(scope, reason) => ("ban", scope, Some(reason.as_str())),
             Shared::Unban(scope) => ("unban", scope, None),
             Shared::Guess(flow, user) => {
-                return json!({ "node": format!("{:016x}", from.0), "op": "guess",
+                return json!({ "node": from.to_string(), "op": "guess",
                                "scope": "flow", "addr": flow.to_string(), "user": user })
                 .to_string();
             }
@@ -403,14 +402,14 @@ mod shared_ban {
             BanScope::Flow(a) => ("flow", a.to_string()),
             BanScope::Site(ip) => ("site", ip.to_string()),
         };
-        json!({ "node": format!("{:016x}", from.0), "op": op, "scope": kind, "addr": addr,
+        json!({ "node": from.to_string(), "op": op, "scope": kind, "addr": addr,
                 "reason": reason })
         .to_string()
     }
 
     pub(super) fn parse(payload: &str) -> Option<(NodeId, Shared)> {
         let v: Value = serde_json::from_str(payload).ok()?;
-        let from = NodeId(u64::from_str_radix(v.get("node")?.as_str()?, 16).ok()?);
+        let from: NodeId = v.get("node")?.as_str()?.parse().ok()?;
         let addr = v.get("addr")?.as_str()?;
         let scope = match v.get("scope")?.as_str()? {
             "flow" => BanScope::Flow(addr.parse::<SocketAddr>().ok()?),

@@ -69,7 +69,25 @@ impl Ua {
         call_id: &str,
         extra: &str,
     ) -> String {
-        let r1 = self.request(&self.register_msg(user, domain, call_id, 1, extra));
+        self.register_rewritten(user, password, domain, call_id, |m| {
+            m.replace(
+                "Content-Length: 0\r\n\r\n",
+                &format!("{extra}Content-Length: 0\r\n\r\n"),
+            )
+        })
+    }
+
+    /// [`Self::register`] with both REGISTERs passed through `rewrite` (another Contact, more
+    /// headers) before they are sent.
+    pub fn register_rewritten(
+        &self,
+        user: &str,
+        password: &str,
+        domain: &str,
+        call_id: &str,
+        rewrite: impl Fn(String) -> String,
+    ) -> String {
+        let r1 = self.request(&rewrite(self.register_msg(user, domain, call_id, 1, "")));
         assert!(r1.starts_with("SIP/2.0 401"), "expected 401, got:\n{r1}");
         let auth = authorization(
             &r1,
@@ -81,13 +99,13 @@ impl Ua {
             &format!("sip:{domain}"),
             1,
         );
-        self.request(&self.register_msg(
+        self.request(&rewrite(self.register_msg(
             user,
             domain,
             call_id,
             2,
-            &format!("Authorization: {auth}\r\n{extra}"),
-        ))
+            &format!("Authorization: {auth}\r\n"),
+        )))
     }
 }
 

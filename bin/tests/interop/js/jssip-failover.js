@@ -8,8 +8,7 @@
 'use strict';
 
 const JsSIP = require('jssip');
-const WebSocket = require('ws');
-const wrtc = require('@roamhq/wrtc');
+const { installBrowser } = require('./node-browser');
 
 const [preferred, other, uri, password] = process.argv.slice(2);
 if (!password) {
@@ -17,16 +16,7 @@ if (!password) {
   process.exit(2);
 }
 
-global.WebSocket = class extends WebSocket {
-  constructor(address, protocols) {
-    super(address, protocols, { rejectUnauthorized: false });
-  }
-};
-global.RTCPeerConnection = wrtc.RTCPeerConnection;
-global.RTCSessionDescription = wrtc.RTCSessionDescription;
-global.RTCIceCandidate = wrtc.RTCIceCandidate;
-global.MediaStream = wrtc.MediaStream;
-global.window = global;
+const microphone = installBrowser({ webrtc: true });
 
 function event(...parts) {
   process.stdout.write(parts.join(' ') + '\n');
@@ -64,9 +54,7 @@ ua.on('newRTCSession', ({ session, originator }) => {
   session.on('confirmed', () => event('incoming-confirmed', n));
   session.on('failed', (e) => event('incoming-failed', n, e.cause));
   session.on('ended', () => event('incoming-ended', n));
-  const source = new wrtc.nonstandard.RTCAudioSource();
-  const mediaStream = new wrtc.MediaStream([source.createTrack()]);
-  session.answer({ mediaStream, pcConfig: { iceServers: [] } });
+  session.answer({ mediaStream: microphone(), pcConfig: { iceServers: [] } });
 });
 ua.start();
 

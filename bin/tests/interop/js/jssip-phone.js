@@ -7,8 +7,7 @@
 'use strict';
 
 const JsSIP = require('jssip');
-const WebSocket = require('ws');
-const wrtc = require('@roamhq/wrtc');
+const { installBrowser } = require('./node-browser');
 
 const [url, uri, password, callTarget] = process.argv.slice(2);
 if (!callTarget) {
@@ -16,26 +15,10 @@ if (!callTarget) {
   process.exit(2);
 }
 
-// What a browser provides: WebSocket (here trusting the test's self-signed certificate) and
-// the WebRTC classes.
-global.WebSocket = class extends WebSocket {
-  constructor(address, protocols) {
-    super(address, protocols, { rejectUnauthorized: false });
-  }
-};
-global.RTCPeerConnection = wrtc.RTCPeerConnection;
-global.RTCSessionDescription = wrtc.RTCSessionDescription;
-global.RTCIceCandidate = wrtc.RTCIceCandidate;
-global.MediaStream = wrtc.MediaStream;
-global.window = global;
+const microphone = installBrowser({ webrtc: true });
 
 function event(...parts) {
   process.stdout.write(parts.join(' ') + '\n');
-}
-
-function microphone() {
-  const source = new wrtc.nonstandard.RTCAudioSource();
-  return new wrtc.MediaStream([source.createTrack()]);
 }
 
 const { run } = require('./phone');

@@ -7,7 +7,7 @@
 'use strict';
 
 const JsSIP = require('jssip');
-const WebSocket = require('ws');
+const { installBrowser } = require('./node-browser');
 
 const [url, uri, password, refreshesArg, roundsArg] = process.argv.slice(2);
 if (!roundsArg) {
@@ -17,12 +17,7 @@ if (!roundsArg) {
 const refreshes = Number(refreshesArg);
 const rounds = Number(roundsArg);
 
-global.WebSocket = class extends WebSocket {
-  constructor(address, protocols) {
-    super(address, protocols, { rejectUnauthorized: false });
-  }
-};
-global.window = global;
+installBrowser({ webrtc: false });
 
 function event(...parts) {
   process.stdout.write(parts.join(' ') + '\n');

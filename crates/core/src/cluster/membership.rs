@@ -42,9 +42,15 @@ pub enum Liveness {
 struct Member {
     epoch: u64,
     address: String,
+    /// The IP of `address`, parsed once: the per-request checks compare it.
+    ip: Option<std::net::IpAddr>,
     last_seen: Instant,
     /// The node announced the end of this epoch (shutdown); only a later epoch revives it.
     ended: Option<u64>,
+}
+
+fn ip_of(address: &str) -> Option<std::net::IpAddr> {
+    address.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
 /// This node's view of the cluster.
@@ -110,7 +116,10 @@ impl Membership {
                     m.ended = None;
                 }
                 m.epoch = a.epoch;
-                m.address.clone_from(&a.address);
+                if m.address != a.address {
+                    m.address.clone_from(&a.address);
+                    m.ip = ip_of(&a.address);
+                }
                 m.last_seen = now;
             }
             None => {
@@ -119,6 +128,7 @@ impl Membership {
                     Member {
                         epoch: a.epoch,
                         address: a.address.clone(),
+                        ip: ip_of(&a.address),
                         last_seen: now,
                         ended: None,
                     },
@@ -183,19 +193,14 @@ impl Membership {
     /// Whether `ip` is the address of a node we have seen (alive or not): only they may hand
     /// us requests with internal routes.
     pub fn is_member_ip(&self, ip: std::net::IpAddr) -> bool {
-        self.member_ips().contains(&ip)
+        self.members.values().any(|m| m.ip == Some(ip))
     }
 
     /// Whether `ip` is the address of a node that is gone (and of no node alive): a route
     /// naming it leads nowhere.
     pub fn is_gone_ip(&self, ip: std::net::IpAddr) -> bool {
-        let on_ip = |m: &Member| {
-            m.address
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| a.ip() == ip)
-        };
         let mut gone = false;
-        for (id, m) in self.members.iter().filter(|(_, m)| on_ip(m)) {
+        for (id, m) in self.members.iter().filter(|(_, m)| m.ip == Some(ip)) {
             match self.status(*id, m.epoch) {
                 Liveness::Gone => gone = true,
                 _ => return false,
@@ -206,12 +211,7 @@ impl Membership {
 
     /// The IP addresses of the other nodes we have seen.
     pub fn member_ips(&self) -> Vec<std::net::IpAddr> {
-        let mut ips: Vec<std::net::IpAddr> = self
-            .members
-            .values()
-            .filter_map(|m| m.address.parse::<std::net::SocketAddr>().ok())
-            .map(|a| a.ip())
-            .collect();
+        let mut ips: Vec<std::net::IpAddr> = self.members.values().filter_map(|m| m.ip).collect();
         ips.sort_unstable();
         ips.dedup();
         ips

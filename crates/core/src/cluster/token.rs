@@ -21,6 +21,20 @@ const VERSION: u8 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub u64);
 
+impl std::fmt::Display for NodeId {
+    /// 16 hex digits: how a node is named in keys and announcements.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for NodeId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16).map(Self)
+    }
+}
+
 impl NodeId {
     /// The id of the node whose internal link is at `address` (`CLUSTER_ADDRESS`): a hash that
     /// every node computes alike, so ids need no configuration of their own.
@@ -187,5 +201,8 @@ mod tests {
             NodeId::of_address("10.0.0.3:5090")
         );
         assert!(!format!("{:?}", ClusterKeys::new([9; 32], Some([8; 32]))).contains('9'));
+        let id = NodeId(0xfeed);
+        assert_eq!(id.to_string(), "000000000000feed");
+        assert_eq!("000000000000feed".parse::<NodeId>(), Ok(id));
     }
 }

@@ -32,7 +32,7 @@ impl NodeEvent {
             Self::Down(a) => ("down", a),
         };
         json!({
-            "event": kind, "node": format!("{:016x}", a.node.0),
+            "event": kind, "node": a.node.to_string(),
             "address": a.address, "epoch": a.epoch.to_string(),
         })
         .to_string()
@@ -42,7 +42,7 @@ impl NodeEvent {
     pub fn parse(payload: &str) -> Option<Self> {
         let v: Value = serde_json::from_str(payload).ok()?;
         let a = Announcement {
-            node: NodeId(u64::from_str_radix(v.get("node")?.as_str()?, 16).ok()?),
+            node: v.get("node")?.as_str()?.parse().ok()?,
             epoch: v.get("epoch")?.as_str()?.parse().ok()?,
             address: v.get("address")?.as_str()?.to_string(),
         };
@@ -74,7 +74,7 @@ pub struct NodeKeys {
 }
 
 fn key(node: NodeId) -> String {
-    format!("{PREFIX}{:016x}", node.0)
+    format!("{PREFIX}{node}")
 }
 
 impl NodeKeys {
@@ -145,10 +145,10 @@ fn encode(a: &Announcement) -> String {
 }
 
 fn parse(key: &str, value: &str) -> Option<Announcement> {
-    let id = u64::from_str_radix(key.strip_prefix(PREFIX)?, 16).ok()?;
+    let node: NodeId = key.strip_prefix(PREFIX)?.parse().ok()?;
     let v: Value = serde_json::from_str(value).ok()?;
     Some(Announcement {
-        node: NodeId(id),
+        node,
         epoch: v.get("epoch")?.as_str()?.parse().ok()?,
         address: v.get("address")?.as_str()?.to_string(),
     })
