@@ -1,14 +1,20 @@
 //! The APNs provider token (token-based authentication): an ES256 JWT with the key id in its
 //! header and the team id and issue time as claims. APNs refuses a token older than an hour
 //! and throttles one refreshed more often than every 20 minutes: it is made once and reused
-//! for [`REFRESH_AFTER`].
+//! for [`REFRESH_AFTER`]. [`Apns`] sends the pushes over one HTTP/2 connection.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
+use bytes::Bytes;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
 
-use crate::{PushError, credentials};
+use crate::http::{Origin, PushTls};
+use crate::{Failure, Kind, Notification, PushError, credentials, error_reason};
+
+/// Apple's production service (`https://api.sandbox.push.apple.com` for development builds).
+pub const PRODUCTION: &str = "https://api.push.apple.com";
 
 /// Age at which a new token is made (well inside APNs's hour, beyond its 20 minutes).
 pub const REFRESH_AFTER: u64 = 50 * 60;
@@ -78,6 +84,181 @@ impl ApnsAuth {
         *current = Some((token.clone(), now));
         Ok(token)
     }
+
+    /// Forgets the token in use (APNs said it expired or is invalid): the next is new.
+    pub fn reset(&self) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = None;
+        }
+    }
+}
+
+/// Where one push goes: the token, the topic and the push type, from the device's `pn-prid`
+/// and `pn-param` (RFC 8599 §9.2: `pn-param` is `TEAMID.BUNDLE.SERVICES`). Linphone on
+/// iOS 13+ registers two tokens, `VOIPTOKEN:voip&REMOTETOKEN:remote`, with the services
+/// `voip&remote`: calls use the VoIP (PushKit) one, a refresh the background one, since iOS
+/// ends an app that gets a VoIP push it does not turn into a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The device token (the URL path's last segment).
+    pub token: String,
+    /// `apns-topic`.
+    pub topic: String,
+    /// `apns-push-type`.
+    pub push_type: &'static str,
+    /// `apns-priority`.
+    pub priority: &'static str,
+}
+
+impl Target {
+    /// The target of `n`, or why there is none.
+    pub fn of(n: &Notification<'_>) -> Result<Self, Failure> {
+        let param = n.param.ok_or_else(|| {
+            Failure::Refused("no pn-param (TEAMID.BUNDLE.voip) in the registration".into())
+        })?;
+        let (_team, rest) = param.split_once('.').ok_or_else(|| {
+            Failure::Refused(format!("pn-param `{param}` is not TEAMID.BUNDLE.voip"))
+        })?;
+        let (bundle, services) = match rest.rsplit_once('.') {
+            Some((b, s))
+                if s.split('&')
+                    .all(|w| matches!(w, "voip" | "remote" | "apns")) =>
+            {
+                (b, s)
+            }
+            _ => (rest, "voip"),
+        };
+        let want = if n.kind == Kind::Refresh {
+            "remote"
+        } else {
+            "voip"
+        };
+        let token = if n.token.contains(':') {
+            n.token.split('&').find_map(|t| {
+                let (tok, kind) = t.split_once(':')?;
+                (kind == want).then(|| tok.to_string())
+            })
+        } else if services
+            .split('&')
+            .any(|s| s == want || (want == "voip" && s == "apns"))
+        {
+            Some(n.token.to_string())
+        } else {
+            None
+        };
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(Failure::Refused(format!(
+                "the device registered no `{want}` token"
+            )));
+        };
+        Ok(if want == "voip" {
+            Self {
+                token,
+                topic: format!("{bundle}.voip"),
+                push_type: "voip",
+                priority: "10",
+            }
+        } else {
+            Self {
+                token,
+                topic: bundle.to_string(),
+                push_type: "background",
+                priority: "5",
+            }
+        })
+    }
+}
+
+/// APNs: the provider token and the connection to the service.
+pub struct Apns {
+    auth: ApnsAuth,
+    origin: Origin,
+}
+
+impl std::fmt::Debug for Apns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Apns")
+            .field("auth", &self.auth)
+            .field("url", &self.origin.name())
+            .finish()
+    }
+}
+
+impl Apns {
+    /// Pushes through the service at `url` (`push_apns_url`).
+    pub fn new(
+        auth: ApnsAuth,
+        url: &str,
+        tls: PushTls,
+        timeout: Duration,
+    ) -> Result<Self, PushError> {
+        Ok(Self {
+            auth,
+            origin: Origin::new("push_apns_url", url, tls, timeout)?,
+        })
+    }
+
+    /// Sends `n`.
+    pub async fn send(&self, n: &Notification<'_>) -> Result<(), Failure> {
+        let target = Target::of(n)?;
+        let body = Bytes::from(n.apns_body().to_string());
+        let path = format!("/3/device/{}", target.token);
+        for attempt in 0..2 {
+            let jwt = self
+                .auth
+                .token(n.now)
+                .map_err(|e| Failure::Refused(e.to_string()))?;
+            let bearer = format!("bearer {jwt}");
+            let headers = [
+                ("authorization", bearer.as_str()),
+                ("apns-topic", target.topic.as_str()),
+                ("apns-push-type", target.push_type),
+                ("apns-priority", target.priority),
+                ("apns-expiration", "0"),
+                ("content-type", "application/json"),
+            ];
+            let answer = self
+                .origin
+                .post(&path, &headers, body.clone())
+                .await
+                .map_err(Failure::Unavailable)?;
+            let reason = || error_reason(&answer.body);
+            return match answer.status {
+                200 => Ok(()),
+                400 | 410
+                    if matches!(
+                        reason().as_str(),
+                        "BadDeviceToken"
+                            | "Unregistered"
+                            | "DeviceTokenNotForTopic"
+                            | "ExpiredToken"
+                    ) =>
+                {
+                    Err(Failure::InvalidToken(format!(
+                        "APNs {}: {}",
+                        answer.status,
+                        reason()
+                    )))
+                }
+                403 if attempt == 0
+                    && matches!(
+                        reason().as_str(),
+                        "ExpiredProviderToken" | "InvalidProviderToken"
+                    ) =>
+                {
+                    self.auth.reset();
+                    continue;
+                }
+                429 | 500 | 503 => Err(Failure::Unavailable(format!(
+                    "APNs {}: {}",
+                    answer.status,
+                    reason()
+                ))),
+                s => Err(Failure::Refused(format!("APNs {s}: {}", reason()))),
+            };
+        }
+        Err(Failure::Refused("APNs refused a new provider token".into()))
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +304,66 @@ mod tests {
         // A clock stepped back does not keep a token "from the future".
         assert_ne!(auth.token(t0).expect("token"), second);
         assert!(!format!("{auth:?}").contains("PRIVATE"));
+    }
+
+    fn note(token: &'static str, param: Option<&'static str>, kind: Kind) -> Notification<'static> {
+        Notification {
+            token,
+            param,
+            kind,
+            call_id: "c",
+            from_uri: "sip:a@h",
+            display_name: "a",
+            instance: None,
+            ttl: 10,
+            now: 0,
+        }
+    }
+
+    #[test]
+    fn targets_follow_pn_param_and_linphone_two_token_form() {
+        let t = Target::of(&note(
+            "abc",
+            Some("ABCD1234.org.linphone.phone.voip"),
+            Kind::Call,
+        ))
+        .expect("t");
+        assert_eq!(
+            (t.token.as_str(), t.topic.as_str(), t.push_type, t.priority),
+            ("abc", "org.linphone.phone.voip", "voip", "10")
+        );
+        // No background token: no refresh push (a VoIP push that is no call gets the app killed).
+        assert!(
+            Target::of(&note(
+                "abc",
+                Some("ABCD1234.org.linphone.phone.voip"),
+                Kind::Refresh
+            ))
+            .is_err()
+        );
+        let both = note(
+            "v0ip:voip&rem0te:remote",
+            Some("ABCD1234.org.linphone.phone.voip&remote"),
+            Kind::Call,
+        );
+        assert_eq!(Target::of(&both).expect("t").token, "v0ip");
+        let refresh = Notification {
+            kind: Kind::Refresh,
+            ..both
+        };
+        let t = Target::of(&refresh).expect("t");
+        assert_eq!(
+            (t.token.as_str(), t.topic.as_str(), t.push_type, t.priority),
+            ("rem0te", "org.linphone.phone", "background", "5")
+        );
+        // A bundle without a services suffix is taken whole.
+        assert_eq!(
+            Target::of(&note("abc", Some("T1.com.example.app"), Kind::Call))
+                .expect("t")
+                .topic,
+            "com.example.app.voip"
+        );
+        assert!(Target::of(&note("abc", None, Kind::Call)).is_err());
     }
 
     #[test]

@@ -1,13 +1,21 @@
 //! FCM HTTP v1 credentials: a service account (its JSON key file) signs an RS256 assertion,
 //! exchanged at its `token_uri` for an OAuth2 access token (RFC 7523 JWT bearer grant); the
-//! token is cached until shortly before it expires.
+//! token is cached until shortly before it expires. [`Fcm`] sends high-priority data
+//! messages with it.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
+use bytes::Bytes;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
-use crate::{PushError, credentials};
+use crate::http::{Origin, PushTls};
+use crate::{Failure, Notification, PushError, credentials, error_reason};
+
+/// Google's FCM service.
+pub const PRODUCTION: &str = "https://fcm.googleapis.com";
 
 /// The OAuth2 scope of FCM's send API.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
@@ -105,6 +113,155 @@ impl FcmAuth {
         if let Ok(mut current) = self.current.lock() {
             *current = Some((access_token.to_string(), now + expires_in));
         }
+    }
+
+    /// Forgets the access token (FCM refused it): the next push asks for a new one.
+    pub fn forget(&self) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = None;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    expires_in: u64,
+}
+
+/// FCM: the service account, the access token, and the connections to the send API and
+/// the token service.
+pub struct Fcm {
+    auth: FcmAuth,
+    send: Origin,
+    token: Origin,
+    token_path: String,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Fcm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fcm")
+            .field("auth", &self.auth)
+            .field("url", &self.send.name())
+            .finish()
+    }
+}
+
+impl Fcm {
+    /// Pushes through the send API at `url` (`push_fcm_url`); the access tokens come from
+    /// the service account's `token_uri`.
+    pub fn new(
+        auth: FcmAuth,
+        url: &str,
+        tls: PushTls,
+        timeout: Duration,
+    ) -> Result<Self, PushError> {
+        let token = Origin::new(
+            "FCM service account token_uri",
+            &auth.token_uri,
+            tls.clone(),
+            timeout,
+        )?;
+        let token_path = auth
+            .token_uri
+            .strip_prefix(token.name())
+            .filter(|p| p.starts_with('/'))
+            .unwrap_or("/")
+            .to_string();
+        Ok(Self {
+            send: Origin::new("push_fcm_url", url, tls, timeout)?,
+            token,
+            token_path,
+            auth,
+            refreshing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Sends `n` as a high-priority data message.
+    pub async fn send(&self, n: &Notification<'_>) -> Result<(), Failure> {
+        let body = json!({
+            "message": {
+                "token": n.token,
+                "android": { "priority": "high", "ttl": format!("{}s", n.ttl) },
+                "data": n.fcm_data(),
+            }
+        });
+        let body = Bytes::from(body.to_string());
+        let path = format!("/v1/projects/{}/messages:send", self.auth.project_id);
+        for attempt in 0..2 {
+            let bearer = format!("Bearer {}", self.access_token(n.now).await?);
+            let headers = [
+                ("authorization", bearer.as_str()),
+                ("content-type", "application/json"),
+            ];
+            let answer = self
+                .send
+                .post(&path, &headers, body.clone())
+                .await
+                .map_err(Failure::Unavailable)?;
+            let reason = || error_reason(&answer.body);
+            let says = |what: &str| String::from_utf8_lossy(&answer.body).contains(what);
+            return match answer.status {
+                200 => Ok(()),
+                401 if attempt == 0 => {
+                    self.auth.forget();
+                    continue;
+                }
+                404 => Err(Failure::InvalidToken(format!("FCM 404: {}", reason()))),
+                400 if says("registration token") => {
+                    Err(Failure::InvalidToken(format!("FCM 400: {}", reason())))
+                }
+                429 | 500 | 503 => Err(Failure::Unavailable(format!(
+                    "FCM {}: {}",
+                    answer.status,
+                    reason()
+                ))),
+                s => Err(Failure::Refused(format!("FCM {s}: {}", reason()))),
+            };
+        }
+        Err(Failure::Refused("FCM refused a new access token".into()))
+    }
+
+    /// The access token in use, or a new one from the token service (one request at a
+    /// time: concurrent pushes wait for it rather than each asking).
+    async fn access_token(&self, now: u64) -> Result<String, Failure> {
+        if let Some(t) = self.auth.cached(now) {
+            return Ok(t);
+        }
+        let _one = self.refreshing.lock().await;
+        if let Some(t) = self.auth.cached(now) {
+            return Ok(t);
+        }
+        let form = self
+            .auth
+            .token_request(now)
+            .map_err(|e| Failure::Refused(e.to_string()))?;
+        let answer = self
+            .token
+            .post(
+                &self.token_path,
+                &[("content-type", "application/x-www-form-urlencoded")],
+                Bytes::from(form),
+            )
+            .await
+            .map_err(|e| Failure::Unavailable(format!("OAuth2 token: {e}")))?;
+        if answer.status != 200 {
+            let why = format!(
+                "OAuth2 token {}: {}",
+                answer.status,
+                error_reason(&answer.body)
+            );
+            return Err(if answer.status >= 500 {
+                Failure::Unavailable(why)
+            } else {
+                Failure::Refused(why)
+            });
+        }
+        let t: TokenAnswer = serde_json::from_slice(&answer.body)
+            .map_err(|e| Failure::Refused(format!("OAuth2 token answer: {e}")))?;
+        self.auth.store(&t.access_token, t.expires_in, now);
+        Ok(t.access_token)
     }
 }
 
