@@ -171,6 +171,21 @@ pub enum Wait {
 struct Waiting<C> {
     call: C,
     until: Instant,
+    /// The device's registration when the push went out (its Call-ID and CSeq, hashed): only
+    /// a newer one is the device waking up.
+    stamp: u64,
+}
+
+/// What identifies one registration of a device (its REGISTER's Call-ID and CSeq): the
+/// registration a push was sent against, to tell a new one (the device woke) from it.
+pub fn registration_stamp(call_id: &str, cseq: u32) -> u64 {
+    let d = Sha256::new()
+        .chain_update(call_id.as_bytes())
+        .chain_update(cseq.to_be_bytes())
+        .finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b)
 }
 
 /// Requests waiting for devices to wake up, by device (the binding id).
@@ -189,8 +204,9 @@ impl<C: CallKey> PushWaits<C> {
         }
     }
 
-    /// `call` is for `device`, which sleeps: push once, then wait.
-    pub fn wait(&mut self, call: C, device: u64, now: Instant) -> Wait {
+    /// `call` is for `device`, which sleeps with the registration `stamp`: push once, then
+    /// wait.
+    pub fn wait(&mut self, call: C, device: u64, stamp: u64, now: Instant) -> Wait {
         let calls = self.by_device.entry(device).or_default();
         if calls.iter().any(|w| w.call == call) {
             return Wait::Waiting;
@@ -198,19 +214,36 @@ impl<C: CallKey> PushWaits<C> {
         calls.push(Waiting {
             call,
             until: now + self.wait,
+            stamp,
         });
         Wait::Push
     }
 
-    /// `device` registered again: the calls waiting for it, each once (then forgotten).
-    pub fn woke(&mut self, device: u64, now: Instant) -> Vec<C> {
-        self.by_device
-            .remove(&device)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|w| w.until > now)
-            .map(|w| w.call)
-            .collect()
+    /// `device` is registered with `stamp`: when that is a new registration (it woke up), the
+    /// calls that wait for it, each once (then forgotten).
+    pub fn woke(&mut self, device: u64, stamp: u64, now: Instant) -> Vec<C> {
+        let Some(calls) = self.by_device.get_mut(&device) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        calls.retain(|w| {
+            if w.stamp == stamp {
+                return w.until > now;
+            }
+            if w.until > now {
+                out.push(w.call.clone());
+            }
+            false
+        });
+        if calls.is_empty() {
+            self.by_device.remove(&device);
+        }
+        out
+    }
+
+    /// Whether any call waits for `device`.
+    pub fn is_waiting(&self, device: u64) -> bool {
+        self.by_device.contains_key(&device)
     }
 
     /// The push to `device` failed: the calls that waited for it (they get 480 or 404).
@@ -341,46 +374,53 @@ mod tests {
     fn one_push_per_call_and_device_and_each_call_released_once() {
         let t0 = Instant::now();
         let mut w = PushWaits::new(Duration::from_secs(10));
-        assert_eq!(w.wait("call-1", 7, t0), Wait::Push);
+        let asleep = registration_stamp("reg-1", 5);
+        let awake = registration_stamp("reg-1", 6);
+        assert_ne!(asleep, awake);
+        assert_eq!(w.wait("call-1", 7, asleep, t0), Wait::Push);
         // The INVITE retransmitted, or sent again with credentials: no second push.
         assert_eq!(
-            w.wait("call-1", 7, t0 + Duration::from_millis(500)),
+            w.wait("call-1", 7, asleep, t0 + Duration::from_millis(500)),
             Wait::Waiting
         );
         assert_eq!(
-            w.wait("call-1", 7, t0 + Duration::from_secs(1)),
+            w.wait("call-1", 7, asleep, t0 + Duration::from_secs(1)),
             Wait::Waiting
         );
         // Another call to the same device pushes again; the same call to another device too.
-        assert_eq!(w.wait("call-2", 7, t0), Wait::Push);
-        assert_eq!(w.wait("call-1", 8, t0), Wait::Push);
+        assert_eq!(w.wait("call-2", 7, asleep, t0), Wait::Push);
+        assert_eq!(w.wait("call-1", 8, asleep, t0), Wait::Push);
         assert_eq!(w.next_deadline(), Some(t0 + Duration::from_secs(10)));
-        let mut woke = w.woke(7, t0 + Duration::from_secs(2));
+        // The registration the push was sent against is not a wake-up.
+        assert!(w.woke(7, asleep, t0 + Duration::from_secs(1)).is_empty());
+        assert!(w.is_waiting(7));
+        let mut woke = w.woke(7, awake, t0 + Duration::from_secs(2));
         woke.sort_unstable();
         assert_eq!(woke, vec!["call-1", "call-2"]);
         assert!(
-            w.woke(7, t0 + Duration::from_secs(3)).is_empty(),
+            w.woke(7, awake, t0 + Duration::from_secs(3)).is_empty(),
             "released once"
         );
+        assert!(!w.is_waiting(7));
         // Device 8 never wakes: one 480, and a registration after that forks nothing.
         assert!(w.expired(t0 + Duration::from_secs(9)).is_empty());
         assert_eq!(w.expired(t0 + Duration::from_secs(10)), vec![("call-1", 8)]);
         assert!(w.expired(t0 + Duration::from_secs(11)).is_empty());
-        assert!(w.woke(8, t0 + Duration::from_secs(12)).is_empty());
+        assert!(w.woke(8, awake, t0 + Duration::from_secs(12)).is_empty());
     }
 
     #[test]
     fn a_refused_push_or_an_ended_call_stops_the_wait() {
         let t0 = Instant::now();
         let mut w = PushWaits::new(Duration::from_secs(10));
-        w.wait("call-1", 7, t0);
-        w.wait("call-2", 7, t0);
-        w.wait("call-3", 9, t0);
+        w.wait("call-1", 7, 1, t0);
+        w.wait("call-2", 7, 1, t0);
+        w.wait("call-3", 9, 1, t0);
         let mut failed = w.failed(7);
         failed.sort_unstable();
         assert_eq!(failed, vec!["call-1", "call-2"]);
         w.ended(&"call-3");
-        assert!(w.woke(9, t0).is_empty());
+        assert!(w.woke(9, 2, t0).is_empty());
         assert_eq!(w.next_deadline(), None);
     }
 }

@@ -58,6 +58,8 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
                     fw.best = Some((code, strip_top_via(msg)));
                 }
                 if (600..700).contains(&code) && fw.invite.is_some() {
+                    // A 6xx ends the call (§16.7 step 5): no sleeping device is waited for.
+                    fw.held_until = None;
                     self.cancel_pending(key, now);
                 }
                 self.maybe_finish(key, now);
@@ -95,7 +97,8 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         let Some(fw) = self.forwards.get(key) else {
             return;
         };
-        if fw.final_sent {
+        // Held for a sleeping device: its branch may yet come (a 2xx or 6xx ends it anyway).
+        if fw.final_sent || fw.held_until.is_some() {
             return;
         }
         let all_done = fw

@@ -23,6 +23,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use careflow_proto::{Message, Method, ResponseBuilder};
 
+use crate::proxy::best;
 use crate::transaction::TxKey;
 use crate::transaction::client::{ClientEvent, ClientState, ClientTransaction};
 use crate::transaction::invite_server::InviteServerTransaction;
@@ -227,6 +228,13 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             None => self.insert_forward(key.clone(), request, upstream, now),
         }
         if branches.is_empty() {
+            if self
+                .forwards
+                .get(&key)
+                .is_some_and(|f| f.held_until.is_some())
+            {
+                return Fork::Held;
+            }
             if let Some(fw) = self.forwards.get(&key) {
                 let resp = local_response(
                     &self.cfg.server_header,
@@ -259,9 +267,6 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         if self.ringing(key).is_none() || branches.is_empty() {
             return false;
         }
-        if let Some(fw) = self.forwards.get_mut(key) {
-            fw.held_until = None;
-        }
         for nb in branches {
             let bk = BranchKey::request(&nb.branch);
             let tx = ClientTransaction::new(nb.request, nb.reliable, self.cfg.timers, now);
@@ -279,7 +284,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         self.forwards
             .get(key)
             .filter(|fw| {
-                fw.invite.is_some()
+                (fw.invite.is_some() || fw.held_until.is_some())
                     && !fw.final_sent
                     && !fw.cancelled
                     && (!fw.branches.is_empty() || fw.held_until.is_some())
@@ -287,20 +292,51 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             .map(|fw| (&fw.request, &fw.upstream))
     }
 
-    /// An opened INVITE whose callees all sleep (a push went to each): it waits without a
-    /// branch until `until` for [`Self::add_branches`] (a woken device registered), then gets
-    /// 480. A CANCEL meanwhile answers 487 as for any INVITE not forked yet. False when it is
-    /// not an INVITE waiting to be forked.
-    pub fn hold(&mut self, key: &TxKey, until: Instant) -> bool {
+    /// A request (an INVITE, or a MESSAGE) that waits for sleeping devices (a push went to
+    /// each) until `until`: it keeps its server transaction, gains their branches through
+    /// [`Self::add_branches`] when they register again, and is not answered with the
+    /// branches' best response while it waits. At `until` it stops waiting: with no branch it
+    /// gets 480, else the best response of its branches. A CANCEL meanwhile answers 487 as
+    /// for any INVITE. A new forward is made for a request not opened yet. False when it was
+    /// answered already.
+    pub fn hold(
+        &mut self,
+        key: &TxKey,
+        request: &Message,
+        upstream: &Upstream<U>,
+        until: Instant,
+        now: Instant,
+    ) -> bool {
+        if !self.forwards.contains_key(key) {
+            self.insert_forward(key.clone(), request.clone(), upstream.clone(), now);
+        }
         let Some(fw) = self.forwards.get_mut(key) else {
             return false;
         };
-        if fw.final_sent || fw.cancelled || fw.invite.is_none() || !fw.branches.is_empty() {
+        if fw.final_sent || fw.cancelled {
             return false;
         }
+        let until = fw.held_until.map_or(until, |t| t.max(until));
         fw.held_until = Some(until);
         self.timers.push(Reverse((until, Timed::Hold(key.clone()))));
         true
+    }
+
+    /// The request waits for no sleeping device any more (each push failed, or each device
+    /// got its branch): with `failure` (a push the service refused: 404 for a token it no
+    /// longer knows, else 480, with `reason` as the Reason text) competing with the
+    /// branches' answers. With no branch, answered now.
+    pub fn unhold(&mut self, key: &TxKey, failure: Option<(u16, &str)>, now: Instant) {
+        let Some(fw) = self.forwards.get_mut(key) else {
+            return;
+        };
+        if fw.held_until.take().is_none() || fw.final_sent {
+            return;
+        }
+        if let Some((code, text)) = failure {
+            self.offer_held_failure(key, code, text);
+        }
+        self.finish_held(key, now);
     }
 
     /// Our own final answer to a forwarded INVITE (routing refused it: 404, 480, 407, ...):
@@ -340,6 +376,8 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             return false;
         };
         fw.cancelled = true;
+        // A cancelled call waits for no sleeping device.
+        fw.held_until = None;
         if fw.final_sent {
             return true;
         }
@@ -476,7 +514,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
                 Timed::Hold(key) => self
                     .forwards
                     .get(key)
-                    .filter(|f| f.branches.is_empty() && !f.final_sent)
+                    .filter(|f| !f.final_sent)
                     .and_then(|f| f.held_until),
             };
             if current == Some(*at) {
@@ -527,27 +565,67 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         self.events.pop_front()
     }
 
-    /// A held INVITE whose devices did not wake in time: 480.
+    /// A held request whose devices did not wake in time: 480, unless a branch does better.
     fn hold_timeout(&mut self, key: &TxKey, now: Instant) {
+        let Some(fw) = self.forwards.get_mut(key) else {
+            return;
+        };
+        if fw.held_until.is_none_or(|t| t > now) || fw.final_sent {
+            return;
+        }
+        fw.held_until = None;
+        self.offer_held_failure(key, 480, "the device did not wake up");
+        self.finish_held(key, now);
+    }
+
+    /// A held request's own failure (480 or 404 with a Reason) competes with its branches'.
+    fn offer_held_failure(&mut self, key: &TxKey, code: u16, text: &str) {
         let Some(fw) = self.forwards.get(key) else {
             return;
         };
-        if fw.held_until.is_none_or(|t| t > now) || fw.final_sent || !fw.branches.is_empty() {
+        if fw
+            .best
+            .as_ref()
+            .is_some_and(|(c, _)| !best::better(code, *c))
+        {
             return;
         }
+        let reason = if code == 404 {
+            "Not Found"
+        } else {
+            "Temporarily Unavailable"
+        };
         let resp = local_response(
             &self.cfg.server_header,
             &fw.request,
             fw.upstream.source,
-            480,
+            code,
         )
-        .reason("Temporarily Unavailable")
-        .header(
-            "Reason",
-            "SIP;cause=480;text=\"the device did not wake up\"",
-        )
+        .reason(reason)
+        .header("Reason", format!("SIP;cause={code};text=\"{text}\""))
         .build();
-        self.answer(key, 480, resp, now);
+        if let Some(fw) = self.forwards.get_mut(key) {
+            fw.best = Some((code, resp));
+        }
+    }
+
+    /// A request that stopped waiting: answered with its best response now when it has no
+    /// branch, else once its branches are done.
+    fn finish_held(&mut self, key: &TxKey, now: Instant) {
+        let Some(fw) = self.forwards.get_mut(key) else {
+            return;
+        };
+        if !fw.branches.is_empty() {
+            self.maybe_finish(key, now);
+            self.drain_forward(key);
+            self.schedule_forward(key);
+            self.reap_forward(key);
+            return;
+        }
+        let Some((code, bytes)) = fw.best.take() else {
+            return;
+        };
+        self.answer(key, code, bytes, now);
     }
 
     fn branch_timeout(&mut self, bk: &BranchKey, now: Instant) {

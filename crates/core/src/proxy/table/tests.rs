@@ -106,6 +106,13 @@ impl Harness {
             .fork(Self::key(req), req.clone(), upstream(), branches, self.now)
     }
 
+    /// Holds `req` for sleeping devices for `secs`.
+    fn hold(&mut self, req: &Message, secs: u64) -> bool {
+        let until = self.now + Duration::from_secs(secs);
+        self.table
+            .hold(&Self::key(req), req, &upstream(), until, self.now)
+    }
+
     fn advance(&mut self, by: Duration) {
         self.now += by;
         self.table.handle_timeout(self.now);

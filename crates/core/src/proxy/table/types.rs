@@ -179,4 +179,6 @@ pub enum Fork {
     AlreadyAnswered,
     /// No branch could be made: the caller was answered 500.
     NoBranches,
+    /// No branch yet: the request waits for sleeping devices ([`super::ProxyTable::hold`]).
+    Held,
 }

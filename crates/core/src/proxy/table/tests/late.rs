@@ -99,7 +99,7 @@ fn an_invite_held_for_a_sleeping_device_is_forked_when_it_wakes_or_gets_480() {
     h.table
         .open(key.clone(), woken.clone(), upstream(), h.now)
         .expect("room");
-    assert!(h.table.hold(&key, h.now + Duration::from_secs(10)));
+    assert!(h.hold(&woken, 10));
     assert_eq!(h.upstream(), vec![100]);
     assert!(
         h.table.ringing(&key).is_some(),
@@ -114,6 +114,8 @@ fn an_invite_held_for_a_sleeping_device_is_forked_when_it_wakes_or_gets_480() {
     };
     assert!(h.table.add_branches(&key, vec![nb], h.now));
     assert_eq!(h.sent(), (vec![], down(&[(1, "INVITE")])));
+    // The only sleeping device got its branch: the call waits no more.
+    h.table.unhold(&key, None, h.now);
     // Its deadline no longer applies once it has a branch.
     h.advance(Duration::from_secs(8));
     assert_eq!(h.upstream(), Vec::<u16>::new());
@@ -127,7 +129,7 @@ fn an_invite_held_for_a_sleeping_device_is_forked_when_it_wakes_or_gets_480() {
     h.table
         .open(key.clone(), asleep.clone(), upstream(), h.now)
         .expect("room");
-    assert!(h.table.hold(&key, h.now + Duration::from_secs(10)));
+    assert!(h.hold(&asleep, 10));
     h.sent();
     h.advance(Duration::from_secs(9));
     assert_eq!(h.upstream(), Vec::<u16>::new());
@@ -152,8 +154,82 @@ fn an_invite_held_for_a_sleeping_device_is_forked_when_it_wakes_or_gets_480() {
     h.table
         .open(key.clone(), cancelled.clone(), upstream(), h.now)
         .expect("room");
-    assert!(h.table.hold(&key, h.now + Duration::from_secs(10)));
+    assert!(h.hold(&cancelled, 10));
     h.sent();
     assert!(h.table.handle_cancel(&key, h.now));
     assert_eq!(h.last_upstream().status(), Some(487));
+}
+
+#[test]
+fn a_held_call_outlives_a_busy_desk_phone_until_the_woken_phone_answers() {
+    let mut h = Harness::new();
+    let req = request("INVITE", "desk-and-mobile");
+    let key = Harness::key(&req);
+    // The desk phone rings at once; the mobile was pushed.
+    h.call(&req, &[1]);
+    assert!(h.hold(&req, 10));
+    h.sent();
+    h.table.handle_response(&response(&req, 1, 486, &[]), h.now);
+    assert_eq!(h.sent(), (vec![], down(&[(1, "ACK")])), "486 held back");
+    assert!(h.table.ringing(&key).is_some());
+    h.advance(Duration::from_secs(2));
+    let nb = NewBranch {
+        branch: branch_of(2),
+        request: forwarded(&req, 2),
+        to: 2,
+        reliable: false,
+    };
+    assert!(h.table.add_branches(&key, vec![nb], h.now));
+    h.table.unhold(&key, None, h.now);
+    assert_eq!(h.sent(), (vec![], down(&[(2, "INVITE")])));
+    h.table.handle_response(&response(&req, 2, 200, &[]), h.now);
+    assert_eq!(h.upstream(), vec![200]);
+}
+
+#[test]
+fn a_refused_push_answers_a_held_call_with_its_reason_or_leaves_it_to_the_branches() {
+    let mut h = Harness::new();
+    // Only the mobile, and its token is unknown to the service: 404 with the reason.
+    let req = request("INVITE", "bad-token");
+    let key = Harness::key(&req);
+    h.table
+        .open(key.clone(), req.clone(), upstream(), h.now)
+        .expect("room");
+    assert!(h.hold(&req, 10));
+    h.sent();
+    h.table
+        .unhold(&key, Some((404, "push token unregistered")), h.now);
+    let m = h.last_upstream();
+    assert_eq!(m.status(), Some(404));
+    assert!(
+        String::from_utf8_lossy(m.bytes())
+            .contains("Reason: SIP;cause=404;text=\"push token unregistered\"")
+    );
+
+    // A desk phone rings too: the failure only competes with it, and it answers.
+    let mut h = Harness::new();
+    let req = request("INVITE", "bad-token-desk");
+    let key = Harness::key(&req);
+    h.call(&req, &[3]);
+    assert!(h.hold(&req, 10));
+    h.sent();
+    h.table
+        .unhold(&key, Some((480, "push service unavailable")), h.now);
+    assert_eq!(h.upstream(), Vec::<u16>::new());
+    h.table.handle_response(&response(&req, 3, 200, &[]), h.now);
+    assert_eq!(h.upstream(), vec![200]);
+
+    // The desk phone was busy and the mobile never woke: one final at the deadline.
+    let mut h = Harness::new();
+    let req = request("INVITE", "nobody");
+    let key = Harness::key(&req);
+    h.call(&req, &[4]);
+    assert!(h.hold(&req, 10));
+    h.sent();
+    h.table.handle_response(&response(&req, 4, 486, &[]), h.now);
+    h.sent();
+    h.advance(Duration::from_secs(10));
+    let finals = h.upstream();
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert!(matches!(finals[0], 480 | 486), "{finals:?}");
 }
