@@ -23,13 +23,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use careflow_proto::{Message, Method, ResponseBuilder};
 
-use crate::proxy::best;
 use crate::transaction::TxKey;
 use crate::transaction::client::{ClientEvent, ClientState, ClientTransaction};
 use crate::transaction::invite_server::InviteServerTransaction;
 
 mod aggregate;
 mod bookkeeping;
+mod hold;
 #[cfg(test)]
 mod tests;
 mod types;
@@ -292,53 +292,6 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             .map(|fw| (&fw.request, &fw.upstream))
     }
 
-    /// A request (an INVITE, or a MESSAGE) that waits for sleeping devices (a push went to
-    /// each) until `until`: it keeps its server transaction, gains their branches through
-    /// [`Self::add_branches`] when they register again, and is not answered with the
-    /// branches' best response while it waits. At `until` it stops waiting: with no branch it
-    /// gets 480, else the best response of its branches. A CANCEL meanwhile answers 487 as
-    /// for any INVITE. A new forward is made for a request not opened yet. False when it was
-    /// answered already.
-    pub fn hold(
-        &mut self,
-        key: &TxKey,
-        request: &Message,
-        upstream: &Upstream<U>,
-        until: Instant,
-        now: Instant,
-    ) -> bool {
-        if !self.forwards.contains_key(key) {
-            self.insert_forward(key.clone(), request.clone(), upstream.clone(), now);
-        }
-        let Some(fw) = self.forwards.get_mut(key) else {
-            return false;
-        };
-        if fw.final_sent || fw.cancelled {
-            return false;
-        }
-        let until = fw.held_until.map_or(until, |t| t.max(until));
-        fw.held_until = Some(until);
-        self.timers.push(Reverse((until, Timed::Hold(key.clone()))));
-        true
-    }
-
-    /// The request waits for no sleeping device any more (each push failed, or each device
-    /// got its branch): with `failure` (a push the service refused: 404 for a token it no
-    /// longer knows, else 480, with `reason` as the Reason text) competing with the
-    /// branches' answers. With no branch, answered now.
-    pub fn unhold(&mut self, key: &TxKey, failure: Option<(u16, &str)>, now: Instant) {
-        let Some(fw) = self.forwards.get_mut(key) else {
-            return;
-        };
-        if fw.held_until.take().is_none() || fw.final_sent {
-            return;
-        }
-        if let Some((code, text)) = failure {
-            self.offer_held_failure(key, code, text);
-        }
-        self.finish_held(key, now);
-    }
-
     /// Our own final answer to a forwarded INVITE (routing refused it: 404, 480, 407, ...):
     /// through its server transaction, which retransmits it until the ACK. False when `key`
     /// has no forward: the driver answers statelessly.
@@ -563,69 +516,6 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
     /// The next event.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
-    }
-
-    /// A held request whose devices did not wake in time: 480, unless a branch does better.
-    fn hold_timeout(&mut self, key: &TxKey, now: Instant) {
-        let Some(fw) = self.forwards.get_mut(key) else {
-            return;
-        };
-        if fw.held_until.is_none_or(|t| t > now) || fw.final_sent {
-            return;
-        }
-        fw.held_until = None;
-        self.offer_held_failure(key, 480, "the device did not wake up");
-        self.finish_held(key, now);
-    }
-
-    /// A held request's own failure (480 or 404 with a Reason) competes with its branches'.
-    fn offer_held_failure(&mut self, key: &TxKey, code: u16, text: &str) {
-        let Some(fw) = self.forwards.get(key) else {
-            return;
-        };
-        if fw
-            .best
-            .as_ref()
-            .is_some_and(|(c, _)| !best::better(code, *c))
-        {
-            return;
-        }
-        let reason = if code == 404 {
-            "Not Found"
-        } else {
-            "Temporarily Unavailable"
-        };
-        let resp = local_response(
-            &self.cfg.server_header,
-            &fw.request,
-            fw.upstream.source,
-            code,
-        )
-        .reason(reason)
-        .header("Reason", format!("SIP;cause={code};text=\"{text}\""))
-        .build();
-        if let Some(fw) = self.forwards.get_mut(key) {
-            fw.best = Some((code, resp));
-        }
-    }
-
-    /// A request that stopped waiting: answered with its best response now when it has no
-    /// branch, else once its branches are done.
-    fn finish_held(&mut self, key: &TxKey, now: Instant) {
-        let Some(fw) = self.forwards.get_mut(key) else {
-            return;
-        };
-        if !fw.branches.is_empty() {
-            self.maybe_finish(key, now);
-            self.drain_forward(key);
-            self.schedule_forward(key);
-            self.reap_forward(key);
-            return;
-        }
-        let Some((code, bytes)) = fw.best.take() else {
-            return;
-        };
-        self.answer(key, code, bytes, now);
     }
 
     fn branch_timeout(&mut self, bk: &BranchKey, now: Instant) {

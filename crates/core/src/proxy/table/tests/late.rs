@@ -222,7 +222,6 @@ fn a_refused_push_answers_a_held_call_with_its_reason_or_leaves_it_to_the_branch
     // The desk phone was busy and the mobile never woke: one final at the deadline.
     let mut h = Harness::new();
     let req = request("INVITE", "nobody");
-    let key = Harness::key(&req);
     h.call(&req, &[4]);
     assert!(h.hold(&req, 10));
     h.sent();
