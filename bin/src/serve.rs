@@ -137,6 +137,7 @@ pub(crate) async fn run(
             }),
             _ => None,
         },
+        push: push_config(&cfg)?,
     };
     let redis_for_links = redis;
     let cancel = CancellationToken::new();
@@ -441,4 +442,42 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     opts.open(path)?.write_all(data)
+}
+
+/// The push services, set up from their validated settings (none when none is configured).
+fn push_config(cfg: &Config) -> anyhow::Result<Option<careflow_server::push::PushConfig>> {
+    let p = &cfg.push;
+    if !p.enabled() {
+        return Ok(None);
+    }
+    let tls =
+        careflow_push::PushTls::new(cfg.tls_ca_file.as_deref()).context("invalid TLS_CA_FILE")?;
+    // A service's answer is worth waiting for only within the device's wait.
+    let timeout = p.wait.min(std::time::Duration::from_secs(5));
+    let apns = match &p.apns {
+        Some((auth, url)) => Some(Arc::new(
+            careflow_push::apns::Apns::new(auth.clone(), url, tls.clone(), timeout)
+                .context("invalid PUSH_APNS_URL")?,
+        )),
+        None => None,
+    };
+    let fcm = match &p.fcm {
+        Some((auth, url)) => Some(Arc::new(
+            careflow_push::fcm::Fcm::new(auth.clone(), url, tls, timeout)
+                .context("invalid PUSH_FCM_URL or service account token_uri")?,
+        )),
+        None => None,
+    };
+    tracing::info!(
+        apns = apns.is_some(),
+        fcm = fcm.is_some(),
+        wait_secs = p.wait.as_secs(),
+        "push services configured"
+    );
+    Ok(Some(careflow_server::push::PushConfig {
+        apns,
+        fcm,
+        wait: p.wait,
+        refresh_before: p.refresh_before,
+    }))
 }

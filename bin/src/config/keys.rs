@@ -180,6 +180,46 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "`true`: the internal link is TLS (with TLS_CERT/TLS_KEY; each node's certificate must name its CLUSTER_ADDRESS IP as a subjectAltName and be issued by a CA in TLS_CA_FILE or the system's). Set it alike on every node.",
     ),
     (
+        "push_apns_key_file",
+        "",
+        "APNs token-authentication key (the `.p8` file from the Apple developer account): with PUSH_APNS_KEY_ID and PUSH_APNS_TEAM_ID, iOS devices that register with `pn-provider=apns` are woken by a VoIP push. Unset: no APNs. Never logged. See docs/push.md.",
+    ),
+    (
+        "push_apns_key_id",
+        "",
+        "The 10-character id of PUSH_APNS_KEY_FILE's key.",
+    ),
+    (
+        "push_apns_team_id",
+        "",
+        "The Apple developer team id the key belongs to (the JWT issuer).",
+    ),
+    (
+        "push_apns_url",
+        "https://api.push.apple.com",
+        "APNs service URL: production, `https://api.sandbox.push.apple.com` for development builds of the app, or a local service.",
+    ),
+    (
+        "push_fcm_service_account_file",
+        "",
+        "FCM service-account key (the JSON file from the Firebase console): Android devices that register with `pn-provider=fcm` are woken by a high-priority data message. Unset: no FCM. Never logged.",
+    ),
+    (
+        "push_fcm_url",
+        "https://fcm.googleapis.com",
+        "FCM HTTP v1 service URL (the OAuth2 token URL is the service account's `token_uri`).",
+    ),
+    (
+        "push_wait",
+        "10",
+        "Seconds a call or message waits for a pushed device to register again (then 480).",
+    ),
+    (
+        "push_refresh_before",
+        "120",
+        "Seconds before a push device's registration expires at which it is woken to register again (RFC 8599 §5.5; announced as `+sip.pnsreg`).",
+    ),
+    (
         "nonce_secret",
         "",
         "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",

@@ -16,11 +16,13 @@ use careflow_transport::ListenSpec;
 
 pub use cluster::ClusterSettings;
 pub use keys::KEYS;
+pub use push::PushSettings;
 
 mod api;
 mod cluster;
 mod keys;
 mod media;
+mod push;
 mod raw;
 mod security;
 mod sip;
@@ -45,6 +47,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Membership of a cluster, when `CLUSTER_ADDRESS` is set.
     pub cluster: Option<ClusterSettings>,
+    /// Push services for sleeping mobile devices.
+    pub push: PushSettings,
     /// Nonce secret, when configured.
     pub nonce_secret: Option<[u8; 32]>,
     /// Digest algorithms in order.
@@ -304,6 +308,7 @@ impl Config {
         let user_check = api::user_check(&r)?;
         let guard = security::guard(&r)?;
         let media = media::media(&r)?;
+        let push = push::push(&r)?;
         let max_message_size = r.num("max_message_size", 1024, 1 << 20)? as usize;
         let parse_limits = careflow_proto::ParseLimits {
             max_size: max_message_size,
@@ -311,6 +316,7 @@ impl Config {
         };
         Ok(Self {
             media,
+            push,
             guard,
             shutdown_grace: r.secs("shutdown_grace", 0, 3600)?,
             log_level: {

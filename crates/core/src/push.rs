@@ -241,6 +241,11 @@ impl<C: CallKey> PushWaits<C> {
         out
     }
 
+    /// Whether `call` still waits for any device.
+    pub fn call_waits(&self, call: &C) -> bool {
+        self.by_device.values().flatten().any(|w| &w.call == call)
+    }
+
     /// Whether any call waits for `device`.
     pub fn is_waiting(&self, device: u64) -> bool {
         self.by_device.contains_key(&device)
@@ -416,9 +421,12 @@ mod tests {
         w.wait("call-1", 7, 1, t0);
         w.wait("call-2", 7, 1, t0);
         w.wait("call-3", 9, 1, t0);
+        w.wait("call-3", 7, 1, t0);
         let mut failed = w.failed(7);
         failed.sort_unstable();
-        assert_eq!(failed, vec!["call-1", "call-2"]);
+        assert_eq!(failed, vec!["call-1", "call-2", "call-3"]);
+        assert!(!w.call_waits(&"call-1"));
+        assert!(w.call_waits(&"call-3"), "still waits for device 9");
         w.ended(&"call-3");
         assert!(w.woke(9, 2, t0).is_empty());
         assert_eq!(w.next_deadline(), None);

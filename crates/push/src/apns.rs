@@ -171,7 +171,7 @@ impl Target {
 
 /// APNs: the provider token and the connection to the service.
 pub struct Apns {
-    auth: ApnsAuth,
+    auth: std::sync::Arc<ApnsAuth>,
     origin: Origin,
 }
 
@@ -187,7 +187,7 @@ impl std::fmt::Debug for Apns {
 impl Apns {
     /// Pushes through the service at `url` (`push_apns_url`).
     pub fn new(
-        auth: ApnsAuth,
+        auth: std::sync::Arc<ApnsAuth>,
         url: &str,
         tls: PushTls,
         timeout: Duration,

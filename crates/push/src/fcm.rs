@@ -132,7 +132,7 @@ struct TokenAnswer {
 /// FCM: the service account, the access token, and the connections to the send API and
 /// the token service.
 pub struct Fcm {
-    auth: FcmAuth,
+    auth: std::sync::Arc<FcmAuth>,
     send: Origin,
     token: Origin,
     token_path: String,
@@ -152,7 +152,7 @@ impl Fcm {
     /// Pushes through the send API at `url` (`push_fcm_url`); the access tokens come from
     /// the service account's `token_uri`.
     pub fn new(
-        auth: FcmAuth,
+        auth: std::sync::Arc<FcmAuth>,
         url: &str,
         tls: PushTls,
         timeout: Duration,

@@ -71,6 +71,8 @@ pub struct App {
     pub(crate) ringing: crate::ringing::RingingIndex,
     /// Other flows of the devices branches go to, for a retry when one fails.
     pub(crate) alternate_flows: crate::ringing::AlternateFlows,
+    /// Push wake-ups, when a push service is configured.
+    pub(crate) push: Option<Arc<crate::push::Pusher>>,
 }
 
 impl std::fmt::Debug for App {
@@ -96,6 +98,7 @@ impl App {
         let _ = getrandom::fill(&mut seed);
         let start = u64::from_le_bytes(seed) & ((1 << 52) - 1);
         let media_policy = cfg.media.as_ref().map(|m| m.policy);
+        let cfg_push = cfg.push.clone();
         let cluster = cfg.cluster.clone().map(|c| {
             let epoch = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -131,6 +134,7 @@ impl App {
             cluster,
             ringing: Default::default(),
             alternate_flows: Default::default(),
+            push: cfg_push.map(|p| Arc::new(crate::push::Pusher::new(p))),
         }
     }
 
@@ -195,7 +199,11 @@ impl App {
 
     /// Prometheus text for `/metrics`.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&self.gauges())
+        let mut s = self.metrics.render(&self.gauges());
+        if let Some(p) = &self.push {
+            p.stats.render(&mut s);
+        }
+        s
     }
 
     pub(crate) fn expire_transactions(&self, now: Instant) {

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub media: Option<MediaConfig>,
     /// Membership of a cluster (`CLUSTER_ADDRESS`); none: this node is alone.
     pub cluster: Option<ClusterConfig>,
+    /// Push wake-ups of sleeping mobile devices (RFC 8599); none: no push service is
+    /// configured, and `pn-*` parameters are stored but not acted on.
+    pub push: Option<crate::push::PushConfig>,
 }
 
 /// A cluster node's settings.

@@ -25,6 +25,7 @@ pub mod keepalive;
 pub mod media;
 pub mod metrics;
 mod proxy;
+pub mod push;
 pub mod register;
 mod ringing;
 pub mod routing;
