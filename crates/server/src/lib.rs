@@ -127,6 +127,7 @@ pub async fn start(
     tasks.spawn(sweep_transactions(app.clone(), cancel.clone()));
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
+    tasks.spawn(push::upkeep::run(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     if let Some(c) = app.cluster.clone() {
         let (registered, elsewhere) = tokio::sync::mpsc::channel(1024);

@@ -217,6 +217,20 @@ impl App {
                 .reason("First Hop Lacks Outbound Support");
             return (439, b.build());
         }
+        // RFC 8599 §5.6.1: a service we do not push through is refused (a device removing its
+        // binding is not); one we serve is named in the 2xx.
+        let push_caps = match self.push.as_ref().map(|p| p.registration(&contacts)) {
+            Some(crate::push::Registration::Unserved(provider)) if expires != Some(0) => {
+                tracing::info!(aor = %aor, provider = %provider, source = %ctx.source,
+                    "registration for a push service we do not serve refused (555)");
+                let b = self
+                    .reply(msg, ctx, 555)
+                    .reason("Push Notification Service Not Supported");
+                return (555, b.build());
+            }
+            Some(crate::push::Registration::Served(caps)) => Some(caps),
+            _ => None,
+        };
         let owner = self.owner_route(ctx, &contacts, &ext);
         let req = RegisterRequest {
             aor: &aor,
@@ -259,7 +273,10 @@ impl App {
                 if let Some(conn) = ctx.conn.filter(|_| ext.path.is_empty()) {
                     self.flows.bound(conn.0, &aor);
                 }
-                if new_flow.load(Ordering::Relaxed) {
+                // A push device's every registration may be its wake-up (RFC 8599 §5.4: it
+                // registers again on each push, often from the same address): requests
+                // waiting for it are released wherever they wait.
+                if new_flow.load(Ordering::Relaxed) || push_caps.is_some() {
                     if let Some(c) = &self.cluster {
                         c.registered(&aor);
                     }
@@ -274,7 +291,10 @@ impl App {
                     aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,
                     transport = %ctx.transport, "registered"
                 );
-                (200, self.ok(msg, ctx, &outcome, &ext, now))
+                (
+                    200,
+                    self.ok(msg, ctx, &outcome, &ext, push_caps.as_deref(), now),
+                )
             }
             Ok(Err(reject)) => {
                 let (code, reason) = reject.status();
@@ -303,9 +323,13 @@ impl App {
         ctx: &Ctx,
         outcome: &Outcome,
         ext: &Extensions<'_>,
+        push_caps: Option<&str>,
         now: u64,
     ) -> bytes::Bytes {
         let mut b = self.reply(msg, ctx, 200);
+        if let Some(caps) = push_caps {
+            b = b.header("Feature-Caps", caps);
+        }
         if ext.path_supported {
             for p in &ext.path {
                 b = b.header("Path", p);

@@ -37,8 +37,13 @@ impl App {
         let Ok(bindings) = self.location.lookup(aor, unix_now()).await else {
             return;
         };
+        self.wake_sleepers(aor, &bindings).await;
         let mut hops = Vec::new();
         for b in route::preferred_flows(&bindings) {
+            // A push device gets a call only as the push's wake-up (above).
+            if self.push.as_ref().is_some_and(|p| p.sleeper(b).is_some()) {
+                continue;
+            }
             if let Some(h) = self.binding_hop(b).await {
                 hops.push(h);
             }

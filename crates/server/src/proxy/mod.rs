@@ -44,6 +44,23 @@ mod fork;
 mod late;
 mod respond;
 mod route;
+mod wake;
+
+/// Where a request goes: the hops it is forked to now, and the sleeping devices (a push wakes
+/// each) it waits for.
+pub(super) struct Routed {
+    hops: Vec<Hop>,
+    sleepers: Vec<(careflow_core::Binding, careflow_core::push::PushParams)>,
+}
+
+impl From<Vec<Hop>> for Routed {
+    fn from(hops: Vec<Hop>) -> Self {
+        Self {
+            hops,
+            sleepers: Vec::new(),
+        }
+    }
+}
 
 /// Where one branch goes: its Request-URI (empty: unchanged), the next hop, and Route values
 /// to push (a registered Path). Media anchoring may give a branch its own Via branch and SDP.

@@ -15,10 +15,15 @@ impl App {
             self.media.end(c);
         }
         match self.decide(&msg, &ctx).await {
-            Ok(mut targets) => {
+            Ok(Routed {
+                hops: mut targets,
+                sleepers,
+            }) => {
                 let initial =
                     msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
-                if initial && !self.came_over_cluster(&ctx) {
+                // Before forking: with no branch of its own, the request must already be held.
+                let held = !sleepers.is_empty() && self.hold_for_sleepers(&msg, &ctx, sleepers);
+                if (initial || held) && !self.came_over_cluster(&ctx) {
                     self.ringing_to_user(&msg, &ctx, &targets);
                 }
                 // A request another node hands us for a device we hold was anchored there.
@@ -53,7 +58,7 @@ impl App {
     }
 
     /// Returns the targets (Request-URI, transport, address) or the answer to send.
-    pub(super) async fn decide(&self, msg: &Message, ctx: &Ctx) -> Result<Vec<Hop>, (u16, Bytes)> {
+    pub(super) async fn decide(&self, msg: &Message, ctx: &Ctx) -> Result<Routed, (u16, Bytes)> {
         let refuse = |code: u16, reason: &'static str| {
             (code, self.reply(msg, ctx, code).reason(reason).build())
         };
@@ -76,12 +81,12 @@ impl App {
             }
             if step.next_route.is_none() {
                 match self.flow_target(msg, ctx, step.pop_routes) {
-                    Some(Ok(target)) => return Ok(vec![Hop::to(String::new(), target)]),
+                    Some(Ok(target)) => return Ok(vec![Hop::to(String::new(), target)].into()),
                     Some(Err(())) => {
                         // The flow is gone (its connection closed, or the node holding it
                         // died): the device may have registered again since, elsewhere.
                         return match self.rebound(msg).await {
-                            Some(hop) => Ok(vec![hop]),
+                            Some(hop) => Ok(vec![hop].into()),
                             None => Err(refuse(430, "Flow Failed")),
                         };
                     }
@@ -102,13 +107,13 @@ impl App {
                 .await
                 .ok_or_else(|| refuse(404, "Not Found"))?;
             let new_uri = step.strict_request_uri.clone().unwrap_or_default();
-            return Ok(vec![Hop::to(new_uri, target)]);
+            return Ok(vec![Hop::to(new_uri, target)].into());
         }
         if step.pop_routes > 0
             && let Some(delivery) = self.owner_delivery(msg, ctx, step.pop_routes)
         {
             return delivery
-                .map(|t| vec![Hop::to(String::new(), t)])
+                .map(|t| vec![Hop::to(String::new(), t)].into())
                 .map_err(|(code, reason)| refuse(code, reason));
         }
         if step.next_route.is_some() {
@@ -136,7 +141,7 @@ impl App {
                 .resolve(&gw)
                 .await
                 .ok_or_else(|| refuse(503, "Gateway Unavailable"))?;
-            return Ok(vec![Hop::to(String::new(), target)]);
+            return Ok(vec![Hop::to(String::new(), target)].into());
         }
         if !from_ours {
             // From outside to our users: only when peering is allowed, and then without our
@@ -161,13 +166,14 @@ impl App {
         result
     }
 
-    /// Our user's bindings as targets: 404 unknown, 480 not registered.
+    /// Our user's bindings as targets (and the sleeping push devices a call or message waits
+    /// for): 404 unknown, 480 not registered.
     pub(super) async fn lookup_targets(
         &self,
         msg: &Message,
         ctx: &Ctx,
         ruri: &Uri<'_>,
-    ) -> Result<Vec<Hop>, (u16, Bytes)> {
+    ) -> Result<Routed, (u16, Bytes)> {
         let refuse = |code: u16, reason: &'static str| {
             (code, self.reply(msg, ctx, code).reason(reason).build())
         };
@@ -201,7 +207,17 @@ impl App {
             }
         };
         let mut targets = Vec::new();
+        let mut sleepers = Vec::new();
+        let wakes = matches!(msg.method(), Method::Invite | Method::Message);
         for b in preferred_flows(&bindings) {
+            // A push device is reached once a push woke it (RFC 8599 §5.3), never over the
+            // flow it may have lost when it was suspended.
+            if let Some(p) = self.push.as_ref().and_then(|p| p.sleeper(b)) {
+                if wakes {
+                    sleepers.push((b.clone(), p));
+                }
+                continue;
+            }
             if let Some(hop) = self.binding_hop(b).await {
                 targets.push(Hop {
                     alternates: other_flows(&bindings, b),
@@ -209,10 +225,13 @@ impl App {
                 });
             }
         }
-        if targets.is_empty() {
+        if targets.is_empty() && sleepers.is_empty() {
             return Err(refuse(480, "Temporarily Unavailable"));
         }
-        Ok(targets)
+        Ok(Routed {
+            hops: targets,
+            sleepers,
+        })
     }
 
     /// Proxy authentication (RFC 3261 §22.3): 407 until the caller proves it is the From user.

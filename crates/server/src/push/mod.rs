@@ -4,6 +4,7 @@
 //! `careflow_core::push`'s; this drives them and the services.
 
 pub mod stats;
+pub(crate) mod upkeep;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -164,11 +165,6 @@ impl Pusher {
                 .observe(now.saturating_duration_since(at));
         }
         calls
-    }
-
-    /// Whether any request waits for a device (a cheap test before looking bindings up).
-    pub(crate) fn any_waiting(&self) -> bool {
-        self.waits.lock().is_ok_and(|w| w.next_deadline().is_some())
     }
 
     /// The push for device `id` failed: the requests that waited for it.

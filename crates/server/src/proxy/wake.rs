@@ -1,0 +1,194 @@
+//! Requests for sleeping devices (RFC 8599 §5.3): the request waits in the proxy table (held),
+//! one push goes to each device whatever the retransmissions and challenge rounds, and the
+//! device's next registration (on this node or another: the cluster says so) forks the
+//! request to it once. A push the service refuses answers 404 (a token it no longer knows:
+//! the binding is removed) or 480, with a Reason.
+
+use careflow_core::Binding;
+use careflow_core::push::{PushParams, Wait};
+use careflow_push::{Failure, Kind, Notification};
+
+use super::*;
+
+/// A request's caller, as the push shows it before the INVITE arrives.
+struct Caller {
+    call_id: String,
+    from_uri: String,
+    display_name: String,
+}
+
+impl Caller {
+    fn of(msg: &Message) -> Self {
+        let from = msg.from();
+        let from_uri = from
+            .as_ref()
+            .map(|f| f.uri.raw.to_string())
+            .unwrap_or_default();
+        let display_name = from
+            .as_ref()
+            .and_then(|f| f.display)
+            .map(|d| d.trim_matches('"').to_string())
+            .filter(|d| !d.is_empty())
+            .or_else(|| {
+                from.as_ref()
+                    .and_then(|f| f.uri.user)
+                    .map(|u| scan::pct_decode(u).into_owned())
+            })
+            .unwrap_or_default();
+        Self {
+            call_id: msg.call_id().unwrap_or_default().to_string(),
+            from_uri,
+            display_name,
+        }
+    }
+}
+
+impl App {
+    /// `msg` (an INVITE or MESSAGE) is also for `sleepers`: it is held in the proxy table and
+    /// each device that has no push out for it yet gets one. False when nothing waits (no
+    /// push service, another method, or the request was answered meanwhile).
+    pub(super) fn hold_for_sleepers(
+        self: &Arc<Self>,
+        msg: &Message,
+        ctx: &Ctx,
+        sleepers: Vec<(Binding, PushParams)>,
+    ) -> bool {
+        let Some(pusher) = self.push.clone() else {
+            return false;
+        };
+        let kind = match msg.method() {
+            Method::Invite => Kind::Call,
+            Method::Message => Kind::Message,
+            _ => return false,
+        };
+        let Some(key) = ctx.key.clone().or_else(|| TxKey::of(msg)) else {
+            return false;
+        };
+        let now = Instant::now();
+        let until = now + pusher.wait();
+        let upstream = self.upstream(msg, ctx);
+        if self.with_proxy(|t| t.hold(&key, msg, &upstream, until, now)) != Some(true) {
+            return false;
+        }
+        let caller = Arc::new(Caller::of(msg));
+        for (b, p) in sleepers {
+            if pusher.wait_for(&key, &b) == Wait::Waiting {
+                continue;
+            }
+            tracing::info!(aor = %b.aor, device = %p.log_id(), provider = %p.provider,
+                call_id = %caller.call_id, "device asleep: push sent, request held");
+            let app = self.clone();
+            let caller = caller.clone();
+            tokio::spawn(async move { app.push_for(b, p, kind, &caller, now).await });
+        }
+        true
+    }
+
+    /// Sends the push to `b` for a waiting request; a refusal ends the wait of each request
+    /// that waited for it.
+    async fn push_for(
+        self: Arc<Self>,
+        b: Binding,
+        p: PushParams,
+        kind: Kind,
+        caller: &Caller,
+        since: Instant,
+    ) {
+        let Some(pusher) = self.push.clone() else {
+            return;
+        };
+        let n = Notification {
+            token: &p.prid,
+            param: p.param.as_deref(),
+            kind,
+            call_id: &caller.call_id,
+            from_uri: &caller.from_uri,
+            display_name: &caller.display_name,
+            instance: crate::push::instance_uuid(&b),
+            ttl: pusher.wait().as_secs() as u32,
+            now: unix_now(),
+        };
+        let Err(failure) = pusher.send(b.id, &p, &n, since).await else {
+            return;
+        };
+        tracing::warn!(aor = %b.aor, device = %p.log_id(), provider = %p.provider,
+            error = %failure, "push failed");
+        let (code, text) = match &failure {
+            Failure::InvalidToken(_) => (404, "push token no longer valid"),
+            Failure::Refused(_) => (480, "push refused by the service"),
+            Failure::Unavailable(_) => (480, "push service unavailable"),
+        };
+        if let Failure::InvalidToken(_) = failure {
+            let id = b.id;
+            match careflow_store::remove_bindings(self.location.as_ref(), &b.aor, |x| x.id == id)
+                .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::info!(aor = %b.aor, device = %p.log_id(),
+                        "binding with an invalid push token removed")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(aor = %b.aor, error = %e, "cannot remove the binding of an invalid push token")
+                }
+            }
+        }
+        let now = Instant::now();
+        for key in pusher.failed(b.id) {
+            // A request that still waits for another device keeps waiting for it.
+            let failure = (!pusher.call_waits(&key)).then_some((code, text));
+            if failure.is_some() {
+                self.with_proxy(|t| t.unhold(&key, failure, now));
+            }
+        }
+    }
+
+    /// `bindings` of `aor` as they are now: each push device that registered again since its
+    /// push gets the requests that wait for it, once.
+    pub(super) async fn wake_sleepers(self: &Arc<Self>, aor: &str, bindings: &[Binding]) {
+        let Some(pusher) = self.push.clone() else {
+            return;
+        };
+        for b in bindings {
+            if pusher.sleeper(b).is_none() {
+                continue;
+            }
+            let calls = pusher.woke(b);
+            if calls.is_empty() {
+                continue;
+            }
+            let Some(hop) = self.binding_hop(b).await else {
+                continue;
+            };
+            for key in calls {
+                let Some((msg, ctx)) = self.ringing_call(&key) else {
+                    tracing::info!(aor, call_id = ?key, "device woke after its call ended");
+                    continue;
+                };
+                let Some(hop) = self.with_media_for_late_branch(&msg, hop.clone()).await else {
+                    continue;
+                };
+                let flow = hop.flow_id();
+                let branches = self.branches(&msg, &ctx, vec![hop]);
+                let now = Instant::now();
+                let still_waits = pusher.call_waits(&key);
+                let added = self.with_proxy(|t| {
+                    let added = t.add_branches(&key, branches, now);
+                    if !still_waits {
+                        t.unhold(&key, None, now);
+                    }
+                    added
+                });
+                if added == Some(true) {
+                    pusher.stats.woken.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        aor,
+                        call_id = msg.call_id().unwrap_or_default(),
+                        "woken device registered: request forked to it"
+                    );
+                    self.ringing.update(aor, &key, Some(flow));
+                }
+            }
+        }
+    }
+}
