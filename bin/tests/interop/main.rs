@@ -18,6 +18,7 @@ mod outbound;
 mod package;
 mod peers;
 mod protocol;
+mod push;
 mod register;
 mod secure;
 mod security;

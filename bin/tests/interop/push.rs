@@ -1,0 +1,474 @@
+//! Sleeping mobile devices woken by a push (RFC 8599), against a local APNs/FCM service that
+//! checks the request contracts (`careflow_test_support::push_service`). The tests play the
+//! phone: it registers with `pn-*` parameters and goes silent; when the service receives the
+//! push, the phone registers again (from a new socket, as an app relaunched by the push, or
+//! from the same one) and answers the INVITE it then gets.
+
+use std::time::{Duration, Instant};
+
+use careflow_proto::digest::Algorithm;
+use careflow_test_support::push_service::{APNS_TEAM_ID, PushService};
+
+use crate::support::*;
+
+const DOMAIN: &str = "push.test";
+const FCM_TOKEN: &str = "fcm-token-nurse-0123456789";
+const VOIP_TOKEN: &str = "a1b2c3d4e5f60718293a";
+
+/// The `pn-*` URI parameters of an Android device.
+fn fcm_params(token: &str) -> String {
+    format!(";pn-provider=fcm;pn-param=careflow-test;pn-prid={token}")
+}
+
+/// The `pn-*` URI parameters Linphone on iOS registers: a VoIP and a background token.
+fn linphone_ios_params(voip: &str) -> String {
+    format!(
+        ";pn-provider=apns;pn-param={APNS_TEAM_ID}.org.linphone.phone.voip&remote;pn-prid={voip}:voip&bg-{voip}:remote"
+    )
+}
+
+/// Registers `user` from `ua` with `pn` in its Contact URI and an instance id; returns the
+/// final answer, and every request that arrived meanwhile (a woken phone may get its INVITE
+/// before the 200 OK).
+fn register_push(
+    ua: &Ua,
+    user: &str,
+    call_id: &str,
+    first_cseq: u32,
+    pn: &str,
+) -> (String, Vec<String>) {
+    let contact = |m: String| {
+        m.replace(
+            &format!("Contact: <sip:{user}@127.0.0.1:{}>", ua.port()),
+            &format!(
+                "Contact: <sip:{user}@127.0.0.1:{}{pn}>;+sip.instance=\"<urn:uuid:00000000-0000-0000-0000-0000{:08}>\"",
+                ua.port(),
+                user.len()
+            ),
+        )
+    };
+    let mut arrived = Vec::new();
+    let read_final = |arrived: &mut Vec<String>| loop {
+        let m = ua.recv().expect("an answer to REGISTER");
+        if m.starts_with("SIP/2.0 ") && m.contains("REGISTER\r\n") {
+            return m;
+        }
+        arrived.push(m);
+    };
+    ua.send(&contact(
+        ua.register_msg(user, DOMAIN, call_id, first_cseq, ""),
+    ));
+    let r1 = read_final(&mut arrived);
+    assert_eq!(status(&r1), 401, "{r1}");
+    let auth = authorization(
+        &r1,
+        Algorithm::Md5,
+        user,
+        DOMAIN,
+        &format!("pw-{user}"),
+        "REGISTER",
+        &format!("sip:{DOMAIN}"),
+        1,
+    );
+    ua.send(&contact(ua.register_msg(
+        user,
+        DOMAIN,
+        call_id,
+        first_cseq + 1,
+        &format!("Authorization: {auth}\r\n"),
+    )));
+    (read_final(&mut arrived), arrived)
+}
+
+/// A server pushing through `push`, with `extra` settings, and users nurse, doctor, desk.
+fn push_server(push: &PushService, extra: &[(&str, &str)]) -> Server {
+    let env = push.env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.extend_from_slice(extra);
+    let server = Server::start_with(DOMAIN, &env);
+    for u in ["nurse", "doctor", "desk"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    server
+}
+
+/// Waits (up to 3 s) until `/metrics` shows every line of `want`; returns the page.
+fn metrics_show(server: &Server, want: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let page = server.http_get("/metrics").unwrap().1;
+        if want.iter().all(|w| page.lines().any(|l| l == *w)) || Instant::now() > deadline {
+            return page;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads from `ua` until a message starting with `start` arrives or `within` ends.
+fn wait_for(ua: &Ua, start: &str, within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(m) = ua.recv()
+            && m.starts_with(start)
+        {
+            return Some(m);
+        }
+    }
+    None
+}
+
+/// Nothing but `what` (if anything) reaches `ua` for `d`.
+fn quiet(ua: &Ua, d: Duration) -> Vec<String> {
+    ua.sock
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + d;
+    let mut got = Vec::new();
+    while Instant::now() < deadline {
+        if let Some(m) = ua.recv() {
+            got.push(m);
+        }
+    }
+    ua.sock
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    got
+}
+
+#[test]
+fn a_sleeping_android_phone_gets_one_push_per_call_and_the_call_after_it_wakes() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let phone = Ua::new(server.sip_addr());
+    let (r, _) = register_push(&phone, "nurse", "reg-nurse", 1, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(
+        header(&r, "Feature-Caps"),
+        Some("*;+sip.pns=\"apns,fcm\""),
+        "the registrar names its push services: {r}"
+    );
+
+    // The call: challenged (407) once, then retransmitted while the phone sleeps.
+    let caller = Ua::new(server.sip_addr());
+    let invite = invite_authorized(&caller, DOMAIN, ("doctor", "pw-doctor"), "nurse", "wake-1");
+    std::thread::sleep(Duration::from_millis(500));
+    caller.send(&invite);
+    let p = push
+        .wait_push(FCM_TOKEN, 1, Duration::from_secs(5))
+        .expect("a push for the call");
+    let data = &p.body["message"]["data"];
+    assert_eq!(data["call-id"], "wake-1", "{}", p.body);
+    assert!(
+        data["from-uri"]
+            .as_str()
+            .unwrap()
+            .contains("doctor@push.test"),
+        "{}",
+        p.body
+    );
+    assert_eq!(
+        data["uuid"], "00000000-0000-0000-0000-000000000005",
+        "{}",
+        p.body
+    );
+
+    // The push relaunched the app: it registers from a new socket, with a new Call-ID.
+    let woken = Ua::new(server.sip_addr());
+    let (r, early) = register_push(
+        &woken,
+        "nurse",
+        "reg-nurse-woken",
+        1,
+        &fcm_params(FCM_TOKEN),
+    );
+    assert_eq!(status(&r), 200, "{r}");
+    let inv = match early.into_iter().find(|m| m.starts_with("INVITE ")) {
+        Some(m) => m,
+        None => wait_for(&woken, "INVITE ", Duration::from_secs(3)).expect("the call after waking"),
+    };
+    assert!(inv.contains("Call-ID: wake-1\r\n"), "{inv}");
+    answer(&woken, &inv, 200);
+    let ok = wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered");
+    assert!(ok.contains("Call-ID: wake-1\r\n"), "{ok}");
+
+    // Once: no second push, and no INVITE to the old, suspended socket.
+    let stale: Vec<String> = quiet(&phone, Duration::from_secs(1))
+        .into_iter()
+        .filter(|m| m.starts_with("INVITE "))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "an INVITE went to the sleeping flow: {stale:?}"
+    );
+    assert_eq!(push.pushes_to(FCM_TOKEN).len(), 1, "{:?}", push.pushes());
+    assert_eq!(push.token_requests(), 1, "one OAuth2 token, reused");
+    assert_eq!(push.violations(), Vec::<String>::new());
+    // A second call: a second push, the access token reused.
+    let caller2 = Ua::new(server.sip_addr());
+    invite_authorized(&caller2, DOMAIN, ("doctor", "pw-doctor"), "nurse", "wake-2");
+    push.wait_push(FCM_TOKEN, 2, Duration::from_secs(5))
+        .expect("a push for the second call");
+    assert_eq!(
+        push.token_requests(),
+        1,
+        "the access token is reused until due"
+    );
+    let want = [
+        "careflow_sip_push_sent_total{service=\"fcm\",kind=\"call\"} 2",
+        "careflow_sip_push_woken_total 1",
+        "careflow_sip_push_to_register_seconds_count 1",
+    ];
+    let metrics = metrics_show(&server, &want);
+    for w in want {
+        assert!(metrics.lines().any(|l| l == w), "{w} in:\n{metrics}");
+    }
+    assert!(!server.log().contains(FCM_TOKEN), "a push token in the log");
+}
+
+#[test]
+fn a_linphone_iphone_gets_a_voip_push_and_the_call_over_its_refreshed_registration() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let phone = Ua::new(server.sip_addr());
+    let pn = linphone_ios_params(VOIP_TOKEN);
+    let (r, _) = register_push(&phone, "nurse", "reg-iphone", 1, &pn);
+    assert_eq!(status(&r), 200, "{r}");
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        "nurse",
+        "wake-ios",
+    );
+    let p = push
+        .wait_push(VOIP_TOKEN, 1, Duration::from_secs(5))
+        .expect("a VoIP push");
+    assert_eq!(p.service, "apns");
+    assert_eq!(p.headers["apns-topic"], "org.linphone.phone.voip");
+    assert_eq!(p.headers["apns-push-type"], "voip");
+    assert_eq!(p.body["aps"]["call-id"], "wake-ios", "{}", p.body);
+    assert_eq!(p.body["aps"]["loc-key"], "IC_MSG");
+    // Woken, it refreshes its registration from the same socket and Call-ID.
+    let (r, early) = register_push(&phone, "nurse", "reg-iphone", 3, &pn);
+    assert_eq!(status(&r), 200, "{r}");
+    let inv = match early.into_iter().find(|m| m.starts_with("INVITE ")) {
+        Some(m) => m,
+        None => wait_for(&phone, "INVITE ", Duration::from_secs(3)).expect("the call"),
+    };
+    answer(&phone, &inv, 200);
+    wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered");
+    assert_eq!(push.pushes().len(), 1);
+    assert_eq!(push.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn a_desk_phone_rings_at_once_and_a_busy_one_does_not_end_the_wait_for_the_mobile() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let mobile = Ua::new(server.sip_addr());
+    let (r, _) = register_push(&mobile, "nurse", "reg-mobile", 1, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    // The same user's desk phone: no pn-*, reachable, so no push for it.
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("nurse", "pw-nurse", DOMAIN, "reg-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        "nurse",
+        "desk-busy",
+    );
+    let at_desk =
+        wait_for(&desk, "INVITE ", Duration::from_secs(3)).expect("the desk rings at once");
+    answer(&desk, &at_desk, 486);
+    push.wait_push(FCM_TOKEN, 1, Duration::from_secs(5))
+        .expect("a push to the mobile");
+    assert!(
+        quiet(&caller, Duration::from_millis(800))
+            .iter()
+            .all(|m| status(m) < 300),
+        "the busy desk phone ended the call"
+    );
+    let (r, early) = register_push(&mobile, "nurse", "reg-mobile", 3, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    let inv = match early.into_iter().find(|m| m.starts_with("INVITE ")) {
+        Some(m) => m,
+        None => wait_for(&mobile, "INVITE ", Duration::from_secs(3)).expect("the mobile's branch"),
+    };
+    answer(&mobile, &inv, 200);
+    wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered on the mobile");
+    assert_eq!(push.pushes().len(), 1, "no push for the desk phone");
+}
+
+#[test]
+fn a_reachable_device_without_push_parameters_gets_its_call_and_no_push() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("desk", "pw-desk", DOMAIN, "reg-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(header(&r, "Feature-Caps"), None, "{r}");
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("doctor", "pw-doctor"), "desk", "no-push");
+    let inv = wait_for(&desk, "INVITE ", Duration::from_secs(3)).expect("the call");
+    answer(&desk, &inv, 200);
+    wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered");
+    assert!(push.pushes().is_empty(), "{:?}", push.pushes());
+}
+
+#[test]
+fn a_token_the_service_refuses_answers_404_or_480_with_a_reason_and_an_invalid_one_is_removed() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    // APNs no longer knows the token: 404, and the binding goes.
+    push.refuse(VOIP_TOKEN, 410, "Unregistered");
+    let phone = Ua::new(server.sip_addr());
+    let (r, _) = register_push(
+        &phone,
+        "nurse",
+        "reg-gone",
+        1,
+        &linphone_ios_params(VOIP_TOKEN),
+    );
+    assert_eq!(status(&r), 200, "{r}");
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("doctor", "pw-doctor"), "nurse", "gone-1");
+    let fin = wait_for(&caller, "SIP/2.0 404", Duration::from_secs(5)).expect("404");
+    assert!(
+        header(&fin, "Reason").is_some_and(|r| r.contains("push token")),
+        "{fin}"
+    );
+    assert!(
+        server.bindings_of("nurse").is_empty(),
+        "{:?}",
+        server.bindings_of("nurse")
+    );
+
+    // FCM unavailable: 480 with the reason, and the binding stays.
+    push.refuse(FCM_TOKEN, 503, "UNAVAILABLE");
+    let android = Ua::new(server.sip_addr());
+    let (r, _) = register_push(&android, "desk", "reg-android", 1, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        "desk",
+        "unavailable-1",
+    );
+    let fin = wait_for(&caller, "SIP/2.0 480", Duration::from_secs(5)).expect("480");
+    assert!(
+        header(&fin, "Reason").is_some_and(|r| r.contains("push service unavailable")),
+        "{fin}"
+    );
+    assert_eq!(server.bindings_of("desk").len(), 1);
+    let metrics = server.http_get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains(
+            "careflow_sip_push_failed_total{service=\"apns\",reason=\"invalid_token\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("careflow_sip_push_failed_total{service=\"fcm\",reason=\"unavailable\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_phone_that_never_wakes_gets_one_480_and_a_late_registration_forks_nothing() {
+    let push = PushService::start();
+    let server = push_server(&push, &[("PUSH_WAIT", "2")]);
+    let phone = Ua::new(server.sip_addr());
+    let (r, _) = register_push(&phone, "nurse", "reg-late", 1, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    let caller = Ua::new(server.sip_addr());
+    let sent = Instant::now();
+    invite_authorized(&caller, DOMAIN, ("doctor", "pw-doctor"), "nurse", "late-1");
+    let fin = wait_for(&caller, "SIP/2.0 480", Duration::from_secs(6)).expect("480");
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1800),
+        "answered after {waited:?}"
+    );
+    assert!(
+        header(&fin, "Reason").is_some_and(|r| r.contains("did not wake")),
+        "{fin}"
+    );
+    let more: Vec<u16> = quiet(&caller, Duration::from_millis(600))
+        .iter()
+        .map(|m| status(m))
+        .filter(|s| *s >= 200)
+        .collect();
+    assert!(more.iter().all(|s| *s == 480), "one final only: {more:?}");
+    // ACK the 480 as a caller does, then the phone wakes too late.
+    let (r, early) = register_push(&phone, "nurse", "reg-late", 3, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    let invites: Vec<String> = early
+        .into_iter()
+        .chain(quiet(&phone, Duration::from_secs(1)))
+        .filter(|m| m.starts_with("INVITE "))
+        .collect();
+    assert!(
+        invites.is_empty(),
+        "a late registration forked: {invites:?}"
+    );
+    assert_eq!(push.pushes().len(), 1);
+}
+
+#[test]
+fn the_registrar_refuses_a_service_it_does_not_serve_and_answers_capability_queries() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let ua = Ua::new(server.sip_addr());
+    let (r, _) = register_push(
+        &ua,
+        "nurse",
+        "reg-webpush",
+        1,
+        ";pn-provider=webpush;pn-prid=abc",
+    );
+    assert_eq!(status(&r), 555, "{r}");
+    let (r, _) = register_push(&ua, "nurse", "reg-query", 1, ";pn-provider=fcm");
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(
+        header(&r, "Feature-Caps"),
+        Some("*;+sip.pns=\"apns,fcm\""),
+        "{r}"
+    );
+    // A query binding is an ordinary one: it gets its calls directly.
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        "nurse",
+        "query-call",
+    );
+    assert!(wait_for(&ua, "INVITE ", Duration::from_secs(3)).is_some());
+    assert!(push.pushes().is_empty());
+
+    // Without any push service, pn-* parameters lock nobody out: stored, no push, calls
+    // go to the binding as to any other.
+    let plain = Server::start(DOMAIN);
+    plain.add_user("nurse", "pw-nurse");
+    plain.add_user("doctor", "pw-doctor");
+    let phone = Ua::new(plain.sip_addr());
+    let (r, _) = register_push(&phone, "nurse", "reg-plain", 1, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(header(&r, "Feature-Caps"), None, "{r}");
+    let caller = Ua::new(plain.sip_addr());
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        "nurse",
+        "plain-call",
+    );
+    assert!(wait_for(&phone, "INVITE ", Duration::from_secs(3)).is_some());
+}
