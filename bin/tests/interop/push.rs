@@ -472,3 +472,43 @@ fn the_registrar_refuses_a_service_it_does_not_serve_and_answers_capability_quer
     );
     assert!(wait_for(&phone, "INVITE ", Duration::from_secs(3)).is_some());
 }
+
+#[test]
+fn an_iphone_woken_for_a_call_answered_on_the_desk_phone_gets_the_invite_then_a_cancel() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let iphone = Ua::new(server.sip_addr());
+    let pn = linphone_ios_params(VOIP_TOKEN);
+    let (r, _) = register_push(&iphone, "nurse", "reg-iphone", 1, &pn);
+    assert_eq!(status(&r), 200, "{r}");
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("nurse", "pw-nurse", DOMAIN, "reg-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("doctor", "pw-doctor"), "nurse", "answered-on-desk");
+    let at_desk = wait_for(&desk, "INVITE ", Duration::from_secs(3)).expect("the desk rings");
+    push.wait_push(VOIP_TOKEN, 1, Duration::from_secs(5))
+        .expect("a VoIP push");
+    answer(&desk, &at_desk, 200);
+    wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered on the desk");
+    // The iPhone shows the call (CallKit) and registers: it must hear the call is over.
+    let (r, early) = register_push(&iphone, "nurse", "reg-iphone", 3, &pn);
+    assert_eq!(status(&r), 200, "{r}");
+    let inv = match early.into_iter().find(|m| m.starts_with("INVITE ")) {
+        Some(m) => m,
+        None => wait_for(&iphone, "INVITE ", Duration::from_secs(3)).expect("the INVITE"),
+    };
+    assert!(inv.contains("Call-ID: answered-on-desk\r\n"), "{inv}");
+    answer(&iphone, &inv, 180);
+    let cancel = wait_for(&iphone, "CANCEL ", Duration::from_secs(3)).expect("then the CANCEL");
+    answer(&iphone, &cancel, 200);
+    answer(&iphone, &inv, 487);
+    wait_for(&iphone, "ACK ", Duration::from_secs(3)).expect("the 487 ACKed");
+    // Nothing of it reached the caller, whose call goes on.
+    let up: Vec<u16> = quiet(&caller, Duration::from_millis(500))
+        .iter()
+        .map(|m| status(m))
+        .filter(|s| *s != 200 && *s != 0)
+        .collect();
+    assert!(up.is_empty(), "the caller heard of the farewell: {up:?}");
+}

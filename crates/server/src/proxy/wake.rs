@@ -70,6 +70,7 @@ impl App {
         if self.with_proxy(|t| t.hold(&key, msg, &upstream, until, now)) != Some(true) {
             return false;
         }
+        pusher.remember(&key, msg, ctx);
         let caller = Arc::new(Caller::of(msg));
         for (b, p) in sleepers {
             if pusher.wait_for(&key, &b) == Wait::Waiting {
@@ -150,9 +151,9 @@ impl App {
             return;
         };
         for b in bindings {
-            if pusher.sleeper(b).is_none() {
+            let Some(p) = pusher.sleeper(b) else {
                 continue;
-            }
+            };
             let calls = pusher.woke(b);
             if calls.is_empty() {
                 continue;
@@ -162,7 +163,7 @@ impl App {
             };
             for key in calls {
                 let Some((msg, ctx)) = self.ringing_call(&key) else {
-                    tracing::info!(aor, call_id = ?key, "device woke after its call ended");
+                    self.farewell(aor, &key, &p, hop.clone());
                     continue;
                 };
                 let Some(hop) = self.with_media_for_late_branch(&msg, hop.clone()).await else {
@@ -190,5 +191,39 @@ impl App {
                 }
             }
         }
+    }
+
+    /// A device woke for a request that ended meanwhile (answered elsewhere, cancelled): an
+    /// iPhone still gets the INVITE, then a CANCEL (CallKit shows the push as a call that
+    /// only a CANCEL ends); other devices get nothing.
+    fn farewell(self: &Arc<Self>, aor: &str, key: &TxKey, p: &PushParams, hop: Hop) {
+        let Some(pusher) = self.push.clone() else {
+            return;
+        };
+        let Some((msg, ctx)) = pusher.request_of(key) else {
+            return;
+        };
+        if p.service() != Some(careflow_core::push::Provider::Apns)
+            || msg.method() != Method::Invite
+        {
+            tracing::info!(
+                aor,
+                call_id = msg.call_id().unwrap_or_default(),
+                "device woke after its call ended"
+            );
+            return;
+        }
+        tracing::info!(
+            aor,
+            call_id = msg.call_id().unwrap_or_default(),
+            "iPhone woke after its call ended: INVITE then CANCEL, to clear its call screen"
+        );
+        let branches = self.branches(&msg, &ctx, vec![hop]);
+        let now = Instant::now();
+        self.with_proxy(|t| {
+            for nb in branches {
+                t.ring_and_cancel(nb, now);
+            }
+        });
     }
 }

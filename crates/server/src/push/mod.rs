@@ -63,6 +63,9 @@ pub(crate) struct Pusher {
     pushed: Mutex<HashMap<u64, Instant>>,
     /// Registrations (by stamp) a refresh push went for, per device: one each (§5.5).
     refreshed: Mutex<HashMap<u64, u64>>,
+    /// The requests that wait (or waited: until their wait ends), for a device woken after
+    /// its call ended, which still gets the INVITE and a CANCEL.
+    requests: Mutex<HashMap<TxKey, (careflow_proto::Message, crate::app::Ctx)>>,
     pub(crate) stats: PushStats,
 }
 
@@ -73,6 +76,7 @@ impl Pusher {
             cfg,
             pushed: Mutex::default(),
             refreshed: Mutex::default(),
+            requests: Mutex::default(),
             stats: PushStats::default(),
         }
     }
@@ -183,6 +187,27 @@ impl Pusher {
         self.waits.lock().is_ok_and(|w| w.call_waits(key))
     }
 
+    /// Keeps `msg` (held as `key`) for as long as a device may wake for it.
+    pub(crate) fn remember(
+        &self,
+        key: &TxKey,
+        msg: &careflow_proto::Message,
+        ctx: &crate::app::Ctx,
+    ) {
+        if let Ok(mut r) = self.requests.lock() {
+            r.entry(key.clone())
+                .or_insert_with(|| (msg.clone(), ctx.clone()));
+        }
+    }
+
+    /// The request `key` a device waking now was pushed for.
+    pub(crate) fn request_of(
+        &self,
+        key: &TxKey,
+    ) -> Option<(careflow_proto::Message, crate::app::Ctx)> {
+        self.requests.lock().ok()?.get(key).cloned()
+    }
+
     /// Forgets the waits that ended (the proxy table answers those requests itself).
     pub(crate) fn sweep(&self, now: Instant) {
         let expired = self
@@ -190,6 +215,9 @@ impl Pusher {
             .lock()
             .map(|mut w| w.expired(now))
             .unwrap_or_default();
+        if let (Ok(mut r), Ok(w)) = (self.requests.lock(), self.waits.lock()) {
+            r.retain(|k, _| w.call_waits(k));
+        }
         if expired.is_empty() {
             return;
         }

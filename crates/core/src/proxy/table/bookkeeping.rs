@@ -82,6 +82,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         }
         let key = b.forward.clone();
         self.branches.remove(bk);
+        self.farewells.remove(bk);
         self.reap_forward(&key);
     }
 

@@ -7,9 +7,10 @@ use std::time::Instant;
 use careflow_proto::Message;
 
 use super::aggregate::local_response;
-use super::{ProxyTable, Timed, Upstream};
+use super::{BranchKey, NewBranch, ProxyTable, Timed, Upstream};
 use crate::proxy::best;
 use crate::transaction::TxKey;
+use crate::transaction::client::ClientTransaction;
 
 impl<U: Clone, D: Clone> ProxyTable<U, D> {
     /// A request (an INVITE, or a MESSAGE) that waits for sleeping devices (a push went to
@@ -120,5 +121,25 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             return;
         };
         self.answer(key, code, bytes, now);
+    }
+
+    /// A device woken for a call that ended meanwhile (answered elsewhere, or cancelled) still
+    /// gets the INVITE, then a CANCEL as soon as it answers provisionally: iOS shows a VoIP
+    /// push as an incoming call (CallKit), which only a CANCEL clears, and ends an app whose
+    /// VoIP push leads to no call. The branch belongs to no forward: nothing goes upstream.
+    pub fn ring_and_cancel(&mut self, nb: NewBranch<D>, now: Instant) {
+        let Some(orphan) = TxKey::of(&nb.request) else {
+            return;
+        };
+        let bk = BranchKey::request(&nb.branch);
+        let tx = ClientTransaction::new(nb.request, nb.reliable, self.cfg.timers, now);
+        self.farewells.insert(bk.clone());
+        self.insert_branch(bk, tx, orphan, nb.to);
+    }
+
+    pub(super) fn farewell_response(&mut self, bk: &BranchKey, code: u16, now: Instant) {
+        if (100..200).contains(&code) {
+            self.cancel_branch(bk, now);
+        }
     }
 }

@@ -88,6 +88,8 @@ pub struct ProxyTable<U, D> {
     timers: BinaryHeap<Reverse<(Instant, Timed)>>,
     transmits: VecDeque<Transmit<U, D>>,
     events: VecDeque<Event>,
+    /// INVITEs sent to a device only to be CANCELled ([`Self::ring_and_cancel`]).
+    farewells: std::collections::HashSet<BranchKey>,
 }
 
 impl<U: Clone, D: Clone> ProxyTable<U, D> {
@@ -100,6 +102,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            farewells: Default::default(),
         }
     }
 
@@ -371,7 +374,11 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         }
         self.drain_branch(&bk);
         if pass && !bk.is_cancel() {
-            self.on_branch_response(&key, code, msg, now);
+            if self.farewells.contains(&bk) {
+                self.farewell_response(&bk, code, now);
+            } else {
+                self.on_branch_response(&key, code, msg, now);
+            }
         }
         self.schedule_branch(&bk);
         self.schedule_forward(&key);

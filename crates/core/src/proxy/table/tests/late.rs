@@ -232,3 +232,26 @@ fn a_refused_push_answers_a_held_call_with_its_reason_or_leaves_it_to_the_branch
     assert_eq!(finals.len(), 1, "{finals:?}");
     assert!(matches!(finals[0], 480 | 486), "{finals:?}");
 }
+
+#[test]
+fn a_device_woken_for_a_call_that_ended_gets_the_invite_then_a_cancel_and_nothing_goes_up() {
+    let mut h = Harness::new();
+    let req = request("INVITE", "ended");
+    let nb = NewBranch {
+        branch: branch_of(7),
+        request: forwarded(&req, 7),
+        to: 7,
+        reliable: false,
+    };
+    h.table.ring_and_cancel(nb, h.now);
+    assert_eq!(h.sent(), (vec![], down(&[(7, "INVITE")])));
+    h.table.handle_response(&response(&req, 7, 180, &[]), h.now);
+    assert_eq!(
+        h.sent(),
+        (vec![], down(&[(7, "CANCEL")])),
+        "CANCEL once it rings"
+    );
+    h.table.handle_response(&response(&req, 7, 487, &[]), h.now);
+    assert_eq!(h.sent(), (vec![], down(&[(7, "ACK")])));
+    assert!(h.events().is_empty());
+}
