@@ -512,3 +512,88 @@ fn an_iphone_woken_for_a_call_answered_on_the_desk_phone_gets_the_invite_then_a_
         .collect();
     assert!(up.is_empty(), "the caller heard of the farewell: {up:?}");
 }
+
+/// A Redis server of this test's own (the shared one's 16 databases are all taken by other
+/// tests running alongside).
+struct OwnRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        require("redis-server", "redis-server");
+        let port = free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_call_on_one_node_reaches_a_phone_that_wakes_up_on_another() {
+    use crate::cluster_link::{joined, member_with};
+    let redis = OwnRedis::start();
+    let db = TestDb::postgres();
+    let push = PushService::start();
+    let env = push.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (a, b) = (
+        member_with(5, &db, &redis.url, &env),
+        member_with(6, &db, &redis.url, &env),
+    );
+    joined(&[&a, &b]);
+    a.add_user("nurse", "pw-nurse");
+    a.add_user("doctor", "pw-doctor");
+    let d = crate::cluster_link::DOMAIN;
+    // The phone (behind NAT: only the node it registers through reaches it) registered
+    // through node A, then slept.
+    let phone = Ua::new(a.sip_addr());
+    let pn = fcm_params(FCM_TOKEN);
+    let with_pn = |ua: &Ua| {
+        let port = ua.port();
+        move |m: String| {
+            m.replace(
+                &format!("Contact: <sip:nurse@127.0.0.1:{port}>"),
+                &format!("Contact: <sip:nurse@192.168.7.20:5060{}>", fcm_params(FCM_TOKEN)),
+            )
+        }
+    };
+    let r = phone.register_rewritten("nurse", "pw-nurse", d, "reg-a", with_pn(&phone));
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(r.contains(&pn), "{r}");
+    // The call arrives at node A; the push relaunches the app, which registers through B.
+    let caller = Ua::new(a.sip_addr());
+    invite_authorized(&caller, d, ("doctor", "pw-doctor"), "nurse", "across-nodes");
+    push.wait_push(FCM_TOKEN, 1, Duration::from_secs(5))
+        .expect("node A pushed");
+    let woken = Ua::new(b.sip_addr());
+    let r = woken.register_rewritten("nurse", "pw-nurse", d, "reg-b", with_pn(&woken));
+    assert_eq!(status(&r), 200, "{r}");
+    let inv = wait_for(&woken, "INVITE ", Duration::from_secs(5)).expect("the call through node B");
+    assert!(inv.contains("Call-ID: across-nodes\r\n"), "{inv}");
+    answer(&woken, &inv, 200);
+    let ok = wait_for(&caller, "SIP/2.0 200", Duration::from_secs(5)).expect("answered");
+    assert!(ok.contains("Call-ID: across-nodes\r\n"), "{ok}");
+    assert_eq!(push.pushes().len(), 1, "one push, from the node with the call");
+    assert_eq!(push.violations(), Vec::<String>::new());
+}
