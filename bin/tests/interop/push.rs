@@ -37,11 +37,23 @@ fn register_push(
     first_cseq: u32,
     pn: &str,
 ) -> (String, Vec<String>) {
+    register_push_with(ua, user, call_id, first_cseq, pn, "")
+}
+
+/// [`register_push`] with more Contact header parameters (`;name=value` each).
+fn register_push_with(
+    ua: &Ua,
+    user: &str,
+    call_id: &str,
+    first_cseq: u32,
+    pn: &str,
+    contact_params: &str,
+) -> (String, Vec<String>) {
     let contact = |m: String| {
         m.replace(
             &format!("Contact: <sip:{user}@127.0.0.1:{}>", ua.port()),
             &format!(
-                "Contact: <sip:{user}@127.0.0.1:{}{pn}>;+sip.instance=\"<urn:uuid:00000000-0000-0000-0000-0000{:08}>\"",
+                "Contact: <sip:{user}@127.0.0.1:{}{pn}>;+sip.instance=\"<urn:uuid:00000000-0000-0000-0000-0000{:08}>\"{contact_params}",
                 ua.port(),
                 user.len()
             ),
@@ -485,7 +497,13 @@ fn an_iphone_woken_for_a_call_answered_on_the_desk_phone_gets_the_invite_then_a_
     let r = desk.register("nurse", "pw-nurse", DOMAIN, "reg-desk", "");
     assert_eq!(status(&r), 200, "{r}");
     let caller = Ua::new(server.sip_addr());
-    invite_authorized(&caller, DOMAIN, ("doctor", "pw-doctor"), "nurse", "answered-on-desk");
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        "nurse",
+        "answered-on-desk",
+    );
     let at_desk = wait_for(&desk, "INVITE ", Duration::from_secs(3)).expect("the desk rings");
     push.wait_push(VOIP_TOKEN, 1, Duration::from_secs(5))
         .expect("a VoIP push");
@@ -525,7 +543,14 @@ impl OwnRedis {
         require("redis-server", "redis-server");
         let port = free_port();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "no"])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -574,7 +599,10 @@ fn a_call_on_one_node_reaches_a_phone_that_wakes_up_on_another() {
         move |m: String| {
             m.replace(
                 &format!("Contact: <sip:nurse@127.0.0.1:{port}>"),
-                &format!("Contact: <sip:nurse@192.168.7.20:5060{}>", fcm_params(FCM_TOKEN)),
+                &format!(
+                    "Contact: <sip:nurse@192.168.7.20:5060{}>",
+                    fcm_params(FCM_TOKEN)
+                ),
             )
         }
     };
@@ -594,6 +622,97 @@ fn a_call_on_one_node_reaches_a_phone_that_wakes_up_on_another() {
     answer(&woken, &inv, 200);
     let ok = wait_for(&caller, "SIP/2.0 200", Duration::from_secs(5)).expect("answered");
     assert!(ok.contains("Call-ID: across-nodes\r\n"), "{ok}");
-    assert_eq!(push.pushes().len(), 1, "one push, from the node with the call");
+    assert_eq!(
+        push.pushes().len(),
+        1,
+        "one push, from the node with the call"
+    );
+    assert_eq!(push.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn a_message_to_a_sleeping_phone_waits_for_it_and_is_delivered_once() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let phone = Ua::new(server.sip_addr());
+    let (r, _) = register_push(&phone, "nurse", "reg-msg", 1, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    let sender = Ua::new(server.sip_addr());
+    let port = sender.port();
+    let uri = format!("sip:nurse@{DOMAIN}");
+    send_with_proxy_auth(
+        &sender,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        ("MESSAGE", &uri),
+        |cseq, extra| {
+            format!(
+                "MESSAGE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKmsg{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:doctor@{DOMAIN}>;tag=m1\r\nTo: <{uri}>\r\nCall-ID: msg-1\r\nCSeq: {cseq} MESSAGE\r\n{extra}Content-Type: text/plain\r\nContent-Length: 12\r\n\r\nbed 4 is up."
+            )
+        },
+    );
+    let p = push
+        .wait_push(FCM_TOKEN, 1, Duration::from_secs(5))
+        .expect("a push for the message");
+    assert_eq!(p.body["message"]["data"]["loc-key"], "IM_MSG", "{}", p.body);
+    let (r, early) = register_push(&phone, "nurse", "reg-msg", 3, &fcm_params(FCM_TOKEN));
+    assert_eq!(status(&r), 200, "{r}");
+    let msg = match early.into_iter().find(|m| m.starts_with("MESSAGE ")) {
+        Some(m) => m,
+        None => wait_for(&phone, "MESSAGE ", Duration::from_secs(3)).expect("the message"),
+    };
+    assert!(msg.ends_with("bed 4 is up."), "{msg}");
+    answer(&phone, &msg, 200);
+    let ok = wait_for(&sender, "SIP/2.0 200", Duration::from_secs(3)).expect("delivered");
+    assert!(ok.contains("CSeq: 2 MESSAGE"), "{ok}");
+    let again: Vec<String> = quiet(&phone, Duration::from_millis(700))
+        .into_iter()
+        .filter(|m| m.starts_with("MESSAGE "))
+        .collect();
+    assert!(again.is_empty(), "delivered twice: {again:?}");
+}
+
+#[test]
+fn a_push_device_is_woken_to_register_again_before_its_registration_expires() {
+    let push = PushService::start();
+    let server = push_server(
+        &push,
+        &[("MIN_EXPIRES", "10"), ("PUSH_REFRESH_BEFORE", "30")],
+    );
+    let phone = Ua::new(server.sip_addr());
+    let pn = linphone_ios_params(VOIP_TOKEN);
+    // It asks for the periodic wake-up (+sip.pnsreg) and registers for 40 s.
+    let (r, _) = register_push_with(
+        &phone,
+        "nurse",
+        "reg-refresh",
+        1,
+        &pn,
+        ";+sip.pnsreg;expires=40",
+    );
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(
+        header(&r, "Feature-Caps"),
+        Some("*;+sip.pns=\"apns,fcm\";+sip.pnsreg=\"30\""),
+        "{r}"
+    );
+    // Inside 30 s of its expiry: one background push (never a VoIP one, which iOS would
+    // punish), to its background token.
+    let p = push
+        .wait_push(&format!("bg-{VOIP_TOKEN}"), 1, Duration::from_secs(25))
+        .expect("a refresh push");
+    assert_eq!(p.headers["apns-push-type"], "background");
+    assert_eq!(p.headers["apns-topic"], "org.linphone.phone");
+    assert!(
+        push.pushes_to(VOIP_TOKEN).is_empty(),
+        "a VoIP push without a call"
+    );
+    std::thread::sleep(Duration::from_secs(16));
+    assert_eq!(
+        push.pushes().len(),
+        1,
+        "once per registration: {:?}",
+        push.pushes()
+    );
     assert_eq!(push.violations(), Vec::<String>::new());
 }
