@@ -187,6 +187,13 @@ pub(crate) async fn run(
             ),
             None => Default::default(),
         },
+        push_services: [
+            cfg.push.apns.as_ref().map(|_| "apns".to_string()),
+            cfg.push.fcm.as_ref().map(|_| "fcm".to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     });
     let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), api, async move {
         http_cancel.cancelled().await

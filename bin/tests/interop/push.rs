@@ -235,6 +235,13 @@ fn a_sleeping_android_phone_gets_one_push_per_call_and_the_call_after_it_wakes()
         assert!(metrics.lines().any(|l| l == w), "{w} in:\n{metrics}");
     }
     assert!(!server.log().contains(FCM_TOKEN), "a push token in the log");
+    // The admin API (the dashboard's device list) shows it as a push device, without its token.
+    let out = server.cli_ok(&["apikey", "create", "push-test"]);
+    let key = out.lines().last().unwrap().trim().to_string();
+    let (code, _, body) = crate::api::http(&server, "GET", "/api/admin/bindings", Some(&key), None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body[0]["push"], "fcm", "{body}");
+    assert!(!body.to_string().contains(FCM_TOKEN), "{body}");
 }
 
 #[test]

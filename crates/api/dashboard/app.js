@@ -356,6 +356,14 @@
   }
 
   // ---------- my devices ----------
+  // A push device sleeps between calls and is woken for each: reachable, not offline.
+  function deviceState(d) {
+    if (d.push) {
+      return el('span', { class: 'badge online', title: `Woken for calls by ${d.push === 'apns' ? 'Apple' : 'Google'} push`, text: 'Sleeping, push-enabled' });
+    }
+    return el('span', { class: 'badge online', text: 'Online' });
+  }
+
 
   async function loadDevices() {
     let status;
@@ -388,7 +396,7 @@
       el('td', { 'data-label': 'Address' }, el('code', { text: d.sourceAddress })),
       el('td', { 'data-label': 'Registered since', text: when(d.registeredAt) }),
       el('td', { 'data-label': 'Expires in', class: 'expires', 'data-expires': String(d.expiresAt) }, duration((d.expiresAt - Date.now()) / 1000)),
-      el('td', { 'data-label': 'State' }, el('span', { class: 'badge online', text: 'Online' })),
+      el('td', { 'data-label': 'State' }, deviceState(d)),
       el('td', {}, el('button', {
         type: 'button', class: 'small danger', 'data-device': String(d.id),
         'aria-label': `Deregister ${deviceName(d.userAgent)}`,
@@ -668,7 +676,7 @@
       el('td', { text: b.transport.toUpperCase() }),
       el('td', {}, el('code', { text: b.sourceAddress })),
       el('td', {}, el('code', { text: b.node || '-' })),
-      el('td', { text: duration(b.expiresIn) }))));
+      el('td', { text: duration(b.expiresIn) + (b.push ? ' · sleeping, push-enabled' : '') }))));
     if (!list.length) $('#admin-devices').replaceChildren(el('tr', {}, el('td', { colspan: '6', text: 'No device is registered.' })));
   }
 

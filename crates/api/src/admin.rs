@@ -180,7 +180,7 @@ pub(crate) async fn bindings(
         all.iter()
             .map(|b| AdminBinding {
                 aor: b.aor.clone(),
-                device: device(b, now),
+                device: device(b, now, &api.push_services),
             })
             .collect(),
     ))

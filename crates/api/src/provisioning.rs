@@ -55,6 +55,8 @@ pub struct Provisioning {
     pub guard: Option<Arc<careflow_core::guard::Guard>>,
     /// One-time provisioning links handed out (Linphone QR codes).
     pub links: crate::provision_link::Links,
+    /// The push services the SIP side wakes sleeping devices through (`apns`, `fcm`).
+    pub push_services: Vec<String>,
 }
 
 impl std::fmt::Debug for Provisioning {
@@ -389,8 +391,17 @@ pub(crate) async fn revoke(State(api): Api, headers: HeaderMap) -> Result<Status
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(crate) fn device(b: &Binding, now: u64) -> Device {
+pub(crate) fn device(b: &Binding, now: u64, push_services: &[String]) -> Device {
+    let push = careflow_proto::Uri::parse(&b.contact).and_then(|u| {
+        match careflow_core::push::PushParams::of_uri(&u) {
+            careflow_core::push::PushRequest::Push(p) if push_services.contains(&p.provider) => {
+                Some(p.provider)
+            }
+            _ => None,
+        }
+    });
     Device {
+        push,
         id: b.id,
         contact: careflow_core::push::redacted(&b.contact).into_owned(),
         transport: b.transport.to_string(),
@@ -426,7 +437,7 @@ pub(crate) async fn status(State(api): Api, headers: HeaderMap) -> Result<Json<S
         .lookup(&aor(&api, &s.username), now)
         .await
         .map_err(|e| Problem::unavailable("the location service", &e))?;
-    let devices: Vec<Device> = bindings.iter().map(|b| device(b, now)).collect();
+    let devices: Vec<Device> = bindings.iter().map(|b| device(b, now, &api.push_services)).collect();
     Ok(Json(Status {
         online: !devices.is_empty(),
         sip_username: Some(s.username),

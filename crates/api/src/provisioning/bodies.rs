@@ -61,6 +61,10 @@ pub struct Device {
     /// that node can reach it; absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The push service (`apns`, `fcm`) that wakes this device for its calls: a mobile that
+    /// sleeps between them, reachable all the same. Absent for devices reached directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push: Option<String>,
 }
 
 /// Registration status.
