@@ -723,3 +723,130 @@ fn a_push_device_is_woken_to_register_again_before_its_registration_expires() {
     );
     assert_eq!(push.violations(), Vec::<String>::new());
 }
+
+/// A `linphonec` (liblinphone) phone of its own HOME, driven as ../shared/peers/linphone.md
+/// says: rc file written fresh, SIP port set on stdin, `-a` to answer calls.
+struct Linphonec {
+    child: std::process::Child,
+    home: tempfile::TempDir,
+}
+
+impl Linphonec {
+    fn start(server: &Server, user: &str, port: u16, contact_params: &str) -> Self {
+        use std::io::Write as _;
+        require("linphonec", "linphone-cli");
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(home.path().join(".local/share/linphone")).unwrap();
+        let sip = server.sip_addr();
+        let rc = format!(
+            "[sip]\nsip_port={port}\nsip_tcp_port=-1\ndefault_proxy=0\nregister_only_when_network_is_up=0\n\
+             [rtp]\naudio_rtp_port={}\n\
+             [sound]\ncapture_dev_id=\nplayback_dev_id=\n\
+             [proxy_0]\nreg_proxy=<sip:{sip};transport=udp>\nreg_route=<sip:{sip};transport=udp;lr>\n\
+             reg_identity=sip:{user}@{DOMAIN}\nreg_expires=600\nreg_sendregister=1\nrealm={DOMAIN}\n\
+             contact_uri_parameters={contact_params}\n\
+             [auth_info_0]\nusername={user}\npasswd=pw-{user}\nrealm={DOMAIN}\ndomain={DOMAIN}\n",
+            free_port()
+        );
+        let rc_path = home.path().join("linphonerc");
+        std::fs::write(&rc_path, rc).unwrap();
+        let log = std::fs::File::create(home.path().join("linphonec.log")).unwrap();
+        let mut child = std::process::Command::new("linphonec")
+            .args(["-c", rc_path.to_str().unwrap(), "-a", "-d", "6"])
+            .env("HOME", home.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("linphonec");
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(stdin, "ports sip {port}").unwrap();
+        Self { child, home }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.home.path().join("linphonec.log")).unwrap_or_default()
+    }
+
+    /// Gone at once, as iOS ends a suspended app: no de-registration.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Linphonec {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn linphone_registers_its_push_parameters_and_answers_the_call_after_a_push_relaunch() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let port = free_port();
+    let pn = format!("pn-provider=fcm;pn-param=careflow-test;pn-prid={FCM_TOKEN}");
+    let mut phone = Linphonec::start(&server, "nurse", port, &pn);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !server
+        .bindings_of("nurse")
+        .iter()
+        .any(|b| b.contains("pn-provider=fcm"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "linphonec did not register with pn-*:\n{}",
+            phone.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        phone
+            .log()
+            .contains("Feature-Caps: *;+sip.pns=\"apns,fcm\""),
+        "{}",
+        phone.log()
+    );
+    // The app is suspended (killed without a word) and a call comes in with an SDP offer.
+    phone.kill();
+    let caller = Ua::new(server.sip_addr());
+    let cport = caller.port();
+    let sdp = format!(
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n",
+        free_port()
+    );
+    let uri = format!("sip:nurse@{DOMAIN}");
+    send_with_proxy_auth(
+        &caller,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        ("INVITE", &uri),
+        |cseq, extra| {
+            format!(
+                "INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{cport};branch=z9hG4bKlin{cseq};rport\r\nMax-Forwards: 70\r\nFrom: \"Dr Who\" <sip:doctor@{DOMAIN}>;tag=lc1\r\nTo: <{uri}>\r\nCall-ID: linphone-wake\r\nCSeq: {cseq} INVITE\r\nContact: <sip:doctor@127.0.0.1:{cport}>\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+                sdp.len()
+            )
+        },
+    );
+    let p = push
+        .wait_push(FCM_TOKEN, 1, Duration::from_secs(5))
+        .expect("a push");
+    assert_eq!(
+        p.body["message"]["data"]["display-name"], "Dr Who",
+        "{}",
+        p.body
+    );
+    // The push relaunches the app: it registers again (same pn-*) and answers.
+    let phone = Linphonec::start(&server, "nurse", free_port(), &pn);
+    let ok = wait_for(&caller, "SIP/2.0 200", Duration::from_secs(9))
+        .unwrap_or_else(|| panic!("linphonec did not answer after waking:\n{}", phone.log()));
+    assert!(ok.contains("Call-ID: linphone-wake\r\n"), "{ok}");
+    assert_eq!(
+        server.bindings_of("nurse").len(),
+        1,
+        "{:?}",
+        server.bindings_of("nurse")
+    );
+    assert_eq!(push.pushes().len(), 1);
+}

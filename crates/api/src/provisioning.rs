@@ -437,7 +437,10 @@ pub(crate) async fn status(State(api): Api, headers: HeaderMap) -> Result<Json<S
         .lookup(&aor(&api, &s.username), now)
         .await
         .map_err(|e| Problem::unavailable("the location service", &e))?;
-    let devices: Vec<Device> = bindings.iter().map(|b| device(b, now, &api.push_services)).collect();
+    let devices: Vec<Device> = bindings
+        .iter()
+        .map(|b| device(b, now, &api.push_services))
+        .collect();
     Ok(Json(Status {
         online: !devices.is_empty(),
         sip_username: Some(s.username),
