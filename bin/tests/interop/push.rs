@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use careflow_proto::digest::Algorithm;
 use careflow_test_support::push_service::{APNS_TEAM_ID, PushService};
 
 use crate::support::*;
@@ -59,37 +58,14 @@ fn register_push_with(
             ),
         )
     };
-    let mut arrived = Vec::new();
-    let read_final = |arrived: &mut Vec<String>| loop {
-        let m = ua.recv().expect("an answer to REGISTER");
-        if m.starts_with("SIP/2.0 ") && m.contains("REGISTER\r\n") {
-            return m;
-        }
-        arrived.push(m);
-    };
-    ua.send(&contact(
-        ua.register_msg(user, DOMAIN, call_id, first_cseq, ""),
-    ));
-    let r1 = read_final(&mut arrived);
-    assert_eq!(status(&r1), 401, "{r1}");
-    let auth = authorization(
-        &r1,
-        Algorithm::Md5,
-        user,
-        DOMAIN,
-        &format!("pw-{user}"),
-        "REGISTER",
-        &format!("sip:{DOMAIN}"),
-        1,
-    );
-    ua.send(&contact(ua.register_msg(
-        user,
-        DOMAIN,
+    let r = ua.register_collecting(
+        (user, &format!("pw-{user}"), DOMAIN),
         call_id,
-        first_cseq + 1,
-        &format!("Authorization: {auth}\r\n"),
-    )));
-    (read_final(&mut arrived), arrived)
+        first_cseq,
+        contact,
+    );
+    assert!(status(&r.0) >= 200, "{}", r.0);
+    r
 }
 
 /// A server pushing through `push`, with `extra` settings, and users nurse, doctor, desk.

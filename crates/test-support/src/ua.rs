@@ -109,6 +109,52 @@ impl Ua {
     }
 }
 
+impl Ua {
+    /// A digest registration (401, then credentials) with both REGISTERs passed through
+    /// `rewrite`, CSeq from `first_cseq`, reading past the requests that arrive meanwhile (a
+    /// phone woken by a push may get its INVITE before the 200 OK): the final answer, and
+    /// those requests.
+    pub fn register_collecting(
+        &self,
+        (user, password, domain): (&str, &str, &str),
+        call_id: &str,
+        first_cseq: u32,
+        rewrite: impl Fn(String) -> String,
+    ) -> (String, Vec<String>) {
+        let mut arrived = Vec::new();
+        let read_final = |arrived: &mut Vec<String>| loop {
+            let m = self.recv().expect("an answer to REGISTER");
+            if m.starts_with("SIP/2.0 ") && m.contains("REGISTER\r\n") {
+                return m;
+            }
+            arrived.push(m);
+        };
+        self.send(&rewrite(
+            self.register_msg(user, domain, call_id, first_cseq, ""),
+        ));
+        let r1 = read_final(&mut arrived);
+        assert!(r1.starts_with("SIP/2.0 401"), "expected 401, got:\n{r1}");
+        let auth = authorization(
+            &r1,
+            Algorithm::Md5,
+            user,
+            domain,
+            password,
+            "REGISTER",
+            &format!("sip:{domain}"),
+            1,
+        );
+        self.send(&rewrite(self.register_msg(
+            user,
+            domain,
+            call_id,
+            first_cseq + 1,
+            &format!("Authorization: {auth}\r\n"),
+        )));
+        (read_final(&mut arrived), arrived)
+    }
+}
+
 /// Receives until a message starting with `start` arrives, skipping others (retransmissions,
 /// provisionals); at most 50 are skipped.
 pub fn expect(ua: &Ua, start: &str) -> String {
