@@ -826,3 +826,39 @@ fn linphone_registers_its_push_parameters_and_answers_the_call_after_a_push_rela
     );
     assert_eq!(push.pushes().len(), 1);
 }
+
+#[test]
+fn a_device_of_an_app_we_cannot_push_to_is_called_over_its_flow_instead_of_failing() {
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    // Linphone from the App Store: its token belongs to another team's topic.
+    push.refuse(VOIP_TOKEN, 400, "DeviceTokenNotForTopic");
+    let phone = Ua::new(server.sip_addr());
+    let (r, _) = register_push(
+        &phone,
+        "nurse",
+        "reg-store-app",
+        1,
+        &linphone_ios_params(VOIP_TOKEN),
+    );
+    assert_eq!(status(&r), 200, "{r}");
+    for (n, call_id) in ["store-app-1", "store-app-2"].iter().enumerate() {
+        let caller = Ua::new(server.sip_addr());
+        invite_authorized(&caller, DOMAIN, ("doctor", "pw-doctor"), "nurse", call_id);
+        let inv = wait_for(&phone, "INVITE ", Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("call {n} did not reach the phone"));
+        assert!(inv.contains(&format!("Call-ID: {call_id}\r\n")), "{inv}");
+        answer(&phone, &inv, 200);
+        wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered");
+    }
+    assert_eq!(server.bindings_of("nurse").len(), 1, "the binding stays");
+    let metrics = metrics_show(
+        &server,
+        &["careflow_sip_push_failed_total{service=\"apns\",reason=\"not_our_app\"} 1"],
+    );
+    assert!(
+        metrics
+            .contains("careflow_sip_push_failed_total{service=\"apns\",reason=\"not_our_app\"} 1"),
+        "tried once, then called directly: {metrics}"
+    );
+}

@@ -521,7 +521,7 @@
         `Settings → Accounts → Add Account → Generic SIP Account.`,
         `Title: CareFlow. Username: ${v.user}. Password: ${v.password}. Domain: ${v.domain}:${v.port}.`,
         `Advanced Settings → Network → SIP Transport: ${v.transportLabel}.`,
-        `Keep Push notifications on so calls reach you when the app is in the background. Save.`,
+        `Keep Push notifications on so calls reach you when the app is in the background (Acrobits' service keeps your registration while the phone sleeps). Save.`,
       ],
     },
     linphone: {
@@ -533,6 +533,7 @@
         `Or by hand: open the assistant → Use a SIP account.`,
         `Username: ${v.user}. Password: ${v.password}. Domain: ${v.domain}:${v.port}.`,
         `Transport: ${v.transportLabel}. Log in.`,
+        `On a phone: Linphone from the app store cannot be woken by this server (its pushes come from its publisher); it rings while it is open. To be reached with the app closed, use the CareFlow app or Groundwire.`,
       ],
     },
     baresip: {

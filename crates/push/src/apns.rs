@@ -225,13 +225,23 @@ impl Apns {
             let reason = || error_reason(&answer.body);
             return match answer.status {
                 200 => Ok(()),
+                // The token or topic is another team's app (e.g. Linphone from the App Store).
+                400 | 403
+                    if matches!(
+                        reason().as_str(),
+                        "DeviceTokenNotForTopic" | "TopicDisallowed" | "BadTopic"
+                    ) =>
+                {
+                    Err(Failure::NotOurs(format!(
+                        "APNs {}: {}",
+                        answer.status,
+                        reason()
+                    )))
+                }
                 400 | 410
                     if matches!(
                         reason().as_str(),
-                        "BadDeviceToken"
-                            | "Unregistered"
-                            | "DeviceTokenNotForTopic"
-                            | "ExpiredToken"
+                        "BadDeviceToken" | "Unregistered" | "ExpiredToken"
                     ) =>
                 {
                     Err(Failure::InvalidToken(format!(

@@ -208,6 +208,10 @@ impl Fcm {
                     self.auth.forget();
                     continue;
                 }
+                // The token is another Firebase project's app (e.g. Linphone from the store).
+                403 if says("SENDER_ID_MISMATCH") => {
+                    Err(Failure::NotOurs(format!("FCM 403: {}", reason())))
+                }
                 404 => Err(Failure::InvalidToken(format!("FCM 404: {}", reason()))),
                 400 if says("registration token") => {
                     Err(Failure::InvalidToken(format!("FCM 400: {}", reason())))

@@ -50,6 +50,9 @@ pub enum Failure {
     Refused(String),
     /// The service could not be reached or did not answer in time, or is overloaded: 480.
     Unavailable(String),
+    /// The device belongs to an app our credentials cannot push to (another team's topic,
+    /// another Firebase sender): it is reached over its flow like any device instead.
+    NotOurs(String),
 }
 
 impl Failure {
@@ -59,6 +62,7 @@ impl Failure {
             Self::InvalidToken(_) => "invalid_token",
             Self::Refused(_) => "refused",
             Self::Unavailable(_) => "unavailable",
+            Self::NotOurs(_) => "not_our_app",
         }
     }
 }
@@ -69,6 +73,7 @@ impl std::fmt::Display for Failure {
             Self::InvalidToken(why) => write!(f, "invalid device token: {why}"),
             Self::Refused(why) => write!(f, "refused: {why}"),
             Self::Unavailable(why) => write!(f, "unavailable: {why}"),
+            Self::NotOurs(why) => write!(f, "another app's device: {why}"),
         }
     }
 }

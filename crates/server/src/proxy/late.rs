@@ -37,7 +37,7 @@ impl App {
         let Ok(bindings) = self.location.lookup(aor, unix_now()).await else {
             return;
         };
-        self.wake_sleepers(aor, &bindings).await;
+        self.wake_sleepers(&bindings).await;
         let mut hops = Vec::new();
         for b in route::preferred_flows(&bindings) {
             // A push device gets a call only as the push's wake-up (above).

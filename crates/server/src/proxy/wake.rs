@@ -114,9 +114,19 @@ impl App {
         };
         tracing::warn!(aor = %b.aor, device = %p.log_id(), provider = %p.provider,
             error = %failure, "push failed");
+        if let Failure::NotOurs(_) = failure {
+            // An app whose pushes our credentials cannot send (another publisher's build, e.g.
+            // Linphone from the store): reached as any device, now and from now on.
+            tracing::info!(aor = %b.aor, device = %p.log_id(),
+                "push device of an app we cannot push to: called over its flow instead");
+            pusher.not_ours(b.id);
+            let calls = pusher.failed(b.id);
+            self.fork_waiting(&b, &p, calls, false).await;
+            return;
+        }
         let (code, text) = match &failure {
             Failure::InvalidToken(_) => (404, "push token no longer valid"),
-            Failure::Refused(_) => (480, "push refused by the service"),
+            Failure::Refused(_) | Failure::NotOurs(_) => (480, "push refused by the service"),
             Failure::Unavailable(_) => (480, "push service unavailable"),
         };
         if let Failure::InvalidToken(_) = failure {
@@ -146,7 +156,7 @@ impl App {
 
     /// `bindings` of `aor` as they are now: each push device that registered again since its
     /// push gets the requests that wait for it, once.
-    pub(super) async fn wake_sleepers(self: &Arc<Self>, aor: &str, bindings: &[Binding]) {
+    pub(super) async fn wake_sleepers(self: &Arc<Self>, bindings: &[Binding]) {
         let Some(pusher) = self.push.clone() else {
             return;
         };
@@ -155,40 +165,58 @@ impl App {
                 continue;
             };
             let calls = pusher.woke(b);
-            if calls.is_empty() {
-                continue;
+            if !calls.is_empty() {
+                self.fork_waiting(b, &p, calls, true).await;
             }
-            let Some(hop) = self.binding_hop(b).await else {
+        }
+    }
+
+    /// Forks the requests `keys` that waited for `b` to it (woken: it registered again; else
+    /// its push could not be sent and it is reached as any device). A woken device whose
+    /// request ended meanwhile gets its [`Self::farewell`].
+    async fn fork_waiting(
+        self: &Arc<Self>,
+        b: &Binding,
+        p: &PushParams,
+        keys: Vec<TxKey>,
+        woken: bool,
+    ) {
+        let Some(pusher) = self.push.clone() else {
+            return;
+        };
+        let hop = self.binding_hop(b).await;
+        for key in keys {
+            let still_waits = pusher.call_waits(&key);
+            let ringing = self.ringing_call(&key);
+            let (Some(hop), Some((msg, ctx))) = (hop.clone(), ringing) else {
+                if let (Some(hop), true) = (hop.clone(), woken) {
+                    self.farewell(&b.aor, &key, p, hop);
+                } else if !still_waits {
+                    let now = Instant::now();
+                    self.with_proxy(|t| t.unhold(&key, None, now));
+                }
                 continue;
             };
-            for key in calls {
-                let Some((msg, ctx)) = self.ringing_call(&key) else {
-                    self.farewell(aor, &key, &p, hop.clone());
-                    continue;
-                };
-                let Some(hop) = self.with_media_for_late_branch(&msg, hop.clone()).await else {
-                    continue;
-                };
-                let flow = hop.flow_id();
-                let branches = self.branches(&msg, &ctx, vec![hop]);
-                let now = Instant::now();
-                let still_waits = pusher.call_waits(&key);
-                let added = self.with_proxy(|t| {
-                    let added = t.add_branches(&key, branches, now);
-                    if !still_waits {
-                        t.unhold(&key, None, now);
-                    }
-                    added
-                });
-                if added == Some(true) {
-                    pusher.stats.woken.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
-                        aor,
-                        call_id = msg.call_id().unwrap_or_default(),
-                        "woken device registered: request forked to it"
-                    );
-                    self.ringing.update(aor, &key, Some(flow));
+            let Some(hop) = self.with_media_for_late_branch(&msg, hop).await else {
+                continue;
+            };
+            let flow = hop.flow_id();
+            let branches = self.branches(&msg, &ctx, vec![hop]);
+            let now = Instant::now();
+            let added = self.with_proxy(|t| {
+                let added = t.add_branches(&key, branches, now);
+                if !still_waits {
+                    t.unhold(&key, None, now);
                 }
+                added
+            });
+            if added == Some(true) {
+                if woken {
+                    pusher.stats.woken.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!(aor = %b.aor, call_id = msg.call_id().unwrap_or_default(), woken,
+                    "request forked to the push device");
+                self.ringing.update(&b.aor, &key, Some(flow));
             }
         }
     }

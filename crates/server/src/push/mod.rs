@@ -61,6 +61,9 @@ pub(crate) struct Pusher {
     waits: Mutex<PushWaits<TxKey>>,
     /// When each device's push was accepted, for the push-to-registration time.
     pushed: Mutex<HashMap<u64, Instant>>,
+    /// Devices of apps our credentials cannot push to (their pushes came back "not your
+    /// app"): reached over their flow like any device.
+    foreign: Mutex<std::collections::HashSet<u64>>,
     /// Registrations (by stamp) a refresh push went for, per device: one each (§5.5).
     refreshed: Mutex<HashMap<u64, u64>>,
     /// The requests that wait (or waited: until their wait ends), for a device woken after
@@ -76,6 +79,7 @@ impl Pusher {
             cfg,
             pushed: Mutex::default(),
             refreshed: Mutex::default(),
+            foreign: Mutex::default(),
             requests: Mutex::default(),
             stats: PushStats::default(),
         }
@@ -136,6 +140,9 @@ impl Pusher {
     /// The push address of `b`, when it is a device we wake with a push (it then gets
     /// requests only once it registers again after the push).
     pub(crate) fn sleeper(&self, b: &Binding) -> Option<PushParams> {
+        if self.foreign.lock().is_ok_and(|f| f.contains(&b.id)) {
+            return None;
+        }
         let uri = careflow_proto::Uri::parse(&b.contact)?;
         match PushParams::of_uri(&uri) {
             PushRequest::Push(p) if self.serves(&p.provider) => Some(p),
@@ -180,6 +187,13 @@ impl Pusher {
             .lock()
             .map(|mut w| w.failed(id))
             .unwrap_or_default()
+    }
+
+    /// Device `id` is another app's: never pushed again (while this process runs).
+    pub(crate) fn not_ours(&self, id: u64) {
+        if let Ok(mut f) = self.foreign.lock() {
+            f.insert(id);
+        }
     }
 
     /// Whether `key` still waits for another device.
@@ -252,6 +266,9 @@ impl Pusher {
     pub(crate) fn retain_refreshed(&self, live: &dyn Fn(u64) -> bool) {
         if let Ok(mut r) = self.refreshed.lock() {
             r.retain(|id, _| live(*id));
+        }
+        if let Ok(mut f) = self.foreign.lock() {
+            f.retain(|id| live(*id));
         }
     }
 

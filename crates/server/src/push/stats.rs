@@ -9,7 +9,7 @@ use careflow_core::push::Provider;
 
 const SERVICES: [&str; 2] = ["apns", "fcm"];
 const KINDS: [&str; 3] = ["call", "message", "refresh"];
-const REASONS: [&str; 3] = ["invalid_token", "refused", "unavailable"];
+const REASONS: [&str; 4] = ["invalid_token", "refused", "unavailable", "not_our_app"];
 /// Bucket bounds in seconds: from a local service's milliseconds to the whole wait.
 const BOUNDS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -72,7 +72,7 @@ impl Histogram {
 #[derive(Debug, Default)]
 pub struct PushStats {
     sent: [[AtomicU64; 3]; 2],
-    failed: [[AtomicU64; 3]; 2],
+    failed: [[AtomicU64; 4]; 2],
     /// From the request's arrival to the service accepting the push.
     pub(crate) to_push: Histogram,
     /// From the push accepted to the device's new registration.
