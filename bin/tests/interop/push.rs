@@ -862,3 +862,56 @@ fn a_device_of_an_app_we_cannot_push_to_is_called_over_its_flow_instead_of_faili
         "tried once, then called directly: {metrics}"
     );
 }
+
+#[test]
+fn a_push_device_on_tcp_keeps_its_binding_when_its_connection_closes_and_is_woken_over_a_new_one() {
+    use std::io::Write as _;
+    let push = PushService::start();
+    let server = push_server(&push, &[]);
+    let pn = fcm_params(FCM_TOKEN);
+    let first = crate::secure::tcp_device_with(&server, "nurse", "pw-nurse", "tcp-a", &pn);
+    // The app is suspended: the system closes its connection.
+    drop(first);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        server.bindings_of("nurse").len(),
+        1,
+        "the push binding went with its connection"
+    );
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("doctor", "pw-doctor"),
+        "nurse",
+        "tcp-wake",
+    );
+    push.wait_push(FCM_TOKEN, 1, Duration::from_secs(5))
+        .expect("a push");
+    let mut second = crate::secure::tcp_device_with(&server, "nurse", "pw-nurse", "tcp-b", &pn);
+    let inv = crate::secure::read_message(&mut second, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no INVITE over the new connection:\n{}", server.log()));
+    assert!(
+        inv.starts_with("INVITE sip:nurse@dev-tcp-b.invalid"),
+        "{inv}"
+    );
+    let m = careflow_proto::Message::parse(
+        bytes::Bytes::from(inv.clone()),
+        &careflow_proto::ParseLimits::default(),
+    )
+    .unwrap();
+    let mut b = careflow_proto::ResponseBuilder::new(&m, 200)
+        .to_tag("tcp-dev")
+        .header("Contact", "<sip:nurse@dev-tcp-b.invalid;transport=tcp>");
+    for rr in m.headers_named(careflow_proto::HeaderName::RecordRoute) {
+        b = b.header("Record-Route", rr);
+    }
+    second.write_all(&b.build()).unwrap();
+    wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered over TCP");
+    assert_eq!(
+        server.bindings_of("nurse").len(),
+        1,
+        "{:?}",
+        server.bindings_of("nurse")
+    );
+}

@@ -278,7 +278,7 @@ fn a_broken_certificate_file_is_named_at_startup() {
 }
 
 /// Reads one SIP message from a stream (Content-Length framing), within `timeout`.
-fn read_message(s: &mut TcpStream, timeout: Duration) -> Option<String> {
+pub(crate) fn read_message(s: &mut TcpStream, timeout: Duration) -> Option<String> {
     s.set_read_timeout(Some(timeout)).unwrap();
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
@@ -303,6 +303,17 @@ fn read_message(s: &mut TcpStream, timeout: Duration) -> Option<String> {
 /// Registers `user` over a fresh TCP connection with a contact nobody could dial (the
 /// connection is the only way to reach it).
 fn tcp_device(server: &Server, user: &str, password: &str, call_id: &str) -> TcpStream {
+    tcp_device_with(server, user, password, call_id, "")
+}
+
+/// [`tcp_device`] with more Contact URI parameters (`;name=value` each).
+pub(crate) fn tcp_device_with(
+    server: &Server,
+    user: &str,
+    password: &str,
+    call_id: &str,
+    uri_params: &str,
+) -> TcpStream {
     let mut s = TcpStream::connect(server.sip_addr()).unwrap();
     let local = s.local_addr().unwrap();
     let reg = |cseq: u32, auth: &str| {
@@ -310,7 +321,7 @@ fn tcp_device(server: &Server, user: &str, password: &str, call_id: &str) -> Tcp
             "REGISTER sip:{d} SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bK{call_id}{cseq}\r\n\
              Max-Forwards: 70\r\nFrom: <sip:{user}@{d}>;tag=r{cseq}\r\nTo: <sip:{user}@{d}>\r\n\
              Call-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n\
-             Contact: <sip:{user}@dev-{call_id}.invalid;transport=tcp>\r\nExpires: 600\r\n\
+             Contact: <sip:{user}@dev-{call_id}.invalid;transport=tcp{uri_params}>\r\nExpires: 600\r\n\
              {auth}Content-Length: 0\r\n\r\n",
             d = server.domain
         )

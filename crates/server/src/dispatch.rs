@@ -138,10 +138,14 @@ impl InboundHandler for App {
         }
         let location = self.location.clone();
         let metrics_app = self.me.clone();
+        let pusher = self.push.clone();
         tokio::spawn(async move {
             for aor in aors {
-                let n = crate::flows::remove_bindings(&*location, &aor, |b| b.conn == Some(conn.0))
-                    .await;
+                // A push device's binding stays: it is woken by a push and registers again.
+                let n = crate::flows::remove_bindings(&*location, &aor, |b| {
+                    b.conn == Some(conn.0) && !crate::push::survives_its_flow(pusher.as_deref(), b)
+                })
+                .await;
                 if n > 0 {
                     tracing::info!(aor = %aor, conn = conn.0, removed = n,
                         "connection closed; its bindings are removed");
@@ -290,7 +294,10 @@ impl App {
         let mut removed = 0;
         for aor in aors {
             removed += crate::flows::remove_bindings(&*self.location, aor, |b| {
-                b.transport.is_reliable() && b.conn.is_none() && b.path.is_empty()
+                b.transport.is_reliable()
+                    && b.conn.is_none()
+                    && b.path.is_empty()
+                    && !crate::push::survives_its_flow(self.push.as_deref(), b)
             })
             .await;
         }
@@ -310,11 +317,12 @@ impl App {
             return;
         };
         let stale = |b: &careflow_core::Binding| {
-            b.owner
-                .as_deref()
-                .and_then(careflow_proto::NameAddr::parse)
-                .and_then(|na| cluster.token(na.uri.user?))
-                .is_some_and(|t| cluster.is_my_past(&t))
+            !crate::push::survives_its_flow(self.push.as_deref(), b)
+                && b.owner
+                    .as_deref()
+                    .and_then(careflow_proto::NameAddr::parse)
+                    .and_then(|na| cluster.token(na.uri.user?))
+                    .is_some_and(|t| cluster.is_my_past(&t))
         };
         let mut aors: Vec<&str> = all
             .iter()

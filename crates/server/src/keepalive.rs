@@ -52,7 +52,10 @@ impl App {
         };
         let nated: HashMap<u64, &Binding> = all
             .iter()
-            .filter(|b| needs_keepalive(b))
+            // A sleeping push device is not pinged: it does not answer, and need not.
+            .filter(|b| {
+                needs_keepalive(b) && !crate::push::survives_its_flow(self.push.as_deref(), b)
+            })
             .map(|b| (b.id, b))
             .collect();
         let round = match self.keepalives.lock() {

@@ -312,6 +312,12 @@ impl Pusher {
     }
 }
 
+/// Whether `b` is a device `pusher` wakes (none: no push service): its binding outlives its
+/// connection, its NAT mapping and its node, since the push reaches it without them.
+pub(crate) fn survives_its_flow(pusher: Option<&Pusher>, b: &Binding) -> bool {
+    pusher.is_some_and(|p| p.sleeper(b).is_some())
+}
+
 /// The `+sip.instance` of a binding as the push payload's `uuid` (Linphone's form: the UUID
 /// without `<urn:uuid:` and `>`).
 pub(crate) fn instance_uuid(b: &Binding) -> Option<&str> {
