@@ -105,7 +105,17 @@ fn wait_for(ua: &Ua, start: &str, within: Duration) -> Option<String> {
     None
 }
 
-/// Nothing but `what` (if anything) reaches `ua` for `d`.
+/// The request starting with `start` that a woken phone got: among the messages that arrived
+/// while it registered (`early`), or within 3 s after.
+fn woken_gets(ua: &Ua, early: Vec<String>, start: &str) -> String {
+    match early.into_iter().find(|m| m.starts_with(start)) {
+        Some(m) => m,
+        None => wait_for(ua, start, Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("no {start}after waking")),
+    }
+}
+
+/// What reaches `ua` within `d`.
 fn quiet(ua: &Ua, d: Duration) -> Vec<String> {
     ua.sock
         .set_read_timeout(Some(Duration::from_millis(100)))
@@ -170,10 +180,7 @@ fn a_sleeping_android_phone_gets_one_push_per_call_and_the_call_after_it_wakes()
         &fcm_params(FCM_TOKEN),
     );
     assert_eq!(status(&r), 200, "{r}");
-    let inv = match early.into_iter().find(|m| m.starts_with("INVITE ")) {
-        Some(m) => m,
-        None => wait_for(&woken, "INVITE ", Duration::from_secs(3)).expect("the call after waking"),
-    };
+    let inv = woken_gets(&woken, early, "INVITE ");
     assert!(inv.contains("Call-ID: wake-1\r\n"), "{inv}");
     answer(&woken, &inv, 200);
     let ok = wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered");
@@ -247,10 +254,7 @@ fn a_linphone_iphone_gets_a_voip_push_and_the_call_over_its_refreshed_registrati
     // Woken, it refreshes its registration from the same socket and Call-ID.
     let (r, early) = register_push(&phone, "nurse", "reg-iphone", 3, &pn);
     assert_eq!(status(&r), 200, "{r}");
-    let inv = match early.into_iter().find(|m| m.starts_with("INVITE ")) {
-        Some(m) => m,
-        None => wait_for(&phone, "INVITE ", Duration::from_secs(3)).expect("the call"),
-    };
+    let inv = woken_gets(&phone, early, "INVITE ");
     answer(&phone, &inv, 200);
     wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered");
     assert_eq!(push.pushes().len(), 1);
@@ -289,10 +293,7 @@ fn a_desk_phone_rings_at_once_and_a_busy_one_does_not_end_the_wait_for_the_mobil
     );
     let (r, early) = register_push(&mobile, "nurse", "reg-mobile", 3, &fcm_params(FCM_TOKEN));
     assert_eq!(status(&r), 200, "{r}");
-    let inv = match early.into_iter().find(|m| m.starts_with("INVITE ")) {
-        Some(m) => m,
-        None => wait_for(&mobile, "INVITE ", Duration::from_secs(3)).expect("the mobile's branch"),
-    };
+    let inv = woken_gets(&mobile, early, "INVITE ");
     answer(&mobile, &inv, 200);
     wait_for(&caller, "SIP/2.0 200", Duration::from_secs(3)).expect("answered on the mobile");
     assert_eq!(push.pushes().len(), 1, "no push for the desk phone");
@@ -495,10 +496,7 @@ fn an_iphone_woken_for_a_call_answered_on_the_desk_phone_gets_the_invite_then_a_
     // The iPhone shows the call (CallKit) and registers: it must hear the call is over.
     let (r, early) = register_push(&iphone, "nurse", "reg-iphone", 3, &pn);
     assert_eq!(status(&r), 200, "{r}");
-    let inv = match early.into_iter().find(|m| m.starts_with("INVITE ")) {
-        Some(m) => m,
-        None => wait_for(&iphone, "INVITE ", Duration::from_secs(3)).expect("the INVITE"),
-    };
+    let inv = woken_gets(&iphone, early, "INVITE ");
     assert!(inv.contains("Call-ID: answered-on-desk\r\n"), "{inv}");
     answer(&iphone, &inv, 180);
     let cancel = wait_for(&iphone, "CANCEL ", Duration::from_secs(3)).expect("then the CANCEL");
@@ -640,10 +638,7 @@ fn a_message_to_a_sleeping_phone_waits_for_it_and_is_delivered_once() {
     assert_eq!(p.body["message"]["data"]["loc-key"], "IM_MSG", "{}", p.body);
     let (r, early) = register_push(&phone, "nurse", "reg-msg", 3, &fcm_params(FCM_TOKEN));
     assert_eq!(status(&r), 200, "{r}");
-    let msg = match early.into_iter().find(|m| m.starts_with("MESSAGE ")) {
-        Some(m) => m,
-        None => wait_for(&phone, "MESSAGE ", Duration::from_secs(3)).expect("the message"),
-    };
+    let msg = woken_gets(&phone, early, "MESSAGE ");
     assert!(msg.ends_with("bed 4 is up."), "{msg}");
     answer(&phone, &msg, 200);
     let ok = wait_for(&sender, "SIP/2.0 200", Duration::from_secs(3)).expect("delivered");

@@ -87,29 +87,10 @@ impl Ua {
         call_id: &str,
         rewrite: impl Fn(String) -> String,
     ) -> String {
-        let r1 = self.request(&rewrite(self.register_msg(user, domain, call_id, 1, "")));
-        assert!(r1.starts_with("SIP/2.0 401"), "expected 401, got:\n{r1}");
-        let auth = authorization(
-            &r1,
-            Algorithm::Md5,
-            user,
-            domain,
-            password,
-            "REGISTER",
-            &format!("sip:{domain}"),
-            1,
-        );
-        self.request(&rewrite(self.register_msg(
-            user,
-            domain,
-            call_id,
-            2,
-            &format!("Authorization: {auth}\r\n"),
-        )))
+        self.register_collecting((user, password, domain), call_id, 1, rewrite)
+            .0
     }
-}
 
-impl Ua {
     /// A digest registration (401, then credentials) with both REGISTERs passed through
     /// `rewrite`, CSeq from `first_cseq`, reading past the requests that arrive meanwhile (a
     /// phone woken by a push may get its INVITE before the 200 OK): the final answer, and

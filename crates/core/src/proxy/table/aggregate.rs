@@ -68,8 +68,9 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         self.drain_forward(key);
     }
 
-    /// A final of our own making (timeout, unreachable target) competes with the branches'.
-    pub(super) fn offer_local(&mut self, key: &TxKey, code: u16) {
+    /// A final of our own making (timeout, unreachable target, a device that did not wake)
+    /// competes with the branches'; `why` becomes its Reason header (RFC 3326).
+    pub(super) fn offer_local(&mut self, key: &TxKey, code: u16, why: Option<&str>) {
         let Some(fw) = self.forwards.get(key) else {
             return;
         };
@@ -80,13 +81,16 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         {
             return;
         }
-        let resp = local_response(
+        let mut resp = local_response(
             &self.cfg.server_header,
             &fw.request,
             fw.upstream.source,
             code,
-        )
-        .build();
+        );
+        if let Some(text) = why {
+            resp = resp.header("Reason", format!("SIP;cause={code};text=\"{text}\""));
+        }
+        let resp = resp.build();
         if let Some(fw) = self.forwards.get_mut(key) {
             fw.best = Some((code, resp));
         }

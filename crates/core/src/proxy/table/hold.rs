@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use careflow_proto::Message;
 
-use super::aggregate::local_response;
 use super::{BranchKey, NewBranch, ProxyTable, Timed, Upstream};
-use crate::proxy::best;
 use crate::transaction::TxKey;
 use crate::transaction::client::ClientTransaction;
 
@@ -55,7 +53,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             return;
         }
         if let Some((code, text)) = failure {
-            self.offer_held_failure(key, code, text);
+            self.offer_local(key, code, Some(text));
         }
         self.finish_held(key, now);
     }
@@ -69,39 +67,8 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             return;
         }
         fw.held_until = None;
-        self.offer_held_failure(key, 480, "the device did not wake up");
+        self.offer_local(key, 480, Some("the device did not wake up"));
         self.finish_held(key, now);
-    }
-
-    /// A held request's own failure (480 or 404 with a Reason) competes with its branches'.
-    fn offer_held_failure(&mut self, key: &TxKey, code: u16, text: &str) {
-        let Some(fw) = self.forwards.get(key) else {
-            return;
-        };
-        if fw
-            .best
-            .as_ref()
-            .is_some_and(|(c, _)| !best::better(code, *c))
-        {
-            return;
-        }
-        let reason = if code == 404 {
-            "Not Found"
-        } else {
-            "Temporarily Unavailable"
-        };
-        let resp = local_response(
-            &self.cfg.server_header,
-            &fw.request,
-            fw.upstream.source,
-            code,
-        )
-        .reason(reason)
-        .header("Reason", format!("SIP;cause={code};text=\"{text}\""))
-        .build();
-        if let Some(fw) = self.forwards.get_mut(key) {
-            fw.best = Some((code, resp));
-        }
     }
 
     /// A request that stopped waiting: answered with its best response now when it has no

@@ -399,7 +399,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         b.tx.abort();
         let key = b.forward.clone();
         if !branch.is_cancel() {
-            self.offer_local(&key, 503);
+            self.offer_local(&key, 503, None);
             self.maybe_finish(&key, now);
             self.drain_forward(&key);
             self.schedule_forward(&key);
@@ -547,7 +547,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             if let Some(b) = self.branches.get_mut(bk) {
                 b.done = true;
             }
-            self.offer_local(&key, 408);
+            self.offer_local(&key, 408, None);
             self.maybe_finish(&key, now);
             self.drain_forward(&key);
             self.schedule_forward(&key);
