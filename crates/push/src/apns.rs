@@ -133,19 +133,17 @@ impl Target {
         } else {
             "voip"
         };
-        let token = if n.token.contains(':') {
-            n.token.split('&').find_map(|t| {
-                let (tok, kind) = t.split_once(':')?;
-                (kind == want).then(|| tok.to_string())
-            })
-        } else if services
-            .split('&')
-            .any(|s| s == want || (want == "voip" && s == "apns"))
-        {
-            Some(n.token.to_string())
-        } else {
-            None
-        };
+        // Each token is labelled (`TOKEN:voip&TOKEN:remote`), or takes the service at its
+        // place in `pn-param` (a cold-started Linphone has been seen to drop a label).
+        let listed: Vec<&str> = services.split('&').collect();
+        let token = n.token.split('&').enumerate().find_map(|(i, t)| {
+            let (tok, kind) = match t.split_once(':') {
+                Some((tok, kind)) => (tok, kind),
+                None => (t, *listed.get(i)?),
+            };
+            let kind = if kind == "apns" { "voip" } else { kind };
+            (kind == want).then(|| tok.to_string())
+        });
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(Failure::Refused(format!(
                 "the device registered no `{want}` token"
@@ -366,6 +364,13 @@ mod tests {
             (t.token.as_str(), t.topic.as_str(), t.push_type, t.priority),
             ("rem0te", "org.linphone.phone", "background", "5")
         );
+        // A token without its label takes the service at its place in pn-param.
+        let unlabelled = note(
+            "v0ip:voip&rem0te",
+            Some("ABCD1234.org.linphone.phone.voip&remote"),
+            Kind::Refresh,
+        );
+        assert_eq!(Target::of(&unlabelled).expect("t").token, "rem0te");
         // A bundle without a services suffix is taken whole.
         assert_eq!(
             Target::of(&note("abc", Some("T1.com.example.app"), Kind::Call))

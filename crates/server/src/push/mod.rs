@@ -64,8 +64,8 @@ pub(crate) struct Pusher {
     /// Devices of apps our credentials cannot push to (their pushes came back "not your
     /// app"): reached over their flow like any device.
     foreign: Mutex<std::collections::HashSet<u64>>,
-    /// Registrations (by stamp) a refresh push went for, per device: one each (§5.5).
-    refreshed: Mutex<HashMap<u64, u64>>,
+    /// Per device, the registration (by stamp) refresh pushes went for and how many (§5.5).
+    refreshed: Mutex<HashMap<u64, (u64, u32)>>,
     /// The requests that wait (or waited: until their wait ends), for a device woken after
     /// its call ended, which still gets the INVITE and a CANCEL.
     requests: Mutex<HashMap<TxKey, (careflow_proto::Message, crate::app::Ctx)>>,
@@ -245,20 +245,24 @@ impl Pusher {
         }
     }
 
-    /// Whether a refresh push (§5.5) is due for `b` at unix time `now`: inside
-    /// `refresh_before` of its expiry, once per registration.
+    /// Whether a refresh push (§5.5) is due for `b` at unix time `now`: `refresh_before` its
+    /// expiry, and again at half and a quarter of that while the device has not registered
+    /// again (a background push is not guaranteed to arrive, and a missed one leaves the
+    /// phone unreachable until it is next opened).
     pub(crate) fn refresh_due(&self, b: &Binding, now: u64) -> bool {
-        if b.expires_in(now) > self.cfg.refresh_before {
-            return false;
-        }
+        const TRIES: u32 = 3;
         let stamp = registration_stamp(&b.call_id, b.cseq);
         let Ok(mut r) = self.refreshed.lock() else {
             return false;
         };
-        if r.get(&b.id) == Some(&stamp) {
+        let sent = match r.get(&b.id) {
+            Some((s, n)) if *s == stamp => *n,
+            _ => 0,
+        };
+        if sent >= TRIES || b.expires_in(now) > self.cfg.refresh_before >> sent {
             return false;
         }
-        r.insert(b.id, stamp);
+        r.insert(b.id, (stamp, sent + 1));
         true
     }
 
@@ -324,4 +328,60 @@ pub(crate) fn instance_uuid(b: &Binding) -> Option<&str> {
     let i = b.instance.as_deref()?.trim_matches('"');
     let i = i.trim_start_matches('<').trim_end_matches('>');
     Some(i.strip_prefix("urn:uuid:").unwrap_or(i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pusher() -> Pusher {
+        Pusher::new(PushConfig {
+            apns: None,
+            fcm: None,
+            wait: Duration::from_secs(10),
+            refresh_before: 120,
+        })
+    }
+
+    fn binding(cseq: u32, expires_at: u64) -> Binding {
+        Binding {
+            id: 7,
+            aor: "nurse@push.test".into(),
+            contact: "sip:nurse@192.0.2.7;pn-provider=fcm;pn-prid=t".into(),
+            call_id: "reg-1".into(),
+            cseq,
+            expires_at,
+            registered_at: 0,
+            q: None,
+            instance: Some("\"<urn:uuid:00000000-0000-0000-0000-000000000001>\"".into()),
+            reg_id: None,
+            transport: careflow_core::Transport::Udp,
+            source: "192.0.2.7:5060".parse().expect("addr"),
+            user_agent: None,
+            conn: None,
+            path: Vec::new(),
+            here: true,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn refresh_pushes_go_before_expiry_and_again_until_the_device_registers() {
+        let p = pusher();
+        let b = binding(5, 1_000);
+        assert!(!p.refresh_due(&b, 1_000 - 121), "not yet");
+        assert!(p.refresh_due(&b, 1_000 - 120));
+        assert!(!p.refresh_due(&b, 1_000 - 100), "once per step");
+        assert!(p.refresh_due(&b, 1_000 - 60), "missed: again at half");
+        assert!(p.refresh_due(&b, 1_000 - 30), "and at a quarter");
+        assert!(!p.refresh_due(&b, 1_000 - 10), "three at most");
+        // It registered again: a new registration, a new round.
+        let again = binding(6, 2_000);
+        assert!(!p.refresh_due(&again, 1_500));
+        assert!(p.refresh_due(&again, 2_000 - 120));
+        assert_eq!(
+            instance_uuid(&again),
+            Some("00000000-0000-0000-0000-000000000001")
+        );
+    }
 }
