@@ -73,6 +73,9 @@ pub struct App {
     pub(crate) alternate_flows: crate::ringing::AlternateFlows,
     /// Push wake-ups, when a push service is configured.
     pub(crate) push: Option<Arc<crate::push::Pusher>>,
+    /// Requests held for pushed devices, kept while a device may wake for them (one woken
+    /// after its call ended still gets the INVITE and a CANCEL).
+    pub(crate) pushed_requests: Mutex<std::collections::HashMap<TxKey, (Message, Ctx)>>,
 }
 
 impl std::fmt::Debug for App {
@@ -135,6 +138,7 @@ impl App {
             ringing: Default::default(),
             alternate_flows: Default::default(),
             push: cfg_push.map(|p| Arc::new(crate::push::Pusher::new(p))),
+            pushed_requests: Mutex::default(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The SIP side's settings, already validated (the binary reads and checks them).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use careflow_core::keepalive::KeepaliveConfig;
 use careflow_core::registrar::RegistrarConfig;
@@ -50,7 +51,7 @@ pub struct ServerConfig {
     pub cluster: Option<ClusterConfig>,
     /// Push wake-ups of sleeping mobile devices (RFC 8599); none: no push service is
     /// configured, and `pn-*` parameters are stored but not acted on.
-    pub push: Option<crate::push::PushConfig>,
+    pub push: Option<PushConfig>,
 }
 
 /// A cluster node's settings.
@@ -76,7 +77,32 @@ pub struct MediaConfig {
     /// When to anchor.
     pub policy: careflow_core::media::Policy,
     /// Time to wait for one answer from rtpengine (retried three times).
-    pub timeout: std::time::Duration,
+    pub timeout: Duration,
     /// How often anchored calls are checked against rtpengine.
-    pub check_interval: std::time::Duration,
+    pub check_interval: Duration,
+}
+
+/// The push services (`PUSH_*`), already set up.
+#[derive(Clone)]
+pub struct PushConfig {
+    /// APNs, when a `.p8` key is configured.
+    pub apns: Option<Arc<careflow_push::apns::Apns>>,
+    /// FCM, when a service account is configured.
+    pub fcm: Option<Arc<careflow_push::fcm::Fcm>>,
+    /// How long a request waits for a pushed device (`PUSH_WAIT`), then 480.
+    pub wait: Duration,
+    /// How long before a push binding expires it is woken to register again (`+sip.pnsreg`,
+    /// RFC 8599 §5.5), seconds.
+    pub refresh_before: u64,
+}
+
+impl std::fmt::Debug for PushConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushConfig")
+            .field("apns", &self.apns.is_some())
+            .field("fcm", &self.fcm.is_some())
+            .field("wait", &self.wait)
+            .field("refresh_before", &self.refresh_before)
+            .finish()
+    }
 }

@@ -26,6 +26,7 @@ pub mod media;
 pub mod metrics;
 mod proxy;
 pub mod push;
+mod push_upkeep;
 pub mod register;
 mod ringing;
 pub mod routing;
@@ -43,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use app::App;
 pub use clock::unix_now;
-pub use config::{ClusterConfig, ServerConfig};
+pub use config::{ClusterConfig, PushConfig, ServerConfig};
 pub use metrics::{Gauges, Metrics};
 
 /// A running SIP server.
@@ -127,7 +128,7 @@ pub async fn start(
     tasks.spawn(sweep_transactions(app.clone(), cancel.clone()));
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
-    tasks.spawn(push::upkeep::run(app.clone(), cancel.clone()));
+    tasks.spawn(push_upkeep::run(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     if let Some(c) = app.cluster.clone() {
         let (registered, elsewhere) = tokio::sync::mpsc::channel(1024);

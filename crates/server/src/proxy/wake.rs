@@ -70,7 +70,10 @@ impl App {
         if self.with_proxy(|t| t.hold(&key, msg, &upstream, until, now)) != Some(true) {
             return false;
         }
-        pusher.remember(&key, msg, ctx);
+        if let Ok(mut r) = self.pushed_requests.lock() {
+            r.entry(key.clone())
+                .or_insert_with(|| (msg.clone(), ctx.clone()));
+        }
         let caller = Arc::new(Caller::of(msg));
         for (b, p) in sleepers {
             if pusher.wait_for(&key, &b) == Wait::Waiting {
@@ -225,10 +228,12 @@ impl App {
     /// iPhone still gets the INVITE, then a CANCEL (CallKit shows the push as a call that
     /// only a CANCEL ends); other devices get nothing.
     fn farewell(self: &Arc<Self>, aor: &str, key: &TxKey, p: &PushParams, hop: Hop) {
-        let Some(pusher) = self.push.clone() else {
-            return;
-        };
-        let Some((msg, ctx)) = pusher.request_of(key) else {
+        let Some((msg, ctx)) = self
+            .pushed_requests
+            .lock()
+            .ok()
+            .and_then(|r| r.get(key).cloned())
+        else {
             return;
         };
         if p.service() != Some(careflow_core::push::Provider::Apns)

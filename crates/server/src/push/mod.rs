@@ -4,10 +4,9 @@
 //! `careflow_core::push`'s; this drives them and the services.
 
 pub mod stats;
-pub(crate) mod upkeep;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use careflow_core::Binding;
@@ -16,32 +15,9 @@ use careflow_core::registrar::ContactValue;
 use careflow_core::transaction::TxKey;
 use careflow_push::{Failure, Notification};
 
+pub use crate::config::PushConfig;
+
 use self::stats::PushStats;
-
-/// The push services (`PUSH_*`), already set up.
-#[derive(Clone)]
-pub struct PushConfig {
-    /// APNs, when a `.p8` key is configured.
-    pub apns: Option<Arc<careflow_push::apns::Apns>>,
-    /// FCM, when a service account is configured.
-    pub fcm: Option<Arc<careflow_push::fcm::Fcm>>,
-    /// How long a request waits for a pushed device (`PUSH_WAIT`), then 480.
-    pub wait: Duration,
-    /// How long before a push binding expires it is woken to register again (`+sip.pnsreg`,
-    /// RFC 8599 §5.5), seconds.
-    pub refresh_before: u64,
-}
-
-impl std::fmt::Debug for PushConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PushConfig")
-            .field("apns", &self.apns.is_some())
-            .field("fcm", &self.fcm.is_some())
-            .field("wait", &self.wait)
-            .field("refresh_before", &self.refresh_before)
-            .finish()
-    }
-}
 
 /// What a REGISTER's Contacts ask of push, for the registrar's answer (RFC 8599 §5.6.1).
 #[derive(Debug, PartialEq, Eq)]
@@ -66,9 +42,6 @@ pub(crate) struct Pusher {
     foreign: Mutex<std::collections::HashSet<u64>>,
     /// Per device, the registration (by stamp) refresh pushes went for and how many (§5.5).
     refreshed: Mutex<HashMap<u64, (u64, u32)>>,
-    /// The requests that wait (or waited: until their wait ends), for a device woken after
-    /// its call ended, which still gets the INVITE and a CANCEL.
-    requests: Mutex<HashMap<TxKey, (careflow_proto::Message, crate::app::Ctx)>>,
     pub(crate) stats: PushStats,
 }
 
@@ -80,7 +53,6 @@ impl Pusher {
             pushed: Mutex::default(),
             refreshed: Mutex::default(),
             foreign: Mutex::default(),
-            requests: Mutex::default(),
             stats: PushStats::default(),
         }
     }
@@ -201,27 +173,6 @@ impl Pusher {
         self.waits.lock().is_ok_and(|w| w.call_waits(key))
     }
 
-    /// Keeps `msg` (held as `key`) for as long as a device may wake for it.
-    pub(crate) fn remember(
-        &self,
-        key: &TxKey,
-        msg: &careflow_proto::Message,
-        ctx: &crate::app::Ctx,
-    ) {
-        if let Ok(mut r) = self.requests.lock() {
-            r.entry(key.clone())
-                .or_insert_with(|| (msg.clone(), ctx.clone()));
-        }
-    }
-
-    /// The request `key` a device waking now was pushed for.
-    pub(crate) fn request_of(
-        &self,
-        key: &TxKey,
-    ) -> Option<(careflow_proto::Message, crate::app::Ctx)> {
-        self.requests.lock().ok()?.get(key).cloned()
-    }
-
     /// Forgets the waits that ended (the proxy table answers those requests itself).
     pub(crate) fn sweep(&self, now: Instant) {
         let expired = self
@@ -229,9 +180,6 @@ impl Pusher {
             .lock()
             .map(|mut w| w.expired(now))
             .unwrap_or_default();
-        if let (Ok(mut r), Ok(w)) = (self.requests.lock(), self.waits.lock()) {
-            r.retain(|k, _| w.call_waits(k));
-        }
         if expired.is_empty() {
             return;
         }

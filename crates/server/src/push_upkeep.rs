@@ -27,6 +27,9 @@ pub(crate) async fn run(app: Arc<App>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         pusher.sweep(Instant::now());
+        if let Ok(mut r) = app.pushed_requests.lock() {
+            r.retain(|key, _| pusher.call_waits(key));
+        }
         if last_scan.is_some_and(|t| t.elapsed() < REFRESH_SCAN) {
             continue;
         }
