@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use crate::api::{IdentityProvider, api_server_on};
+use crate::api::IdentityProvider;
 use crate::peers::{register_contact, sipp_file};
 use crate::support::*;
 use crate::websocket::{Events, js_dir};
@@ -204,7 +204,19 @@ fn a_clinician_uses_the_dashboard_in_firefox() {
     let gecko = geckodriver();
     let js = js_dir();
     let idp = IdentityProvider::start();
-    let server = api_server_on(&idp, None);
+    // With a push service, so the clinician's mobile shows as asleep but reachable.
+    let push = careflow_test_support::push_service::PushService::start();
+    let mut owned: Vec<(String, String)> = idp
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    owned.extend(push.env());
+    let env: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let server = Server::start_with("localhost", &env);
     let token = idp.token("clinician-ff", |_| {});
     let shots = interop_dir().join("../../../target/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
@@ -223,11 +235,26 @@ fn a_clinician_uses_the_dashboard_in_firefox() {
     let tmp = tempfile::tempdir().unwrap();
     let users = sipp_file(tmp.path(), "ff.csv", &[(&user, &password)]);
     register_contact(&server, &users, free_port(), "udp");
+    let mobile = Ua::new(server.sip_addr());
+    let port = mobile.port();
+    let r = mobile.register_rewritten(&user, &password, "localhost", "ff-mobile", |m| {
+        m.replace(
+            &format!("@127.0.0.1:{port}>"),
+            &format!(
+                "@127.0.0.1:{port};pn-provider=fcm;pn-param=careflow-test;pn-prid=ff-token-0123>"
+            ),
+        )
+    });
+    assert_eq!(status(&r), 200, "{r}");
     page.send("registered");
     let online = page.wait("device-online", &server);
     assert!(
         online.contains("UDP") && online.contains("Online"),
         "{online}"
+    );
+    assert!(
+        online.contains("Sleeping, push-enabled") && !online.contains("ff-token"),
+        "the mobile is shown asleep but reachable: {online}"
     );
     assert_eq!(page.wait("guide", &server), "guide values-filled");
     let axe = page.wait("axe-total", &server);
