@@ -19,6 +19,7 @@ pub mod auth;
 pub mod binding;
 pub mod cidr;
 pub mod cluster;
+pub mod dialog_event;
 pub mod flow;
 pub mod guard;
 pub mod keepalive;
