@@ -10,6 +10,7 @@
 //! Issue 19: subscriptions, NOTIFY pacing and pickup build on these.
 
 pub mod info;
+pub mod pickup;
 pub mod subscriptions;
 
 use std::collections::HashMap;
