@@ -3,6 +3,7 @@
 //! SIP over UDP/TCP.
 
 mod api;
+mod blf;
 mod calls;
 mod cluster;
 mod cluster_failover;

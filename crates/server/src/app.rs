@@ -76,6 +76,8 @@ pub struct App {
     /// Requests held for pushed devices, kept while a device may wake for them (one woken
     /// after its call ended still gets the INVITE and a CANCEL).
     pub(crate) pushed_requests: Mutex<std::collections::HashMap<TxKey, (Message, Ctx)>>,
+    /// Busy lamps: the users' call legs and the dialog-event subscriptions.
+    pub(crate) watchers: Mutex<crate::watchers::Watchers>,
 }
 
 impl std::fmt::Debug for App {
@@ -139,6 +141,7 @@ impl App {
             alternate_flows: Default::default(),
             push: cfg_push.map(|p| Arc::new(crate::push::Pusher::new(p))),
             pushed_requests: Mutex::default(),
+            watchers: Mutex::default(),
         }
     }
 

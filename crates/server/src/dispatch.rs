@@ -108,6 +108,7 @@ impl App {
         match msg.method() {
             Method::Register => app.register_or_challenge(msg, ctx),
             Method::Cancel => app.proxy_cancel(msg, ctx),
+            Method::Subscribe if app.take_subscribe(&msg, &ctx) => {}
             _ if for_proxy => app.proxy_non_invite(msg, ctx),
             Method::Options => {
                 let resp = self
@@ -195,7 +196,7 @@ impl InboundHandler for App {
         }
         if !msg.is_request() {
             if let Some(branch) = msg.top_via().and_then(|v| v.branch().map(str::to_string))
-                && self.keepalive_answered(&branch)
+                && (self.keepalive_answered(&branch) || self.notify_answered(&msg, &branch))
             {
                 return;
             }

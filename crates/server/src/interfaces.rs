@@ -154,7 +154,7 @@ pub(crate) fn record_route_at(
     }
 }
 
-fn fmt_addr(a: SocketAddr) -> String {
+pub(crate) fn fmt_addr(a: SocketAddr) -> String {
     match a {
         SocketAddr::V4(v4) => v4.to_string(),
         SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),

@@ -31,6 +31,8 @@ pub mod register;
 mod ringing;
 pub mod routing;
 pub mod rtpengine;
+mod subscribe;
+mod watchers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,6 +131,7 @@ pub async fn start(
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
     tasks.spawn(push_upkeep::run(app.clone(), cancel.clone()));
+    tasks.spawn(subscribe::run(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     if let Some(c) = app.cluster.clone() {
         let (registered, elsewhere) = tokio::sync::mpsc::channel(1024);

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub cluster_skipped: AtomicU64,
     /// Bindings removed because their connection closed.
     pub flow_bindings_dropped: AtomicU64,
+    /// Dialog-event NOTIFYs sent (retransmissions included).
+    pub notifies_sent: AtomicU64,
     /// OPTIONS keep-alives that got no answer.
     pub keepalive_failures: AtomicU64,
     /// Sources banned for brute force.
@@ -222,6 +224,11 @@ impl Metrics {
                 "careflow_sip_scanner_drops_total",
                 "Requests from known SIP scanners, dropped unanswered.",
                 &self.scanner_drops,
+            ),
+            (
+                "careflow_sip_notifies_sent_total",
+                "Dialog-event NOTIFYs sent to busy-lamp watchers (retransmissions included).",
+                &self.notifies_sent,
             ),
             (
                 "careflow_sip_flow_bindings_dropped_total",

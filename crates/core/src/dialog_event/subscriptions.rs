@@ -192,8 +192,13 @@ impl<W: Clone> Subscriptions<W> {
                     watched: s.watched.clone(),
                     reach: s.reach.clone(),
                     version: s.version,
+                    // Rounded up: a NOTIFY sent a moment after the SUBSCRIBE says what was granted.
                     expires_in: Some(
-                        s.expires_at.saturating_duration_since(now).as_secs().max(1) as u32
+                        s.expires_at
+                            .saturating_duration_since(now)
+                            .as_millis()
+                            .div_ceil(1000)
+                            .max(1) as u32,
                     ),
                 });
             }

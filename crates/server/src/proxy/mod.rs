@@ -192,6 +192,7 @@ impl App {
                     tracing::info!(call_id = &*call_id, code, "call answered");
                 }
                 Event::CallFailed { call_id, code } => {
+                    self.watch_call_ended(&call_id);
                     self.metrics.call_failed(code);
                     tracing::info!(call_id = &*call_id, code, "call failed");
                 }

@@ -13,6 +13,7 @@ impl App {
             && let Some(c) = msg.call_id()
         {
             self.media.end(c);
+            self.watch_call_ended(c);
         }
         match self.decide(&msg, &ctx).await {
             Ok(Routed {
@@ -25,6 +26,9 @@ impl App {
                 let held = !sleepers.is_empty() && self.hold_for_sleepers(&msg, &ctx, sleepers);
                 if (initial || held) && !self.came_over_cluster(&ctx) {
                     self.ringing_to_user(&msg, &ctx, &targets);
+                }
+                if initial && !self.came_over_cluster(&ctx) {
+                    self.watch_call_started(&msg);
                 }
                 // A request another node hands us for a device we hold was anchored there.
                 let msg = if initial && !self.came_over_cluster(&ctx) {
@@ -235,7 +239,7 @@ impl App {
     }
 
     /// Proxy authentication (RFC 3261 §22.3): 407 until the caller proves it is the From user.
-    pub(super) async fn authorize_caller(
+    pub(crate) async fn authorize_caller(
         &self,
         msg: &Message,
         ctx: &Ctx,

@@ -1,0 +1,194 @@
+//! Busy lamps (issue 19, first slice): a desk phone subscribes to a colleague's dialog state
+//! as a Yealink does (`Event: dialog`, `Accept: application/dialog-info+xml`), through proxy
+//! authentication, and its NOTIFYs follow a call the proxy handles: idle at once, early when
+//! the colleague's phone rings, confirmed on answer, terminated on BYE or CANCEL.
+
+use crate::cluster_link::{in_dialog, route_set};
+use crate::support::*;
+
+const DOMAIN: &str = "ward.test";
+
+/// The watcher's next NOTIFY (answered 200): its Subscription-State and body.
+fn next_notify(watcher: &Ua) -> (String, String) {
+    let n = expect(watcher, "NOTIFY ");
+    answer(watcher, &n, 200);
+    let state = header(&n, "Subscription-State")
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(header(&n, "Event"), Some("dialog"), "{n}");
+    assert_eq!(
+        header(&n, "Content-Type"),
+        Some("application/dialog-info+xml"),
+        "{n}"
+    );
+    let body = n.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (state, body)
+}
+
+/// A SUBSCRIBE as a Yealink T46S sends it for a BLF key.
+fn subscribe(
+    watcher: &Ua,
+    watched: &str,
+    call_id: &str,
+    cseq: u32,
+    expires: u32,
+    extra: &str,
+) -> String {
+    let port = watcher.port();
+    format!(
+        "SUBSCRIBE sip:{watched}@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKsub{call_id}{cseq};rport\r\n\
+         From: \"Clerk\" <sip:2003@{DOMAIN}>;tag=blf-{call_id}\r\nTo: <sip:{watched}@{DOMAIN}>\r\nCall-ID: {call_id}\r\n\
+         CSeq: {cseq} SUBSCRIBE\r\nContact: <sip:2003@127.0.0.1:{port}>\r\nAccept: application/dialog-info+xml\r\n\
+         Max-Forwards: 70\r\nUser-Agent: Yealink SIP-T46S 66.86.0.15\r\nExpires: {expires}\r\nEvent: dialog\r\n\
+         {extra}Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// Subscribes `watcher` (user 2003) to `watched` for `expires` with proxy credentials (CSeq
+/// `cseq` and the next); returns the final answer.
+fn subscribed(watcher: &Ua, watched: &str, call_id: &str, cseq: u32, expires: u32) -> String {
+    let r = watcher.request(&subscribe(watcher, watched, call_id, cseq, expires, ""));
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        careflow_proto::digest::Algorithm::Md5,
+        "2003",
+        DOMAIN,
+        "pw-2003",
+        "SUBSCRIBE",
+        &format!("sip:{watched}@{DOMAIN}"),
+        1,
+    );
+    let extra = format!("Proxy-Authorization: {auth}\r\n");
+    watcher.request(&subscribe(
+        watcher,
+        watched,
+        call_id,
+        cseq + 1,
+        expires,
+        &extra,
+    ))
+}
+
+#[test]
+fn a_blf_key_follows_a_colleagues_call_from_ringing_to_hang_up() {
+    let server = Server::start(DOMAIN);
+    for u in ["2001", "2002", "2003"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let callee = Ua::new(server.sip_addr());
+    assert_eq!(
+        status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
+        200
+    );
+    let watcher = Ua::new(server.sip_addr());
+    let ok = subscribed(&watcher, "2001", "blf-1", 1, 1800);
+    assert_eq!(status(&ok), 200, "{ok}");
+    assert_eq!(header(&ok, "Expires"), Some("1800"), "{ok}");
+    let (state, body) = next_notify(&watcher);
+    assert_eq!(state, "active;expires=1800");
+    assert!(
+        body.contains("version=\"1\" state=\"full\" entity=\"sip:2001@ward.test\""),
+        "{body}"
+    );
+    assert!(!body.contains("<dialog "), "idle: {body}");
+
+    // 2002 calls 2001: the lamp blinks with what pickup needs.
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "ward-call-1");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    let (_, body) = next_notify(&watcher);
+    assert!(body.contains("<state>early</state>"), "{body}");
+    assert!(body.contains("call-id=\"ward-call-1\""), "{body}");
+    assert!(body.contains("direction=\"recipient\""), "{body}");
+    assert!(
+        body.contains(&format!("local-tag=\"dev{}\"", callee.port())),
+        "{body}"
+    );
+    assert!(body.contains("remote-tag=\"f-ward-call-1\""), "{body}");
+    assert!(
+        body.contains("<identity>sip:2002@ward.test</identity>"),
+        "{body}"
+    );
+    // Answered, then hung up.
+    answer(&callee, &inv, 200);
+    let ok = expect(&caller, "SIP/2.0 200");
+    let (_, body) = next_notify(&watcher);
+    assert!(body.contains("<state>confirmed</state>"), "{body}");
+    assert!(body.contains("version=\"3\""), "{body}");
+    let to = header(&ok, "To").unwrap().to_string();
+    let bye = in_dialog(
+        &caller,
+        "127.0.0.1",
+        "BYE",
+        &format!("sip:dev@127.0.0.1:{}", callee.port()),
+        &route_set(&ok, true),
+        (&format!("<sip:2002@{DOMAIN}>;tag=f-ward-call-1"), &to),
+        "ward-call-1",
+        3,
+    );
+    caller.send(&bye);
+    let b = expect(&callee, "BYE ");
+    answer(&callee, &b, 200);
+    let (_, body) = next_notify(&watcher);
+    assert!(body.contains("<state>terminated</state>"), "{body}");
+
+    // A call cancelled while it rings ends the lamp too.
+    let caller = Ua::new(server.sip_addr());
+    let invite = invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "ward-call-2");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    let (_, body) = next_notify(&watcher);
+    assert!(
+        body.contains("call-id=\"ward-call-2\"") && body.contains("<state>early</state>"),
+        "{body}"
+    );
+    let cancel = careflow_proto::request::cancel_for(
+        &careflow_proto::Message::parse(
+            bytes::Bytes::from(invite),
+            &careflow_proto::ParseLimits::default(),
+        )
+        .unwrap(),
+    );
+    caller.sock.send_to(&cancel, caller.server).unwrap();
+    let c = expect(&callee, "CANCEL ");
+    answer(&callee, &c, 200);
+    answer(&callee, &inv, 487);
+    let body = loop {
+        let (_, body) = next_notify(&watcher);
+        if body.contains("call-id=\"ward-call-2\"") && body.contains("<state>terminated</state>") {
+            break body;
+        }
+    };
+    assert!(!body.contains("<state>early</state>"), "{body}");
+
+    // Unsubscribed: a last NOTIFY, terminated.
+    let r = subscribed(&watcher, "2001", "blf-1", 3, 0);
+    assert_eq!(status(&r), 200, "{r}");
+    let n = expect(&watcher, "NOTIFY ");
+    assert!(
+        header(&n, "Subscription-State").is_some_and(|s| s.starts_with("terminated")),
+        "{n}"
+    );
+    assert!(server.metric("careflow_sip_notifies_sent_total") >= 6);
+}
+
+#[test]
+fn a_subscription_too_brief_gets_423_and_other_event_packages_are_routed_as_before() {
+    let server = Server::start(DOMAIN);
+    for u in ["2001", "2003"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let watcher = Ua::new(server.sip_addr());
+    let r = subscribed(&watcher, "2001", "brief", 1, 10);
+    assert_eq!(status(&r), 423, "{r}");
+    assert_eq!(header(&r, "Min-Expires"), Some("60"), "{r}");
+    // message-summary (voicemail) is not ours: routed to the user's devices (none: 480).
+    let port = watcher.port();
+    let mwi = subscribe(&watcher, "2001", "mwi", 1, 600, "")
+        .replace("Event: dialog", "Event: message-summary");
+    let _ = port;
+    let r = watcher.request(&mwi);
+    assert_eq!(status(&r), 407, "{r}");
+}

@@ -1,0 +1,96 @@
+//! The busy-lamp state (issue 19): every user's call legs as the proxy sees them, the
+//! dialog-event subscriptions, and the NOTIFYs not answered yet (retransmitted over UDP).
+//! The decisions are `careflow_core::dialog_event`'s; handlers live in `subscribe.rs`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use careflow_core::Transport;
+use careflow_core::dialog_event::Calls;
+use careflow_core::dialog_event::subscriptions::{SubId, SubscriptionConfig, Subscriptions};
+use careflow_transport::{ConnId, Outbound};
+
+/// Where a watcher's NOTIFYs go and what its dialog says.
+#[derive(Debug, Clone)]
+pub(crate) struct Reach {
+    pub(crate) transport: Transport,
+    pub(crate) dest: SocketAddr,
+    pub(crate) conn: Option<ConnId>,
+    /// Our address facing the watcher (Via, Contact).
+    pub(crate) local: SocketAddr,
+    /// The watcher's Contact URI (the NOTIFY's Request-URI).
+    pub(crate) contact: String,
+    /// The SUBSCRIBE's From (the NOTIFY's To), with the watcher's tag.
+    pub(crate) watcher: String,
+    /// The SUBSCRIBE's To with our tag (the NOTIFY's From).
+    pub(crate) us: String,
+}
+
+/// A NOTIFY waiting for its answer.
+#[derive(Debug)]
+pub(crate) struct Unanswered {
+    pub(crate) sub: SubId,
+    pub(crate) out: Outbound,
+    pub(crate) sent: u32,
+    pub(crate) next: Instant,
+}
+
+/// UDP NOTIFY retransmissions (RFC 3261 Timer E doubling from T1), then the watcher is
+/// taken as gone.
+pub(crate) const NOTIFY_TRIES: u32 = 5;
+
+/// The lamp state and the subscriptions.
+#[derive(Debug)]
+pub(crate) struct Watchers {
+    pub(crate) calls: Calls,
+    pub(crate) subs: Subscriptions<Reach>,
+    pub(crate) cseq: HashMap<SubId, u32>,
+    pub(crate) unanswered: HashMap<String, Unanswered>,
+}
+
+impl Default for Watchers {
+    fn default() -> Self {
+        Self {
+            calls: Calls::default(),
+            subs: Subscriptions::new(SubscriptionConfig::default()),
+            cseq: HashMap::new(),
+            unanswered: HashMap::new(),
+        }
+    }
+}
+
+impl Watchers {
+    /// The next CSeq of `sub`'s NOTIFYs.
+    pub(crate) fn next_cseq(&mut self, sub: &SubId) -> u32 {
+        let c = self.cseq.entry(sub.clone()).or_insert(0);
+        *c += 1;
+        *c
+    }
+
+    /// The retransmissions due at `now` (UDP only), and the NOTIFYs that ran out of tries.
+    pub(crate) fn retransmissions(&mut self, now: Instant) -> (Vec<Outbound>, Vec<SubId>) {
+        let (mut again, mut gone) = (Vec::new(), Vec::new());
+        self.unanswered.retain(|_, u| {
+            if u.next > now {
+                return true;
+            }
+            if u.sent >= NOTIFY_TRIES || u.out.transport.is_reliable() {
+                gone.push(u.sub.clone());
+                return false;
+            }
+            u.sent += 1;
+            u.next = now + Duration::from_millis(500 << u.sent.min(4));
+            again.push(Outbound {
+                transport: u.out.transport,
+                dest: u.out.dest,
+                conn: u.out.conn,
+                local: u.out.local,
+                bytes: Bytes::clone(&u.out.bytes),
+            });
+            true
+        });
+        (again, gone)
+    }
+}
