@@ -192,3 +192,125 @@ fn a_subscription_too_brief_gets_423_and_other_event_packages_are_routed_as_befo
     let r = watcher.request(&mwi);
     assert_eq!(status(&r), 407, "{r}");
 }
+
+/// The value of attribute `name` in `body`.
+fn attr(body: &str, name: &str) -> String {
+    let start = body
+        .find(&format!(" {name}=\""))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+        + name.len()
+        + 3;
+    body[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_colleague_picks_up_a_ringing_call_from_the_blf_key() {
+    let server = Server::start(DOMAIN);
+    for u in ["2001", "2002", "2003"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let callee = Ua::new(server.sip_addr());
+    assert_eq!(
+        status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
+        200
+    );
+    let watcher = Ua::new(server.sip_addr());
+    assert_eq!(status(&subscribed(&watcher, "2001", "blf-p", 1, 1800)), 200);
+    next_notify(&watcher);
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "ward-pickup");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    let (_, body) = next_notify(&watcher);
+    assert!(body.contains("<state>early</state>"), "{body}");
+    // The clerk presses the blinking key: INVITE with Replaces built from the NOTIFY, as a
+    // Yealink does (to-tag = the dialog's remote tag, from-tag = its local tag).
+    let replaces = format!(
+        "{};to-tag={};from-tag={}",
+        attr(&body, "call-id"),
+        attr(&body, "remote-tag"),
+        attr(&body, "local-tag")
+    );
+    let picker = Ua::new(server.sip_addr());
+    let port = picker.port();
+    send_with_proxy_auth(
+        &picker,
+        DOMAIN,
+        ("2003", "pw-2003"),
+        ("INVITE", &format!("sip:2001@{DOMAIN}")),
+        |cseq, extra| {
+            format!(
+                "INVITE sip:2001@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKpick{cseq};rport\r\n\
+                 Max-Forwards: 70\r\nFrom: <sip:2003@{DOMAIN}>;tag=pick\r\nTo: <sip:2001@{DOMAIN}>\r\nCall-ID: pickup-1\r\n\
+                 CSeq: {cseq} INVITE\r\nContact: <sip:2003@127.0.0.1:{port}>\r\nReplaces: {replaces}\r\n{extra}Content-Length: 0\r\n\r\n"
+            )
+        },
+    );
+    // It reaches the caller's own device, which takes it instead of its ringing call.
+    let take = expect(&caller, "INVITE ");
+    assert!(
+        take.starts_with(&format!("INVITE sip:2002@127.0.0.1:{} ", caller.port())),
+        "{take}"
+    );
+    assert_eq!(header(&take, "Replaces"), Some(replaces.as_str()), "{take}");
+    assert!(
+        never_gets(&callee, "pickup-1"),
+        "the picked-up phone rang again"
+    );
+    answer(&caller, &take, 200);
+    let ok = expect(&picker, "SIP/2.0 200");
+    assert!(ok.contains("Call-ID: pickup-1\r\n"), "{ok}");
+}
+
+#[test]
+fn a_replaces_for_a_call_we_do_not_know_is_routed_as_any_invite() {
+    let server = Server::start(DOMAIN);
+    for u in ["2001", "2003"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let callee = Ua::new(server.sip_addr());
+    assert_eq!(
+        status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
+        200
+    );
+    let picker = Ua::new(server.sip_addr());
+    let port = picker.port();
+    send_with_proxy_auth(
+        &picker,
+        DOMAIN,
+        ("2003", "pw-2003"),
+        ("INVITE", &format!("sip:2001@{DOMAIN}")),
+        |cseq, extra| {
+            format!(
+                "INVITE sip:2001@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKxfer{cseq};rport\r\n\
+                 Max-Forwards: 70\r\nFrom: <sip:2003@{DOMAIN}>;tag=x\r\nTo: <sip:2001@{DOMAIN}>\r\nCall-ID: transfer-1\r\n\
+                 CSeq: {cseq} INVITE\r\nContact: <sip:2003@127.0.0.1:{port}>\r\nReplaces: other-call;to-tag=a;from-tag=b\r\n{extra}Content-Length: 0\r\n\r\n"
+            )
+        },
+    );
+    // An attended transfer's Replaces (a dialog the callee holds): delivered to the callee.
+    let inv = expect(&callee, "INVITE ");
+    assert!(
+        inv.contains("Replaces: other-call;to-tag=a;from-tag=b"),
+        "{inv}"
+    );
+}
+
+/// No message of the call `call_id` reaches `ua` within half a second.
+fn never_gets(ua: &Ua, call_id: &str) -> bool {
+    ua.sock
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let mut never = true;
+    while let Some(m) = ua.recv() {
+        never &= !m.contains(&format!("Call-ID: {call_id}\r\n"));
+    }
+    ua.sock
+        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    never
+}

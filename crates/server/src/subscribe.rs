@@ -264,8 +264,9 @@ impl App {
         true
     }
 
-    /// An INVITE of a call is forked: its caller and callee, when ours, have a new leg.
-    pub(crate) fn watch_call_started(&self, msg: &Message) {
+    /// An INVITE of a call is forked: its caller and callee, when ours, have a new leg, and
+    /// the caller's flow is kept for a pickup.
+    pub(crate) fn watch_call_started(&self, msg: &Message, ctx: &Ctx) {
         let (Some(call_id), Some(from), Some(to)) = (msg.call_id(), msg.from(), msg.to()) else {
             return;
         };
@@ -290,6 +291,22 @@ impl App {
         let Ok(mut w) = self.watchers.lock() else {
             return;
         };
+        if let Some(contact) = msg
+            .header(HeaderName::Contact)
+            .and_then(NameAddr::parse)
+            .map(|n| n.uri.raw.to_string())
+        {
+            let flow = crate::routing::Target {
+                local: Some(ctx.local),
+                conn: ctx.conn,
+                flow: true,
+                ..crate::routing::Target::at(
+                    ctx.transport,
+                    crate::routing::response_destination(msg.top_via().as_ref(), ctx.source),
+                )
+            };
+            w.callers.insert(call_id.to_string(), (flow, contact));
+        }
         let mut changed = Vec::new();
         if let Some(aor) = msg
             .request_uri()
@@ -322,6 +339,33 @@ impl App {
         }
         for aor in changed {
             w.subs.changed(&aor);
+        }
+    }
+
+    /// Directed pickup: `replaces` (of an INVITE from the authenticated `picker`) names a
+    /// ringing call of a user `picker` may watch: the caller's device (its Contact, over the
+    /// flow its INVITE came by), which swaps its ringing dialog for the picker's and CANCELs
+    /// the original (RFC 3891). `None` when it names no ringing call of ours (an attended
+    /// transfer's Replaces, say: routed as usual); `Err` with the status to answer.
+    pub(crate) fn pickup_target(
+        &self,
+        replaces: &str,
+        picker: &str,
+    ) -> Option<Result<(String, crate::routing::Target), u16>> {
+        use careflow_core::dialog_event::pickup::{PickupRefusal, Replaces, pickup};
+        let rep = Replaces::parse(replaces)?;
+        let w = self.watchers.lock().ok()?;
+        match pickup(&w.calls, &rep, picker, &WatchPolicy::default()) {
+            Ok((aor, leg)) => {
+                let (flow, contact) = w.callers.get(&leg.call_id)?.clone();
+                tracing::info!(picker, picked = aor, call_id = %leg.call_id, "call pickup");
+                Some(Ok((contact, flow)))
+            }
+            Err(PickupRefusal::Forbidden) => {
+                tracing::info!(picker, call_id = %rep.call_id, "call pickup refused by the watch policy");
+                Some(Err(403))
+            }
+            Err(PickupRefusal::NoSuchCall) => None,
         }
     }
 
@@ -400,6 +444,8 @@ pub(crate) async fn run(app: Arc<App>, cancel: CancellationToken) {
             swept = now;
             if let Ok(mut w) = app.watchers.lock() {
                 w.calls.sweep(now);
+                let w = &mut *w;
+                w.callers.retain(|call_id, _| w.calls.knows(call_id));
             }
         }
     }

@@ -48,6 +48,9 @@ pub(crate) struct Watchers {
     pub(crate) subs: Subscriptions<Reach>,
     pub(crate) cseq: HashMap<SubId, u32>,
     pub(crate) unanswered: HashMap<String, Unanswered>,
+    /// By Call-ID, the flow each call's caller sent its INVITE over and its Contact: where a
+    /// pickup's INVITE (with Replaces) goes.
+    pub(crate) callers: HashMap<String, (crate::routing::Target, String)>,
 }
 
 impl Default for Watchers {
@@ -57,6 +60,7 @@ impl Default for Watchers {
             subs: Subscriptions::new(SubscriptionConfig::default()),
             cseq: HashMap::new(),
             unanswered: HashMap::new(),
+            callers: HashMap::new(),
         }
     }
 }

@@ -260,6 +260,11 @@ impl Calls {
         })
     }
 
+    /// Whether any leg of the call `call_id` is still listed.
+    pub fn knows(&self, call_id: &str) -> bool {
+        self.by_aor.values().flatten().any(|l| l.call_id == call_id)
+    }
+
     /// Forgets terminated legs older than [`TERMINATED_KEPT`].
     pub fn sweep(&mut self, now: Instant) {
         self.by_aor.retain(|_, legs| {
@@ -363,8 +368,10 @@ mod tests {
             1,
             "kept for the last NOTIFY"
         );
+        assert!(c.knows("c1@192.0.2.1"));
         c.sweep(t1 + TERMINATED_KEPT);
         assert!(c.legs("2001@ward.test").is_empty());
+        assert!(!c.knows("c1@192.0.2.1"));
     }
 
     #[test]

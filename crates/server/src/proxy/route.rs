@@ -28,7 +28,7 @@ impl App {
                     self.ringing_to_user(&msg, &ctx, &targets);
                 }
                 if initial && !self.came_over_cluster(&ctx) {
-                    self.watch_call_started(&msg);
+                    self.watch_call_started(&msg, &ctx);
                 }
                 // A request another node hands us for a device we hold was anchored there.
                 let msg = if initial && !self.came_over_cluster(&ctx) {
@@ -157,6 +157,17 @@ impl App {
         }
         self.authorize_caller(msg, ctx).await?;
         let is_call = msg.method() == Method::Invite;
+        // A BLF pickup names a ringing call it takes over (RFC 3891): to that call's caller.
+        if is_call
+            && let Some(replaces) = msg.other_header("Replaces")
+            && let Some(picker) = msg.from().and_then(|f| f.uri.aor())
+            && let Some(picked) = self.pickup_target(replaces, &picker)
+        {
+            return match picked {
+                Ok((contact, target)) => Ok(vec![Hop::to(contact, target)].into()),
+                Err(code) => Err(refuse(code, "Pickup Not Allowed")),
+            };
+        }
         let call_id = msg.call_id().unwrap_or_default();
         if is_call {
             self.metrics.calls_attempted.fetch_add(1, Ordering::Relaxed);
