@@ -123,6 +123,7 @@ pub(crate) async fn run(
         max_transactions: cfg.max_transactions,
         server_header: format!("careflow-sip/{}", env!("CARGO_PKG_VERSION")),
         outbound_gateway: cfg.outbound_gateway.clone(),
+        watch_policy: cfg.watch_policy.clone(),
         allow_inbound: cfg.allow_inbound,
         scanner_user_agents: cfg.scanner_user_agents.clone(),
         keepalive: cfg.keepalive,

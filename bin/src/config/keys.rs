@@ -220,6 +220,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Seconds before a push device's registration expires at which it is woken to register again (RFC 8599 §5.5; announced as `+sip.pnsreg`).",
     ),
     (
+        "blf_groups",
+        "",
+        "Who may watch whose busy lamp (SUBSCRIBE Event: dialog) and pick up whose calls: `GROUP=USER,USER;GROUP=...` (users of SIP_DOMAIN or `user@domain`); a user may watch the members of every group it is in. Empty: any user of the same domain.",
+    ),
+    (
         "nonce_secret",
         "",
         "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",

@@ -69,6 +69,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// Gateway for other domains.
     pub outbound_gateway: Option<String>,
+    /// Who may watch whose busy lamp (`BLF_GROUPS`).
+    pub watch_policy: careflow_core::dialog_event::pickup::WatchPolicy,
     /// Accept requests from other domains.
     pub allow_inbound: bool,
     /// User-Agent fragments of scanners (lower case).
@@ -279,6 +281,7 @@ impl Config {
     fn from_raw(raw: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let r = Raw(raw);
         let sip_domain = sip::domain(&r)?;
+        let watch_policy = sip::watch_policy(&r, &sip_domain)?;
         let sip_listen = sip::listen(r.get("sip_listen"))?;
         let tls = tls::keys(&r)?;
         let ws = sip::ws(&r)?;
@@ -364,6 +367,7 @@ impl Config {
             max_transactions: r.num("max_transactions", 100, 10_000_000)? as usize,
             worker_threads: r.num("worker_threads", 1, 256)? as usize,
             outbound_gateway: sip::outbound_gateway(&r)?,
+            watch_policy,
             scanner_user_agents: security::scanner_user_agents(&r),
             allow_inbound: r.flag("allow_inbound")?,
         })

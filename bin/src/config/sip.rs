@@ -206,3 +206,45 @@ pub(super) fn parse_secret(s: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
+
+/// `BLF_GROUPS`: `GROUP=USER,USER;GROUP=...` (users of SIP_DOMAIN, or `user@domain`): who may
+/// watch whose busy lamp and pick up whose calls. Empty: any user of the same domain.
+pub(super) fn watch_policy(
+    r: &Raw<'_>,
+    domain: &str,
+) -> Result<careflow_core::dialog_event::pickup::WatchPolicy, ConfigError> {
+    use careflow_core::dialog_event::pickup::WatchPolicy;
+    let text = r.get("blf_groups").trim();
+    if text.is_empty() {
+        return Ok(WatchPolicy::SameDomain);
+    }
+    let mut groups = std::collections::HashMap::new();
+    for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, members)) = part.split_once('=') else {
+            return Err(invalid(
+                "blf_groups",
+                format!("`{part}` is not GROUP=USER,USER"),
+            ));
+        };
+        let members: Vec<String> = members
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                if m.contains('@') {
+                    m.to_ascii_lowercase()
+                } else {
+                    format!("{}@{domain}", m.to_ascii_lowercase())
+                }
+            })
+            .collect();
+        if name.trim().is_empty() || members.is_empty() {
+            return Err(invalid(
+                "blf_groups",
+                format!("group `{part}` needs a name and at least one user"),
+            ));
+        }
+        groups.insert(name.trim().to_string(), members);
+    }
+    Ok(WatchPolicy::Groups(groups))
+}

@@ -246,3 +246,34 @@ fn cluster_settings_need_redis_and_a_secret_and_name_the_key() {
     ]);
     assert!(e.contains("CLUSTER_SECRET_FILE"), "{e}");
 }
+
+#[test]
+fn push_and_blf_settings_name_the_key() {
+    let e = Config::load(None, env(&[("PUSH_APNS_KEY_FILE", "/nonexistent/key.p8")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PUSH_APNS_KEY_FILE"), "{e}");
+    let e = Config::load(None, env(&[("PUSH_APNS_KEY_ID", "ABC")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PUSH_APNS_KEY_ID"), "{e}");
+    let e = Config::load(None, env(&[("PUSH_WAIT", "600")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PUSH_WAIT"), "{e}");
+    assert!(!Config::load(None, env(&[])).unwrap().push.enabled());
+    let e = Config::load(None, env(&[("BLF_GROUPS", "ward7")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("BLF_GROUPS"), "{e}");
+    let c = Config::load(
+        None,
+        env(&[
+            ("SIP_DOMAIN", "ward.test"),
+            ("BLF_GROUPS", "ward7=2001, 2003;icu=3001@icu.test"),
+        ]),
+    )
+    .unwrap();
+    assert!(c.watch_policy.may_watch("2003@ward.test", "2001@ward.test"));
+    assert!(!c.watch_policy.may_watch("2002@ward.test", "2001@ward.test"));
+}

@@ -314,3 +314,16 @@ fn never_gets(ua: &Ua, call_id: &str) -> bool {
         .unwrap();
     never
 }
+
+#[test]
+fn blf_groups_limit_who_may_watch_whom() {
+    let server = Server::start_with(DOMAIN, &[("BLF_GROUPS", "ward7=2001,2002;icu=2003,2004")]);
+    for u in ["2001", "2003", "2004"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let watcher = Ua::new(server.sip_addr());
+    let r = subscribed(&watcher, "2001", "not-my-ward", 1, 600);
+    assert_eq!(status(&r), 403, "{r}");
+    let r = subscribed(&watcher, "2004", "my-ward", 1, 600);
+    assert_eq!(status(&r), 200, "{r}");
+}

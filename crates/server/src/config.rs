@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub media: Option<MediaConfig>,
     /// Membership of a cluster (`CLUSTER_ADDRESS`); none: this node is alone.
     pub cluster: Option<ClusterConfig>,
+    /// Who may watch whose busy lamp and pick up whose calls (`BLF_GROUPS`).
+    pub watch_policy: careflow_core::dialog_event::pickup::WatchPolicy,
     /// Push wake-ups of sleeping mobile devices (RFC 8599); none: no push service is
     /// configured, and `pn-*` parameters are stored but not acted on.
     pub push: Option<PushConfig>,

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use careflow_core::dialog_event::info::{Quirks, render};
-use careflow_core::dialog_event::pickup::WatchPolicy;
 use careflow_core::dialog_event::subscriptions::{Due, Refusal, SubId};
 use careflow_core::dialog_event::{Direction, Leg, NewLeg, Party};
 use careflow_proto::{HeaderName, Message, Method, NameAddr, Uri, scan};
@@ -88,7 +87,7 @@ impl App {
                 return;
             }
         }
-        if !WatchPolicy::default().may_watch(&watcher, &watched) {
+        if !self.cfg.watch_policy.may_watch(&watcher, &watched) {
             tracing::info!(
                 watcher,
                 watched,
@@ -355,7 +354,7 @@ impl App {
         use careflow_core::dialog_event::pickup::{PickupRefusal, Replaces, pickup};
         let rep = Replaces::parse(replaces)?;
         let w = self.watchers.lock().ok()?;
-        match pickup(&w.calls, &rep, picker, &WatchPolicy::default()) {
+        match pickup(&w.calls, &rep, picker, &self.cfg.watch_policy) {
             Ok((aor, leg)) => {
                 let (flow, contact) = w.callers.get(&leg.call_id)?.clone();
                 tracing::info!(picker, picked = aor, call_id = %leg.call_id, "call pickup");
