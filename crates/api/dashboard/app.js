@@ -453,6 +453,7 @@
         `SIP Server 1: ${v.domain}, port ${v.port}, Transport ${v.transportLabel}.`,
         `Under Account → Advanced set NAT Keep-alive (UDP Keep-alive) to Enabled, every 30 seconds.`,
         `Confirm. The line key turns green and the phone appears under My devices.`,
+        `Busy lamps for colleagues: Dsskey → Line Key 2 (and on), Type BLF, Value: the colleague's SIP username, Line 1. The key is green when they are free, blinks red while their phone rings (press it to take the call) and is red while they are on a call.`,
       ],
       file: (v) => ({
         name: `careflow-${v.user}.cfg`,
@@ -472,6 +473,11 @@
           'account.1.sip_server.1.expires = 300',
           'account.1.nat.udp_update_enable = 1',
           'account.1.nat.udp_update_time = 30',
+          '## A busy lamp (BLF) per colleague: uncomment and put their SIP username as the value.',
+          '# linekey.2.type = 16',
+          '# linekey.2.line = 1',
+          '# linekey.2.value = COLLEAGUE-SIP-USERNAME',
+          '# linekey.2.label = Colleague',
           '',
         ].join('\n'),
       }),
@@ -486,6 +492,7 @@
         `User ID: ${v.user}. Password: ${v.password}. Use Auth ID: no.`,
         `NAT Keep Alive Enable: yes. Submit All Changes; the phone restarts and registers.`,
         `The SPA303 has no TLS: it uses UDP, so keep it on the clinic network.`,
+        `Busy lamps for colleagues: Voice → Phone → Line Key 2: Extension Disabled, Extended Function fnc=blf+cp;sub=COLLEAGUE@${v.domain} (their SIP username). The key blinks while their phone rings; press it to take the call.`,
       ],
       file: (v) => ({
         name: `careflow-${v.user}-spa303.xml`,
