@@ -160,12 +160,19 @@ pub const TERMINATED_KEPT: Duration = Duration::from_secs(32);
 #[derive(Debug, Default)]
 pub struct Calls {
     by_aor: HashMap<String, Vec<Leg>>,
+    /// The AoRs with a leg of each call: a response touches only those, however many calls
+    /// there are.
+    by_call: HashMap<String, Vec<String>>,
 }
 
 impl Calls {
     /// A call of `aor` started (an INVITE forked for or from it). Returns false when the leg
     /// is known already (a retransmission, a challenged INVITE sent again).
     pub fn start(&mut self, aor: &str, leg: NewLeg, now: Instant) -> bool {
+        let aors = self.by_call.entry(leg.call_id.clone()).or_default();
+        if !aors.iter().any(|a| a == aor) {
+            aors.push(aor.to_string());
+        }
         let legs = self.by_aor.entry(aor.to_string()).or_default();
         if legs
             .iter()
@@ -262,7 +269,7 @@ impl Calls {
 
     /// Whether any leg of the call `call_id` is still listed.
     pub fn knows(&self, call_id: &str) -> bool {
-        self.by_aor.values().flatten().any(|l| l.call_id == call_id)
+        self.by_call.contains_key(call_id)
     }
 
     /// Forgets terminated legs older than [`TERMINATED_KEPT`].
@@ -274,11 +281,23 @@ impl Calls {
             });
             !legs.is_empty()
         });
+        let by_aor = &self.by_aor;
+        self.by_call.retain(|call_id, aors| {
+            aors.retain(|a| {
+                by_aor
+                    .get(a)
+                    .is_some_and(|legs| legs.iter().any(|l| &l.call_id == call_id))
+            });
+            !aors.is_empty()
+        });
     }
 
     fn each_leg(&mut self, call_id: &str, mut f: impl FnMut(&mut Leg) -> bool) -> Vec<String> {
         let mut changed = Vec::new();
-        for (aor, legs) in &mut self.by_aor {
+        for aor in self.by_call.get(call_id).into_iter().flatten() {
+            let Some(legs) = self.by_aor.get_mut(aor) else {
+                continue;
+            };
             let mut any = false;
             for leg in legs.iter_mut().filter(|l| l.call_id == call_id) {
                 any |= f(leg);

@@ -87,7 +87,10 @@ pub fn pickup<'c>(
     policy: &WatchPolicy,
 ) -> Result<(&'c str, &'c Leg), PickupRefusal> {
     let mut forbidden = false;
-    for (aor, legs) in &calls.by_aor {
+    for aor in calls.by_call.get(&replaces.call_id).into_iter().flatten() {
+        let Some(legs) = calls.by_aor.get(aor) else {
+            continue;
+        };
         let Some(leg) = legs.iter().find(|l| {
             l.call_id == replaces.call_id
                 && (l.from_tag == replaces.from_tag || l.from_tag == replaces.to_tag)
