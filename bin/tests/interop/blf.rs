@@ -25,8 +25,22 @@ fn next_notify(watcher: &Ua) -> (String, String) {
     (state, body)
 }
 
-/// A SUBSCRIBE as a Yealink T46S sends it for a BLF key.
+/// A SUBSCRIBE of user 2003 as a Yealink T46S sends it for a BLF key.
 fn subscribe(
+    watcher: &Ua,
+    watched: &str,
+    call_id: &str,
+    cseq: u32,
+    expires: u32,
+    extra: &str,
+) -> String {
+    subscribe_as("2003", watcher, watched, call_id, cseq, expires, extra)
+}
+
+/// [`subscribe`] by user `me`.
+#[allow(clippy::too_many_arguments)]
+fn subscribe_as(
+    me: &str,
     watcher: &Ua,
     watched: &str,
     call_id: &str,
@@ -37,8 +51,8 @@ fn subscribe(
     let port = watcher.port();
     format!(
         "SUBSCRIBE sip:{watched}@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKsub{call_id}{cseq};rport\r\n\
-         From: \"Clerk\" <sip:2003@{DOMAIN}>;tag=blf-{call_id}\r\nTo: <sip:{watched}@{DOMAIN}>\r\nCall-ID: {call_id}\r\n\
-         CSeq: {cseq} SUBSCRIBE\r\nContact: <sip:2003@127.0.0.1:{port}>\r\nAccept: application/dialog-info+xml\r\n\
+         From: \"Clerk\" <sip:{me}@{DOMAIN}>;tag=blf-{call_id}\r\nTo: <sip:{watched}@{DOMAIN}>\r\nCall-ID: {call_id}\r\n\
+         CSeq: {cseq} SUBSCRIBE\r\nContact: <sip:{me}@127.0.0.1:{port}>\r\nAccept: application/dialog-info+xml\r\n\
          Max-Forwards: 70\r\nUser-Agent: Yealink SIP-T46S 66.86.0.15\r\nExpires: {expires}\r\nEvent: dialog\r\n\
          {extra}Content-Length: 0\r\n\r\n"
     )
@@ -47,20 +61,42 @@ fn subscribe(
 /// Subscribes `watcher` (user 2003) to `watched` for `expires` with proxy credentials (CSeq
 /// `cseq` and the next); returns the final answer.
 fn subscribed(watcher: &Ua, watched: &str, call_id: &str, cseq: u32, expires: u32) -> String {
-    let r = watcher.request(&subscribe(watcher, watched, call_id, cseq, expires, ""));
+    subscribed_as(
+        ("2003", "pw-2003"),
+        watcher,
+        watched,
+        call_id,
+        cseq,
+        expires,
+    )
+}
+
+/// [`subscribed`] by user `me`.
+fn subscribed_as(
+    (me, password): (&str, &str),
+    watcher: &Ua,
+    watched: &str,
+    call_id: &str,
+    cseq: u32,
+    expires: u32,
+) -> String {
+    let r = watcher.request(&subscribe_as(
+        me, watcher, watched, call_id, cseq, expires, "",
+    ));
     assert_eq!(status(&r), 407, "{r}");
     let auth = authorization(
         &r,
         careflow_proto::digest::Algorithm::Md5,
-        "2003",
+        me,
         DOMAIN,
-        "pw-2003",
+        password,
         "SUBSCRIBE",
         &format!("sip:{watched}@{DOMAIN}"),
         1,
     );
     let extra = format!("Proxy-Authorization: {auth}\r\n");
-    watcher.request(&subscribe(
+    watcher.request(&subscribe_as(
+        me,
         watcher,
         watched,
         call_id,
@@ -326,4 +362,56 @@ fn blf_groups_limit_who_may_watch_whom() {
     assert_eq!(status(&r), 403, "{r}");
     let r = subscribed(&watcher, "2004", "my-ward", 1, 600);
     assert_eq!(status(&r), 200, "{r}");
+}
+
+#[test]
+fn two_hundred_watchers_of_a_ringing_extension_get_their_notify_within_a_second() {
+    const WATCHERS: usize = 200;
+    let server = Server::start(DOMAIN);
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("ward.csv");
+    let mut users = String::from("username,password\n2001,pw-2001\n2002,pw-2002\n");
+    for i in 0..WATCHERS {
+        users.push_str(&format!("w{i:03},pw-w{i:03}\n"));
+    }
+    std::fs::write(&csv, users).unwrap();
+    let out = server.cli_ok(&["user", "import", csv.to_str().unwrap()]);
+    assert!(out.contains(&format!("imported {}", WATCHERS + 2)), "{out}");
+    let callee = Ua::new(server.sip_addr());
+    assert_eq!(
+        status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
+        200
+    );
+    let watchers: Vec<Ua> = (0..WATCHERS)
+        .map(|i| {
+            let w = Ua::new(server.sip_addr());
+            let me = format!("w{i:03}");
+            let r = subscribed_as(
+                (&me, &format!("pw-{me}")),
+                &w,
+                "2001",
+                &format!("many-{i}"),
+                1,
+                1800,
+            );
+            assert_eq!(status(&r), 200, "watcher {i}: {r}");
+            next_notify(&w);
+            w
+        })
+        .collect();
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "many-watched");
+    let inv = expect(&callee, "INVITE ");
+    let rang = std::time::Instant::now();
+    answer(&callee, &inv, 180);
+    for (i, w) in watchers.iter().enumerate() {
+        let (_, body) = next_notify(w);
+        assert!(body.contains("<state>early</state>"), "watcher {i}: {body}");
+    }
+    let all = rang.elapsed();
+    assert!(
+        all < std::time::Duration::from_secs(1),
+        "{WATCHERS} watchers took {all:?} to see the call ring"
+    );
+    eprintln!("{WATCHERS} watchers saw the call ring within {all:?}");
 }
