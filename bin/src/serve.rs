@@ -124,6 +124,7 @@ pub(crate) async fn run(
         server_header: format!("careflow-sip/{}", env!("CARGO_PKG_VERSION")),
         outbound_gateway: cfg.outbound_gateway.clone(),
         watch_policy: cfg.watch_policy.clone(),
+        pickup_prefix: Some(cfg.pickup_prefix.clone()).filter(|p| !p.is_empty()),
         allow_inbound: cfg.allow_inbound,
         scanner_user_agents: cfg.scanner_user_agents.clone(),
         keepalive: cfg.keepalive,

@@ -225,6 +225,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Who may watch whose busy lamp (SUBSCRIBE Event: dialog) and pick up whose calls: `GROUP=USER,USER;GROUP=...` (users of SIP_DOMAIN or `user@domain`); a user may watch the members of every group it is in. Empty: any user of the same domain.",
     ),
     (
+        "pickup_prefix",
+        "**",
+        "Dialling this and a colleague's SIP username (`**2001`) takes their ringing call (directed pickup, for phones without BLF pickup), within BLF_GROUPS. Empty: off.",
+    ),
+    (
         "nonce_secret",
         "",
         "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",

@@ -71,6 +71,8 @@ pub struct Config {
     pub outbound_gateway: Option<String>,
     /// Who may watch whose busy lamp (`BLF_GROUPS`).
     pub watch_policy: careflow_core::dialog_event::pickup::WatchPolicy,
+    /// `PICKUP_PREFIX`.
+    pub pickup_prefix: String,
     /// Accept requests from other domains.
     pub allow_inbound: bool,
     /// User-Agent fragments of scanners (lower case).
@@ -368,6 +370,19 @@ impl Config {
             worker_threads: r.num("worker_threads", 1, 256)? as usize,
             outbound_gateway: sip::outbound_gateway(&r)?,
             watch_policy,
+            pickup_prefix: {
+                let p = r.get("pickup_prefix").trim();
+                if p.contains(|c: char| c.is_ascii_alphanumeric() || c == '@' || c.is_whitespace())
+                {
+                    return Err(invalid(
+                        "pickup_prefix",
+                        format!(
+                            "`{p}` must be symbols such as ** or *# (no digits, letters or spaces): it is dialled right before an extension"
+                        ),
+                    ));
+                }
+                p.to_string()
+            },
             scanner_user_agents: security::scanner_user_agents(&r),
             allow_inbound: r.flag("allow_inbound")?,
         })

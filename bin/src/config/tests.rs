@@ -275,5 +275,10 @@ fn push_and_blf_settings_name_the_key() {
     )
     .unwrap();
     assert!(c.watch_policy.may_watch("2003@ward.test", "2001@ward.test"));
+    assert_eq!(c.pickup_prefix, "**");
+    let e = Config::load(None, env(&[("PICKUP_PREFIX", "*8")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PICKUP_PREFIX"), "{e}");
     assert!(!c.watch_policy.may_watch("2002@ward.test", "2001@ward.test"));
 }

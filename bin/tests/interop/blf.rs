@@ -415,3 +415,48 @@ fn two_hundred_watchers_of_a_ringing_extension_get_their_notify_within_a_second(
     );
     eprintln!("{WATCHERS} watchers saw the call ring within {all:?}");
 }
+
+#[test]
+fn dialling_the_pickup_code_and_an_extension_takes_its_ringing_call() {
+    let server = Server::start(DOMAIN);
+    for u in ["2001", "2002", "2003"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let callee = Ua::new(server.sip_addr());
+    assert_eq!(
+        status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
+        200
+    );
+    // Nothing rings yet: 480.
+    let picker = Ua::new(server.sip_addr());
+    invite_authorized(&picker, DOMAIN, ("2003", "pw-2003"), "**2001", "code-early");
+    let r = wait_final(&picker, "code-early");
+    assert_eq!(status(&r), 480, "{r}");
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "ward-code");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    let picker = Ua::new(server.sip_addr());
+    invite_authorized(&picker, DOMAIN, ("2003", "pw-2003"), "**2001", "code-pick");
+    let take = expect(&caller, "INVITE ");
+    assert!(take.contains("Call-ID: code-pick\r\n"), "{take}");
+    assert_eq!(
+        header(&take, "Replaces"),
+        Some(format!("ward-code;to-tag=f-ward-code;from-tag=dev{}", callee.port()).as_str()),
+        "the caller's own tag as to-tag, the ringing phone's as from-tag: {take}"
+    );
+    answer(&caller, &take, 200);
+    assert!(expect(&picker, "SIP/2.0 200").contains("Call-ID: code-pick\r\n"));
+}
+
+/// The final answer of the call `call_id` at `ua`.
+fn wait_final(ua: &Ua, call_id: &str) -> String {
+    loop {
+        let m = ua
+            .recv()
+            .unwrap_or_else(|| panic!("no answer for {call_id}"));
+        if m.contains(&format!("Call-ID: {call_id}\r\n")) && status(&m) >= 200 {
+            return m;
+        }
+    }
+}

@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub cluster: Option<ClusterConfig>,
     /// Who may watch whose busy lamp and pick up whose calls (`BLF_GROUPS`).
     pub watch_policy: careflow_core::dialog_event::pickup::WatchPolicy,
+    /// Dialling this prefix and a user's name picks up that user's ringing call
+    /// (`PICKUP_PREFIX`, `**`); none: no pickup by code.
+    pub pickup_prefix: Option<String>,
     /// Push wake-ups of sleeping mobile devices (RFC 8599); none: no push service is
     /// configured, and `pn-*` parameters are stored but not acted on.
     pub push: Option<PushConfig>,

@@ -51,6 +51,8 @@ mod wake;
 pub(super) struct Routed {
     hops: Vec<Hop>,
     sleepers: Vec<(careflow_core::Binding, careflow_core::push::PushParams)>,
+    /// A `Replaces` value the request is to carry (a pickup dialled by feature code).
+    replaces: Option<String>,
 }
 
 impl From<Vec<Hop>> for Routed {
@@ -58,6 +60,7 @@ impl From<Vec<Hop>> for Routed {
         Self {
             hops,
             sleepers: Vec::new(),
+            replaces: None,
         }
     }
 }

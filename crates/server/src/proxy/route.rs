@@ -19,7 +19,14 @@ impl App {
             Ok(Routed {
                 hops: mut targets,
                 sleepers,
+                replaces,
             }) => {
+                let msg = match replaces
+                    .and_then(|v| crate::subscribe::with_replaces(&msg, &v, &self.cfg.parse_limits))
+                {
+                    Some(m) => m,
+                    None => msg,
+                };
                 let initial =
                     msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
                 // Before forking: with no branch of its own, the request must already be held.
@@ -168,6 +175,21 @@ impl App {
                 Err(code) => Err(refuse(code, "Pickup Not Allowed")),
             };
         }
+        // `**` + extension: take that colleague's ringing call (phones without BLF pickup).
+        if is_call
+            && let Some(picker) = msg.from().and_then(|f| f.uri.aor())
+            && let Some(picked) = self.pickup_by_code(&ruri, &picker)
+        {
+            return match picked {
+                Ok((contact, target, replaces)) => Ok(Routed {
+                    hops: vec![Hop::to(contact, target)],
+                    sleepers: Vec::new(),
+                    replaces: Some(replaces),
+                }),
+                Err(403) => Err(refuse(403, "Pickup Not Allowed")),
+                Err(code) => Err(refuse(code, "No Call To Pick Up")),
+            };
+        }
         let call_id = msg.call_id().unwrap_or_default();
         if is_call {
             self.metrics.calls_attempted.fetch_add(1, Ordering::Relaxed);
@@ -246,6 +268,7 @@ impl App {
         Ok(Routed {
             hops: targets,
             sleepers,
+            replaces: None,
         })
     }
 
