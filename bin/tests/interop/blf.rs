@@ -460,3 +460,77 @@ fn wait_final(ua: &Ua, call_id: &str) -> String {
         }
     }
 }
+
+/// An in-dialog SUBSCRIBE (a refresh) of 2003 to the Contact `target` with the dialog's `to`.
+fn refresh(watcher: &Ua, target: &str, to: &str, call_id: &str, cseq: u32, extra: &str) -> String {
+    let port = watcher.port();
+    format!(
+        "SUBSCRIBE {target} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKref{call_id}{cseq};rport\r\n\
+         From: \"Clerk\" <sip:2003@{DOMAIN}>;tag=blf-{call_id}\r\nTo: {to}\r\nCall-ID: {call_id}\r\n\
+         CSeq: {cseq} SUBSCRIBE\r\nContact: <sip:2003@127.0.0.1:{port}>\r\nMax-Forwards: 70\r\n\
+         Expires: 1800\r\nEvent: dialog\r\n{extra}Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// Sends `build(cseq, "")`, answers its 407 with 2003's credentials for `uri`, and returns the
+/// final answer to the second copy.
+fn with_auth(watcher: &Ua, uri: &str, cseq: u32, build: impl Fn(u32, &str) -> String) -> String {
+    let r = watcher.request(&build(cseq, ""));
+    assert_eq!(status(&r), 407, "{r}");
+    let auth = authorization(
+        &r,
+        careflow_proto::digest::Algorithm::Md5,
+        "2003",
+        DOMAIN,
+        "pw-2003",
+        "SUBSCRIBE",
+        uri,
+        1,
+    );
+    watcher.request(&build(
+        cseq + 1,
+        &format!("Proxy-Authorization: {auth}\r\n"),
+    ))
+}
+
+#[test]
+fn a_refresh_to_our_contact_keeps_the_subscription_and_an_unknown_one_gets_481() {
+    let server = Server::start(DOMAIN);
+    for u in ["2001", "2003"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let watcher = Ua::new(server.sip_addr());
+    let ok = subscribed(&watcher, "2001", "refresh-1", 1, 1800);
+    assert_eq!(status(&ok), 200, "{ok}");
+    next_notify(&watcher);
+    let contact = header(&ok, "Contact")
+        .unwrap()
+        .trim_matches(|c| c == '<' || c == '>')
+        .to_string();
+    assert!(contact.starts_with("sip:2001@127.0.0.1:"), "{contact}");
+    let to = header(&ok, "To").unwrap().to_string();
+    // The phone refreshes in the dialog, at the Contact we gave.
+    let r = with_auth(&watcher, &contact, 3, |cseq, extra| {
+        refresh(&watcher, &contact, &to, "refresh-1", cseq, extra)
+    });
+    assert_eq!(status(&r), 200, "{r}");
+    let (state, body) = next_notify(&watcher);
+    assert_eq!(state, "active;expires=1800");
+    assert!(
+        body.contains("entity=\"sip:2001@ward.test\""),
+        "the same user watched: {body}"
+    );
+    // A refresh of a subscription we do not have (ended, or before a restart): 481, so the
+    // phone subscribes again at once.
+    let r = with_auth(&watcher, &contact, 1, |cseq, extra| {
+        refresh(
+            &watcher,
+            &contact,
+            "<sip:2001@ward.test>;tag=gone",
+            "ghost",
+            cseq,
+            extra,
+        )
+    });
+    assert_eq!(status(&r), 481, "{r}");
+}

@@ -44,9 +44,12 @@ impl App {
         let Some(uri) = msg.request_uri() else {
             return false;
         };
-        // An initial SUBSCRIBE names the watched user; a refresh comes to our Contact, which
-        // names them too.
-        if uri.user.is_none() || !self.serves_domain(&uri.host.as_str().to_ascii_lowercase()) {
+        // An initial SUBSCRIBE names the watched user at our domain; a refresh comes to the
+        // Contact we gave (the user at one of our listeners).
+        if uri.user.is_none()
+            || !(self.serves_domain(&uri.host.as_str().to_ascii_lowercase())
+                || self.interfaces.names_listener(&uri))
+        {
             return false;
         }
         let (app, msg, ctx) = (self.clone(), msg.clone(), ctx.clone());
@@ -60,12 +63,39 @@ impl App {
             self.send_response(&msg, &ctx, code, bytes);
             return;
         }
-        let (Some(watched), Some(watcher)) = (
+        let (Some(named), Some(watcher), Some(call_id), Some(from_tag)) = (
             msg.request_uri().as_ref().and_then(aor_of),
             msg.from().as_ref().map(|f| &f.uri).and_then(aor_of),
+            msg.call_id().map(str::to_string),
+            msg.from().and_then(|f| f.tag()).map(str::to_string),
         ) else {
             self.send_response(&msg, &ctx, 400, refuse(400));
             return;
+        };
+        let id = SubId { call_id, from_tag };
+        // A refresh (in the subscription's dialog) watches what the subscription does; one for
+        // a subscription we do not have (ended, or from before a restart) gets 481, and the
+        // phone subscribes afresh at once (RFC 6665 §4.1.2.2).
+        let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
+        let watched = if in_dialog {
+            let known = self
+                .watchers
+                .lock()
+                .ok()
+                .and_then(|w| w.subs.watched_of(&id).map(str::to_string));
+            match known {
+                Some(w) => w,
+                None => {
+                    let b = self
+                        .reply(&msg, &ctx, 481)
+                        .reason("Subscription Does Not Exist")
+                        .build();
+                    self.send_response(&msg, &ctx, 481, b);
+                    return;
+                }
+            }
+        } else {
+            named
         };
         let watched = scan::pct_decode(&watched).to_ascii_lowercase();
         match self
@@ -108,13 +138,6 @@ impl App {
             self.send_response(&msg, &ctx, 400, b);
             return;
         };
-        let (Some(call_id), Some(from_tag)) = (
-            msg.call_id().map(str::to_string),
-            msg.from().and_then(|f| f.tag()).map(str::to_string),
-        ) else {
-            self.send_response(&msg, &ctx, 400, refuse(400));
-            return;
-        };
         let local = self.interfaces.inbound(ctx.local, ctx.source);
         let our_tag = crate::app::to_tag(&msg);
         let to = msg.header(HeaderName::To).unwrap_or_default();
@@ -136,7 +159,6 @@ impl App {
             .header(HeaderName::Expires)
             .and_then(scan::parse_u64)
             .map(|v| v.min(u64::from(u32::MAX)) as u32);
-        let id = SubId { call_id, from_tag };
         let granted = match self.watchers.lock() {
             Ok(mut w) => w
                 .subs

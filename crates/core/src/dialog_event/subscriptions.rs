@@ -234,6 +234,11 @@ impl<W: Clone> Subscriptions<W> {
             .min()
     }
 
+    /// The AoR `id` watches, while it lasts (an in-dialog refresh names only our Contact).
+    pub fn watched_of(&self, id: &SubId) -> Option<&str> {
+        self.subs.get(id).map(|s| s.watched.as_str())
+    }
+
     /// How many subscriptions there are (metrics).
     pub fn len(&self) -> usize {
         self.subs.len()
@@ -316,6 +321,8 @@ mod tests {
             s.subscribe(id(2), "clerk@w", "2002@w", 1, Some(600), t0),
             Ok(600)
         );
+        assert_eq!(s.watched_of(&id(2)), Some("2002@w"));
+        assert_eq!(s.watched_of(&id(3)), None);
         assert_eq!(
             s.subscribe(id(3), "clerk@w", "2003@w", 1, Some(600), t0),
             Err(Refusal::TooMany)
