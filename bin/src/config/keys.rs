@@ -322,8 +322,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "security_burst",
-        "100",
-        "SIP messages one flow may send at once before SECURITY_RATE_LIMIT applies.",
+        "400",
+        "SIP messages one flow may send at once before SECURITY_RATE_LIMIT applies. Sized for a desk phone booting with about 120 busy-lamp keys (a SUBSCRIBE, its authenticated copy and a NOTIFY answer each, at once); a flood at any real rate is still banned within a second.",
     ),
     (
         "security_site_rate_limit",

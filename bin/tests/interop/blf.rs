@@ -534,3 +534,76 @@ fn a_refresh_to_our_contact_keeps_the_subscription_and_an_unknown_one_gets_481()
     });
     assert_eq!(status(&r), 481, "{r}");
 }
+
+#[test]
+fn a_desk_phone_booting_with_sixty_blf_keys_is_not_taken_for_a_flood() {
+    const KEYS: usize = 60;
+    let server = Server::start(DOMAIN);
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("keys.csv");
+    let mut users = String::from("username,password\n2003,pw-2003\n");
+    for i in 0..KEYS {
+        users.push_str(&format!("k{i:03},pw-k{i:03}\n"));
+    }
+    std::fs::write(&csv, users).unwrap();
+    server.cli_ok(&["user", "import", csv.to_str().unwrap()]);
+    // Off the test allow-list (127.0.0.1), so the per-flow flood limit applies: at boot every
+    // key subscribes at once, each is challenged and sent again, each NOTIFY is answered.
+    let phone = Ua::from_ip(server.sip_addr(), "127.0.0.61");
+    for i in 0..KEYS {
+        phone.send(&subscribe(
+            &phone,
+            &format!("k{i:03}"),
+            &format!("boot-{i}"),
+            1,
+            1800,
+            "",
+        ));
+    }
+    let mut challenged = 0;
+    let (mut subscribed, mut notified) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
+    while subscribed.len() < KEYS || notified.len() < KEYS {
+        let m = phone.recv().unwrap_or_else(|| {
+            panic!(
+                "{challenged} challenged, {} subscribed, {} notified:\n{}",
+                subscribed.len(),
+                notified.len(),
+                server.log()
+            )
+        });
+        let call_id = header(&m, "Call-ID").unwrap_or_default().to_string();
+        if m.starts_with("NOTIFY ") {
+            answer(&phone, &m, 200);
+            notified.insert(call_id);
+        } else if status(&m) == 407 {
+            challenged += 1;
+            let key = call_id
+                .trim_start_matches("boot-")
+                .parse::<usize>()
+                .unwrap();
+            let watched = format!("k{key:03}");
+            let auth = authorization(
+                &m,
+                careflow_proto::digest::Algorithm::Md5,
+                "2003",
+                DOMAIN,
+                "pw-2003",
+                "SUBSCRIBE",
+                &format!("sip:{watched}@{DOMAIN}"),
+                1,
+            );
+            let extra = format!("Proxy-Authorization: {auth}\r\n");
+            phone.send(&subscribe(&phone, &watched, &call_id, 2, 1800, &extra));
+        } else if status(&m) == 200 {
+            subscribed.insert(call_id);
+        }
+    }
+    assert!(
+        !server.log().contains("SECURITY banned"),
+        "{}",
+        server.log()
+    );
+}

@@ -68,7 +68,8 @@ impl Default for GuardConfig {
     fn default() -> Self {
         Self {
             rate: 50,
-            burst: 100,
+            // A desk phone booting with ~120 BLF keys sends ~360 messages at once.
+            burst: 400,
             site_rate: 2000,
             site_burst: 4000,
             ban_time: Duration::from_secs(300),
