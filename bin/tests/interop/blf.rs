@@ -8,6 +8,15 @@ use crate::support::*;
 
 const DOMAIN: &str = "ward.test";
 
+/// A server for the ward with `users` (password `pw-USER`).
+fn ward(users: &[&str]) -> Server {
+    let server = Server::start(DOMAIN);
+    for u in users {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    server
+}
+
 /// The watcher's next NOTIFY (answered 200): its Subscription-State and body.
 fn next_notify(watcher: &Ua) -> (String, String) {
     let n = expect(watcher, "NOTIFY ");
@@ -80,38 +89,22 @@ fn subscribed_as(
     cseq: u32,
     expires: u32,
 ) -> String {
-    let r = watcher.request(&subscribe_as(
-        me, watcher, watched, call_id, cseq, expires, "",
-    ));
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        careflow_proto::digest::Algorithm::Md5,
-        me,
-        DOMAIN,
-        password,
-        "SUBSCRIBE",
-        &format!("sip:{watched}@{DOMAIN}"),
-        1,
-    );
-    let extra = format!("Proxy-Authorization: {auth}\r\n");
-    watcher.request(&subscribe_as(
-        me,
+    let uri = format!("sip:{watched}@{DOMAIN}");
+    send_with_proxy_auth(
         watcher,
-        watched,
-        call_id,
-        cseq + 1,
-        expires,
-        &extra,
-    ))
+        DOMAIN,
+        (me, password),
+        ("SUBSCRIBE", &uri),
+        |n, extra| subscribe_as(me, watcher, watched, call_id, cseq + n - 1, expires, extra),
+    );
+    watcher
+        .recv()
+        .expect("an answer to the authenticated SUBSCRIBE")
 }
 
 #[test]
 fn a_blf_key_follows_a_colleagues_call_from_ringing_to_hang_up() {
-    let server = Server::start(DOMAIN);
-    for u in ["2001", "2002", "2003"] {
-        server.add_user(u, &format!("pw-{u}"));
-    }
+    let server = ward(&["2001", "2002", "2003"]);
     let callee = Ua::new(server.sip_addr());
     assert_eq!(
         status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
@@ -212,10 +205,7 @@ fn a_blf_key_follows_a_colleagues_call_from_ringing_to_hang_up() {
 
 #[test]
 fn a_subscription_too_brief_gets_423_and_other_event_packages_are_routed_as_before() {
-    let server = Server::start(DOMAIN);
-    for u in ["2001", "2003"] {
-        server.add_user(u, &format!("pw-{u}"));
-    }
+    let server = ward(&["2001", "2003"]);
     let watcher = Ua::new(server.sip_addr());
     let r = subscribed(&watcher, "2001", "brief", 1, 10);
     assert_eq!(status(&r), 423, "{r}");
@@ -245,10 +235,7 @@ fn attr(body: &str, name: &str) -> String {
 
 #[test]
 fn a_colleague_picks_up_a_ringing_call_from_the_blf_key() {
-    let server = Server::start(DOMAIN);
-    for u in ["2001", "2002", "2003"] {
-        server.add_user(u, &format!("pw-{u}"));
-    }
+    let server = ward(&["2001", "2002", "2003"]);
     let callee = Ua::new(server.sip_addr());
     assert_eq!(
         status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
@@ -304,10 +291,7 @@ fn a_colleague_picks_up_a_ringing_call_from_the_blf_key() {
 
 #[test]
 fn a_replaces_for_a_call_we_do_not_know_is_routed_as_any_invite() {
-    let server = Server::start(DOMAIN);
-    for u in ["2001", "2003"] {
-        server.add_user(u, &format!("pw-{u}"));
-    }
+    let server = ward(&["2001", "2003"]);
     let callee = Ua::new(server.sip_addr());
     assert_eq!(
         status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
@@ -418,10 +402,7 @@ fn two_hundred_watchers_of_a_ringing_extension_get_their_notify_within_a_second(
 
 #[test]
 fn dialling_the_pickup_code_and_an_extension_takes_its_ringing_call() {
-    let server = Server::start(DOMAIN);
-    for u in ["2001", "2002", "2003"] {
-        server.add_user(u, &format!("pw-{u}"));
-    }
+    let server = ward(&["2001", "2002", "2003"]);
     let callee = Ua::new(server.sip_addr());
     assert_eq!(
         status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
@@ -472,33 +453,9 @@ fn refresh(watcher: &Ua, target: &str, to: &str, call_id: &str, cseq: u32, extra
     )
 }
 
-/// Sends `build(cseq, "")`, answers its 407 with 2003's credentials for `uri`, and returns the
-/// final answer to the second copy.
-fn with_auth(watcher: &Ua, uri: &str, cseq: u32, build: impl Fn(u32, &str) -> String) -> String {
-    let r = watcher.request(&build(cseq, ""));
-    assert_eq!(status(&r), 407, "{r}");
-    let auth = authorization(
-        &r,
-        careflow_proto::digest::Algorithm::Md5,
-        "2003",
-        DOMAIN,
-        "pw-2003",
-        "SUBSCRIBE",
-        uri,
-        1,
-    );
-    watcher.request(&build(
-        cseq + 1,
-        &format!("Proxy-Authorization: {auth}\r\n"),
-    ))
-}
-
 #[test]
 fn a_refresh_to_our_contact_keeps_the_subscription_and_an_unknown_one_gets_481() {
-    let server = Server::start(DOMAIN);
-    for u in ["2001", "2003"] {
-        server.add_user(u, &format!("pw-{u}"));
-    }
+    let server = ward(&["2001", "2003"]);
     let watcher = Ua::new(server.sip_addr());
     let ok = subscribed(&watcher, "2001", "refresh-1", 1, 1800);
     assert_eq!(status(&ok), 200, "{ok}");
@@ -510,9 +467,14 @@ fn a_refresh_to_our_contact_keeps_the_subscription_and_an_unknown_one_gets_481()
     assert!(contact.starts_with("sip:2001@127.0.0.1:"), "{contact}");
     let to = header(&ok, "To").unwrap().to_string();
     // The phone refreshes in the dialog, at the Contact we gave.
-    let r = with_auth(&watcher, &contact, 3, |cseq, extra| {
-        refresh(&watcher, &contact, &to, "refresh-1", cseq, extra)
-    });
+    send_with_proxy_auth(
+        &watcher,
+        DOMAIN,
+        ("2003", "pw-2003"),
+        ("SUBSCRIBE", &contact),
+        |n, extra| refresh(&watcher, &contact, &to, "refresh-1", n + 2, extra),
+    );
+    let r = watcher.recv().expect("an answer to the refresh");
     assert_eq!(status(&r), 200, "{r}");
     let (state, body) = next_notify(&watcher);
     assert_eq!(state, "active;expires=1800");
@@ -522,16 +484,23 @@ fn a_refresh_to_our_contact_keeps_the_subscription_and_an_unknown_one_gets_481()
     );
     // A refresh of a subscription we do not have (ended, or before a restart): 481, so the
     // phone subscribes again at once.
-    let r = with_auth(&watcher, &contact, 1, |cseq, extra| {
-        refresh(
-            &watcher,
-            &contact,
-            "<sip:2001@ward.test>;tag=gone",
-            "ghost",
-            cseq,
-            extra,
-        )
-    });
+    send_with_proxy_auth(
+        &watcher,
+        DOMAIN,
+        ("2003", "pw-2003"),
+        ("SUBSCRIBE", &contact),
+        |n, extra| {
+            refresh(
+                &watcher,
+                &contact,
+                "<sip:2001@ward.test>;tag=gone",
+                "ghost",
+                n,
+                extra,
+            )
+        },
+    );
+    let r = watcher.recv().expect("an answer to the refresh");
     assert_eq!(status(&r), 481, "{r}");
 }
 
