@@ -576,3 +576,81 @@ fn a_desk_phone_booting_with_sixty_blf_keys_is_not_taken_for_a_flood() {
         server.log()
     );
 }
+
+#[test]
+fn sipp_as_a_blf_key_authenticates_and_sees_the_call_ring() {
+    require("sipp", "sip-tester");
+    let server = ward(&["2001", "2002", "2003"]);
+    let callee = Ua::new(server.sip_addr());
+    assert_eq!(
+        status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
+        200
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let inf = tmp.path().join("blf.csv");
+    std::fs::write(
+        &inf,
+        "SEQUENTIAL\n2003;[authentication username=2003 password=pw-2003]\n",
+    )
+    .unwrap();
+    let sipp = std::process::Command::new("sipp")
+        .arg(server.sip_addr().to_string())
+        .args([
+            "-sf",
+            interop_dir().join("sipp/blf-watch.xml").to_str().unwrap(),
+        ])
+        .args(["-inf", inf.to_str().unwrap()])
+        .args([
+            "-key",
+            "domain",
+            DOMAIN,
+            "-key",
+            "watched",
+            "2001",
+            "-auth_uri",
+            &format!("2001@{DOMAIN}"),
+        ])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            "u1",
+            "-m",
+            "1",
+        ])
+        .args(["-nostdin", "-timeout", "30s", "-timeout_error"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("sipp");
+    // Once sipp holds its subscription (the notifier counted its first NOTIFY), the call.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.metric("careflow_sip_notifies_sent_total") < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sipp never subscribed:\n{}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("2002", "pw-2002"),
+        "2001",
+        "blf-sipp-call",
+    );
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    let out = sipp.wait_with_output().expect("sipp");
+    assert!(
+        out.status.success(),
+        "sipp's BLF key failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+}
