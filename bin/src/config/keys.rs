@@ -230,6 +230,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Dialling this and a colleague's SIP username (`**2001`) takes their ringing call (directed pickup, for phones without BLF pickup), within BLF_GROUPS. Empty: off.",
     ),
     (
+        "blf_quirks",
+        "",
+        "Busy-lamp bodies for phones that need them differently, by User-Agent: `FRAGMENT=QUIRK,QUIRK;...` (FRAGMENT any part of the User-Agent, any case; first match wins). Quirks: `single-dialog` (one `<dialog>` per NOTIFY, the ringing call first), `idle-terminated` (an idle user as one terminated dialog rather than none).",
+    ),
+    (
         "nonce_secret",
         "",
         "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",

@@ -73,6 +73,8 @@ pub struct Config {
     pub watch_policy: careflow_core::dialog_event::pickup::WatchPolicy,
     /// `PICKUP_PREFIX`.
     pub pickup_prefix: String,
+    /// Dialog-info quirks by User-Agent fragment (`BLF_QUIRKS`).
+    pub blf_quirks: Vec<(String, careflow_core::dialog_event::info::Quirks)>,
     /// Accept requests from other domains.
     pub allow_inbound: bool,
     /// User-Agent fragments of scanners (lower case).
@@ -383,6 +385,7 @@ impl Config {
                 }
                 p.to_string()
             },
+            blf_quirks: sip::blf_quirks(&r)?,
             scanner_user_agents: security::scanner_user_agents(&r),
             allow_inbound: r.flag("allow_inbound")?,
         })

@@ -248,3 +248,35 @@ pub(super) fn watch_policy(
     }
     Ok(WatchPolicy::Groups(groups))
 }
+
+/// `BLF_QUIRKS`: `FRAGMENT=QUIRK,QUIRK;FRAGMENT=...`: the dialog-info quirks of the phones whose
+/// User-Agent contains FRAGMENT (any case), first match wins.
+pub(super) fn blf_quirks(
+    r: &Raw<'_>,
+) -> Result<Vec<(String, careflow_core::dialog_event::info::Quirks)>, ConfigError> {
+    use careflow_core::dialog_event::info::Quirks;
+    let mut out = Vec::new();
+    for part in r
+        .get("blf_quirks")
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let Some((fragment, quirks)) = part.split_once('=') else {
+            return Err(invalid(
+                "blf_quirks",
+                format!("`{part}` is not USER_AGENT_FRAGMENT=QUIRK,QUIRK"),
+            ));
+        };
+        let fragment = fragment.trim().to_ascii_lowercase();
+        if fragment.is_empty() {
+            return Err(invalid(
+                "blf_quirks",
+                format!("`{part}` needs a User-Agent fragment"),
+            ));
+        }
+        let q = Quirks::parse(quirks).map_err(|e| invalid("blf_quirks", e))?;
+        out.push((fragment, q));
+    }
+    Ok(out)
+}

@@ -281,4 +281,23 @@ fn push_and_blf_settings_name_the_key() {
         .to_string();
     assert!(e.contains("PICKUP_PREFIX"), "{e}");
     assert!(!c.watch_policy.may_watch("2002@ward.test", "2001@ward.test"));
+    assert!(c.blf_quirks.is_empty());
+    let c = Config::load(
+        None,
+        env(&[(
+            "BLF_QUIRKS",
+            "Grandstream GXP=single-dialog, idle-terminated; SPA=idle-terminated",
+        )]),
+    )
+    .unwrap();
+    assert_eq!(c.blf_quirks.len(), 2);
+    assert_eq!(c.blf_quirks[0].0, "grandstream gxp");
+    assert!(c.blf_quirks[0].1.single_dialog && c.blf_quirks[0].1.idle_as_terminated);
+    assert!(!c.blf_quirks[1].1.single_dialog && c.blf_quirks[1].1.idle_as_terminated);
+    for bad in ["Yealink", "=single-dialog", "Yealink=blink"] {
+        let e = Config::load(None, env(&[("BLF_QUIRKS", bad)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("BLF_QUIRKS"), "{bad}: {e}");
+    }
 }

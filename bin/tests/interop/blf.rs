@@ -6,10 +6,10 @@
 use crate::cluster_link::{in_dialog, route_set};
 use crate::support::*;
 
-const DOMAIN: &str = "ward.test";
+pub(crate) const DOMAIN: &str = "ward.test";
 
 /// A server for the ward with `users` (password `pw-USER`).
-fn ward(users: &[&str]) -> Server {
+pub(crate) fn ward(users: &[&str]) -> Server {
     let server = Server::start(DOMAIN);
     for u in users {
         server.add_user(u, &format!("pw-{u}"));
@@ -17,8 +17,81 @@ fn ward(users: &[&str]) -> Server {
     server
 }
 
-/// The watcher's next NOTIFY (answered 200): its Subscription-State and body.
-fn next_notify(watcher: &Ua) -> (String, String) {
+/// A dialog-info body parsed as XML (RFC 4235): its version and dialogs.
+#[derive(Debug)]
+pub(crate) struct DialogInfo {
+    pub(crate) version: u32,
+    pub(crate) dialogs: Vec<Dialog>,
+}
+
+/// One `<dialog>` of a [`DialogInfo`].
+#[derive(Debug)]
+pub(crate) struct Dialog {
+    pub(crate) call_id: String,
+    pub(crate) state: String,
+    pub(crate) direction: String,
+    pub(crate) local_tag: Option<String>,
+    pub(crate) remote_tag: Option<String>,
+    pub(crate) remote_identity: String,
+}
+
+const DIALOG_INFO_NS: &str = "urn:ietf:params:xml:ns:dialog-info";
+
+/// Parses `body` as dialog-info+xml (panics, naming the body, when it is not).
+pub(crate) fn dialog_info(body: &str) -> DialogInfo {
+    let doc = roxmltree::Document::parse(body).unwrap_or_else(|e| panic!("not XML ({e}):\n{body}"));
+    let root = doc.root_element();
+    assert_eq!(
+        (root.tag_name().namespace(), root.tag_name().name()),
+        (Some(DIALOG_INFO_NS), "dialog-info"),
+        "{body}"
+    );
+    assert_eq!(root.attribute("state"), Some("full"), "{body}");
+    let dialogs = root
+        .children()
+        .filter(|c| c.has_tag_name((DIALOG_INFO_NS, "dialog")))
+        .map(|d| Dialog {
+            call_id: d.attribute("call-id").unwrap_or_default().to_string(),
+            state: child(d, "state")
+                .and_then(|s| s.text())
+                .unwrap_or_else(|| panic!("a dialog without state: {body}"))
+                .to_string(),
+            direction: d.attribute("direction").unwrap_or_default().to_string(),
+            local_tag: d.attribute("local-tag").map(str::to_string),
+            remote_tag: d.attribute("remote-tag").map(str::to_string),
+            remote_identity: child(d, "remote")
+                .and_then(|r| child(r, "identity"))
+                .and_then(|i| i.text())
+                .unwrap_or_default()
+                .to_string(),
+        })
+        .collect();
+    DialogInfo {
+        version: root
+            .attribute("version")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no version: {body}")),
+        dialogs,
+    }
+}
+
+/// The first child element `name` of `n` (in the dialog-info namespace).
+fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+    n.children()
+        .find(|c| c.has_tag_name((DIALOG_INFO_NS, name)))
+}
+
+/// The state of the dialog of `call_id` in `info`.
+pub(crate) fn state_of<'i>(info: &'i DialogInfo, call_id: &str) -> Option<&'i str> {
+    info.dialogs
+        .iter()
+        .find(|d| d.call_id == call_id)
+        .map(|d| d.state.as_str())
+}
+
+/// The watcher's next NOTIFY (answered 200): its Subscription-State and body (checked to be
+/// well-formed dialog-info XML).
+pub(crate) fn next_notify(watcher: &Ua) -> (String, String) {
     let n = expect(watcher, "NOTIFY ");
     answer(watcher, &n, 200);
     let state = header(&n, "Subscription-State")
@@ -31,6 +104,7 @@ fn next_notify(watcher: &Ua) -> (String, String) {
         "{n}"
     );
     let body = n.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    dialog_info(&body);
     (state, body)
 }
 
@@ -69,7 +143,13 @@ fn subscribe_as(
 
 /// Subscribes `watcher` (user 2003) to `watched` for `expires` with proxy credentials (CSeq
 /// `cseq` and the next); returns the final answer.
-fn subscribed(watcher: &Ua, watched: &str, call_id: &str, cseq: u32, expires: u32) -> String {
+pub(crate) fn subscribed(
+    watcher: &Ua,
+    watched: &str,
+    call_id: &str,
+    cseq: u32,
+    expires: u32,
+) -> String {
     subscribed_as(
         ("2003", "pw-2003"),
         watcher,
@@ -82,11 +162,37 @@ fn subscribed(watcher: &Ua, watched: &str, call_id: &str, cseq: u32, expires: u3
 
 /// [`subscribed`] by user `me`.
 fn subscribed_as(
-    (me, password): (&str, &str),
+    who: (&str, &str),
     watcher: &Ua,
     watched: &str,
     call_id: &str,
     cseq: u32,
+    expires: u32,
+) -> String {
+    subscribed_for("dialog", who, watcher, (watched, call_id, cseq), expires)
+}
+
+/// A SUBSCRIBE of [`subscribe_as`] for another event package (`Event`, and `Accept` its type).
+pub(crate) fn for_package(subscribe: String, package: &str) -> String {
+    let accept = match package {
+        "presence" => "application/pidf+xml",
+        "dialog" => "application/dialog-info+xml",
+        other => other,
+    };
+    subscribe
+        .replace("Event: dialog\r\n", &format!("Event: {package}\r\n"))
+        .replace(
+            "Accept: application/dialog-info+xml\r\n",
+            &format!("Accept: {accept}\r\n"),
+        )
+}
+
+/// [`subscribed_as`] to `package`: `(watched, call_id, cseq)`.
+pub(crate) fn subscribed_for(
+    package: &str,
+    (me, password): (&str, &str),
+    watcher: &Ua,
+    (watched, call_id, cseq): (&str, &str, u32),
     expires: u32,
 ) -> String {
     let uri = format!("sip:{watched}@{DOMAIN}");
@@ -95,7 +201,12 @@ fn subscribed_as(
         DOMAIN,
         (me, password),
         ("SUBSCRIBE", &uri),
-        |n, extra| subscribe_as(me, watcher, watched, call_id, cseq + n - 1, expires, extra),
+        |n, extra| {
+            for_package(
+                subscribe_as(me, watcher, watched, call_id, cseq + n - 1, expires, extra),
+                package,
+            )
+        },
     );
     watcher
         .recv()
@@ -128,18 +239,19 @@ fn a_blf_key_follows_a_colleagues_call_from_ringing_to_hang_up() {
     let inv = expect(&callee, "INVITE ");
     answer(&callee, &inv, 180);
     let (_, body) = next_notify(&watcher);
-    assert!(body.contains("<state>early</state>"), "{body}");
-    assert!(body.contains("call-id=\"ward-call-1\""), "{body}");
-    assert!(body.contains("direction=\"recipient\""), "{body}");
-    assert!(
-        body.contains(&format!("local-tag=\"dev{}\"", callee.port())),
+    let info = dialog_info(&body);
+    assert_eq!(info.version, 2, "{body}");
+    let [d] = &info.dialogs[..] else {
+        panic!("one dialog: {body}")
+    };
+    assert_eq!(
+        (d.call_id.as_str(), d.state.as_str(), d.direction.as_str()),
+        ("ward-call-1", "early", "recipient"),
         "{body}"
     );
-    assert!(body.contains("remote-tag=\"f-ward-call-1\""), "{body}");
-    assert!(
-        body.contains("<identity>sip:2002@ward.test</identity>"),
-        "{body}"
-    );
+    assert_eq!(d.local_tag, Some(format!("dev{}", callee.port())), "{body}");
+    assert_eq!(d.remote_tag.as_deref(), Some("f-ward-call-1"), "{body}");
+    assert_eq!(d.remote_identity, "sip:2002@ward.test", "{body}");
     // Answered, then hung up.
     answer(&callee, &inv, 200);
     let ok = expect(&caller, "SIP/2.0 200");
@@ -443,7 +555,14 @@ fn wait_final(ua: &Ua, call_id: &str) -> String {
 }
 
 /// An in-dialog SUBSCRIBE (a refresh) of 2003 to the Contact `target` with the dialog's `to`.
-fn refresh(watcher: &Ua, target: &str, to: &str, call_id: &str, cseq: u32, extra: &str) -> String {
+pub(crate) fn refresh(
+    watcher: &Ua,
+    target: &str,
+    to: &str,
+    call_id: &str,
+    cseq: u32,
+    extra: &str,
+) -> String {
     let port = watcher.port();
     format!(
         "SUBSCRIBE {target} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKref{call_id}{cseq};rport\r\n\

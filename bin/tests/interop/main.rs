@@ -4,6 +4,7 @@
 
 mod api;
 mod blf;
+mod blf_state;
 mod calls;
 mod cluster;
 mod cluster_failover;
@@ -18,6 +19,7 @@ mod operations;
 mod outbound;
 mod package;
 mod peers;
+mod presence;
 mod protocol;
 mod push;
 mod register;

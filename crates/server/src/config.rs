@@ -49,14 +49,41 @@ pub struct ServerConfig {
     pub media: Option<MediaConfig>,
     /// Membership of a cluster (`CLUSTER_ADDRESS`); none: this node is alone.
     pub cluster: Option<ClusterConfig>,
-    /// Who may watch whose busy lamp and pick up whose calls (`BLF_GROUPS`).
+    /// Busy lamps, pickup and presence.
+    pub blf: BlfConfig,
+    /// Push wake-ups of sleeping mobile devices (RFC 8599); none: no push service is
+    /// configured, and `pn-*` parameters are stored but not acted on.
+    pub push: Option<PushConfig>,
+}
+
+/// Busy lamps, pickup and presence (issue 19).
+#[derive(Debug, Clone)]
+pub struct BlfConfig {
+    /// Who may watch whose busy lamp or presence and pick up whose calls (`BLF_GROUPS`).
     pub watch_policy: careflow_core::dialog_event::pickup::WatchPolicy,
     /// Dialling this prefix and a user's name picks up that user's ringing call
     /// (`PICKUP_PREFIX`, `**`); none: no pickup by code.
     pub pickup_prefix: Option<String>,
-    /// Push wake-ups of sleeping mobile devices (RFC 8599); none: no push service is
-    /// configured, and `pn-*` parameters are stored but not acted on.
-    pub push: Option<PushConfig>,
+    /// Dialog-info quirks by User-Agent fragment (lower case), first match wins
+    /// (`BLF_QUIRKS`).
+    pub quirks: Vec<(String, careflow_core::dialog_event::info::Quirks)>,
+    /// Where subscriptions are kept over a restart (`DATA_DIR/subscriptions.json`); none: not
+    /// kept, and a phone's first refresh after a restart gets 481.
+    pub state_file: Option<std::path::PathBuf>,
+}
+
+impl BlfConfig {
+    /// The quirks of a watcher with this User-Agent.
+    pub fn quirks_of(&self, user_agent: Option<&str>) -> careflow_core::dialog_event::info::Quirks {
+        let Some(ua) = user_agent.map(str::to_ascii_lowercase) else {
+            return Default::default();
+        };
+        self.quirks
+            .iter()
+            .find(|(fragment, _)| ua.contains(fragment.as_str()))
+            .map(|(_, q)| *q)
+            .unwrap_or_default()
+    }
 }
 
 /// A cluster node's settings.

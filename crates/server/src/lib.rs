@@ -14,6 +14,7 @@
 
 pub mod app;
 mod auth;
+mod blf;
 mod clock;
 mod cluster;
 mod config;
@@ -31,7 +32,6 @@ pub mod register;
 mod ringing;
 pub mod routing;
 pub mod rtpengine;
-mod subscribe;
 mod watchers;
 
 use std::sync::Arc;
@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use app::App;
 pub use clock::unix_now;
-pub use config::{ClusterConfig, PushConfig, ServerConfig};
+pub use config::{BlfConfig, ClusterConfig, PushConfig, ServerConfig};
 pub use metrics::{Gauges, Metrics};
 
 /// A running SIP server.
@@ -131,7 +131,7 @@ pub async fn start(
     tasks.spawn(sweep_bindings(app.clone(), cancel.clone()));
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
     tasks.spawn(push_upkeep::run(app.clone(), cancel.clone()));
-    tasks.spawn(subscribe::run(app.clone(), cancel.clone()));
+    tasks.spawn(blf::run(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     if let Some(c) = app.cluster.clone() {
         let (registered, elsewhere) = tokio::sync::mpsc::channel(1024);
@@ -187,6 +187,7 @@ async fn late_fork_for_the_cluster(
     mut elsewhere: tokio::sync::mpsc::Receiver<String>,
 ) {
     while let Some(aor) = elsewhere.recv().await {
+        app.presence_recheck_soon(&aor);
         if app.ringing.has(&aor) {
             app.late_fork(&aor).await;
         }

@@ -287,6 +287,7 @@ impl App {
                         tokio::spawn(async move { app.late_fork(&aor).await });
                     }
                 }
+                self.presence_registered(&aor, &outcome.bindings, now);
                 tracing::info!(
                     aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,
                     transport = %ctx.transport, "registered"

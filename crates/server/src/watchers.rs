@@ -1,6 +1,7 @@
-//! The busy-lamp state (issue 19): every user's call legs as the proxy sees them, the
-//! dialog-event subscriptions, and the NOTIFYs not answered yet (retransmitted over UDP).
-//! The decisions are `careflow_core::dialog_event`'s; handlers live in `subscribe.rs`.
+//! The busy-lamp and presence state (issue 19): every user's call legs as the proxy sees them,
+//! whether the watched users have a device registered, the subscriptions, and the NOTIFYs not
+//! answered yet (retransmitted over UDP). The decisions are `careflow_core::dialog_event`'s;
+//! handlers live in `blf/`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use careflow_core::Transport;
 use careflow_core::dialog_event::Calls;
+use careflow_core::dialog_event::info::Quirks;
 use careflow_core::dialog_event::subscriptions::{SubId, SubscriptionConfig, Subscriptions};
 use careflow_transport::{ConnId, Outbound};
 
@@ -26,6 +28,19 @@ pub(crate) struct Reach {
     pub(crate) watcher: String,
     /// The SUBSCRIBE's To with our tag (the NOTIFY's From).
     pub(crate) us: String,
+    /// What its phone needs of a dialog-info body.
+    pub(crate) quirks: Quirks,
+}
+
+/// Whether a user whose presence is watched has a device registered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Online {
+    pub(crate) registered: bool,
+    /// When to look again: the first binding's expiry, or a while (a binding removed through
+    /// the API, a closed connection, another node).
+    pub(crate) recheck_at: Instant,
+    /// A lookup is under way.
+    pub(crate) checking: bool,
 }
 
 /// A NOTIFY waiting for its answer.
@@ -51,6 +66,10 @@ pub(crate) struct Watchers {
     /// By Call-ID, the flow each call's caller sent its INVITE over and its Contact: where a
     /// pickup's INVITE (with Replaces) goes.
     pub(crate) callers: HashMap<String, (crate::routing::Target, String)>,
+    /// By watched AoR, for presence.
+    pub(crate) online: HashMap<String, Online>,
+    /// Something to keep over a restart changed since the last save.
+    pub(crate) dirty: bool,
 }
 
 impl Default for Watchers {
@@ -61,6 +80,8 @@ impl Default for Watchers {
             cseq: HashMap::new(),
             unanswered: HashMap::new(),
             callers: HashMap::new(),
+            online: HashMap::new(),
+            dirty: false,
         }
     }
 }

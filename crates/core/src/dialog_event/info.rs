@@ -12,6 +12,47 @@ pub struct Quirks {
     /// An idle user is sent one `terminated` dialog rather than none (phones that keep a lamp
     /// lit on an empty `full` body).
     pub idle_as_terminated: bool,
+    /// One `<dialog>` per body, the one the lamp should show (a ringing call before an
+    /// answered one, since that is what a press picks up): phones that read only the first
+    /// `<dialog>` of a body, or mix up several.
+    pub single_dialog: bool,
+}
+
+impl Quirks {
+    /// The quirks named in `list` (`idle-terminated`, `single-dialog`, comma separated);
+    /// `Err` names an unknown one.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut q = Self::default();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "idle-terminated" => q.idle_as_terminated = true,
+                "single-dialog" => q.single_dialog = true,
+                other => {
+                    return Err(format!(
+                        "unknown quirk `{other}` (known: idle-terminated, single-dialog)"
+                    ));
+                }
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// The leg a one-dialog body shows: ringing first, then answered, then being set up, then the
+/// latest ended.
+fn most_telling<'l>(legs: &[&'l Leg]) -> Option<&'l Leg> {
+    let rank = |s: DialogState| match s {
+        DialogState::Early => 4,
+        DialogState::Confirmed => 3,
+        DialogState::Proceeding => 2,
+        DialogState::Trying => 1,
+        DialogState::Terminated => 0,
+    };
+    legs.iter()
+        .copied()
+        .enumerate()
+        .max_by_key(|(i, l)| (rank(l.state), *i))
+        .map(|(_, l)| l)
 }
 
 /// The body for `entity` (the watched AoR's URI) at `version`, listing `legs` (a `full`
@@ -24,10 +65,15 @@ pub fn render(entity: &str, version: u32, legs: &[&Leg], quirks: Quirks) -> Stri
         "<dialog-info xmlns=\"urn:ietf:params:xml:ns:dialog-info\" version=\"{version}\" state=\"full\" entity=\"{}\">",
         escape(entity)
     );
-    if legs.is_empty() && quirks.idle_as_terminated {
+    let shown: Vec<&Leg> = if quirks.single_dialog {
+        most_telling(legs).into_iter().collect()
+    } else {
+        legs.to_vec()
+    };
+    if shown.is_empty() && quirks.idle_as_terminated {
         s.push_str("  <dialog id=\"idle\"><state>terminated</state></dialog>\n");
     }
-    for leg in legs {
+    for leg in shown {
         let _ = write!(
             s,
             "  <dialog id=\"{}\" call-id=\"{}\"",
@@ -68,7 +114,7 @@ fn party(s: &mut String, name: &str, p: &Party) {
 }
 
 /// XML text and attribute escaping (the five predefined entities).
-fn escape(v: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn escape(v: &str) -> std::borrow::Cow<'_, str> {
     if !v.contains(['&', '<', '>', '"', '\'']) {
         return std::borrow::Cow::Borrowed(v);
     }
@@ -136,9 +182,52 @@ mod tests {
             &[],
             Quirks {
                 idle_as_terminated: true,
+                ..Quirks::default()
             },
         );
         assert!(quirk.contains("<state>terminated</state>"), "{quirk}");
         assert!(!busy(&[]));
+    }
+
+    #[test]
+    fn a_single_dialog_body_shows_the_ringing_call_over_the_answered_one() {
+        let mut c = Calls::default();
+        let t0 = Instant::now();
+        for (call_id, code) in [("up", 200), ("rings", 180)] {
+            c.start(
+                "2001@w",
+                NewLeg {
+                    call_id: call_id.into(),
+                    direction: Direction::Recipient,
+                    from_tag: "f".into(),
+                    local: Party::default(),
+                    remote: Party::default(),
+                },
+                t0,
+            );
+            c.response(call_id, "b", code, Some("t"), None);
+        }
+        let legs: Vec<&Leg> = c.legs("2001@w").iter().collect();
+        let q = Quirks::parse("single-dialog").expect("known");
+        let body = render("sip:2001@w", 1, &legs, q);
+        assert_eq!(body.matches("<dialog ").count(), 1, "{body}");
+        assert!(body.contains("call-id=\"rings\""), "{body}");
+        assert_eq!(
+            render("sip:2001@w", 1, &legs, Quirks::default())
+                .matches("<dialog ")
+                .count(),
+            2
+        );
+        c.end("rings", t0);
+        let legs: Vec<&Leg> = c.legs("2001@w").iter().collect();
+        assert!(render("sip:2001@w", 2, &legs, q).contains("call-id=\"up\""));
+        assert_eq!(
+            Quirks::parse(" idle-terminated ,single-dialog"),
+            Ok(Quirks {
+                idle_as_terminated: true,
+                single_dialog: true
+            })
+        );
+        assert!(Quirks::parse("blink").unwrap_err().contains("blink"));
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod info;
 pub mod pickup;
+pub mod presence;
 pub mod subscriptions;
 
 use std::collections::HashMap;

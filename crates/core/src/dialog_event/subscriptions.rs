@@ -1,5 +1,5 @@
-//! Subscriptions to users' dialog state (RFC 6665 notifier side), sans-IO: each watcher's
-//! subscription to one AoR with its expiry and the `version` its bodies carry, NOTIFYs
+//! Subscriptions to users' dialog state and presence (RFC 6665 notifier side), sans-IO: each
+//! watcher's subscription to one AoR with its expiry and the `version` its bodies carry, NOTIFYs
 //! coalesced and paced (a burst of changes while one NOTIFY is recent becomes one NOTIFY with
 //! the latest state, at most one per [`SubscriptionConfig::min_interval`]), and the final
 //! NOTIFY when a subscription ends.
@@ -35,6 +35,58 @@ impl Default for SubscriptionConfig {
     }
 }
 
+/// The event package a subscription is to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Package {
+    /// `Event: dialog` (RFC 4235): busy lamps and pickup.
+    Dialog,
+    /// `Event: presence` (RFC 3856): open, on the phone, closed.
+    Presence,
+}
+
+impl Package {
+    /// The package of an `Event` header's value (its name, parameters aside).
+    pub fn of_event(value: &str) -> Option<Self> {
+        let name = value.split(';').next()?.trim();
+        if name.eq_ignore_ascii_case("dialog") {
+            Some(Self::Dialog)
+        } else if name.eq_ignore_ascii_case("presence") {
+            Some(Self::Presence)
+        } else {
+            None
+        }
+    }
+
+    /// The `Event` header's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dialog => "dialog",
+            Self::Presence => "presence",
+        }
+    }
+
+    /// The body's `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Dialog => "application/dialog-info+xml",
+            Self::Presence => "application/pidf+xml",
+        }
+    }
+}
+
+/// A SUBSCRIBE as the table needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The watcher's AoR (for the per-watcher limit).
+    pub watcher: &'a str,
+    /// The watched AoR.
+    pub watched: &'a str,
+    /// Its package.
+    pub package: Package,
+    /// The `Expires` asked, if any.
+    pub expires: Option<u32>,
+}
+
 /// A subscription's id: the dialog it lives in (Call-ID and the watcher's From tag; our To
 /// tag is derived from them).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,6 +102,7 @@ pub struct SubId {
 struct Sub<W> {
     watched: String,
     watcher: String,
+    package: Package,
     reach: W,
     expires_at: Instant,
     version: u32,
@@ -73,6 +126,8 @@ pub struct Due<W> {
     pub id: SubId,
     /// The watched AoR (whose legs the body lists).
     pub watched: String,
+    /// What the body says of it.
+    pub package: Package,
     /// Where it goes.
     pub reach: W,
     /// The body's `version`.
@@ -80,6 +135,25 @@ pub struct Due<W> {
     /// Seconds left (`Subscription-State: active;expires=N`), or `None` when it ends
     /// (`terminated;reason=timeout` or after an unsubscribe).
     pub expires_in: Option<u32>,
+}
+
+/// A subscription as kept over a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved<W> {
+    /// Its dialog.
+    pub id: SubId,
+    /// The watcher's AoR.
+    pub watcher: String,
+    /// The watched AoR.
+    pub watched: String,
+    /// Its package.
+    pub package: Package,
+    /// Where its NOTIFYs go.
+    pub reach: W,
+    /// Time left.
+    pub expires_in: Duration,
+    /// The version of its last NOTIFY.
+    pub version: u32,
 }
 
 /// Every subscription.
@@ -100,24 +174,34 @@ impl<W: Clone> Subscriptions<W> {
         }
     }
 
-    /// A SUBSCRIBE (new or a refresh) of `watcher` to `watched` asking `expires` (none: the
-    /// default). Returns the expiry granted; 0 ends the subscription (its final NOTIFY is
-    /// queued). Every accepted SUBSCRIBE is answered by an immediate NOTIFY (RFC 6665 §4.2.1.2).
+    /// A SUBSCRIBE (new or a refresh) of `req.watcher` to `req.watched` asking `req.expires`
+    /// (none: the default). Returns the expiry granted; 0 ends the subscription (its final
+    /// NOTIFY is queued). Every accepted SUBSCRIBE is answered by an immediate NOTIFY (RFC 6665
+    /// §4.2.1.2).
     pub fn subscribe(
         &mut self,
         id: SubId,
-        watcher: &str,
-        watched: &str,
+        req: Request<'_>,
         reach: W,
-        expires: Option<u32>,
         now: Instant,
     ) -> Result<u32, Refusal> {
-        let asked = expires.unwrap_or(self.cfg.default_expires);
+        let Request {
+            watcher,
+            watched,
+            package,
+            expires,
+        } = req;
+        let asked = expires.unwrap_or(match package {
+            Package::Dialog => self.cfg.default_expires,
+            // RFC 3856 §6.4.
+            Package::Presence => 3600.min(self.cfg.max_expires),
+        });
         if asked == 0 {
             if let Some(sub) = self.subs.remove(&id) {
                 self.ended.push(Due {
                     id,
                     watched: sub.watched,
+                    package: sub.package,
                     reach,
                     version: sub.version + 1,
                     expires_in: None,
@@ -146,6 +230,7 @@ impl<W: Clone> Subscriptions<W> {
             Sub {
                 watched: watched.to_string(),
                 watcher: watcher.to_string(),
+                package,
                 reach,
                 expires_at: until,
                 version: 0,
@@ -156,11 +241,39 @@ impl<W: Clone> Subscriptions<W> {
         Ok(granted)
     }
 
-    /// `watched`'s state changed: each of its subscriptions has a NOTIFY to send.
+    /// `watched`'s calls changed: each of its subscriptions has a NOTIFY to send.
     pub fn changed(&mut self, watched: &str) {
         for s in self.subs.values_mut().filter(|s| s.watched == watched) {
             s.pending = true;
         }
+    }
+
+    /// Whether a device of `watched` is registered changed: its presence subscriptions have a
+    /// NOTIFY to send (its busy lamps show calls only).
+    pub fn presence_changed(&mut self, watched: &str) {
+        for s in self
+            .subs
+            .values_mut()
+            .filter(|s| s.watched == watched && s.package == Package::Presence)
+        {
+            s.pending = true;
+        }
+    }
+
+    /// Whether anyone watches the presence of `watched`.
+    pub fn presence_watched(&self, watched: &str) -> bool {
+        self.subs
+            .values()
+            .any(|s| s.watched == watched && s.package == Package::Presence)
+    }
+
+    /// The AoRs whose presence is watched.
+    pub fn presence_aors(&self) -> std::collections::HashSet<&str> {
+        self.subs
+            .values()
+            .filter(|s| s.package == Package::Presence)
+            .map(|s| s.watched.as_str())
+            .collect()
     }
 
     /// The watcher is gone (481 or a transport failure for a NOTIFY): the subscription ends
@@ -190,6 +303,7 @@ impl<W: Clone> Subscriptions<W> {
                 out.push(Due {
                     id: id.clone(),
                     watched: s.watched.clone(),
+                    package: s.package,
                     reach: s.reach.clone(),
                     version: s.version,
                     // Rounded up: a NOTIFY sent a moment after the SUBSCRIBE says what was granted.
@@ -208,6 +322,7 @@ impl<W: Clone> Subscriptions<W> {
                 out.push(Due {
                     id,
                     watched: s.watched,
+                    package: s.package,
                     reach: s.reach,
                     version: s.version + 1,
                     expires_in: None,
@@ -234,9 +349,53 @@ impl<W: Clone> Subscriptions<W> {
             .min()
     }
 
-    /// The AoR `id` watches, while it lasts (an in-dialog refresh names only our Contact).
-    pub fn watched_of(&self, id: &SubId) -> Option<&str> {
-        self.subs.get(id).map(|s| s.watched.as_str())
+    /// The AoR `id` watches and its package, while it lasts (an in-dialog refresh names only
+    /// our Contact).
+    pub fn watched_of(&self, id: &SubId) -> Option<(&str, Package)> {
+        self.subs.get(id).map(|s| (s.watched.as_str(), s.package))
+    }
+
+    /// Every subscription as it stands at `now`, to be kept over a restart.
+    pub fn export(&self, now: Instant) -> Vec<Saved<W>> {
+        let mut out: Vec<Saved<W>> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.expires_at > now)
+            .map(|(id, s)| Saved {
+                id: id.clone(),
+                watcher: s.watcher.clone(),
+                watched: s.watched.clone(),
+                package: s.package,
+                reach: s.reach.clone(),
+                expires_in: s.expires_at.saturating_duration_since(now),
+                version: s.version,
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Takes back subscriptions kept over a restart: each gets a NOTIFY with the state now (what
+    /// changed while the server was down is repaired at once), its version going on rising.
+    pub fn restore(&mut self, saved: Vec<Saved<W>>, now: Instant) {
+        for s in saved {
+            if s.expires_in.is_zero() {
+                continue;
+            }
+            self.subs.insert(
+                s.id,
+                Sub {
+                    watched: s.watched,
+                    watcher: s.watcher,
+                    package: s.package,
+                    reach: s.reach,
+                    expires_at: now + s.expires_in,
+                    version: s.version,
+                    last_sent: None,
+                    pending: true,
+                },
+            );
+        }
     }
 
     /// How many subscriptions there are (metrics).
@@ -254,6 +413,15 @@ impl<W: Clone> Subscriptions<W> {
 mod tests {
     use super::*;
 
+    fn dialog<'a>(watcher: &'a str, watched: &'a str, expires: Option<u32>) -> Request<'a> {
+        Request {
+            watcher,
+            watched,
+            package: Package::Dialog,
+            expires,
+        }
+    }
+
     fn id(n: u8) -> SubId {
         SubId {
             call_id: format!("sub-{n}"),
@@ -266,7 +434,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Subscriptions::new(SubscriptionConfig::default());
         assert_eq!(
-            s.subscribe(id(1), "2002@w", "2001@w", "flow-a", None, t0),
+            s.subscribe(id(1), dialog("2002@w", "2001@w", None), "flow-a", t0),
             Ok(1800)
         );
         let due = s.poll_due(t0);
@@ -293,7 +461,7 @@ mod tests {
         assert!(s.poll_due(t0 + Duration::from_secs(2)).is_empty());
         // Unsubscribed: one final NOTIFY, then nothing.
         assert_eq!(
-            s.subscribe(id(1), "2002@w", "2001@w", "flow-a", Some(0), t0),
+            s.subscribe(id(1), dialog("2002@w", "2001@w", Some(0)), "flow-a", t0),
             Ok(0)
         );
         let due = s.poll_due(t0 + Duration::from_secs(3));
@@ -310,28 +478,28 @@ mod tests {
         };
         let mut s = Subscriptions::new(cfg);
         assert_eq!(
-            s.subscribe(id(1), "clerk@w", "2001@w", 1, Some(30), t0),
+            s.subscribe(id(1), dialog("clerk@w", "2001@w", Some(30)), 1, t0),
             Err(Refusal::TooBrief(60))
         );
         assert_eq!(
-            s.subscribe(id(1), "clerk@w", "2001@w", 1, Some(99_999), t0),
+            s.subscribe(id(1), dialog("clerk@w", "2001@w", Some(99_999)), 1, t0),
             Ok(7200)
         );
         assert_eq!(
-            s.subscribe(id(2), "clerk@w", "2002@w", 1, Some(600), t0),
+            s.subscribe(id(2), dialog("clerk@w", "2002@w", Some(600)), 1, t0),
             Ok(600)
         );
-        assert_eq!(s.watched_of(&id(2)), Some("2002@w"));
+        assert_eq!(s.watched_of(&id(2)), Some(("2002@w", Package::Dialog)));
         assert_eq!(s.watched_of(&id(3)), None);
         assert_eq!(
-            s.subscribe(id(3), "clerk@w", "2003@w", 1, Some(600), t0),
+            s.subscribe(id(3), dialog("clerk@w", "2003@w", Some(600)), 1, t0),
             Err(Refusal::TooMany)
         );
         s.poll_due(t0);
         // A refresh of 2 moves its expiry and NOTIFYs again (RFC 6665 §4.2.1.2).
         let t1 = t0 + Duration::from_secs(500);
         assert_eq!(
-            s.subscribe(id(2), "clerk@w", "2002@w", 1, Some(600), t1),
+            s.subscribe(id(2), dialog("clerk@w", "2002@w", Some(600)), 1, t1),
             Ok(600)
         );
         let due = s.poll_due(t1);
@@ -345,5 +513,49 @@ mod tests {
         assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(7200)));
         s.drop_sub(&id(1));
         assert!(s.is_empty() && s.next_deadline().is_none());
+    }
+
+    #[test]
+    fn presence_subscriptions_follow_registrations_and_calls_and_outlive_a_restart() {
+        let t0 = Instant::now();
+        let mut s = Subscriptions::new(SubscriptionConfig::default());
+        let presence = Request {
+            watcher: "2002@w",
+            watched: "2001@w",
+            package: Package::Presence,
+            expires: None,
+        };
+        assert_eq!(
+            s.subscribe(id(1), presence, "a", t0),
+            Ok(3600),
+            "RFC 3856's default"
+        );
+        assert_eq!(
+            s.subscribe(id(2), dialog("2002@w", "2001@w", None), "a", t0),
+            Ok(1800)
+        );
+        assert_eq!(s.watched_of(&id(1)), Some(("2001@w", Package::Presence)));
+        assert!(s.presence_watched("2001@w") && !s.presence_watched("2002@w"));
+        let due = s.poll_due(t0);
+        assert_eq!(due.len(), 2);
+        assert_eq!(due[0].package, Package::Presence);
+        // A device registered: presence only; a call: both.
+        s.presence_changed("2001@w");
+        let due = s.poll_due(t0 + Duration::from_secs(1));
+        assert_eq!((due.len(), due[0].id.clone()), (1, id(1)));
+        s.changed("2001@w");
+        assert_eq!(s.poll_due(t0 + Duration::from_secs(2)).len(), 2);
+        // Kept over a restart: the time left and the version go on; a NOTIFY goes at once.
+        let saved = s.export(t0 + Duration::from_secs(100));
+        assert_eq!(saved.len(), 2);
+        assert_eq!(saved[0].expires_in, Duration::from_secs(3500));
+        assert_eq!(saved[0].version, 3);
+        let t1 = t0 + Duration::from_secs(7000);
+        let mut after = Subscriptions::new(SubscriptionConfig::default());
+        after.restore(saved, t1);
+        let due = after.poll_due(t1);
+        assert_eq!(due.len(), 2);
+        assert_eq!((due[0].version, due[0].expires_in), (4, Some(3500)));
+        assert_eq!((due[1].version, due[1].expires_in), (3, Some(1700)));
     }
 }

@@ -22,7 +22,7 @@ impl App {
                 replaces,
             }) => {
                 let msg = match replaces
-                    .and_then(|v| crate::subscribe::with_replaces(&msg, &v, &self.cfg.parse_limits))
+                    .and_then(|v| crate::blf::with_replaces(&msg, &v, &self.cfg.parse_limits))
                 {
                     Some(m) => m,
                     None => msg,
