@@ -147,6 +147,55 @@ fn without_colours(line: &str) -> String {
 }
 
 #[test]
+fn the_web_app_watches_a_lamp_and_presence_with_jssip_over_wss() {
+    let js = crate::websocket::js_dir();
+    let server = Server::start_with(
+        DOMAIN,
+        &[(
+            "SIP_LISTEN",
+            "udp:127.0.0.1:{port},tcp:127.0.0.1:{port},wss:127.0.0.1:{port2}",
+        )],
+    );
+    for u in ["2001", "2002", "2003"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let mut node = Command::new("node");
+    node.current_dir(&js).arg("jssip-subscriber.js").args([
+        &format!("wss://{}:{}/", server.host, server.port2),
+        &format!("sip:2003@{DOMAIN}"),
+        "pw-2003",
+        &format!("sip:2001@{DOMAIN}"),
+    ]);
+    let mut web = crate::websocket::Events::spawn(node);
+    for line in [
+        "dialog-active",
+        "dialog idle",
+        "presence-active",
+        "presence closed",
+    ] {
+        web.take(line, &server);
+    }
+    let phone = Ua::new(server.sip_addr());
+    let r = phone.register("2001", "pw-2001", DOMAIN, "reg-web", "");
+    assert_eq!(status(&r), 200, "{r}");
+    web.take("presence open", &server);
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "web-call");
+    let inv = expect(&phone, "INVITE ");
+    answer(&phone, &inv, 180);
+    web.take("dialog early", &server);
+    answer(&phone, &inv, 200);
+    web.take("dialog confirmed", &server);
+    web.take("presence on-the-phone", &server);
+    // The NOTIFYs went over the web app's own WebSocket connection.
+    assert!(server.metric("careflow_sip_notifies_sent_total") >= 6);
+    // Unsubscribed: each ends on our final NOTIFY (JsSIP's RECEIVE_FINAL_NOTIFY, 2).
+    web.send("stop");
+    web.take("dialog-terminated 2", &server);
+    web.take("presence-terminated 2", &server);
+}
+
+#[test]
 fn baresip_sees_a_colleague_come_online_and_go_on_the_phone() {
     require("baresip", "baresip");
     let server = ward(&["2001", "2002", "2003"]);

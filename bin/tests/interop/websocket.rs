@@ -28,6 +28,8 @@ pub(crate) struct Events {
     stdin: Option<std::process::ChildStdin>,
     lines: mpsc::Receiver<String>,
     pub(crate) seen: Vec<String>,
+    /// Lines read but not yet taken by [`Events::take`].
+    untaken: Vec<String>,
 }
 
 impl Events {
@@ -52,6 +54,7 @@ impl Events {
             child,
             lines,
             seen: Vec::new(),
+            untaken: Vec::new(),
         }
     }
 
@@ -79,6 +82,32 @@ impl Events {
                 }
                 Err(_) => panic!(
                     "no `{want}` from the JsSIP phone; it said {:?}\nserver:\n{}",
+                    self.seen,
+                    server.log()
+                ),
+            }
+        }
+    }
+}
+
+impl Events {
+    /// Waits for a line equal to `want` among those not taken yet, whatever came between
+    /// (lines of two independent streams interleave); takes it.
+    pub(crate) fn take(&mut self, want: &str, server: &Server) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(i) = self.untaken.iter().position(|l| l == want) {
+                self.untaken.remove(i);
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    self.untaken.push(l);
+                }
+                Err(_) => panic!(
+                    "no `{want}` from the JavaScript peer; it said {:?}\nserver:\n{}",
                     self.seen,
                     server.log()
                 ),
