@@ -122,7 +122,7 @@ fn subscribe(
 
 /// [`subscribe`] by user `me`.
 #[allow(clippy::too_many_arguments)]
-fn subscribe_as(
+pub(crate) fn subscribe_as(
     me: &str,
     watcher: &Ua,
     watched: &str,

@@ -1,7 +1,8 @@
 //! What busy lamps show through forks, restarts and phone quirks (issue 19): a forked call
 //! whose branches end one by one stays `early`, then `confirmed`, until its BYE; the
 //! subscriptions of UDP phones outlive a restart and a crash (the lamps follow calls after it
-//! without the phones subscribing again, versions still rising); `BLF_QUIRKS` bodies.
+//! without the phones subscribing again, versions still rising); `BLF_QUIRKS` bodies; a lamp
+//! on one node of a cluster follows a call handled by another.
 
 use std::time::{Duration, Instant};
 
@@ -229,4 +230,51 @@ fn blf_quirks_give_a_phone_one_dialog_per_body() {
         }
         assert!(Instant::now() < deadline, "{body}");
     }
+}
+
+#[test]
+fn a_lamp_on_one_node_follows_a_call_through_another() {
+    use crate::cluster_link::{DOMAIN as D, joined, member, register_behind_nat};
+    let redis = crate::push::OwnRedis::start();
+    let db = TestDb::postgres();
+    let (a, b) = (member(9, &db, &redis.url), member(10, &db, &redis.url));
+    joined(&[&a, &b]);
+    for u in ["2001", "2002", "2003"] {
+        a.add_user(u, &format!("pw-{u}"));
+    }
+    // The clerk's phone watches 2001 through node A.
+    let watcher = Ua::new(a.sip_addr());
+    let uri = format!("sip:2001@{D}");
+    send_with_proxy_auth(
+        &watcher,
+        D,
+        ("2003", "pw-2003"),
+        ("SUBSCRIBE", &uri),
+        |n, extra| {
+            crate::blf::subscribe_as("2003", &watcher, "2001", "blf-cluster", n, 1800, extra)
+                .replace(DOMAIN, D)
+        },
+    );
+    let ok = watcher.recv().expect("an answer to the SUBSCRIBE");
+    assert_eq!(status(&ok), 200, "{ok}");
+    let (_, idle) = next_notify(&watcher);
+    assert!(dialog_info(&idle).dialogs.is_empty(), "{idle}");
+    // 2001's phone (behind NAT) is registered through node B, and 2002 calls it there.
+    let callee = Ua::new(b.sip_addr());
+    register_behind_nat(&callee, "2001", "pw-2001", "reg-cluster");
+    let caller = Ua::new(b.sip_addr());
+    invite_authorized(&caller, D, ("2002", "pw-2002"), "2001", "cluster-call-1");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    lamp_until(&watcher, "cluster-call-1", "early");
+    answer(&callee, &inv, 486);
+    lamp_until(&watcher, "cluster-call-1", "terminated");
+    // Another call, answered: confirmed on A's lamp.
+    let caller = Ua::new(b.sip_addr());
+    invite_authorized(&caller, D, ("2002", "pw-2002"), "2001", "cluster-call-2");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    answer(&callee, &inv, 200);
+    let (seen, _) = lamp_until(&watcher, "cluster-call-2", "confirmed");
+    assert!(!seen.contains(&"terminated".to_string()), "{seen:?}");
 }

@@ -514,13 +514,13 @@ fn an_iphone_woken_for_a_call_answered_on_the_desk_phone_gets_the_invite_then_a_
 
 /// A Redis server of this test's own (the shared one's 16 databases are all taken by other
 /// tests running alongside).
-struct OwnRedis {
+pub(crate) struct OwnRedis {
     child: std::process::Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl OwnRedis {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         require("redis-server", "redis-server");
         let port = free_port();
         let child = std::process::Command::new("redis-server")

@@ -185,15 +185,19 @@ impl Cluster {
     /// bans with the other nodes; then announces the stop and removes the key, so the others
     /// stop routing to us at once. The other nodes pass `guard` unlimited while they are
     /// members.
-    /// Registrations of new flows on other nodes are passed to `registered` (late forking).
+    /// Registrations of new flows on other nodes are passed to `heard.registered` (late
+    /// forking), their lamp lists to `heard.lamps`.
     pub(crate) async fn run(
         self: Arc<Self>,
         guard: Option<Arc<Guard>>,
-        registered: mpsc::Sender<String>,
+        heard: Heard,
         cancel: CancellationToken,
     ) {
         let me = self.announcement();
-        let mut news = self.cfg.bus.subscribe(&[nodes::CHANNEL, BANS, REGISTERED]);
+        let mut news = self
+            .cfg
+            .bus
+            .subscribe(&[nodes::CHANNEL, BANS, REGISTERED, LAMPS]);
         if let Some(g) = &guard {
             g.share();
         }
@@ -217,7 +221,12 @@ impl Cluster {
                 }
                 Some((channel, payload)) = news.recv() => {
                     if channel == REGISTERED {
-                        self.heard_registration(&payload, &registered);
+                        self.heard_registration(&payload, &heard.registered);
+                    } else if channel == LAMPS {
+                        if !payload.starts_with(&self.lamp_prefix()) {
+                            // Full: the next list of that user repairs it.
+                            let _ = heard.lamps.try_send(payload);
+                        }
                     } else {
                         self.heard(&channel, &payload, guard.as_deref());
                         self.report(&mut watch, guard.as_deref());
@@ -349,6 +358,23 @@ impl Cluster {
         }
     }
 
+    /// The start of this node's lamp messages (`{"node":"ID",`): ours come back and are
+    /// skipped by it.
+    pub(crate) fn lamp_prefix(&self) -> String {
+        format!("{{\"node\":\"{}\",", self.me)
+    }
+
+    /// Publishes a user's lamp list (built by `blf::share`, starting with [`Self::lamp_prefix`])
+    /// in the background; a lost one is repaired by the next.
+    pub(crate) fn publish_lamps(&self, payload: String) {
+        let bus = self.cfg.bus.clone();
+        tokio::spawn(async move {
+            if let Err(e) = bus.publish(LAMPS, &payload).await {
+                tracing::debug!(error = %e, "lamp state not shared with the cluster");
+            }
+        });
+    }
+
     /// Publishes the bans and unbans made here since the last round.
     async fn share_bans(&self, guard: &Guard) {
         for decision in guard.take_shared() {
@@ -379,6 +405,18 @@ const BANS: &str = "bans";
 /// The pub/sub channel of registrations of new flows (not refreshes): `{"node", "aor"}`.
 /// One channel for every AoR: each node checks its own ringing calls, a map lookup.
 const REGISTERED: &str = "registered";
+/// Channel: a user's call legs on one node, for the busy lamps and presence shown by the
+/// others.
+const LAMPS: &str = "lamps";
+
+/// Where [`Cluster::run`] passes what other nodes announce.
+#[derive(Debug)]
+pub(crate) struct Heard {
+    /// AoRs registered on another node.
+    pub(crate) registered: mpsc::Sender<String>,
+    /// Lamp lists of other nodes (JSON, see `blf::share`).
+    pub(crate) lamps: mpsc::Sender<String>,
+}
 
 /// Bans as published: which node made the decision (its own come back to it) and what.
 mod shared_ban {

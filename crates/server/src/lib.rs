@@ -135,8 +135,11 @@ pub async fn start(
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     if let Some(c) = app.cluster.clone() {
         let (registered, elsewhere) = tokio::sync::mpsc::channel(1024);
-        tasks.spawn(c.run(cfg.guard.clone(), registered, cancel.clone()));
+        let (lamps, lamps_elsewhere) = tokio::sync::mpsc::channel(4096);
+        let heard = cluster::Heard { registered, lamps };
+        tasks.spawn(c.run(cfg.guard.clone(), heard, cancel.clone()));
         tasks.spawn(late_fork_for_the_cluster(app.clone(), elsewhere));
+        tasks.spawn(blf::lamps_of_other_nodes(app.clone(), lamps_elsewhere));
     }
     if let Some(m) = cfg.media.as_ref()
         && app.media.engine().is_some()

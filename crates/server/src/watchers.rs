@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use careflow_core::Transport;
-use careflow_core::dialog_event::Calls;
 use careflow_core::dialog_event::info::Quirks;
+use careflow_core::dialog_event::shared::{RemoteCalls, merged};
 use careflow_core::dialog_event::subscriptions::{SubId, SubscriptionConfig, Subscriptions};
+use careflow_core::dialog_event::{Calls, Leg};
 use careflow_transport::{ConnId, Outbound};
 
 /// Where a watcher's NOTIFYs go and what its dialog says.
@@ -66,6 +67,8 @@ pub(crate) struct Watchers {
     /// By Call-ID, the flow each call's caller sent its INVITE over and its Contact: where a
     /// pickup's INVITE (with Replaces) goes.
     pub(crate) callers: HashMap<String, (crate::routing::Target, String)>,
+    /// The legs other nodes of a cluster handle.
+    pub(crate) remote: RemoteCalls,
     /// By watched AoR, for presence.
     pub(crate) online: HashMap<String, Online>,
     /// Something to keep over a restart changed since the last save.
@@ -80,6 +83,7 @@ impl Default for Watchers {
             cseq: HashMap::new(),
             unanswered: HashMap::new(),
             callers: HashMap::new(),
+            remote: RemoteCalls::default(),
             online: HashMap::new(),
             dirty: false,
         }
@@ -87,6 +91,11 @@ impl Default for Watchers {
 }
 
 impl Watchers {
+    /// What the lamps of `aor` show: its legs here and on the other nodes.
+    pub(crate) fn legs_of(&self, aor: &str) -> Vec<&Leg> {
+        merged(self.calls.legs(aor), self.remote.legs(aor))
+    }
+
     /// The next CSeq of `sub`'s NOTIFYs.
     pub(crate) fn next_cseq(&mut self, sub: &SubId) -> u32 {
         let c = self.cseq.entry(sub.clone()).or_insert(0);

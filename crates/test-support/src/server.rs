@@ -168,6 +168,11 @@ impl Server {
         }
     }
 
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal (e.g. "HUP") to the running server.
     pub fn signal(&self, name: &str) {
         if let Some(c) = self.child.as_ref() {

@@ -12,6 +12,7 @@
 pub mod info;
 pub mod pickup;
 pub mod presence;
+pub mod shared;
 pub mod subscriptions;
 
 use std::collections::HashMap;
@@ -266,6 +267,15 @@ impl Calls {
                 && l.direction == Direction::Recipient
                 && l.state < DialogState::Confirmed
         })
+    }
+
+    /// The users with a leg not terminated.
+    pub fn active_aors(&self) -> Vec<String> {
+        self.by_aor
+            .iter()
+            .filter(|(_, legs)| legs.iter().any(|l| l.state != DialogState::Terminated))
+            .map(|(aor, _)| aor.clone())
+            .collect()
     }
 
     /// Whether any leg of the call `call_id` is still listed.

@@ -83,9 +83,11 @@ impl App {
                 changed.push(aor);
             }
         }
-        for aor in changed {
-            w.subs.changed(&aor);
+        for aor in &changed {
+            w.subs.changed(aor);
         }
+        drop(w);
+        self.share_lamps(&changed);
     }
 
     /// A branch's response to a call's INVITE.
@@ -105,24 +107,33 @@ impl App {
             .header(HeaderName::Contact)
             .and_then(NameAddr::parse)
             .map(|n| n.uri.raw.to_string());
-        let Ok(mut w) = self.watchers.lock() else {
-            return;
+        let changed = {
+            let Ok(mut w) = self.watchers.lock() else {
+                return;
+            };
+            let changed =
+                w.calls
+                    .response(call_id, &branch, code, to_tag.as_deref(), target.as_deref());
+            for aor in &changed {
+                w.subs.changed(aor);
+            }
+            changed
         };
-        for aor in w
-            .calls
-            .response(call_id, &branch, code, to_tag.as_deref(), target.as_deref())
-        {
-            w.subs.changed(&aor);
-        }
+        self.share_lamps(&changed);
     }
 
     /// The call `call_id` ended (refused, cancelled, hung up).
     pub(crate) fn watch_call_ended(&self, call_id: &str) {
-        let Ok(mut w) = self.watchers.lock() else {
-            return;
+        let changed = {
+            let Ok(mut w) = self.watchers.lock() else {
+                return;
+            };
+            let changed = w.calls.end(call_id, Instant::now());
+            for aor in &changed {
+                w.subs.changed(aor);
+            }
+            changed
         };
-        for aor in w.calls.end(call_id, Instant::now()) {
-            w.subs.changed(&aor);
-        }
+        self.share_lamps(&changed);
     }
 }

@@ -9,6 +9,7 @@ mod notify;
 mod persist;
 mod pickup;
 mod presence;
+mod share;
 mod subscribe;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 
 pub(crate) use pickup::with_replaces;
+pub(crate) use share::lamps_of_other_nodes;
 
 /// Our NOTIFYs' Via branches start so; their answers are ours, not the proxy's.
 const NOTIFY_BRANCH: &str = "z9hG4bKcfnotify";
@@ -50,7 +52,7 @@ pub(crate) async fn run(app: Arc<App>, cancel: CancellationToken) {
     }
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut swept, mut saved) = (Instant::now(), Instant::now());
+    let (mut swept, mut saved, mut shared) = (Instant::now(), Instant::now(), Instant::now());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -71,8 +73,13 @@ pub(crate) async fn run(app: Arc<App>, cancel: CancellationToken) {
             saved = now;
             app.save_subscriptions(path, false);
         }
+        if now.duration_since(shared) >= share::REPUBLISH {
+            shared = now;
+            app.republish_lamps();
+        }
         if now.duration_since(swept) >= Duration::from_secs(5) {
             swept = now;
+            app.expire_remote_lamps(now);
             if let Ok(mut w) = app.watchers.lock() {
                 w.calls.sweep(now);
                 let w = &mut *w;

@@ -4,7 +4,6 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use careflow_core::dialog_event::Leg;
 use careflow_core::dialog_event::info::render;
 use careflow_core::dialog_event::presence::{Availability, render_pidf};
 use careflow_core::dialog_event::subscriptions::{Due, Package};
@@ -34,7 +33,7 @@ impl App {
                 w.dirty = true;
             }
             for d in due {
-                let legs: Vec<&Leg> = w.calls.legs(&d.watched).iter().collect();
+                let legs = w.legs_of(&d.watched);
                 let entity = format!("sip:{}", d.watched);
                 let body = match d.package {
                     Package::Dialog => render(&entity, d.version, &legs, d.reach.quirks),
