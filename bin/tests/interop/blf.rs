@@ -177,6 +177,7 @@ pub(crate) fn for_package(subscribe: String, package: &str) -> String {
     let accept = match package {
         "presence" => "application/pidf+xml",
         "dialog" => "application/dialog-info+xml",
+        "message-summary" => "application/simple-message-summary",
         other => other,
     };
     subscribe
@@ -316,19 +317,23 @@ fn a_blf_key_follows_a_colleagues_call_from_ringing_to_hang_up() {
 }
 
 #[test]
-fn a_subscription_too_brief_gets_423_and_other_event_packages_are_routed_as_before() {
+fn a_subscription_too_brief_gets_423_and_other_event_packages_489() {
     let server = ward(&["2001", "2003"]);
     let watcher = Ua::new(server.sip_addr());
     let r = subscribed(&watcher, "2001", "brief", 1, 10);
     assert_eq!(status(&r), 423, "{r}");
     assert_eq!(header(&r, "Min-Expires"), Some("60"), "{r}");
-    // message-summary (voicemail) is not ours: routed to the user's devices (none: 480).
-    let port = watcher.port();
-    let mwi = subscribe(&watcher, "2001", "mwi", 1, 600, "")
-        .replace("Event: dialog", "Event: message-summary");
-    let _ = port;
-    let r = watcher.request(&mwi);
-    assert_eq!(status(&r), 407, "{r}");
+    // message-summary (voicemail) we do not serve: after the phone's credentials, 489 with the
+    // packages we do (RFC 6665 §8.3.1), rather than its own devices getting it.
+    let r = subscribed_for(
+        "message-summary",
+        ("2003", "pw-2003"),
+        &watcher,
+        ("2001", "mwi", 1),
+        600,
+    );
+    assert_eq!(status(&r), 489, "{r}");
+    assert_eq!(header(&r, "Allow-Events"), Some("dialog, presence"), "{r}");
 }
 
 /// The value of attribute `name` in `body`.

@@ -816,37 +816,11 @@ fn hop_limit_loops_and_a_6xx_end_the_search() {
 }
 
 #[test]
-fn subscribe_notify_refer_and_prack_pass_through() {
+fn prack_refer_and_its_notify_pass_through() {
     let server = Server::start(DOMAIN);
     let (a, bob) = alice_and_bob(&server);
     let port = a.port();
-    // SUBSCRIBE out of dialog (authenticated), then NOTIFY back along the recorded route.
-    let sub = |cseq: u32, extra: &str| {
-        format!(
-            "SUBSCRIBE sip:bob@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKsub{cseq};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@{DOMAIN}>;tag=s1\r\nTo: <sip:bob@{DOMAIN}>\r\nCall-ID: sub1\r\nCSeq: {cseq} SUBSCRIBE\r\nEvent: presence\r\nExpires: 600\r\nContact: <sip:alice@127.0.0.1:{port}>\r\n{extra}Content-Length: 0\r\n\r\n"
-        )
-    };
-    send_with_proxy_auth(
-        &a,
-        DOMAIN,
-        ("alice", "pw-alice"),
-        ("SUBSCRIBE", &format!("sip:bob@{DOMAIN}")),
-        sub,
-    );
-    let got = expect(&bob, "SUBSCRIBE ");
-    let rr = header(&got, "Record-Route")
-        .expect("SUBSCRIBE is record-routed")
-        .to_string();
-    answer(&bob, &got, 200);
-    expect(&a, "SIP/2.0 200");
     let bport = bob.port();
-    let notify = format!(
-        "NOTIFY sip:alice@127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{bport};branch=z9hG4bKnot1;rport\r\nRoute: {rr}\r\nMax-Forwards: 70\r\nFrom: <sip:bob@{DOMAIN}>;tag=dev{bport}\r\nTo: <sip:alice@{DOMAIN}>;tag=s1\r\nCall-ID: sub1\r\nCSeq: 1 NOTIFY\r\nEvent: presence\r\nSubscription-State: active;expires=600\r\nContent-Length: 0\r\n\r\n"
-    );
-    bob.send(&notify);
-    let got = expect(&a, "NOTIFY ");
-    answer(&a, &got, 200);
-    expect(&bob, "SIP/2.0 200");
 
     // A call with a reliable provisional (100rel): the 183 and the PRACK pass untouched; then
     // a REFER inside the dialog.
@@ -892,6 +866,21 @@ fn subscribe_notify_refer_and_prack_pass_through() {
     );
     answer(&bob, &got, 202);
     expect(&a, "SIP/2.0 202");
+    // The REFER's implicit subscription: bob's NOTIFY comes back along the recorded route.
+    // (Out-of-dialog SUBSCRIBEs to our users are ours: blf.rs.)
+    let rr_bob: Vec<&str> = m
+        .headers_named(careflow_proto::HeaderName::RecordRoute)
+        .collect();
+    let notify = format!(
+        "NOTIFY sip:alice@127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{bport};branch=z9hG4bKnot1;rport\r\nRoute: {}\r\nMax-Forwards: 70\r\nFrom: {to}\r\nTo: <sip:alice@{DOMAIN}>;tag=f-rel1\r\nCall-ID: rel1\r\nCSeq: 1 NOTIFY\r\nEvent: refer\r\nSubscription-State: active;expires=60\r\nContent-Type: message/sipfrag\r\nContent-Length: 20\r\n\r\nSIP/2.0 100 Trying\r\n",
+        rr_bob.join(", ")
+    );
+    bob.send(&notify);
+    let got = expect(&a, "NOTIFY ");
+    assert!(got.contains("Event: refer\r\n"), "{got}");
+    assert!(got.ends_with("SIP/2.0 100 Trying\r\n"), "{got}");
+    answer(&a, &got, 200);
+    expect(&bob, "SIP/2.0 200");
 }
 
 #[test]

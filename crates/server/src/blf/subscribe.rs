@@ -18,15 +18,18 @@ fn package_of(msg: &Message) -> Option<Package> {
 }
 
 impl App {
-    /// Takes a SUBSCRIBE for the dialog or presence package of one of our users; false when it
-    /// is not one (it is routed as before).
+    /// Takes a SUBSCRIBE to one of our users: the dialog and presence packages are served
+    /// here, any other out of a dialog gets 489 (we are the notifier of our users; routed to
+    /// their own devices it would only ring back at them). False when it is not ours (a
+    /// subscription in a device's dialog, or to another domain): routed as before.
     pub(crate) fn take_subscribe(self: &Arc<Self>, msg: &Message, ctx: &Ctx) -> bool {
         if msg.method() != Method::Subscribe {
             return false;
         }
-        let Some(package) = package_of(msg) else {
+        let package = package_of(msg);
+        if package.is_none() && msg.to().and_then(|t| t.tag()).is_some() {
             return false;
-        };
+        }
         let Some(uri) = msg.request_uri() else {
             return false;
         };
@@ -43,12 +46,21 @@ impl App {
         true
     }
 
-    async fn handle_subscribe(self: Arc<Self>, msg: Message, ctx: Ctx, package: Package) {
+    async fn handle_subscribe(self: Arc<Self>, msg: Message, ctx: Ctx, package: Option<Package>) {
         let refuse = |code: u16| self.reply(&msg, &ctx, code).build();
         if let Err((code, bytes)) = self.authorize_caller(&msg, &ctx).await {
             self.send_response(&msg, &ctx, code, bytes);
             return;
         }
+        let Some(package) = package else {
+            tracing::debug!(event = ?msg.header(HeaderName::Event), "SUBSCRIBE for a package we do not serve (489)");
+            let b = self
+                .reply(&msg, &ctx, 489)
+                .header("Allow-Events", "dialog, presence")
+                .build();
+            self.send_response(&msg, &ctx, 489, b);
+            return;
+        };
         let (Some(named), Some(watcher), Some(call_id), Some(from_tag)) = (
             msg.request_uri().as_ref().and_then(aor_of),
             msg.from().as_ref().map(|f| &f.uri).and_then(aor_of),
