@@ -8,6 +8,7 @@
 
 mod conn;
 mod icmp;
+mod sockbuf;
 mod stream;
 pub mod tls;
 mod udp;
@@ -254,6 +255,7 @@ impl Transports {
                 Transport::Udp => {
                     let sock = UdpSocket::bind(s.addr).await.map_err(bind_err)?;
                     icmp::enable(&sock);
+                    sockbuf::enlarge(&sock);
                     let addr = sock.local_addr().map_err(bind_err)?;
                     bound.push(ListenSpec {
                         transport: s.transport,

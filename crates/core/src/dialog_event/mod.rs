@@ -158,6 +158,9 @@ pub struct NewLeg {
 /// it is forgotten.
 pub const TERMINATED_KEPT: Duration = Duration::from_secs(32);
 
+/// At most this many terminated legs are listed per user (the latest).
+pub const MAX_TERMINATED_KEPT: usize = 4;
+
 /// Every watched user's call legs, by AoR (`user@domain`).
 #[derive(Debug, Default)]
 pub struct Calls {
@@ -245,14 +248,34 @@ impl Calls {
     /// The call `call_id` ended (its final non-2xx went up, a BYE, a CANCEL answered): its
     /// legs are `terminated`, for good. Returns the AoRs whose lamps changed.
     pub fn end(&mut self, call_id: &str, now: Instant) -> Vec<String> {
-        self.each_leg(call_id, |leg| {
+        let changed = self.each_leg(call_id, |leg| {
             if leg.state == DialogState::Terminated {
                 return false;
             }
             leg.state = DialogState::Terminated;
             leg.since = now;
             true
-        })
+        });
+        // A busy line (a ward's main number) ends many calls within TERMINATED_KEPT: only the
+        // latest few are listed, or every body would grow with them (past what a UDP NOTIFY
+        // can carry).
+        for aor in &changed {
+            if let Some(legs) = self.by_aor.get_mut(aor) {
+                let ended = legs
+                    .iter()
+                    .filter(|l| l.state == DialogState::Terminated)
+                    .count();
+                let mut drop = ended.saturating_sub(MAX_TERMINATED_KEPT);
+                legs.retain(|l| {
+                    if drop > 0 && l.state == DialogState::Terminated {
+                        drop -= 1;
+                        return false;
+                    }
+                    true
+                });
+            }
+        }
+        changed
     }
 
     /// The legs of `aor` now, oldest first (terminated ones for [`TERMINATED_KEPT`]).
@@ -424,5 +447,38 @@ mod tests {
         assert_eq!(c.legs("2001@ward.test")[0].state, DialogState::Trying);
         c.response("c1@192.0.2.1", "b1", 180, None, None);
         assert_eq!(c.legs("2001@ward.test")[0].state, DialogState::Proceeding);
+    }
+
+    #[test]
+    fn a_busy_line_lists_only_its_latest_ended_calls() {
+        let t0 = Instant::now();
+        let mut c = Calls::default();
+        c.start(
+            "2001@ward.test",
+            NewLeg {
+                call_id: "up".into(),
+                ..call(Direction::Recipient)
+            },
+            t0,
+        );
+        c.response("up", "b", 200, Some("t"), None);
+        for n in 0..10 {
+            let id = format!("c{n}");
+            c.start(
+                "2001@ward.test",
+                NewLeg {
+                    call_id: id.clone(),
+                    ..call(Direction::Recipient)
+                },
+                t0,
+            );
+            c.end(&id, t0);
+        }
+        let ids: Vec<&str> = c
+            .legs("2001@ward.test")
+            .iter()
+            .map(|l| l.call_id.as_str())
+            .collect();
+        assert_eq!(ids, ["up", "c6", "c7", "c8", "c9"]);
     }
 }
