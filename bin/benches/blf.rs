@@ -17,6 +17,10 @@
 //! state); its set-up in ../shared/bench has no presence server to compare with.
 #![allow(unreachable_pub, clippy::unwrap_used)]
 
+mod common;
+
+use common::arg;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,15 +33,6 @@ use careflow_test_support::ua::{
 };
 
 const DOMAIN: &str = "bench.blf";
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// utime + stime of `pid`, in milliseconds.
 fn cpu_ms(pid: u32) -> f64 {

@@ -13,6 +13,10 @@
 //! with; the "direct" row is the reference.
 #![allow(unreachable_pub, clippy::unwrap_used)]
 
+mod common;
+
+use common::arg;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -22,15 +26,6 @@ use careflow_test_support::push_service::PushService;
 use careflow_test_support::ua::{Ua, answer, authorization, invite_authorized, status};
 
 const DOMAIN: &str = "bench.push";
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn wait_for(ua: &Ua, start: &str) -> Option<(String, Instant)> {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::{DialogState, Direction, Leg, Party};
+use super::{DialogState, Direction, Leg, NewLeg};
 
 impl DialogState {
     /// The state named `s` (as [`DialogState::as_str`] writes it).
@@ -33,35 +33,18 @@ impl Direction {
     }
 }
 
-/// A leg as another node described it.
-#[derive(Debug, Clone)]
-pub struct LegView {
-    /// Call-ID.
-    pub call_id: String,
-    /// The user's side.
-    pub direction: Direction,
-    /// The caller's From tag.
-    pub from_tag: String,
-    /// The callee device's tag, when known.
-    pub to_tag: Option<String>,
-    /// The user's side.
-    pub local: Party,
-    /// The other side.
-    pub remote: Party,
-    /// Its state.
-    pub state: DialogState,
-}
-
-impl From<LegView> for Leg {
-    fn from(v: LegView) -> Self {
+impl Leg {
+    /// A leg as another node describes it: the call and its sides, the callee device's tag
+    /// when known, and its state (no branches: that node settles them).
+    pub fn reported(leg: NewLeg, to_tag: Option<String>, state: DialogState) -> Self {
         Leg {
-            call_id: v.call_id,
-            direction: v.direction,
-            from_tag: v.from_tag,
-            to_tag: v.to_tag,
-            local: v.local,
-            remote: v.remote,
-            state: v.state,
+            call_id: leg.call_id,
+            direction: leg.direction,
+            from_tag: leg.from_tag,
+            to_tag,
+            local: leg.local,
+            remote: leg.remote,
+            state,
             since: Instant::now(),
             branches: HashMap::new(),
         }
@@ -141,19 +124,18 @@ pub fn merged<'a>(local: &'a [Leg], remote: impl Iterator<Item = &'a Leg>) -> Ve
 
 #[cfg(test)]
 mod tests {
+    use super::super::Party;
     use super::*;
 
     fn leg(call_id: &str, state: DialogState) -> Leg {
-        LegView {
+        let call = NewLeg {
             call_id: call_id.into(),
             direction: Direction::Recipient,
             from_tag: "f".into(),
-            to_tag: Some("t".into()),
             local: Party::default(),
             remote: Party::default(),
-            state,
-        }
-        .into()
+        };
+        Leg::reported(call, Some("t".into()), state)
     }
 
     #[test]

@@ -260,13 +260,6 @@ impl<W: Clone> Subscriptions<W> {
         }
     }
 
-    /// Whether anyone watches the presence of `watched`.
-    pub fn presence_watched(&self, watched: &str) -> bool {
-        self.subs
-            .values()
-            .any(|s| s.watched == watched && s.package == Package::Presence)
-    }
-
     /// The AoRs whose presence is watched.
     pub fn presence_aors(&self) -> std::collections::HashSet<&str> {
         self.subs
@@ -535,7 +528,7 @@ mod tests {
             Ok(1800)
         );
         assert_eq!(s.watched_of(&id(1)), Some(("2001@w", Package::Presence)));
-        assert!(s.presence_watched("2001@w") && !s.presence_watched("2002@w"));
+        assert_eq!(s.presence_aors(), ["2001@w"].into_iter().collect());
         let due = s.poll_due(t0);
         assert_eq!(due.len(), 2);
         assert_eq!(due[0].package, Package::Presence);

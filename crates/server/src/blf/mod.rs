@@ -80,6 +80,7 @@ pub(crate) async fn run(app: Arc<App>, cancel: CancellationToken) {
         if now.duration_since(swept) >= Duration::from_secs(5) {
             swept = now;
             app.expire_remote_lamps(now);
+            app.forget_unwatched_presence();
             if let Ok(mut w) = app.watchers.lock() {
                 w.calls.sweep(now);
                 let w = &mut *w;

@@ -36,7 +36,9 @@ impl App {
         let Ok(mut w) = self.watchers.lock() else {
             return;
         };
-        if !w.subs.presence_watched(aor) {
+        // Every REGISTER passes here: `online` holds exactly the users whose presence is
+        // watched (entered at their subscription, forgotten in the sweep), a map lookup.
+        if !w.online.contains_key(aor) {
             return;
         }
         let next = online(bindings, now_unix, Instant::now());
@@ -80,15 +82,22 @@ impl App {
         }
     }
 
-    /// Starts the lookups that are due, and forgets the users nobody watches any more.
+    /// Forgets the users nobody watches the presence of any more (a scan of every
+    /// subscription: in the sweep, not every tick).
+    pub(crate) fn forget_unwatched_presence(&self) {
+        if let Ok(mut w) = self.watchers.lock() {
+            let w = &mut *w;
+            let watched = w.subs.presence_aors();
+            w.online.retain(|aor, _| watched.contains(aor.as_str()));
+        }
+    }
+
+    /// Starts the lookups that are due.
     pub(crate) fn presence_rechecks(self: &Arc<Self>, now: Instant) {
         let due: Vec<String> = {
             let Ok(mut w) = self.watchers.lock() else {
                 return;
             };
-            let w = &mut *w;
-            let watched = w.subs.presence_aors();
-            w.online.retain(|aor, _| watched.contains(aor.as_str()));
             w.online
                 .iter_mut()
                 .filter(|(_, o)| !o.checking && o.recheck_at <= now)

@@ -8,8 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use careflow_core::dialog_event::shared::LegView;
-use careflow_core::dialog_event::{DialogState, Direction, Leg, Party};
+use careflow_core::dialog_event::{DialogState, Direction, Leg, NewLeg, Party};
 use serde_json::{Value, json};
 
 use crate::app::App;
@@ -46,18 +45,18 @@ fn leg_json(l: &Leg) -> Value {
 
 fn leg_of(v: &Value) -> Option<Leg> {
     let text = |k: &str| v.get(k).and_then(Value::as_str);
-    Some(
-        LegView {
-            call_id: text("call_id")?.to_string(),
-            direction: Direction::parse(text("direction")?)?,
-            from_tag: text("from_tag")?.to_string(),
-            to_tag: text("to_tag").map(str::to_string),
-            state: DialogState::parse(text("state")?)?,
-            local: party_of(v.get("local")?)?,
-            remote: party_of(v.get("remote")?)?,
-        }
-        .into(),
-    )
+    let call = NewLeg {
+        call_id: text("call_id")?.to_string(),
+        direction: Direction::parse(text("direction")?)?,
+        from_tag: text("from_tag")?.to_string(),
+        local: party_of(v.get("local")?)?,
+        remote: party_of(v.get("remote")?)?,
+    };
+    Some(Leg::reported(
+        call,
+        text("to_tag").map(str::to_string),
+        DialogState::parse(text("state")?)?,
+    ))
 }
 
 impl App {
