@@ -404,6 +404,22 @@ fn a_colleague_picks_up_a_ringing_call_from_the_blf_key() {
     answer(&caller, &take, 200);
     let ok = expect(&picker, "SIP/2.0 200");
     assert!(ok.contains("Call-ID: pickup-1\r\n"), "{ok}");
+    // Once the pickup is answered the colleague's phone stops ringing, whether or not the
+    // caller's phone CANCELs its replaced INVITE itself; the caller's INVITE ends with 487.
+    let cancel = expect(&callee, "CANCEL ");
+    assert_eq!(
+        header(&cancel, "Call-ID"),
+        header(&inv, "Call-ID"),
+        "{cancel}"
+    );
+    answer(&callee, &cancel, 200);
+    answer(&callee, &inv, 487);
+    let ended = expect(&caller, "SIP/2.0 487");
+    assert_eq!(
+        header(&ended, "Call-ID"),
+        header(&inv, "Call-ID"),
+        "{ended}"
+    );
 }
 
 #[test]
@@ -545,6 +561,8 @@ fn dialling_the_pickup_code_and_an_extension_takes_its_ringing_call() {
     );
     answer(&caller, &take, 200);
     assert!(expect(&picker, "SIP/2.0 200").contains("Call-ID: code-pick\r\n"));
+    let cancel = expect(&callee, "CANCEL ");
+    assert!(cancel.contains("Call-ID: ward-code\r\n"), "{cancel}");
 }
 
 /// The final answer of the call `call_id` at `ua`.
@@ -701,39 +719,48 @@ fn a_desk_phone_booting_with_sixty_blf_keys_is_not_taken_for_a_flood() {
     );
 }
 
-#[test]
-fn sipp_as_a_blf_key_authenticates_and_sees_the_call_ring() {
+/// A call between two sipp phones while a third, a BLF key replaying a Yealink T46S's
+/// SUBSCRIBE, watches the callee: the bodies of the NOTIFYs sipp received (its message trace),
+/// parsed as XML, follow the call: idle, early while it rings, then confirmed and terminated
+/// on BYE (`answered`), or terminated with no confirmed when the caller CANCELs.
+fn sipp_watches_a_sipp_call(answered: bool) {
+    use std::process::{Command, Stdio};
     require("sipp", "sip-tester");
     let server = ward(&["2001", "2002", "2003"]);
-    let callee = Ua::new(server.sip_addr());
-    assert_eq!(
-        status(&callee.register("2001", "pw-2001", DOMAIN, "reg-2001", "")),
-        200
-    );
     let tmp = tempfile::tempdir().unwrap();
-    let inf = tmp.path().join("blf.csv");
+    let callee_csv = crate::peers::sipp_file(tmp.path(), "callee.csv", &[("2001", "pw-2001")]);
+    let caller_csv = crate::peers::sipp_file(tmp.path(), "caller.csv", &[("2002", "pw-2002")]);
+    let uas_port = free_port();
+    let uas = Command::new("sipp")
+        .args([
+            "-sf",
+            &crate::peers::scenario(if answered {
+                "uas-ring.xml"
+            } else {
+                "uas-ring-cancel.xml"
+            }),
+        ])
+        .args(["-i", "127.0.0.1", "-p", &uas_port.to_string(), "-t", "u1"])
+        .args(["-m", "1", "-nostdin", "-timeout", "40s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sipp uas");
+    crate::peers::register_contact(&server, &callee_csv, uas_port, "udp");
+
+    let watch_csv = tmp.path().join("blf.csv");
     std::fs::write(
-        &inf,
+        &watch_csv,
         "SEQUENTIAL\n2003;[authentication username=2003 password=pw-2003]\n",
     )
     .unwrap();
-    let sipp = std::process::Command::new("sipp")
+    let trace = tmp.path().join("watch-messages.log");
+    let watcher = Command::new("sipp")
         .arg(server.sip_addr().to_string())
-        .args([
-            "-sf",
-            interop_dir().join("sipp/blf-watch.xml").to_str().unwrap(),
-        ])
-        .args(["-inf", inf.to_str().unwrap()])
-        .args([
-            "-key",
-            "domain",
-            DOMAIN,
-            "-key",
-            "watched",
-            "2001",
-            "-auth_uri",
-            &format!("2001@{DOMAIN}"),
-        ])
+        .args(["-sf", &crate::peers::scenario("blf-watch.xml")])
+        .args(["-inf", watch_csv.to_str().unwrap()])
+        .args(["-key", "domain", DOMAIN, "-key", "watched", "2001"])
+        .args(["-auth_uri", &format!("2001@{DOMAIN}")])
         .args([
             "-i",
             "127.0.0.1",
@@ -741,15 +768,14 @@ fn sipp_as_a_blf_key_authenticates_and_sees_the_call_ring() {
             &free_port().to_string(),
             "-t",
             "u1",
-            "-m",
-            "1",
         ])
-        .args(["-nostdin", "-timeout", "30s", "-timeout_error"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .args(["-m", "1", "-nostdin", "-timeout", "40s", "-timeout_error"])
+        .args(["-trace_msg", "-message_file", trace.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("sipp");
-    // Once sipp holds its subscription (the notifier counted its first NOTIFY), the call.
+        .expect("sipp watcher");
+    // Once the key holds its subscription (the notifier counted its first NOTIFY), the call.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while server.metric("careflow_sip_notifies_sent_total") < 1 {
         assert!(
@@ -759,22 +785,111 @@ fn sipp_as_a_blf_key_authenticates_and_sees_the_call_ring() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let caller = Ua::new(server.sip_addr());
-    invite_authorized(
-        &caller,
-        DOMAIN,
-        ("2002", "pw-2002"),
-        "2001",
-        "blf-sipp-call",
-    );
-    let inv = expect(&callee, "INVITE ");
-    answer(&callee, &inv, 180);
-    let out = sipp.wait_with_output().expect("sipp");
+    let call = Command::new("sipp")
+        .arg(server.sip_addr().to_string())
+        .args([
+            "-sf",
+            &crate::peers::scenario(if answered {
+                "uac-call.xml"
+            } else {
+                "uac-cancel.xml"
+            }),
+        ])
+        .args(["-inf", caller_csv.to_str().unwrap()])
+        .args(["-key", "domain", DOMAIN, "-key", "callee", "2001"])
+        .args(["-auth_uri", &format!("2001@{DOMAIN}")])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            "u1",
+        ])
+        .args(["-m", "1", "-d", "1000", "-nostdin", "-timeout", "30s"])
+        .args(["-timeout_error"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("sipp caller");
     assert!(
-        out.status.success(),
-        "sipp's BLF key failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
+        call.status.success(),
+        "the sipp call failed ({}): {}\n{}",
+        call.status,
+        String::from_utf8_lossy(&call.stderr),
         server.log()
     );
+    let watched = watcher.wait_with_output().expect("sipp watcher");
+    assert!(
+        watched.status.success(),
+        "sipp's BLF key failed ({}): {}\n{}",
+        watched.status,
+        String::from_utf8_lossy(&watched.stderr),
+        server.log()
+    );
+    let uas = uas.wait_with_output().expect("sipp uas");
+    assert!(
+        uas.status.success(),
+        "sipp's callee failed: {}",
+        String::from_utf8_lossy(&uas.stderr)
+    );
+
+    let trace = std::fs::read_to_string(&trace).expect("sipp's message trace");
+    let notifies = sipp_received(&trace, "NOTIFY ");
+    let infos: Vec<DialogInfo> = notifies
+        .iter()
+        .map(|n| {
+            assert_eq!(header(n, "Event"), Some("dialog"), "{n}");
+            dialog_info(n.split("\r\n\r\n").nth(1).unwrap_or_default())
+        })
+        .collect();
+    let [idle, ..] = &infos[..] else {
+        panic!("no NOTIFY in sipp's trace:\n{trace}")
+    };
+    assert!(idle.dialogs.is_empty(), "{trace}");
+    assert!(
+        infos.windows(2).all(|w| w[0].version < w[1].version),
+        "versions must rise: {infos:?}"
+    );
+    let mut states: Vec<&str> = Vec::new();
+    for d in infos.iter().flat_map(|i| &i.dialogs) {
+        assert_eq!(d.direction, "recipient", "{d:?}");
+        assert_eq!(d.remote_identity, format!("sip:2002@{DOMAIN}"), "{d:?}");
+        assert!(d.local_tag.is_some() && d.remote_tag.is_some(), "{d:?}");
+        if states.last() != Some(&d.state.as_str()) {
+            states.push(&d.state);
+        }
+    }
+    let want: &[&str] = if answered {
+        &["early", "confirmed", "terminated"]
+    } else {
+        &["early", "terminated"]
+    };
+    assert_eq!(states, want, "{infos:?}");
+}
+
+/// The SIP messages a sipp message trace (`-trace_msg`) shows received that start with
+/// `start`, with CRLF line ends.
+fn sipp_received(trace: &str, start: &str) -> Vec<String> {
+    trace
+        .split("----------------------------------------------- ")
+        .filter_map(|entry| {
+            // A time stamp line, "UDP message received [N] bytes :", a blank line, the message.
+            let (head, msg) = entry.split_once("\n\n")?;
+            let msg = msg.trim_start_matches(['\r', '\n']);
+            (head.contains("message received") && msg.starts_with(start)).then(|| {
+                let msg = msg.replace("\r\n", "\n").replace('\n', "\r\n");
+                msg.trim_end_matches(['\r', '\n']).to_string()
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn sipp_as_a_blf_key_follows_a_sipp_call_from_ringing_to_hang_up() {
+    sipp_watches_a_sipp_call(true);
+}
+
+#[test]
+fn sipp_as_a_blf_key_sees_a_cancelled_call_end_without_being_answered() {
+    sipp_watches_a_sipp_call(false);
 }

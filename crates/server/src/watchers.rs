@@ -13,6 +13,7 @@ use careflow_core::dialog_event::info::Quirks;
 use careflow_core::dialog_event::shared::{RemoteCalls, merged};
 use careflow_core::dialog_event::subscriptions::{SubId, SubscriptionConfig, Subscriptions};
 use careflow_core::dialog_event::{Calls, Leg};
+use careflow_core::transaction::TxKey;
 use careflow_transport::{ConnId, Outbound};
 
 /// Where a watcher's NOTIFYs go and what its dialog says.
@@ -32,6 +33,21 @@ pub(crate) struct Reach {
     /// What its phone needs of a dialog-info body.
     pub(crate) quirks: Quirks,
 }
+
+/// A call's caller as a pickup needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The flow its INVITE came over.
+    pub(crate) flow: crate::routing::Target,
+    /// Its Contact (the pickup's Request-URI).
+    pub(crate) contact: String,
+    /// The proxy's transaction of its INVITE (to CANCEL the ringing branches).
+    pub(crate) invite: TxKey,
+}
+
+/// How long a pickup waits for its answer before the call it takes is forgotten (Timer C's
+/// 3 minutes: no answer can come later).
+pub(crate) const PICKUP_ANSWER_WAIT: Duration = Duration::from_secs(180);
 
 /// Whether a user whose presence is watched has a device registered.
 #[derive(Debug, Clone, Copy)]
@@ -64,9 +80,12 @@ pub(crate) struct Watchers {
     pub(crate) subs: Subscriptions<Reach>,
     pub(crate) cseq: HashMap<SubId, u32>,
     pub(crate) unanswered: HashMap<String, Unanswered>,
-    /// By Call-ID, the flow each call's caller sent its INVITE over and its Contact: where a
-    /// pickup's INVITE (with Replaces) goes.
-    pub(crate) callers: HashMap<String, (crate::routing::Target, String)>,
+    /// By Call-ID, each call's caller: where a pickup's INVITE (with Replaces) goes.
+    pub(crate) callers: HashMap<String, Caller>,
+    /// By a pickup INVITE's Call-ID, the ringing call it takes: once the pickup is answered,
+    /// that call's branches still ringing are CANCELled here (not left to the caller's phone:
+    /// RFC 3891 asks it to, but a phone that does not would keep the colleague ringing).
+    pub(crate) pickups: HashMap<String, (TxKey, Instant)>,
     /// The legs other nodes of a cluster handle.
     pub(crate) remote: RemoteCalls,
     /// By watched AoR, for presence.
@@ -83,6 +102,7 @@ impl Default for Watchers {
             cseq: HashMap::new(),
             unanswered: HashMap::new(),
             callers: HashMap::new(),
+            pickups: HashMap::new(),
             remote: RemoteCalls::default(),
             online: HashMap::new(),
             dirty: false,

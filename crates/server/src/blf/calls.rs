@@ -4,10 +4,12 @@
 use std::time::Instant;
 
 use careflow_core::dialog_event::{Direction, NewLeg, Party};
+use careflow_core::transaction::TxKey;
 use careflow_proto::{HeaderName, Message, NameAddr};
 
 use super::aor_of;
 use crate::app::{App, Ctx};
+use crate::watchers::Caller;
 
 impl App {
     /// An INVITE of a call is forked: its caller and callee, when ours, have a new leg, and
@@ -41,6 +43,7 @@ impl App {
             .header(HeaderName::Contact)
             .and_then(NameAddr::parse)
             .map(|n| n.uri.raw.to_string())
+            && let Some(invite) = ctx.key.clone().or_else(|| TxKey::of(msg))
         {
             let flow = crate::routing::Target {
                 local: Some(ctx.local),
@@ -51,7 +54,14 @@ impl App {
                     crate::routing::response_destination(msg.top_via().as_ref(), ctx.source),
                 )
             };
-            w.callers.insert(call_id.to_string(), (flow, contact));
+            w.callers.insert(
+                call_id.to_string(),
+                Caller {
+                    flow,
+                    contact,
+                    invite,
+                },
+            );
         }
         let mut changed = Vec::new();
         if let Some(aor) = msg

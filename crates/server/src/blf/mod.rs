@@ -85,6 +85,9 @@ pub(crate) async fn run(app: Arc<App>, cancel: CancellationToken) {
                 w.calls.sweep(now);
                 let w = &mut *w;
                 w.callers.retain(|call_id, _| w.calls.knows(call_id));
+                w.pickups.retain(|_, (_, at)| {
+                    now.duration_since(*at) < crate::watchers::PICKUP_ANSWER_WAIT
+                });
             }
         }
     }

@@ -168,7 +168,8 @@ impl App {
         if is_call
             && let Some(replaces) = msg.other_header("Replaces")
             && let Some(picker) = msg.from().and_then(|f| f.uri.aor())
-            && let Some(picked) = self.pickup_target(replaces, &picker)
+            && let Some(picked) =
+                self.pickup_target(replaces, &picker, msg.call_id().unwrap_or_default())
         {
             return match picked {
                 Ok((contact, target)) => Ok(vec![Hop::to(contact, target)].into()),
@@ -178,7 +179,8 @@ impl App {
         // `**` + extension: take that colleague's ringing call (phones without BLF pickup).
         if is_call
             && let Some(picker) = msg.from().and_then(|f| f.uri.aor())
-            && let Some(picked) = self.pickup_by_code(&ruri, &picker)
+            && let Some(picked) =
+                self.pickup_by_code(&ruri, &picker, msg.call_id().unwrap_or_default())
         {
             return match picked {
                 Ok((contact, target, replaces)) => Ok(Routed {
