@@ -8,6 +8,7 @@
 //! MySQL and Redis backends implement the same traits.
 #![warn(missing_docs)]
 
+pub mod calls;
 pub mod kamailio;
 pub mod location;
 mod migrations;
@@ -185,10 +186,10 @@ pub(crate) fn like_pattern(query: &str) -> String {
     )
 }
 
-/// A subscriber database: subscribers and API keys in one place (`DB_URL`).
-pub trait Database: SubscriberStore + ApiKeyStore {}
+/// A subscriber database: subscribers, API keys and call records in one place (`DB_URL`).
+pub trait Database: SubscriberStore + ApiKeyStore + calls::CallRecordStore {}
 
-impl<T: SubscriberStore + ApiKeyStore> Database for T {}
+impl<T: SubscriberStore + ApiKeyStore + calls::CallRecordStore> Database for T {}
 
 /// Opens the database `DB_URL` names and brings its schema up to date.
 pub async fn open_database(

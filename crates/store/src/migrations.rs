@@ -40,6 +40,43 @@ pub(crate) const SUBSCRIBER_MIGRATIONS: &[(i64, &str)] = &[
         revoked_at INTEGER
     );",
     ),
+    // Call detail records (issue 20): one row per call, times in Unix milliseconds.
+    (
+        3,
+        "CREATE TABLE call_record (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        call_id TEXT NOT NULL,
+        node TEXT NOT NULL,
+        caller TEXT NOT NULL,
+        caller_instance TEXT,
+        caller_user_agent TEXT,
+        caller_source TEXT,
+        caller_transport TEXT,
+        caller_contact TEXT,
+        dialled TEXT NOT NULL,
+        callee TEXT,
+        answer_instance TEXT,
+        answer_user_agent TEXT,
+        answer_source TEXT,
+        answer_transport TEXT,
+        answer_contact TEXT,
+        invite_at INTEGER NOT NULL,
+        ringing_at INTEGER,
+        answered_at INTEGER,
+        ended_at INTEGER NOT NULL,
+        setup_ms INTEGER NOT NULL,
+        talk_seconds INTEGER NOT NULL,
+        disposition TEXT NOT NULL,
+        final_code INTEGER NOT NULL,
+        reason TEXT,
+        ended_by TEXT NOT NULL,
+        media_anchored INTEGER NOT NULL
+    );
+    CREATE INDEX idx_call_record_invite ON call_record (invite_at);
+    CREATE INDEX idx_call_record_ended ON call_record (ended_at);
+    CREATE INDEX idx_call_record_caller ON call_record (caller, id);
+    CREATE INDEX idx_call_record_callee ON call_record (callee, id);",
+    ),
 ];
 
 pub(crate) const LOCATION_MIGRATIONS: &[(i64, &str)] = &[

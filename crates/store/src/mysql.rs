@@ -6,9 +6,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use careflow_core::cdr::CallRecord;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool};
 
+use crate::calls::{self, CallQuery, CallRecordStore, Kind, StoredCall, Val};
 use crate::like_pattern;
 use crate::sqlite::unix_now;
 use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, SubscriberStore};
@@ -48,6 +50,43 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
                 revoked_at BIGINT
             ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
         ],
+    ),
+    // Call detail records (issue 20): one row per call, times in Unix milliseconds.
+    (
+        3,
+        &["CREATE TABLE call_record (
+                id BIGINT AUTO_INCREMENT PRIMARY KEY,
+                call_id VARCHAR(255) NOT NULL,
+                node VARCHAR(255) NOT NULL,
+                caller VARCHAR(255) NOT NULL,
+                caller_instance VARCHAR(255),
+                caller_user_agent TEXT,
+                caller_source VARCHAR(255),
+                caller_transport VARCHAR(16),
+                caller_contact TEXT,
+                dialled TEXT NOT NULL,
+                callee VARCHAR(255),
+                answer_instance VARCHAR(255),
+                answer_user_agent TEXT,
+                answer_source VARCHAR(255),
+                answer_transport VARCHAR(16),
+                answer_contact TEXT,
+                invite_at BIGINT NOT NULL,
+                ringing_at BIGINT,
+                answered_at BIGINT,
+                ended_at BIGINT NOT NULL,
+                setup_ms BIGINT NOT NULL,
+                talk_seconds BIGINT NOT NULL,
+                disposition VARCHAR(16) NOT NULL,
+                final_code BIGINT NOT NULL,
+                reason TEXT,
+                ended_by VARCHAR(16) NOT NULL,
+                media_anchored BIGINT NOT NULL,
+                KEY idx_call_record_invite (invite_at),
+                KEY idx_call_record_ended (ended_at),
+                KEY idx_call_record_caller (caller, id),
+                KEY idx_call_record_callee (callee, id)
+            ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
     ),
 ];
 
@@ -429,6 +468,69 @@ impl ApiKeyStore for MysqlSubscribers {
             )
             .await
             .map_err(db_err)
+        })
+        .await
+    }
+}
+
+fn mysql_value(v: &Val) -> mysql_async::Value {
+    use mysql_async::Value;
+    match v {
+        Val::Text(Some(t)) => Value::from(t.as_str()),
+        Val::Int(Some(i)) => Value::from(*i),
+        Val::Text(None) | Val::Int(None) => Value::NULL,
+    }
+}
+
+#[async_trait]
+impl CallRecordStore for MysqlSubscribers {
+    async fn add_call(&self, node: &str, record: &CallRecord) -> Result<(), StoreError> {
+        let params: Vec<mysql_async::Value> = calls::values(node, record)
+            .iter()
+            .map(mysql_value)
+            .collect();
+        self.call(|mut c| async move {
+            c.exec_drop(calls::insert_sql(|_| "?".into()), params)
+                .await
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn calls(&self, q: &CallQuery) -> Result<Vec<StoredCall>, StoreError> {
+        let (sql, vals) = calls::query_sql(q, |_| "?".into());
+        let params: Vec<mysql_async::Value> = vals.iter().map(mysql_value).collect();
+        self.call(|mut c| async move {
+            let rows: Vec<mysql_async::Row> = c.exec(sql, params).await.map_err(db_err)?;
+            rows.into_iter()
+                .map(|mut r| {
+                    let id: i64 = r
+                        .take_opt(0)
+                        .and_then(Result::ok)
+                        .ok_or_else(|| StoreError::backend("mysql", "call_record without id"))?;
+                    let mut v = Vec::with_capacity(calls::COLUMNS.len());
+                    for (i, (_, kind)) in calls::COLUMNS.iter().enumerate() {
+                        v.push(match kind {
+                            Kind::Text => {
+                                Val::Text(r.take_opt(i + 1).and_then(Result::ok).flatten())
+                            }
+                            Kind::Int => Val::Int(r.take_opt(i + 1).and_then(Result::ok).flatten()),
+                        });
+                    }
+                    calls::record_of(id, &v)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn purge_calls(&self, ended_before: u64) -> Result<u64, StoreError> {
+        let before = i64::try_from(ended_before).unwrap_or(i64::MAX);
+        self.call(|mut c| async move {
+            c.exec_drop("DELETE FROM call_record WHERE ended_at < ?", (before,))
+                .await
+                .map_err(db_err)?;
+            Ok(c.affected_rows())
         })
         .await
     }

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use careflow_core::cdr::CallRecord;
 use tokio_postgres::{Client, NoTls, Row};
 
+use crate::calls::{self, CallQuery, CallRecordStore, Kind, StoredCall, Val};
 use crate::like_pattern;
 use crate::sqlite::unix_now;
 use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, SubscriberStore};
@@ -47,6 +49,42 @@ const MIGRATIONS: &[(i64, &str)] = &[
             created_at BIGINT NOT NULL,
             revoked_at BIGINT
         );",
+    ),
+    (
+        3,
+        "CREATE TABLE call_record (
+        id BIGSERIAL PRIMARY KEY,
+        call_id TEXT NOT NULL,
+        node TEXT NOT NULL,
+        caller TEXT NOT NULL,
+        caller_instance TEXT,
+        caller_user_agent TEXT,
+        caller_source TEXT,
+        caller_transport TEXT,
+        caller_contact TEXT,
+        dialled TEXT NOT NULL,
+        callee TEXT,
+        answer_instance TEXT,
+        answer_user_agent TEXT,
+        answer_source TEXT,
+        answer_transport TEXT,
+        answer_contact TEXT,
+        invite_at BIGINT NOT NULL,
+        ringing_at BIGINT,
+        answered_at BIGINT,
+        ended_at BIGINT NOT NULL,
+        setup_ms BIGINT NOT NULL,
+        talk_seconds BIGINT NOT NULL,
+        disposition TEXT NOT NULL,
+        final_code BIGINT NOT NULL,
+        reason TEXT,
+        ended_by TEXT NOT NULL,
+        media_anchored BIGINT NOT NULL
+    );
+    CREATE INDEX idx_call_record_invite ON call_record (invite_at);
+    CREATE INDEX idx_call_record_ended ON call_record (ended_at);
+    CREATE INDEX idx_call_record_caller ON call_record (caller, id);
+    CREATE INDEX idx_call_record_callee ON call_record (callee, id);",
     ),
 ];
 
@@ -405,5 +443,56 @@ impl ApiKeyStore for PgSubscribers {
             .await
             .map_err(db_err)?;
         Ok(row.map(|r| r.get(0)))
+    }
+}
+
+fn pg_value(v: &Val) -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+    match v {
+        Val::Text(t) => Box::new(t.clone()),
+        Val::Int(i) => Box::new(*i),
+    }
+}
+
+#[async_trait]
+impl CallRecordStore for PgSubscribers {
+    async fn add_call(&self, node: &str, record: &CallRecord) -> Result<(), StoreError> {
+        let params: Vec<_> = calls::values(node, record).iter().map(pg_value).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let c = self.client().await?;
+        c.execute(&calls::insert_sql(|i| format!("${i}")), &refs)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn calls(&self, q: &CallQuery) -> Result<Vec<StoredCall>, StoreError> {
+        let (sql, vals) = calls::query_sql(q, |i| format!("${i}"));
+        let params: Vec<_> = vals.iter().map(pg_value).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let c = self.client().await?;
+        let rows = c.query(&sql, &refs).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let v: Vec<Val> = calls::COLUMNS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, kind))| match kind {
+                        Kind::Text => Val::Text(r.get(i + 1)),
+                        Kind::Int => Val::Int(r.get(i + 1)),
+                    })
+                    .collect();
+                calls::record_of(r.get(0), &v)
+            })
+            .collect()
+    }
+
+    async fn purge_calls(&self, ended_before: u64) -> Result<u64, StoreError> {
+        let before = i64::try_from(ended_before).unwrap_or(i64::MAX);
+        let c = self.client().await?;
+        c.execute("DELETE FROM call_record WHERE ended_at < $1", &[&before])
+            .await
+            .map_err(db_err)
     }
 }

@@ -8,8 +8,10 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use careflow_core::cdr::CallRecord;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::calls::{self, CallQuery, CallRecordStore, Kind, StoredCall, Val};
 use crate::migrations::{SUBSCRIBER_MIGRATIONS, migrate};
 use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, SubscriberStore};
 
@@ -298,6 +300,65 @@ impl ApiKeyStore for SqliteSubscribers {
                 |r| r.get(0),
             )
             .optional()?)
+        })
+    }
+}
+
+fn sqlite_value(v: &Val) -> rusqlite::types::Value {
+    use rusqlite::types::Value;
+    match v {
+        Val::Text(Some(t)) => Value::Text(t.clone()),
+        Val::Int(Some(i)) => Value::Integer(*i),
+        Val::Text(None) | Val::Int(None) => Value::Null,
+    }
+}
+
+#[async_trait]
+impl CallRecordStore for SqliteSubscribers {
+    async fn add_call(&self, node: &str, record: &CallRecord) -> Result<(), StoreError> {
+        let params: Vec<rusqlite::types::Value> = calls::values(node, record)
+            .iter()
+            .map(sqlite_value)
+            .collect();
+        self.with(|c| {
+            c.execute(
+                &calls::insert_sql(|i| format!("?{i}")),
+                rusqlite::params_from_iter(params),
+            )?;
+            Ok(())
+        })
+    }
+
+    async fn calls(&self, q: &CallQuery) -> Result<Vec<StoredCall>, StoreError> {
+        let (sql, vals) = calls::query_sql(q, |i| format!("?{i}"));
+        let params: Vec<rusqlite::types::Value> = vals.iter().map(sqlite_value).collect();
+        self.with(|c| {
+            let mut st = c.prepare(&sql)?;
+            let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
+                let id: i64 = r.get(0)?;
+                let mut v = Vec::with_capacity(calls::COLUMNS.len());
+                for (i, (_, kind)) in calls::COLUMNS.iter().enumerate() {
+                    v.push(match kind {
+                        Kind::Text => Val::Text(r.get(i + 1)?),
+                        Kind::Int => Val::Int(r.get(i + 1)?),
+                    });
+                }
+                Ok((id, v))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, v) = row?;
+                out.push(calls::record_of(id, &v)?);
+            }
+            Ok(out)
+        })
+    }
+
+    async fn purge_calls(&self, ended_before: u64) -> Result<u64, StoreError> {
+        let before = i64::try_from(ended_before).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let n = c.execute("DELETE FROM call_record WHERE ended_at < ?1", [before])?;
+            Ok(n as u64)
         })
     }
 }
