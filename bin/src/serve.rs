@@ -65,6 +65,7 @@ pub(crate) async fn run(
     };
     let db = open_subscribers(&cfg).await?;
     let subscribers: Arc<dyn SubscriberStore> = db.clone();
+    let call_records: Arc<dyn careflow_store::calls::CallRecordStore> = db.clone();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
     let mut redis = None;
     let location: Arc<dyn LocationStore> = match &cfg.redis_url {
@@ -144,6 +145,12 @@ pub(crate) async fn run(
             _ => None,
         },
         push: push_config(&cfg)?,
+        cdr: cfg.cdr.map(|c| careflow_server::CdrConfig {
+            store: call_records.clone(),
+            node: cfg.node_name.clone(),
+            max_call: c.max_call,
+            retention: c.retention,
+        }),
     };
     let redis_for_links = redis;
     let cancel = CancellationToken::new();
@@ -180,6 +187,7 @@ pub(crate) async fn run(
         subscribers,
         keys: api_keys,
         location,
+        calls: call_records,
         sip: sip_config(&cfg, &server.bound),
         verifier,
         limiter: careflow_api::auth::RateLimiter::new(cfg.api_rate_limit, cfg.api_rate_burst),

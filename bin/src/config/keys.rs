@@ -235,6 +235,26 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Busy-lamp bodies for phones that need them differently, by User-Agent: `FRAGMENT=QUIRK,QUIRK;...` (FRAGMENT any part of the User-Agent, any case; first match wins). Quirks: `single-dialog` (one `<dialog>` per NOTIFY, the ringing call first), `idle-terminated` (an idle user as one terminated dialog rather than none).",
     ),
     (
+        "cdr",
+        "true",
+        "`true`: one call detail record per call (caller and device, dialled URI, answering device, INVITE/ringing/answer/end times, disposition, final code, who hung up) is stored in the subscriber database (DB_URL) when the call ends. `false`: none.",
+    ),
+    (
+        "cdr_max_call",
+        "43200",
+        "Seconds after which a call whose BYE never came is ended in its record (marked `ended_by: timeout`).",
+    ),
+    (
+        "cdr_retention_days",
+        "2190",
+        "Days call records are kept (2190: six years, the usual HIPAA retention); older ones are purged hourly. 0: kept for ever.",
+    ),
+    (
+        "node_name",
+        "",
+        "This node's name in call records. Empty: the host name.",
+    ),
+    (
         "nonce_secret",
         "",
         "64 hex digits used to sign digest nonces; nodes sharing a location service must share it. Default: generated once into `DATA_DIR/secret`.",

@@ -73,6 +73,10 @@ pub struct Config {
     pub watch_policy: careflow_core::dialog_event::pickup::WatchPolicy,
     /// `PICKUP_PREFIX`.
     pub pickup_prefix: String,
+    /// Call detail records (`CDR`, `CDR_MAX_CALL`, `CDR_RETENTION_DAYS`); none: off.
+    pub cdr: Option<CdrSettings>,
+    /// This node's name in records (`NODE_NAME`, default the host name).
+    pub node_name: String,
     /// Dialog-info quirks by User-Agent fragment (`BLF_QUIRKS`).
     pub blf_quirks: Vec<(String, careflow_core::dialog_event::info::Quirks)>,
     /// Accept requests from other domains.
@@ -210,6 +214,15 @@ fn gather(
         }
     }
     (set, problems)
+}
+
+/// Call detail record settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CdrSettings {
+    /// `CDR_MAX_CALL`.
+    pub max_call: Duration,
+    /// `CDR_RETENTION_DAYS`; none: kept for ever.
+    pub retention: Option<Duration>,
 }
 
 impl Config {
@@ -386,6 +399,25 @@ impl Config {
                 p.to_string()
             },
             blf_quirks: sip::blf_quirks(&r)?,
+            cdr: if r.flag("cdr")? {
+                Some(CdrSettings {
+                    max_call: r.secs("cdr_max_call", 60, 7 * 86_400)?,
+                    retention: match r.num("cdr_retention_days", 0, 36_500)? {
+                        0 => None,
+                        d => Some(Duration::from_secs(d * 86_400)),
+                    },
+                })
+            } else {
+                None
+            },
+            node_name: match r.get("node_name").trim() {
+                "" => std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "careflow-sip".to_string()),
+                n => n.to_string(),
+            },
             scanner_user_agents: security::scanner_user_agents(&r),
             allow_inbound: r.flag("allow_inbound")?,
         })

@@ -22,6 +22,7 @@ mod peers;
 mod presence;
 mod protocol;
 mod push;
+mod records;
 mod register;
 mod secure;
 mod security;

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod calls;
 mod dashboard;
 mod http_client;
 pub mod openapi;
@@ -71,6 +72,7 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
             post(admin::enable),
         )
         .route("/api/admin/bindings", get(admin::bindings))
+        .route("/api/admin/calls", get(calls::list))
         .route("/api/admin/security", get(admin::security))
         .route(
             "/api/admin/bindings/{id}",

@@ -5,7 +5,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, problem, provision_link, provisioning};
+use crate::{admin, calls, problem, provision_link, provisioning};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,6 +29,7 @@ use crate::{admin, problem, provision_link, provisioning};
         admin::bindings,
         admin::remove_binding,
         admin::security,
+        calls::list,
     ),
     components(schemas(
         problem::Problem,
@@ -46,6 +47,9 @@ use crate::{admin, problem, provision_link, provisioning};
         admin::SecurityReport,
         admin::BanView,
         admin::AuthFailureView,
+        calls::CallPage,
+        calls::CallView,
+        calls::CallDevice,
     )),
     modifiers(&Bearer),
     tags(

@@ -43,6 +43,8 @@ pub struct Provisioning {
     pub keys: Arc<dyn ApiKeyStore>,
     /// Registered devices.
     pub location: Arc<dyn LocationStore>,
+    /// Call detail records.
+    pub calls: Arc<dyn careflow_store::calls::CallRecordStore>,
     /// Connection details given to clients.
     pub sip: SipConfig,
     /// Bearer token verification.

@@ -78,6 +78,8 @@ pub struct App {
     pub(crate) pushed_requests: Mutex<std::collections::HashMap<TxKey, (Message, Ctx)>>,
     /// Busy lamps: the users' call legs and the dialog-event subscriptions.
     pub(crate) watchers: Mutex<crate::watchers::Watchers>,
+    /// Call detail records of the calls in progress; none when records are off.
+    pub(crate) cdr: Option<crate::call_records::Cdr>,
 }
 
 impl std::fmt::Debug for App {
@@ -104,6 +106,7 @@ impl App {
         let start = u64::from_le_bytes(seed) & ((1 << 52) - 1);
         let media_policy = cfg.media.as_ref().map(|m| m.policy);
         let cfg_push = cfg.push.clone();
+        let cdr_max_call = cfg.cdr.as_ref().map(|c| c.max_call);
         let cluster = cfg.cluster.clone().map(|c| {
             let epoch = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -142,6 +145,7 @@ impl App {
             push: cfg_push.map(|p| Arc::new(crate::push::Pusher::new(p))),
             pushed_requests: Mutex::default(),
             watchers: Mutex::default(),
+            cdr: cdr_max_call.map(crate::call_records::Cdr::new),
         }
     }
 

@@ -54,6 +54,31 @@ pub struct ServerConfig {
     /// Push wake-ups of sleeping mobile devices (RFC 8599); none: no push service is
     /// configured, and `pn-*` parameters are stored but not acted on.
     pub push: Option<PushConfig>,
+    /// Call detail records; none: no records are kept (`CDR=off`).
+    pub cdr: Option<CdrConfig>,
+}
+
+/// Call detail records (issue 20).
+#[derive(Clone)]
+pub struct CdrConfig {
+    /// Where records go (the subscriber database).
+    pub store: Arc<dyn careflow_store::calls::CallRecordStore>,
+    /// This node's name in the records.
+    pub node: String,
+    /// A call whose BYE never comes ends after this long (`CDR_MAX_CALL`).
+    pub max_call: Duration,
+    /// Records older than this are purged (`CDR_RETENTION_DAYS`); none: kept for ever.
+    pub retention: Option<Duration>,
+}
+
+impl std::fmt::Debug for CdrConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CdrConfig")
+            .field("node", &self.node)
+            .field("max_call", &self.max_call)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Busy lamps, pickup and presence (issue 19).

@@ -15,6 +15,8 @@
 pub mod app;
 mod auth;
 mod blf;
+mod call_records;
+mod cdr;
 mod clock;
 mod cluster;
 mod config;
@@ -46,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use app::App;
 pub use clock::unix_now;
-pub use config::{BlfConfig, ClusterConfig, PushConfig, ServerConfig};
+pub use config::{BlfConfig, CdrConfig, ClusterConfig, PushConfig, ServerConfig};
 pub use metrics::{Gauges, Metrics};
 
 /// A running SIP server.
@@ -132,6 +134,7 @@ pub async fn start(
     tasks.spawn(proxy_timers(app.clone(), cancel.clone()));
     tasks.spawn(push_upkeep::run(app.clone(), cancel.clone()));
     tasks.spawn(blf::run(app.clone(), cancel.clone()));
+    tasks.spawn(cdr::run(app.clone(), cancel.clone()));
     tasks.spawn(keepalive::run(app.clone(), cfg.keepalive, cancel.clone()));
     if let Some(c) = app.cluster.clone() {
         let (registered, elsewhere) = tokio::sync::mpsc::channel(1024);

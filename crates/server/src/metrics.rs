@@ -74,6 +74,11 @@ pub struct Metrics {
     pub flow_bindings_dropped: AtomicU64,
     /// Dialog-event NOTIFYs sent (retransmissions included).
     pub notifies_sent: AtomicU64,
+    /// Call detail records stored.
+    pub call_records_written: AtomicU64,
+    /// Call detail records lost: the database refused them after retries, the queue to it was
+    /// full, or too many calls were followed at once.
+    pub call_records_lost: AtomicU64,
     /// OPTIONS keep-alives that got no answer.
     pub keepalive_failures: AtomicU64,
     /// Sources banned for brute force.
@@ -224,6 +229,16 @@ impl Metrics {
                 "careflow_sip_scanner_drops_total",
                 "Requests from known SIP scanners, dropped unanswered.",
                 &self.scanner_drops,
+            ),
+            (
+                "careflow_sip_call_records_written_total",
+                "Call detail records stored in the database.",
+                &self.call_records_written,
+            ),
+            (
+                "careflow_sip_call_records_lost_total",
+                "Call detail records lost (database refusing after retries, queue full, too many calls at once).",
+                &self.call_records_lost,
             ),
             (
                 "careflow_sip_notifies_sent_total",

@@ -423,6 +423,14 @@ impl MediaAnchor {
         });
     }
 
+    /// Whether the call's media goes through rtpengine.
+    pub(crate) fn is_anchored(&self, call_id: &str) -> bool {
+        self.calls
+            .lock()
+            .map(|m| m.get(call_id).is_some_and(|c| c.session.at_engine))
+            .unwrap_or(false)
+    }
+
     /// Active anchored calls (metrics).
     pub(crate) fn active(&self) -> usize {
         self.calls.lock().map(|m| m.len()).unwrap_or(0)

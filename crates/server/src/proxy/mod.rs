@@ -196,6 +196,7 @@ impl App {
                 }
                 Event::CallFailed { call_id, code } => {
                     self.watch_call_ended(&call_id);
+                    self.cdr_failed(&call_id, code);
                     self.metrics.call_failed(code);
                     tracing::info!(call_id = &*call_id, code, "call failed");
                 }
@@ -337,6 +338,9 @@ impl App {
         let Some((found, out)) = self.step(|t| t.handle_cancel(&key, Instant::now())) else {
             return;
         };
+        if found {
+            self.cdr_cancel(&msg);
+        }
         let code = if found { 200 } else { 481 };
         let resp = self.reply(&msg, &ctx, code).build();
         self.send_response(&msg, &ctx, code, resp);

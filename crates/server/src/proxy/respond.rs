@@ -75,6 +75,7 @@ impl App {
 
     fn hand_to_table(self: &Arc<Self>, msg: Message) {
         self.watch_response(&msg);
+        self.cdr_response(&msg);
         self.pickup_answered(&msg);
         let matched = self.with_proxy(|t| t.handle_response(&msg, Instant::now()));
         if matched == Some(false) {

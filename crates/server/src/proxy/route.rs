@@ -12,6 +12,7 @@ impl App {
         if msg.method() == Method::Bye
             && let Some(c) = msg.call_id()
         {
+            self.cdr_bye(&msg);
             self.media.end(c);
             self.watch_call_ended(c);
         }
@@ -48,6 +49,11 @@ impl App {
                     let hash = proxy::loop_hash(&msg);
                     let new_branch = || proxy::branch(&hash, self.next_id());
                     let anchored = self.media.initial(msg, caller, &callees, new_branch).await;
+                    if let Some(c) = anchored.msg.call_id()
+                        && self.media.is_anchored(c)
+                    {
+                        self.cdr_anchored(c);
+                    }
                     for (hop, offer) in targets.iter_mut().zip(anchored.offers) {
                         hop.branch = Some(offer.branch);
                         hop.body = Some(offer.body);
@@ -196,11 +202,13 @@ impl App {
         if is_call {
             self.metrics.calls_attempted.fetch_add(1, Ordering::Relaxed);
             tracing::info!(call_id, to = %ruri_text, source = %ctx.source, "call attempt");
+            self.cdr_invite(msg, ctx, &ruri_text, ruri.aor());
         }
         let result = self.lookup_targets(msg, ctx, &ruri).await;
         if let (true, Err((code, _))) = (is_call, &result) {
             self.metrics.call_failed(*code);
             tracing::info!(call_id, code, "call failed");
+            self.cdr_failed(call_id, *code);
         }
         result
     }

@@ -1,0 +1,304 @@
+//! Call detail records (issue 20): calls of every disposition through the proxy, each becoming
+//! exactly one record in the subscriber database (SQLite, PostgreSQL, MariaDB), read back
+//! through `GET /api/admin/calls` with its filters and paging.
+
+use serde_json::Value;
+
+use crate::api::http;
+use crate::cluster_link::{in_dialog, route_set};
+use crate::support::*;
+
+const DOMAIN: &str = "records.test";
+
+fn records_server(db: Option<&TestDb>) -> (Server, String) {
+    let env: Vec<(&str, &str)> = db
+        .map(|d| vec![("DB_URL", d.url.as_str())])
+        .unwrap_or_default();
+    let server = Server::start_with(DOMAIN, &env);
+    for u in ["2001", "2002"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let out = server.cli_ok(&["apikey", "create", "records"]);
+    let key = out.lines().last().unwrap().trim().to_string();
+    (server, key)
+}
+
+/// The calls `query` selects once `want` records were written.
+fn calls(server: &Server, key: &str, query: &str, want: u64) -> Vec<Value> {
+    server.metric_becomes("careflow_sip_call_records_written_total", want);
+    let (code, _, page) = http(
+        server,
+        "GET",
+        &format!("/api/admin/calls{query}"),
+        Some(key),
+        None,
+    );
+    assert_eq!(code, 200, "{page}\n{}", server.log());
+    page["calls"].as_array().cloned().unwrap_or_default()
+}
+
+/// The one record of `call_id`.
+fn record_of(server: &Server, key: &str, call_id: &str, written: u64) -> Value {
+    let all = calls(server, key, "?limit=1000", written);
+    let mine: Vec<&Value> = all.iter().filter(|c| c["callId"] == call_id).collect();
+    assert_eq!(mine.len(), 1, "one record for {call_id}: {all:#?}");
+    mine[0].clone()
+}
+
+fn registered(server: &Server, user: &str, reg: &str) -> Ua {
+    let ua = Ua::new(server.sip_addr());
+    let r = ua.register(user, &format!("pw-{user}"), DOMAIN, reg, "");
+    assert_eq!(status(&r), 200, "{r}");
+    ua
+}
+
+/// The final answer the caller gets for `call_id`.
+fn final_of(ua: &Ua, call_id: &str) -> String {
+    for _ in 0..20 {
+        let m = ua
+            .recv()
+            .unwrap_or_else(|| panic!("no final for {call_id}"));
+        if m.contains(&format!("Call-ID: {call_id}\r\n")) && status(&m) >= 200 {
+            return m;
+        }
+    }
+    panic!("no final for {call_id}")
+}
+
+/// Every disposition, one record each, on the database `db`.
+fn every_disposition(db: Option<&TestDb>) {
+    let (server, key) = records_server(db);
+    let callee = registered(&server, "2001", "reg-a");
+    let caller = Ua::new(server.sip_addr());
+
+    // Answered, then hung up by the caller.
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "rec-answered");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    answer(&callee, &inv, 200);
+    let ok = expect(&caller, "SIP/2.0 200");
+    let to = header(&ok, "To").unwrap().to_string();
+    let bye = in_dialog(
+        &caller,
+        "127.0.0.1",
+        "BYE",
+        &format!("sip:dev@127.0.0.1:{}", callee.port()),
+        &route_set(&ok, true),
+        (&format!("<sip:2002@{DOMAIN}>;tag=f-rec-answered"), &to),
+        "rec-answered",
+        3,
+    );
+    caller.send(&bye);
+    let b = expect(&callee, "BYE ");
+    answer(&callee, &b, 200);
+    let r = record_of(&server, &key, "rec-answered", 1);
+    assert_eq!(r["disposition"], "answered", "{r:#}");
+    assert_eq!(r["endedBy"], "caller", "{r:#}");
+    assert_eq!(r["finalCode"], 200, "{r:#}");
+    assert_eq!(r["caller"], format!("2002@{DOMAIN}"), "{r:#}");
+    assert_eq!(r["callee"], format!("2001@{DOMAIN}"), "{r:#}");
+    assert_eq!(r["dialled"], format!("sip:2001@{DOMAIN}"), "{r:#}");
+    assert_eq!(r["callerDevice"]["transport"], "udp", "{r:#}");
+    assert_eq!(
+        r["callerDevice"]["source"],
+        format!("127.0.0.1:{}", caller.port()),
+        "{r:#}"
+    );
+    assert_eq!(
+        r["answeredBy"]["contact"],
+        format!("sip:dev@127.0.0.1:{}", callee.port()),
+        "{r:#}"
+    );
+    let (inv_at, ring, ans, end) = (
+        r["inviteAt"].as_u64().unwrap(),
+        r["ringingAt"].as_u64().unwrap(),
+        r["answeredAt"].as_u64().unwrap(),
+        r["endedAt"].as_u64().unwrap(),
+    );
+    assert!(inv_at <= ring && ring <= ans && ans <= end, "{r:#}");
+    assert_eq!(r["mediaAnchored"], false, "{r:#}");
+
+    // Busy.
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "rec-busy");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 486);
+    assert_eq!(status(&final_of(&caller, "rec-busy")), 486);
+    let r = record_of(&server, &key, "rec-busy", 2);
+    assert_eq!(
+        (&r["disposition"], &r["finalCode"], &r["talkSeconds"]),
+        (&Value::from("busy"), &Value::from(486), &Value::from(0)),
+        "{r:#}"
+    );
+    assert!(r["answeredBy"].is_null(), "{r:#}");
+
+    // Cancelled by the caller while it rings.
+    let caller = Ua::new(server.sip_addr());
+    let invite = invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "rec-cancel");
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 180);
+    let cancel = careflow_proto::request::cancel_for(
+        &careflow_proto::Message::parse(
+            bytes::Bytes::from(invite),
+            &careflow_proto::ParseLimits::default(),
+        )
+        .unwrap(),
+    );
+    caller.sock.send_to(&cancel, caller.server).unwrap();
+    let c = expect(&callee, "CANCEL ");
+    answer(&callee, &c, 200);
+    answer(&callee, &inv, 487);
+    let r = record_of(&server, &key, "rec-cancel", 3);
+    assert_eq!(
+        (&r["disposition"], &r["endedBy"]),
+        (&Value::from("cancelled"), &Value::from("caller")),
+        "{r:#}"
+    );
+    assert!(r["ringingAt"].is_u64(), "{r:#}");
+
+    // An unknown user: failed, 404.
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "9999", "rec-404");
+    assert_eq!(status(&final_of(&caller, "rec-404")), 404);
+    let r = record_of(&server, &key, "rec-404", 4);
+    assert_eq!(
+        (&r["disposition"], &r["finalCode"]),
+        (&Value::from("failed"), &Value::from(404)),
+        "{r:#}"
+    );
+
+    // Answered by the callee, who hangs up.
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(
+        &caller,
+        DOMAIN,
+        ("2002", "pw-2002"),
+        "2001",
+        "rec-callee-bye",
+    );
+    let inv = expect(&callee, "INVITE ");
+    answer(&callee, &inv, 200);
+    let ok = expect(&caller, "SIP/2.0 200");
+    let from = header(&inv, "From").unwrap().to_string();
+    let to = header(&ok, "To").unwrap().to_string();
+    let bye = in_dialog(
+        &callee,
+        "127.0.0.1",
+        "BYE",
+        &format!("sip:2002@127.0.0.1:{}", caller.port()),
+        &route_set(&inv, false),
+        (&to, &from),
+        "rec-callee-bye",
+        1,
+    );
+    callee.send(&bye);
+    let b = expect(&caller, "BYE ");
+    answer(&caller, &b, 200);
+    let r = record_of(&server, &key, "rec-callee-bye", 5);
+    assert_eq!(
+        (&r["disposition"], &r["endedBy"]),
+        (&Value::from("answered"), &Value::from("callee")),
+        "{r:#}"
+    );
+
+    // Filters and paging.
+    let busy = calls(&server, &key, "?disposition=busy", 5);
+    assert_eq!(busy.len(), 1, "{busy:#?}");
+    assert_eq!(busy[0]["callId"], "rec-busy");
+    let mine = calls(&server, &key, &format!("?user=2002@{DOMAIN}"), 5);
+    assert_eq!(mine.len(), 5, "{mine:#?}");
+    assert!(calls(&server, &key, "?user=nobody@records.test", 5).is_empty());
+    let (code, _, page) = http(&server, "GET", "/api/admin/calls?limit=2", Some(&key), None);
+    assert_eq!(code, 200);
+    let next = page["next"].as_i64().expect("a next page");
+    let (_, _, page2) = http(
+        &server,
+        "GET",
+        &format!("/api/admin/calls?limit=2&before={next}"),
+        Some(&key),
+        None,
+    );
+    let ids = |p: &Value| -> Vec<i64> {
+        p["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_i64().unwrap())
+            .collect()
+    };
+    let (a, b) = (ids(&page), ids(&page2));
+    assert_eq!((a.len(), b.len()), (2, 2), "{page:#}\n{page2:#}");
+    assert!(a[1] > b[0], "newest first, no overlap: {a:?} {b:?}");
+    let (code, _, p) = http(
+        &server,
+        "GET",
+        "/api/admin/calls?disposition=lost",
+        Some(&key),
+        None,
+    );
+    assert_eq!(
+        (code, p["field"].as_str()),
+        (400, Some("disposition")),
+        "{p}"
+    );
+    let (code, _, _) = http(&server, "GET", "/api/admin/calls", None, None);
+    assert_eq!(code, 401);
+}
+
+#[test]
+fn every_disposition_makes_one_record_on_sqlite() {
+    every_disposition(None);
+}
+
+#[test]
+fn every_disposition_makes_one_record_on_postgresql() {
+    every_disposition(Some(&TestDb::postgres()));
+}
+
+#[test]
+fn every_disposition_makes_one_record_on_mariadb() {
+    every_disposition(Some(&TestDb::mariadb()));
+}
+
+#[test]
+fn a_forked_call_answered_on_the_second_device_is_one_record_naming_it() {
+    let (server, key) = records_server(None);
+    let desk = registered(&server, "2001", "reg-desk");
+    let mobile = registered(&server, "2001", "reg-mobile");
+    let caller = Ua::new(server.sip_addr());
+    invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "rec-fork");
+    let on_desk = expect(&desk, "INVITE ");
+    let on_mobile = expect(&mobile, "INVITE ");
+    answer(&desk, &on_desk, 180);
+    answer(&mobile, &on_mobile, 200);
+    let ok = expect(&caller, "SIP/2.0 200");
+    let c = expect(&desk, "CANCEL ");
+    answer(&desk, &c, 200);
+    answer(&desk, &on_desk, 487);
+    // Nothing is written before the call ends.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(server.metric("careflow_sip_call_records_written_total"), 0);
+    let bye = in_dialog(
+        &caller,
+        "127.0.0.1",
+        "BYE",
+        &format!("sip:dev@127.0.0.1:{}", mobile.port()),
+        &route_set(&ok, true),
+        (
+            &format!("<sip:2002@{DOMAIN}>;tag=f-rec-fork"),
+            header(&ok, "To").unwrap(),
+        ),
+        "rec-fork",
+        3,
+    );
+    caller.send(&bye);
+    let b = expect(&mobile, "BYE ");
+    answer(&mobile, &b, 200);
+    let r = record_of(&server, &key, "rec-fork", 1);
+    assert_eq!(r["disposition"], "answered", "{r:#}");
+    assert_eq!(
+        r["answeredBy"]["contact"],
+        format!("sip:dev@127.0.0.1:{}", mobile.port()),
+        "the second device answered: {r:#}"
+    );
+}

@@ -1,0 +1,238 @@
+//! Call detail records (issue 20): the proxy tells [`careflow_core::cdr::CallRecords`] what
+//! happens to each call (its authenticated INVITE, the branches' 18x and 2xx, the caller's
+//! CANCEL, the final failure, the BYE), and every finished call's record is queued to one task
+//! that writes it to the subscriber database, retrying while the database is away. Calls whose
+//! BYE never comes are ended at `CDR_MAX_CALL`; records older than `CDR_RETENTION_DAYS` are
+//! purged.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use careflow_core::cdr::{CallRecord, CallRecords, CallStart, Device};
+use careflow_proto::{HeaderName, Message, NameAddr};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, Ctx};
+
+/// Attempts to store one record before it is counted lost.
+const WRITE_TRIES: u32 = 5;
+/// How often calls past `CDR_MAX_CALL` are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often old records are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn transport_name(t: careflow_core::Transport) -> String {
+    t.to_string().to_ascii_lowercase()
+}
+
+/// The device a message's Contact and `User-Agent`/`Server` describe.
+fn device_of(msg: &Message, agent: HeaderName) -> Device {
+    let contact = msg.header(HeaderName::Contact).and_then(NameAddr::parse);
+    Device {
+        instance: contact.as_ref().and_then(|c| {
+            c.params
+                .get("+sip.instance")
+                .flatten()
+                .map(|v| v.trim_matches('"').to_string())
+        }),
+        user_agent: msg.header(agent).map(str::to_string),
+        contact: contact.map(|c| c.uri.raw.to_string()),
+        ..Device::default()
+    }
+}
+
+impl App {
+    fn with_cdr<R>(&self, f: impl FnOnce(&mut CallRecords) -> R) -> Option<R> {
+        let cdr = self.cdr.as_ref()?;
+        let mut calls = cdr.calls.lock().ok()?;
+        Some(f(&mut calls))
+    }
+
+    fn queue_record(&self, rec: CallRecord) {
+        let Some(cdr) = self.cdr.as_ref() else { return };
+        tracing::info!(call_id = %rec.call_id, disposition = rec.disposition.as_str(),
+            code = rec.final_code, talk_seconds = rec.talk_seconds(), "call record");
+        if cdr.queue.try_send(rec).is_err() {
+            self.metrics
+                .call_records_lost
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!("call record queue full: the database is not keeping up; record lost");
+        }
+    }
+
+    /// An authenticated INVITE of one of our callers is about to be routed to `dialled`.
+    pub(crate) fn cdr_invite(
+        &self,
+        msg: &Message,
+        ctx: &Ctx,
+        dialled: &str,
+        callee: Option<String>,
+    ) {
+        let (Some(call_id), Some(from)) = (msg.call_id(), msg.from()) else {
+            return;
+        };
+        let start = CallStart {
+            call_id: call_id.to_string(),
+            from_tag: from.tag().unwrap_or_default().to_string(),
+            caller: from.uri.aor().unwrap_or_default(),
+            caller_device: Device {
+                source: Some(ctx.source.to_string()),
+                transport: Some(transport_name(ctx.transport)),
+                ..device_of(msg, HeaderName::UserAgent)
+            },
+            dialled: dialled.to_string(),
+            callee,
+        };
+        if self.with_cdr(|c| c.invite(start, now_ms())) == Some(false) {
+            self.metrics
+                .call_records_lost
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The call's media is anchored at rtpengine.
+    pub(crate) fn cdr_anchored(&self, call_id: &str) {
+        self.with_cdr(|c| c.anchored(call_id));
+    }
+
+    /// A branch's response to a call's INVITE (18x: ringing; 2xx: answered, by that device).
+    pub(crate) fn cdr_response(&self, msg: &Message) {
+        if self.cdr.is_none() || msg.cseq().is_none_or(|c| c.1 != "INVITE") {
+            return;
+        }
+        let (Some(call_id), Some(code)) = (msg.call_id(), msg.status()) else {
+            return;
+        };
+        let now = now_ms();
+        match code {
+            180..=199 => {
+                self.with_cdr(|c| c.provisional(call_id, code, now));
+            }
+            200..=299 => {
+                let by = device_of(msg, HeaderName::Server);
+                let by = Device {
+                    user_agent: by
+                        .user_agent
+                        .or_else(|| msg.header(HeaderName::UserAgent).map(str::to_string)),
+                    ..by
+                };
+                self.with_cdr(|c| c.answered(call_id, by, now));
+            }
+            _ => {}
+        }
+    }
+
+    /// The caller CANCELled its call.
+    pub(crate) fn cdr_cancel(&self, msg: &Message) {
+        if let Some(call_id) = msg.call_id() {
+            let reason = msg.other_header("Reason").map(str::to_string);
+            self.with_cdr(|c| c.cancelled(call_id, reason));
+        }
+    }
+
+    /// The call never connected: its final answer was `code`.
+    pub(crate) fn cdr_failed(&self, call_id: &str, code: u16) {
+        if let Some(Some(rec)) = self.with_cdr(|c| c.failed(call_id, code, None, now_ms())) {
+            self.queue_record(rec);
+        }
+    }
+
+    /// A BYE: the end of an answered call.
+    pub(crate) fn cdr_bye(&self, msg: &Message) {
+        let (Some(call_id), Some(from)) = (msg.call_id(), msg.from()) else {
+            return;
+        };
+        let reason = msg.other_header("Reason").map(str::to_string);
+        let tag = from.tag().unwrap_or_default();
+        if let Some(Some(rec)) = self.with_cdr(|c| c.bye(call_id, tag, reason, now_ms())) {
+            self.queue_record(rec);
+        }
+    }
+}
+
+/// Writes finished records to the database (retrying while it is away), ends calls past the
+/// longest a call may last, and purges old records. At shutdown the queued records are
+/// written before it returns.
+pub(crate) async fn run(app: std::sync::Arc<App>, cancel: CancellationToken) {
+    let Some(cfg) = app.cfg.cdr.clone() else {
+        return;
+    };
+    let Some(mut rx) = app
+        .cdr
+        .as_ref()
+        .and_then(|c| c.pending.lock().ok().and_then(|mut p| p.take()))
+    else {
+        return;
+    };
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut purge = tokio::time::interval(PURGE_EVERY);
+    purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                rx.close();
+                while let Some(rec) = rx.recv().await {
+                    write(&app, &cfg, &rec, &cancel).await;
+                }
+                return;
+            }
+            Some(rec) = rx.recv() => write(&app, &cfg, &rec, &cancel).await,
+            _ = sweep.tick() => {
+                for rec in app.with_cdr(|c| c.sweep(now_ms())).unwrap_or_default() {
+                    tracing::warn!(call_id = %rec.call_id,
+                        "call reached CDR_MAX_CALL without a BYE; its record ends it");
+                    app.queue_record(rec);
+                }
+            }
+            _ = purge.tick() => {
+                if let Some(keep) = cfg.retention {
+                    let before = now_ms().saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
+                    match cfg.store.purge_calls(before).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(removed = n, "call records past CDR_RETENTION_DAYS purged"),
+                        Err(e) => tracing::warn!(error = %e, "purging old call records failed; trying again in an hour"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn write(
+    app: &App,
+    cfg: &crate::config::CdrConfig,
+    rec: &CallRecord,
+    cancel: &CancellationToken,
+) {
+    let mut wait = Duration::from_millis(500);
+    for attempt in 1..=WRITE_TRIES {
+        match cfg.store.add_call(&cfg.node, rec).await {
+            Ok(()) => {
+                app.metrics
+                    .call_records_written
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if e.retryable() && attempt < WRITE_TRIES && !cancel.is_cancelled() => {
+                tracing::warn!(call_id = %rec.call_id, error = %e, attempt,
+                    "storing a call record failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(e) => {
+                app.metrics
+                    .call_records_lost
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(call_id = %rec.call_id, error = %e, "call record lost: the database refused it");
+                return;
+            }
+        }
+    }
+}
