@@ -50,6 +50,7 @@ use crate::{admin, calls, problem, provision_link, provisioning};
         calls::CallPage,
         calls::CallView,
         calls::CallDevice,
+        calls::DispositionFilter,
     )),
     modifiers(&Bearer),
     tags(
