@@ -36,6 +36,7 @@ pub(crate) async fn run(cfg: &Config, cmd: ApiKeyCommand) -> anyhow::Result<()> 
                 Err(StoreError::Conflict(_)) => bail!("an API key named `{name}` exists already"),
                 Err(e) => return Err(e).context("cannot store the key"),
             }
+            crate::audit::record(&*store, "apikey.created", &name, String::new()).await?;
             println!("created API key `{name}`; it is shown only now:");
             println!("{key}");
         }
@@ -52,6 +53,7 @@ pub(crate) async fn run(cfg: &Config, cmd: ApiKeyCommand) -> anyhow::Result<()> 
             if !store.revoke_key(&name).await? {
                 bail!("no active API key named `{name}`");
             }
+            crate::audit::record(&*store, "apikey.revoked", &name, String::new()).await?;
             println!("revoked API key `{name}`");
         }
     }

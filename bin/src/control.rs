@@ -137,7 +137,11 @@ pub(crate) async fn unban(cfg: &Config, ip: &str) -> anyhow::Result<()> {
     }
     let out = request(cfg, &format!("unban {ip}")).await?;
     match out.trim() {
-        "unbanned" => println!("unbanned {ip}"),
+        "unbanned" => {
+            let store = crate::users::open_subscribers(cfg).await?;
+            crate::audit::record(&*store, "ban.lifted", ip, String::new()).await?;
+            println!("unbanned {ip}");
+        }
         "not banned" => bail!("{ip} is not banned"),
         other => bail!("{other}"),
     }

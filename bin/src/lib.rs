@@ -1,6 +1,7 @@
 //! careflow-sip: command line, configuration loading and server start-up.
 
 mod apikeys;
+mod audit;
 mod backup;
 pub mod config;
 mod control;
@@ -40,6 +41,9 @@ enum Command {
     /// Manage admin API keys for /api/admin.
     #[command(subcommand)]
     Apikey(apikeys::ApiKeyCommand),
+    /// Verify the audit trail's hash chain, or make a signed checkpoint of it.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// List the sources the running server has banned.
     Bans,
     /// Lift a ban on the running server.
@@ -177,6 +181,7 @@ pub fn main() -> ExitCode {
             Command::CheckConfig | Command::Healthcheck => Ok(()),
             Command::User(cmd) => users::run(&config, cmd).await,
             Command::Apikey(cmd) => apikeys::run(&config, cmd).await,
+            Command::Audit(cmd) => audit::run(&config, cmd).await,
             Command::Bans => control::bans(&config).await,
             Command::Unban { ip } => control::unban(&config, &ip).await,
             Command::Registrations { user } => users::registrations(&config, user.as_deref()).await,

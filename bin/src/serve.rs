@@ -66,6 +66,7 @@ pub(crate) async fn run(
     let db = open_subscribers(&cfg).await?;
     let subscribers: Arc<dyn SubscriberStore> = db.clone();
     let call_records: Arc<dyn careflow_store::calls::CallRecordStore> = db.clone();
+    let audit_log: Arc<dyn careflow_store::audit::AuditStore> = db.clone();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
     let mut redis = None;
     let location: Arc<dyn LocationStore> = match &cfg.redis_url {
@@ -188,6 +189,7 @@ pub(crate) async fn run(
         keys: api_keys,
         location,
         calls: call_records,
+        audit_log,
         sip: sip_config(&cfg, &server.bound),
         verifier,
         limiter: careflow_api::auth::RateLimiter::new(cfg.api_rate_limit, cfg.api_rate_burst),

@@ -137,6 +137,17 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                     }
                     other => other.into(),
                 })?;
+            crate::audit::record(
+                &*store,
+                "credentials.created",
+                &format!("{user}@{domain}"),
+                if generated {
+                    "password generated, shown once".to_string()
+                } else {
+                    "password given".to_string()
+                },
+            )
+            .await?;
             println!("added {user}@{domain}");
             if generated {
                 println!("password (shown once, not stored): {password}");
@@ -167,6 +178,13 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             if !store.set_ha1(&user, &domain, &md5, &sha).await? {
                 bail!("no user {user}@{domain}");
             }
+            crate::audit::record(
+                &*store,
+                "credentials.rotated",
+                &format!("{user}@{domain}"),
+                String::new(),
+            )
+            .await?;
             println!("password changed for {user}@{domain}");
             if generated {
                 println!("password (shown once, not stored): {password}");
@@ -177,6 +195,13 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             if !store.set_enabled(&user, &domain, false).await? {
                 bail!("no user {user}@{domain}");
             }
+            crate::audit::record(
+                &*store,
+                "subscriber.disabled",
+                &format!("{user}@{domain}"),
+                String::new(),
+            )
+            .await?;
             println!("disabled {user}@{domain}");
         }
         UserCommand::Enable { user, domain } => {
@@ -184,6 +209,13 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             if !store.set_enabled(&user, &domain, true).await? {
                 bail!("no user {user}@{domain}");
             }
+            crate::audit::record(
+                &*store,
+                "subscriber.enabled",
+                &format!("{user}@{domain}"),
+                String::new(),
+            )
+            .await?;
             println!("enabled {user}@{domain}");
         }
         UserCommand::Remove { user, domain } => {
@@ -191,6 +223,13 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             if !store.remove(&user, &domain).await? {
                 bail!("no user {user}@{domain}");
             }
+            crate::audit::record(
+                &*store,
+                "credentials.revoked",
+                &format!("{user}@{domain}"),
+                "subscriber removed".to_string(),
+            )
+            .await?;
             println!("removed {user}@{domain}");
         }
         UserCommand::ImportKamailio {
@@ -208,6 +247,13 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             let rows = parse_import(&text, &domain)?;
             let started = std::time::Instant::now();
             let n = store.import(rows).await?;
+            crate::audit::record(
+                &*store,
+                "credentials.imported",
+                &domain,
+                format!("{n} subscribers from {}", file.display()),
+            )
+            .await?;
             println!(
                 "imported {n} subscriber(s) in {:.2}s",
                 started.elapsed().as_secs_f64()

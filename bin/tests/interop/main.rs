@@ -3,6 +3,7 @@
 //! SIP over UDP/TCP.
 
 mod api;
+mod audit;
 mod blf;
 mod blf_state;
 mod calls;

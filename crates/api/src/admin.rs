@@ -89,6 +89,7 @@ pub(crate) async fn subscribers(
 async fn set_enabled(
     api: &crate::provisioning::Provisioning,
     headers: &HeaderMap,
+    source: &crate::audit::Source,
     username: &str,
     enabled: bool,
 ) -> Result<StatusCode, Problem> {
@@ -112,7 +113,19 @@ async fn set_enabled(
         )
         .await?;
     }
-    tracing::info!(target: "careflow::audit", admin = %who, username, enabled, "subscriber enabled/disabled");
+    api.audit(
+        &format!("apikey:{who}"),
+        source,
+        if enabled {
+            "subscriber.enabled"
+        } else {
+            "subscriber.disabled"
+        },
+        &format!("{username}@{}", api.sip.domain),
+        "ok",
+        String::new(),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -131,9 +144,10 @@ async fn set_enabled(
 pub(crate) async fn disable(
     State(api): Api,
     headers: HeaderMap,
+    source: crate::audit::Source,
     Path(username): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    set_enabled(&api, &headers, &username, false).await
+    set_enabled(&api, &headers, &source, &username, false).await
 }
 
 /// Enable a subscriber again.
@@ -151,9 +165,10 @@ pub(crate) async fn disable(
 pub(crate) async fn enable(
     State(api): Api,
     headers: HeaderMap,
+    source: crate::audit::Source,
     Path(username): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    set_enabled(&api, &headers, &username, true).await
+    set_enabled(&api, &headers, &source, &username, true).await
 }
 
 /// Every current binding.
@@ -201,6 +216,7 @@ pub(crate) async fn bindings(
 pub(crate) async fn remove_binding(
     State(api): Api,
     headers: HeaderMap,
+    source: crate::audit::Source,
     id: Result<Path<u64>, axum::extract::rejection::PathRejection>,
 ) -> Result<StatusCode, Problem> {
     let who = admin(&api, &headers).await?;
@@ -215,7 +231,15 @@ pub(crate) async fn remove_binding(
         return Err(Problem::not_found("no binding with that id").field("id"));
     };
     remove_bindings(&*api.location, &b.aor, |x| x.id == id).await?;
-    tracing::info!(target: "careflow::audit", admin = %who, id, aor = %b.aor, "binding removed");
+    api.audit(
+        &format!("apikey:{who}"),
+        &source,
+        "devices.deregistered",
+        &b.aor,
+        "ok",
+        format!("device {id}"),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

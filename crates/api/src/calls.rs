@@ -176,6 +176,20 @@ pub struct CallPage {
     pub next: Option<i64>,
 }
 
+/// A 400 naming the query parameter axum could not read ("Failed to deserialize query string:
+/// FIELD: what is wrong").
+pub(crate) fn query_problem(r: QueryRejection) -> Problem {
+    let text = r.body_text();
+    let field = text
+        .split("query string: ")
+        .nth(1)
+        .and_then(|t| t.split(':').next())
+        .filter(|f| !f.is_empty() && !f.contains(' '))
+        .unwrap_or("query")
+        .to_string();
+    Problem::invalid(&field, text)
+}
+
 /// The store query of `q`, or the problem with it.
 fn call_query(q: CallsQuery) -> Result<CallQuery, Problem> {
     let limit = q.limit.unwrap_or(100);
@@ -216,29 +230,26 @@ fn call_query(q: CallsQuery) -> Result<CallQuery, Problem> {
 pub(crate) async fn list(
     State(api): Api,
     headers: HeaderMap,
+    source: crate::audit::Source,
     query: Result<Query<CallsQuery>, QueryRejection>,
 ) -> Result<Json<CallPage>, Problem> {
     let who = admin(&api, &headers).await?;
-    let Query(q) = query.map_err(|r| {
-        // "Failed to deserialize query string: FIELD: what is wrong"
-        let text = r.body_text();
-        let field = text
-            .split("query string: ")
-            .nth(1)
-            .and_then(|t| t.split(':').next())
-            .filter(|f| !f.is_empty() && !f.contains(' '))
-            .unwrap_or("query")
-            .to_string();
-        Problem::invalid(&field, text)
-    })?;
+    let Query(q) = query.map_err(query_problem)?;
     let q = call_query(q)?;
     let calls = api
         .calls
         .calls(&q)
         .await
         .map_err(|e| Problem::unavailable("the call record store", &e))?;
-    tracing::info!(target: "careflow::audit", admin = %who,
-        user = q.user.as_deref().unwrap_or("*"), count = calls.len(), "call records read");
+    api.audit(
+        &format!("apikey:{who}"),
+        &source,
+        "calls.read",
+        q.user.as_deref().unwrap_or("*"),
+        "ok",
+        format!("{} records", calls.len()),
+    )
+    .await;
     let next = (calls.len() == q.limit)
         .then(|| calls.last().map(|c| c.id))
         .flatten();

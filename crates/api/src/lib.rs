@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod calls;
 mod dashboard;
@@ -73,6 +74,7 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
         )
         .route("/api/admin/bindings", get(admin::bindings))
         .route("/api/admin/calls", get(calls::list))
+        .route("/api/admin/audit", get(audit::list))
         .route("/api/admin/security", get(admin::security))
         .route(
             "/api/admin/bindings/{id}",
@@ -95,9 +97,12 @@ pub async fn serve(
     api: Arc<Provisioning>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(status, api))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(status, api).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn healthz(State(s): State<Arc<dyn Status>>) -> impl IntoResponse {

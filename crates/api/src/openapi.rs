@@ -5,7 +5,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, calls, problem, provision_link, provisioning};
+use crate::{admin, audit, calls, problem, provision_link, provisioning};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +30,7 @@ use crate::{admin, calls, problem, provision_link, provisioning};
         admin::remove_binding,
         admin::security,
         calls::list,
+        audit::list,
     ),
     components(schemas(
         problem::Problem,
@@ -51,6 +52,8 @@ use crate::{admin, calls, problem, provision_link, provisioning};
         calls::CallView,
         calls::CallDevice,
         calls::DispositionFilter,
+        audit::AuditPage,
+        audit::AuditView,
     )),
     modifiers(&Bearer),
     tags(

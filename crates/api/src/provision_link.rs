@@ -128,6 +128,7 @@ fn valid_base(base: &str) -> Option<&str> {
 pub(crate) async fn create(
     State(api): Api,
     headers: HeaderMap,
+    source: crate::audit::Source,
     body: axum::body::Bytes,
 ) -> Result<Json<ProvisioningLink>, Problem> {
     let who = user(&api, &headers).await?;
@@ -153,7 +154,15 @@ pub(crate) async fn create(
         .min_dimensions(240, 240)
         .quiet_zone(true)
         .build();
-    tracing::info!(target: "careflow::audit", careflow_user = %who.id, username = %s.username, "provisioning link created");
+    api.audit(
+        &format!("careflow:{}", who.id),
+        &source,
+        "provisioning_link.created",
+        &format!("{}@{}", s.username, s.domain),
+        "ok",
+        String::new(),
+    )
+    .await;
     Ok(Json(ProvisioningLink {
         url,
         expires_in: TTL.as_secs(),
@@ -199,6 +208,7 @@ fn linphone_xml(api: &Provisioning, username: &str, ha1: &str) -> String {
 /// `GET /provision/{token}/linphone.xml`: the account, once.
 pub(crate) async fn fetch(
     State(api): State<Arc<Provisioning>>,
+    source: crate::audit::Source,
     Path(token): Path<String>,
 ) -> Response {
     let gone = || {
@@ -215,7 +225,15 @@ pub(crate) async fn fetch(
         Ok(_) => return gone(),
         Err(e) => return Problem::unavailable("the subscriber store", &e).into_response(),
     };
-    tracing::info!(target: "careflow::audit", username = %s.username, "provisioning link used");
+    api.audit(
+        "link",
+        &source,
+        "provisioning_link.fetched",
+        &format!("{}@{}", s.username, s.domain),
+        "ok",
+        "the credentials were handed out".to_string(),
+    )
+    .await;
     (
         StatusCode::OK,
         [

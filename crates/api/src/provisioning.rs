@@ -45,6 +45,8 @@ pub struct Provisioning {
     pub location: Arc<dyn LocationStore>,
     /// Call detail records.
     pub calls: Arc<dyn careflow_store::calls::CallRecordStore>,
+    /// The audit trail.
+    pub audit_log: Arc<dyn careflow_store::audit::AuditStore>,
     /// Connection details given to clients.
     pub sip: SipConfig,
     /// Bearer token verification.
@@ -207,7 +209,11 @@ fn no_credentials() -> Problem {
         (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "A store is unavailable", body = Problem, content_type = "application/problem+json"),
     ))]
-pub(crate) async fn register(State(api): Api, headers: HeaderMap) -> Result<Response, Problem> {
+pub(crate) async fn register(
+    State(api): Api,
+    headers: HeaderMap,
+    source: crate::audit::Source,
+) -> Result<Response, Problem> {
     let user = user(&api, &headers).await?;
     check_careflow_user(&api, &user).await?;
     if own_subscriber(&api, &user).await?.is_some() {
@@ -233,7 +239,15 @@ pub(crate) async fn register(State(api): Api, headers: HeaderMap) -> Result<Resp
         };
         match api.subscribers.add(s).await {
             Ok(()) => {
-                tracing::info!(target: "careflow::audit", careflow_user = %user.id, sip_username = %username, "SIP credentials created");
+                api.audit(
+                    &format!("careflow:{}", user.id),
+                    &source,
+                    "credentials.created",
+                    &format!("{username}@{domain}"),
+                    "ok",
+                    "password shown once".to_string(),
+                )
+                .await;
                 let body = NewCredentials {
                     sip_uri: sip_uri(&api, &username),
                     sip_username: username,
@@ -342,7 +356,11 @@ pub(crate) async fn credentials(
         (status = 429, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
     ))]
-pub(crate) async fn rotate(State(api): Api, headers: HeaderMap) -> Result<Response, Problem> {
+pub(crate) async fn rotate(
+    State(api): Api,
+    headers: HeaderMap,
+    source: crate::audit::Source,
+) -> Result<Response, Problem> {
     let user = user(&api, &headers).await?;
     let s = own_subscriber(&api, &user)
         .await?
@@ -358,7 +376,15 @@ pub(crate) async fn rotate(State(api): Api, headers: HeaderMap) -> Result<Respon
         .await
         .map_err(|e| Problem::unavailable("the subscriber store", &e))?;
     let removed = remove_bindings(&*api.location, &aor(&api, &s.username), |_| true).await?;
-    tracing::info!(target: "careflow::audit", careflow_user = %user.id, sip_username = %s.username, removed, "SIP password rotated");
+    api.audit(
+        &format!("careflow:{}", user.id),
+        &source,
+        "credentials.rotated",
+        &format!("{}@{}", s.username, s.domain),
+        "ok",
+        format!("{removed} devices signed out; password shown once"),
+    )
+    .await;
     let body = NewCredentials {
         sip_uri: sip_uri(&api, &s.username),
         sip_username: s.username,
@@ -379,7 +405,11 @@ pub(crate) async fn rotate(State(api): Api, headers: HeaderMap) -> Result<Respon
         (status = 429, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
     ))]
-pub(crate) async fn revoke(State(api): Api, headers: HeaderMap) -> Result<StatusCode, Problem> {
+pub(crate) async fn revoke(
+    State(api): Api,
+    headers: HeaderMap,
+    source: crate::audit::Source,
+) -> Result<StatusCode, Problem> {
     let user = user(&api, &headers).await?;
     let s = own_subscriber(&api, &user)
         .await?
@@ -389,7 +419,15 @@ pub(crate) async fn revoke(State(api): Api, headers: HeaderMap) -> Result<Status
         .await
         .map_err(|e| Problem::unavailable("the subscriber store", &e))?;
     let removed = remove_bindings(&*api.location, &aor(&api, &s.username), |_| true).await?;
-    tracing::info!(target: "careflow::audit", careflow_user = %user.id, sip_username = %s.username, removed, "SIP credentials revoked");
+    api.audit(
+        &format!("careflow:{}", user.id),
+        &source,
+        "credentials.revoked",
+        &format!("{}@{}", s.username, s.domain),
+        "ok",
+        format!("{removed} devices signed out"),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -465,6 +503,7 @@ pub(crate) async fn status(State(api): Api, headers: HeaderMap) -> Result<Json<S
 pub(crate) async fn deregister(
     State(api): Api,
     headers: HeaderMap,
+    source: crate::audit::Source,
     body: axum::body::Bytes,
 ) -> Result<Json<Removed>, Problem> {
     let user = user(&api, &headers).await?;
@@ -485,6 +524,18 @@ pub(crate) async fn deregister(
     if req.id.is_some() && removed == 0 {
         return Err(Problem::not_found("no device with that id").field("id"));
     }
+    api.audit(
+        &format!("careflow:{}", user.id),
+        &source,
+        "devices.deregistered",
+        &format!("{}@{}", s.username, s.domain),
+        "ok",
+        match req.id {
+            Some(id) => format!("device {id}"),
+            None => format!("{removed} devices"),
+        },
+    )
+    .await;
     Ok(Json(Removed { removed }))
 }
 

@@ -12,10 +12,12 @@
 //! - [`keepalive`]: which NATed bindings get an OPTIONS this round, and which are gone.
 //! - [`push`]: RFC 8599 push parameters, `Feature-Caps`, and requests waiting for a sleeping
 //!   device (one push per call and device).
+//! - [`audit`]: the audit trail's hash chain and its verification.
 //! - [`cdr`]: call detail records, one per call, from the proxy's view of it.
 //! - [`binding`]: the location-service record shared by the registrar and the stores.
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod auth;
 pub mod binding;
 pub mod cdr;

@@ -8,6 +8,7 @@
 //! MySQL and Redis backends implement the same traits.
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod calls;
 pub mod kamailio;
 pub mod location;
@@ -186,10 +187,14 @@ pub(crate) fn like_pattern(query: &str) -> String {
     )
 }
 
-/// A subscriber database: subscribers, API keys and call records in one place (`DB_URL`).
-pub trait Database: SubscriberStore + ApiKeyStore + calls::CallRecordStore {}
+/// A subscriber database: subscribers, API keys, call records and the audit trail in one
+/// place (`DB_URL`).
+pub trait Database:
+    SubscriberStore + ApiKeyStore + calls::CallRecordStore + audit::AuditStore
+{
+}
 
-impl<T: SubscriberStore + ApiKeyStore + calls::CallRecordStore> Database for T {}
+impl<T: SubscriberStore + ApiKeyStore + calls::CallRecordStore + audit::AuditStore> Database for T {}
 
 /// Opens the database `DB_URL` names and brings its schema up to date.
 pub async fn open_database(

@@ -77,6 +77,25 @@ pub(crate) const SUBSCRIBER_MIGRATIONS: &[(i64, &str)] = &[
     CREATE INDEX idx_call_record_caller ON call_record (caller, id);
     CREATE INDEX idx_call_record_callee ON call_record (callee, id);",
     ),
+    // The audit trail (issue 20): a hash chain, `seq` assigned by the writer.
+    (
+        4,
+        "CREATE TABLE audit_log (
+        seq INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        source TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX idx_audit_log_at ON audit_log (at_ms);
+    CREATE INDEX idx_audit_log_actor ON audit_log (actor, seq);
+    CREATE INDEX idx_audit_log_target ON audit_log (target, seq);",
+    ),
 ];
 
 pub(crate) const LOCATION_MIGRATIONS: &[(i64, &str)] = &[

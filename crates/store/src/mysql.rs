@@ -6,10 +6,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use careflow_core::audit::{AuditEntry, AuditEvent};
 use careflow_core::cdr::CallRecord;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool};
 
+use crate::audit::{self, AuditQuery, AuditStore};
 use crate::calls::{self, CallQuery, CallRecordStore, Kind, StoredCall, Val};
 use crate::like_pattern;
 use crate::sqlite::unix_now;
@@ -86,6 +88,25 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
                 KEY idx_call_record_ended (ended_at),
                 KEY idx_call_record_caller (caller, id),
                 KEY idx_call_record_callee (callee, id)
+            ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
+    ),
+    // The audit trail (issue 20): a hash chain, `seq` assigned by the writer.
+    (
+        4,
+        &["CREATE TABLE audit_log (
+                seq BIGINT PRIMARY KEY,
+                at_ms BIGINT NOT NULL,
+                actor VARCHAR(255) NOT NULL,
+                source VARCHAR(255) NOT NULL,
+                action VARCHAR(64) NOT NULL,
+                target VARCHAR(255) NOT NULL,
+                outcome VARCHAR(255) NOT NULL,
+                detail TEXT NOT NULL,
+                prev_hash CHAR(64) NOT NULL,
+                hash CHAR(64) NOT NULL,
+                KEY idx_audit_log_at (at_ms),
+                KEY idx_audit_log_actor (actor, seq),
+                KEY idx_audit_log_target (target, seq)
             ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
     ),
 ];
@@ -531,6 +552,81 @@ impl CallRecordStore for MysqlSubscribers {
                 .await
                 .map_err(db_err)?;
             Ok(c.affected_rows())
+        })
+        .await
+    }
+}
+
+fn audit_entries_of(rows: Vec<mysql_async::Row>) -> Result<Vec<AuditEntry>, StoreError> {
+    rows.into_iter()
+        .map(|mut r| {
+            let v: Vec<Val> = (0..10)
+                .map(|i| match i {
+                    0 | 1 => Val::Int(r.take_opt(i).and_then(Result::ok).flatten()),
+                    _ => Val::Text(r.take_opt(i).and_then(Result::ok).flatten()),
+                })
+                .collect();
+            audit::entry_of(&v)
+        })
+        .collect()
+}
+
+#[async_trait]
+impl AuditStore for MysqlSubscribers {
+    async fn append_audit(&self, at: u64, event: AuditEvent) -> Result<AuditEntry, StoreError> {
+        audit::append_with(
+            at,
+            event,
+            || async {
+                self.call(|mut c| async move {
+                    let r: Option<(i64, String)> = c
+                        .query_first("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                        .await
+                        .map_err(db_err)?;
+                    Ok(r.map(|(s, h)| (u64::try_from(s).unwrap_or(0), h)))
+                })
+                .await
+            },
+            |entry| async move {
+                let params: Vec<mysql_async::Value> =
+                    audit::values(&entry).iter().map(mysql_value).collect();
+                let inserted = self
+                    .call(|mut c| async move {
+                        c.exec_drop(audit::insert_sql(|_| "?".into()), params)
+                            .await
+                            .map_err(db_err)
+                    })
+                    .await;
+                match inserted {
+                    Ok(()) => Ok(true),
+                    Err(StoreError::Conflict(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await
+    }
+
+    async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT {}",
+            audit::COLUMNS,
+            limit.min(100_000)
+        );
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        self.call(|mut c| async move {
+            let rows: Vec<mysql_async::Row> = c.exec(sql, (after,)).await.map_err(db_err)?;
+            audit_entries_of(rows)
+        })
+        .await
+    }
+
+    async fn audit_entries(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let (sql, vals) = audit::query_sql(q, |_| "?".into());
+        let params: Vec<mysql_async::Value> = vals.iter().map(mysql_value).collect();
+        self.call(|mut c| async move {
+            let rows: Vec<mysql_async::Row> = c.exec(sql, params).await.map_err(db_err)?;
+            audit_entries_of(rows)
         })
         .await
     }

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use careflow_core::audit::{AuditEntry, AuditEvent};
 use careflow_core::cdr::CallRecord;
 use tokio_postgres::{Client, NoTls, Row};
 
+use crate::audit::{self, AuditQuery, AuditStore};
 use crate::calls::{self, CallQuery, CallRecordStore, Kind, StoredCall, Val};
 use crate::like_pattern;
 use crate::sqlite::unix_now;
@@ -85,6 +87,24 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE INDEX idx_call_record_ended ON call_record (ended_at);
     CREATE INDEX idx_call_record_caller ON call_record (caller, id);
     CREATE INDEX idx_call_record_callee ON call_record (callee, id);",
+    ),
+    (
+        4,
+        "CREATE TABLE audit_log (
+        seq BIGINT PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        source TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX idx_audit_log_at ON audit_log (at_ms);
+    CREATE INDEX idx_audit_log_actor ON audit_log (actor, seq);
+    CREATE INDEX idx_audit_log_target ON audit_log (target, seq);",
     ),
 ];
 
@@ -494,5 +514,83 @@ impl CallRecordStore for PgSubscribers {
         c.execute("DELETE FROM call_record WHERE ended_at < $1", &[&before])
             .await
             .map_err(db_err)
+    }
+}
+
+fn audit_entries_of(rows: &[Row]) -> Result<Vec<AuditEntry>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            let v: Vec<Val> = (0..10)
+                .map(|i| match i {
+                    0 | 1 => Val::Int(r.get(i)),
+                    _ => Val::Text(r.get(i)),
+                })
+                .collect();
+            audit::entry_of(&v)
+        })
+        .collect()
+}
+
+#[async_trait]
+impl AuditStore for PgSubscribers {
+    async fn append_audit(&self, at: u64, event: AuditEvent) -> Result<AuditEntry, StoreError> {
+        audit::append_with(
+            at,
+            event,
+            || async {
+                let c = self.client().await?;
+                let row = c
+                    .query_opt(
+                        "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                        &[],
+                    )
+                    .await
+                    .map_err(db_err)?;
+                Ok(row.map(|r| {
+                    (
+                        u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+                        r.get::<_, String>(1),
+                    )
+                }))
+            },
+            |entry| async move {
+                let params: Vec<_> = audit::values(&entry).iter().map(pg_value).collect();
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    params.iter().map(|p| p.as_ref() as _).collect();
+                let c = self.client().await?;
+                match c
+                    .execute(&audit::insert_sql(|i| format!("${i}")), &refs)
+                    .await
+                    .map_err(db_err)
+                {
+                    Ok(_) => Ok(true),
+                    Err(StoreError::Conflict(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await
+    }
+
+    async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT {}",
+            audit::COLUMNS,
+            limit.min(100_000)
+        );
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let c = self.client().await?;
+        let rows = c.query(&sql, &[&after]).await.map_err(db_err)?;
+        audit_entries_of(&rows)
+    }
+
+    async fn audit_entries(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let (sql, vals) = audit::query_sql(q, |i| format!("${i}"));
+        let params: Vec<_> = vals.iter().map(pg_value).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let c = self.client().await?;
+        let rows = c.query(&sql, &refs).await.map_err(db_err)?;
+        audit_entries_of(&rows)
     }
 }

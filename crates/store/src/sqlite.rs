@@ -8,9 +8,11 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use careflow_core::audit::{AuditEntry, AuditEvent};
 use careflow_core::cdr::CallRecord;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::audit::{self, AuditQuery, AuditStore};
 use crate::calls::{self, CallQuery, CallRecordStore, Kind, StoredCall, Val};
 use crate::migrations::{SUBSCRIBER_MIGRATIONS, migrate};
 use crate::{ApiKey, ApiKeyStore, NewSubscriber, StoreError, Subscriber, SubscriberStore};
@@ -360,6 +362,84 @@ impl CallRecordStore for SqliteSubscribers {
             let n = c.execute("DELETE FROM call_record WHERE ended_at < ?1", [before])?;
             Ok(n as u64)
         })
+    }
+}
+
+fn sqlite_values(v: &[Val]) -> Vec<rusqlite::types::Value> {
+    v.iter().map(sqlite_value).collect()
+}
+
+fn audit_rows(
+    c: &mut Connection,
+    sql: &str,
+    params: Vec<rusqlite::types::Value>,
+) -> Result<Vec<AuditEntry>, StoreError> {
+    let mut st = c.prepare(sql)?;
+    let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
+        let mut v = Vec::with_capacity(10);
+        for i in 0..10 {
+            v.push(match i {
+                0 | 1 => Val::Int(r.get(i)?),
+                _ => Val::Text(r.get(i)?),
+            });
+        }
+        Ok(v)
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(audit::entry_of(&row?)?);
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl AuditStore for SqliteSubscribers {
+    async fn append_audit(&self, at: u64, event: AuditEvent) -> Result<AuditEntry, StoreError> {
+        audit::append_with(
+            at,
+            event,
+            || async {
+                self.with(|c| {
+                    Ok(c.query_row(
+                        "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                        [],
+                        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                    )
+                    .optional()?
+                    .map(|(s, h)| (u64::try_from(s).unwrap_or(0), h)))
+                })
+            },
+            |entry| async move {
+                let params = sqlite_values(&audit::values(&entry));
+                match self.with(|c| {
+                    c.execute(
+                        &audit::insert_sql(|i| format!("?{i}")),
+                        rusqlite::params_from_iter(params),
+                    )?;
+                    Ok(())
+                }) {
+                    Ok(()) => Ok(true),
+                    Err(StoreError::Conflict(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await
+    }
+
+    async fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT {}",
+            audit::COLUMNS,
+            limit.min(100_000)
+        );
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        self.with(|c| audit_rows(c, &sql, vec![rusqlite::types::Value::Integer(after)]))
+    }
+
+    async fn audit_entries(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let (sql, vals) = audit::query_sql(q, |i| format!("?{i}"));
+        self.with(|c| audit_rows(c, &sql, sqlite_values(&vals)))
     }
 }
 

@@ -1,0 +1,232 @@
+//! The audit trail (issue 20): admin and credential actions through the API and the CLI
+//! become hash-chained entries in the subscriber database (SQLite, PostgreSQL, MariaDB);
+//! `careflow-sip audit verify` passes on the untouched chain and names the entry when a row
+//! is edited, removed or reordered directly in the database, and a signed checkpoint catches
+//! the newest entries removed.
+
+use serde_json::Value;
+
+use crate::api::http;
+use crate::support::*;
+use careflow_test_support::db_cli;
+
+const DOMAIN: &str = "audit.test";
+
+/// SQL run directly against the server's database, as someone with database access would.
+enum Db<'a> {
+    Sqlite(std::path::PathBuf),
+    Other(&'a TestDb),
+}
+
+impl Db<'_> {
+    fn exec(&self, sql: &str) {
+        match self {
+            Db::Sqlite(path) => {
+                let c = rusqlite::Connection::open(path).unwrap();
+                c.execute_batch(sql).unwrap();
+            }
+            Db::Other(db) => {
+                let name = db.url.rsplit('/').next().unwrap().to_string();
+                if db.url.starts_with("postgres") {
+                    db_cli(
+                        "psql",
+                        &[
+                            "-h",
+                            "127.0.0.1",
+                            "-U",
+                            "careflow",
+                            "-d",
+                            &name,
+                            "-v",
+                            "ON_ERROR_STOP=1",
+                            "-c",
+                            sql,
+                        ]
+                        .map(str::to_string),
+                    );
+                } else {
+                    db_cli(
+                        "mariadb",
+                        &[
+                            "-h",
+                            "127.0.0.1",
+                            "-u",
+                            "careflow",
+                            "-pcareflow",
+                            &name,
+                            "-e",
+                            sql,
+                        ]
+                        .map(str::to_string),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `audit verify` with `args`: Ok(its output) or Err(its error).
+fn verify(server: &Server, args: &[&str]) -> Result<String, String> {
+    let mut all = vec!["audit", "verify"];
+    all.extend_from_slice(args);
+    let o = server.cli(&all);
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+fn trail(db: Option<&TestDb>) {
+    let env: Vec<(&str, &str)> = db
+        .map(|d| vec![("DB_URL", d.url.as_str())])
+        .unwrap_or_default();
+    let server = Server::start_with(DOMAIN, &env);
+    let sql = match db {
+        Some(d) => Db::Other(d),
+        None => Db::Sqlite(server.data_dir().join("careflow.db")),
+    };
+    // Through the CLI: a key and two users.
+    let out = server.cli_ok(&["apikey", "create", "ops"]);
+    let key = out.lines().last().unwrap().trim().to_string();
+    server.add_user("2001", "pw-2001");
+    server.add_user("2002", "pw-2002");
+    // Through the API: a subscriber disabled and enabled, call records read.
+    for action in ["disable", "enable"] {
+        let (code, _, _) = http(
+            &server,
+            "POST",
+            &format!("/api/admin/subscribers/2001/{action}"),
+            Some(&key),
+            None,
+        );
+        assert_eq!(code, 204);
+    }
+    let (code, _, _) = http(&server, "GET", "/api/admin/calls", Some(&key), None);
+    assert_eq!(code, 200);
+    let (code, _, page) = http(
+        &server,
+        "GET",
+        "/api/admin/audit?limit=100",
+        Some(&key),
+        None,
+    );
+    assert_eq!(code, 200, "{page}");
+    let entries = page["entries"].as_array().unwrap();
+    let actions: Vec<&str> = entries
+        .iter()
+        .rev()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "apikey.created",
+            "credentials.created",
+            "credentials.created",
+            "subscriber.disabled",
+            "subscriber.enabled",
+            "calls.read",
+        ],
+        "{page:#}"
+    );
+    let disabled = &entries[2];
+    assert_eq!(disabled["actor"], "apikey:ops", "{disabled}");
+    assert_eq!(disabled["source"], "127.0.0.1", "{disabled}");
+    assert_eq!(disabled["target"], format!("2001@{DOMAIN}"), "{disabled}");
+    assert_eq!(disabled["outcome"], "ok", "{disabled}");
+    assert_eq!(entries[5]["source"], "local", "the CLI's own entries");
+    assert!(
+        !page.to_string().contains("pw-2001") && !page.to_string().contains(&key),
+        "no secret in the trail: {page}"
+    );
+    // Filters; the read itself was audited.
+    let (_, _, only) = http(
+        &server,
+        "GET",
+        "/api/admin/audit?action=subscriber.disabled",
+        Some(&key),
+        None,
+    );
+    assert_eq!(only["entries"].as_array().unwrap().len(), 1, "{only}");
+    let (code, _, p) = http(&server, "GET", "/api/admin/audit?limit=0", Some(&key), None);
+    assert_eq!((code, p["field"].as_str()), (400, Some("limit")), "{p}");
+
+    // Untouched: verified (8 entries: 6 above and two audit reads).
+    let ok = verify(&server, &[]).unwrap();
+    assert!(ok.contains("verified: 8 entries"), "{ok}");
+    let checkpoint = server.cli_ok(&["audit", "checkpoint"]);
+    let cp: Value = serde_json::from_str(checkpoint.trim()).unwrap();
+    assert_eq!(cp["seq"], 8, "{cp}");
+    let tmp = tempfile::tempdir().unwrap();
+    let cp_file = tmp.path().join("checkpoint.json");
+    std::fs::write(&cp_file, &checkpoint).unwrap();
+    let cp_path = cp_file.to_str().unwrap();
+    let ok = verify(&server, &["--checkpoint", cp_path]).unwrap();
+    assert!(
+        ok.contains("9 entries") && ok.contains("1 checkpoint(s) match"),
+        "{ok}"
+    );
+
+    // Edited.
+    sql.exec("UPDATE audit_log SET target = '2002@audit.test' WHERE seq = 4");
+    let e = verify(&server, &[]).unwrap_err();
+    assert!(e.contains("entry 4 was edited"), "{e}");
+    sql.exec("UPDATE audit_log SET target = '2001@audit.test' WHERE seq = 4");
+    verify(&server, &[]).unwrap();
+
+    // Reordered: entries 2 and 3 swap places (their seq numbers kept continuous).
+    sql.exec("UPDATE audit_log SET seq = 1002 WHERE seq = 2");
+    sql.exec("UPDATE audit_log SET seq = 2 WHERE seq = 3");
+    sql.exec("UPDATE audit_log SET seq = 3 WHERE seq = 1002");
+    let e = verify(&server, &[]).unwrap_err();
+    assert!(e.contains("entry 2 does not follow entry 1"), "{e}");
+    sql.exec("UPDATE audit_log SET seq = 1002 WHERE seq = 2");
+    sql.exec("UPDATE audit_log SET seq = 2 WHERE seq = 3");
+    sql.exec("UPDATE audit_log SET seq = 3 WHERE seq = 1002");
+    verify(&server, &[]).unwrap();
+
+    // Removed from the middle.
+    sql.exec("DELETE FROM audit_log WHERE seq = 5");
+    let e = verify(&server, &[]).unwrap_err();
+    assert!(
+        e.contains("entries 5 to 5 were removed: entry 6 follows entry 4"),
+        "{e}"
+    );
+
+    // The newest entries removed: the chain alone cannot tell, the checkpoint can.
+    let (_, _, fresh) = http(&server, "GET", "/api/admin/audit?limit=1", Some(&key), None);
+    assert!(fresh["entries"][0]["seq"].as_u64().unwrap() >= 9);
+    sql.exec("DELETE FROM audit_log WHERE seq >= 5");
+    let ok = verify(&server, &[]).unwrap();
+    assert!(ok.contains("verified: 4 entries"), "{ok}");
+    let e = verify(&server, &["--checkpoint", cp_path]).unwrap_err();
+    assert!(e.contains("entries 5 to 8 were removed"), "{e}");
+
+    // A checkpoint signed by another key, or altered, is refused.
+    let e = verify(
+        &server,
+        &["--checkpoint", cp_path, "--public-key", &"ab".repeat(32)],
+    )
+    .unwrap_err();
+    assert!(e.contains("signed by another key"), "{e}");
+    let forged = checkpoint.replace(&format!("\"seq\":{}", cp["seq"]), "\"seq\":3");
+    std::fs::write(&cp_file, forged).unwrap();
+    let e = verify(&server, &["--checkpoint", cp_path]).unwrap_err();
+    assert!(e.contains("signature does not match"), "{e}");
+}
+
+#[test]
+fn the_audit_trail_names_the_entry_edited_removed_or_reordered_on_sqlite() {
+    trail(None);
+}
+
+#[test]
+fn the_audit_trail_names_the_entry_edited_removed_or_reordered_on_postgresql() {
+    trail(Some(&TestDb::postgres()));
+}
+
+#[test]
+fn the_audit_trail_names_the_entry_edited_removed_or_reordered_on_mariadb() {
+    trail(Some(&TestDb::mariadb()));
+}
