@@ -180,6 +180,15 @@ pub(crate) async fn list(
     if !(1..=1000).contains(&limit) {
         return Err(Problem::invalid("limit", "1 to 1000"));
     }
+    for (field, value, max) in [
+        ("actor", &q.actor, 320),
+        ("action", &q.action, 64),
+        ("target", &q.target, 320),
+    ] {
+        if value.as_ref().is_some_and(|v| v.chars().count() > max) {
+            return Err(Problem::invalid(field, format!("at most {max} characters")));
+        }
+    }
     let q = AuditQuery {
         actor: q.actor.filter(|a| !a.is_empty()),
         action: q.action.filter(|a| !a.is_empty()),

@@ -197,7 +197,7 @@ fn call_query(q: CallsQuery) -> Result<CallQuery, Problem> {
         return Err(Problem::invalid("limit", "1 to 1000"));
     }
     let disposition = q.disposition.map(Disposition::from);
-    if q.user.as_ref().is_some_and(|u| u.len() > 320) {
+    if q.user.as_ref().is_some_and(|u| u.chars().count() > 320) {
         return Err(Problem::invalid("user", "at most 320 characters"));
     }
     let time = |field: &str, t: Option<i64>| -> Result<Option<u64>, Problem> {
