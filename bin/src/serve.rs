@@ -67,6 +67,7 @@ pub(crate) async fn run(
     let subscribers: Arc<dyn SubscriberStore> = db.clone();
     let call_records: Arc<dyn careflow_store::calls::CallRecordStore> = db.clone();
     let audit_log: Arc<dyn careflow_store::audit::AuditStore> = db.clone();
+    let events = careflow_store::events::Events::default();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
     let mut redis = None;
     let location: Arc<dyn LocationStore> = match &cfg.redis_url {
@@ -146,6 +147,7 @@ pub(crate) async fn run(
             _ => None,
         },
         push: push_config(&cfg)?,
+        events: events.clone(),
         cdr: cfg.cdr.map(|c| careflow_server::CdrConfig {
             store: call_records.clone(),
             node: cfg.node_name.clone(),
@@ -190,6 +192,7 @@ pub(crate) async fn run(
         location,
         calls: call_records,
         audit_log,
+        events: events.clone(),
         sip: sip_config(&cfg, &server.bound),
         verifier,
         limiter: careflow_api::auth::RateLimiter::new(cfg.api_rate_limit, cfg.api_rate_burst),

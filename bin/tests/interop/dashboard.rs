@@ -74,6 +74,11 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     let device_port = free_port();
     register_contact(&server, &users, device_port, "udp");
     page.send("registered");
+    // The device came through the server-sent event stream, not a poll.
+    assert_eq!(
+        page.wait("requests-while-waiting", &server),
+        "requests-while-waiting none"
+    );
     let online = page.wait("device-online", &server);
     assert!(
         online.contains("UDP") && online.contains("127.0.0.1") && online.contains("Online"),

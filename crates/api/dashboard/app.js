@@ -7,7 +7,7 @@
 (function () {
   const $ = (sel) => document.querySelector(sel);
   const STORE = 'careflow-sip.session';
-  const POLL_MS = 3000;
+  const RETRY_MS = 1000;
 
   const state = {
     session: null, // {kind: 'user'|'admin', secret, name}
@@ -15,7 +15,9 @@
     password: null, // shown once, kept in memory for the guides
     devices: [], // with expiresAt (ms)
     fetchedAt: 0,
-    poll: null,
+    ticker: null,
+    events: null, // AbortController of the /api/sip/events stream
+    live: false, // that stream is open
   };
 
   // ---------- helpers ----------
@@ -197,7 +199,7 @@
   }
 
   function signOut(message) {
-    stopPolling();
+    stopLive();
     saveSession(null);
     state.creds = null;
     state.password = null;
@@ -249,7 +251,7 @@
     $('#tabs').hidden = false;
     if (state.session.kind === 'user') {
       await loadCredentials();
-      startPolling();
+      startLive();
     }
     route();
   }
@@ -316,10 +318,12 @@
     try {
       newPassword(await api('POST', '/api/sip/register', {}));
       await loadCredentials();
+      startLive();
     } catch (e) {
       if (e.status === 409) {
         banner('You already have SIP credentials. Rotate the password if you need a new one.');
         await loadCredentials();
+        startLive();
       } else if (e.status !== 401 && e.status !== 0) {
         banner(`Could not generate credentials: ${e.message}`);
       }
@@ -372,6 +376,11 @@
     } catch (_) {
       return;
     }
+    applyStatus(status);
+  }
+
+  // The devices as /api/sip/status, or a `status` event of /api/sip/events, lists them.
+  function applyStatus(status) {
     const now = Date.now();
     const before = new Set(state.devices.map((d) => d.id));
     state.devices = (status.devices || []).map((d) => Object.assign({}, d, { expiresAt: now + d.expiresIn * 1000 }));
@@ -387,7 +396,7 @@
     const badge = $('#online-badge');
     badge.textContent = online ? `Online · ${state.devices.length} device${state.devices.length > 1 ? 's' : ''}` : 'Offline';
     badge.className = 'badge' + (online ? ' online' : '');
-    if (state.fetchedAt) $('#devices-updated').textContent = `Updated ${new Date(state.fetchedAt).toLocaleTimeString()} · refreshes every few seconds`;
+    if (state.fetchedAt) $('#devices-updated').textContent = `Updated ${new Date(state.fetchedAt).toLocaleTimeString()} · ${state.live ? 'live' : 'connecting…'}`;
     $('#no-devices').hidden = online;
     const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.device : null;
     const rows = state.devices.map((d) => el('tr', { 'data-device-row': String(d.id) },
@@ -426,18 +435,93 @@
     await loadDevices();
   }
 
-  function startPolling() {
-    stopPolling();
+  // The device list follows /api/sip/events (server-sent events over fetch, which can carry
+  // the bearer token where EventSource cannot): no polling. A dropped stream is opened again,
+  // 1 s then up to 30 s apart, saying so while the server cannot be reached.
+  function startLive() {
+    stopLive();
     loadDevices();
-    state.poll = setInterval(() => {
-      if (!document.hidden) loadDevices();
-    }, POLL_MS);
     state.ticker = setInterval(tick, 1000);
+    if (state.creds) openEvents();
   }
 
-  function stopPolling() {
-    clearInterval(state.poll);
+  function stopLive() {
     clearInterval(state.ticker);
+    if (state.events) state.events.abort();
+    state.events = null;
+    state.live = false;
+  }
+
+  const UNREACHABLE = 'The SIP server cannot be reached. Check your connection; this page retries by itself.';
+
+  async function openEvents() {
+    if (state.events) state.events.abort();
+    const ctrl = new AbortController();
+    state.events = ctrl;
+    let delay = RETRY_MS;
+    while (!ctrl.signal.aborted && state.session) {
+      try {
+        const res = await fetch('/api/sip/events', {
+          headers: { Accept: 'text/event-stream', Authorization: `Bearer ${state.session.secret}` },
+          cache: 'no-store',
+          signal: ctrl.signal,
+        });
+        if (res.status === 401) {
+          signOut('Your sign-in has expired. Open the dashboard from CareFlow again, or paste a new token.');
+          return;
+        }
+        if (res.status === 404) return; // no credentials (any more): opened again when made
+        if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+        if ($('#banner').textContent === UNREACHABLE) banner(null);
+        delay = RETRY_MS;
+        await readEvents(res.body, ctrl.signal);
+      } catch (_) {
+        if (ctrl.signal.aborted) return;
+      }
+      state.live = false;
+      if (ctrl.signal.aborted) return;
+      banner(UNREACHABLE);
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(delay * 2, 30000);
+    }
+  }
+
+  async function readEvents(body, signal) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    signal.addEventListener('abort', () => reader.cancel().catch(() => {}));
+    let buf = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += value.replace(/\r\n/g, '\n');
+      let end;
+      while ((end = buf.indexOf('\n\n')) >= 0) {
+        const block = buf.slice(0, end);
+        buf = buf.slice(end + 2);
+        let name = 'message';
+        const data = [];
+        for (const line of block.split('\n')) {
+          if (line.startsWith('event:')) name = line.slice(6).trim();
+          else if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
+        }
+        if (data.length) onEvent(name, data.join('\n'));
+      }
+    }
+  }
+
+  function onEvent(name, data) {
+    let value;
+    try {
+      value = JSON.parse(data);
+    } catch (_) {
+      return;
+    }
+    if (name === 'status') {
+      state.live = true;
+      applyStatus(value);
+    } else if (name === 'call' && value.type === 'call.missed') {
+      announce(`Missed call from ${String(value.detail && value.detail.caller || 'someone')}`);
+    }
   }
 
   // ---------- set up a phone ----------
@@ -715,7 +799,7 @@
     const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
     if (!m) return false;
     history.replaceState(null, '', location.pathname + '#account');
-    stopPolling();
+    stopLive();
     state.creds = null;
     state.password = null;
     state.devices = [];

@@ -106,12 +106,19 @@ async fn set_enabled(
         return Err(Problem::not_found("no such subscriber").field("username"));
     }
     if !enabled {
-        remove_bindings(
+        let removed = remove_bindings(
             &*api.location,
             &format!("{username}@{}", api.sip.domain),
             |_| true,
         )
         .await?;
+        if removed > 0 {
+            api.publish(
+                careflow_store::events::EventKind::DeviceUnregistered,
+                &format!("{username}@{}", api.sip.domain),
+                serde_json::json!({"why": "disabled by an administrator", "removed": removed}),
+            );
+        }
     }
     api.audit(
         &format!("apikey:{who}"),
@@ -240,6 +247,11 @@ pub(crate) async fn remove_binding(
         format!("device {id}"),
     )
     .await;
+    api.publish(
+        careflow_store::events::EventKind::DeviceUnregistered,
+        &b.aor,
+        serde_json::json!({"why": "removed by an administrator", "removed": 1}),
+    );
     Ok(StatusCode::NO_CONTENT)
 }
 

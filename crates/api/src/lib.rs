@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod calls;
 mod dashboard;
+pub mod events;
 mod http_client;
 pub mod openapi;
 pub mod problem;
@@ -75,6 +76,8 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
         .route("/api/admin/bindings", get(admin::bindings))
         .route("/api/admin/calls", get(calls::list))
         .route("/api/admin/audit", get(audit::list))
+        .route("/api/admin/events", get(events::all))
+        .route("/api/sip/events", get(events::mine))
         .route("/api/admin/security", get(admin::security))
         .route(
             "/api/admin/bindings/{id}",

@@ -5,7 +5,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, audit, calls, problem, provision_link, provisioning};
+use crate::{admin, audit, calls, events, problem, provision_link, provisioning};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,8 @@ use crate::{admin, audit, calls, problem, provision_link, provisioning};
         admin::security,
         calls::list,
         audit::list,
+        events::mine,
+        events::all,
     ),
     components(schemas(
         problem::Problem,
@@ -54,6 +56,7 @@ use crate::{admin, audit, calls, problem, provision_link, provisioning};
         calls::DispositionFilter,
         audit::AuditPage,
         audit::AuditView,
+        events::StreamEvent,
     )),
     modifiers(&Bearer),
     tags(

@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use careflow_core::Binding;
 use careflow_proto::digest::{Algorithm, ha1};
+use careflow_store::events::{EventKind, LiveEvent};
 use careflow_store::{ApiKeyStore, LocationStore, NewSubscriber, StoreError, SubscriberStore};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -47,6 +48,8 @@ pub struct Provisioning {
     pub calls: Arc<dyn careflow_store::calls::CallRecordStore>,
     /// The audit trail.
     pub audit_log: Arc<dyn careflow_store::audit::AuditStore>,
+    /// Live events (the SIP side's and ours) for the event streams and webhooks.
+    pub events: careflow_store::events::Events,
     /// Connection details given to clients.
     pub sip: SipConfig,
     /// Bearer token verification.
@@ -169,6 +172,36 @@ fn sip_uri(api: &Provisioning, username: &str) -> String {
     format!("sip:{username}@{}", api.sip.domain)
 }
 
+impl Provisioning {
+    /// Publishes a live event about `user` (`user@domain`).
+    pub(crate) fn publish(&self, kind: EventKind, user: &str, detail: serde_json::Value) {
+        self.events.publish(LiveEvent::now(kind, user, detail));
+    }
+
+    /// The credentials of `username` changed (`change`), `removed` devices signed out.
+    fn credentials_changed(
+        &self,
+        username: &str,
+        careflow_user: &str,
+        change: &str,
+        removed: usize,
+    ) {
+        let who = aor(self, username);
+        self.publish(
+            EventKind::CredentialsChanged,
+            &who,
+            serde_json::json!({"change": change, "careflowUserId": careflow_user}),
+        );
+        if removed > 0 {
+            self.publish(
+                EventKind::DeviceUnregistered,
+                &who,
+                serde_json::json!({"why": format!("credentials {change}"), "removed": removed}),
+            );
+        }
+    }
+}
+
 fn aor(api: &Provisioning, username: &str) -> String {
     format!("{username}@{}", api.sip.domain)
 }
@@ -248,6 +281,11 @@ pub(crate) async fn register(
                     "password shown once".to_string(),
                 )
                 .await;
+                api.publish(
+                    EventKind::CredentialsChanged,
+                    &format!("{username}@{domain}"),
+                    serde_json::json!({"change": "created", "careflowUserId": user.id}),
+                );
                 let body = NewCredentials {
                     sip_uri: sip_uri(&api, &username),
                     sip_username: username,
@@ -385,6 +423,7 @@ pub(crate) async fn rotate(
         format!("{removed} devices signed out; password shown once"),
     )
     .await;
+    api.credentials_changed(&s.username, &user.id, "rotated", removed);
     let body = NewCredentials {
         sip_uri: sip_uri(&api, &s.username),
         sip_username: s.username,
@@ -428,6 +467,7 @@ pub(crate) async fn revoke(
         format!("{removed} devices signed out"),
     )
     .await;
+    api.credentials_changed(&s.username, &user.id, "revoked", removed);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -464,28 +504,37 @@ pub(crate) fn device(b: &Binding, now: u64, push_services: &[String]) -> Device 
     ))]
 pub(crate) async fn status(State(api): Api, headers: HeaderMap) -> Result<Json<Status>, Problem> {
     let user = user(&api, &headers).await?;
-    let Some(s) = own_subscriber(&api, &user).await? else {
-        return Ok(Json(Status {
+    let username = own_subscriber(&api, &user).await?.map(|s| s.username);
+    Ok(Json(status_of(&api, username).await?))
+}
+
+/// The status of the SIP account `username` (none: no credentials yet).
+pub(crate) async fn status_of(
+    api: &Provisioning,
+    username: Option<String>,
+) -> Result<Status, Problem> {
+    let Some(username) = username else {
+        return Ok(Status {
             online: false,
             sip_username: None,
             devices: Vec::new(),
-        }));
+        });
     };
     let now = unix_now();
     let bindings = api
         .location
-        .lookup(&aor(&api, &s.username), now)
+        .lookup(&aor(api, &username), now)
         .await
         .map_err(|e| Problem::unavailable("the location service", &e))?;
     let devices: Vec<Device> = bindings
         .iter()
         .map(|b| device(b, now, &api.push_services))
         .collect();
-    Ok(Json(Status {
+    Ok(Status {
         online: !devices.is_empty(),
-        sip_username: Some(s.username),
+        sip_username: Some(username),
         devices,
-    }))
+    })
 }
 
 /// Sign out the caller's devices: all of them, or the one with `id`.
@@ -536,6 +585,13 @@ pub(crate) async fn deregister(
         },
     )
     .await;
+    if removed > 0 {
+        api.publish(
+            EventKind::DeviceUnregistered,
+            &aor(&api, &s.username),
+            serde_json::json!({"why": "deregistered by the user", "removed": removed}),
+        );
+    }
     Ok(Json(Removed { removed }))
 }
 

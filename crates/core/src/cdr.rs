@@ -284,14 +284,20 @@ impl CallRecords {
     }
 
     /// A branch answered 2xx: the first one is the answer (later forked 2xx are the proxy's
-    /// to end, not a second answer).
-    pub fn answered(&mut self, call_id: &str, by: Device, now: u64) {
-        if let Some(o) = self.open.get_mut(call_id)
-            && o.answered_at.is_none()
-        {
-            o.answered_at = Some(now);
-            o.answered_by = Some(by);
+    /// to end, not a second answer). The caller and callee of a call this answered.
+    pub fn answered(
+        &mut self,
+        call_id: &str,
+        by: Device,
+        now: u64,
+    ) -> Option<(String, Option<String>)> {
+        let o = self.open.get_mut(call_id)?;
+        if o.answered_at.is_some() {
+            return None;
         }
+        o.answered_at = Some(now);
+        o.answered_by = Some(by);
+        Some((o.start.caller.clone(), o.start.callee.clone()))
     }
 
     /// The caller CANCELled the call (with the CANCEL's `Reason`).
@@ -410,8 +416,11 @@ mod tests {
         r.provisional("c1", 100, 1_050);
         r.provisional("c1", 180, 1_200);
         r.provisional("c1", 183, 1_300);
-        r.answered("c1", desk(1), 5_000);
-        r.answered("c1", desk(2), 5_010);
+        assert_eq!(
+            r.answered("c1", desk(1), 5_000),
+            Some(("2002@ward.test".into(), Some("2001@ward.test".into())))
+        );
+        assert_eq!(r.answered("c1", desk(2), 5_010), None, "answered once");
         assert_eq!(
             r.failed("c1", 487, None, 5_020),
             None,

@@ -91,6 +91,20 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
+    /// Publishes a live event about `user` (the API's event streams and webhooks read them).
+    pub(crate) fn publish(
+        &self,
+        kind: careflow_store::events::EventKind,
+        user: &str,
+        detail: serde_json::Value,
+    ) {
+        self.cfg
+            .events
+            .publish(careflow_store::events::LiveEvent::now(kind, user, detail));
+    }
+}
+
+impl App {
     pub(crate) fn new(
         cfg: ServerConfig,
         auth: Authenticator,

@@ -8,8 +8,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use careflow_core::cdr::{CallRecord, CallRecords, CallStart, Device};
+use careflow_core::cdr::{CallRecord, CallRecords, CallStart, Device, Disposition};
 use careflow_proto::{HeaderName, Message, NameAddr};
+use careflow_store::events::EventKind;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, Ctx};
@@ -56,6 +57,25 @@ impl App {
 
     fn queue_record(&self, rec: CallRecord) {
         let Some(cdr) = self.cdr.as_ref() else { return };
+        let detail = serde_json::json!({
+            "callId": rec.call_id,
+            "caller": rec.caller,
+            "callee": rec.callee,
+            "disposition": rec.disposition.as_str(),
+            "talkSeconds": rec.talk_seconds(),
+        });
+        if rec.disposition == Disposition::Answered {
+            for user in std::iter::once(&rec.caller).chain(rec.callee.as_ref()) {
+                self.publish(EventKind::CallEnded, user, detail.clone());
+            }
+        } else if let Some(callee) = &rec.callee
+            && matches!(
+                rec.disposition,
+                Disposition::NoAnswer | Disposition::Cancelled | Disposition::Busy
+            )
+        {
+            self.publish(EventKind::CallMissed, callee, detail);
+        }
         tracing::info!(call_id = %rec.call_id, disposition = rec.disposition.as_str(),
             code = rec.final_code, talk_seconds = rec.talk_seconds(), "call record");
         if cdr.queue.try_send(rec).is_err() {
@@ -122,7 +142,15 @@ impl App {
                         .or_else(|| msg.header(HeaderName::UserAgent).map(str::to_string)),
                     ..by
                 };
-                self.with_cdr(|c| c.answered(call_id, by, now));
+                if let Some(Some((caller, callee))) =
+                    self.with_cdr(|c| c.answered(call_id, by, now))
+                {
+                    let detail =
+                        serde_json::json!({"callId": call_id, "caller": caller, "callee": callee});
+                    for user in std::iter::once(caller.clone()).chain(callee.clone()) {
+                        self.publish(EventKind::CallAnswered, &user, detail.clone());
+                    }
+                }
             }
             _ => {}
         }

@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub push: Option<PushConfig>,
     /// Call detail records; none: no records are kept (`CDR=off`).
     pub cdr: Option<CdrConfig>,
+    /// Live events (registrations, calls) for the API's streams and webhooks.
+    pub events: careflow_store::events::Events,
 }
 
 /// Call detail records (issue 20).

@@ -154,6 +154,11 @@ impl InboundHandler for App {
                         app.metrics
                             .flow_bindings_dropped
                             .fetch_add(n as u64, Ordering::Relaxed);
+                        app.publish(
+                            careflow_store::events::EventKind::DeviceUnregistered,
+                            &aor,
+                            serde_json::json!({"why": "connection closed", "removed": n}),
+                        );
                     }
                 }
             }

@@ -72,6 +72,11 @@ impl App {
                 self.metrics
                     .keepalive_bindings_dropped
                     .fetch_add(1, Ordering::Relaxed);
+                self.publish(
+                    careflow_store::events::EventKind::DeviceUnregistered,
+                    &b.aor,
+                    serde_json::json!({"why": "no answer to keep-alives", "removed": n}),
+                );
                 tracing::info!(aor = %b.aor, contact = %careflow_core::push::redacted(&b.contact), source = %b.source,
                     failures = cfg.max_failures, "device behind NAT stopped answering keep-alives; binding removed");
             }

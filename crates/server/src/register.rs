@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use careflow_core::registrar::{self, ContactValue, Outcome, RegisterRequest, Reject};
 use careflow_proto::{HeaderName, Message, scan};
+use careflow_store::events::EventKind;
 
 use crate::app::{App, Ctx};
 use crate::auth::{AuthError, Challenger, Prepared};
@@ -252,9 +253,23 @@ impl App {
         // binding that moved to another connection, address or node): a call ringing for it
         // gains a branch.
         let new_flow = std::sync::atomic::AtomicBool::new(false);
+        // Bindings that came and went with this REGISTER (for the live events).
+        let added = std::sync::atomic::AtomicUsize::new(0);
+        let removed = std::sync::atomic::AtomicUsize::new(0);
         let decide = |current: &[careflow_core::Binding]| {
             let r = registrar::apply(&cfg, current, &req, &mut || self.next_id());
             if let Ok(o) = &r {
+                let new = o
+                    .bindings
+                    .iter()
+                    .filter(|b| !current.iter().any(|c| c.id == b.id))
+                    .count();
+                let gone = current
+                    .iter()
+                    .filter(|c| !o.bindings.iter().any(|b| b.id == c.id))
+                    .count();
+                added.store(new, Ordering::Relaxed);
+                removed.store(gone, Ordering::Relaxed);
                 let moved = o.bindings.iter().any(|b| {
                     !current.iter().any(|c| {
                         c.id == b.id
@@ -288,6 +303,20 @@ impl App {
                     }
                 }
                 self.presence_registered(&aor, &outcome.bindings, now);
+                let detail = || {
+                    serde_json::json!({
+                        "transport": ctx.transport.to_string().to_ascii_lowercase(),
+                        "source": ctx.source.to_string(),
+                        "userAgent": msg.header(HeaderName::UserAgent),
+                        "devices": outcome.bindings.len(),
+                    })
+                };
+                if added.load(Ordering::Relaxed) > 0 {
+                    self.publish(EventKind::DeviceRegistered, &aor, detail());
+                }
+                if removed.load(Ordering::Relaxed) > 0 {
+                    self.publish(EventKind::DeviceUnregistered, &aor, detail());
+                }
                 tracing::info!(
                     aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,
                     transport = %ctx.transport, "registered"

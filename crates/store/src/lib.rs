@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod calls;
+pub mod events;
 pub mod kamailio;
 pub mod location;
 mod migrations;

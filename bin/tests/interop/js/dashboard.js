@@ -4,7 +4,8 @@
 //
 // Usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR
 //   expired-refused -> account-empty -> (stdin: created) -> conflict-shown
-//   -> credentials USER PASSWORD -> servers T=ADDR... -> (stdin: registered) -> device-online TEXT
+//   -> credentials USER PASSWORD -> servers T=ADDR... -> (stdin: registered)
+//   -> requests-while-waiting none|PATHS -> device-online TEXT
 //   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE -> qr PNG URL
 //   -> rotated PASSWORD -> (stdin: next) -> revoked -> regenerated USER -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
 //   -> (stdin: started) -> recovered -> (stdin: next) -> admin USERS FAILURES -> local-storage -> axe-total N
@@ -113,12 +114,19 @@ async function main() {
   }));
   event('servers', ...servers);
 
-  // The device list updates by itself once a phone registers.
+  // The device list updates by itself once a phone registers: through the event stream, with
+  // no request of the page's own while it waits (no polling).
   await page.click('a[data-view="devices"]');
   await page.locator('#no-devices').waitFor();
+  await page.locator('#devices-updated', { hasText: 'live' }).waitFor({ timeout: 15000 });
+  const asked = [];
+  const onRequest = (r) => { if (r.url().includes('/api/')) asked.push(new URL(r.url()).pathname); };
+  page.on('request', onRequest);
   await nextLine();
   const row = page.locator('#devices tr').first();
   await row.waitFor({ timeout: 15000 });
+  page.off('request', onRequest);
+  event('requests-while-waiting', asked.length ? asked.join(',') : 'none');
   await shot('devices');
   await axe('devices');
   // The same list on a phone-sized screen.
