@@ -18,6 +18,7 @@ use crate::users::open_subscribers;
 struct Status {
     app: Arc<App>,
     ready: AtomicBool,
+    webhooks: Option<Arc<careflow_api::webhooks::WebhookStats>>,
 }
 
 impl careflow_api::Status for Status {
@@ -25,7 +26,11 @@ impl careflow_api::Status for Status {
         self.ready.load(Ordering::Acquire)
     }
     fn metrics(&self) -> String {
-        self.app.render_metrics()
+        let mut m = self.app.render_metrics();
+        if let Some(w) = &self.webhooks {
+            m.push_str(&w.render());
+        }
+        m
     }
 }
 
@@ -175,9 +180,29 @@ pub(crate) async fn run(
         .await
         .with_context(|| format!("cannot listen on HTTP_LISTEN {}", cfg.http_listen))?;
     tracing::info!(addr = %cfg.http_listen, "http listener bound");
+    let webhooks = cfg.webhook.clone().map(|w| {
+        let stats = Arc::new(careflow_api::webhooks::WebhookStats::default());
+        let hook = careflow_api::webhooks::WebhookConfig {
+            url: w.url,
+            secret: w.secret,
+            events: w.events,
+            max_attempts: w.max_attempts,
+            first_retry: std::time::Duration::from_secs(1),
+        };
+        tracing::info!(url = %hook.url, events = ?hook.events, "live events go to the webhook");
+        let cancel = cancel.clone();
+        tokio::spawn(careflow_api::webhooks::run(
+            hook,
+            events.clone(),
+            stats.clone(),
+            async move { cancel.cancelled().await },
+        ));
+        stats
+    });
     let status = Arc::new(Status {
         app: server.app.clone(),
         ready: AtomicBool::new(false),
+        webhooks,
     });
     let http_cancel = cancel.clone();
     let verifier = careflow_api::auth::TokenVerifier::new(cfg.jwt.clone());

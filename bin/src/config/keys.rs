@@ -250,6 +250,31 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Days call records are kept (2190: six years, the usual HIPAA retention); older ones are purged hourly. 0: kept for ever.",
     ),
     (
+        "webhook_url",
+        "",
+        "CareFlow's URL for live events (`https://...`): device registered/unregistered, call answered/missed/ended, credentials changed, each POSTed as JSON and signed (`X-CareFlow-Signature: t=TIMESTAMP,v1=HMAC-SHA256(secret, \"TIMESTAMP.BODY\")`). Empty: no webhook.",
+    ),
+    (
+        "webhook_secret",
+        "",
+        "The shared secret of the webhook signatures (at least 16 characters). Prefer WEBHOOK_SECRET_FILE; never logged.",
+    ),
+    (
+        "webhook_secret_file",
+        "",
+        "A file holding the webhook secret (instead of WEBHOOK_SECRET).",
+    ),
+    (
+        "webhook_events",
+        "",
+        "Comma-separated event types sent to WEBHOOK_URL (`device.registered`, `device.unregistered`, `call.answered`, `call.missed`, `call.ended`, `credentials.changed`). Empty: all.",
+    ),
+    (
+        "webhook_max_attempts",
+        "8",
+        "Attempts per event (1 s, 2 s, 4 s ... apart, at most 5 min) before it is counted as a dead letter (`careflow_sip_webhook_dead_letters_total`).",
+    ),
+    (
         "node_name",
         "",
         "This node's name in call records. Empty: the host name.",

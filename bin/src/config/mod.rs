@@ -27,6 +27,7 @@ mod raw;
 mod security;
 mod sip;
 mod tls;
+mod webhook;
 
 use raw::{Raw, invalid};
 
@@ -77,6 +78,8 @@ pub struct Config {
     pub cdr: Option<CdrSettings>,
     /// This node's name in records (`NODE_NAME`, default the host name).
     pub node_name: String,
+    /// The webhook to CareFlow (`WEBHOOK_*`); none: no webhook.
+    pub webhook: Option<webhook::WebhookSettings>,
     /// Dialog-info quirks by User-Agent fragment (`BLF_QUIRKS`).
     pub blf_quirks: Vec<(String, careflow_core::dialog_event::info::Quirks)>,
     /// Accept requests from other domains.
@@ -264,6 +267,7 @@ impl Config {
             &["tls_cert", "tls_key"],
             &["tls_client_ca", "tls_require_client_cert"],
             &["min_expires", "max_expires", "default_expires"],
+            &["webhook_url", "webhook_secret", "webhook_secret_file"],
         ];
         for k in set.keys() {
             let group = GROUPS
@@ -410,6 +414,7 @@ impl Config {
             } else {
                 None
             },
+            webhook: webhook::webhook(&r)?,
             node_name: match r.get("node_name").trim() {
                 "" => std::fs::read_to_string("/etc/hostname")
                     .ok()

@@ -12,6 +12,7 @@ mod cluster_failover;
 mod cluster_link;
 mod dashboard;
 mod database;
+mod events;
 mod media;
 mod migration;
 mod nat;

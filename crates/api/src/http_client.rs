@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
@@ -89,19 +89,46 @@ pub(crate) async fn get_status(
         .map_err(|_| format!("{url}: timed out"))?
 }
 
+/// POSTs `body` to `url` with `headers`; the answer's status, whatever it is.
+pub(crate) async fn post(
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<u16, String> {
+    let t = parse(url)?;
+    let mut req = hyper::Request::post(t.path);
+    for (name, value) in headers {
+        req = req.header(*name, value.as_str());
+    }
+    tokio::time::timeout(timeout, request(url, &t, req, Bytes::from(body)))
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+        .map(|(status, _)| status)
+}
+
 async fn fetch(url: &str, bearer: Option<&str>) -> Result<(u16, Vec<u8>), String> {
     let t = parse(url)?;
-    let tcp = TcpStream::connect((t.host, t.port))
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let mut req = hyper::Request::get(t.path)
-        .header(hyper::header::HOST, t.host)
-        .header(hyper::header::USER_AGENT, "careflow-sip");
+    let mut req = hyper::Request::get(t.path);
     if let Some(b) = bearer {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {b}"));
     }
+    request(url, &t, req, Bytes::new()).await
+}
+
+async fn request(
+    url: &str,
+    t: &Target<'_>,
+    req: hyper::http::request::Builder,
+    body: Bytes,
+) -> Result<(u16, Vec<u8>), String> {
+    let tcp = TcpStream::connect((t.host, t.port))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
     let req = req
-        .body(Empty::<Bytes>::new())
+        .header(hyper::header::HOST, t.host)
+        .header(hyper::header::USER_AGENT, "careflow-sip")
+        .body(Full::new(body))
         .map_err(|e| format!("{url}: {e}"))?;
     let resp = if t.https {
         let name = rustls::pki_types::ServerName::try_from(t.host.to_string())
@@ -121,7 +148,7 @@ async fn fetch(url: &str, bearer: Option<&str>) -> Result<(u16, Vec<u8>), String
 async fn send<S>(
     url: &str,
     io: S,
-    req: hyper::Request<Empty<Bytes>>,
+    req: hyper::Request<Full<Bytes>>,
 ) -> Result<(u16, Vec<u8>), String>
 where
     S: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,

@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod problem;
 pub mod provision_link;
 pub mod provisioning;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
