@@ -152,19 +152,30 @@ fn trail(db: Option<&TestDb>) {
     let (code, _, p) = http(&server, "GET", "/api/admin/audit?limit=0", Some(&key), None);
     assert_eq!((code, p["field"].as_str()), (400, Some("limit")), "{p}");
 
-    // Untouched: verified (8 entries: 6 above and two audit reads).
+    // Exported as CSV: the header and every entry, newest first, the export itself audited.
+    let (code, head, csv) = crate::records::download(&server, &key, "/api/admin/audit/export");
+    assert_eq!(code, 200, "{head}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 10, "a header and 9 entries: {csv}");
+    assert!(lines[0].starts_with("seq,at,actor,source,action,"), "{csv}");
+    assert!(
+        lines[1].starts_with("9,") && lines[1].contains(",audit.exported,"),
+        "{csv}"
+    );
+
+    // Untouched: verified (9 entries: 6 above, two audit reads, the export).
     let ok = verify(&server, &[]).unwrap();
-    assert!(ok.contains("verified: 8 entries"), "{ok}");
+    assert!(ok.contains("verified: 9 entries"), "{ok}");
     let checkpoint = server.cli_ok(&["audit", "checkpoint"]);
     let cp: Value = serde_json::from_str(checkpoint.trim()).unwrap();
-    assert_eq!(cp["seq"], 8, "{cp}");
+    assert_eq!(cp["seq"], 9, "{cp}");
     let tmp = tempfile::tempdir().unwrap();
     let cp_file = tmp.path().join("checkpoint.json");
     std::fs::write(&cp_file, &checkpoint).unwrap();
     let cp_path = cp_file.to_str().unwrap();
     let ok = verify(&server, &["--checkpoint", cp_path]).unwrap();
     assert!(
-        ok.contains("9 entries") && ok.contains("1 checkpoint(s) match"),
+        ok.contains("10 entries") && ok.contains("1 checkpoint(s) match"),
         "{ok}"
     );
 
@@ -196,12 +207,12 @@ fn trail(db: Option<&TestDb>) {
 
     // The newest entries removed: the chain alone cannot tell, the checkpoint can.
     let (_, _, fresh) = http(&server, "GET", "/api/admin/audit?limit=1", Some(&key), None);
-    assert!(fresh["entries"][0]["seq"].as_u64().unwrap() >= 9);
+    assert!(fresh["entries"][0]["seq"].as_u64().unwrap() >= 10);
     sql.exec("DELETE FROM audit_log WHERE seq >= 5");
     let ok = verify(&server, &[]).unwrap();
     assert!(ok.contains("verified: 4 entries"), "{ok}");
     let e = verify(&server, &["--checkpoint", cp_path]).unwrap_err();
-    assert!(e.contains("entries 5 to 8 were removed"), "{e}");
+    assert!(e.contains("entries 5 to 9 were removed"), "{e}");
 
     // A checkpoint signed by another key, or altered, is refused.
     let e = verify(

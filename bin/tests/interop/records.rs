@@ -243,6 +243,62 @@ fn every_disposition(db: Option<&TestDb>) {
     );
     let (code, _, _) = http(&server, "GET", "/api/admin/calls", None, None);
     assert_eq!(code, 401);
+
+    // Exports: every record, streamed, as CSV and as JSON Lines.
+    let (code, head, csv) = download(&server, &key, "/api/admin/calls/export?format=csv");
+    assert_eq!(code, 200, "{head}\n{csv}");
+    assert!(
+        head.contains("text/csv") && head.contains("careflow-calls.csv"),
+        "{head}"
+    );
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 6, "a header and 5 calls: {csv}");
+    assert!(lines[0].starts_with("id,call_id,node,caller,"), "{csv}");
+    let busy_row = lines
+        .iter()
+        .find(|l| l.contains(",rec-busy,"))
+        .expect("the busy call");
+    assert!(busy_row.contains(",busy,486,"), "{busy_row}");
+    let (code, head, jsonl) = download(
+        &server,
+        &key,
+        "/api/admin/calls/export?format=jsonl&disposition=answered",
+    );
+    assert_eq!(code, 200, "{head}");
+    assert!(head.contains("application/jsonl"), "{head}");
+    let ids: Vec<String> = jsonl
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["callId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["rec-callee-bye", "rec-answered"], "{jsonl}");
+    let (code, _, _) = download(&server, &key, "/api/admin/calls/export?format=xml");
+    assert_eq!(code, 400);
+}
+
+/// A GET with the admin key over HTTP/1.0 (so the streamed body needs no de-chunking):
+/// (status, head, body).
+pub(crate) fn download(server: &Server, key: &str, path: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.http)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_string(), body.to_string())
 }
 
 #[test]
@@ -301,4 +357,61 @@ fn a_forked_call_answered_on_the_second_device_is_one_record_naming_it() {
         format!("sip:dev@127.0.0.1:{}", mobile.port()),
         "the second device answered: {r:#}"
     );
+}
+
+#[test]
+fn a_clinician_sees_their_own_recent_calls_and_no_one_elses() {
+    let idp = crate::api::IdentityProvider::start();
+    let server = crate::api::api_server_on(&idp, None);
+    let token = idp.token("uid-calls", |_| {});
+    let (code, _, creds) = http(&server, "POST", "/api/sip/register", Some(&token), None);
+    assert_eq!(code, 201, "{creds}");
+    let user = creds["sipUsername"].as_str().unwrap().to_string();
+    let password = creds["sipPassword"].as_str().unwrap().to_string();
+    server.add_user("ward-desk", "pw-ward-desk");
+    let desk = Ua::new(server.sip_addr());
+    let r = desk.register("ward-desk", "pw-ward-desk", "localhost", "reg-desk", "");
+    assert_eq!(status(&r), 200, "{r}");
+    let phone = Ua::new(server.sip_addr());
+    invite_authorized(
+        &phone,
+        "localhost",
+        (&user, &password),
+        "ward-desk",
+        "mine-1",
+    );
+    let inv = expect(&desk, "INVITE ");
+    answer(&desk, &inv, 486);
+    server.metric_becomes("careflow_sip_call_records_written_total", 1);
+    // A call between two others.
+    server.add_user("other", "pw-other");
+    let other = Ua::new(server.sip_addr());
+    invite_authorized(
+        &other,
+        "localhost",
+        ("other", "pw-other"),
+        "ward-desk",
+        "not-mine",
+    );
+    let inv = expect(&desk, "INVITE ");
+    answer(&desk, &inv, 486);
+    server.metric_becomes("careflow_sip_call_records_written_total", 2);
+
+    let (code, _, page) = http(&server, "GET", "/api/sip/calls", Some(&token), None);
+    assert_eq!(code, 200, "{page}");
+    let calls = page["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{page:#}");
+    assert_eq!(calls[0]["callId"], "mine-1");
+    assert_eq!(calls[0]["disposition"], "busy");
+    let stranger = idp.token("uid-no-account", |_| {});
+    let (code, _, _) = http(&server, "GET", "/api/sip/calls", Some(&stranger), None);
+    assert_eq!(code, 404);
+    let (code, _, p) = http(
+        &server,
+        "GET",
+        "/api/sip/calls?limit=500",
+        Some(&token),
+        None,
+    );
+    assert_eq!((code, p["field"].as_str()), (400, Some("limit")), "{p}");
 }

@@ -176,28 +176,7 @@ pub(crate) async fn list(
 ) -> Result<Json<AuditPage>, Problem> {
     let who = admin(&api, &headers).await?;
     let Query(q) = query.map_err(crate::calls::query_problem)?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(Problem::invalid("limit", "1 to 1000"));
-    }
-    for (field, value, max) in [
-        ("actor", &q.actor, 320),
-        ("action", &q.action, 64),
-        ("target", &q.target, 320),
-    ] {
-        if value.as_ref().is_some_and(|v| v.chars().count() > max) {
-            return Err(Problem::invalid(field, format!("at most {max} characters")));
-        }
-    }
-    let q = AuditQuery {
-        actor: q.actor.filter(|a| !a.is_empty()),
-        action: q.action.filter(|a| !a.is_empty()),
-        target: q.target.filter(|t| !t.is_empty()),
-        since: non_negative("since", q.since)?,
-        until: non_negative("until", q.until)?,
-        before_seq: non_negative("before", q.before)?,
-        limit,
-    };
+    let q = audit_query(q)?;
     let entries = api
         .audit_log
         .audit_entries(&q)
@@ -219,4 +198,30 @@ pub(crate) async fn list(
         entries: entries.into_iter().map(Into::into).collect(),
         next,
     }))
+}
+
+/// The store query of `q`, or the problem with it.
+pub(crate) fn audit_query(q: AuditListQuery) -> Result<AuditQuery, Problem> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::invalid("limit", "1 to 1000"));
+    }
+    for (field, value, max) in [
+        ("actor", &q.actor, 320),
+        ("action", &q.action, 64),
+        ("target", &q.target, 320),
+    ] {
+        if value.as_ref().is_some_and(|v| v.chars().count() > max) {
+            return Err(Problem::invalid(field, format!("at most {max} characters")));
+        }
+    }
+    Ok(AuditQuery {
+        actor: q.actor.filter(|a| !a.is_empty()),
+        action: q.action.filter(|a| !a.is_empty()),
+        target: q.target.filter(|t| !t.is_empty()),
+        since: non_negative("since", q.since)?,
+        until: non_negative("until", q.until)?,
+        before_seq: non_negative("before", q.before)?,
+        limit,
+    })
 }

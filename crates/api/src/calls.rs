@@ -191,7 +191,7 @@ pub(crate) fn query_problem(r: QueryRejection) -> Problem {
 }
 
 /// The store query of `q`, or the problem with it.
-fn call_query(q: CallsQuery) -> Result<CallQuery, Problem> {
+pub(crate) fn call_query(q: CallsQuery) -> Result<CallQuery, Problem> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(Problem::invalid("limit", "1 to 1000"));
@@ -250,6 +250,66 @@ pub(crate) async fn list(
         format!("{} records", calls.len()),
     )
     .await;
+    let next = (calls.len() == q.limit)
+        .then(|| calls.last().map(|c| c.id))
+        .flatten();
+    Ok(Json(CallPage {
+        calls: calls.into_iter().map(Into::into).collect(),
+        next,
+    }))
+}
+
+/// The page of a user's own calls.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MyCallsQuery {
+    /// The `next` of the previous page.
+    pub before: Option<i64>,
+    /// Page size (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<usize>,
+}
+
+/// The caller's own recent calls (made or received), newest first.
+#[utoipa::path(get, path = "/api/sip/calls", tag = "sip",
+    security(("bearer" = [])),
+    params(MyCallsQuery),
+    responses(
+        (status = 200, body = CallPage),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No SIP credentials yet", body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn mine(
+    State(api): Api,
+    headers: HeaderMap,
+    query: Result<Query<MyCallsQuery>, QueryRejection>,
+) -> Result<Json<CallPage>, Problem> {
+    let who = crate::provisioning::user(&api, &headers).await?;
+    let Query(q) = query.map_err(query_problem)?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(Problem::invalid("limit", "1 to 100"));
+    }
+    let s = api
+        .subscribers
+        .find_by_careflow_user(&who.id)
+        .await
+        .map_err(|e| Problem::unavailable("the subscriber store", &e))?
+        .ok_or_else(|| Problem::not_found("you have no SIP credentials yet"))?;
+    let q = CallQuery {
+        user: Some(format!("{}@{}", s.username, s.domain)),
+        before_id: q.before,
+        limit,
+        ..CallQuery::default()
+    };
+    let calls = api
+        .calls
+        .calls(&q)
+        .await
+        .map_err(|e| Problem::unavailable("the call record store", &e))?;
     let next = (calls.len() == q.limit)
         .then(|| calls.last().map(|c| c.id))
         .flatten();

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod calls;
 mod dashboard;
 pub mod events;
+pub mod export;
 mod http_client;
 pub mod openapi;
 pub mod problem;
@@ -77,6 +78,9 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
         .route("/api/admin/bindings", get(admin::bindings))
         .route("/api/admin/calls", get(calls::list))
         .route("/api/admin/audit", get(audit::list))
+        .route("/api/admin/calls/export", get(export::calls))
+        .route("/api/admin/audit/export", get(export::audit))
+        .route("/api/sip/calls", get(calls::mine))
         .route("/api/admin/events", get(events::all))
         .route("/api/sip/events", get(events::mine))
         .route("/api/admin/security", get(admin::security))

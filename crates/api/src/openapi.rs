@@ -5,7 +5,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, audit, calls, events, problem, provision_link, provisioning};
+use crate::{admin, audit, calls, events, export, problem, provision_link, provisioning};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -33,6 +33,9 @@ use crate::{admin, audit, calls, events, problem, provision_link, provisioning};
         audit::list,
         events::mine,
         events::all,
+        export::calls,
+        export::audit,
+        calls::mine,
     ),
     components(schemas(
         problem::Problem,
@@ -57,6 +60,7 @@ use crate::{admin, audit, calls, events, problem, provision_link, provisioning};
         audit::AuditPage,
         audit::AuditView,
         events::StreamEvent,
+        export::Format,
     )),
     modifiers(&Bearer),
     tags(
