@@ -84,6 +84,21 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
         online.contains("UDP") && online.contains("127.0.0.1") && online.contains("Online"),
         "{online}"
     );
+    // The clinician calls a number that does not exist: the call shows up under Recent calls.
+    let phone = Ua::new(server.sip_addr());
+    invite_authorized(
+        &phone,
+        "localhost",
+        (&user, &password),
+        "nobody-here",
+        "dash-call",
+    );
+    page.send("called");
+    let recent = page.wait("recent-call", &server);
+    assert!(
+        recent.contains("Outgoing") && recent.contains("nobody-here") && recent.contains("Failed"),
+        "{recent}"
+    );
     page.wait("device-removed", &server);
     assert!(server.bindings_of(&user).is_empty());
 
@@ -166,6 +181,16 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
     assert_ne!(status(&r), 200, "{r}");
     page.send("next");
 
+    let audit = page.wait("admin-audit", &server);
+    assert!(
+        audit.contains("credentials.created") && audit.contains("credentials.rotated"),
+        "{audit}"
+    );
+    assert_eq!(
+        page.wait("calls-export", &server),
+        "calls-export careflow-calls.csv 2",
+        "the header and the one call"
+    );
     let admin = page.wait("admin", &server);
     let counts: Vec<u32> = admin
         .split(' ')

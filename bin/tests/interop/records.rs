@@ -415,3 +415,156 @@ fn a_clinician_sees_their_own_recent_calls_and_no_one_elses() {
     );
     assert_eq!((code, p["field"].as_str()), (400, Some("limit")), "{p}");
 }
+
+/// One sipp call through the server: a sipp callee running `uas` registered as 2001, a sipp
+/// caller (2002) running `uac`; both must finish their scenario.
+fn sipp_call(server: &Server, uac: &str, uas: &str, pause_ms: u32) {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let callee = crate::peers::sipp_file(tmp.path(), "callee.csv", &[("2001", "pw-2001")]);
+    let caller = crate::peers::sipp_file(tmp.path(), "caller.csv", &[("2002", "pw-2002")]);
+    let uas_port = free_port();
+    let callee_sipp = Command::new("sipp")
+        .args(["-sf", &crate::peers::scenario(uas)])
+        .args(["-i", "127.0.0.1", "-p", &uas_port.to_string(), "-t", "u1"])
+        .args(["-m", "1", "-nostdin", "-timeout", "60s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sipp callee");
+    crate::peers::register_contact(server, &callee, uas_port, "udp");
+    let call = Command::new("sipp")
+        .arg(server.sip_addr().to_string())
+        .args(["-sf", &crate::peers::scenario(uac)])
+        .args(["-inf", caller.to_str().unwrap()])
+        .args(["-key", "domain", DOMAIN, "-key", "callee", "2001"])
+        .args(["-auth_uri", &format!("2001@{DOMAIN}")])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            "u1",
+        ])
+        .args(["-m", "1", "-d", &pause_ms.to_string(), "-nostdin"])
+        .args(["-timeout", "60s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("sipp caller");
+    assert!(
+        call.status.success(),
+        "the sipp caller ({uac}) failed: {}\n{}",
+        String::from_utf8_lossy(&call.stderr),
+        server.log()
+    );
+    let callee_out = callee_sipp.wait_with_output().expect("sipp callee");
+    assert!(
+        callee_out.status.success(),
+        "the sipp callee ({uas}) failed: {}",
+        String::from_utf8_lossy(&callee_out.stderr)
+    );
+}
+
+/// sipp phones place calls of every disposition; each is one record with what happened.
+#[test]
+fn sipp_calls_of_every_disposition_make_one_record_each() {
+    require("sipp", "sip-tester");
+    // Timer C at 3 s: a call nobody answers is given up quickly.
+    let server = Server::start_with(DOMAIN, &[("TIMER_C", "3")]);
+    for u in ["2001", "2002"] {
+        server.add_user(u, &format!("pw-{u}"));
+    }
+    let out = server.cli_ok(&["apikey", "create", "records"]);
+    let key = out.lines().last().unwrap().trim().to_string();
+    let cases: [(&str, &str, u32, &str, u16, &str); 5] = [
+        (
+            "uac-call.xml",
+            "uas-ring.xml",
+            1000,
+            "answered",
+            200,
+            "caller",
+        ),
+        ("uac-refused.xml", "uas-busy.xml", 0, "busy", 486, "network"),
+        (
+            "uac-cancel.xml",
+            "uas-ring-cancel.xml",
+            500,
+            "cancelled",
+            487,
+            "caller",
+        ),
+        // Ringing until Timer C: the proxy CANCELs the branch and answers 408.
+        (
+            "uac-refused.xml",
+            "uas-ring-cancel.xml",
+            0,
+            "no_answer",
+            408,
+            "network",
+        ),
+        // A number nobody has.
+        ("uac-refused.xml", "", 0, "failed", 404, "network"),
+    ];
+    for (i, (uac, uas, pause, disposition, code, ended_by)) in cases.iter().enumerate() {
+        if uas.is_empty() {
+            unknown_number(&server);
+        } else {
+            sipp_call(&server, uac, uas, *pause);
+        }
+        let written = i as u64 + 1;
+        let page = calls(&server, &key, "?limit=1", written);
+        let r = &page[0];
+        assert_eq!(
+            (
+                r["disposition"].as_str().unwrap(),
+                r["finalCode"].as_u64().unwrap(),
+                r["endedBy"].as_str().unwrap()
+            ),
+            (*disposition, u64::from(*code), *ended_by),
+            "{uac} against {uas}: {r:#}"
+        );
+        assert_eq!(r["callerDevice"]["transport"], "udp", "{r:#}");
+        if *disposition == "answered" {
+            assert!(r["talkSeconds"].as_u64().unwrap() >= 1, "{r:#}");
+            assert!(r["answeredBy"]["contact"].is_string(), "{r:#}");
+            assert!(r["ringingAt"].is_u64(), "{r:#}");
+        }
+        assert_eq!(
+            calls(&server, &key, "?limit=1000", written).len() as u64,
+            written,
+            "one record per call"
+        );
+    }
+}
+
+/// A sipp call to a number nobody has: 404.
+fn unknown_number(server: &Server) {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let caller = crate::peers::sipp_file(tmp.path(), "caller.csv", &[("2002", "pw-2002")]);
+    let call = Command::new("sipp")
+        .arg(server.sip_addr().to_string())
+        .args(["-sf", &crate::peers::scenario("uac-refused.xml")])
+        .args(["-inf", caller.to_str().unwrap()])
+        .args(["-key", "domain", DOMAIN, "-key", "callee", "9999"])
+        .args(["-auth_uri", &format!("9999@{DOMAIN}")])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &free_port().to_string(),
+            "-t",
+            "u1",
+        ])
+        .args(["-m", "1", "-nostdin", "-timeout", "30s", "-timeout_error"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("sipp caller");
+    assert!(
+        call.status.success(),
+        "the call to an unknown number failed otherwise: {}",
+        String::from_utf8_lossy(&call.stderr)
+    );
+}

@@ -227,7 +227,10 @@
       else a.removeAttribute('aria-current');
     }
     if (view === 'account') renderAccount();
-    if (view === 'devices') renderDevices();
+    if (view === 'devices') {
+      renderDevices();
+      loadMyCalls();
+    }
     if (view === 'setup') renderGuide();
     if (view === 'admin') loadAdmin();
     return view;
@@ -519,8 +522,9 @@
     if (name === 'status') {
       state.live = true;
       applyStatus(value);
-    } else if (name === 'call' && value.type === 'call.missed') {
-      announce(`Missed call from ${String(value.detail && value.detail.caller || 'someone')}`);
+    } else if (name === 'call') {
+      if (value.type === 'call.missed') announce(`Missed call from ${String(value.detail && value.detail.caller || 'someone')}`);
+      if (value.type !== 'call.answered') loadMyCalls();
     }
   }
 
@@ -730,7 +734,89 @@
   // ---------- administration ----------
 
   async function loadAdmin() {
-    await Promise.all([adminUsers(), adminDevices(), adminSecurity()]);
+    await Promise.all([adminUsers(), adminDevices(), adminSecurity(), adminCalls(), adminAudit()]);
+  }
+
+  const OUTCOMES = {
+    answered: 'Answered', no_answer: 'No answer', busy: 'Busy', cancelled: 'Cancelled',
+    rejected: 'Declined', failed: 'Failed',
+  };
+
+  function whenMs(ms) {
+    return new Date(ms).toLocaleString();
+  }
+
+  async function adminCalls() {
+    let page;
+    try {
+      page = await api('GET', '/api/admin/calls?limit=20');
+    } catch (_) {
+      return;
+    }
+    $('#admin-calls').replaceChildren(...page.calls.map((c) => el('tr', {},
+      el('td', { text: whenMs(c.inviteAt) }),
+      el('td', {}, el('code', { text: c.caller })),
+      el('td', {}, el('code', { text: c.callee || c.dialled })),
+      el('td', { text: `${OUTCOMES[c.disposition] || c.disposition} (${c.finalCode})` }),
+      el('td', { text: c.talkSeconds ? duration(c.talkSeconds) : '—' }),
+      el('td', { text: c.endedBy }))));
+    if (!page.calls.length) $('#admin-calls').replaceChildren(el('tr', {}, el('td', { colspan: '6', text: 'No call yet.' })));
+  }
+
+  async function adminAudit() {
+    let page;
+    try {
+      page = await api('GET', '/api/admin/audit?limit=20');
+    } catch (_) {
+      return;
+    }
+    $('#admin-audit').replaceChildren(...page.entries.map((e) => el('tr', {},
+      el('td', { text: String(e.seq) }),
+      el('td', { text: whenMs(e.at) }),
+      el('td', {}, el('code', { text: e.actor })),
+      el('td', {}, el('code', { text: e.source })),
+      el('td', { text: e.action }),
+      el('td', {}, el('code', { text: e.target })),
+      el('td', { text: e.outcome }))));
+  }
+
+  // Exports carry the API key, so they are fetched here and saved from memory.
+  async function exportFile(path, name) {
+    try {
+      const res = await fetch(path, { headers: { Authorization: `Bearer ${state.session.secret}` }, cache: 'no-store' });
+      if (!res.ok) throw new Error(`HTTP ${res.status}`);
+      const blob = await res.blob();
+      const url = URL.createObjectURL(blob);
+      const a = el('a', { href: url, download: name });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 1000);
+      announce(`${name} downloaded`);
+    } catch (e) {
+      banner(`Could not export: ${e.message}`);
+    }
+  }
+
+  async function loadMyCalls() {
+    if (!state.creds) return;
+    let page;
+    try {
+      page = await api('GET', '/api/sip/calls?limit=20');
+    } catch (_) {
+      return;
+    }
+    const me = `${state.creds.sipUsername}@${state.creds.sipConfig.domain}`;
+    $('#my-calls').replaceChildren(...page.calls.map((c) => {
+      const out = c.caller === me;
+      return el('tr', {},
+        el('td', { 'data-label': 'When', text: whenMs(c.inviteAt) }),
+        el('td', { 'data-label': 'Direction', text: out ? 'Outgoing' : 'Incoming' }),
+        el('td', { 'data-label': 'With' }, el('code', { text: out ? (c.callee || c.dialled) : c.caller })),
+        el('td', { 'data-label': 'Outcome', text: OUTCOMES[c.disposition] || c.disposition }),
+        el('td', { 'data-label': 'Talk time', text: c.talkSeconds ? duration(c.talkSeconds) : '—' }));
+    }));
+    if (!page.calls.length) $('#my-calls').replaceChildren(el('tr', {}, el('td', { colspan: '5', text: 'No call yet.' })));
   }
 
   async function adminUsers() {
@@ -824,6 +910,9 @@
     $('#generate').addEventListener('click', generate);
     $('#rotate').addEventListener('click', rotate);
     $('#revoke').addEventListener('click', revoke);
+    $('#export-calls-csv').addEventListener('click', () => exportFile('/api/admin/calls/export?format=csv', 'careflow-calls.csv'));
+    $('#export-calls-jsonl').addEventListener('click', () => exportFile('/api/admin/calls/export?format=jsonl', 'careflow-calls.jsonl'));
+    $('#export-audit-csv').addEventListener('click', () => exportFile('/api/admin/audit/export?format=csv', 'careflow-audit.csv'));
     $('#password-done').addEventListener('click', () => {
       $('#password-once').hidden = true;
       $('#account-title').focus();

@@ -19,6 +19,10 @@ use crate::app::{App, Ctx};
 const WRITE_TRIES: u32 = 5;
 /// How often calls past `CDR_MAX_CALL` are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Records written together at most.
+const BATCH: usize = 256;
+/// How long the writer gathers records before writing them together.
+const GATHER: Duration = Duration::from_millis(100);
 /// How often old records are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -64,11 +68,10 @@ impl App {
             "disposition": rec.disposition.as_str(),
             "talkSeconds": rec.talk_seconds(),
         });
-        if rec.disposition == Disposition::Answered {
-            for user in std::iter::once(&rec.caller).chain(rec.callee.as_ref()) {
-                self.publish(EventKind::CallEnded, user, detail.clone());
-            }
-        } else if let Some(callee) = &rec.callee
+        for user in std::iter::once(&rec.caller).chain(rec.callee.as_ref()) {
+            self.publish(EventKind::CallEnded, user, detail.clone());
+        }
+        if let Some(callee) = &rec.callee
             && matches!(
                 rec.disposition,
                 Disposition::NoAnswer | Disposition::Cancelled | Disposition::Busy
@@ -206,12 +209,28 @@ pub(crate) async fn run(app: std::sync::Arc<App>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => {
                 rx.close();
+                let mut rest = Vec::new();
                 while let Some(rec) = rx.recv().await {
-                    write(&app, &cfg, &rec, &cancel).await;
+                    rest.push(rec);
+                }
+                for batch in rest.chunks(BATCH) {
+                    write(&app, &cfg, batch, &cancel).await;
                 }
                 return;
             }
-            Some(rec) = rx.recv() => write(&app, &cfg, &rec, &cancel).await,
+            Some(rec) = rx.recv() => {
+                // Records of the next 100 ms go in the same write: one transaction for many
+                // calls costs the database about what one call's did.
+                let mut batch = vec![rec];
+                let until = tokio::time::Instant::now() + GATHER;
+                while batch.len() < BATCH {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Some(r)) => batch.push(r),
+                        _ => break,
+                    }
+                }
+                write(&app, &cfg, &batch, &cancel).await;
+            }
             _ = sweep.tick() => {
                 for rec in app.with_cdr(|c| c.sweep(now_ms())).unwrap_or_default() {
                     tracing::warn!(call_id = %rec.call_id,
@@ -236,29 +255,32 @@ pub(crate) async fn run(app: std::sync::Arc<App>, cancel: CancellationToken) {
 async fn write(
     app: &App,
     cfg: &crate::config::CdrConfig,
-    rec: &CallRecord,
+    batch: &[CallRecord],
     cancel: &CancellationToken,
 ) {
+    let n = batch.len() as u64;
     let mut wait = Duration::from_millis(500);
     for attempt in 1..=WRITE_TRIES {
-        match cfg.store.add_call(&cfg.node, rec).await {
+        match cfg.store.add_calls(&cfg.node, batch).await {
             Ok(()) => {
                 app.metrics
                     .call_records_written
-                    .fetch_add(1, Ordering::Relaxed);
+                    .fetch_add(n, Ordering::Relaxed);
                 return;
             }
             Err(e) if e.retryable() && attempt < WRITE_TRIES && !cancel.is_cancelled() => {
-                tracing::warn!(call_id = %rec.call_id, error = %e, attempt,
-                    "storing a call record failed; retrying");
+                tracing::warn!(records = n, error = %e, attempt,
+                    "storing call records failed; retrying");
                 tokio::time::sleep(wait).await;
                 wait *= 2;
             }
             Err(e) => {
                 app.metrics
                     .call_records_lost
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(call_id = %rec.call_id, error = %e, "call record lost: the database refused it");
+                    .fetch_add(n, Ordering::Relaxed);
+                let first = batch.first().map_or("", |r| r.call_id.as_str());
+                tracing::error!(records = n, first_call_id = first, error = %e,
+                    "call records lost: the database refused them");
                 return;
             }
         }

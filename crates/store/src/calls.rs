@@ -263,6 +263,13 @@ pub(crate) fn query_sql(
 pub trait CallRecordStore: Send + Sync {
     /// Stores the record of a finished call handled by `node`.
     async fn add_call(&self, node: &str, record: &CallRecord) -> Result<(), StoreError>;
+    /// Stores several records at once (all or none where the backend can).
+    async fn add_calls(&self, node: &str, records: &[CallRecord]) -> Result<(), StoreError> {
+        for r in records {
+            self.add_call(node, r).await?;
+        }
+        Ok(())
+    }
     /// The calls `q` selects, newest first.
     async fn calls(&self, q: &CallQuery) -> Result<Vec<StoredCall>, StoreError>;
     /// Removes the records of calls that ended before `ended_before` (Unix ms); returns how

@@ -16,7 +16,7 @@ pub enum EventKind {
     CallAnswered,
     /// A call to the user ended without being answered.
     CallMissed,
-    /// An answered call of the user ended.
+    /// A call of the user ended, answered or not (its disposition in the detail).
     CallEnded,
     /// The user's SIP credentials were created, rotated or revoked.
     CredentialsChanged,

@@ -318,15 +318,24 @@ fn sqlite_value(v: &Val) -> rusqlite::types::Value {
 #[async_trait]
 impl CallRecordStore for SqliteSubscribers {
     async fn add_call(&self, node: &str, record: &CallRecord) -> Result<(), StoreError> {
-        let params: Vec<rusqlite::types::Value> = calls::values(node, record)
-            .iter()
-            .map(sqlite_value)
-            .collect();
+        self.add_calls(node, std::slice::from_ref(record)).await
+    }
+
+    async fn add_calls(&self, node: &str, records: &[CallRecord]) -> Result<(), StoreError> {
+        let sql = calls::insert_sql(|i| format!("?{i}"));
         self.with(|c| {
-            c.execute(
-                &calls::insert_sql(|i| format!("?{i}")),
-                rusqlite::params_from_iter(params),
-            )?;
+            // One transaction and one prepared statement for the batch: a commit per call
+            // cost more than the rest of the call.
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(&sql)?;
+                for r in records {
+                    let params: Vec<rusqlite::types::Value> =
+                        calls::values(node, r).iter().map(sqlite_value).collect();
+                    st.execute(rusqlite::params_from_iter(params))?;
+                }
+            }
+            tx.commit()?;
             Ok(())
         })
     }

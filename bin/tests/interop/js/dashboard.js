@@ -5,10 +5,11 @@
 // Usage: node dashboard.js BASE_URL USER_TOKEN EXPIRED_TOKEN API_KEY SCREENSHOT_DIR
 //   expired-refused -> account-empty -> (stdin: created) -> conflict-shown
 //   -> credentials USER PASSWORD -> servers T=ADDR... -> (stdin: registered)
-//   -> requests-while-waiting none|PATHS -> device-online TEXT
+//   -> requests-while-waiting none|PATHS -> device-online TEXT -> (stdin: called) -> recent-call TEXT
 //   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE -> qr PNG URL
 //   -> rotated PASSWORD -> (stdin: next) -> revoked -> regenerated USER -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
-//   -> (stdin: started) -> recovered -> (stdin: next) -> admin USERS FAILURES -> local-storage -> axe-total N
+//   -> (stdin: started) -> recovered -> (stdin: next) -> admin-audit TEXT -> calls-export NAME LINES
+//   -> admin USERS FAILURES -> local-storage -> axe-total N
 //   -> done
 // Every view is also checked with axe-core (WCAG 2 A/AA rules: labels, contrast, roles):
 // "axe VIEW RULE:NODES..." lists what it found, "axe-total N" sums them.
@@ -135,6 +136,11 @@ async function main() {
   await axe('devices-phone');
   await page.setViewportSize({ width: 1200, height: 900 });
   event('device-online', JSON.stringify((await row.textContent()).replace(/\s+/g, ' ').trim()));
+  // A call the user makes appears under Recent calls once it ends (a `call` event).
+  await nextLine();
+  const call = page.locator('#my-calls tr', { hasText: 'Failed' }).first();
+  await call.waitFor({ timeout: 15000 });
+  event('recent-call', JSON.stringify((await call.textContent()).replace(/\s+/g, ' ').trim()));
 
   // Deregister it from the page.
   await page.click('#devices button[data-device]');
@@ -202,6 +208,12 @@ async function main() {
   await page.click('#form-admin button[type="submit"]');
   await page.locator('#admin-users tr').first().waitFor();
   await page.locator('#admin-failures tr').first().waitFor();
+  await page.locator('#admin-audit tr').first().waitFor();
+  await page.locator('#admin-calls tr', { hasText: 'Failed' }).first().waitFor();
+  event('admin-audit', JSON.stringify((await page.textContent('#admin-audit')).replace(/\s+/g, ' ').trim()));
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#export-calls-csv')]);
+  const exported = fs.readFileSync(await download.path(), 'utf8');
+  event('calls-export', download.suggestedFilename(), exported.split('\r\n').filter((l) => l).length);
   const users = await page.locator('#admin-users tr').count();
   const failures = await page.locator('#admin-failures tr code', { hasText: user }).count();
   await shot('admin');
