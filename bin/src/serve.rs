@@ -72,6 +72,7 @@ pub(crate) async fn run(
     let subscribers: Arc<dyn SubscriberStore> = db.clone();
     let call_records: Arc<dyn careflow_store::calls::CallRecordStore> = db.clone();
     let audit_log: Arc<dyn careflow_store::audit::AuditStore> = db.clone();
+    let audit_log_for_syslog = audit_log.clone();
     let events = careflow_store::events::Events::default();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
     let mut redis = None;
@@ -180,6 +181,23 @@ pub(crate) async fn run(
         .await
         .with_context(|| format!("cannot listen on HTTP_LISTEN {}", cfg.http_listen))?;
     tracing::info!(addr = %cfg.http_listen, "http listener bound");
+    if let Some((host, port, tls)) = cfg.audit_syslog.clone() {
+        let syslog = careflow_api::syslog::SyslogConfig {
+            host,
+            port,
+            tls,
+            ca_file: cfg.tls_ca_file.clone(),
+            hostname: cfg.node_name.clone(),
+            cursor_file: cfg.data_dir.join("audit-syslog.cursor"),
+        };
+        tracing::info!(collector = %syslog.host, port = syslog.port, tls = syslog.tls, "the audit trail is forwarded to syslog");
+        let cancel = cancel.clone();
+        tokio::spawn(careflow_api::syslog::run(
+            syslog,
+            audit_log_for_syslog.clone(),
+            async move { cancel.cancelled().await },
+        ));
+    }
     let webhooks = cfg.webhook.clone().map(|w| {
         let stats = Arc::new(careflow_api::webhooks::WebhookStats::default());
         let hook = careflow_api::webhooks::WebhookConfig {

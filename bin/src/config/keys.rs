@@ -250,6 +250,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Days call records are kept (2190: six years, the usual HIPAA retention); older ones are purged hourly. 0: kept for ever.",
     ),
     (
+        "audit_syslog",
+        "",
+        "The SIEM's syslog collector the audit trail is forwarded to: `tls://HOST:PORT` (RFC 5424 messages over TLS, RFC 5425 framing; the certificate must chain to the system CAs or TLS_CA_FILE and name HOST) or `tcp://HOST:PORT` for a collector on the same host. Every entry, from every node and the CLI, is sent once the collector is reachable (at least once; the place is kept in `DATA_DIR/audit-syslog.cursor`). Set it on one node. Empty: off.",
+    ),
+    (
         "webhook_url",
         "",
         "CareFlow's URL for live events (`https://...`): device registered/unregistered, call answered/missed/ended, credentials changed, each POSTed as JSON and signed (`X-CareFlow-Signature: t=TIMESTAMP,v1=HMAC-SHA256(secret, \"TIMESTAMP.BODY\")`). Empty: no webhook.",

@@ -26,6 +26,7 @@ mod push;
 mod raw;
 mod security;
 mod sip;
+mod syslog;
 mod tls;
 mod webhook;
 
@@ -78,6 +79,8 @@ pub struct Config {
     pub cdr: Option<CdrSettings>,
     /// This node's name in records (`NODE_NAME`, default the host name).
     pub node_name: String,
+    /// The SIEM's syslog collector the audit trail goes to (`AUDIT_SYSLOG`): host, port, TLS.
+    pub audit_syslog: Option<(String, u16, bool)>,
     /// The webhook to CareFlow (`WEBHOOK_*`); none: no webhook.
     pub webhook: Option<webhook::WebhookSettings>,
     /// Dialog-info quirks by User-Agent fragment (`BLF_QUIRKS`).
@@ -415,6 +418,7 @@ impl Config {
                 None
             },
             webhook: webhook::webhook(&r)?,
+            audit_syslog: syslog::audit_syslog(&r)?,
             node_name: match r.get("node_name").trim() {
                 "" => std::fs::read_to_string("/etc/hostname")
                     .ok()

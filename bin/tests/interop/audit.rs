@@ -241,3 +241,179 @@ fn the_audit_trail_names_the_entry_edited_removed_or_reordered_on_postgresql() {
 fn the_audit_trail_names_the_entry_edited_removed_or_reordered_on_mariadb() {
     trail(Some(&TestDb::mariadb()));
 }
+
+/// A certificate authority and a certificate for 127.0.0.1 signed by it (openssl), in `dir`:
+/// (ca.pem, cert.pem, key.pem).
+fn collector_certificate(dir: &std::path::Path) -> (String, String, String) {
+    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.pem"),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=SIEM test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p("key.pem"),
+        "-out",
+        &p("req.csr"),
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("req.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("cert.pem"),
+        "-days",
+        "2",
+        "-extfile",
+        &p("ext.cnf"),
+    ]);
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
+/// Audit entries reach a SIEM's syslog collector (openssl s_server standing in) over TLS as
+/// RFC 5424 messages with RFC 5425 framing, those of the CLI too; none is lost while the
+/// collector is away.
+#[test]
+fn audit_entries_reach_a_syslog_collector_over_tls() {
+    use std::process::{Command, Stdio};
+    require("openssl", "openssl");
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = collector_certificate(tmp.path());
+    let port = free_port();
+    let collector = || {
+        let mut c = Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &port.to_string(),
+                "-cert",
+                &cert,
+                "-key",
+                &key,
+            ])
+            .args(["-quiet", "-naccept", "1"])
+            // s_server ends the connection when its stdin ends: kept open (with the child).
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        let out = c.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        // RFC 5425 frames end with no line break: pass on whatever arrives.
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut out = out;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        (c, rx)
+    };
+    // The collector is not there yet: entries wait.
+    let server = Server::start_with(
+        DOMAIN,
+        &[
+            ("AUDIT_SYSLOG", &format!("tls://127.0.0.1:{port}")),
+            ("TLS_CA_FILE", &ca),
+        ],
+    );
+    server.cli_ok(&["apikey", "create", "siem"]);
+    server.add_user("2001", "pw-2001");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (mut c, lines) = collector();
+    let mut got = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !got.contains("credentials.created") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) => got.push_str(&l),
+            Err(_) => panic!("the collector got only: {got}\n{}", server.log()),
+        }
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    // RFC 5425 framing: the length, a space, then the RFC 5424 message.
+    let (len, rest) = got.split_once(' ').unwrap();
+    let first_len: usize = len
+        .parse()
+        .unwrap_or_else(|_| panic!("no frame length: {got}"));
+    let first = &rest[..first_len];
+    assert!(
+        first.starts_with("<85>1 ")
+            && first.contains(" careflow-sip ")
+            && first.contains(" apikey.created [audit@32473 seq=\"1\" actor=\"cli"),
+        "{first}"
+    );
+    assert!(
+        got.contains("seq=\"2\"") && got.contains("credentials.created"),
+        "{got}"
+    );
+    assert!(got.contains(&format!("target=\"2001@{DOMAIN}\"")), "{got}");
+    assert!(!got.contains("pw-2001"), "no secret: {got}");
+    // The next entries go once the collector is back, with no entry sent twice.
+    let (mut c, lines) = collector();
+    server.add_user("2002", "pw-2002");
+    let mut again = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !again.contains("2002@") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) => again.push_str(&l),
+            Err(_) => panic!("after the collector came back: {again}\n{}", server.log()),
+        }
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    assert!(
+        again.contains("seq=\"3\"") && !again.contains("seq=\"1\""),
+        "{again}"
+    );
+}

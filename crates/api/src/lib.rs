@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod problem;
 pub mod provision_link;
 pub mod provisioning;
+pub mod syslog;
 pub mod webhooks;
 
 use std::future::Future;

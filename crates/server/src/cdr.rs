@@ -61,6 +61,20 @@ impl App {
 
     fn queue_record(&self, rec: CallRecord) {
         let Some(cdr) = self.cdr.as_ref() else { return };
+        tracing::info!(call_id = %rec.call_id, disposition = rec.disposition.as_str(),
+            code = rec.final_code, talk_seconds = rec.talk_seconds(), "call record");
+        if cdr.queue.try_send(rec).is_err() {
+            self.metrics
+                .call_records_lost
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!("call record queue full: the database is not keeping up; record lost");
+        }
+    }
+
+    /// A finished call's events, once its record was stored (so a reader of the event finds
+    /// the record): `call.ended` for its caller and callee, `call.missed` for a callee who
+    /// did not answer.
+    fn publish_call_end(&self, rec: &CallRecord) {
         let detail = serde_json::json!({
             "callId": rec.call_id,
             "caller": rec.caller,
@@ -78,14 +92,6 @@ impl App {
             )
         {
             self.publish(EventKind::CallMissed, callee, detail);
-        }
-        tracing::info!(call_id = %rec.call_id, disposition = rec.disposition.as_str(),
-            code = rec.final_code, talk_seconds = rec.talk_seconds(), "call record");
-        if cdr.queue.try_send(rec).is_err() {
-            self.metrics
-                .call_records_lost
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::error!("call record queue full: the database is not keeping up; record lost");
         }
     }
 
@@ -260,12 +266,18 @@ async fn write(
 ) {
     let n = batch.len() as u64;
     let mut wait = Duration::from_millis(500);
+    let published = || {
+        for rec in batch {
+            app.publish_call_end(rec);
+        }
+    };
     for attempt in 1..=WRITE_TRIES {
         match cfg.store.add_calls(&cfg.node, batch).await {
             Ok(()) => {
                 app.metrics
                     .call_records_written
                     .fetch_add(n, Ordering::Relaxed);
+                published();
                 return;
             }
             Err(e) if e.retryable() && attempt < WRITE_TRIES && !cancel.is_cancelled() => {
@@ -281,6 +293,7 @@ async fn write(
                 let first = batch.first().map_or("", |r| r.call_id.as_str());
                 tracing::error!(records = n, first_call_id = first, error = %e,
                     "call records lost: the database refused them");
+                published();
                 return;
             }
         }
