@@ -546,6 +546,11 @@ fn dialling_the_pickup_code_and_an_extension_takes_its_ringing_call() {
     invite_authorized(&picker, DOMAIN, ("2003", "pw-2003"), "**2001", "code-early");
     let r = wait_final(&picker, "code-early");
     assert_eq!(status(&r), 480, "{r}");
+    // A pickup is a call in the records too.
+    assert_eq!(
+        server.metric_becomes("careflow_sip_call_records_written_total", 1),
+        1
+    );
     let caller = Ua::new(server.sip_addr());
     invite_authorized(&caller, DOMAIN, ("2002", "pw-2002"), "2001", "ward-code");
     let inv = expect(&callee, "INVITE ");

@@ -466,12 +466,30 @@ fn sipp_call(server: &Server, uac: &str, uas: &str, pause_ms: u32) {
     );
 }
 
-/// sipp phones place calls of every disposition; each is one record with what happened.
 #[test]
-fn sipp_calls_of_every_disposition_make_one_record_each() {
+fn sipp_calls_of_every_disposition_make_one_record_each_on_sqlite() {
+    sipp_dispositions(None);
+}
+
+#[test]
+fn sipp_calls_of_every_disposition_make_one_record_each_on_postgresql() {
+    sipp_dispositions(Some(&TestDb::postgres()));
+}
+
+#[test]
+fn sipp_calls_of_every_disposition_make_one_record_each_on_mariadb() {
+    sipp_dispositions(Some(&TestDb::mariadb()));
+}
+
+/// sipp phones place calls of every disposition; each is one record with what happened.
+fn sipp_dispositions(db: Option<&TestDb>) {
     require("sipp", "sip-tester");
     // Timer C at 3 s: a call nobody answers is given up quickly.
-    let server = Server::start_with(DOMAIN, &[("TIMER_C", "3")]);
+    let mut env = vec![("TIMER_C", "3")];
+    if let Some(d) = db {
+        env.push(("DB_URL", d.url.as_str()));
+    }
+    let server = Server::start_with(DOMAIN, &env);
     for u in ["2001", "2002"] {
         server.add_user(u, &format!("pw-{u}"));
     }

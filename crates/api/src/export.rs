@@ -308,7 +308,8 @@ fn audit_body(api: Arc<Provisioning>, mut q: AuditQuery, format: Format) -> Body
     security(("bearer" = [])),
     params(CallsQuery, FormatQuery),
     responses(
-        (status = 200, description = "CSV (a header row, then one call per row) or JSON Lines (one call per line, as /api/admin/calls lists them)", content_type = "text/csv", body = String),
+        (status = 200, description = "CSV (a header row, then one call per row) or JSON Lines (one call per line, as /api/admin/calls lists them)",
+            content((String = "text/csv"), (String = "application/jsonl"))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 429, body = Problem, content_type = "application/problem+json"),
@@ -347,7 +348,8 @@ pub(crate) async fn calls(
     security(("bearer" = [])),
     params(crate::audit::AuditListQuery, FormatQuery),
     responses(
-        (status = 200, description = "CSV (a header row, then one entry per row) or JSON Lines", content_type = "text/csv", body = String),
+        (status = 200, description = "CSV (a header row, then one entry per row) or JSON Lines",
+            content((String = "text/csv"), (String = "application/jsonl"))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 429, body = Problem, content_type = "application/problem+json"),

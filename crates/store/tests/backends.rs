@@ -5,6 +5,10 @@
 
 use std::sync::Arc;
 
+use careflow_core::audit::AuditEvent;
+use careflow_core::cdr::{CallRecord, Device, Disposition, EndedBy};
+use careflow_store::audit::AuditQuery;
+use careflow_store::calls::CallQuery;
 use careflow_store::sqlite::DbUrl;
 use careflow_store::{Database, NewSubscriber, StoreError, open_database};
 use careflow_test_support::{TestDb, db_cli};
@@ -128,6 +132,137 @@ async fn conformance(db: Arc<dyn Database>) {
     assert!(db.remove("erin", "example.com").await.unwrap());
     assert!(db.remove("carol", "example.com").await.unwrap());
     assert!(!db.remove("carol", "example.com").await.unwrap());
+    records(&db).await;
+    audit(&db).await;
+}
+
+fn record(call_id: &str, ended_at: u64, disposition: Disposition) -> CallRecord {
+    CallRecord {
+        call_id: call_id.into(),
+        caller: "alice@example.com".into(),
+        caller_device: Device {
+            user_agent: Some("Yealink SIP-T46S \"quoted\" 'x'".into()),
+            source: Some("192.0.2.1:5060".into()),
+            transport: Some("udp".into()),
+            ..Device::default()
+        },
+        dialled: "sip:bob_x@example.com".into(),
+        callee: Some("bob_x@example.com".into()),
+        answered_by: None,
+        invite_at: ended_at - 5_000,
+        ringing_at: Some(ended_at - 4_000),
+        answered_at: None,
+        ended_at,
+        disposition,
+        final_code: 486,
+        reason: Some("SIP;cause=486;text=\"Busy\"".into()),
+        ended_by: EndedBy::Network,
+        media_anchored: false,
+    }
+}
+
+/// Call records: written in a batch, filtered and paged newest first, purged by age.
+async fn records(db: &Arc<dyn Database>) {
+    let old = record("old-call", 1_000_000, Disposition::Busy);
+    let batch = vec![
+        record("c1", 2_000_000, Disposition::Busy),
+        record("c2", 2_000_100, Disposition::NoAnswer),
+        record("c3", 2_000_200, Disposition::Busy),
+    ];
+    db.add_call("node-a", &old).await.unwrap();
+    db.add_calls("node-b", &batch).await.unwrap();
+    let all = db
+        .calls(&CallQuery {
+            limit: 10,
+            ..CallQuery::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = all.iter().map(|c| c.record.call_id.as_str()).collect();
+    assert_eq!(ids, ["c3", "c2", "c1", "old-call"]);
+    assert_eq!(all[0].record, batch[2], "read back as written");
+    assert_eq!(all[0].node, "node-b");
+    let busy = db
+        .calls(&CallQuery {
+            disposition: Some(Disposition::Busy),
+            user: Some("bob_x@example.com".into()),
+            since: Some(1_500_000),
+            limit: 1,
+            ..CallQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(busy.len(), 1);
+    assert_eq!(busy[0].record.call_id, "c3");
+    let next = db
+        .calls(&CallQuery {
+            disposition: Some(Disposition::Busy),
+            since: Some(1_500_000),
+            before_id: Some(busy[0].id),
+            limit: 10,
+            ..CallQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].record.call_id, "c1");
+    assert_eq!(
+        db.purge_calls(1_500_000).await.unwrap(),
+        1,
+        "the old call only"
+    );
+    let left = db
+        .calls(&CallQuery {
+            limit: 10,
+            ..CallQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 3);
+}
+
+/// The audit chain: appends continue it (from two writers at once too), and it verifies.
+async fn audit(db: &Arc<dyn Database>) {
+    let ev = |action: &str| AuditEvent {
+        actor: "cli:root".into(),
+        source: "local".into(),
+        action: action.into(),
+        target: "alice@example.com".into(),
+        outcome: "ok".into(),
+        detail: "line\nbreak \"quoted\"".into(),
+    };
+    let first = db
+        .append_audit(10, ev("credentials.created"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.seq, first.prev_hash.as_str()),
+        (1, careflow_core::audit::GENESIS)
+    );
+    let (a, b) = tokio::join!(
+        db.append_audit(11, ev("subscriber.disabled")),
+        db.append_audit(12, ev("subscriber.enabled"))
+    );
+    let mut seqs = [a.unwrap().seq, b.unwrap().seq];
+    seqs.sort_unstable();
+    assert_eq!(seqs, [2, 3]);
+    let chain = db.audit_after(0, 100).await.unwrap();
+    assert_eq!(chain.len(), 3);
+    let mut v = careflow_core::audit::Verifier::default();
+    for e in &chain {
+        v.check(e).unwrap();
+    }
+    assert_eq!(chain[0], first, "read back as written");
+    let only = db
+        .audit_entries(&AuditQuery {
+            action: Some("subscriber.enabled".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(only.len(), 1);
+    assert_eq!(db.audit_after(2, 100).await.unwrap().len(), 1);
 }
 
 #[tokio::test]

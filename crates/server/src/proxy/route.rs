@@ -177,9 +177,14 @@ impl App {
             && let Some(picked) =
                 self.pickup_target(replaces, &picker, msg.call_id().unwrap_or_default())
         {
+            // A pickup is a call of its own (to the caller's device) in the records.
+            self.cdr_invite(msg, ctx, &ruri_text, None);
             return match picked {
                 Ok((contact, target)) => Ok(vec![Hop::to(contact, target)].into()),
-                Err(code) => Err(refuse(code, "Pickup Not Allowed")),
+                Err(code) => {
+                    self.cdr_failed(msg.call_id().unwrap_or_default(), code);
+                    Err(refuse(code, "Pickup Not Allowed"))
+                }
             };
         }
         // `**` + extension: take that colleague's ringing call (phones without BLF pickup).
@@ -188,14 +193,24 @@ impl App {
             && let Some(picked) =
                 self.pickup_by_code(&ruri, &picker, msg.call_id().unwrap_or_default())
         {
+            self.cdr_invite(msg, ctx, &ruri_text, None);
             return match picked {
                 Ok((contact, target, replaces)) => Ok(Routed {
                     hops: vec![Hop::to(contact, target)],
                     sleepers: Vec::new(),
                     replaces: Some(replaces),
                 }),
-                Err(403) => Err(refuse(403, "Pickup Not Allowed")),
-                Err(code) => Err(refuse(code, "No Call To Pick Up")),
+                Err(code) => {
+                    self.cdr_failed(msg.call_id().unwrap_or_default(), code);
+                    Err(refuse(
+                        code,
+                        if code == 403 {
+                            "Pickup Not Allowed"
+                        } else {
+                            "No Call To Pick Up"
+                        },
+                    ))
+                }
             };
         }
         let call_id = msg.call_id().unwrap_or_default();
