@@ -76,6 +76,7 @@ pub(crate) async fn run(
     let events = careflow_store::events::Events::default();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
     let mut redis = None;
+    let mut redis_node = None;
     let location: Arc<dyn LocationStore> = match &cfg.redis_url {
         Some(url) => {
             let mut id = [0u8; 8];
@@ -85,6 +86,7 @@ pub(crate) async fn run(
                 .await
                 .context("cannot connect to REDIS_URL")?;
             redis = Some(shared.clone());
+            redis_node = Some(node.clone());
             let store = careflow_store::redis::RedisLocation::over(shared, node.clone());
             store.remove_expired(careflow_server::unix_now()).await?;
             tracing::info!(node = %node, "registrations are shared through redis");
@@ -162,6 +164,14 @@ pub(crate) async fn run(
         }),
     };
     let redis_for_links = redis;
+    // Live events of every node for this node's event streams.
+    if let (Some(r), Some(node)) = (redis_for_links.clone(), redis_node.clone()) {
+        tokio::spawn(careflow_store::events::relay(
+            events.clone(),
+            careflow_store::redis::bus::Bus::new(r),
+            node,
+        ));
+    }
     let cancel = CancellationToken::new();
     if let Some(g) = control_guard {
         crate::control::serve(&crate::control::socket_path(&cfg), g, cancel.clone())?;

@@ -272,3 +272,69 @@ fn administrators_see_registrations_and_missed_calls_as_server_sent_events() {
         "{data}"
     );
 }
+
+/// An administrator's event stream on node A of a cluster sees a phone register on node B
+/// (events cross over Redis), and a webhook gets that event once, from the node it happened
+/// on.
+#[test]
+fn an_event_stream_on_one_node_sees_what_happens_on_another() {
+    let redis = crate::push::OwnRedis::start();
+    let db = TestDb::postgres();
+    let (port, deliveries) = receiver(vec![]);
+    let url = format!("http://127.0.0.1:{port}/careflow/sip-events");
+    let node = || {
+        Server::start_with(
+            DOMAIN,
+            &[
+                ("DB_URL", db.url.as_str()),
+                ("REDIS_URL", redis.url.as_str()),
+                (
+                    "NONCE_SECRET",
+                    "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed",
+                ),
+                ("WEBHOOK_URL", url.as_str()),
+                ("WEBHOOK_SECRET", SECRET),
+                ("WEBHOOK_EVENTS", "device.registered"),
+            ],
+        )
+    };
+    let (a, b) = (node(), node());
+    a.add_user("2001", "pw-2001");
+    let out = a.cli_ok(&["apikey", "create", "events"]);
+    let key = out.lines().last().unwrap().trim().to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", a.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /api/admin/events HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.trim_end().is_empty() {
+            break;
+        }
+    }
+    // Both nodes listen on the bus before the phone registers.
+    std::thread::sleep(Duration::from_millis(500));
+    let phone = Ua::new(b.sip_addr());
+    assert_eq!(
+        status(&phone.register("2001", "pw-2001", DOMAIN, "x-1", "")),
+        200
+    );
+    let data = next_event(&mut r, "device.registered");
+    assert!(
+        data.contains(&format!("\"user\":\"2001@{DOMAIN}\"")),
+        "{data}"
+    );
+    deliveries
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the webhook delivery");
+    assert!(
+        deliveries.recv_timeout(Duration::from_secs(2)).is_err(),
+        "one delivery for one event, not one per node"
+    );
+}

@@ -142,10 +142,12 @@ pub async fn run(
                 Err(RecvError::Closed) => return,
             },
         };
-        if cfg
-            .events
-            .as_ref()
-            .is_some_and(|only| !only.iter().any(|t| t == e.kind.as_str()))
+        // Another node's event is that node's to deliver: CareFlow gets each event once.
+        if e.remote
+            || cfg
+                .events
+                .as_ref()
+                .is_some_and(|only| !only.iter().any(|t| t == e.kind.as_str()))
         {
             continue;
         }

@@ -75,6 +75,9 @@ impl App {
     /// the record): `call.ended` for its caller and callee, `call.missed` for a callee who
     /// did not answer.
     fn publish_call_end(&self, rec: &CallRecord) {
+        if !self.cfg.events.has_readers() {
+            return;
+        }
         let detail = serde_json::json!({
             "callId": rec.call_id,
             "caller": rec.caller,
@@ -153,6 +156,7 @@ impl App {
                 };
                 if let Some(Some((caller, callee))) =
                     self.with_cdr(|c| c.answered(call_id, by, now))
+                    && self.cfg.events.has_readers()
                 {
                     let detail =
                         serde_json::json!({"callId": call_id, "caller": caller, "callee": callee});

@@ -47,6 +47,8 @@ pub struct LiveEvent {
     pub at: u64,
     /// More about it (a call's id and parties, a device's transport), never a secret.
     pub detail: serde_json::Value,
+    /// It happened on another node of the cluster (relayed over Redis).
+    pub remote: bool,
 }
 
 impl LiveEvent {
@@ -60,6 +62,7 @@ impl LiveEvent {
             user: user.into(),
             at,
             detail,
+            remote: false,
         }
     }
 
@@ -97,9 +100,81 @@ impl Events {
         let _ = self.tx.send(e);
     }
 
+    /// Whether anyone reads the events (else building one is wasted work).
+    pub fn has_readers(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     /// A reader of the events published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
         self.tx.subscribe()
+    }
+}
+
+/// The bus channel live events cross between nodes on.
+const CHANNEL: &str = "events";
+
+impl LiveEvent {
+    /// The event as published to the other nodes, naming the node it happened on.
+    fn to_wire(&self, node: &str) -> String {
+        serde_json::json!({"node": node, "event": self.to_json()}).to_string()
+    }
+
+    /// An event another node published (none: not ours to read, or not from another node).
+    fn from_wire(text: &str, me: &str) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        if v.get("node")?.as_str()? == me {
+            return None;
+        }
+        let e = v.get("event")?;
+        let kind = [
+            EventKind::DeviceRegistered,
+            EventKind::DeviceUnregistered,
+            EventKind::CallAnswered,
+            EventKind::CallMissed,
+            EventKind::CallEnded,
+            EventKind::CredentialsChanged,
+        ]
+        .into_iter()
+        .find(|k| Some(k.as_str()) == e.get("type").and_then(serde_json::Value::as_str))?;
+        Some(Self {
+            kind,
+            user: e.get("user")?.as_str()?.to_string(),
+            at: e.get("at")?.as_u64()?,
+            detail: e.get("detail").cloned().unwrap_or_default(),
+            remote: true,
+        })
+    }
+}
+
+/// Makes the events of every node of a cluster this node's too: what happens here is published
+/// on the Redis bus, what the others publish is handed to this node's readers marked
+/// [`LiveEvent::remote`] (event streams show it; webhooks leave it to the node it happened on,
+/// so CareFlow gets each event once). Best effort, as the bus is: an event published while a
+/// node is cut off from Redis does not reach it.
+pub async fn relay(events: Events, bus: crate::redis::bus::Bus, node: String) {
+    let mut local = events.subscribe();
+    let mut remote = bus.subscribe(&[CHANNEL]);
+    loop {
+        tokio::select! {
+            e = local.recv() => match e {
+                Ok(e) if !e.remote => {
+                    if let Err(err) = bus.publish(CHANNEL, &e.to_wire(&node)).await {
+                        tracing::warn!(error = %err, event = e.kind.as_str(), "a live event did not reach the other nodes");
+                    }
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            m = remote.recv() => match m {
+                Some((_, payload)) => {
+                    if let Some(e) = LiveEvent::from_wire(&payload, &node) {
+                        events.publish(e);
+                    }
+                }
+                None => return,
+            },
+        }
     }
 }
 
@@ -125,5 +200,23 @@ mod tests {
         assert_eq!(e.kind, EventKind::DeviceRegistered);
         assert_eq!(e.to_json()["type"], "device.registered");
         assert_eq!(e.to_json()["detail"]["transport"], "udp");
+    }
+
+    #[test]
+    fn events_cross_to_other_nodes_marked_remote_and_never_come_back() {
+        let e = LiveEvent::now(
+            EventKind::CallMissed,
+            "2001@ward.test",
+            serde_json::json!({"callId": "c1"}),
+        );
+        let wire = e.to_wire("node-a");
+        let there = LiveEvent::from_wire(&wire, "node-b").unwrap();
+        assert!(there.remote);
+        assert_eq!(
+            (there.kind, there.user.as_str(), there.at, &there.detail),
+            (e.kind, e.user.as_str(), e.at, &e.detail)
+        );
+        assert_eq!(LiveEvent::from_wire(&wire, "node-a"), None, "its own echo");
+        assert_eq!(LiveEvent::from_wire("{}", "node-b"), None);
     }
 }
