@@ -495,7 +495,15 @@ fn sipp_dispositions(db: Option<&TestDb>) {
     }
     let out = server.cli_ok(&["apikey", "create", "records"]);
     let key = out.lines().last().unwrap().trim().to_string();
-    let cases: [(&str, &str, u32, &str, u16, &str); 5] = [
+    let cases: [(&str, &str, u32, &str, u16, &str); 6] = [
+        (
+            "uac-hung-up.xml",
+            "uas-hangup.xml",
+            0,
+            "answered",
+            200,
+            "callee",
+        ),
         (
             "uac-call.xml",
             "uas-ring.xml",
