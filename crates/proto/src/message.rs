@@ -108,8 +108,8 @@ impl Message {
             std::str::from_utf8(&b[pos..head_end]).map_err(|_| ParseError::new(K::NotUtf8))?;
 
         let mut defect = None;
-        let line_end = head.find('\n').map_or(head.len(), |i| i + 1);
-        let sl = head[..line_end].trim_end_matches(['\r', '\n']);
+        let line_end = memchr::memchr(b'\n', head.as_bytes()).map_or(head.len(), |i| i + 1);
+        let sl = without_line_break(&head[..line_end]);
         let (start, first, second) = parse_start_line(sl, pos, &mut defect)?;
         let start_line = Span::new(pos, pos + line_end);
 
@@ -117,9 +117,10 @@ impl Message {
         let mut off = pos + line_end;
         while off < head_end {
             let rel = off - pos;
-            let nl = head[rel..].find('\n').map_or(head.len(), |i| rel + i + 1);
+            let nl =
+                memchr::memchr(b'\n', &head.as_bytes()[rel..]).map_or(head.len(), |i| rel + i + 1);
             let line_end_abs = pos + nl;
-            let line = head[rel..nl].trim_end_matches(['\r', '\n']);
+            let line = without_line_break(&head[rel..nl]);
             if line.starts_with([' ', '\t']) {
                 // Folded continuation (RFC 3261 §7.3.1): extends the previous value.
                 match headers.last_mut() {
@@ -144,7 +145,7 @@ impl Message {
                     return Err(ParseError::new(K::TooManyHeaders));
                 }
             }
-            match line.find(':') {
+            match memchr::memchr(b':', line.as_bytes()) {
                 Some(colon)
                     if over_limit
                         && !matches!(
@@ -480,7 +481,18 @@ fn find_head_end(b: &[u8], from: usize) -> Option<(usize, usize)> {
 }
 
 pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
+}
+
+/// `line` without its line break (`\r\n`, `\n`, or stray `\r`s before it).
+fn without_line_break(line: &str) -> &str {
+    let b = line.as_bytes();
+    let mut end = b.len();
+    while end > 0 && matches!(b[end - 1], b'\r' | b'\n') {
+        end -= 1;
+    }
+    // Only ASCII bytes were cut: `end` is a char boundary.
+    &line[..end]
 }
 
 fn parse_start_line(
