@@ -75,8 +75,16 @@ impl HeaderName {
                 _ => Self::Other,
             };
         }
+        // Length and first letter rule out nearly every name before a full comparison.
+        let Some(first) = name.first().map(u8::to_ascii_lowercase) else {
+            return Self::Other;
+        };
         for (canon, h) in LONG_NAMES {
-            if canon.len() == name.len() && canon.as_bytes().eq_ignore_ascii_case(name) {
+            let c = canon.as_bytes();
+            if c.len() == name.len()
+                && c[0].to_ascii_lowercase() == first
+                && c.eq_ignore_ascii_case(name)
+            {
                 return *h;
             }
         }
