@@ -168,14 +168,6 @@ fn baresip_registers_from_its_own_config() {
     let server = Server::start("localhost");
     server.add_user("dave", "pw-dave-123");
     let home = tempfile::tempdir().unwrap();
-    let sip_port = free_port();
-    std::fs::write(
-        home.path().join("config"),
-        format!(
-            "poll_method epoll\nsip_listen 127.0.0.1:{sip_port}\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\nmodule_app account.so\naudio_player aufile,/dev/null\naudio_source aufile,/dev/null\n"
-        ),
-    )
-    .unwrap();
     std::fs::write(
         home.path().join("accounts"),
         format!(
@@ -184,22 +176,46 @@ fn baresip_registers_from_its_own_config() {
         ),
     )
     .unwrap();
-    let mut child = Command::new("baresip")
-        .args(["-f", home.path().to_str().unwrap(), "-t", "30"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start baresip");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // baresip listens on the port given and, for TLS, on the next one; either may be taken by
+    // another test between choosing it and binding it: then it exits, and is started again on
+    // other ports.
     let mut bindings = Vec::new();
-    while Instant::now() < deadline {
-        bindings = server.bindings_of("dave");
-        if !bindings.is_empty() {
+    let mut child = None;
+    for _ in 0..3 {
+        let sip_port = free_port();
+        std::fs::write(
+            home.path().join("config"),
+            format!(
+                "poll_method epoll\nsip_listen 127.0.0.1:{sip_port}\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\nmodule_app account.so\naudio_player aufile,/dev/null\naudio_source aufile,/dev/null\n"
+            ),
+        )
+        .unwrap();
+        let mut c = Command::new("baresip")
+            .args(["-f", home.path().to_str().unwrap(), "-t", "30"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start baresip");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut exited = false;
+        while Instant::now() < deadline {
+            bindings = server.bindings_of("dave");
+            if !bindings.is_empty() {
+                break;
+            }
+            if c.try_wait().ok().flatten().is_some() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        child = Some(c);
+        if !exited {
             break;
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
+    let mut child = child.unwrap();
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     assert_eq!(
