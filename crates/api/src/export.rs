@@ -206,100 +206,88 @@ fn attachment(format: Format, what: &str, body: Body) -> Response {
         .into_response()
 }
 
-/// What an export stream has left to do.
-struct Pages<Q> {
-    api: Arc<Provisioning>,
-    q: Q,
-    format: Format,
-    header: Option<String>,
-    done: bool,
+/// The CSV header row of `columns`.
+fn csv_header(columns: &[&str]) -> String {
+    csv_line(&columns.iter().map(|c| c.to_string()).collect::<Vec<_>>())
+}
+
+/// A body of `header` then the pages `next` reads and renders from `state`, one database page
+/// per chunk, until `next` says there is no more (`None` in place of the next state). `next`
+/// answering `None` ends the body early: the status line went out already, so the download
+/// ends short and `next` logs why.
+fn paged<S, F, Fut>(header: Option<String>, state: S, next: F) -> Body
+where
+    S: Send + 'static,
+    F: Fn(S) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Option<(String, Option<S>)>> + Send,
+{
+    let start = (header, Some(state), next);
+    Body::from_stream(futures_util::stream::unfold(
+        start,
+        |(header, state, next)| async move {
+            let (page, more) = next(state?).await?;
+            let out = match header {
+                Some(h) => h + &page,
+                None => page,
+            };
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from(out)),
+                (None, more, next),
+            ))
+        },
+    ))
 }
 
 /// Call records matching `q`, newest first, page by page.
 fn call_body(api: Arc<Provisioning>, mut q: CallQuery, format: Format) -> Body {
     q.limit = PAGE;
-    let header = (format == Format::Csv).then(|| {
-        csv_line(
-            &CALL_COLUMNS
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>(),
-        )
-    });
-    let st = Pages {
-        api,
-        q,
-        format,
-        header,
-        done: false,
-    };
-    Body::from_stream(futures_util::stream::unfold(st, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        let mut out = st.header.take().unwrap_or_default();
-        match st.api.calls.calls(&st.q).await {
+    let header = (format == Format::Csv).then(|| csv_header(CALL_COLUMNS));
+    paged(header, (api, q), move |(api, mut q)| async move {
+        match api.calls.calls(&q).await {
             Ok(rows) => {
-                st.done = rows.len() < PAGE;
-                st.q.before_id = rows.last().map(|r| r.id);
-                for r in rows {
-                    out.push_str(&match st.format {
+                let more = rows.len() == PAGE;
+                q.before_id = rows.last().map(|r| r.id);
+                let page: String = rows
+                    .into_iter()
+                    .map(|r| match format {
                         Format::Csv => call_csv(&r),
                         Format::Jsonl => call_json(r),
-                    });
-                }
-                Some((Ok::<_, std::io::Error>(Bytes::from(out)), st))
+                    })
+                    .collect();
+                Some((page, more.then_some((api, q))))
             }
             Err(e) => {
-                // The status line went out already: the download ends short, the log says why.
                 tracing::error!(error = %e, "call record export cut short: the database failed");
                 None
             }
         }
-    }))
+    })
 }
 
 /// Audit entries matching `q`, newest first, page by page.
 fn audit_body(api: Arc<Provisioning>, mut q: AuditQuery, format: Format) -> Body {
     q.limit = PAGE;
-    let header = (format == Format::Csv).then(|| {
-        csv_line(
-            &AUDIT_COLUMNS
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>(),
-        )
-    });
-    let st = Pages {
-        api,
-        q,
-        format,
-        header,
-        done: false,
-    };
-    Body::from_stream(futures_util::stream::unfold(st, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        let mut out = st.header.take().unwrap_or_default();
-        match st.api.audit_log.audit_entries(&st.q).await {
+    let header = (format == Format::Csv).then(|| csv_header(AUDIT_COLUMNS));
+    paged(header, (api, q), move |(api, mut q)| async move {
+        match api.audit_log.audit_entries(&q).await {
             Ok(rows) => {
-                st.done = rows.len() < PAGE;
-                st.q.before_seq = rows.last().map(|r| r.seq);
-                for r in rows {
-                    out.push_str(&match st.format {
+                let more = rows.len() == PAGE;
+                q.before_seq = rows.last().map(|r| r.seq);
+                let page: String = rows
+                    .into_iter()
+                    .map(|r| match format {
                         Format::Csv => audit_csv(&r),
                         Format::Jsonl => audit_json(r),
-                    });
-                }
-                Some((Ok::<_, std::io::Error>(Bytes::from(out)), st))
+                    })
+                    .collect();
+                Some((page, more.then_some((api, q))))
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit export cut short: the database failed");
                 None
             }
         }
-    }))
+    })
 }
 
 /// Call detail records as CSV or JSON Lines, newest first (the filters of `/api/admin/calls`;
