@@ -143,23 +143,34 @@ impl Authenticator {
         ha1: Option<&str>,
         now: u64,
     ) -> Result<(), (Failure, Verdict)> {
-        let decoy;
-        let ha1_used = match ha1 {
-            Some(h) => h,
-            None => {
-                decoy = self
-                    .nonces
-                    .decoy_ha1(&c.username, pending.algorithm.hex_len());
-                &decoy
-            }
-        };
-        let expected = expected_response(pending.algorithm, ha1_used, c, method);
+        self.finish_any(pending, c, method, ha1.as_slice(), now)
+    }
+
+    /// [`Self::finish`] against any of several HA1s: a device's current credentials and,
+    /// during the grace period after a rotation, its previous ones (empty when the subscriber
+    /// does not exist or is disabled). Every HA1 is checked, so the time taken does not tell
+    /// which one matched.
+    pub fn finish_any(
+        &self,
+        pending: Pending,
+        c: &Credentials<'_>,
+        method: &str,
+        ha1s: &[&str],
+        now: u64,
+    ) -> Result<(), (Failure, Verdict)> {
         let given = c.response.to_ascii_lowercase();
-        let matches = expected.len() == given.len()
-            && bool::from(expected.as_bytes().ct_eq(given.as_bytes()));
-        if ha1.is_none() {
+        let check = |ha1: &str| {
+            let expected = expected_response(pending.algorithm, ha1, c, method);
+            expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()))
+        };
+        if ha1s.is_empty() {
+            let decoy = self
+                .nonces
+                .decoy_ha1(&c.username, pending.algorithm.hex_len());
+            let _ = check(&decoy);
             return Err((Failure::UnknownUser, Verdict::Challenge { stale: false }));
         }
+        let matches = ha1s.iter().fold(false, |any, h| check(h) | any);
         // The digest is checked before the nonce's freshness, so that a stale or reused nonce
         // is no free oracle for guesses: a wrong digest counts whatever the nonce.
         if !matches {
@@ -289,6 +300,35 @@ mod tests {
             );
         }
         let _ = nonce;
+    }
+
+    #[test]
+    fn either_of_several_ha1s_is_accepted_and_no_other() {
+        // A device's current and previous credentials during the grace after a rotation.
+        let a = auth();
+        let ha1s =
+            |p: &Pending| ["old", "new"].map(|pw| ha1(p.algorithm, "dev", "example.com", pw));
+        for (pass, nc, ok) in [
+            ("old", "00000001", true),
+            ("new", "00000002", true),
+            ("other", "00000003", false),
+        ] {
+            let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
+            let header = creds(Algorithm::Sha256, "dev", pass, &nonce, nc);
+            let c = Credentials::parse(&header).unwrap();
+            let p = a.prepare(&c, "example.com", 101).unwrap();
+            let [old, new] = ha1s(&p);
+            let got = a.finish_any(p, &c, "REGISTER", &[&new, &old], 101);
+            assert_eq!(got.is_ok(), ok, "{pass}: {got:?}");
+        }
+        let nonce = nonce_of(&a.challenges("example.com", 100, false)[0]).to_string();
+        let header = creds(Algorithm::Md5, "dev", "new", &nonce, "00000001");
+        let c = Credentials::parse(&header).unwrap();
+        let p = a.prepare(&c, "example.com", 101).unwrap();
+        assert_eq!(
+            a.finish_any(p, &c, "REGISTER", &[], 101).unwrap_err().0,
+            Failure::UnknownUser
+        );
     }
 
     #[test]

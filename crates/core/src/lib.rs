@@ -29,6 +29,7 @@ pub mod guard;
 pub mod keepalive;
 pub mod media;
 pub mod nonce;
+pub mod provisioning;
 pub mod proxy;
 pub mod push;
 pub mod ratelimit;

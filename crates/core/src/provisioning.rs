@@ -1,0 +1,543 @@
+//! Auto-provisioning of desk phones (issue 21), the decisions without I/O: which file a phone
+//! asks for, the credentials a device carries, and when a source has missed too often.
+//!
+//! - [`Mac`]: a device's MAC address, however it is written (`00:15:65:AA:BB:CC`,
+//!   `001565aabbcc`, `00-15-65-aa-bb-cc`), kept as 12 lowercase hex digits.
+//! - [`FileRequest`]: the file names each vendor asks for (Yealink `y000000000000.cfg` and
+//!   `<mac>.cfg`, Cisco SPA `spa<mac>.xml`, Grandstream `cfg<mac>.xml`).
+//! - [`sip_password`]: a device's SIP password, derived from the provisioning key, the MAC and
+//!   the credentials' generation, so the configuration file can carry it while the database
+//!   keeps only its HA1; a rotation bumps the generation.
+//! - [`auth_name`] / [`device_of_auth_name`]: the digest user name a device authenticates
+//!   with (`<user>.<mac>`) while it registers the user's address.
+//! - [`FetchGuard`]: misses (an unknown MAC, wrong credentials) per source; a source over its
+//!   budget is throttled, so nobody enumerates MAC addresses.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
+
+use crate::ratelimit::{Generations, Window};
+
+/// A MAC address as 12 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(String);
+
+impl Mac {
+    /// Parses a MAC written with or without `:`/`-`/`.` separators, in either case.
+    pub fn parse(s: &str) -> Option<Self> {
+        let hex: String = s
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, ':' | '-' | '.'))
+            .collect();
+        if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        // Separators only between pairs, when present at all: `0-0156...` is no MAC.
+        let seps = s.trim().len() - hex.len();
+        if seps != 0 && seps != 5 && !(seps == 2 && s.trim().len() == 14) {
+            return None;
+        }
+        Some(Self(hex.to_ascii_lowercase()))
+    }
+
+    /// The 12 lowercase hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `00:15:65:aa:bb:cc`, for people.
+    pub fn colons(&self) -> String {
+        let mut out = String::with_capacity(17);
+        for (i, pair) in self.0.as_bytes().chunks(2).enumerate() {
+            if i > 0 {
+                out.push(':');
+            }
+            out.push_str(std::str::from_utf8(pair).unwrap_or_default());
+        }
+        out
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The phone families we write configuration for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    /// Yealink T4x/T5x (`key = value` files).
+    Yealink,
+    /// Cisco SPA 3xx/5xx (`<flat-profile>` XML).
+    CiscoSpa,
+    /// Grandstream GXP/GRP (`<gs_provision>` XML with P-values).
+    Grandstream,
+}
+
+impl Vendor {
+    /// `yealink`, `cisco-spa`, `grandstream`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Yealink => "yealink",
+            Self::CiscoSpa => "cisco-spa",
+            Self::Grandstream => "grandstream",
+        }
+    }
+}
+
+/// A phone model we provision: its vendor and what it can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Model {
+    /// The name in the API and CLI (`yealink-t46s`).
+    pub name: &'static str,
+    /// Its vendor.
+    pub vendor: Vendor,
+    /// SIP over TLS and SRTP: configured when the model has them.
+    pub tls: bool,
+    /// Line keys available for busy lamps.
+    pub line_keys: u8,
+}
+
+/// Every model we write configuration for.
+pub const MODELS: &[Model] = &[
+    Model {
+        name: "yealink-t46s",
+        vendor: Vendor::Yealink,
+        tls: true,
+        line_keys: 27,
+    },
+    Model {
+        name: "yealink-t54w",
+        vendor: Vendor::Yealink,
+        tls: true,
+        line_keys: 27,
+    },
+    Model {
+        name: "yealink-t33g",
+        vendor: Vendor::Yealink,
+        tls: true,
+        line_keys: 4,
+    },
+    Model {
+        name: "cisco-spa303",
+        vendor: Vendor::CiscoSpa,
+        tls: false,
+        line_keys: 3,
+    },
+    Model {
+        name: "cisco-spa504g",
+        vendor: Vendor::CiscoSpa,
+        tls: false,
+        line_keys: 4,
+    },
+    Model {
+        name: "grandstream-gxp2170",
+        vendor: Vendor::Grandstream,
+        tls: true,
+        line_keys: 12,
+    },
+    Model {
+        name: "grandstream-grp2614",
+        vendor: Vendor::Grandstream,
+        tls: true,
+        line_keys: 16,
+    },
+];
+
+/// The model named `name` (case-insensitive).
+pub fn model(name: &str) -> Option<&'static Model> {
+    MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(name))
+}
+
+/// What a phone's request path asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileRequest {
+    /// Yealink's common file, `y000000000000.cfg` (no secrets; every Yealink asks for it).
+    YealinkCommon,
+    /// Yealink's per-device file, `<mac>.cfg`.
+    YealinkDevice(Mac),
+    /// Cisco SPA's profile, `spa<mac>.xml` (its `Profile_Rule` is `spa$MA.xml`).
+    Spa(Mac),
+    /// Grandstream's file, `cfg<mac>.xml` (or `cfg<mac>`, asked for first by some firmware).
+    Grandstream(Mac),
+    /// A file the vendors ask for and that we do not serve (Yealink's `.boot` files and
+    /// `<mac>-local.cfg`): 404, and not a miss.
+    NotServed,
+    /// Anything else: 404, and a miss.
+    Unknown,
+}
+
+impl FileRequest {
+    /// The request for `path` (the URL path, `/` and any directories before the file name
+    /// ignored, so `https://host/prov/` works as a server URL too).
+    pub fn parse(path: &str) -> Self {
+        let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
+        let mac_of = |s: &str| Mac::parse(s).filter(|_| s.len() == 12);
+        if name == "y000000000000.cfg" {
+            return Self::YealinkCommon;
+        }
+        if name.starts_with("y000000000") && name.ends_with(".boot") {
+            return Self::NotServed;
+        }
+        if let Some(stem) = name.strip_suffix(".cfg") {
+            if let Some(mac) = mac_of(stem) {
+                return Self::YealinkDevice(mac);
+            }
+            if stem.strip_suffix("-local").and_then(mac_of).is_some() {
+                return Self::NotServed;
+            }
+        }
+        if name.strip_suffix(".boot").and_then(mac_of).is_some() {
+            return Self::NotServed;
+        }
+        if let Some(mac) = name
+            .strip_prefix("spa")
+            .and_then(|s| s.strip_suffix(".xml"))
+            .and_then(mac_of)
+        {
+            return Self::Spa(mac);
+        }
+        if let Some(rest) = name.strip_prefix("cfg") {
+            let stem = rest.strip_suffix(".xml").unwrap_or(rest);
+            if let Some(mac) = mac_of(stem) {
+                return Self::Grandstream(mac);
+            }
+        }
+        Self::Unknown
+    }
+
+    /// The device this file belongs to (none for the Yealink common file).
+    pub fn mac(&self) -> Option<&Mac> {
+        match self {
+            Self::YealinkDevice(m) | Self::Spa(m) | Self::Grandstream(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The vendor whose phones ask for this file.
+    pub fn vendor(&self) -> Option<Vendor> {
+        match self {
+            Self::YealinkCommon | Self::YealinkDevice(_) => Some(Vendor::Yealink),
+            Self::Spa(_) => Some(Vendor::CiscoSpa),
+            Self::Grandstream(_) => Some(Vendor::Grandstream),
+            _ => None,
+        }
+    }
+}
+
+/// The secret the SIP passwords of devices are derived from (`DATA_DIR/provisioning.key`,
+/// or `PROVISION_KEY_FILE`: the same file on every node).
+#[derive(Clone)]
+pub struct ProvisioningKey([u8; 32]);
+
+impl fmt::Debug for ProvisioningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProvisioningKey(..)")
+    }
+}
+
+impl ProvisioningKey {
+    /// A key of 32 bytes.
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    fn derive(&self, label: &str, parts: &[&[u8]]) -> String {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.0) else {
+            return String::new();
+        };
+        mac.update(label.as_bytes());
+        for p in parts {
+            // Length-prefixed, so no two different inputs meet.
+            mac.update(&(p.len() as u32).to_be_bytes());
+            mac.update(p);
+        }
+        let out = mac.finalize().into_bytes();
+        careflow_proto::digest::hex(&out[..16])
+    }
+}
+
+/// The SIP password of device `mac` at credential generation `generation`: 32 hex digits
+/// (128 bits), derived, never stored.
+pub fn sip_password(key: &ProvisioningKey, mac: &Mac, generation: u32) -> String {
+    key.derive(
+        "careflow-sip device password v1",
+        &[mac.as_str().as_bytes(), &generation.to_be_bytes()],
+    )
+}
+
+/// The digest user name a device of `user` authenticates with: `<user>.<mac>`.
+pub fn auth_name(user: &str, mac: &Mac) -> String {
+    format!("{user}.{mac}")
+}
+
+/// The MAC of a device auth name of `user` (`<user>.<mac>`), if `name` is one.
+pub fn device_of_auth_name(name: &str, user: &str) -> Option<Mac> {
+    let rest = name.strip_prefix(user)?.strip_prefix('.')?;
+    Mac::parse(rest).filter(|_| rest.len() == 12)
+}
+
+/// How many misses a source may have and for how long it is throttled after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchLimits {
+    /// Misses allowed per window from one source address.
+    pub misses: u32,
+    /// The window, and how long a source over its budget stays throttled.
+    pub window: Duration,
+}
+
+impl Default for FetchLimits {
+    /// 60 misses per 10 minutes: a site with a hundred removed phones behind one address that
+    /// still fetch every hour stays well inside; an enumeration gets 8,640 guesses a day out of
+    /// a vendor's 16.7 million addresses.
+    fn default() -> Self {
+        Self {
+            misses: 60,
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SourceState {
+    misses: Window,
+    throttled_until: Option<Instant>,
+}
+
+/// Counts misses per source address and says when a source is throttled. While throttled, a
+/// source gets 429 for every request that does not carry valid credentials, for unknown and
+/// known MACs alike, so the answers tell nothing about which MACs exist.
+#[derive(Debug)]
+pub struct FetchGuard {
+    limits: FetchLimits,
+    sources: Mutex<Generations<IpAddr, SourceState>>,
+}
+
+/// Sources remembered at most (a forgotten one starts afresh).
+const MAX_SOURCES: usize = 100_000;
+
+impl FetchGuard {
+    /// A guard with `limits`.
+    pub fn new(limits: FetchLimits, now: Instant) -> Self {
+        Self {
+            limits,
+            sources: Mutex::new(Generations::new(now)),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> FetchLimits {
+        self.limits
+    }
+
+    fn with<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut SourceState) -> R) -> R {
+        let mut sources = match self.sources.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let state = sources.entry(ip, MAX_SOURCES, self.limits.window * 2, now, || {
+            SourceState {
+                misses: Window::new(now),
+                throttled_until: None,
+            }
+        });
+        f(state)
+    }
+
+    /// How long `ip` stays throttled, if it is.
+    pub fn throttled(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        self.with(ip, now, |s| {
+            let until = s.throttled_until?;
+            if until > now {
+                Some(until - now)
+            } else {
+                s.throttled_until = None;
+                None
+            }
+        })
+    }
+
+    /// Counts a miss of `ip`; true when this miss put it over its budget.
+    pub fn miss(&self, ip: IpAddr, now: Instant) -> bool {
+        let limits = self.limits;
+        self.with(ip, now, |s| {
+            let n = s.misses.hit(limits.window, now);
+            if n > limits.misses && s.throttled_until.is_none_or(|t| t <= now) {
+                s.throttled_until = Some(now + limits.window);
+                return true;
+            }
+            false
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(s: &str) -> Mac {
+        Mac::parse(s).unwrap()
+    }
+
+    #[test]
+    fn macs_are_read_however_they_are_written() {
+        for s in [
+            "00:15:65:AA:BB:CC",
+            "001565aabbcc",
+            "00-15-65-aa-bb-cc",
+            "0015.65aa.bbcc",
+            " 001565AABBCC ",
+        ] {
+            assert_eq!(
+                Mac::parse(s).map(|m| m.to_string()).as_deref(),
+                Some("001565aabbcc"),
+                "{s}"
+            );
+        }
+        for s in [
+            "",
+            "001565aabbc",
+            "001565aabbccd",
+            "00156gaabbcc",
+            "0-01565aabbcc",
+            "00:15:65:aa:bb",
+        ] {
+            assert_eq!(Mac::parse(s), None, "{s}");
+        }
+        assert_eq!(mac("001565aabbcc").colons(), "00:15:65:aa:bb:cc");
+    }
+
+    #[test]
+    fn each_vendor_file_name_is_recognised() {
+        let m = mac("001565aabbcc");
+        assert_eq!(
+            FileRequest::parse("/y000000000000.cfg"),
+            FileRequest::YealinkCommon
+        );
+        assert_eq!(
+            FileRequest::parse("/001565AABBCC.cfg"),
+            FileRequest::YealinkDevice(m.clone())
+        );
+        assert_eq!(
+            FileRequest::parse("/prov/001565aabbcc.cfg"),
+            FileRequest::YealinkDevice(m.clone())
+        );
+        assert_eq!(
+            FileRequest::parse("/spa001565aabbcc.xml"),
+            FileRequest::Spa(m.clone())
+        );
+        assert_eq!(
+            FileRequest::parse("/cfg001565aabbcc.xml"),
+            FileRequest::Grandstream(m.clone())
+        );
+        assert_eq!(
+            FileRequest::parse("/cfg001565aabbcc"),
+            FileRequest::Grandstream(m.clone())
+        );
+        for p in [
+            "/y000000000028.boot",
+            "/001565aabbcc.boot",
+            "/001565aabbcc-local.cfg",
+        ] {
+            assert_eq!(FileRequest::parse(p), FileRequest::NotServed, "{p}");
+        }
+        for p in [
+            "/",
+            "/favicon.ico",
+            "/00:15:65:aa:bb:cc.cfg",
+            "/spa.xml",
+            "/cfg.xml",
+            "/../etc/passwd",
+        ] {
+            assert_eq!(FileRequest::parse(p), FileRequest::Unknown, "{p}");
+        }
+        assert_eq!(
+            FileRequest::parse("/spa001565aabbcc.xml").vendor(),
+            Some(Vendor::CiscoSpa)
+        );
+        assert_eq!(FileRequest::YealinkCommon.mac(), None);
+    }
+
+    #[test]
+    fn passwords_differ_by_key_device_and_generation_and_are_stable() {
+        let k = ProvisioningKey::new([7; 32]);
+        let a = sip_password(&k, &mac("001565aabbcc"), 1);
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(a, sip_password(&k, &mac("00:15:65:AA:BB:CC"), 1));
+        assert_ne!(a, sip_password(&k, &mac("001565aabbcc"), 2));
+        assert_ne!(a, sip_password(&k, &mac("001565aabbcd"), 1));
+        assert_ne!(
+            a,
+            sip_password(&ProvisioningKey::new([8; 32]), &mac("001565aabbcc"), 1)
+        );
+        assert!(!format!("{k:?}").contains('7'));
+    }
+
+    #[test]
+    fn a_device_auth_name_belongs_to_its_user_only() {
+        let m = mac("001565aabbcc");
+        assert_eq!(auth_name("2001", &m), "2001.001565aabbcc");
+        assert_eq!(
+            device_of_auth_name("2001.001565aabbcc", "2001"),
+            Some(m.clone())
+        );
+        assert_eq!(device_of_auth_name("2001.001565aabbcc", "200"), None);
+        assert_eq!(device_of_auth_name("2001.001565aabbcc", "2002"), None);
+        assert_eq!(device_of_auth_name("2001", "2001"), None);
+        assert_eq!(device_of_auth_name("2001.00:15:65:aa:bb:cc", "2001"), None);
+        assert_eq!(device_of_auth_name("a.b.001565aabbcc", "a.b"), Some(m));
+    }
+
+    #[test]
+    fn a_source_is_throttled_after_its_budget_of_misses_and_then_recovers() {
+        let t0 = Instant::now();
+        let limits = FetchLimits {
+            misses: 3,
+            window: Duration::from_secs(60),
+        };
+        let g = FetchGuard::new(limits, t0);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        for _ in 0..3 {
+            assert!(!g.miss(ip, t0));
+        }
+        assert_eq!(g.throttled(ip, t0), None);
+        assert!(g.miss(ip, t0), "the fourth miss goes over the budget");
+        assert_eq!(g.throttled(ip, t0), Some(Duration::from_secs(60)));
+        assert_eq!(
+            g.throttled(other, t0),
+            None,
+            "other sources are not affected"
+        );
+        assert!(
+            !g.miss(ip, t0 + Duration::from_secs(1)),
+            "already throttled"
+        );
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(g.throttled(ip, later), None);
+        assert!(!g.miss(ip, later), "a new window");
+    }
+
+    #[test]
+    fn a_busy_honest_site_behind_one_address_is_never_throttled() {
+        // 100 removed phones behind the hospital's address still fetch every hour, for a day.
+        let t0 = Instant::now();
+        let g = FetchGuard::new(FetchLimits::default(), t0);
+        let nat: IpAddr = "198.51.100.1".parse().unwrap();
+        for hour in 0..24u64 {
+            for phone in 0..100u64 {
+                let at = t0 + Duration::from_secs(hour * 3600 + phone * 36);
+                assert!(!g.miss(nat, at), "hour {hour} phone {phone}");
+                assert_eq!(g.throttled(nat, at), None);
+            }
+        }
+    }
+}
