@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod calls;
+pub mod devices;
 pub mod events;
 pub mod kamailio;
 pub mod location;
@@ -188,14 +189,22 @@ pub(crate) fn like_pattern(query: &str) -> String {
     )
 }
 
-/// A subscriber database: subscribers, API keys, call records and the audit trail in one
-/// place (`DB_URL`).
+/// A subscriber database: subscribers, API keys, call records, the audit trail and provisioned
+/// devices in one place (`DB_URL`).
 pub trait Database:
-    SubscriberStore + ApiKeyStore + calls::CallRecordStore + audit::AuditStore
+    SubscriberStore + ApiKeyStore + calls::CallRecordStore + audit::AuditStore + devices::DeviceStore
 {
 }
 
-impl<T: SubscriberStore + ApiKeyStore + calls::CallRecordStore + audit::AuditStore> Database for T {}
+impl<
+    T: SubscriberStore
+        + ApiKeyStore
+        + calls::CallRecordStore
+        + audit::AuditStore
+        + devices::DeviceStore,
+> Database for T
+{
+}
 
 /// Opens the database `DB_URL` names and brings its schema up to date.
 pub async fn open_database(

@@ -96,6 +96,31 @@ pub(crate) const SUBSCRIBER_MIGRATIONS: &[(i64, &str)] = &[
     CREATE INDEX idx_audit_log_actor ON audit_log (actor, seq);
     CREATE INDEX idx_audit_log_target ON audit_log (target, seq);",
     ),
+    // Provisioned desk phones (issue 21): HA1s only, the SIP password is derived.
+    (
+        5,
+        "CREATE TABLE device (
+        mac TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        username TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        label TEXT,
+        blf TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        ha1_md5 TEXT NOT NULL,
+        ha1_sha256 TEXT NOT NULL,
+        prev_ha1_md5 TEXT,
+        prev_ha1_sha256 TEXT,
+        prev_valid_until INTEGER,
+        prov_ha1_md5 TEXT NOT NULL,
+        prov_ha1_sha256 TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        last_fetch_at INTEGER,
+        last_fetch_from TEXT
+    );
+    CREATE INDEX idx_device_user ON device (username, domain);",
+    ),
 ];
 
 pub(crate) const LOCATION_MIGRATIONS: &[(i64, &str)] = &[

@@ -109,6 +109,30 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
                 KEY idx_audit_log_target (target, seq)
             ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
     ),
+    (
+        5,
+        &["CREATE TABLE device (
+                mac CHAR(12) PRIMARY KEY,
+                model VARCHAR(64) NOT NULL,
+                username VARCHAR(255) NOT NULL,
+                domain VARCHAR(255) NOT NULL,
+                label VARCHAR(255),
+                blf TEXT NOT NULL,
+                generation BIGINT NOT NULL,
+                ha1_md5 CHAR(32) NOT NULL,
+                ha1_sha256 CHAR(64) NOT NULL,
+                prev_ha1_md5 CHAR(32),
+                prev_ha1_sha256 CHAR(64),
+                prev_valid_until BIGINT,
+                prov_ha1_md5 CHAR(32) NOT NULL,
+                prov_ha1_sha256 CHAR(64) NOT NULL,
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,
+                last_fetch_at BIGINT,
+                last_fetch_from VARCHAR(255),
+                KEY idx_device_user (username, domain)
+            ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
+    ),
 ];
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -500,6 +524,48 @@ fn mysql_value(v: &Val) -> mysql_async::Value {
         Val::Text(Some(t)) => Value::from(t.as_str()),
         Val::Int(Some(i)) => Value::from(*i),
         Val::Text(None) | Val::Int(None) => Value::NULL,
+    }
+}
+
+#[async_trait]
+impl crate::devices::Sql for MysqlSubscribers {
+    fn mark(&self, _i: usize) -> String {
+        "?".into()
+    }
+
+    async fn exec(&self, sql: String, vals: Vec<Val>) -> Result<u64, StoreError> {
+        let params: Vec<mysql_async::Value> = vals.iter().map(mysql_value).collect();
+        self.call(|mut c| async move {
+            c.exec_drop(sql, params).await.map_err(db_err)?;
+            Ok(c.affected_rows())
+        })
+        .await
+    }
+
+    async fn rows(
+        &self,
+        sql: String,
+        vals: Vec<Val>,
+        kinds: &'static [Kind],
+    ) -> Result<Vec<Vec<Val>>, StoreError> {
+        let params: Vec<mysql_async::Value> = vals.iter().map(mysql_value).collect();
+        self.call(|mut c| async move {
+            let rows: Vec<mysql_async::Row> = c.exec(sql, params).await.map_err(db_err)?;
+            Ok(rows
+                .into_iter()
+                .map(|mut r| {
+                    kinds
+                        .iter()
+                        .enumerate()
+                        .map(|(i, kind)| match kind {
+                            Kind::Text => Val::Text(r.take_opt(i).and_then(Result::ok).flatten()),
+                            Kind::Int => Val::Int(r.take_opt(i).and_then(Result::ok).flatten()),
+                        })
+                        .collect()
+                })
+                .collect())
+        })
+        .await
     }
 }
 

@@ -106,6 +106,30 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE INDEX idx_audit_log_actor ON audit_log (actor, seq);
     CREATE INDEX idx_audit_log_target ON audit_log (target, seq);",
     ),
+    (
+        5,
+        "CREATE TABLE device (
+        mac TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        username TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        label TEXT,
+        blf TEXT NOT NULL,
+        generation BIGINT NOT NULL,
+        ha1_md5 TEXT NOT NULL,
+        ha1_sha256 TEXT NOT NULL,
+        prev_ha1_md5 TEXT,
+        prev_ha1_sha256 TEXT,
+        prev_valid_until BIGINT,
+        prov_ha1_md5 TEXT NOT NULL,
+        prov_ha1_sha256 TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        last_fetch_at BIGINT,
+        last_fetch_from TEXT
+    );
+    CREATE INDEX idx_device_user ON device (username, domain);",
+    ),
 ];
 
 /// Serialises migrations of nodes starting at once (`pg_advisory_lock` key).
@@ -514,6 +538,47 @@ impl CallRecordStore for PgSubscribers {
         c.execute("DELETE FROM call_record WHERE ended_at < $1", &[&before])
             .await
             .map_err(db_err)
+    }
+}
+
+#[async_trait]
+impl crate::devices::Sql for PgSubscribers {
+    fn mark(&self, i: usize) -> String {
+        format!("${i}")
+    }
+
+    async fn exec(&self, sql: String, vals: Vec<Val>) -> Result<u64, StoreError> {
+        let params: Vec<_> = vals.iter().map(pg_value).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let c = self.client().await?;
+        c.execute(&sql, &refs).await.map_err(db_err)
+    }
+
+    async fn rows(
+        &self,
+        sql: String,
+        vals: Vec<Val>,
+        kinds: &'static [Kind],
+    ) -> Result<Vec<Vec<Val>>, StoreError> {
+        let params: Vec<_> = vals.iter().map(pg_value).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let c = self.client().await?;
+        let rows = c.query(&sql, &refs).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, kind)| match kind {
+                        Kind::Text => r.try_get(i).map(Val::Text),
+                        Kind::Int => r.try_get(i).map(Val::Int),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_err)
+            })
+            .collect()
     }
 }
 

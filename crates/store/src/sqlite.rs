@@ -374,6 +374,46 @@ impl CallRecordStore for SqliteSubscribers {
     }
 }
 
+#[async_trait]
+impl crate::devices::Sql for SqliteSubscribers {
+    fn mark(&self, i: usize) -> String {
+        format!("?{i}")
+    }
+
+    async fn exec(&self, sql: String, vals: Vec<Val>) -> Result<u64, StoreError> {
+        let params = sqlite_values(&vals);
+        self.with(|c| {
+            let n = c
+                .prepare_cached(&sql)?
+                .execute(rusqlite::params_from_iter(params))?;
+            Ok(n as u64)
+        })
+    }
+
+    async fn rows(
+        &self,
+        sql: String,
+        vals: Vec<Val>,
+        kinds: &'static [Kind],
+    ) -> Result<Vec<Vec<Val>>, StoreError> {
+        let params = sqlite_values(&vals);
+        self.with(|c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
+                let mut v = Vec::with_capacity(kinds.len());
+                for (i, kind) in kinds.iter().enumerate() {
+                    v.push(match kind {
+                        Kind::Text => Val::Text(r.get(i)?),
+                        Kind::Int => Val::Int(r.get(i)?),
+                    });
+                }
+                Ok(v)
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+}
+
 fn sqlite_values(v: &[Val]) -> Vec<rusqlite::types::Value> {
     v.iter().map(sqlite_value).collect()
 }

@@ -134,6 +134,7 @@ async fn conformance(db: Arc<dyn Database>) {
     assert!(!db.remove("carol", "example.com").await.unwrap());
     records(&db).await;
     audit(&db).await;
+    devices(&db).await;
 }
 
 fn record(call_id: &str, ended_at: u64, disposition: Disposition) -> CallRecord {
@@ -263,6 +264,96 @@ async fn audit(db: &Arc<dyn Database>) {
         .unwrap();
     assert_eq!(only.len(), 1);
     assert_eq!(db.audit_after(2, 100).await.unwrap().len(), 1);
+}
+
+/// Provisioned devices: added once per MAC, listed per user, rotated with a compare on the
+/// generation (two rotations at once: one wins), the previous HA1 kept with its deadline.
+async fn devices(db: &Arc<dyn Database>) {
+    use careflow_store::devices::Device;
+    let dev = |mac: &str, user: &str| Device {
+        mac: mac.into(),
+        model: "yealink-t46s".into(),
+        username: user.into(),
+        domain: "example.com".into(),
+        label: Some("Ward 3".into()),
+        blf: vec!["bob_x".into()],
+        generation: 1,
+        ha1_md5: "a".repeat(32),
+        ha1_sha256: "b".repeat(64),
+        previous: None,
+        prov_ha1_md5: "c".repeat(32),
+        prov_ha1_sha256: "d".repeat(64),
+        created_at: 100,
+        updated_at: 100,
+        last_fetch_at: None,
+        last_fetch_from: None,
+    };
+    let a = dev("001565aabbcc", "alice");
+    db.add_device(&a).await.unwrap();
+    db.add_device(&dev("001565aabbcd", "bob_x")).await.unwrap();
+    assert!(matches!(
+        db.add_device(&dev("001565aabbcc", "bob_x")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(db.device("001565aabbcc").await.unwrap(), Some(a.clone()));
+    assert_eq!(db.device("001565aabbce").await.unwrap(), None);
+    assert_eq!(db.devices(None).await.unwrap().len(), 2);
+    let alices = db.devices(Some(("alice", "example.com"))).await.unwrap();
+    assert_eq!(alices, vec![a.clone()]);
+    let new = ("e".repeat(32), "f".repeat(64));
+    let (r1, r2) = tokio::join!(
+        db.rotate_device("001565aabbcc", 1, (&new.0, &new.1), 500, 200),
+        db.rotate_device("001565aabbcc", 1, (&new.0, &new.1), 500, 200)
+    );
+    assert!(
+        r1.unwrap() ^ r2.unwrap(),
+        "exactly one rotation from generation 1"
+    );
+    let rotated = db.device("001565aabbcc").await.unwrap().unwrap();
+    assert_eq!(rotated.generation, 2);
+    assert_eq!(rotated.ha1_md5, new.0);
+    let prev = rotated.previous.clone().unwrap();
+    assert_eq!(
+        (prev.ha1_md5.as_str(), prev.valid_until),
+        (a.ha1_md5.as_str(), 500)
+    );
+    assert!(
+        db.update_device(
+            "001565aabbcc",
+            "cisco-spa303",
+            None,
+            &["x".into(), "y".into()],
+            300
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        db.set_provisioning_ha1("001565aabbcc", (&"1".repeat(32), &"2".repeat(64)), 300)
+            .await
+            .unwrap()
+    );
+    db.device_fetched("001565aabbcc", 400, "192.0.2.7:4321")
+        .await
+        .unwrap();
+    let d = db.device("001565aabbcc").await.unwrap().unwrap();
+    assert_eq!(
+        (d.model.as_str(), d.label.as_deref()),
+        ("cisco-spa303", None)
+    );
+    assert_eq!(d.blf, vec!["x".to_string(), "y".to_string()]);
+    assert_eq!(d.prov_ha1_md5, "1".repeat(32));
+    assert_eq!(
+        (d.last_fetch_at, d.last_fetch_from.as_deref()),
+        (Some(400), Some("192.0.2.7:4321"))
+    );
+    assert!(db.remove_device("001565aabbcd").await.unwrap());
+    assert!(!db.remove_device("001565aabbcd").await.unwrap());
+    assert!(
+        !db.update_device("001565aabbcd", "m", None, &[], 1)
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test]
