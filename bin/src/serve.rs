@@ -73,6 +73,7 @@ pub(crate) async fn run(
     let call_records: Arc<dyn careflow_store::calls::CallRecordStore> = db.clone();
     let audit_log: Arc<dyn careflow_store::audit::AuditStore> = db.clone();
     let audit_log_for_syslog = audit_log.clone();
+    let devices: Arc<dyn careflow_store::devices::DeviceStore> = db.clone();
     let events = careflow_store::events::Events::default();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
     let mut redis = None;
@@ -112,6 +113,7 @@ pub(crate) async fn run(
     reloader.guard = guard.clone();
     let api_guard = guard.clone();
     let server_cfg = ServerConfig {
+        devices: Some(careflow_server::Devices(devices.clone())),
         guard: guard.clone(),
         domains: vec![cfg.sip_domain.clone()],
         listen: cfg.sip_listen.clone(),

@@ -17,6 +17,7 @@ use careflow_core::guard::Guard;
 use careflow_proto::digest::Credentials;
 use careflow_proto::{HeaderName, Message, ResponseBuilder};
 use careflow_store::SubscriberStore;
+use careflow_store::devices::DeviceStore;
 
 use crate::app::{App, Ctx, to_tag};
 use crate::metrics::Metrics;
@@ -91,6 +92,7 @@ pub(crate) struct Prepared<'m> {
 pub(crate) struct Digest<'a> {
     auth: &'a Authenticator,
     subscribers: &'a dyn SubscriberStore,
+    devices: Option<&'a dyn DeviceStore>,
     metrics: &'a Metrics,
     guard: Option<&'a Guard>,
     server_header: &'a str,
@@ -102,6 +104,7 @@ impl App {
         Digest {
             auth: &self.auth,
             subscribers: &*self.subscribers,
+            devices: self.cfg.devices.as_ref().map(|d| &*d.0),
             metrics: &self.metrics,
             guard: self.cfg.guard.as_deref(),
             server_header: &self.cfg.server_header,
@@ -126,7 +129,12 @@ impl Digest<'_> {
             .filter_map(Credentials::parse)
             .find(|c| c.realm.eq_ignore_ascii_case(realm))
             .ok_or(AuthError::Missing)?;
-        if creds.username != user {
+        // A provisioned device authenticates as `<user>.<mac>` for its user's requests.
+        let own = creds.username == user
+            || (self.devices.is_some()
+                && careflow_core::provisioning::device_of_auth_name(&creds.username, user)
+                    .is_some());
+        if !own {
             // A policy refusal, not a guess: no digest was checked.
             tracing::info!(src = %ctx.source, realm, method = msg.method_str(),
                 "credentials of another user than the request's; refused");
@@ -152,24 +160,43 @@ impl Digest<'_> {
         now: u64,
     ) -> Result<(), AuthError> {
         let username = prepared.creds.username.as_ref();
-        let subscriber = match self.subscribers.find(username, realm).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, retryable = e.retryable(), method = msg.method_str(),
-                    realm, "subscriber lookup failed; answering 503");
-                return Err(AuthError::Store);
-            }
+        let store_failed = |e: careflow_store::StoreError, what: &str| {
+            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, retryable = e.retryable(), method = msg.method_str(),
+                realm, "{what} lookup failed; answering 503");
+            AuthError::Store
         };
-        let ha1 = subscriber
-            .as_ref()
-            .filter(|s| s.enabled)
-            .map(|s| s.ha1(prepared.pending.algorithm));
-        match self.auth.finish(
+        // `prepare` let through only the user's own name or one of its device names.
+        let device = match (self.devices, username.rsplit_once('.')) {
+            (Some(devices), Some((owner, mac)))
+                if careflow_core::provisioning::device_of_auth_name(username, owner).is_some() =>
+            {
+                let d = devices
+                    .device(mac)
+                    .await
+                    .map_err(|e| store_failed(e, "device"))?;
+                Some((owner, d.filter(|d| d.username == owner && d.domain == realm)))
+            }
+            _ => None,
+        };
+        let owner = device.as_ref().map_or(username, |(owner, _)| owner);
+        let subscriber = self
+            .subscribers
+            .find(owner, realm)
+            .await
+            .map_err(|e| store_failed(e, "subscriber"))?
+            .filter(|s| s.enabled);
+        let alg = prepared.pending.algorithm;
+        let ha1s: Vec<&str> = match (&device, &subscriber) {
+            (None, Some(s)) => vec![s.ha1(alg)],
+            (Some((_, Some(d))), Some(_)) => d.sip_ha1s(alg, now as i64),
+            _ => Vec::new(),
+        };
+        match self.auth.finish_any(
             prepared.pending,
             &prepared.creds,
             msg.method_str(),
-            ha1,
+            &ha1s,
             now,
         ) {
             Ok(()) => Ok(()),

@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub cdr: Option<CdrConfig>,
     /// Live events (registrations, calls) for the API's streams and webhooks.
     pub events: careflow_store::events::Events,
+    /// Provisioned devices: their own credentials (`<user>.<mac>`) are accepted for their
+    /// user's requests. None: only users' own credentials are.
+    pub devices: Option<Devices>,
 }
 
 /// Call detail records (issue 20).
@@ -71,6 +74,16 @@ pub struct CdrConfig {
     pub max_call: Duration,
     /// Records older than this are purged (`CDR_RETENTION_DAYS`); none: kept for ever.
     pub retention: Option<Duration>,
+}
+
+/// The provisioned devices' store, for authentication.
+#[derive(Clone)]
+pub struct Devices(pub Arc<dyn careflow_store::devices::DeviceStore>);
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Devices(..)")
+    }
 }
 
 impl std::fmt::Debug for CdrConfig {

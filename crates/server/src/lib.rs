@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use app::App;
 pub use clock::unix_now;
-pub use config::{BlfConfig, CdrConfig, ClusterConfig, PushConfig, ServerConfig};
+pub use config::{BlfConfig, CdrConfig, ClusterConfig, Devices, PushConfig, ServerConfig};
 pub use metrics::{Gauges, Metrics};
 
 /// A running SIP server.
