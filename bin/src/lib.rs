@@ -5,6 +5,7 @@ mod audit;
 mod backup;
 pub mod config;
 mod control;
+mod devices;
 mod serve;
 mod users;
 
@@ -41,6 +42,9 @@ enum Command {
     /// Manage admin API keys for /api/admin.
     #[command(subcommand)]
     Apikey(apikeys::ApiKeyCommand),
+    /// Manage provisioned desk phones (auto-provisioning).
+    #[command(subcommand)]
+    Device(devices::DeviceCommand),
     /// Verify the audit trail's hash chain, or make a signed checkpoint of it.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -181,6 +185,7 @@ pub fn main() -> ExitCode {
             Command::CheckConfig | Command::Healthcheck => Ok(()),
             Command::User(cmd) => users::run(&config, cmd).await,
             Command::Apikey(cmd) => apikeys::run(&config, cmd).await,
+            Command::Device(cmd) => devices::run(&config, cmd).await,
             Command::Audit(cmd) => audit::run(&config, cmd).await,
             Command::Bans => control::bans(&config).await,
             Command::Unban { ip } => control::unban(&config, &ip).await,

@@ -66,13 +66,14 @@ pub(crate) async fn run(
         .with_context(|| format!("cannot create DATA_DIR {}", cfg.data_dir.display()))?;
     let secret = match cfg.nonce_secret {
         Some(s) => s,
-        None => load_or_create_secret(&cfg.data_dir.join("secret"))?,
+        None => load_or_create_secret(&cfg.data_dir.join("secret"), "nonce secret")?,
     };
     let db = open_subscribers(&cfg).await?;
     let subscribers: Arc<dyn SubscriberStore> = db.clone();
     let call_records: Arc<dyn careflow_store::calls::CallRecordStore> = db.clone();
     let audit_log: Arc<dyn careflow_store::audit::AuditStore> = db.clone();
     let audit_log_for_syslog = audit_log.clone();
+    let audit_for_devices = audit_log.clone();
     let devices: Arc<dyn careflow_store::devices::DeviceStore> = db.clone();
     let events = careflow_store::events::Events::default();
     let api_keys: Arc<dyn careflow_store::ApiKeyStore> = db;
@@ -112,6 +113,8 @@ pub(crate) async fn run(
     let control_guard = guard.clone();
     reloader.guard = guard.clone();
     let api_guard = guard.clone();
+    let device_service = crate::devices::service(&cfg, devices.clone(), subscribers.clone())?;
+    let tls_for_sip = tls_server(&cfg)?;
     let server_cfg = ServerConfig {
         devices: Some(careflow_server::Devices(devices.clone())),
         guard: guard.clone(),
@@ -124,7 +127,7 @@ pub(crate) async fn run(
         parse_limits: cfg.parse_limits,
         transport: TransportOptions {
             limits: cfg.transport_limits,
-            tls: tls_server(&cfg)?,
+            tls: tls_for_sip.clone(),
             tls_client: Some(
                 careflow_transport::tls::TlsClient::new(cfg.tls_ca_file.as_deref())
                     .context("invalid TLS_CA_FILE")?,
@@ -268,7 +271,18 @@ pub(crate) async fn run(
         .into_iter()
         .flatten()
         .collect(),
+        devices: Some(device_service.clone()),
     });
+    crate::devices::serve_provisioning(
+        &cfg,
+        device_service,
+        &server.bound,
+        audit_for_devices,
+        secret,
+        tls_for_sip.as_ref(),
+        cancel.clone(),
+    )
+    .await?;
     let http_task = tokio::spawn(careflow_api::serve(http, status.clone(), api, async move {
         http_cancel.cancelled().await
     }));
@@ -332,7 +346,8 @@ fn tls_server(cfg: &Config) -> anyhow::Result<Option<TlsServer>> {
         .sip_listen
         .iter()
         .any(|l| matches!(l.transport, Transport::Tls | Transport::Wss))
-        || cfg.cluster.as_ref().is_some_and(|c| c.tls);
+        || cfg.cluster.as_ref().is_some_and(|c| c.tls)
+        || cfg.provision.listen.iter().any(|(tls, _)| *tls);
     if !needs_tls {
         return Ok(None);
     }
@@ -488,7 +503,10 @@ fn reload(server: &careflow_server::RunningServer, reloader: &mut Reloader) {
 }
 
 /// The nonce secret: read from `path`, or generated once and written with mode 0600.
-fn load_or_create_secret(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+pub(crate) fn load_or_create_secret(
+    path: &std::path::Path,
+    what: &str,
+) -> anyhow::Result<[u8; 32]> {
     if let Ok(text) = std::fs::read_to_string(path) {
         let t = text.trim();
         let mut out = [0u8; 32];
@@ -500,7 +518,7 @@ fn load_or_create_secret(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
             return Ok(out);
         }
         anyhow::bail!(
-            "{} is not 64 hex digits; remove it to generate a new secret",
+            "{} is not 64 hex digits; remove it to generate a new {what}",
             path.display()
         );
     }
@@ -509,7 +527,7 @@ fn load_or_create_secret(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
     let hex = careflow_proto::digest::hex(&secret);
     write_private(path, hex.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    tracing::info!(path = %path.display(), "generated nonce secret");
+    tracing::info!(path = %path.display(), "generated {what}");
     Ok(secret)
 }
 

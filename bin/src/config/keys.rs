@@ -255,6 +255,51 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "The SIEM's syslog collector the audit trail is forwarded to: `tls://HOST:PORT` (RFC 5424 messages over TLS, RFC 5425 framing; the certificate must chain to the system CAs or TLS_CA_FILE and name HOST) or `tcp://HOST:PORT` for a collector on the same host. Every entry, from every node and the CLI, is sent once the collector is reachable (at least once; the place is kept in `DATA_DIR/audit-syslog.cursor`). Set it on one node. Empty: off.",
     ),
     (
+        "provision_listen",
+        "",
+        "Comma-separated listeners of the provisioning server desk phones fetch their configuration from (docs/provisioning.md): `https://HOST:PORT` (TLS with TLS_CERT/TLS_KEY, or the generated self-signed certificate; a bare HOST:PORT means https) or `http://HOST:PORT` (plain HTTP, for phones that trust only their vendor's CA such as the Cisco SPA; only on a trusted network, the files carry SIP passwords). Every fetch needs the device's provisioning credentials (HTTP digest). Empty: off.",
+    ),
+    (
+        "provision_public_url",
+        "",
+        "The provisioning server's URL as phones reach it (`https://sip.clinic.example:8443`), written into each device's provisioning URL shown to admins. Empty: the first PROVISION_LISTEN listener at SIP_DOMAIN.",
+    ),
+    (
+        "provision_key_file",
+        "",
+        "File with the key devices' SIP passwords are derived from (64 hex digits; only their HA1 is stored). Empty: `DATA_DIR/provisioning.key`, generated on first start. Every node of a cluster needs the same file; a node with another key refuses to serve a file (503) rather than serve a password that does not work.",
+    ),
+    (
+        "device_rotation_grace",
+        "86400",
+        "Seconds a device's previous SIP credentials keep working after a rotation, so a phone is never locked out before its next configuration fetch (phones fetch again every PROVISION_RESYNC). 0: they stop at once.",
+    ),
+    (
+        "provision_misses",
+        "60",
+        "Requests for unknown MACs or with wrong credentials allowed from one address per PROVISION_MISS_WINDOW; over it, the address gets 429 for every request without valid credentials for one window (phones with valid credentials are still served).",
+    ),
+    (
+        "provision_miss_window",
+        "600",
+        "Seconds of the PROVISION_MISSES window, and how long an address over it is throttled.",
+    ),
+    (
+        "provision_utc_offset",
+        "0",
+        "The phones' time zone as an offset from UTC (`+1`, `-5`, `+5:30`), written into every configuration file.",
+    ),
+    (
+        "provision_ntp_server",
+        "pool.ntp.org",
+        "The NTP server written into every configuration file.",
+    ),
+    (
+        "provision_resync",
+        "86400",
+        "Seconds between a phone's configuration fetches (written into its file), so a rotation reaches it well inside DEVICE_ROTATION_GRACE.",
+    ),
+    (
         "webhook_url",
         "",
         "CareFlow's URL for live events (`https://...`): device registered/unregistered, call answered/missed/ended, credentials changed, each POSTed as JSON and signed (`X-CareFlow-Signature: t=TIMESTAMP,v1=HMAC-SHA256(secret, \"TIMESTAMP.BODY\")`). Empty: no webhook.",

@@ -22,6 +22,7 @@ mod api;
 mod cluster;
 mod keys;
 mod media;
+mod provision;
 mod push;
 mod raw;
 mod security;
@@ -81,6 +82,8 @@ pub struct Config {
     pub node_name: String,
     /// The SIEM's syslog collector the audit trail goes to (`AUDIT_SYSLOG`): host, port, TLS.
     pub audit_syslog: Option<(String, u16, bool)>,
+    /// Desk phone provisioning (`PROVISION_*`, `DEVICE_ROTATION_GRACE`).
+    pub provision: provision::ProvisionSettings,
     /// The webhook to CareFlow (`WEBHOOK_*`); none: no webhook.
     pub webhook: Option<webhook::WebhookSettings>,
     /// Dialog-info quirks by User-Agent fragment (`BLF_QUIRKS`).
@@ -327,6 +330,7 @@ impl Config {
             url => DbUrl::parse(url).map_err(|m| invalid("db_url", m))?,
         };
         let nonce_secret = sip::nonce_secret(&r)?;
+        let provision = provision::settings(&r, &data_dir, &sip_domain)?;
         let cluster = cluster::cluster(&r, !r.get("redis_url").is_empty())?;
         let auth_algorithms = sip::auth_algorithms(&r)?;
         let registrar = sip::registrar(&r)?;
@@ -419,6 +423,7 @@ impl Config {
             },
             webhook: webhook::webhook(&r)?,
             audit_syslog: syslog::audit_syslog(&r)?,
+            provision,
             node_name: match r.get("node_name").trim() {
                 "" => std::fs::read_to_string("/etc/hostname")
                     .ok()

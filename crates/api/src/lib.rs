@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod calls;
 mod dashboard;
+pub mod devices;
 pub mod events;
 pub mod export;
 mod http_client;
@@ -77,6 +78,24 @@ pub fn router(status: Arc<dyn Status>, api: Arc<Provisioning>) -> Router {
             post(admin::enable),
         )
         .route("/api/admin/bindings", get(admin::bindings))
+        .route(
+            "/api/admin/devices",
+            get(devices::admin::list).post(devices::admin::add),
+        )
+        .route(
+            "/api/admin/devices/{mac}",
+            get(devices::admin::get)
+                .patch(devices::admin::update)
+                .delete(devices::admin::remove),
+        )
+        .route(
+            "/api/admin/devices/{mac}/rotate",
+            post(devices::admin::rotate),
+        )
+        .route(
+            "/api/admin/devices/{mac}/provisioning-password",
+            post(devices::admin::provisioning_password),
+        )
         .route("/api/admin/calls", get(calls::list))
         .route("/api/admin/audit", get(audit::list))
         .route("/api/admin/calls/export", get(export::calls))

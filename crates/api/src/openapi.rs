@@ -5,6 +5,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::devices::admin as devices;
 use crate::{admin, audit, calls, events, export, problem, provision_link, provisioning};
 
 #[derive(OpenApi)]
@@ -36,6 +37,13 @@ use crate::{admin, audit, calls, events, export, problem, provision_link, provis
         export::calls,
         export::audit,
         calls::mine,
+        devices::list,
+        devices::add,
+        devices::get,
+        devices::update,
+        devices::remove,
+        devices::rotate,
+        devices::provisioning_password,
     ),
     components(schemas(
         problem::Problem,
@@ -61,6 +69,10 @@ use crate::{admin, audit, calls, events, export, problem, provision_link, provis
         audit::AuditView,
         events::StreamEvent,
         export::Format,
+        devices::DeviceView,
+        devices::DeviceCredentials,
+        devices::AddDevice,
+        devices::UpdateDevice,
     )),
     modifiers(&Bearer),
     tags(

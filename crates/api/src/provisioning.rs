@@ -64,6 +64,8 @@ pub struct Provisioning {
     pub links: crate::provision_link::Links,
     /// The push services the SIP side wakes sleeping devices through (`apns`, `fcm`).
     pub push_services: Vec<String>,
+    /// Provisioned desk phones; none when device provisioning is not configured.
+    pub devices: Option<crate::devices::DeviceService>,
 }
 
 impl std::fmt::Debug for Provisioning {

@@ -175,7 +175,10 @@ impl Digest<'_> {
                     .device(mac)
                     .await
                     .map_err(|e| store_failed(e, "device"))?;
-                Some((owner, d.filter(|d| d.username == owner && d.domain == realm)))
+                Some((
+                    owner,
+                    d.filter(|d| d.username == owner && d.domain == realm),
+                ))
             }
             _ => None,
         };

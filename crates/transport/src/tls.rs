@@ -168,10 +168,26 @@ impl TlsServer {
             stamps: Mutex::new(stamps),
             settings,
         });
+        Self::build(certs, true)
+    }
+
+    /// The same certificate (reloaded with this one) for another listener that asks for no
+    /// client certificate: the provisioning server.
+    pub fn without_client_auth(&self) -> Result<Self, TlsError> {
+        Self::build(self.certs.clone(), false)
+    }
+
+    /// The acceptor, for a listener outside this crate.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor.clone()
+    }
+
+    fn build(certs: Arc<CertStore>, client_auth: bool) -> Result<Self, TlsError> {
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        let builder = match &certs.settings.client_ca {
+        let client_ca = certs.settings.client_ca.as_ref().filter(|_| client_auth);
+        let builder = match client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
                 let mut roots = RootCertStore::empty();

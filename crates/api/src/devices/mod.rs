@@ -1,0 +1,364 @@
+//! Provisioned desk phones (issue 21): devices bound to users, their credentials, and the
+//! provisioning server the phones fetch their configuration from.
+//!
+//! - [`DeviceService`]: adding, rotating and removing devices, shared by the admin API, the
+//!   CLI and the provisioning server.
+//! - [`files`]: the configuration files in each vendor's syntax.
+//! - [`fetch`]: the provisioning listener (`PROVISION_LISTEN`).
+//! - [`admin`]: `/api/admin/devices`.
+
+pub mod admin;
+pub mod fetch;
+pub mod files;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use careflow_core::provisioning::{
+    FetchLimits, Mac, ProvisioningKey, auth_name, model, sip_password,
+};
+use careflow_proto::digest::{Algorithm, ha1};
+use careflow_store::devices::{Device, DeviceStore};
+use careflow_store::{StoreError, SubscriberStore};
+
+/// The realm of the provisioning server's HTTP digest.
+pub const PROVISIONING_REALM: &str = "careflow-provisioning";
+
+/// What device provisioning is configured with.
+#[derive(Debug, Clone)]
+pub struct DeviceSettings {
+    /// The key devices' SIP passwords are derived from.
+    pub key: ProvisioningKey,
+    /// How long a device's previous credentials keep working after a rotation.
+    pub grace: Duration,
+    /// The phones' time zone, minutes east of UTC.
+    pub utc_offset_minutes: i32,
+    /// The phones' NTP server.
+    pub ntp_server: String,
+    /// How often phones fetch their configuration again (so a rotation reaches them).
+    pub resync: Duration,
+    /// The provisioning server's URL as phones reach it (`https://sip.example:8443`), shown
+    /// to admins with each device's credentials.
+    pub public_url: Option<String>,
+    /// Misses allowed per source before it is throttled.
+    pub limits: FetchLimits,
+}
+
+/// Why a device operation failed, by who failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The request named something that does not fit (the field and why).
+    #[error("{0}: {1}")]
+    Invalid(&'static str, String),
+    /// No such device or user.
+    #[error("{0}")]
+    NotFound(String),
+    /// The MAC is another device's already.
+    #[error("device {0} exists already")]
+    Exists(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A device to add.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    /// Its MAC address, however written.
+    pub mac: String,
+    /// Its model name (`yealink-t46s`).
+    pub model: String,
+    /// The user it belongs to.
+    pub username: String,
+    /// Where it stands.
+    pub label: Option<String>,
+    /// Colleagues on its busy-lamp keys.
+    pub blf: Vec<String>,
+}
+
+/// A device with the provisioning password it fetches its configuration with: shown once.
+#[derive(Debug, Clone)]
+pub struct WithSecret {
+    /// The device.
+    pub device: Device,
+    /// Its provisioning password (user name: its MAC), never stored.
+    pub provisioning_password: String,
+}
+
+/// Device operations over the subscriber database.
+#[derive(Clone)]
+pub struct DeviceService {
+    /// Devices.
+    pub store: Arc<dyn DeviceStore>,
+    /// Users (a device's user must exist).
+    pub subscribers: Arc<dyn SubscriberStore>,
+    /// Settings.
+    pub settings: Arc<DeviceSettings>,
+    /// The SIP domain devices' users are in.
+    pub domain: String,
+}
+
+impl std::fmt::Debug for DeviceService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceService")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn random_password() -> Result<String, DeviceError> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b)
+        .map_err(|e| DeviceError::Store(StoreError::unavailable("randomness", e.to_string())))?;
+    Ok(careflow_proto::digest::hex(&b))
+}
+
+fn ha1_pair(user: &str, realm: &str, password: &str) -> (String, String) {
+    (
+        ha1(Algorithm::Md5, user, realm, password),
+        ha1(Algorithm::Sha256, user, realm, password),
+    )
+}
+
+/// The MAC of `s`, or the error naming the field.
+pub fn parse_mac(s: &str) -> Result<Mac, DeviceError> {
+    Mac::parse(s).ok_or_else(|| {
+        DeviceError::Invalid(
+            "mac",
+            format!(
+                "`{}` is not a MAC address (12 hex digits, with or without `:`)",
+                s.chars().take(40).collect::<String>()
+            ),
+        )
+    })
+}
+
+fn check_model(name: &str) -> Result<&'static str, DeviceError> {
+    model(name).map(|m| m.name).ok_or_else(|| {
+        let known: Vec<&str> = careflow_core::provisioning::MODELS
+            .iter()
+            .map(|m| m.name)
+            .collect();
+        DeviceError::Invalid(
+            "model",
+            format!("unknown model; one of {}", known.join(", ")),
+        )
+    })
+}
+
+fn check_label(label: Option<String>) -> Result<Option<String>, DeviceError> {
+    let label = label
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty());
+    if let Some(l) = &label
+        && (l.chars().count() > 64 || l.chars().any(char::is_control))
+    {
+        return Err(DeviceError::Invalid(
+            "label",
+            "at most 64 characters, no control characters".into(),
+        ));
+    }
+    Ok(label)
+}
+
+impl DeviceService {
+    /// The SIP password `device` carries now (derived; never stored).
+    pub fn sip_password(&self, device: &Device) -> Option<String> {
+        let mac = Mac::parse(&device.mac)?;
+        let generation = u32::try_from(device.generation).ok()?;
+        Some(sip_password(&self.settings.key, &mac, generation))
+    }
+
+    /// Whether the derived password matches the stored HA1: false when the provisioning key
+    /// is another than the one the credentials were made with (a node with its own key file).
+    pub fn key_matches(&self, device: &Device) -> bool {
+        let (Some(pw), Some(mac)) = (self.sip_password(device), Mac::parse(&device.mac)) else {
+            return false;
+        };
+        let user = auth_name(&device.username, &mac);
+        ha1(Algorithm::Md5, &user, &device.domain, &pw) == device.ha1_md5
+    }
+
+    async fn checked_blf(&self, blf: Vec<String>) -> Result<Vec<String>, DeviceError> {
+        let mut out = Vec::new();
+        for b in blf
+            .into_iter()
+            .map(|b| b.trim().to_string())
+            .filter(|b| !b.is_empty())
+        {
+            if b.contains(',') || b.chars().count() > 64 {
+                return Err(DeviceError::Invalid(
+                    "blf",
+                    format!("`{b}` is not a SIP username"),
+                ));
+            }
+            if self.subscribers.find(&b, &self.domain).await?.is_none() {
+                return Err(DeviceError::Invalid("blf", format!("no user `{b}`")));
+            }
+            if !out.contains(&b) {
+                out.push(b);
+            }
+        }
+        if out.len() > 100 {
+            return Err(DeviceError::Invalid("blf", "at most 100 keys".into()));
+        }
+        Ok(out)
+    }
+
+    /// Adds a device for an existing user, with its own SIP credentials (generation 1) and a
+    /// new provisioning password.
+    pub async fn add(&self, new: NewDevice) -> Result<WithSecret, DeviceError> {
+        let mac = parse_mac(&new.mac)?;
+        let model = check_model(&new.model)?;
+        let label = check_label(new.label)?;
+        if self
+            .subscribers
+            .find(&new.username, &self.domain)
+            .await?
+            .is_none()
+        {
+            return Err(DeviceError::NotFound(format!("no user `{}`", new.username)));
+        }
+        let blf = self.checked_blf(new.blf).await?;
+        let sip = sip_password(&self.settings.key, &mac, 1);
+        let (ha1_md5, ha1_sha256) = ha1_pair(&auth_name(&new.username, &mac), &self.domain, &sip);
+        let prov = random_password()?;
+        let (prov_ha1_md5, prov_ha1_sha256) = ha1_pair(mac.as_str(), PROVISIONING_REALM, &prov);
+        let now = unix_now();
+        let device = Device {
+            mac: mac.to_string(),
+            model: model.to_string(),
+            username: new.username,
+            domain: self.domain.clone(),
+            label,
+            blf,
+            generation: 1,
+            ha1_md5,
+            ha1_sha256,
+            previous: None,
+            prov_ha1_md5,
+            prov_ha1_sha256,
+            created_at: now,
+            updated_at: now,
+            last_fetch_at: None,
+            last_fetch_from: None,
+        };
+        match self.store.add_device(&device).await {
+            Ok(()) => Ok(WithSecret {
+                device,
+                provisioning_password: prov,
+            }),
+            Err(StoreError::Conflict(_)) => Err(DeviceError::Exists(mac.colons())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The device with this MAC.
+    pub async fn get(&self, mac: &str) -> Result<Device, DeviceError> {
+        let mac = parse_mac(mac)?;
+        self.store
+            .device(mac.as_str())
+            .await?
+            .ok_or_else(|| DeviceError::NotFound(format!("no device {}", mac.colons())))
+    }
+
+    /// New SIP credentials: the next fetch carries them; the previous ones keep working for
+    /// the grace period, then stop.
+    pub async fn rotate(&self, mac: &str) -> Result<Device, DeviceError> {
+        // Two rotations at once: the loser reads the winner's generation and rotates again,
+        // so each call moves the device on.
+        for _ in 0..5 {
+            let d = self.get(mac).await?;
+            let m = parse_mac(&d.mac)?;
+            let next = u32::try_from(d.generation + 1)
+                .map_err(|_| DeviceError::Invalid("mac", "too many rotations".into()))?;
+            let pw = sip_password(&self.settings.key, &m, next);
+            let (md5, sha) = ha1_pair(&auth_name(&d.username, &m), &d.domain, &pw);
+            let now = unix_now();
+            let until = now + i64::try_from(self.settings.grace.as_secs()).unwrap_or(i64::MAX / 2);
+            if self
+                .store
+                .rotate_device(&d.mac, d.generation, (&md5, &sha), until, now)
+                .await?
+            {
+                return self.get(&d.mac).await;
+            }
+        }
+        Err(DeviceError::Store(StoreError::unavailable(
+            "device",
+            "rotated by others meanwhile, five times",
+        )))
+    }
+
+    /// A new provisioning password (the old one stops at once): shown once.
+    pub async fn new_provisioning_password(&self, mac: &str) -> Result<WithSecret, DeviceError> {
+        let d = self.get(mac).await?;
+        let prov = random_password()?;
+        let (md5, sha) = ha1_pair(&d.mac, PROVISIONING_REALM, &prov);
+        if !self
+            .store
+            .set_provisioning_ha1(&d.mac, (&md5, &sha), unix_now())
+            .await?
+        {
+            return Err(DeviceError::NotFound(format!("no device {}", d.mac)));
+        }
+        Ok(WithSecret {
+            device: self.get(&d.mac).await?,
+            provisioning_password: prov,
+        })
+    }
+
+    /// Changes a device's model, label and busy lamps.
+    pub async fn update(
+        &self,
+        mac: &str,
+        model_name: Option<String>,
+        label: Option<Option<String>>,
+        blf: Option<Vec<String>>,
+    ) -> Result<Device, DeviceError> {
+        let d = self.get(mac).await?;
+        let model = match model_name {
+            Some(m) => check_model(&m)?.to_string(),
+            None => d.model.clone(),
+        };
+        let label = match label {
+            Some(l) => check_label(l)?,
+            None => d.label.clone(),
+        };
+        let blf = match blf {
+            Some(b) => self.checked_blf(b).await?,
+            None => d.blf.clone(),
+        };
+        self.store
+            .update_device(&d.mac, &model, label.as_deref(), &blf, unix_now())
+            .await?;
+        self.get(&d.mac).await
+    }
+
+    /// Removes a device: its credentials stop at once.
+    pub async fn remove(&self, mac: &str) -> Result<(), DeviceError> {
+        let m = parse_mac(mac)?;
+        if self.store.remove_device(m.as_str()).await? {
+            Ok(())
+        } else {
+            Err(DeviceError::NotFound(format!("no device {}", m.colons())))
+        }
+    }
+
+    /// The provisioning URL with the device's credentials in it, as a phone is given it
+    /// (when the public URL is configured).
+    pub fn provisioning_url(&self, mac: &str, password: &str) -> Option<String> {
+        let base = self.settings.public_url.as_deref()?;
+        let (scheme, rest) = base.split_once("://")?;
+        Some(format!(
+            "{scheme}://{mac}:{password}@{}/",
+            rest.trim_end_matches('/')
+        ))
+    }
+}
