@@ -23,6 +23,7 @@ mod package;
 mod peers;
 mod presence;
 mod protocol;
+mod provision;
 mod push;
 mod records;
 mod register;

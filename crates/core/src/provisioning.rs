@@ -312,8 +312,9 @@ struct SourceState {
 }
 
 /// Counts misses per source address and says when a source is throttled. While throttled, a
-/// source gets 429 for every request that does not carry valid credentials, for unknown and
-/// known MACs alike, so the answers tell nothing about which MACs exist.
+/// source's requests without credentials are challenged whatever their MAC (no 404 tells an
+/// unknown one apart) and its wrong credentials get 429; valid credentials are still served,
+/// so phones behind the same address are never locked out.
 #[derive(Debug)]
 pub struct FetchGuard {
     limits: FetchLimits,

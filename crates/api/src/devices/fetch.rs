@@ -5,9 +5,12 @@
 //! Every device file is behind HTTP digest (realm [`PROVISIONING_REALM`], user name the MAC,
 //! the password given when the device was added), the Yealink common file behind any
 //! device's. A request for an unknown MAC gets 404 and is logged; unknown MACs and wrong
-//! credentials are misses, and a source over its budget of misses gets 429 for every request
-//! without valid credentials, for known and unknown MACs alike ([`FetchGuard`]). Every fetch
-//! that is answered (served, unknown MAC, wrong credentials, throttled) is an audit entry.
+//! credentials are misses. A source over its budget of misses ([`FetchGuard`]) is throttled:
+//! every request without credentials is challenged (401) whether its MAC exists or not, so
+//! the answers no longer tell which MACs exist, and every request with credentials that are
+//! not valid gets 429; a phone behind the same address with its valid credentials is still
+//! served. Every fetch that is answered (served, unknown MAC, wrong credentials, the start of
+//! a throttle) is an audit entry.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -312,7 +315,13 @@ async fn fetch(
     };
     let Some(device) = device else {
         if let Some(left) = throttle {
-            return throttled(left);
+            // Throttled: a request without credentials is challenged whether its MAC exists
+            // or not (as a phone's first request is), one with credentials refused.
+            return if creds.is_some() {
+                throttled(left)
+            } else {
+                s.challenge(false)
+            };
         }
         if wanted.mac().is_some() || creds.is_some() {
             // A device file of an unknown MAC, or the common file with credentials of one.
@@ -329,9 +338,6 @@ async fn fetch(
     };
     let target = format!("{}@{}", device.username, device.domain);
     let Some(c) = creds else {
-        if let Some(left) = throttle {
-            return throttled(left);
-        }
         return s.challenge(false);
     };
     let path = uri
@@ -395,6 +401,7 @@ async fn serve_file(
         return not_found();
     }
     if *wanted == FileRequest::YealinkCommon {
+        s.audit(r, Some(&device.mac), target, Outcome::Served).await;
         return text(
             files::yealink_common(&s.devices.settings),
             "text/plain; charset=utf-8",
