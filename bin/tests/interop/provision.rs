@@ -586,7 +586,7 @@ fn a_rotation_reaches_the_phone_and_the_old_credentials_work_for_the_grace_only(
         !sipp_registers(&server, &user, &auth, &old),
         "after the grace"
     );
-    assert!(server.log_shows(&format!("SECURITY auth_failed src_ip=127.0.0.1")));
+    assert!(server.log_shows("SECURITY auth_failed src_ip=127.0.0.1"));
     assert!(
         server.log().contains(&format!("user={auth}")),
         "{}",

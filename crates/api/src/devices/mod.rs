@@ -5,7 +5,7 @@
 //!   CLI and the provisioning server.
 //! - [`files`]: the configuration files in each vendor's syntax.
 //! - [`fetch`]: the provisioning listener (`PROVISION_LISTEN`).
-//! - [`admin`]: `/api/admin/devices`.
+//! - [`admin`]: the admin API, `/api/admin/devices`.
 
 pub mod admin;
 pub mod fetch;
