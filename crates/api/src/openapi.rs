@@ -73,6 +73,7 @@ use crate::{admin, audit, calls, events, export, problem, provision_link, provis
         devices::DeviceCredentials,
         devices::AddDevice,
         devices::UpdateDevice,
+        devices::BlfUser,
     )),
     modifiers(&Bearer),
     tags(

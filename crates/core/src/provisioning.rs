@@ -28,22 +28,22 @@ use crate::ratelimit::{Generations, Window};
 pub struct Mac(String);
 
 impl Mac {
-    /// Parses a MAC written with or without `:`/`-`/`.` separators, in either case.
+    /// Parses a MAC written with or without `:`/`-`/`.` separators between pairs of digits
+    /// (`00:15:65:aa:bb:cc`, `0015.65aa.bbcc`, `001565AABBCC`), in either case.
     pub fn parse(s: &str) -> Option<Self> {
-        let hex: String = s
-            .trim()
-            .chars()
-            .filter(|c| !matches!(c, ':' | '-' | '.'))
-            .collect();
-        if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
+        let mut hex = String::with_capacity(12);
+        let mut after_sep = true;
+        for c in s.trim().chars() {
+            if c.is_ascii_hexdigit() {
+                hex.push(c.to_ascii_lowercase());
+                after_sep = false;
+            } else if matches!(c, ':' | '-' | '.') && !after_sep && hex.len() % 2 == 0 {
+                after_sep = true;
+            } else {
+                return None;
+            }
         }
-        // Separators only between pairs, when present at all: `0-0156...` is no MAC.
-        let seps = s.trim().len() - hex.len();
-        if seps != 0 && seps != 5 && !(seps == 2 && s.trim().len() == 14) {
-            return None;
-        }
-        Some(Self(hex.to_ascii_lowercase()))
+        (hex.len() == 12 && !after_sep).then_some(Self(hex))
     }
 
     /// The 12 lowercase hex digits.

@@ -75,24 +75,31 @@ pub struct DeviceCredentials {
     pub provisioning_url: Option<String>,
 }
 
+/// A colleague's SIP username on a busy-lamp key.
+#[derive(Debug, ToSchema)]
+#[schema(pattern = r"^[^,\x00-\x1F\x7F-\x9F]{1,64}$")]
+pub struct BlfUser(pub String);
+
 /// A device to add.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddDevice {
     /// MAC address (`00:15:65:aa:bb:cc`, `001565AABBCC`, ...).
-    #[schema(max_length = 20)]
+    #[schema(pattern = r"^([0-9A-Fa-f]{2}[:.-]?){5}[0-9A-Fa-f]{2}$")]
     pub mac: String,
     /// Model.
-    #[schema(max_length = 64)]
+    #[schema(
+        pattern = r"^(yealink-t46s|yealink-t54w|yealink-t33g|cisco-spa303|cisco-spa504g|grandstream-gxp2170|grandstream-grp2614)$"
+    )]
     pub model: String,
     /// The user's SIP username.
-    #[schema(max_length = 128)]
+    #[schema(min_length = 1, max_length = 128)]
     pub username: String,
     /// Where it stands.
-    #[schema(max_length = 64)]
+    #[schema(max_length = 64, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub label: Option<String>,
     /// Colleagues' SIP usernames for its busy-lamp keys.
-    #[schema(max_items = 100)]
+    #[schema(max_items = 100, value_type = Vec<BlfUser>)]
     #[serde(default)]
     pub blf: Vec<String>,
 }
@@ -102,13 +109,15 @@ pub struct AddDevice {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateDevice {
     /// Model.
-    #[schema(max_length = 64)]
+    #[schema(
+        pattern = r"^(yealink-t46s|yealink-t54w|yealink-t33g|cisco-spa303|cisco-spa504g|grandstream-gxp2170|grandstream-grp2614)$"
+    )]
     pub model: Option<String>,
     /// Where it stands (empty: none).
-    #[schema(max_length = 64)]
+    #[schema(max_length = 64, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub label: Option<String>,
     /// Colleagues' SIP usernames for its busy-lamp keys.
-    #[schema(max_items = 100)]
+    #[schema(max_items = 100, value_type = Option<Vec<BlfUser>>)]
     pub blf: Option<Vec<String>>,
 }
 
@@ -217,7 +226,7 @@ pub(crate) async fn add(
 /// One device.
 #[utoipa::path(get, path = "/api/admin/devices/{mac}", tag = "admin",
     security(("bearer" = [])),
-    params(("mac" = String, Path, description = "MAC address", max_length = 20)),
+    params(("mac" = String, Path, description = "MAC address", pattern = r"^([0-9A-Fa-f]{2}[:.-]?){5}[0-9A-Fa-f]{2}$")),
     responses(
         (status = 200, body = DeviceView),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -239,7 +248,7 @@ pub(crate) async fn get(
 /// Change a device's model, label or busy lamps.
 #[utoipa::path(patch, path = "/api/admin/devices/{mac}", tag = "admin",
     security(("bearer" = [])),
-    params(("mac" = String, Path, description = "MAC address", max_length = 20)),
+    params(("mac" = String, Path, description = "MAC address", pattern = r"^([0-9A-Fa-f]{2}[:.-]?){5}[0-9A-Fa-f]{2}$")),
     request_body = UpdateDevice,
     responses(
         (status = 200, body = DeviceView),
@@ -278,7 +287,7 @@ pub(crate) async fn update(
 /// Remove a device: its credentials stop at once.
 #[utoipa::path(delete, path = "/api/admin/devices/{mac}", tag = "admin",
     security(("bearer" = [])),
-    params(("mac" = String, Path, description = "MAC address", max_length = 20)),
+    params(("mac" = String, Path, description = "MAC address", pattern = r"^([0-9A-Fa-f]{2}[:.-]?){5}[0-9A-Fa-f]{2}$")),
     responses(
         (status = 204, description = "Removed"),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -313,7 +322,7 @@ pub(crate) async fn remove(
 /// previous ones keep working for the grace period (`DEVICE_ROTATION_GRACE`), then stop.
 #[utoipa::path(post, path = "/api/admin/devices/{mac}/rotate", tag = "admin",
     security(("bearer" = [])),
-    params(("mac" = String, Path, description = "MAC address", max_length = 20)),
+    params(("mac" = String, Path, description = "MAC address", pattern = r"^([0-9A-Fa-f]{2}[:.-]?){5}[0-9A-Fa-f]{2}$")),
     responses(
         (status = 200, body = DeviceView),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -346,7 +355,7 @@ pub(crate) async fn rotate(
 /// A new provisioning password for a device (the old one stops at once): shown this once.
 #[utoipa::path(post, path = "/api/admin/devices/{mac}/provisioning-password", tag = "admin",
     security(("bearer" = [])),
-    params(("mac" = String, Path, description = "MAC address", max_length = 20)),
+    params(("mac" = String, Path, description = "MAC address", pattern = r"^([0-9A-Fa-f]{2}[:.-]?){5}[0-9A-Fa-f]{2}$")),
     responses(
         (status = 200, body = DeviceCredentials),
         (status = 400, body = Problem, content_type = "application/problem+json"),

@@ -199,7 +199,9 @@ impl DeviceService {
                 ));
             }
             if self.subscribers.find(&b, &self.domain).await?.is_none() {
-                return Err(DeviceError::Invalid("blf", format!("no user `{b}`")));
+                return Err(DeviceError::NotFound(format!(
+                    "no user `{b}` for a busy lamp"
+                )));
             }
             if !out.contains(&b) {
                 out.push(b);
