@@ -72,6 +72,20 @@ pub(crate) async fn serve_provisioning(
         tls_port: port_of(Transport::Tls),
     };
     let server = Arc::new(FetchServer::new(devices, sip, audit, secret));
+    if let Some((interface, port)) = cfg.provision.pnp {
+        let pnp = careflow_api::devices::pnp::PnpConfig { interface, port };
+        let socket = careflow_api::devices::pnp::bind(pnp).with_context(|| {
+            format!("PROVISION_PNP: cannot join 224.0.1.75:{port} on {interface}")
+        })?;
+        tracing::info!(%interface, port, "SIP PnP answers phones' multicast SUBSCRIBEs");
+        let cancel = cancel.clone();
+        tokio::spawn(careflow_api::devices::pnp::run(
+            socket,
+            pnp,
+            server.clone(),
+            async move { cancel.cancelled().await },
+        ));
+    }
     for (https, addr) in &cfg.provision.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

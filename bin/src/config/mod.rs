@@ -331,6 +331,7 @@ impl Config {
         };
         let nonce_secret = sip::nonce_secret(&r)?;
         let provision = provision::settings(&r, &data_dir, &sip_domain)?;
+        provision::check_pnp(&provision, &sip_listen)?;
         let cluster = cluster::cluster(&r, !r.get("redis_url").is_empty())?;
         let auth_algorithms = sip::auth_algorithms(&r)?;
         let registrar = sip::registrar(&r)?;

@@ -29,6 +29,8 @@ pub struct ProvisionSettings {
     pub ntp_server: String,
     /// `PROVISION_RESYNC`.
     pub resync: Duration,
+    /// `PROVISION_PNP`: the phones' network interface address and port for SIP PnP.
+    pub pnp: Option<(std::net::Ipv4Addr, u16)>,
 }
 
 fn listeners(r: &Raw<'_>) -> Result<Vec<(bool, SocketAddr)>, ConfigError> {
@@ -66,6 +68,56 @@ fn utc_offset(v: &str) -> Option<i32> {
         return None;
     }
     Some(sign * (h * 60 + m))
+}
+
+fn pnp(r: &Raw<'_>) -> Result<Option<(std::net::Ipv4Addr, u16)>, ConfigError> {
+    let Some(v) = r.opt("provision_pnp") else {
+        return Ok(None);
+    };
+    let (addr, port) = match v.rsplit_once(':') {
+        Some((a, p)) => (a, p.parse::<u16>().ok().filter(|p| *p > 0)),
+        None => (v.as_str(), Some(5060)),
+    };
+    match (addr.parse::<std::net::Ipv4Addr>(), port) {
+        (Ok(a), Some(p)) if !a.is_unspecified() && !a.is_multicast() => Ok(Some((a, p))),
+        _ => Err(invalid(
+            "provision_pnp",
+            format!(
+                "expected the IPv4 address of the phones' network interface (optionally :PORT), such as 10.20.0.1, got `{v}`"
+            ),
+        )),
+    }
+}
+
+/// What PROVISION_PNP needs of the other keys: a provisioning URL to hand out, and no UDP
+/// SIP listener on 0.0.0.0 at its port (the multicast would reach that one too).
+pub(super) fn check_pnp(
+    p: &ProvisionSettings,
+    sip_listen: &[careflow_transport::ListenSpec],
+) -> Result<(), ConfigError> {
+    let Some((_, port)) = p.pnp else {
+        return Ok(());
+    };
+    if p.public_url.is_none() {
+        return Err(invalid(
+            "provision_pnp",
+            "needs PROVISION_LISTEN (or PROVISION_PUBLIC_URL): the URL phones are given",
+        ));
+    }
+    if let Some(l) = sip_listen.iter().find(|l| {
+        l.transport == careflow_transport::Transport::Udp
+            && l.addr.port() == port
+            && l.addr.ip().is_unspecified()
+    }) {
+        return Err(invalid(
+            "provision_pnp",
+            format!(
+                "SIP_LISTEN has {}:{} on all addresses, which would take the PnP multicast for port {port} too: bind that UDP listener to an address (udp:10.20.0.1:{port}) or give PnP another port",
+                l.transport, l.addr
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn settings(
@@ -134,6 +186,7 @@ pub(super) fn settings(
             }
         },
         resync: r.secs("provision_resync", 3600, 30 * 86_400)?,
+        pnp: pnp(r)?,
     })
 }
 

@@ -301,3 +301,71 @@ fn push_and_blf_settings_name_the_key() {
         assert!(e.contains("BLF_QUIRKS"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn provisioning_keys_are_checked_and_named() {
+    let c = Config::load(
+        None,
+        env(&[
+            (
+                "PROVISION_LISTEN",
+                "https://0.0.0.0:8443,http://10.0.0.1:8080",
+            ),
+            ("SIP_DOMAIN", "sip.clinic.example"),
+            ("PROVISION_UTC_OFFSET", "+5:30"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.provision.listen.len(), 2);
+    assert!(c.provision.listen[0].0 && !c.provision.listen[1].0);
+    assert_eq!(
+        c.provision.public_url.as_deref(),
+        Some("https://sip.clinic.example:8443")
+    );
+    assert_eq!(c.provision.utc_offset_minutes, 330);
+    assert_eq!(c.provision.grace, Duration::from_secs(86_400));
+    assert_eq!(
+        c.provision.key_file,
+        PathBuf::from("./data/provisioning.key")
+    );
+    for (k, v) in [
+        ("PROVISION_LISTEN", "ftp://x"),
+        ("PROVISION_UTC_OFFSET", "CET"),
+        ("PROVISION_NTP_SERVER", "bad host"),
+        ("PROVISION_PUBLIC_URL", "sip.example"),
+        ("PROVISION_PNP", "0.0.0.0"),
+        ("PROVISION_RESYNC", "60"),
+    ] {
+        let e = Config::load(None, env(&[(k, v)])).unwrap_err().to_string();
+        assert!(e.contains(k), "{k}={v}: {e}");
+    }
+    // PnP on the default SIP listeners (udp on 0.0.0.0:5060): the multicast would reach the
+    // SIP socket too.
+    let e = Config::load(
+        None,
+        env(&[
+            ("PROVISION_LISTEN", "https://0.0.0.0:8443"),
+            ("PROVISION_PNP", "10.0.0.1"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("PROVISION_PNP") && e.contains("SIP_LISTEN"),
+        "{e}"
+    );
+    let e = Config::load(None, env(&[("PROVISION_PNP", "10.0.0.1:5070")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs PROVISION_LISTEN"), "{e}");
+    let c = Config::load(
+        None,
+        env(&[
+            ("PROVISION_LISTEN", "https://0.0.0.0:8443"),
+            ("PROVISION_PNP", "10.0.0.1"),
+            ("SIP_LISTEN", "udp:10.0.0.1:5060,tcp:0.0.0.0:5060"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.provision.pnp, Some(("10.0.0.1".parse().unwrap(), 5060)));
+}

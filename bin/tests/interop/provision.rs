@@ -610,3 +610,167 @@ fn a_rotation_reaches_the_phone_and_the_old_credentials_work_for_the_grace_only(
     };
     assert_eq!(again.get("001565aabbcc.cfg").0, 200);
 }
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A voice network made by the test: this host (10.214.N.1) and a phone's namespace
+/// (10.214.N.2) on a veth pair, multicast routed out of the phone's side.
+struct VoiceNet {
+    n: u32,
+}
+
+impl VoiceNet {
+    fn new() -> Self {
+        require("ip", "iproute2");
+        let n = std::process::id() % 200 + 20;
+        let net = Self { n };
+        net.cleanup();
+        let ns = net.ns();
+        sh(&format!(
+            "ip netns add {ns} && ip link add cfpn{n} type veth peer name cfq0 netns {ns} && \
+             ip addr add 10.214.{n}.1/24 dev cfpn{n} && ip link set cfpn{n} up && \
+             ip netns exec {ns} sh -c 'ip link set lo up && ip addr add 10.214.{n}.2/24 dev cfq0 && \
+             ip link set cfq0 up && ip route add 224.0.0.0/4 dev cfq0'"
+        ));
+        net
+    }
+
+    fn ns(&self) -> String {
+        format!("cfpnp{}", self.n)
+    }
+
+    fn host(&self) -> String {
+        format!("10.214.{}.1", self.n)
+    }
+
+    fn phone(&self) -> String {
+        format!("10.214.{}.2", self.n)
+    }
+
+    fn cleanup(&self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ip netns del {} 2>/dev/null; ip link del cfpn{} 2>/dev/null",
+                self.ns(),
+                self.n
+            ))
+            .output();
+    }
+
+    /// The captured Yealink PnP SUBSCRIBE for `mac` from the phone's namespace: what it got.
+    fn pnp(&self, port: u16, mac: &str, wait: &str) -> Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(), "python3"])
+            .arg(interop_dir().join("pnp/yealink-pnp.py"))
+            .args([&self.phone(), &port.to_string(), mac, wait])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for VoiceNet {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+#[test]
+fn a_yealink_sip_pnp_subscribe_on_the_voice_network_gets_its_url_and_the_phone_its_file() {
+    let net = VoiceNet::new();
+    let pnp_port = free_port();
+    let host = net.host();
+    let server = start(
+        "pnp.test",
+        &[
+            ("PROVISION_LISTEN", &format!("http://{host}:{{port3}}")),
+            ("PROVISION_PUBLIC_URL", &format!("http://{host}:{{port3}}")),
+            ("PROVISION_PNP", &format!("{host}:{pnp_port}")),
+        ],
+    );
+    server.add_user("2001", "pw-2001");
+    server.cli_ok(&[
+        "device",
+        "add",
+        "001565aabbcc",
+        "2001",
+        "--model",
+        "yealink-t46s",
+    ]);
+
+    // An unknown MAC: no answer.
+    let unknown = net.pnp(pnp_port, "001565000001", "2");
+    assert_eq!(unknown["subscribe_status"], Value::Null, "{unknown}");
+    assert!(server.log_shows("pnp: unknown MAC"));
+
+    // The added phone's first boot: 200, then the NOTIFY with its URL.
+    let got = net.pnp(pnp_port, "001565aabbcc", "8");
+    assert_eq!(got["subscribe_status"], 200, "{got}\n{}", server.log());
+    assert_eq!(got["notify_type"], "application/url", "{got}");
+    assert!(
+        got["notify_event"]
+            .as_str()
+            .unwrap()
+            .starts_with("ua-profile"),
+        "{got}"
+    );
+    let url = got["url"].as_str().unwrap().to_string();
+    assert!(
+        url.starts_with("http://001565aabbcc:")
+            && url.ends_with(&format!("@{host}:{}/", server.port3)),
+        "{url}"
+    );
+    // The phone fetches its file from the URL it was given, from its network.
+    let (user, pass) = url[7..].split_once('@').unwrap().0.split_once(':').unwrap();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns(),
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+        ])
+        .args([
+            "-A",
+            YEALINK_UA,
+            "--digest",
+            "-u",
+            &format!("{user}:{pass}"),
+        ])
+        .arg(format!("http://{host}:{}/001565aabbcc.cfg", server.port3))
+        .output()
+        .unwrap();
+    let file = yealink_values(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(file["account.1.auth_name"], "2001.001565aabbcc", "{file:?}");
+    assert!(server.log_shows("pnp: the phone was given its provisioning URL"));
+
+    // Provisioned now: its next boot's SUBSCRIBE is not answered (it keeps its URL).
+    let again = net.pnp(pnp_port, "001565aabbcc", "2");
+    assert_eq!(again["subscribe_status"], Value::Null, "{again}");
+    let key = api_key(&server);
+    let (_, _, page) = http(
+        &server,
+        "GET",
+        "/api/admin/audit?action=device.pnp_answered",
+        Some(&key),
+        None,
+    );
+    let entries = page["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{page}");
+    assert_eq!(entries[0]["actor"], "device:001565aabbcc", "{page}");
+}

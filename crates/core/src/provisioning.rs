@@ -379,6 +379,57 @@ impl FetchGuard {
     }
 }
 
+/// The multicast group phones send their SIP PnP SUBSCRIBE to (RFC 6080's `sip.mcast.net`).
+pub const PNP_GROUP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(224, 0, 1, 75);
+
+/// A phone asking for its provisioning server by SIP PnP (a multicast `SUBSCRIBE` with
+/// `Event: ua-profile`, RFC 6080): its MAC (the From user) and what it says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PnpRequest {
+    /// The phone's MAC.
+    pub mac: Mac,
+    /// The `vendor` parameter of its Event header (`Yealink`).
+    pub vendor: String,
+    /// The `model` parameter (`T46S`).
+    pub model: String,
+}
+
+/// The PnP request in a message with `method`, `event` header and From `from_user`; none
+/// when it is not one (another method or event package, a profile type other than `device`,
+/// a From user that is no MAC).
+pub fn pnp_request(
+    method: &str,
+    event: Option<&str>,
+    from_user: Option<&str>,
+) -> Option<PnpRequest> {
+    if !method.eq_ignore_ascii_case("SUBSCRIBE") {
+        return None;
+    }
+    let mut parts = event?.split(';');
+    if !parts.next()?.trim().eq_ignore_ascii_case("ua-profile") {
+        return None;
+    }
+    let mut vendor = String::new();
+    let mut model = String::new();
+    for p in parts {
+        let Some((k, v)) = p.split_once('=') else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"');
+        match k.trim().to_ascii_lowercase().as_str() {
+            "profile-type" if !v.eq_ignore_ascii_case("device") => return None,
+            "vendor" => vendor = v.chars().take(32).collect(),
+            "model" => model = v.chars().take(32).collect(),
+            _ => {}
+        }
+    }
+    Some(PnpRequest {
+        mac: Mac::parse(from_user?)?,
+        vendor,
+        model,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,6 +546,30 @@ mod tests {
         assert_eq!(device_of_auth_name("2001", "2001"), None);
         assert_eq!(device_of_auth_name("2001.00:15:65:aa:bb:cc", "2001"), None);
         assert_eq!(device_of_auth_name("a.b.001565aabbcc", "a.b"), Some(m));
+    }
+
+    #[test]
+    fn a_yealink_pnp_subscribe_is_recognised_and_nothing_else() {
+        let ev = r#"ua-profile;profile-type="device";vendor="Yealink";model="T46S";version="66.86.0.15""#;
+        let r = pnp_request("SUBSCRIBE", Some(ev), Some("001565aabbcc")).unwrap();
+        assert_eq!(r.mac, mac("001565aabbcc"));
+        assert_eq!((r.vendor.as_str(), r.model.as_str()), ("Yealink", "T46S"));
+        assert!(pnp_request("SUBSCRIBE", Some("ua-profile"), Some("00:15:65:aa:bb:cc")).is_some());
+        assert_eq!(pnp_request("NOTIFY", Some(ev), Some("001565aabbcc")), None);
+        assert_eq!(
+            pnp_request("SUBSCRIBE", Some("dialog"), Some("001565aabbcc")),
+            None
+        );
+        assert_eq!(
+            pnp_request(
+                "SUBSCRIBE",
+                Some("ua-profile;profile-type=user"),
+                Some("001565aabbcc")
+            ),
+            None
+        );
+        assert_eq!(pnp_request("SUBSCRIBE", Some(ev), Some("2001")), None);
+        assert_eq!(pnp_request("SUBSCRIBE", None, Some("001565aabbcc")), None);
     }
 
     #[test]

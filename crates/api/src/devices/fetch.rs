@@ -80,6 +80,13 @@ impl FetchServer {
     }
 }
 
+impl FetchServer {
+    /// The miss budget per source, shared with the PnP responder.
+    pub(crate) fn guard(&self) -> &FetchGuard {
+        &self.guard
+    }
+}
+
 /// The router (exposed for in-process tests).
 pub fn router(server: Arc<FetchServer>) -> Router {
     Router::new()

@@ -6,10 +6,12 @@
 //! - [`files`]: the configuration files in each vendor's syntax.
 //! - [`fetch`]: the provisioning listener (`PROVISION_LISTEN`).
 //! - [`admin`]: the admin API, `/api/admin/devices`.
+//! - [`pnp`]: answers to phones' SIP PnP multicast (`PROVISION_PNP`).
 
 pub mod admin;
 pub mod fetch;
 pub mod files;
+pub mod pnp;
 
 use std::sync::Arc;
 use std::time::Duration;
