@@ -191,6 +191,13 @@ fn a_clinician_and_an_administrator_use_the_dashboard() {
         "calls-export careflow-calls.csv 2",
         "the header and the one call"
     );
+    // The desk phone added from the page is bound to the user, with the password shown once
+    // working for its configuration fetch's digest (its HA1 is what was stored).
+    let added = page.wait("device-added", &server);
+    let password = added.split(' ').nth(1).unwrap();
+    assert_eq!(password.len(), 32, "{added}");
+    let list = server.cli_ok(&["device", "list"]);
+    assert!(list.contains("001565aabbcc\tyealink-t46s"), "{list}");
     let admin = page.wait("admin", &server);
     let counts: Vec<u32> = admin
         .split(' ')

@@ -734,7 +734,7 @@
   // ---------- administration ----------
 
   async function loadAdmin() {
-    await Promise.all([adminUsers(), adminDevices(), adminSecurity(), adminCalls(), adminAudit()]);
+    await Promise.all([adminUsers(), adminDevices(), adminPhones(), adminSecurity(), adminCalls(), adminAudit()]);
   }
 
   const OUTCOMES = {
@@ -841,6 +841,68 @@
     if (!users.length) $('#admin-users').replaceChildren(el('tr', {}, el('td', { colspan: '5', text: 'No user matches.' })));
   }
 
+  // ---------- desk phones (auto-provisioning) ----------
+
+  async function adminPhones() {
+    let list;
+    try {
+      list = await api('GET', '/api/admin/devices');
+    } catch (_) {
+      return;
+    }
+    $('#admin-phones').replaceChildren(...list.map((d) => el('tr', {},
+      el('td', {}, el('code', { text: d.mac })),
+      el('td', { text: d.model }),
+      el('td', {}, el('code', { text: d.username })),
+      el('td', { text: d.blf.length ? d.blf.join(', ') : '—' }),
+      el('td', { text: d.lastFetchAt ? `${new Date(d.lastFetchAt * 1000).toLocaleString()} from ${d.lastFetchFrom}` : 'never' }),
+      el('td', {},
+        el('button', { type: 'button', class: 'small', 'aria-label': `New SIP password for ${d.mac}`, onclick: () => phoneAction(d.mac, 'rotate') }, 'New SIP password'),
+        ' ',
+        el('button', { type: 'button', class: 'small', 'aria-label': `Remove ${d.mac}`, onclick: () => phoneAction(d.mac, 'remove') }, 'Remove')))));
+    if (!list.length) $('#admin-phones').replaceChildren(el('tr', {}, el('td', { colspan: '6', text: 'No desk phone is provisioned.' })));
+  }
+
+  async function phoneAction(mac, action) {
+    try {
+      if (action === 'remove') {
+        if (!window.confirm(`Remove ${mac}? Its credentials stop at once.`)) return;
+        await api('DELETE', `/api/admin/devices/${mac}`);
+        announce(`${mac} removed`);
+      } else {
+        await api('POST', `/api/admin/devices/${mac}/rotate`);
+        banner(`${mac} gets a new SIP password at its next configuration fetch; the old one works for the grace period.`, 'info');
+      }
+    } catch (e) {
+      banner(`Could not change ${mac}: ${(e.problem && e.problem.detail) || e.message}`);
+    }
+    adminPhones();
+  }
+
+  async function addPhone(e) {
+    e.preventDefault();
+    const blf = $('#device-blf').value.split(',').map((b) => b.trim()).filter((b) => b);
+    try {
+      const r = await api('POST', '/api/admin/devices', {
+        mac: $('#device-mac').value.trim(),
+        model: $('#device-model').value,
+        username: $('#device-user').value.trim(),
+        blf,
+      });
+      const box = $('#device-secret');
+      box.replaceChildren(
+        el('p', { text: `Added ${r.device.mac}. Its provisioning password is shown only now:` }),
+        el('p', {}, el('code', { id: 'device-password', text: r.provisioningPassword })),
+        r.provisioningUrl ? el('p', {}, 'Provisioning URL for the phone (or its DHCP option 66): ', el('code', { id: 'device-url', text: r.provisioningUrl })) : null);
+      box.hidden = false;
+      $('#device-add').reset();
+      announce(`${r.device.mac} added`);
+    } catch (err) {
+      banner(`Could not add the phone: ${(err.problem && err.problem.detail) || err.message}`);
+    }
+    adminPhones();
+  }
+
   async function adminDevices() {
     let list;
     try {
@@ -917,6 +979,7 @@
       $('#password-once').hidden = true;
       $('#account-title').focus();
     });
+    $('#device-add').addEventListener('submit', addPhone);
     $('#user-search').addEventListener('submit', (e) => {
       e.preventDefault();
       adminUsers();

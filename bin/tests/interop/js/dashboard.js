@@ -9,6 +9,7 @@
 //   -> device-removed -> (stdin: next) -> guide USER_SEEN -> baresip-line LINE -> qr PNG URL
 //   -> rotated PASSWORD -> (stdin: next) -> revoked -> regenerated USER -> ready-for-outage -> (stdin: stopped) -> unreachable-shown
 //   -> (stdin: started) -> recovered -> (stdin: next) -> admin-audit TEXT -> calls-export NAME LINES
+//   -> device-added PASSWORD
 //   -> admin USERS FAILURES -> local-storage -> axe-total N
 //   -> done
 // Every view is also checked with axe-core (WCAG 2 A/AA rules: labels, contrast, roles):
@@ -186,7 +187,8 @@ async function main() {
   event('revoked');
   await page.click('#generate');
   await page.locator('#new-password').waitFor();
-  event('regenerated', (await page.textContent('#sip-username')).trim());
+  const currentUser = (await page.textContent('#sip-username')).trim();
+  event('regenerated', currentUser);
 
   // The server goes away and comes back: the page says so, then recovers by itself.
   await page.click('a[data-view="devices"]');
@@ -214,6 +216,14 @@ async function main() {
   const [download] = await Promise.all([page.waitForEvent('download'), page.click('#export-calls-csv')]);
   const exported = fs.readFileSync(await download.path(), 'utf8');
   event('calls-export', download.suggestedFilename(), exported.split('\r\n').filter((l) => l).length);
+  // A desk phone added from the page: its provisioning password is shown once.
+  await page.fill('#device-mac', '00:15:65:aa:bb:cc');
+  await page.selectOption('#device-model', 'yealink-t46s');
+  await page.fill('#device-user', currentUser);
+  await page.click('#device-add button[type="submit"]');
+  await page.locator('#device-password').waitFor();
+  await page.locator('#admin-phones tr', { hasText: '001565aabbcc' }).waitFor();
+  event('device-added', (await page.textContent('#device-password')).trim());
   const users = await page.locator('#admin-users tr').count();
   const failures = await page.locator('#admin-failures tr code', { hasText: user }).count();
   await shot('admin');
