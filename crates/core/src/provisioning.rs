@@ -37,7 +37,7 @@ impl Mac {
             if c.is_ascii_hexdigit() {
                 hex.push(c.to_ascii_lowercase());
                 after_sep = false;
-            } else if matches!(c, ':' | '-' | '.') && !after_sep && hex.len() % 2 == 0 {
+            } else if matches!(c, ':' | '-' | '.') && !after_sep && hex.len().is_multiple_of(2) {
                 after_sep = true;
             } else {
                 return None;
