@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::database::{Relay, register_status};
+use crate::database::{Relay, register_status, try_register_status};
 use crate::support::*;
 
 const SECRET: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
@@ -132,7 +132,8 @@ fn registrations_survive_a_redis_outage() {
     relay.cut();
     let mut code = 0;
     for i in 0..30 {
-        code = register_status(&server, "rita", "pw-rita-r", &format!("r-down-{i}"));
+        code =
+            try_register_status(&server, "rita", "pw-rita-r", &format!("r-down-{i}")).unwrap_or(0);
         if code == 503 {
             break;
         }
@@ -177,7 +178,9 @@ fn registrations_survive_a_redis_outage() {
     );
     relay.restore();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while register_status(&server, "rita", "pw-rita-r", "r-back") != 200 {
+    // The first REGISTER after the outage may wait out the server's Redis reconnect without
+    // an answer in the UA's timeout (seen under CI load); a phone retransmits, so does this.
+    while try_register_status(&server, "rita", "pw-rita-r", "r-back") != Some(200) {
         assert!(Instant::now() < deadline, "no recovery:\n{}", server.log());
         std::thread::sleep(Duration::from_millis(300));
     }

@@ -94,10 +94,22 @@ impl Relay {
 
 /// REGISTER with digest auth from a raw UA; returns the final status.
 pub(crate) fn register_status(server: &Server, user: &str, pw: &str, call_id: &str) -> u16 {
+    try_register_status(server, user, pw, call_id)
+        .unwrap_or_else(|| panic!("no response to {user}'s REGISTER:\n{}", server.log()))
+}
+
+/// [`register_status`], none when a request got no response in time (a server still waiting
+/// for its store, where a phone would retransmit).
+pub(crate) fn try_register_status(
+    server: &Server,
+    user: &str,
+    pw: &str,
+    call_id: &str,
+) -> Option<u16> {
     let ua = Ua::new(server.sip_addr());
-    let r1 = ua.request(&ua.register_msg(user, &server.domain, call_id, 1, ""));
+    let r1 = ua.try_request(&ua.register_msg(user, &server.domain, call_id, 1, ""))?;
     if status(&r1) != 401 {
-        return status(&r1);
+        return Some(status(&r1));
     }
     let auth = authorization(
         &r1,
@@ -109,14 +121,14 @@ pub(crate) fn register_status(server: &Server, user: &str, pw: &str, call_id: &s
         &format!("sip:{}", server.domain),
         1,
     );
-    let r2 = ua.request(&ua.register_msg(
+    let r2 = ua.try_request(&ua.register_msg(
         user,
         &server.domain,
         call_id,
         2,
         &format!("Authorization: {auth}\r\n"),
-    ));
-    status(&r2)
+    ))?;
+    Some(status(&r2))
 }
 
 fn outage_and_recovery(db: TestDb, upstream: &str) {

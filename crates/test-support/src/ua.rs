@@ -39,6 +39,12 @@ impl Ua {
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
+    /// The response to `msg`, or none within the read timeout.
+    pub fn try_request(&self, msg: &str) -> Option<String> {
+        self.send(msg);
+        self.recv()
+    }
+
     pub fn request(&self, msg: &str) -> String {
         self.send(msg);
         self.recv()
