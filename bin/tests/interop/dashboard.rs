@@ -269,6 +269,7 @@ fn a_clinician_uses_the_dashboard_in_firefox() {
     let creds = page.wait("credentials", &server);
     let parts: Vec<&str> = creds.split(' ').collect();
     let (user, password) = (parts[1].to_string(), parts[2].to_string());
+    page.wait("no-devices-shown", &server);
     let tmp = tempfile::tempdir().unwrap();
     let users = sipp_file(tmp.path(), "ff.csv", &[(&user, &password)]);
     register_contact(&server, &users, free_port(), "udp");

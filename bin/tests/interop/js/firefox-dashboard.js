@@ -5,7 +5,7 @@
 // device list.
 //
 // Usage: node firefox-dashboard.js BASE_URL USER_TOKEN SCREENSHOT_DIR GECKODRIVER PORT
-//   credentials USER PASSWORD -> (stdin: registered) -> device-online TEXT -> guide OK
+//   credentials USER PASSWORD -> no-devices-shown -> (stdin: registered) -> device-online TEXT -> guide OK
 //   -> axe-total N -> done
 'use strict';
 
@@ -108,6 +108,9 @@ async function main() {
 
   await click('a[data-view="devices"]');
   await find('#no-devices');
+  // The test registers the devices only now: registered before the view showed, they would
+  // hide "no device" before it could be seen.
+  event('no-devices-shown');
   await nextLine();
   await find('#devices tr');
   // Every device the user registered (the test registers them all before "registered").
