@@ -92,8 +92,8 @@ pub(crate) async fn serve_provisioning(
             .with_context(|| format!("cannot listen on PROVISION_LISTEN {addr}"))?;
         let acceptor = match (https, tls) {
             (true, Some(t)) => Some(
-                t.without_client_auth()
-                    .context("the provisioning listener's TLS")?
+                t.for_other_listener(cfg.provision.client_ca.as_deref())
+                    .context("the provisioning listener's TLS (PROVISION_CLIENT_CA)")?
                     .acceptor(),
             ),
             (true, None) => bail!("PROVISION_LISTEN {addr}: https needs a TLS certificate"),

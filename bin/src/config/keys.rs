@@ -300,6 +300,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Seconds between a phone's configuration fetches (written into its file), so a rotation reaches it well inside DEVICE_ROTATION_GRACE.",
     ),
     (
+        "provision_client_ca",
+        "",
+        "PEM bundle of the phone vendors' device CAs (e.g. Yealink's). A phone that presents its factory certificate on an https PROVISION_LISTEN listener, chained to one of them and naming its MAC in its subject (`CN=001565aabbcc`, `SEP001565AABBCC`), gets its files without HTTP digest. Empty: client certificates are not asked for.",
+    ),
+    (
         "provision_pnp",
         "",
         "SIP PnP for Yealink phones (docs/provisioning.md): the IPv4 address of the interface on the phones' network (`10.20.0.1`, or `10.20.0.1:5060`); phones that multicast a `ua-profile` SUBSCRIBE at first boot and that an admin has added get a NOTIFY with their provisioning URL and a new provisioning password. Anyone on that network naming such a MAC gets it too: only on a voice network phones alone reach. Needs PROVISION_LISTEN, and no UDP SIP listener on 0.0.0.0 at the same port. Empty: off.",

@@ -29,6 +29,8 @@ pub struct ProvisionSettings {
     pub ntp_server: String,
     /// `PROVISION_RESYNC`.
     pub resync: Duration,
+    /// `PROVISION_CLIENT_CA`: the vendors' device CAs client certificates are checked against.
+    pub client_ca: Option<PathBuf>,
     /// `PROVISION_PNP`: the phones' network interface address and port for SIP PnP.
     pub pnp: Option<(std::net::Ipv4Addr, u16)>,
 }
@@ -187,6 +189,7 @@ pub(super) fn settings(
         },
         resync: r.secs("provision_resync", 3600, 30 * 86_400)?,
         pnp: pnp(r)?,
+        client_ca: r.path("provision_client_ca"),
     })
 }
 

@@ -774,3 +774,177 @@ fn a_yealink_sip_pnp_subscribe_on_the_voice_network_gets_its_url_and_the_phone_i
     assert_eq!(entries.len(), 1, "{page}");
     assert_eq!(entries[0]["actor"], "device:001565aabbcc", "{page}");
 }
+
+/// openssl in `dir`: a vendor CA, and device certificates it signs for `subjects`
+/// (`/O=Yealink/CN=001565aabbcc`), written as `<name>.crt`/`<name>.key`.
+fn vendor_certificates(dir: &std::path::Path, devices: &[(&str, &str)]) {
+    require("openssl", "openssl");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt", "-days", "2"]);
+    ca.extend(["-subj", "/O=Test Phone Vendor/CN=Test Device CA"]);
+    run(&ca);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    for (name, subject) in devices {
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+        run(&req);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ]);
+    }
+}
+
+#[test]
+fn a_phone_with_its_factory_certificate_fetches_its_own_file_without_digest() {
+    let tmp = tempfile::tempdir().unwrap();
+    vendor_certificates(
+        tmp.path(),
+        &[
+            ("yealink", "/O=Yealink/CN=001565aabbcc"),
+            ("cisco", "/O=Cisco/CN=SEP00562B0C4F2A"),
+        ],
+    );
+    let ca = tmp.path().join("ca.crt");
+    let server = start(
+        "cert.test",
+        &[("PROVISION_CLIENT_CA", ca.to_str().unwrap())],
+    );
+    server.add_user("2001", "pw-2001");
+    server.cli_ok(&[
+        "device",
+        "add",
+        "001565aabbcc",
+        "2001",
+        "--model",
+        "yealink-t46s",
+    ]);
+    server.cli_ok(&[
+        "device",
+        "add",
+        "001565aabbcd",
+        "2001",
+        "--model",
+        "yealink-t46s",
+    ]);
+    let cert = server.data_dir().join("tls-selfsigned.crt");
+    let fetch = |client: Option<&str>, file: &str| -> (bool, String) {
+        let mut c = Command::new("curl");
+        c.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["-A", YEALINK_UA, "--cacert", cert.to_str().unwrap()])
+        .args([
+            "--resolve",
+            &format!("cert.test:{}:127.0.0.1", server.port2),
+        ]);
+        if let Some(name) = client {
+            c.arg("--cert")
+                .arg(tmp.path().join(format!("{name}.crt")))
+                .arg("--key")
+                .arg(tmp.path().join(format!("{name}.key")));
+        }
+        let out = c
+            .arg(format!("https://cert.test:{}/{file}", server.port2))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // Its certificate authenticates the Yealink: its own file and the common one, no digest.
+    assert_eq!(
+        fetch(Some("yealink"), "001565aabbcc.cfg"),
+        (true, "200".into())
+    );
+    assert_eq!(
+        fetch(Some("yealink"), "y000000000000.cfg"),
+        (true, "200".into())
+    );
+    // Another device's file still needs that device's credentials.
+    assert_eq!(
+        fetch(Some("yealink"), "001565aabbcd.cfg"),
+        (true, "401".into())
+    );
+    // A certificate of a MAC that is no device here: its file is unknown.
+    assert_eq!(
+        fetch(Some("cisco"), "spa00562b0c4f2a.xml"),
+        (true, "404".into())
+    );
+    // Without a certificate: digest, as before.
+    assert_eq!(fetch(None, "001565aabbcc.cfg"), (true, "401".into()));
+    // A certificate from another CA is refused in the handshake.
+    let rogue = tempfile::tempdir().unwrap();
+    vendor_certificates(rogue.path(), &[("yealink", "/O=Yealink/CN=001565aabbcc")]);
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "--max-time", "10"])
+        .args(["--cacert", cert.to_str().unwrap()])
+        .args([
+            "--resolve",
+            &format!("cert.test:{}:127.0.0.1", server.port2),
+        ])
+        .arg("--cert")
+        .arg(rogue.path().join("yealink.crt"))
+        .arg("--key")
+        .arg(rogue.path().join("yealink.key"))
+        .arg(format!(
+            "https://cert.test:{}/001565aabbcc.cfg",
+            server.port2
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a foreign CA's certificate was accepted"
+    );
+}

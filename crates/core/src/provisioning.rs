@@ -379,6 +379,83 @@ impl FetchGuard {
     }
 }
 
+/// The MAC a device certificate names (DER X.509): the first subject attribute whose value
+/// is a MAC, or ends with one after a non-hex character (`SEP001565AABBCC`). The chain must
+/// have been verified already (the TLS layer does it against the vendors' CAs).
+pub fn certificate_mac(der: &[u8]) -> Option<Mac> {
+    subject_values(der)?.into_iter().find_map(|v| mac_in(&v))
+}
+
+fn mac_in(value: &str) -> Option<Mac> {
+    if let Some(m) = Mac::parse(value) {
+        return Some(m);
+    }
+    let start = value
+        .char_indices()
+        .rev()
+        .find(|(_, c)| !c.is_ascii_hexdigit())
+        .map(|(i, c)| i + c.len_utf8())?;
+    let tail = &value[start..];
+    (tail.len() == 12).then(|| Mac::parse(tail)).flatten()
+}
+
+/// One DER element: (tag, contents, rest).
+fn der_element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |a, &d| (a << 8) | usize::from(d));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The string values of a certificate's subject attributes.
+fn subject_values(der: &[u8]) -> Option<Vec<String>> {
+    let (_, cert, _) = der_element(der).filter(|e| e.0 == 0x30)?;
+    let (_, tbs, _) = der_element(cert).filter(|e| e.0 == 0x30)?;
+    let mut rest = tbs;
+    let mut fields = Vec::new();
+    while let Some((tag, body, more)) = der_element(rest) {
+        fields.push((tag, body));
+        rest = more;
+    }
+    // [0] version (optional), serial, signature algorithm, issuer, validity, subject.
+    let skip = usize::from(fields.first()?.0 == 0xa0);
+    let (tag, subject) = *fields.get(skip + 4)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let mut values = Vec::new();
+    let mut sets = subject;
+    while let Some((0x31, set, more)) = der_element(sets) {
+        let mut atvs = set;
+        while let Some((0x30, atv, next)) = der_element(atvs) {
+            if let Some((0x06, _oid, value)) = der_element(atv)
+                && let Some((vtag, v, _)) = der_element(value)
+                && matches!(vtag, 0x0c | 0x13 | 0x16 | 0x14)
+                && let Ok(text) = std::str::from_utf8(v)
+            {
+                values.push(text.to_string());
+            }
+            atvs = next;
+        }
+        sets = more;
+    }
+    Some(values)
+}
+
 /// The multicast group phones send their SIP PnP SUBSCRIBE to (RFC 6080's `sip.mcast.net`).
 pub const PNP_GROUP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(224, 0, 1, 75);
 
@@ -546,6 +623,53 @@ mod tests {
         assert_eq!(device_of_auth_name("2001", "2001"), None);
         assert_eq!(device_of_auth_name("2001.00:15:65:aa:bb:cc", "2001"), None);
         assert_eq!(device_of_auth_name("a.b.001565aabbcc", "a.b"), Some(m));
+    }
+
+    #[test]
+    fn a_device_certificate_names_its_mac_in_its_subject() {
+        // Subject CN=001565aabbcc, O=Yealink; issuer CN=Yealink Device CA (a test
+        // certificate's structure: version, serial, algorithm, issuer, validity, subject).
+        fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+            let mut v = vec![tag];
+            if body.len() < 0x80 {
+                v.push(body.len() as u8);
+            } else {
+                v.extend([0x82, (body.len() >> 8) as u8, body.len() as u8]);
+            }
+            v.extend_from_slice(body);
+            v
+        }
+        fn name(attrs: &[(&[u8], &str)]) -> Vec<u8> {
+            let mut sets = Vec::new();
+            for (oid, value) in attrs {
+                let mut atv = tlv(0x06, oid);
+                atv.extend(tlv(0x0c, value.as_bytes()));
+                sets.extend(tlv(0x31, &tlv(0x30, &atv)));
+            }
+            tlv(0x30, &sets)
+        }
+        const CN: &[u8] = &[0x55, 0x04, 0x03];
+        const O: &[u8] = &[0x55, 0x04, 0x0a];
+        let cert = |subject: &[(&[u8], &str)]| {
+            let mut tbs = tlv(0xa0, &tlv(0x02, &[2]));
+            tbs.extend(tlv(0x02, &[1, 2, 3]));
+            tbs.extend(tlv(0x30, &tlv(0x06, &[0x2a, 0x86, 0x48])));
+            tbs.extend(name(&[(CN, "Yealink Device CA 001565000000")]));
+            tbs.extend(tlv(0x30, &[]));
+            tbs.extend(name(subject));
+            let mut c = tlv(0x30, &tbs);
+            c.extend(tlv(0x30, &[]));
+            tlv(0x30, &c)
+        };
+        let m = certificate_mac(&cert(&[(O, "Yealink"), (CN, "001565aabbcc")]));
+        assert_eq!(m, Some(mac("001565aabbcc")), "not the issuer's");
+        assert_eq!(
+            certificate_mac(&cert(&[(CN, "SEP001565AABBCC")])),
+            Some(mac("001565aabbcc"))
+        );
+        assert_eq!(certificate_mac(&cert(&[(CN, "phone-7")])), None);
+        assert_eq!(certificate_mac(&[0x30, 0x85, 1, 2, 3]), None);
+        assert_eq!(certificate_mac(&[]), None);
     }
 
     #[test]

@@ -168,13 +168,16 @@ impl TlsServer {
             stamps: Mutex::new(stamps),
             settings,
         });
-        Self::build(certs, true)
+        let client_ca = certs.settings.client_ca.clone();
+        let require = certs.settings.require_client_cert;
+        Self::build(certs, client_ca.as_deref(), require)
     }
 
-    /// The same certificate (reloaded with this one) for another listener that asks for no
-    /// client certificate: the provisioning server.
-    pub fn without_client_auth(&self) -> Result<Self, TlsError> {
-        Self::build(self.certs.clone(), false)
+    /// The same certificate (reloaded with this one) for another listener, with its own
+    /// client CA (or none): the provisioning server, where a client certificate is checked
+    /// when offered and never required.
+    pub fn for_other_listener(&self, client_ca: Option<&Path>) -> Result<Self, TlsError> {
+        Self::build(self.certs.clone(), client_ca, false)
     }
 
     /// The acceptor, for a listener outside this crate.
@@ -182,11 +185,14 @@ impl TlsServer {
         self.acceptor.clone()
     }
 
-    fn build(certs: Arc<CertStore>, client_auth: bool) -> Result<Self, TlsError> {
+    fn build(
+        certs: Arc<CertStore>,
+        client_ca: Option<&Path>,
+        require_client_cert: bool,
+    ) -> Result<Self, TlsError> {
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        let client_ca = certs.settings.client_ca.as_ref().filter(|_| client_auth);
         let builder = match client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
@@ -196,7 +202,7 @@ impl TlsServer {
                     roots.add(c).map_err(|e| file_err(ca, e))?;
                 }
                 let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-                let v = if certs.settings.require_client_cert {
+                let v = if require_client_cert {
                     v
                 } else {
                     v.allow_unauthenticated()

@@ -1,6 +1,7 @@
 //! The provisioning server (`PROVISION_LISTEN`): phones fetch their configuration files here,
 //! over HTTPS with the server's certificate (or plain HTTP on a listener written `http://`,
-//! for phones that trust only their vendor's CA).
+//! for phones that trust only their vendor's CA). A phone presenting its factory device
+//! certificate (chained to `PROVISION_CLIENT_CA`, naming its MAC) is authenticated by it.
 //!
 //! Every device file is behind HTTP digest (realm [`PROVISIONING_REALM`], user name the MAC,
 //! the password given when the device was added), the Yealink common file behind any
@@ -24,7 +25,9 @@ use axum::response::{IntoResponse, Response};
 use careflow_core::audit::AuditEvent;
 use careflow_core::auth::Authenticator;
 use careflow_core::nonce::NonceIssuer;
-use careflow_core::provisioning::{FetchGuard, FileRequest, Mac, Vendor, auth_name, model};
+use careflow_core::provisioning::{
+    FetchGuard, FileRequest, Mac, Vendor, auth_name, certificate_mac, model,
+};
 use careflow_proto::digest::{Algorithm, Credentials};
 use careflow_store::audit::AuditStore;
 use careflow_store::devices::Device;
@@ -94,6 +97,10 @@ pub fn router(server: Arc<FetchServer>) -> Router {
         .with_state(server)
 }
 
+/// The device a verified TLS client certificate names (none on plain HTTP, or without one).
+#[derive(Debug, Clone)]
+pub struct DeviceCertificate(pub Option<Mac>);
+
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
 /// A client has this long for its TLS handshake and its request head.
@@ -129,7 +136,6 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = hyper_util::service::TowerToHyperService::new(app);
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT);
@@ -137,6 +143,16 @@ pub async fn serve(
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
+                            // A client certificate, verified against PROVISION_CLIENT_CA by
+                            // the handshake, names the device it authenticates.
+                            let mac = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| certificate_mac(c.as_ref()));
+                            let app = app.layer(axum::Extension(DeviceCertificate(mac)));
+                            let service = hyper_util::service::TowerToHyperService::new(app);
                             http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                                 .await
                         }
@@ -148,6 +164,8 @@ pub async fn serve(
                     }
                 }
                 None => {
+                    let app = app.layer(axum::Extension(DeviceCertificate(None)));
+                    let service = hyper_util::service::TowerToHyperService::new(app);
                     http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
                         .await
                 }
@@ -271,9 +289,11 @@ fn unavailable() -> Response {
 async fn fetch(
     State(s): State<Arc<FetchServer>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cert: Option<axum::Extension<DeviceCertificate>>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    let cert_mac = cert.and_then(|c| c.0.0);
     let wanted = FileRequest::parse(uri.path());
     let file = uri.path().rsplit('/').next().unwrap_or_default();
     let r = Request {
@@ -307,6 +327,7 @@ async fn fetch(
     // credentials name.
     let mac = match (wanted.mac(), &creds) {
         (Some(m), _) => Some(m.clone()),
+        (None, _) if cert_mac.is_some() => cert_mac.clone(),
         (None, Some(c)) => Mac::parse(&c.username),
         (None, None) => None,
     };
@@ -344,6 +365,11 @@ async fn fetch(
         return s.challenge(false);
     };
     let target = format!("{}@{}", device.username, device.domain);
+    // Its own verified certificate authenticates the device (the vendors' factory
+    // certificates, chained to PROVISION_CLIENT_CA): no digest needed.
+    if cert_mac.as_ref().is_some_and(|m| m.as_str() == device.mac) {
+        return serve_file(&s, &r, &wanted, &device, &target).await;
+    }
     let Some(c) = creds else {
         return s.challenge(false);
     };
