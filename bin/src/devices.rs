@@ -41,6 +41,7 @@ pub(crate) fn service(
                 misses: p.misses,
                 window: p.miss_window,
             },
+            shared_by_default: p.shared_by_default,
         }),
     })
 }
@@ -130,6 +131,13 @@ pub(crate) enum DeviceCommand {
         /// Colleagues' SIP usernames for its busy-lamp keys, comma-separated.
         #[arg(long, value_delimiter = ',')]
         blf: Vec<String>,
+        /// Share the user's own SIP credentials (sets the user's password to one derived for
+        /// sharing, printed once) instead of its own.
+        #[arg(long, conflicts_with = "own")]
+        shared: bool,
+        /// Its own SIP credentials, whatever DEVICE_CREDENTIALS says.
+        #[arg(long)]
+        own: bool,
     },
     /// List devices (all, or one user's).
     List {
@@ -180,12 +188,12 @@ fn describe(d: &Device) -> String {
         .map(|p| format!("\tprevious credentials until {}", p.valid_until))
         .unwrap_or_default();
     format!(
-        "{}\t{}\t{}\tauth name {}.{}\tgeneration {}\tlabel {}\tblf {}\tlast fetch {}{previous}",
+        "{}\t{}\t{}\tauth name {}{}\tgeneration {}\tlabel {}\tblf {}\tlast fetch {}{previous}",
         d.mac,
         d.model,
         d.username,
-        d.username,
-        d.mac,
+        DeviceService::sip_auth_name(d),
+        if d.shared { " (shared)" } else { "" },
         d.generation,
         d.label.as_deref().unwrap_or("-"),
         if d.blf.is_empty() {
@@ -205,6 +213,11 @@ fn print_secret(s: &DeviceService, w: &WithSecret) {
         "provisioning password (shown only now): {}",
         w.provisioning_password
     );
+    if let Some(pw) = &w.user_password {
+        println!(
+            "the user's SIP password is now (shown only now; their other clients need it): {pw}"
+        );
+    }
     match s.provisioning_url(&w.device.mac, &w.provisioning_password) {
         Some(url) => println!("provisioning URL for the phone: {url}"),
         None => println!("(set PROVISION_LISTEN or PROVISION_PUBLIC_URL for the provisioning URL)"),
@@ -230,6 +243,8 @@ pub(crate) async fn run(cfg: &Config, cmd: DeviceCommand) -> anyhow::Result<()> 
             model,
             label,
             blf,
+            shared,
+            own,
         } => {
             let w = s
                 .add(NewDevice {
@@ -238,6 +253,7 @@ pub(crate) async fn run(cfg: &Config, cmd: DeviceCommand) -> anyhow::Result<()> 
                     username: user,
                     label,
                     blf,
+                    shared: (shared || own).then_some(shared),
                 })
                 .await
                 .map_err(cli_error)?;
@@ -280,14 +296,23 @@ pub(crate) async fn run(cfg: &Config, cmd: DeviceCommand) -> anyhow::Result<()> 
             println!("{}", describe(&d));
         }
         DeviceCommand::Rotate { mac } => {
-            let d = s.rotate(&mac).await.map_err(cli_error)?;
+            let r = s.rotate(&mac).await.map_err(cli_error)?;
+            let d = r.device;
             audit(
                 "device.rotated",
                 &d,
-                format!("mac={} generation={}", d.mac, d.generation),
+                format!(
+                    "mac={} generation={} shared={}",
+                    d.mac, d.generation, d.shared
+                ),
             )
             .await?;
             println!("{}", describe(&d));
+            if let Some(pw) = r.user_password {
+                println!(
+                    "the user's new SIP password (shown only now; the previous one works for DEVICE_ROTATION_GRACE): {pw}"
+                );
+            }
         }
         DeviceCommand::ProvisioningPassword { mac } => {
             let w = s.new_provisioning_password(&mac).await.map_err(cli_error)?;

@@ -270,6 +270,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "File with the key devices' SIP passwords are derived from (64 hex digits; only their HA1 is stored). Empty: `DATA_DIR/provisioning.key`, generated on first start. Every node of a cluster needs the same file; a node with another key refuses to serve a file (503) rather than serve a password that does not work.",
     ),
     (
+        "device_credentials",
+        "own",
+        "What a new desk phone authenticates with unless its `device add` says otherwise: `own` (its own credentials, `<user>.<mac>`, revoked and rotated alone) or `shared` (its user's own username and password; the user's password is set to one derived for sharing when the first such device is added, shown once, and a rotation of one such device rotates the user's password for all of them).",
+    ),
+    (
         "device_rotation_grace",
         "86400",
         "Seconds a device's previous SIP credentials keep working after a rotation, so a phone is never locked out before its next configuration fetch (phones fetch again every PROVISION_RESYNC). 0: they stop at once.",

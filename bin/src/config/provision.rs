@@ -29,6 +29,8 @@ pub struct ProvisionSettings {
     pub ntp_server: String,
     /// `PROVISION_RESYNC`.
     pub resync: Duration,
+    /// `DEVICE_CREDENTIALS=shared`: new devices share their user's credentials by default.
+    pub shared_by_default: bool,
     /// `PROVISION_CLIENT_CA`: the vendors' device CAs client certificates are checked against.
     pub client_ca: Option<PathBuf>,
     /// `PROVISION_PNP`: the phones' network interface address and port for SIP PnP.
@@ -190,6 +192,16 @@ pub(super) fn settings(
         resync: r.secs("provision_resync", 3600, 30 * 86_400)?,
         pnp: pnp(r)?,
         client_ca: r.path("provision_client_ca"),
+        shared_by_default: match r.get("device_credentials") {
+            "own" => false,
+            "shared" => true,
+            other => {
+                return Err(invalid(
+                    "device_credentials",
+                    format!("expected own or shared, got `{other}`"),
+                ));
+            }
+        },
     })
 }
 

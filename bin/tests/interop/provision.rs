@@ -564,8 +564,15 @@ fn a_rotation_reaches_the_phone_and_the_old_credentials_work_for_the_grace_only(
         None,
     );
     assert_eq!(code, 200, "{rotated}");
-    assert_eq!(rotated["generation"], 2, "{rotated}");
-    assert!(rotated["previousValidUntil"].is_number(), "{rotated}");
+    assert_eq!(rotated["device"]["generation"], 2, "{rotated}");
+    assert!(
+        rotated["device"]["previousValidUntil"].is_number(),
+        "{rotated}"
+    );
+    assert!(
+        rotated.get("userPassword").is_none(),
+        "its own credentials: the user's password is untouched: {rotated}"
+    );
     // The next fetch carries new credentials; both work during the grace.
     let next = yealink_values(&phone.get("001565aabbcc.cfg").1);
     let new = next["account.1.password"].clone();
@@ -947,4 +954,116 @@ fn a_phone_with_its_factory_certificate_fetches_its_own_file_without_digest() {
         !out.status.success(),
         "a foreign CA's certificate was accepted"
     );
+}
+
+#[test]
+fn phones_sharing_their_users_credentials_register_as_the_user_and_rotate_with_them() {
+    let server = start("shared.test", &[("DEVICE_ROTATION_GRACE", "4")]);
+    server.add_user("2001", "pw-2001");
+    let key = api_key(&server);
+    // A phone of the same user with its own credentials: untouched by the sharing ones.
+    let own = add_via_api(
+        &server,
+        &key,
+        serde_json::json!({"mac": "001565aabb01", "model": "yealink-t46s", "username": "2001"}),
+    );
+    let shared = add_via_api(
+        &server,
+        &key,
+        serde_json::json!({"mac": "001565aabbcc", "model": "yealink-t46s", "username": "2001", "shared": true}),
+    );
+    assert_eq!(shared["device"]["authName"], "2001", "{shared}");
+    assert_eq!(shared["device"]["shared"], true, "{shared}");
+    let user_pw = shared["userPassword"].as_str().unwrap().to_string();
+    // The user's password is now the shared one (shown once); the old one stopped.
+    assert!(!sipp_registers(&server, "2001", "2001", "pw-2001"));
+    assert!(sipp_registers(&server, "2001", "2001", &user_pw));
+    // A second sharing phone gets the same credentials, and sets no new password.
+    let second = add_via_api(
+        &server,
+        &key,
+        serde_json::json!({"mac": "001565aabbcd", "model": "grandstream-gxp2170", "username": "2001", "shared": true}),
+    );
+    assert!(second.get("userPassword").is_none(), "{second}");
+    let file_of = |mac: &str, file: &str, pw: &str| {
+        let f = Fetch {
+            server: &server,
+            https: true,
+            user_agent: YEALINK_UA,
+            credentials: Some((mac, pw)),
+            from: "127.0.0.1",
+        };
+        let (code, body) = f.get(file);
+        assert_eq!(code, 200, "{body}");
+        body
+    };
+    let pw_of = |v: &Value| v["provisioningPassword"].as_str().unwrap().to_string();
+    let yealink = yealink_values(&file_of(
+        "001565aabbcc",
+        "001565aabbcc.cfg",
+        &pw_of(&shared),
+    ));
+    assert_eq!(yealink["account.1.auth_name"], "2001");
+    assert_eq!(yealink["account.1.password"], user_pw);
+    let gs = file_of("001565aabbcd", "cfg001565aabbcd.xml", &pw_of(&second));
+    assert_eq!(xml_value(&gs, "P36").as_deref(), Some("2001"));
+    assert_eq!(xml_value(&gs, "P34").as_deref(), Some(user_pw.as_str()));
+    let own_file = yealink_values(&file_of("001565aabb01", "001565aabb01.cfg", &pw_of(&own)));
+    let own_creds = (
+        own_file["account.1.auth_name"].clone(),
+        own_file["account.1.password"].clone(),
+    );
+    assert!(sipp_registers(&server, "2001", &own_creds.0, &own_creds.1));
+
+    // Rotating one sharing phone rotates the user's password, for both sharing phones.
+    let (code, _, rotated) = http(
+        &server,
+        "POST",
+        "/api/admin/devices/001565aabbcc/rotate",
+        Some(&key),
+        None,
+    );
+    assert_eq!(code, 200, "{rotated}");
+    let new_pw = rotated["userPassword"].as_str().unwrap().to_string();
+    assert_ne!(new_pw, user_pw);
+    let gs = file_of("001565aabbcd", "cfg001565aabbcd.xml", &pw_of(&second));
+    assert_eq!(xml_value(&gs, "P34").as_deref(), Some(new_pw.as_str()));
+    // Both work during the grace; after it only the new one; the own phone throughout.
+    assert!(sipp_registers(&server, "2001", "2001", &new_pw));
+    assert!(
+        sipp_registers(&server, "2001", "2001", &user_pw),
+        "within the grace"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !sipp_registers(&server, "2001", "2001", &user_pw),
+        "after the grace"
+    );
+    assert!(sipp_registers(&server, "2001", "2001", &new_pw));
+    assert!(sipp_registers(&server, "2001", &own_creds.0, &own_creds.1));
+
+    // The user's password set elsewhere: the sharing phones' files would carry a password
+    // that no longer works, so they are not served (503, logged) until a rotation.
+    server.cli_ok(&["user", "passwd", "2001", "--password", "set-by-hand-2001"]);
+    let f = Fetch {
+        server: &server,
+        https: true,
+        user_agent: YEALINK_UA,
+        credentials: Some(("001565aabbcc", &pw_of(&shared))),
+        from: "127.0.0.1",
+    };
+    assert_eq!(f.get("001565aabbcc.cfg").0, 503);
+    assert!(server.log_shows("the user's password was changed elsewhere"));
+    let (code, _, again) = http(
+        &server,
+        "POST",
+        "/api/admin/devices/001565aabbcd/rotate",
+        Some(&key),
+        None,
+    );
+    assert_eq!(code, 200, "{again}");
+    let latest = again["userPassword"].as_str().unwrap().to_string();
+    let v = yealink_values(&f.get("001565aabbcc.cfg").1);
+    assert_eq!(v["account.1.password"], latest);
+    assert!(sipp_registers(&server, "2001", "2001", &latest));
 }

@@ -870,8 +870,12 @@
         await api('DELETE', `/api/admin/devices/${mac}`);
         announce(`${mac} removed`);
       } else {
-        await api('POST', `/api/admin/devices/${mac}/rotate`);
-        banner(`${mac} gets a new SIP password at its next configuration fetch; the old one works for the grace period.`, 'info');
+        const r = await api('POST', `/api/admin/devices/${mac}/rotate`);
+        if (r && r.userPassword) {
+          banner(`${mac} shares its user's password: the user's new SIP password is ${r.userPassword} (shown only now; the old one works for the grace period).`);
+        } else {
+          banner(`${mac} gets a new SIP password at its next configuration fetch; the old one works for the grace period.`, 'info');
+        }
       }
     } catch (e) {
       banner(`Could not change ${mac}: ${(e.problem && e.problem.detail) || e.message}`);
@@ -888,12 +892,14 @@
         model: $('#device-model').value,
         username: $('#device-user').value.trim(),
         blf,
+        shared: $('#device-shared').checked,
       });
       const box = $('#device-secret');
       box.replaceChildren(
         el('p', { text: `Added ${r.device.mac}. Its provisioning password is shown only now:` }),
         el('p', {}, el('code', { id: 'device-password', text: r.provisioningPassword })),
-        r.provisioningUrl ? el('p', {}, 'Provisioning URL for the phone (or its DHCP option 66): ', el('code', { id: 'device-url', text: r.provisioningUrl })) : null);
+        r.provisioningUrl ? el('p', {}, 'Provisioning URL for the phone (or its DHCP option 66): ', el('code', { id: 'device-url', text: r.provisioningUrl })) : null,
+        r.userPassword ? el('p', {}, `The user's SIP password is now (shown only now; their other phones and apps need it): `, el('code', { id: 'device-user-password', text: r.userPassword })) : null);
       box.hidden = false;
       $('#device-add').reset();
       announce(`${r.device.mac} added`);

@@ -74,6 +74,7 @@ use crate::{admin, audit, calls, events, export, problem, provision_link, provis
         devices::AddDevice,
         devices::UpdateDevice,
         devices::BlfUser,
+        devices::RotatedDevice,
     )),
     modifiers(&Bearer),
     tags(

@@ -192,6 +192,20 @@ impl Authenticator {
         Ok(())
     }
 
+    /// Whether `c`'s response is right for `ha1`, with no state changed: to decide whether
+    /// more HA1s need loading before [`Self::finish_any`].
+    pub fn digest_matches(
+        &self,
+        pending: Pending,
+        c: &Credentials<'_>,
+        method: &str,
+        ha1: &str,
+    ) -> bool {
+        let expected = expected_response(pending.algorithm, ha1, c, method);
+        let given = c.response.to_ascii_lowercase();
+        expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given.as_bytes()))
+    }
+
     /// Drops replay state for expired nonces; call periodically.
     pub fn sweep(&self, now: u64) {
         if let Ok(mut g) = self.replay.lock() {

@@ -273,6 +273,19 @@ pub fn sip_password(key: &ProvisioningKey, mac: &Mac, generation: u32) -> String
     )
 }
 
+/// The SIP password of `user@domain` at generation `generation` when their devices share
+/// their credentials (the user's own password then becomes this one): 32 hex digits.
+pub fn user_password(key: &ProvisioningKey, user: &str, domain: &str, generation: u32) -> String {
+    key.derive(
+        "careflow-sip shared user password v1",
+        &[
+            user.as_bytes(),
+            domain.as_bytes(),
+            &generation.to_be_bytes(),
+        ],
+    )
+}
+
 /// The digest user name a device of `user` authenticates with: `<user>.<mac>`.
 pub fn auth_name(user: &str, mac: &Mac) -> String {
     format!("{user}.{mac}")

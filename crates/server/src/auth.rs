@@ -190,9 +190,37 @@ impl Digest<'_> {
             .map_err(|e| store_failed(e, "subscriber"))?
             .filter(|s| s.enabled);
         let alg = prepared.pending.algorithm;
+        // A user whose devices share the user's credentials keeps the password before their
+        // last rotation during its grace; looked up only when the current one did not match.
+        let shared_previous = match (&device, &subscriber, self.devices) {
+            (None, Some(s), Some(devices))
+                if !self.auth.digest_matches(
+                    prepared.pending,
+                    &prepared.creds,
+                    msg.method_str(),
+                    s.ha1(alg),
+                ) =>
+            {
+                devices
+                    .devices(Some((owner, realm)))
+                    .await
+                    .map_err(|e| store_failed(e, "device"))?
+                    .into_iter()
+                    .filter(|d| d.shared)
+                    .filter_map(|d| d.previous.filter(|p| p.valid_until > now as i64))
+                    .map(|p| match alg {
+                        careflow_proto::digest::Algorithm::Md5 => p.ha1_md5,
+                        careflow_proto::digest::Algorithm::Sha256 => p.ha1_sha256,
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let ha1s: Vec<&str> = match (&device, &subscriber) {
-            (None, Some(s)) => vec![s.ha1(alg)],
-            (Some((_, Some(d))), Some(_)) => d.sip_ha1s(alg, now as i64),
+            (None, Some(s)) => std::iter::once(s.ha1(alg))
+                .chain(shared_previous.iter().map(String::as_str))
+                .collect(),
+            (Some((_, Some(d))), Some(_)) if !d.shared => d.sip_ha1s(alg, now as i64),
             _ => Vec::new(),
         };
         match self.auth.finish_any(

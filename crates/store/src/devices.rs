@@ -58,6 +58,9 @@ pub struct Device {
     pub last_fetch_at: Option<i64>,
     /// Address of its last configuration fetch.
     pub last_fetch_from: Option<String>,
+    /// It carries its user's own credentials (user name and password) instead of its own;
+    /// `generation` is then the user's password generation, the HA1s the user's.
+    pub shared: bool,
 }
 
 impl Device {
@@ -148,7 +151,7 @@ pub(crate) trait Sql: Send + Sync {
 
 const COLUMNS: &str = "mac, model, username, domain, label, blf, generation, ha1_md5, ha1_sha256, \
      prev_ha1_md5, prev_ha1_sha256, prev_valid_until, prov_ha1_md5, prov_ha1_sha256, \
-     created_at, updated_at, last_fetch_at, last_fetch_from";
+     created_at, updated_at, last_fetch_at, last_fetch_from, shared";
 
 const KINDS: &[Kind] = &[
     Kind::Text,
@@ -169,6 +172,7 @@ const KINDS: &[Kind] = &[
     Kind::Int,
     Kind::Int,
     Kind::Text,
+    Kind::Int,
 ];
 
 fn text(s: &str) -> Val {
@@ -204,6 +208,7 @@ fn values(d: &Device) -> Vec<Val> {
         int(d.updated_at),
         Val::Int(d.last_fetch_at),
         opt_text(d.last_fetch_from.as_deref()),
+        int(i64::from(d.shared)),
     ]
 }
 
@@ -250,6 +255,7 @@ fn device_of(v: &[Val]) -> Result<Device, StoreError> {
         updated_at: n(15).ok_or_else(bad)?,
         last_fetch_at: n(16),
         last_fetch_from: t(17),
+        shared: n(18).is_some_and(|s| s != 0),
     })
 }
 
@@ -402,6 +408,7 @@ mod tests {
             updated_at: 2,
             last_fetch_at: None,
             last_fetch_from: None,
+            shared: true,
         };
         assert_eq!(device_of(&values(&d)).unwrap(), d);
         use careflow_proto::digest::Algorithm;

@@ -117,7 +117,8 @@ pub(crate) const SUBSCRIBER_MIGRATIONS: &[(i64, &str)] = &[
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL,
         last_fetch_at INTEGER,
-        last_fetch_from TEXT
+        last_fetch_from TEXT,
+        shared INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX idx_device_user ON device (username, domain);",
     ),

@@ -130,6 +130,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
                 updated_at BIGINT NOT NULL,
                 last_fetch_at BIGINT,
                 last_fetch_from VARCHAR(255),
+                shared BIGINT NOT NULL DEFAULT 0,
                 KEY idx_device_user (username, domain)
             ) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
     ),

@@ -126,7 +126,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
         last_fetch_at BIGINT,
-        last_fetch_from TEXT
+        last_fetch_from TEXT,
+        shared BIGINT NOT NULL DEFAULT 0
     );
     CREATE INDEX idx_device_user ON device (username, domain);",
     ),

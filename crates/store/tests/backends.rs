@@ -287,6 +287,7 @@ async fn devices(db: &Arc<dyn Database>) {
         updated_at: 100,
         last_fetch_at: None,
         last_fetch_from: None,
+        shared: mac.ends_with('d'),
     };
     let a = dev("001565aabbcc", "alice");
     db.add_device(&a).await.unwrap();

@@ -21,8 +21,11 @@ pub struct DeviceView {
     pub model: String,
     /// The user's SIP username.
     pub username: String,
-    /// The digest user name the device registers with (`<username>.<mac>`).
+    /// The digest user name the device registers with (`<username>.<mac>`, or the username
+    /// when it shares the user's credentials).
     pub auth_name: String,
+    /// It carries its user's own credentials instead of its own.
+    pub shared: bool,
     /// Where it stands.
     pub label: Option<String>,
     /// Colleagues on its busy-lamp keys.
@@ -44,7 +47,8 @@ pub struct DeviceView {
 impl From<careflow_store::devices::Device> for DeviceView {
     fn from(d: careflow_store::devices::Device) -> Self {
         Self {
-            auth_name: format!("{}.{}", d.username, d.mac),
+            auth_name: DeviceService::sip_auth_name(&d),
+            shared: d.shared,
             mac: d.mac,
             model: d.model,
             username: d.username,
@@ -73,6 +77,22 @@ pub struct DeviceCredentials {
     /// The provisioning URL with both in it, for the phone's auto-provisioning server
     /// setting (when `PROVISION_PUBLIC_URL` is set).
     pub provisioning_url: Option<String>,
+    /// The user's new SIP password, when a device sharing it had to set it: returned in this
+    /// response only; the user's other clients need it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_password: Option<String>,
+}
+
+/// A rotated device.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotatedDevice {
+    /// The device.
+    pub device: DeviceView,
+    /// The user's new SIP password when the device shares the user's credentials: returned
+    /// in this response only (the previous one works for the grace period).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_password: Option<String>,
 }
 
 /// A colleague's SIP username on a busy-lamp key.
@@ -102,6 +122,10 @@ pub struct AddDevice {
     #[schema(max_items = 100, value_type = Vec<BlfUser>)]
     #[serde(default)]
     pub blf: Vec<String>,
+    /// Share the user's own SIP credentials instead of getting its own (default:
+    /// `DEVICE_CREDENTIALS`). The user's password is then set to one derived for sharing
+    /// (returned once as `userPassword`).
+    pub shared: Option<bool>,
 }
 
 /// Changes to a device (absent fields are kept).
@@ -150,6 +174,7 @@ fn credentials(s: &DeviceService, w: WithSecret) -> DeviceCredentials {
         provisioning_url: s.provisioning_url(&w.device.mac, &w.provisioning_password),
         provisioning_username: w.device.mac.clone(),
         provisioning_password: w.provisioning_password,
+        user_password: w.user_password,
         device: w.device.into(),
     }
 }
@@ -208,6 +233,7 @@ pub(crate) async fn add(
             username: req.username,
             label: req.label,
             blf: req.blf,
+            shared: req.shared,
         })
         .await
         .map_err(problem)?;
@@ -217,7 +243,10 @@ pub(crate) async fn add(
         "device.added",
         &format!("{}@{}", added.device.username, added.device.domain),
         "ok",
-        format!("mac={} model={}", added.device.mac, added.device.model),
+        format!(
+            "mac={} model={} shared={}",
+            added.device.mac, added.device.model, added.device.shared
+        ),
     )
     .await;
     Ok((StatusCode::CREATED, Json(credentials(s, added))))
@@ -324,7 +353,7 @@ pub(crate) async fn remove(
     security(("bearer" = [])),
     params(("mac" = String, Path, description = "MAC address", pattern = r"^([0-9A-Fa-f]{2}[:.-]?){5}[0-9A-Fa-f]{2}$")),
     responses(
-        (status = 200, body = DeviceView),
+        (status = 200, body = RotatedDevice),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -336,20 +365,27 @@ pub(crate) async fn rotate(
     headers: HeaderMap,
     source: Source,
     Path(mac): Path<String>,
-) -> Result<Json<DeviceView>, Problem> {
+) -> Result<Json<RotatedDevice>, Problem> {
     let who = admin(&api, &headers).await?;
     let s = service(&api)?;
-    let d = s.rotate(&mac).await.map_err(problem)?;
+    let r = s.rotate(&mac).await.map_err(problem)?;
+    let d = r.device;
     api.audit(
         &format!("apikey:{who}"),
         &source,
         "device.rotated",
         &format!("{}@{}", d.username, d.domain),
         "ok",
-        format!("mac={} generation={}", d.mac, d.generation),
+        format!(
+            "mac={} generation={} shared={}",
+            d.mac, d.generation, d.shared
+        ),
     )
     .await;
-    Ok(Json(d.into()))
+    Ok(Json(RotatedDevice {
+        device: d.into(),
+        user_password: r.user_password,
+    }))
 }
 
 /// A new provisioning password for a device (the old one stops at once): shown this once.

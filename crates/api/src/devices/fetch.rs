@@ -25,9 +25,7 @@ use axum::response::{IntoResponse, Response};
 use careflow_core::audit::AuditEvent;
 use careflow_core::auth::Authenticator;
 use careflow_core::nonce::NonceIssuer;
-use careflow_core::provisioning::{
-    FetchGuard, FileRequest, Mac, Vendor, auth_name, certificate_mac, model,
-};
+use careflow_core::provisioning::{FetchGuard, FileRequest, Mac, Vendor, certificate_mac, model};
 use careflow_proto::digest::{Algorithm, Credentials};
 use careflow_store::audit::AuditStore;
 use careflow_store::devices::Device;
@@ -446,6 +444,13 @@ async fn serve_file(
         .find(&device.username, &device.domain)
         .await
     {
+        Ok(Some(u)) if u.enabled && device.shared && u.ha1_md5 != device.ha1_md5 => {
+            tracing::error!(mac = %device.mac, user = %device.username,
+                "provisioning: the device shares its user's credentials, but the user's password \
+                 was changed elsewhere since; rotate the device (`careflow-sip device rotate`) \
+                 to share the user's credentials again");
+            return unavailable();
+        }
         Ok(Some(u)) if u.enabled => {}
         Ok(_) => {
             s.audit(r, Some(&device.mac), target, Outcome::UserDisabled)
@@ -468,14 +473,13 @@ async fn serve_file(
              password that would not work");
         return unavailable();
     }
-    let (Some(password), Some(mac)) = (s.devices.sip_password(device), Mac::parse(&device.mac))
-    else {
+    let Some(password) = s.devices.sip_password(device) else {
         return unavailable();
     };
     let config = PhoneConfig {
         device,
         model: m,
-        auth_name: auth_name(&device.username, &mac),
+        auth_name: DeviceService::sip_auth_name(device),
         password,
         server: &s.sip,
         settings: &s.devices.settings,

@@ -299,6 +299,7 @@ mod tests {
             resync: Duration::from_secs(86_400),
             public_url: None,
             limits: FetchLimits::default(),
+            shared_by_default: false,
         }
     }
 
@@ -320,6 +321,7 @@ mod tests {
             updated_at: 0,
             last_fetch_at: None,
             last_fetch_from: None,
+            shared: false,
         }
     }
 

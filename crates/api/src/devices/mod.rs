@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use careflow_core::provisioning::{
-    FetchLimits, Mac, ProvisioningKey, auth_name, model, sip_password,
+    FetchLimits, Mac, ProvisioningKey, auth_name, model, sip_password, user_password,
 };
 use careflow_proto::digest::{Algorithm, ha1};
 use careflow_store::devices::{Device, DeviceStore};
@@ -44,6 +44,9 @@ pub struct DeviceSettings {
     pub public_url: Option<String>,
     /// Misses allowed per source before it is throttled.
     pub limits: FetchLimits,
+    /// New devices share their user's credentials unless the request says otherwise
+    /// (`DEVICE_CREDENTIALS=shared`).
+    pub shared_by_default: bool,
 }
 
 /// Why a device operation failed, by who failed.
@@ -76,6 +79,8 @@ pub struct NewDevice {
     pub label: Option<String>,
     /// Colleagues on its busy-lamp keys.
     pub blf: Vec<String>,
+    /// Share the user's credentials (none: the configured default).
+    pub shared: Option<bool>,
 }
 
 /// A device with the provisioning password it fetches its configuration with: shown once.
@@ -85,6 +90,18 @@ pub struct WithSecret {
     pub device: Device,
     /// Its provisioning password (user name: its MAC), never stored.
     pub provisioning_password: String,
+    /// The user's new SIP password, when sharing set it (shown once: the user's other
+    /// clients need it).
+    pub user_password: Option<String>,
+}
+
+/// A rotated device, and the user's new SIP password when it shares the user's credentials.
+#[derive(Debug, Clone)]
+pub struct Rotated {
+    /// The device.
+    pub device: Device,
+    /// The user's new SIP password (shared credentials), shown once.
+    pub user_password: Option<String>,
 }
 
 /// Device operations over the subscriber database.
@@ -174,7 +191,72 @@ impl DeviceService {
     pub fn sip_password(&self, device: &Device) -> Option<String> {
         let mac = Mac::parse(&device.mac)?;
         let generation = u32::try_from(device.generation).ok()?;
-        Some(sip_password(&self.settings.key, &mac, generation))
+        Some(if device.shared {
+            user_password(
+                &self.settings.key,
+                &device.username,
+                &device.domain,
+                generation,
+            )
+        } else {
+            sip_password(&self.settings.key, &mac, generation)
+        })
+    }
+
+    /// The digest user name `device` authenticates with: its own, or its user's.
+    pub fn sip_auth_name(device: &Device) -> String {
+        match Mac::parse(&device.mac) {
+            Some(mac) if !device.shared => auth_name(&device.username, &mac),
+            _ => device.username.clone(),
+        }
+    }
+
+    /// The user's shared credentials at `generation`: password and HA1s.
+    fn user_credentials(&self, user: &str, generation: i64) -> (String, (String, String)) {
+        let g = u32::try_from(generation).unwrap_or(u32::MAX);
+        let pw = user_password(&self.settings.key, user, &self.domain, g);
+        let ha1s = ha1_pair(user, &self.domain, &pw);
+        (pw, ha1s)
+    }
+
+    /// The generation and HA1s a new shared device of `user` gets, and the user's new
+    /// password when the user's credentials had to be set (first shared device, or the
+    /// user's password changed since).
+    async fn share(
+        &self,
+        user: &careflow_store::Subscriber,
+    ) -> Result<(i64, (String, String), Option<String>), DeviceError> {
+        let now = unix_now();
+        let existing: Vec<Device> = self
+            .store
+            .devices(Some((&user.username, &self.domain)))
+            .await?
+            .into_iter()
+            .filter(|d| d.shared)
+            .collect();
+        if let Some(g) = existing.iter().map(|d| d.generation).max() {
+            let (_, ha1s) = self.user_credentials(&user.username, g);
+            if ha1s.0 == user.ha1_md5 {
+                return Ok((g, ha1s, None));
+            }
+        }
+        // A new generation: the next one when devices share already (they follow), else a
+        // fresh start (the time), so no earlier generation's password comes back.
+        let g = match existing.iter().map(|d| d.generation).max() {
+            Some(g) => g + 1,
+            None => now,
+        };
+        let (pw, ha1s) = self.user_credentials(&user.username, g);
+        self.subscribers
+            .set_ha1(&user.username, &self.domain, &ha1s.0, &ha1s.1)
+            .await?;
+        for d in &existing {
+            // The old password stopped when the user's changed: no grace to keep.
+            self.store
+                .rotate_device(&d.mac, d.generation, (&ha1s.0, &ha1s.1), now, now)
+                .await?;
+        }
+        Ok((g, ha1s, Some(pw)))
     }
 
     /// Whether the derived password matches the stored HA1: false when the provisioning key
@@ -183,7 +265,8 @@ impl DeviceService {
         let (Some(pw), Some(mac)) = (self.sip_password(device), Mac::parse(&device.mac)) else {
             return false;
         };
-        let user = auth_name(&device.username, &mac);
+        let _ = mac;
+        let user = Self::sip_auth_name(device);
         ha1(Algorithm::Md5, &user, &device.domain, &pw) == device.ha1_md5
     }
 
@@ -221,17 +304,18 @@ impl DeviceService {
         let mac = parse_mac(&new.mac)?;
         let model = check_model(&new.model)?;
         let label = check_label(new.label)?;
-        if self
-            .subscribers
-            .find(&new.username, &self.domain)
-            .await?
-            .is_none()
-        {
+        let Some(user) = self.subscribers.find(&new.username, &self.domain).await? else {
             return Err(DeviceError::NotFound(format!("no user `{}`", new.username)));
-        }
+        };
         let blf = self.checked_blf(new.blf).await?;
         let sip = sip_password(&self.settings.key, &mac, 1);
         let (ha1_md5, ha1_sha256) = ha1_pair(&auth_name(&new.username, &mac), &self.domain, &sip);
+        let shared = new.shared.unwrap_or(self.settings.shared_by_default);
+        let (generation, (ha1_md5, ha1_sha256), user_password) = if shared {
+            self.share(&user).await?
+        } else {
+            (1, (ha1_md5, ha1_sha256), None)
+        };
         let prov = random_password()?;
         let (prov_ha1_md5, prov_ha1_sha256) = ha1_pair(mac.as_str(), PROVISIONING_REALM, &prov);
         let now = unix_now();
@@ -242,7 +326,7 @@ impl DeviceService {
             domain: self.domain.clone(),
             label,
             blf,
-            generation: 1,
+            generation,
             ha1_md5,
             ha1_sha256,
             previous: None,
@@ -252,11 +336,13 @@ impl DeviceService {
             updated_at: now,
             last_fetch_at: None,
             last_fetch_from: None,
+            shared,
         };
         match self.store.add_device(&device).await {
             Ok(()) => Ok(WithSecret {
                 device,
                 provisioning_password: prov,
+                user_password,
             }),
             Err(StoreError::Conflict(_)) => Err(DeviceError::Exists(mac.colons())),
             Err(e) => Err(e.into()),
@@ -274,7 +360,11 @@ impl DeviceService {
 
     /// New SIP credentials: the next fetch carries them; the previous ones keep working for
     /// the grace period, then stop.
-    pub async fn rotate(&self, mac: &str) -> Result<Device, DeviceError> {
+    pub async fn rotate(&self, mac: &str) -> Result<Rotated, DeviceError> {
+        let d = self.get(mac).await?;
+        if d.shared {
+            return self.rotate_shared(&d).await;
+        }
         // Two rotations at once: the loser reads the winner's generation and rotates again,
         // so each call moves the device on.
         for _ in 0..5 {
@@ -291,13 +381,51 @@ impl DeviceService {
                 .rotate_device(&d.mac, d.generation, (&md5, &sha), until, now)
                 .await?
             {
-                return self.get(&d.mac).await;
+                return Ok(Rotated {
+                    device: self.get(&d.mac).await?,
+                    user_password: None,
+                });
             }
         }
         Err(DeviceError::Store(StoreError::unavailable(
             "device",
             "rotated by others meanwhile, five times",
         )))
+    }
+
+    /// A shared device's rotation is its user's: a new user password for every device that
+    /// shares it; the previous one keeps working for the grace period (for the user's other
+    /// clients too), then stops.
+    async fn rotate_shared(&self, d: &Device) -> Result<Rotated, DeviceError> {
+        let now = unix_now();
+        let until = now + i64::try_from(self.settings.grace.as_secs()).unwrap_or(i64::MAX / 2);
+        let g = d.generation + 1;
+        let (pw, (md5, sha)) = self.user_credentials(&d.username, g);
+        let sharing: Vec<Device> = self
+            .store
+            .devices(Some((&d.username, &d.domain)))
+            .await?
+            .into_iter()
+            .filter(|x| x.shared)
+            .collect();
+        // The devices first (they keep the user's current HA1 as their previous one, which
+        // authentication accepts during the grace), then the user.
+        for x in &sharing {
+            self.store
+                .rotate_device(&x.mac, x.generation, (&md5, &sha), until, now)
+                .await?;
+        }
+        if !self
+            .subscribers
+            .set_ha1(&d.username, &d.domain, &md5, &sha)
+            .await?
+        {
+            return Err(DeviceError::NotFound(format!("no user `{}`", d.username)));
+        }
+        Ok(Rotated {
+            device: self.get(&d.mac).await?,
+            user_password: Some(pw),
+        })
     }
 
     /// A new provisioning password (the old one stops at once): shown once.
@@ -315,6 +443,7 @@ impl DeviceService {
         Ok(WithSecret {
             device: self.get(&d.mac).await?,
             provisioning_password: prov,
+            user_password: None,
         })
     }
 
