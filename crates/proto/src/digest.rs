@@ -48,14 +48,20 @@ impl Algorithm {
 
     /// Hex digest of the concatenation of `parts` joined by ':'.
     pub fn hash_hex(self, parts: &[&[u8]]) -> String {
+        self.hash_hex_buf(parts).as_str().to_string()
+    }
+
+    /// [`Self::hash_hex`] on the stack: the digest of a request needs two hashes and, with
+    /// this, one allocation (its result) instead of five.
+    fn hash_hex_buf(self, parts: &[&[u8]]) -> HexBuf {
         match self {
-            Self::Md5 => hex(&hash_join::<Md5>(parts)),
-            Self::Sha256 => hex(&hash_join::<Sha256>(parts)),
+            Self::Md5 => HexBuf::of(&hash_join::<Md5>(parts)),
+            Self::Sha256 => HexBuf::of(&hash_join::<Sha256>(parts)),
         }
     }
 }
 
-fn hash_join<D: md5::Digest>(parts: &[&[u8]]) -> Vec<u8> {
+fn hash_join<D: md5::Digest>(parts: &[&[u8]]) -> md5::digest::Output<D> {
     let mut d = D::new();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
@@ -63,7 +69,31 @@ fn hash_join<D: md5::Digest>(parts: &[&[u8]]) -> Vec<u8> {
         }
         d.update(p);
     }
-    d.finalize().to_vec()
+    d.finalize()
+}
+
+/// Lower-case hex of at most 32 bytes, on the stack.
+struct HexBuf {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl HexBuf {
+    fn of(bytes: &[u8]) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 64];
+        let n = bytes.len().min(32);
+        for (i, b) in bytes[..n].iter().enumerate() {
+            buf[2 * i] = HEX[usize::from(b >> 4)];
+            buf[2 * i + 1] = HEX[usize::from(b & 15)];
+        }
+        Self { buf, len: 2 * n }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII hex digits were written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
 }
 
 /// Lower-case hex.
@@ -89,7 +119,8 @@ pub fn expected_response(
     c: &Credentials<'_>,
     method: &str,
 ) -> String {
-    let ha2 = alg.hash_hex(&[method.as_bytes(), c.uri.as_bytes()]);
+    let ha2 = alg.hash_hex_buf(&[method.as_bytes(), c.uri.as_bytes()]);
+    let ha2 = ha2.as_str();
     match (c.qop, c.nc, c.cnonce.as_deref()) {
         (Some(qop), Some(nc), Some(cnonce)) => alg.hash_hex(&[
             ha1_hex.as_bytes(),
@@ -151,18 +182,28 @@ impl<'a> Credentials<'a> {
             let name = scan::trim(&item[..eq]);
             let raw = scan::trim(&item[eq + 1..]);
             let val = scan::unquote(raw);
-            match name.to_ascii_lowercase().as_str() {
-                "username" => username = Some(val),
-                "realm" => realm = Some(val),
-                "nonce" => nonce = Some(val),
-                "uri" => uri = Some(val),
-                "response" => response = Some(val),
-                "algorithm" => algorithm = Some(raw.trim_matches('"')),
-                "cnonce" => cnonce = Some(val),
-                "qop" => qop = Some(raw.trim_matches('"')),
-                "nc" => nc = Some(raw.trim_matches('"')),
-                "opaque" => opaque = Some(val),
-                _ => {}
+            // Compared in place: lower-casing each name cost an allocation per parameter.
+            let is = |n: &str| name.eq_ignore_ascii_case(n);
+            if is("username") {
+                username = Some(val);
+            } else if is("realm") {
+                realm = Some(val);
+            } else if is("nonce") {
+                nonce = Some(val);
+            } else if is("uri") {
+                uri = Some(val);
+            } else if is("response") {
+                response = Some(val);
+            } else if is("algorithm") {
+                algorithm = Some(raw.trim_matches('"'));
+            } else if is("cnonce") {
+                cnonce = Some(val);
+            } else if is("qop") {
+                qop = Some(raw.trim_matches('"'));
+            } else if is("nc") {
+                nc = Some(raw.trim_matches('"'));
+            } else if is("opaque") {
+                opaque = Some(val);
             }
         }
         Some(Self {
