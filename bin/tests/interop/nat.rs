@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use crate::peers::baresip_home_at;
 use crate::support::*;
 
-fn sh(cmd: &str) {
+/// Runs `cmd` with sh; fails the test with its stderr when it fails.
+pub(crate) fn sh(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
     assert!(
         out.status.success(),

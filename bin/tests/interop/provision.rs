@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::api::http;
+use crate::nat::sh;
 use crate::support::*;
 
 const YEALINK_UA: &str = "Yealink SIP-T46S 66.86.0.15 00:15:65:aa:bb:cc";
@@ -616,15 +617,6 @@ fn a_rotation_reaches_the_phone_and_the_old_credentials_work_for_the_grace_only(
         ..phone
     };
     assert_eq!(again.get("001565aabbcc.cfg").0, 200);
-}
-
-fn sh(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A voice network made by the test: this host (10.214.N.1) and a phone's namespace

@@ -56,8 +56,6 @@ impl Provisioning {
         outcome: &str,
         detail: String,
     ) {
-        tracing::info!(target: "careflow::audit", actor, source = %source.0, action, target,
-            outcome, detail = %detail, "audit");
         let event = AuditEvent {
             actor: actor.to_string(),
             source: source.0.clone(),
@@ -66,9 +64,19 @@ impl Provisioning {
             outcome: outcome.to_string(),
             detail,
         };
-        if let Err(e) = self.audit_log.append_audit(now_ms(), event).await {
-            tracing::error!(error = %e, action, target, "the audit trail could not be written");
-        }
+        record(&*self.audit_log, event).await;
+    }
+}
+
+/// Appends `event` to the trail now, with its `careflow::audit` log line; a trail that cannot
+/// be written is logged as an error (the action has happened either way).
+pub(crate) async fn record(store: &dyn careflow_store::audit::AuditStore, event: AuditEvent) {
+    tracing::info!(target: "careflow::audit", actor = %event.actor, source = %event.source,
+        action = %event.action, target = %event.target, outcome = %event.outcome,
+        detail = %event.detail, "audit");
+    let (action, target) = (event.action.clone(), event.target.clone());
+    if let Err(e) = store.append_audit(now_ms(), event).await {
+        tracing::error!(error = %e, action, target, "the audit trail could not be written");
     }
 }
 

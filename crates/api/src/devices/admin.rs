@@ -169,6 +169,27 @@ pub(crate) fn problem(e: DeviceError) -> Problem {
     }
 }
 
+/// The audit entry of an admin's change to device `d` (its user as the target).
+async fn audited(
+    api: &Provisioning,
+    who: &str,
+    source: &Source,
+    action: &str,
+    d: &careflow_store::devices::Device,
+    detail: String,
+) {
+    let target = format!("{}@{}", d.username, d.domain);
+    api.audit(
+        &format!("apikey:{who}"),
+        source,
+        action,
+        &target,
+        "ok",
+        detail,
+    )
+    .await;
+}
+
 fn credentials(s: &DeviceService, w: WithSecret) -> DeviceCredentials {
     DeviceCredentials {
         provisioning_url: s.provisioning_url(&w.device.mac, &w.provisioning_password),
@@ -237,12 +258,12 @@ pub(crate) async fn add(
         })
         .await
         .map_err(problem)?;
-    api.audit(
-        &format!("apikey:{who}"),
+    audited(
+        &api,
+        &who,
         &source,
         "device.added",
-        &format!("{}@{}", added.device.username, added.device.domain),
-        "ok",
+        &added.device,
         format!(
             "mac={} model={} shared={}",
             added.device.mac, added.device.model, added.device.shared
@@ -301,12 +322,12 @@ pub(crate) async fn update(
         .update(&mac, req.model, req.label.map(Some), req.blf)
         .await
         .map_err(problem)?;
-    api.audit(
-        &format!("apikey:{who}"),
+    audited(
+        &api,
+        &who,
         &source,
         "device.updated",
-        &format!("{}@{}", d.username, d.domain),
-        "ok",
+        &d,
         format!("mac={} model={} blf={}", d.mac, d.model, d.blf.join(",")),
     )
     .await;
@@ -335,12 +356,12 @@ pub(crate) async fn remove(
     let s = service(&api)?;
     let d = s.get(&mac).await.map_err(problem)?;
     s.remove(&d.mac).await.map_err(problem)?;
-    api.audit(
-        &format!("apikey:{who}"),
+    audited(
+        &api,
+        &who,
         &source,
         "device.removed",
-        &format!("{}@{}", d.username, d.domain),
-        "ok",
+        &d,
         format!("mac={}", d.mac),
     )
     .await;
@@ -370,12 +391,12 @@ pub(crate) async fn rotate(
     let s = service(&api)?;
     let r = s.rotate(&mac).await.map_err(problem)?;
     let d = r.device;
-    api.audit(
-        &format!("apikey:{who}"),
+    audited(
+        &api,
+        &who,
         &source,
         "device.rotated",
-        &format!("{}@{}", d.username, d.domain),
-        "ok",
+        &d,
         format!(
             "mac={} generation={} shared={}",
             d.mac, d.generation, d.shared
@@ -409,12 +430,12 @@ pub(crate) async fn provisioning_password(
     let who = admin(&api, &headers).await?;
     let s = service(&api)?;
     let w = s.new_provisioning_password(&mac).await.map_err(problem)?;
-    api.audit(
-        &format!("apikey:{who}"),
+    audited(
+        &api,
+        &who,
         &source,
         "device.provisioning_password_reset",
-        &format!("{}@{}", w.device.username, w.device.domain),
-        "ok",
+        &w.device,
         format!("mac={}", w.device.mac),
     )
     .await;

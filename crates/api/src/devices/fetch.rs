@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 
 use super::files::{self, PhoneConfig, SipServer};
 use super::{DeviceService, PROVISIONING_REALM};
+use crate::provisioning::unix_now;
 
 /// The provisioning server's state.
 pub struct FetchServer {
@@ -175,12 +176,6 @@ pub async fn serve(
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Network text for a log line or an audit entry: one line, bounded.
 fn clean(s: &str, max: usize) -> String {
     s.chars()
@@ -219,24 +214,15 @@ struct Request<'a> {
 
 impl FetchServer {
     async fn audit(&self, r: &Request<'_>, mac: Option<&str>, target: &str, outcome: Outcome) {
-        let actor = mac.map_or_else(|| "device:?".to_string(), |m| format!("device:{m}"));
-        let detail = format!("file={} ua={}", clean(r.file, 80), r.user_agent);
-        tracing::info!(target: "careflow::audit", actor, source = %r.peer, action = "device.config_fetched",
-            target, outcome = outcome.as_str(), detail = %detail, "audit");
         let event = AuditEvent {
-            actor,
+            actor: mac.map_or_else(|| "device:?".to_string(), |m| format!("device:{m}")),
             source: r.peer.to_string(),
             action: "device.config_fetched".into(),
             target: target.to_string(),
             outcome: outcome.as_str().into(),
-            detail,
+            detail: format!("file={} ua={}", clean(r.file, 80), r.user_agent),
         };
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        if let Err(e) = self.audit.append_audit(at, event).await {
-            tracing::error!(error = %e, "the audit trail could not be written");
-        }
+        crate::audit::record(&*self.audit, event).await;
     }
 
     /// A miss of the request's source; the first over the budget is logged and audited.

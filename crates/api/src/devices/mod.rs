@@ -125,10 +125,9 @@ impl std::fmt::Debug for DeviceService {
     }
 }
 
+/// Unix seconds, as the device rows keep them.
 fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    i64::try_from(crate::provisioning::unix_now()).unwrap_or(i64::MAX)
 }
 
 fn random_password() -> Result<String, DeviceError> {
@@ -234,7 +233,8 @@ impl DeviceService {
             .into_iter()
             .filter(|d| d.shared)
             .collect();
-        if let Some(g) = existing.iter().map(|d| d.generation).max() {
+        let current = existing.iter().map(|d| d.generation).max();
+        if let Some(g) = current {
             let (_, ha1s) = self.user_credentials(&user.username, g);
             if ha1s.0 == user.ha1_md5 {
                 return Ok((g, ha1s, None));
@@ -242,10 +242,7 @@ impl DeviceService {
         }
         // A new generation: the next one when devices share already (they follow), else a
         // fresh start (the time), so no earlier generation's password comes back.
-        let g = match existing.iter().map(|d| d.generation).max() {
-            Some(g) => g + 1,
-            None => now,
-        };
+        let g = current.map_or(now, |g| g + 1);
         let (pw, ha1s) = self.user_credentials(&user.username, g);
         self.subscribers
             .set_ha1(&user.username, &self.domain, &ha1s.0, &ha1s.1)
@@ -262,12 +259,14 @@ impl DeviceService {
     /// Whether the derived password matches the stored HA1: false when the provisioning key
     /// is another than the one the credentials were made with (a node with its own key file).
     pub fn key_matches(&self, device: &Device) -> bool {
-        let (Some(pw), Some(mac)) = (self.sip_password(device), Mac::parse(&device.mac)) else {
-            return false;
-        };
-        let _ = mac;
-        let user = Self::sip_auth_name(device);
-        ha1(Algorithm::Md5, &user, &device.domain, &pw) == device.ha1_md5
+        self.sip_password(device).is_some_and(|pw| {
+            ha1(
+                Algorithm::Md5,
+                &Self::sip_auth_name(device),
+                &device.domain,
+                &pw,
+            ) == device.ha1_md5
+        })
     }
 
     async fn checked_blf(&self, blf: Vec<String>) -> Result<Vec<String>, DeviceError> {
@@ -308,13 +307,13 @@ impl DeviceService {
             return Err(DeviceError::NotFound(format!("no user `{}`", new.username)));
         };
         let blf = self.checked_blf(new.blf).await?;
-        let sip = sip_password(&self.settings.key, &mac, 1);
-        let (ha1_md5, ha1_sha256) = ha1_pair(&auth_name(&new.username, &mac), &self.domain, &sip);
         let shared = new.shared.unwrap_or(self.settings.shared_by_default);
         let (generation, (ha1_md5, ha1_sha256), user_password) = if shared {
             self.share(&user).await?
         } else {
-            (1, (ha1_md5, ha1_sha256), None)
+            let sip = sip_password(&self.settings.key, &mac, 1);
+            let ha1s = ha1_pair(&auth_name(&new.username, &mac), &self.domain, &sip);
+            (1, ha1s, None)
         };
         let prov = random_password()?;
         let (prov_ha1_md5, prov_ha1_sha256) = ha1_pair(mac.as_str(), PROVISIONING_REALM, &prov);

@@ -220,10 +220,5 @@ async fn audit(
         },
         detail: "a new provisioning password was sent in the PnP NOTIFY".into(),
     };
-    let at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    if let Err(e) = server.audit.append_audit(at, event).await {
-        tracing::error!(error = %e, "the audit trail could not be written");
-    }
+    crate::audit::record(&*server.audit, event).await;
 }
