@@ -75,20 +75,57 @@ impl HeaderName {
                 _ => Self::Other,
             };
         }
-        // Length and first letter rule out nearly every name before a full comparison.
-        let Some(first) = name.first().map(u8::to_ascii_lowercase) else {
+        // Lower-cased into a stack buffer, then one `match` on the bytes (a switch on the
+        // length, then a comparison or two): this runs for every header of every message.
+        let mut lower = [0u8; LONGEST_NAME];
+        let Some(dst) = lower.get_mut(..name.len()) else {
             return Self::Other;
         };
-        for (canon, h) in LONG_NAMES {
-            let c = canon.as_bytes();
-            if c.len() == name.len()
-                && c[0].to_ascii_lowercase() == first
-                && c.eq_ignore_ascii_case(name)
-            {
-                return *h;
-            }
+        for (d, s) in dst.iter_mut().zip(name) {
+            *d = s.to_ascii_lowercase();
         }
-        Self::Other
+        match &*dst {
+            b"via" => Self::Via,
+            b"from" => Self::From,
+            b"to" => Self::To,
+            b"call-id" => Self::CallId,
+            b"cseq" => Self::CSeq,
+            b"contact" => Self::Contact,
+            b"max-forwards" => Self::MaxForwards,
+            b"expires" => Self::Expires,
+            b"min-expires" => Self::MinExpires,
+            b"content-length" => Self::ContentLength,
+            b"content-type" => Self::ContentType,
+            b"content-encoding" => Self::ContentEncoding,
+            b"authorization" => Self::Authorization,
+            b"proxy-authorization" => Self::ProxyAuthorization,
+            b"www-authenticate" => Self::WwwAuthenticate,
+            b"proxy-authenticate" => Self::ProxyAuthenticate,
+            b"route" => Self::Route,
+            b"record-route" => Self::RecordRoute,
+            b"user-agent" => Self::UserAgent,
+            b"server" => Self::Server,
+            b"supported" => Self::Supported,
+            b"require" => Self::Require,
+            b"proxy-require" => Self::ProxyRequire,
+            b"unsupported" => Self::Unsupported,
+            b"allow" => Self::Allow,
+            b"path" => Self::Path,
+            b"subject" => Self::Subject,
+            b"event" => Self::Event,
+            b"allow-events" => Self::AllowEvents,
+            b"refer-to" => Self::ReferTo,
+            b"referred-by" => Self::ReferredBy,
+            b"session-expires" => Self::SessionExpires,
+            b"accept-contact" => Self::AcceptContact,
+            b"reject-contact" => Self::RejectContact,
+            b"request-disposition" => Self::RequestDisposition,
+            b"identity" => Self::Identity,
+            b"identity-info" => Self::IdentityInfo,
+            b"date" => Self::Date,
+            b"timestamp" => Self::Timestamp,
+            _ => Self::Other,
+        }
     }
 
     /// The canonical long form, used when careflow-sip writes the header itself.
@@ -123,6 +160,9 @@ impl HeaderName {
         )
     }
 }
+
+/// The longest name in [`LONG_NAMES`]; anything longer is [`HeaderName::Other`].
+const LONGEST_NAME: usize = 19;
 
 const LONG_NAMES: &[(&str, HeaderName)] = &[
     ("Via", HeaderName::Via),
@@ -181,5 +221,22 @@ mod tests {
         );
         assert_eq!(HeaderName::from_bytes(b"X-Foo"), HeaderName::Other);
         assert_eq!(HeaderName::CallId.as_str(), "Call-ID");
+    }
+
+    #[test]
+    fn every_long_name_in_any_case() {
+        for (canon, h) in LONG_NAMES {
+            assert!(canon.len() <= LONGEST_NAME, "{canon}");
+            assert_eq!(HeaderName::from_bytes(canon.as_bytes()), *h, "{canon}");
+            let upper = canon.to_ascii_uppercase();
+            assert_eq!(HeaderName::from_bytes(upper.as_bytes()), *h, "{canon}");
+            assert_eq!(h.as_str(), *canon);
+        }
+        assert_eq!(HeaderName::from_bytes(b""), HeaderName::Other);
+        assert_eq!(
+            HeaderName::from_bytes(b"Proxy-Authorizations"),
+            HeaderName::Other
+        );
+        assert_eq!(HeaderName::from_bytes(b"Via-"), HeaderName::Other);
     }
 }

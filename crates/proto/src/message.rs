@@ -6,6 +6,7 @@
 //! header can still be answered with a 400 naming it.
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 use crate::error::{ParseError, ParseErrorKind as K};
 use crate::header::HeaderName;
@@ -72,10 +73,13 @@ pub enum StartLine {
 pub struct HeaderField {
     /// The classified name.
     pub name: HeaderName,
-    name_span: Span,
     value: Span,
     line: Span,
 }
+
+/// The header fields of a message: inline up to the count a phone's INVITE carries, so parsing
+/// allocates nothing for nearly every message.
+type Fields = SmallVec<[HeaderField; 20]>;
 
 /// A SIP message.
 #[derive(Debug, Clone)]
@@ -85,7 +89,7 @@ pub struct Message {
     first: Span,
     second: Span,
     start_line: Span,
-    headers: Vec<HeaderField>,
+    headers: Fields,
     body: Span,
     defect: Option<ParseError>,
 }
@@ -113,14 +117,16 @@ impl Message {
         let (start, first, second) = parse_start_line(sl, pos, &mut defect)?;
         let start_line = Span::new(pos, pos + line_end);
 
-        let mut headers: Vec<HeaderField> = Vec::with_capacity(16);
-        let mut off = pos + line_end;
-        while off < head_end {
-            let rel = off - pos;
-            let nl =
-                memchr::memchr(b'\n', &head.as_bytes()[rel..]).map_or(head.len(), |i| rel + i + 1);
+        let mut headers = Fields::new();
+        // One SIMD pass finds every line end; each line is then scanned once, byte by byte.
+        let mut newlines = memchr::memchr_iter(b'\n', &head.as_bytes()[line_end..]);
+        let mut rel = line_end;
+        while rel < head.len() {
+            let nl = newlines.next().map_or(head.len(), |i| line_end + i + 1);
+            let off = pos + rel;
             let line_end_abs = pos + nl;
             let line = without_line_break(&head[rel..nl]);
+            rel = nl;
             if line.starts_with([' ', '\t']) {
                 // Folded continuation (RFC 3261 §7.3.1): extends the previous value.
                 match headers.last_mut() {
@@ -132,7 +138,6 @@ impl Message {
                     }
                     None => set_defect(&mut defect, ParseError::new(K::BadHeaderLine)),
                 }
-                off = line_end_abs;
                 continue;
             }
             let over_limit = headers.len() >= limits.max_headers;
@@ -145,36 +150,40 @@ impl Message {
                     return Err(ParseError::new(K::TooManyHeaders));
                 }
             }
-            match memchr::memchr(b':', line.as_bytes()) {
-                Some(colon)
-                    if over_limit
-                        && !matches!(
-                            HeaderName::from_bytes(line[..colon].trim_end().as_bytes()),
-                            HeaderName::Via
-                                | HeaderName::From
-                                | HeaderName::To
-                                | HeaderName::CallId
-                                | HeaderName::CSeq
-                        ) => {}
-                Some(colon) => {
-                    let name = line[..colon].trim_end_matches([' ', '\t']);
-                    if !scan::is_token(name) {
-                        set_defect(&mut defect, ParseError::new(K::BadHeaderLine));
-                    } else {
-                        let vstart = colon
-                            + 1
-                            + (line.len() - colon - 1 - line[colon + 1..].trim_start().len());
-                        headers.push(HeaderField {
-                            name: HeaderName::from_bytes(name.as_bytes()),
-                            name_span: Span::new(off, off + name.len()),
-                            value: Span::new(off + vstart, off + line.trim_end().len().max(vstart)),
-                            line: Span::new(off, line_end_abs),
-                        });
-                    }
-                }
-                None => set_defect(&mut defect, ParseError::new(K::BadHeaderLine)),
+            // `token *(SP / HTAB) ":"`: the name is the token prefix, and a colon must follow
+            // it (anything else is a bad header line).
+            let lb = line.as_bytes();
+            let name_len = lb
+                .iter()
+                .position(|&c| !scan::is_token_char(c))
+                .unwrap_or(lb.len());
+            let mut colon = name_len;
+            while colon < lb.len() && matches!(lb[colon], b' ' | b'\t') {
+                colon += 1;
             }
-            off = line_end_abs;
+            if name_len == 0 || lb.get(colon) != Some(&b':') {
+                set_defect(&mut defect, ParseError::new(K::BadHeaderLine));
+                continue;
+            }
+            let name = HeaderName::from_bytes(&lb[..name_len]);
+            if over_limit
+                && !matches!(
+                    name,
+                    HeaderName::Via
+                        | HeaderName::From
+                        | HeaderName::To
+                        | HeaderName::CallId
+                        | HeaderName::CSeq
+                )
+            {
+                continue;
+            }
+            let (vstart, vend) = value_bounds(line, colon + 1);
+            headers.push(HeaderField {
+                name,
+                value: Span::new(off + vstart, off + vend),
+                line: Span::new(off, line_end_abs),
+            });
         }
 
         let mut msg = Self {
@@ -360,7 +369,7 @@ impl Message {
 
     /// The name of a field as written.
     pub fn field_name(&self, f: &HeaderField) -> &str {
-        self.text(f.name_span)
+        self.text(name_span(&self.buf, f.line))
     }
 
     /// The value of a field (may contain folded line breaks; scanners treat them as spaces).
@@ -392,7 +401,10 @@ impl Message {
         self.headers
             .iter()
             .find(|h| {
-                h.name == HeaderName::Other && self.text(h.name_span).eq_ignore_ascii_case(name)
+                h.name == HeaderName::Other
+                    && self
+                        .text(name_span(&self.buf, h.line))
+                        .eq_ignore_ascii_case(name)
             })
             .map(|h| self.text(h.value))
     }
@@ -440,9 +452,13 @@ impl Message {
     }
 
     fn text(&self, s: Span) -> &str {
-        // The header section was checked to be UTF-8 in parse(), and spans end on ASCII
-        // delimiters, so this cannot fail; "" keeps it panic-free regardless.
-        std::str::from_utf8(&self.buf[s.range()]).unwrap_or("")
+        let bytes = &self.buf[s.range()];
+        debug_assert!(std::str::from_utf8(bytes).is_ok());
+        // SAFETY: `text` is only given spans of the header section, which `parse` checked to
+        // be UTF-8 as a whole, and every span was cut from that `str` at char boundaries (ASCII
+        // delimiters, or trimming); the buffer is immutable (`Bytes`) and `parse` is the only
+        // constructor, so the check need not be repeated on every access.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 }
 
@@ -466,8 +482,11 @@ fn set_defect(slot: &mut Option<ParseError>, e: ParseError) {
 
 /// Returns (end of header lines incl. the last line's CRLF, start of body).
 fn find_head_end(b: &[u8], from: usize) -> Option<(usize, usize)> {
+    // Built once: a `memmem::find` call builds its searcher every time.
+    static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
     let hay = &b[from..];
-    if let Some(i) = find(hay, b"\r\n\r\n") {
+    if let Some(i) = HEAD_END.find(hay) {
         return Some((from + i + 2, from + i + 4));
     }
     if let Some(i) = find(hay, b"\n\n") {
@@ -482,6 +501,41 @@ fn find_head_end(b: &[u8], from: usize) -> Option<(usize, usize)> {
 
 pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(hay, needle)
+}
+
+/// Where a header value starts and ends in its `line`, the value beginning at or after `from`
+/// (just past the colon): white space trimmed at both ends as `str::trim` does. ASCII is
+/// trimmed byte by byte; `str::trim` is asked only when a non-ASCII byte borders the value.
+fn value_bounds(line: &str, from: usize) -> (usize, usize) {
+    let b = line.as_bytes();
+    let ws = |c: u8| matches!(c, b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c);
+    let mut start = from;
+    while start < b.len() && ws(b[start]) {
+        start += 1;
+    }
+    if b.get(start).is_some_and(|c| !c.is_ascii()) {
+        start = line.len() - line[start..].trim_start().len();
+    }
+    let mut end = b.len();
+    while end > start && ws(b[end - 1]) {
+        end -= 1;
+    }
+    if end > start && !b[end - 1].is_ascii() {
+        end = line[..end].trim_end().len().max(start);
+    }
+    (start, end)
+}
+
+/// The name of the header field on `line`: its token prefix (not kept in [`HeaderField`],
+/// which stays small enough for a message's fields to live inline; only asked for names of
+/// unrecognised headers).
+fn name_span(buf: &[u8], line: Span) -> Span {
+    let bytes = buf.get(line.range()).unwrap_or_default();
+    let len = bytes
+        .iter()
+        .position(|&c| !scan::is_token_char(c))
+        .unwrap_or(bytes.len());
+    Span::new(line.start as usize, line.start as usize + len)
 }
 
 /// `line` without its line break (`\r\n`, `\n`, or stray `\r`s before it).
@@ -580,5 +634,43 @@ mod list_bound_tests {
         );
         let ok = format!("Contact: {}\r\n", vec!["<sip:a@h>"; 32].join(", "));
         assert!(with(&ok).validate().is_ok());
+    }
+}
+
+#[cfg(test)]
+mod field_tests {
+    use super::*;
+
+    fn parse(head: &str) -> Message {
+        let raw = format!("OPTIONS sip:a.example SIP/2.0\r\n{head}\r\n");
+        Message::parse(Bytes::from(raw), &ParseLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn values_are_trimmed_as_str_trim_does_and_names_kept_as_written() {
+        let m = parse("X-A:\t \u{a0}v a\u{a0} \r\nx-b :  \r\nSubject:\u{3000}s\r\n");
+        let f = m.fields();
+        assert_eq!(f.len(), 3);
+        assert_eq!(m.field_value(&f[0]), "v a");
+        assert_eq!(m.field_name(&f[0]), "X-A");
+        assert_eq!(m.field_value(&f[1]), "");
+        assert_eq!(m.field_name(&f[1]), "x-b");
+        assert_eq!(m.other_header("X-B"), Some(""));
+        assert_eq!(m.header(HeaderName::Subject), Some("s"));
+        assert_eq!(m.field_line(&f[2]), "Subject:\u{3000}s\r\n".as_bytes());
+    }
+
+    #[test]
+    fn a_line_without_a_token_and_colon_is_a_defect_and_not_a_field() {
+        for bad in ["Bad Name: v\r\n", ": v\r\n", "NoColon\r\n", "Näme: v\r\n"] {
+            let m = parse(&format!("Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\n{bad}"));
+            assert_eq!(m.fields().len(), 1, "{bad:?}");
+            assert!(m.validate().is_err(), "{bad:?}");
+        }
+        let m = parse("Via : SIP/2.0/UDP h;branch=z9hG4bK1\r\n");
+        assert_eq!(
+            m.header(HeaderName::Via),
+            Some("SIP/2.0/UDP h;branch=z9hG4bK1")
+        );
     }
 }

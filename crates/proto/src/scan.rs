@@ -39,7 +39,17 @@ pub fn is_token(s: &str) -> bool {
 
 /// Trims linear whitespace (including folding) from both ends.
 pub fn trim(s: &str) -> &str {
-    s.trim_matches(|c: char| c.is_ascii() && is_lws(c as u8))
+    let b = s.as_bytes();
+    let mut start = 0;
+    while start < b.len() && is_lws(b[start]) {
+        start += 1;
+    }
+    let mut end = b.len();
+    while end > start && is_lws(b[end - 1]) {
+        end -= 1;
+    }
+    // Only ASCII bytes were cut, so both ends are char boundaries.
+    &s[start..end]
 }
 
 /// Splits a list header value at commas that are outside quoted strings and `<...>`.
@@ -74,6 +84,8 @@ impl<'a> Iterator for ListIter<'a> {
 /// Position of the first `sep` outside quoted strings and angle brackets.
 pub fn find_unquoted(s: &str, sep: u8) -> Option<usize> {
     let b = s.as_bytes();
+    // Most values hold no separator at all: one SIMD search settles them.
+    memchr::memchr(sep, b)?;
     let mut i = 0;
     let mut in_quotes = false;
     let mut in_angle = false;
