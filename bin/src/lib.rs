@@ -7,6 +7,7 @@ pub mod config;
 mod control;
 mod devices;
 mod serve;
+mod subscriber_cache;
 mod users;
 
 use std::path::PathBuf;

@@ -19,6 +19,7 @@ struct Status {
     app: Arc<App>,
     ready: AtomicBool,
     webhooks: Option<Arc<careflow_api::webhooks::WebhookStats>>,
+    subscriber_cache: Arc<careflow_store::cached::CachedSubscribers>,
 }
 
 impl careflow_api::Status for Status {
@@ -30,6 +31,7 @@ impl careflow_api::Status for Status {
         if let Some(w) = &self.webhooks {
             m.push_str(&w.render());
         }
+        crate::subscriber_cache::render_metrics(&self.subscriber_cache, &mut m);
         m
     }
 }
@@ -69,7 +71,13 @@ pub(crate) async fn run(
         None => load_or_create_secret(&cfg.data_dir.join("secret"), "nonce secret")?,
     };
     let db = open_subscribers(&cfg).await?;
-    let subscribers: Arc<dyn SubscriberStore> = db.clone();
+    let subscriber_rows: Arc<dyn SubscriberStore> = db.clone();
+    let cached_subscribers = Arc::new(careflow_store::cached::CachedSubscribers::new(
+        subscriber_rows,
+        cfg.subscriber_cache_ttl,
+        cfg.subscriber_cache_size,
+    ));
+    let subscribers: Arc<dyn SubscriberStore> = cached_subscribers.clone();
     let call_records: Arc<dyn careflow_store::calls::CallRecordStore> = db.clone();
     let audit_log: Arc<dyn careflow_store::audit::AuditStore> = db.clone();
     let audit_log_for_syslog = audit_log.clone();
@@ -177,6 +185,10 @@ pub(crate) async fn run(
             node,
         ));
     }
+    crate::subscriber_cache::keep(
+        cached_subscribers.clone(),
+        redis_node.is_some().then(|| events.clone()),
+    );
     let cancel = CancellationToken::new();
     if let Some(g) = control_guard {
         crate::control::serve(&crate::control::socket_path(&cfg), g, cancel.clone())?;
@@ -236,6 +248,7 @@ pub(crate) async fn run(
         app: server.app.clone(),
         ready: AtomicBool::new(false),
         webhooks,
+        subscriber_cache: cached_subscribers,
     });
     let http_cancel = cancel.clone();
     let verifier = careflow_api::auth::TokenVerifier::new(cfg.jwt.clone());

@@ -355,6 +355,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Digest algorithms offered, in challenge order (`MD5`, `SHA-256`); one WWW-Authenticate header each. MD5 alone is the default because some clients (baresip 1.0) fail on any challenge they cannot answer; see docs/interop.md.",
     ),
     (
+        "subscriber_cache_ttl",
+        "60",
+        "Seconds a subscriber row read for authentication is answered from memory (a phone's registration, busy-lamp SUBSCRIBEs and calls then cost one database read). Changes made through this server's API are seen at once, and another node's credential changes when it announces them over Redis; changes this process cannot see (the `careflow-sip user` CLI, a database edited by hand) count within this time. 0: no cache.",
+    ),
+    (
+        "subscriber_cache_size",
+        "20000",
+        "Most subscriber rows kept in memory for authentication (about 150 bytes each); when full, new rows are kept only as old ones expire.",
+    ),
+    (
         "nonce_ttl",
         "300",
         "Seconds a nonce stays valid; older ones get `stale=true`.",

@@ -58,6 +58,10 @@ pub struct Config {
     pub auth_algorithms: Vec<Algorithm>,
     /// Nonce lifetime.
     pub nonce_ttl: u64,
+    /// How long a subscriber row read for authentication is kept (zero: not at all).
+    pub subscriber_cache_ttl: Duration,
+    /// Most subscriber rows kept.
+    pub subscriber_cache_size: usize,
     /// Registrar limits.
     pub registrar: careflow_core::registrar::RegistrarConfig,
     /// Parser bounds (MAX_MESSAGE_SIZE, MAX_HEADERS).
@@ -389,6 +393,8 @@ impl Config {
             cluster,
             auth_algorithms,
             nonce_ttl: r.num("nonce_ttl", 10, 86_400)?,
+            subscriber_cache_ttl: r.secs("subscriber_cache_ttl", 0, 3600)?,
+            subscriber_cache_size: r.num("subscriber_cache_size", 1, 10_000_000)? as usize,
             registrar,
             parse_limits,
             transport_limits: sip::transport_limits(&r, max_message_size)?,

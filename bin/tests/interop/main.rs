@@ -29,5 +29,6 @@ mod records;
 mod register;
 mod secure;
 mod security;
+mod subscriber_cache;
 mod support;
 mod websocket;

@@ -15,11 +15,13 @@
 //! - [`audit`]: the audit trail's hash chain and its verification.
 //! - [`cdr`]: call detail records, one per call, from the proxy's view of it.
 //! - [`binding`]: the location-service record shared by the registrar and the stores.
+//! - [`cache`]: a bounded time-to-live cache for the rows every authenticated request reads.
 #![warn(missing_docs)]
 
 pub mod audit;
 pub mod auth;
 pub mod binding;
+pub mod cache;
 pub mod cdr;
 pub mod cidr;
 pub mod cluster;

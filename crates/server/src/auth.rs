@@ -185,7 +185,7 @@ impl Digest<'_> {
         let owner = device.as_ref().map_or(username, |(owner, _)| owner);
         let subscriber = self
             .subscribers
-            .find(owner, realm)
+            .auth_row(owner, realm)
             .await
             .map_err(|e| store_failed(e, "subscriber"))?
             .filter(|s| s.enabled);

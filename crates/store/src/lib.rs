@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod cached;
 pub mod calls;
 pub mod devices;
 pub mod events;
@@ -25,7 +26,7 @@ use async_trait::async_trait;
 use careflow_core::Binding;
 use careflow_core::registrar::{Outcome, Reject};
 
-pub use subscriber::{NewSubscriber, Subscriber};
+pub use subscriber::{AuthRow, NewSubscriber, Subscriber};
 
 /// Storage failures. Callers treat every variant as "fail safe": no one is authenticated
 /// while the store is unavailable.
@@ -119,6 +120,11 @@ impl From<rusqlite::Error> for StoreError {
 pub trait SubscriberStore: Send + Sync {
     /// The subscriber `username@domain`, enabled or not.
     async fn find(&self, username: &str, domain: &str) -> Result<Option<Subscriber>, StoreError>;
+    /// What authenticating `username@domain` needs of its row, enabled or not: the lookup of
+    /// every authenticated request, which [`cached::CachedSubscribers`] answers from memory.
+    async fn auth_row(&self, username: &str, domain: &str) -> Result<Option<AuthRow>, StoreError> {
+        Ok(self.find(username, domain).await?.map(AuthRow::from))
+    }
     /// Adds a subscriber; [`StoreError::Conflict`] when it exists.
     async fn add(&self, s: NewSubscriber) -> Result<(), StoreError>;
     /// Replaces both HA1 digests; false when there is no such subscriber.

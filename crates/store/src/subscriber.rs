@@ -55,3 +55,34 @@ impl Subscriber {
         }
     }
 }
+
+/// What authenticating a subscriber needs of their row (all a cache of it keeps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRow {
+    /// Disabled subscribers cannot authenticate.
+    pub enabled: bool,
+    /// MD5 HA1, hex.
+    pub ha1_md5: String,
+    /// SHA-256 HA1, hex.
+    pub ha1_sha256: String,
+}
+
+impl AuthRow {
+    /// The HA1 for an algorithm.
+    pub fn ha1(&self, alg: careflow_proto::digest::Algorithm) -> &str {
+        match alg {
+            careflow_proto::digest::Algorithm::Md5 => &self.ha1_md5,
+            careflow_proto::digest::Algorithm::Sha256 => &self.ha1_sha256,
+        }
+    }
+}
+
+impl From<Subscriber> for AuthRow {
+    fn from(s: Subscriber) -> Self {
+        Self {
+            enabled: s.enabled,
+            ha1_md5: s.ha1_md5,
+            ha1_sha256: s.ha1_sha256,
+        }
+    }
+}

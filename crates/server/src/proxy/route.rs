@@ -249,7 +249,7 @@ impl App {
         let aor = ruri.aor().unwrap_or_default();
         let domain = ruri.host.as_str().to_ascii_lowercase();
         let user = scan::pct_decode(ruri.user.unwrap_or_default()).into_owned();
-        match self.subscribers.find(&user, &domain).await {
+        match self.subscribers.auth_row(&user, &domain).await {
             Ok(Some(s)) if s.enabled => {}
             Ok(_) => return Err(refuse(404, "Not Found")),
             Err(e) => {
