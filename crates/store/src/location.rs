@@ -19,12 +19,16 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
 use crate::migrations::{LOCATION_MIGRATIONS, migrate};
+
+mod compact;
 use crate::sqlite::open_sqlite;
 use crate::{LocationStore, StoreError, UpdateFn};
+use compact::{Stored, UserAgents};
 
 const SHARDS: usize = 16;
 
-type Shard = Mutex<HashMap<String, Vec<Binding>>>;
+/// An AoR's bindings, compact ([`compact`]), keyed by the AoR.
+type Shard = Mutex<HashMap<Box<str>, Box<[Stored]>>>;
 
 /// In-memory bindings with an optional on-disk journal.
 #[derive(Debug)]
@@ -32,6 +36,7 @@ pub struct EmbeddedLocation {
     shards: Vec<Shard>,
     count: AtomicUsize,
     journal: Option<mpsc::Sender<JournalOp>>,
+    agents: UserAgents,
 }
 
 #[derive(Debug)]
@@ -48,6 +53,7 @@ impl EmbeddedLocation {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             count: AtomicUsize::new(0),
             journal: None,
+            agents: UserAgents::default(),
         }
     }
 
@@ -59,14 +65,20 @@ impl EmbeddedLocation {
         // The journal is written, and read only at start-up: a small page cache suffices.
         conn.execute_batch("PRAGMA cache_size=-256;")?;
         let mut me = Self::in_memory();
-        let loaded = load(&conn, now)?;
+        // Row by row into the compact form (rows come ordered by AoR): no second copy of the
+        // whole journal in memory while starting.
+        let mut aor = String::new();
+        let mut group: Vec<Stored> = Vec::new();
+        load_each(&conn, now, |b| {
+            if b.aor != aor {
+                me.put_loaded(&aor, std::mem::take(&mut group))?;
+                aor.clone_from(&b.aor);
+            }
+            group.push(Stored::keep(b, &me.agents));
+            Ok(())
+        })?;
+        me.put_loaded(&aor, group)?;
         conn.execute("DELETE FROM binding WHERE expires_at <= ?1", [now as i64])?;
-        for b in loaded {
-            let shard = me.shard(&b.aor);
-            let mut map = shard.lock().map_err(|_| poisoned())?;
-            map.entry(b.aor.clone()).or_default().push(b);
-            me.count.fetch_add(1, Ordering::Relaxed);
-        }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("location-journal".into())
@@ -84,13 +96,23 @@ impl EmbeddedLocation {
         &self.shards[(h.finish() as usize) % SHARDS]
     }
 
+    fn put_loaded(&self, aor: &str, group: Vec<Stored>) -> Result<(), StoreError> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        self.count.fetch_add(group.len(), Ordering::Relaxed);
+        let mut map = self.shard(aor).lock().map_err(|_| poisoned())?;
+        map.insert(aor.into(), group.into_boxed_slice());
+        Ok(())
+    }
+
     fn set(
         &self,
-        map: &mut HashMap<String, Vec<Binding>>,
+        map: &mut HashMap<Box<str>, Box<[Stored]>>,
         aor: &str,
         new: Vec<Binding>,
     ) -> Vec<Binding> {
-        let old_len = map.get(aor).map_or(0, Vec::len);
+        let old_len = map.get(aor).map_or(0, |v| v.len());
         let new_len = new.len();
         let journal_copy = if self.journal.is_some() {
             new.clone()
@@ -100,7 +122,16 @@ impl EmbeddedLocation {
         if new.is_empty() {
             map.remove(aor);
         } else {
-            map.insert(aor.to_string(), new);
+            let kept: Box<[Stored]> = new
+                .into_iter()
+                .map(|b| Stored::keep(b, &self.agents))
+                .collect();
+            match map.get_mut(aor) {
+                Some(v) => *v = kept,
+                None => {
+                    map.insert(aor.into(), kept);
+                }
+            }
         }
         if new_len >= old_len {
             self.count.fetch_add(new_len - old_len, Ordering::Relaxed);
@@ -138,8 +169,11 @@ impl LocationStore for EmbeddedLocation {
     ) -> Result<Result<Outcome, Reject>, StoreError> {
         let (rx, outcome) = {
             let mut map = self.shard(aor).lock().map_err(|_| poisoned())?;
-            let current = map.get(aor).map_or(&[][..], Vec::as_slice);
-            let outcome = match decide(current) {
+            let current: Vec<Binding> = map
+                .get(aor)
+                .map(|v| v.iter().map(|s| s.binding(aor)).collect())
+                .unwrap_or_default();
+            let outcome = match decide(&current) {
                 Ok(o) => o,
                 Err(r) => return Ok(Err(r)),
             };
@@ -167,7 +201,12 @@ impl LocationStore for EmbeddedLocation {
         let map = self.shard(aor).lock().map_err(|_| poisoned())?;
         Ok(map
             .get(aor)
-            .map(|v| v.iter().filter(|b| b.expires_at > now).cloned().collect())
+            .map(|v| {
+                v.iter()
+                    .filter(|b| b.expires_at() > now)
+                    .map(|b| b.binding(aor))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -175,12 +214,11 @@ impl LocationStore for EmbeddedLocation {
         let mut out = Vec::new();
         for s in &self.shards {
             let map = s.lock().map_err(|_| poisoned())?;
-            out.extend(
-                map.values()
-                    .flatten()
-                    .filter(|b| b.expires_at > now)
-                    .cloned(),
-            );
+            out.extend(map.iter().flat_map(|(aor, v)| {
+                v.iter()
+                    .filter(|b| b.expires_at() > now)
+                    .map(|b| b.binding(aor))
+            }));
         }
         out.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.id.cmp(&b.id)));
         Ok(out)
@@ -192,15 +230,20 @@ impl LocationStore for EmbeddedLocation {
             let mut map = s.lock().map_err(|_| poisoned())?;
             let stale: Vec<String> = map
                 .iter()
-                .filter(|(_, v)| v.iter().any(|b| b.expires_at <= now))
-                .map(|(k, _)| k.clone())
+                .filter(|(_, v)| v.iter().any(|b| b.expires_at() <= now))
+                .map(|(k, _)| k.to_string())
                 .collect();
             for aor in stale {
                 let live: Vec<Binding> = map
-                    .get(&aor)
-                    .map(|v| v.iter().filter(|b| b.expires_at > now).cloned().collect())
+                    .get(aor.as_str())
+                    .map(|v| {
+                        v.iter()
+                            .filter(|b| b.expires_at() > now)
+                            .map(|b| b.binding(&aor))
+                            .collect()
+                    })
                     .unwrap_or_default();
-                removed += map.get(&aor).map_or(0, Vec::len) - live.len();
+                removed += map.get(aor.as_str()).map_or(0, |v| v.len()) - live.len();
                 let copy = self.set(&mut map, &aor, live);
                 self.send(JournalOp {
                     aor,
@@ -208,7 +251,13 @@ impl LocationStore for EmbeddedLocation {
                     done: None,
                 })?;
             }
+            // After a burst the map gives its room back.
+            let len = map.len();
+            if map.capacity() > 4 * len + 1024 {
+                map.shrink_to(2 * len);
+            }
         }
+        self.agents.release_unused();
         Ok(removed)
     }
 
@@ -218,6 +267,20 @@ impl LocationStore for EmbeddedLocation {
 }
 
 fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
+    let mut out = Vec::new();
+    load_each(conn, now, |b| {
+        out.push(b);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Each binding alive at `now`, ordered by AoR, given to `each` as it is read.
+fn load_each(
+    conn: &Connection,
+    now: u64,
+    mut each: impl FnMut(Binding) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let mut st = conn.prepare(
         "SELECT id, aor, contact, call_id, cseq, expires_at, registered_at, q, instance, reg_id, transport, source, user_agent, path
          FROM binding WHERE expires_at > ?1 ORDER BY aor, id",
@@ -250,7 +313,6 @@ fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
             r.get::<_, String>(11)?,
         ))
     })?;
-    let mut out = Vec::new();
     for row in rows {
         let (mut b, transport, source) = row?;
         // Rows we cannot read back are skipped (and logged) rather than failing startup.
@@ -258,12 +320,12 @@ fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
             (Ok(t), Ok(s)) => {
                 b.transport = t;
                 b.source = s;
-                out.push(b);
+                each(b)?;
             }
             _ => tracing::warn!(aor = %b.aor, "skipping unreadable binding row"),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// How long the journal waits for more changes before committing, so that one commit (and
