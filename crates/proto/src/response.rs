@@ -2,7 +2,7 @@
 //! CSeq are copied byte for byte, the top Via gets `received`/`rport` (RFC 3581).
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -57,6 +57,10 @@ impl<'m> ResponseBuilder<'m> {
 
     /// Appends `Name: value`.
     pub fn header(mut self, name: &str, value: impl std::fmt::Display) -> Self {
+        if self.extra.capacity() == 0 {
+            // One allocation for the few headers a response adds (a challenge, Contact, Date).
+            self.extra.reserve(256);
+        }
         let _ = write!(self.extra, "{name}: {value}\r\n");
         self
     }
@@ -91,7 +95,11 @@ impl<'m> ResponseBuilder<'m> {
         let mut out = BytesMut::with_capacity(
             copied + tag_len + 96 + reason.len() + self.extra.len() + self.body.len(),
         );
-        let _ = write!(Writer(&mut out), "SIP/2.0 {} {}\r\n", self.code, reason);
+        out.put_slice(b"SIP/2.0 ");
+        put_decimal(&mut out, u64::from(self.code));
+        out.put_u8(b' ');
+        out.put_slice(reason.as_bytes());
+        out.put_slice(b"\r\n");
         let mut first_via = true;
         for f in req.fields() {
             match f.name {
@@ -108,12 +116,11 @@ impl<'m> ResponseBuilder<'m> {
                         && self.to_tag.is_some()
                         && crate::NameAddr::parse(value).is_some_and(|n| n.tag().is_none());
                     if needs_tag {
-                        let _ = write!(
-                            Writer(&mut out),
-                            "To: {};tag={}\r\n",
-                            scan::trim(value),
-                            self.to_tag.as_deref().unwrap_or_default()
-                        );
+                        out.put_slice(b"To: ");
+                        out.put_slice(scan::trim(value).as_bytes());
+                        out.put_slice(b";tag=");
+                        out.put_slice(self.to_tag.as_deref().unwrap_or_default().as_bytes());
+                        out.put_slice(b"\r\n");
                     } else {
                         out.put_slice(req.field_line(f));
                     }
@@ -122,11 +129,9 @@ impl<'m> ResponseBuilder<'m> {
             }
         }
         out.put_slice(self.extra.as_bytes());
-        let _ = write!(
-            Writer(&mut out),
-            "Content-Length: {}\r\n\r\n",
-            self.body.len()
-        );
+        out.put_slice(b"Content-Length: ");
+        put_decimal(&mut out, self.body.len() as u64);
+        out.put_slice(b"\r\n\r\n");
         out.put_slice(self.body);
         out.freeze()
     }
@@ -143,32 +148,36 @@ fn write_top_via(out: &mut BytesMut, value: &str, source: Option<SocketAddr>) {
     out.put_slice(b"Via: ");
     match (source, Via::parse(first)) {
         (Some(src), Some(via)) => {
-            let mut w = Writer(out);
-            let _ = write!(w, "SIP/2.0/{} {}", via.transport, via.host.as_str());
+            out.put_slice(b"SIP/2.0/");
+            out.put_slice(via.transport.as_bytes());
+            out.put_u8(b' ');
+            out.put_slice(via.host.as_str().as_bytes());
             if let Some(p) = via.port {
-                let _ = write!(w, ":{p}");
+                out.put_u8(b':');
+                put_decimal(out, u64::from(p));
             }
             let mut has_rport = false;
             for (name, v) in via.params.iter() {
                 if name.eq_ignore_ascii_case("received") {
                     continue;
                 }
+                out.put_u8(b';');
                 if name.eq_ignore_ascii_case("rport") {
                     has_rport = true;
-                    let _ = write!(w, ";rport={}", src.port());
+                    out.put_slice(b"rport=");
+                    put_decimal(out, u64::from(src.port()));
                     continue;
                 }
-                match v {
-                    Some(v) => {
-                        let _ = write!(w, ";{name}={v}");
-                    }
-                    None => {
-                        let _ = write!(w, ";{name}");
-                    }
+                out.put_slice(name.as_bytes());
+                if let Some(v) = v {
+                    out.put_u8(b'=');
+                    out.put_slice(v.as_bytes());
                 }
             }
             if has_rport || via.host.ip() != Some(src.ip()) {
-                let _ = write!(w, ";received={}", fmt_ip(src.ip()));
+                // RFC 3261 §20.42 and RFC 5118: received carries an IPv6 address without
+                // brackets (as `IpAddr` displays it).
+                let _ = write!(Writer(out), ";received={}", src.ip());
             }
         }
         _ => out.put_slice(first.as_bytes()),
@@ -179,9 +188,19 @@ fn write_top_via(out: &mut BytesMut, value: &str, source: Option<SocketAddr>) {
     out.put_slice(b"\r\n");
 }
 
-fn fmt_ip(ip: IpAddr) -> String {
-    // RFC 3261 §20.42 and RFC 5118: received carries an IPv6 address without brackets.
-    ip.to_string()
+/// Writes `n` in decimal without the formatting machinery (status codes, ports, lengths).
+fn put_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
 }
 
 struct Writer<'a>(&'a mut BytesMut);
