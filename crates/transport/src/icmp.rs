@@ -59,22 +59,8 @@ pub(crate) fn drain(sock: &UdpSocket) -> Vec<SocketAddr> {
             break;
         }
         // For the error queue the address is where the refused datagram was going.
-        match libc::c_int::from(addr.ss_family) {
-            libc::AF_INET => {
-                // SAFETY: ss_family says the storage holds a sockaddr_in.
-                let sin: libc::sockaddr_in =
-                    unsafe { std::ptr::read((&addr as *const libc::sockaddr_storage).cast()) };
-                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                out.push(SocketAddr::from((ip, u16::from_be(sin.sin_port))));
-            }
-            libc::AF_INET6 => {
-                // SAFETY: ss_family says the storage holds a sockaddr_in6.
-                let sin6: libc::sockaddr_in6 =
-                    unsafe { std::ptr::read((&addr as *const libc::sockaddr_storage).cast()) };
-                let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                out.push(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))));
-            }
-            _ => {}
+        if let Some(dest) = socket_addr(&addr) {
+            out.push(dest);
         }
     }
     out
@@ -83,4 +69,26 @@ pub(crate) fn drain(sock: &UdpSocket) -> Vec<SocketAddr> {
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn drain(_sock: &UdpSocket) -> Vec<SocketAddr> {
     Vec::new()
+}
+
+/// The IPv4 or IPv6 address a kernel wrote into `addr`.
+#[cfg(target_os = "linux")]
+pub(crate) fn socket_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: ss_family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((addr as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: ss_family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((addr as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))))
+        }
+        _ => None,
+    }
 }

@@ -8,6 +8,7 @@
 
 mod conn;
 mod icmp;
+mod mmsg;
 mod sockbuf;
 mod stream;
 pub mod tls;

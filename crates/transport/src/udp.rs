@@ -13,7 +13,8 @@ use crate::{Inbound, Outbound, Transport, TransportError, Transports};
 
 pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
     let max = t.inner.opts.limits.max_message_size;
-    let mut buf = vec![0u8; max + 1];
+    // One byte more than accepted: a datagram that fills a slot was cut, and is oversize.
+    let mut batch = crate::mmsg::Batch::new(max + 1);
     let local = match sock.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -21,34 +22,13 @@ pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
     loop {
         let r = tokio::select! {
             _ = t.inner.cancel.cancelled() => return,
-            r = sock.recv_from(&mut buf) => r,
+            r = batch.recv(&sock) => r,
         };
         match r {
-            Ok((n, source)) => {
-                if !t.admit(source) {
-                    continue;
+            Ok(_) => {
+                for (bytes, source) in batch.datagrams() {
+                    datagram(&t, &sock, local, max, bytes, source);
                 }
-                let truncated = n > max;
-                if truncated {
-                    t.inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%source, "oversize datagram");
-                }
-                let n = n.min(max);
-                if careflow_proto::stun::is_stun(&buf[..n]) {
-                    // SIP Outbound keep-alive (RFC 5626 §4.4.2): answered here, cheaply.
-                    if let Some(resp) = careflow_proto::stun::binding_response(&buf[..n], source) {
-                        let _ = sock.try_send_to(&resp, source);
-                    }
-                    continue;
-                }
-                t.deliver(Inbound {
-                    transport: Transport::Udp,
-                    source,
-                    local,
-                    conn: None,
-                    bytes: Bytes::copy_from_slice(&buf[..n]),
-                    truncated,
-                });
             }
             // ICMP errors for earlier sends surface here (IP_RECVERR): tell the application
             // which destinations are unreachable.
@@ -61,6 +41,41 @@ pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
             }
         }
     }
+}
+
+/// One received datagram (`bytes` is at most `max` + 1 long: longer means cut).
+fn datagram(
+    t: &Transports,
+    sock: &UdpSocket,
+    local: SocketAddr,
+    max: usize,
+    bytes: &[u8],
+    source: SocketAddr,
+) {
+    if !t.admit(source) {
+        return;
+    }
+    let truncated = bytes.len() > max;
+    if truncated {
+        t.inner.stats.oversize.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%source, "oversize datagram");
+    }
+    let bytes = &bytes[..bytes.len().min(max)];
+    if careflow_proto::stun::is_stun(bytes) {
+        // SIP Outbound keep-alive (RFC 5626 §4.4.2): answered here, cheaply.
+        if let Some(resp) = careflow_proto::stun::binding_response(bytes, source) {
+            let _ = sock.try_send_to(&resp, source);
+        }
+        return;
+    }
+    t.deliver(Inbound {
+        transport: Transport::Udp,
+        source,
+        local,
+        conn: None,
+        bytes: Bytes::copy_from_slice(bytes),
+        truncated,
+    });
 }
 
 /// Datagrams waiting for room in one socket's send buffer, in the order they were sent. While
