@@ -40,9 +40,18 @@ impl Batch {
 
     /// Takes the datagrams waiting on `sock` (at least one; waits for the first).
     pub(crate) async fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+        // ERROR too: an ICMP error for an earlier send (IP_RECVERR) makes the socket report
+        // only an error, and the receive must end with it (as `recv_from` does).
         loop {
-            sock.readable().await?;
-            match sock.try_io(Interest::READABLE, || self.recv_now(sock)) {
+            let ready = sock.ready(Interest::READABLE | Interest::ERROR).await?;
+            // `try_io` takes one interest (a combined one never counts as ready): the one that
+            // woke us, so that a WouldBlock clears that readiness.
+            let which = if ready.is_readable() {
+                Interest::READABLE
+            } else {
+                Interest::ERROR
+            };
+            match sock.try_io(which, || self.recv_now(sock)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,
             }
@@ -128,5 +137,35 @@ mod tests {
         assert_eq!(got[1], (b"second".to_vec(), b.local_addr().unwrap()));
         // Larger than a slot: cut to it (the caller sees a full slot and calls it oversize).
         assert_eq!(got[2].0, vec![7u8; 64]);
+    }
+}
+
+#[cfg(test)]
+#[cfg(target_os = "linux")]
+mod icmp_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn dead_port() -> SocketAddr {
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        closed.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_icmp_error_for_a_send_wakes_a_parked_receive_with_an_error() {
+        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        crate::icmp::enable(&sock);
+        let dead = dead_port().await;
+        let rx = sock.clone();
+        let waiting = tokio::spawn(async move {
+            let mut b = Batch::new(64);
+            b.recv(&rx).await.map_err(|e| e.kind())
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sock.send_to(b"x", dead).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), waiting).await;
+        assert!(matches!(r, Ok(Ok(Err(_)))), "{r:?}");
     }
 }
