@@ -1,6 +1,7 @@
 //! A local control socket (`DATA_DIR/control.sock`, mode 0600) through which the CLI talks to
-//! the running server: `careflow-sip bans` and `careflow-sip unban IP`. Only users who can read
-//! DATA_DIR can use it; nothing listens on the network for this.
+//! the running server: `careflow-sip bans` and `careflow-sip unban IP`, and the subscriber
+//! commands telling it which rows they changed (its cache forgets them at once). Only users
+//! who can read DATA_DIR can use it; nothing listens on the network for this.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use careflow_core::guard::{BanScope, Guard};
+use careflow_store::cached::CachedSubscribers;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +23,8 @@ pub(crate) fn socket_path(cfg: &Config) -> PathBuf {
 /// Serves the control socket until `cancel` fires.
 pub(crate) fn serve(
     path: &Path,
-    guard: Arc<Guard>,
+    guard: Option<Arc<Guard>>,
+    cache: Arc<CachedSubscribers>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(path);
@@ -41,8 +44,9 @@ pub(crate) fn serve(
             };
             let Ok((stream, _)) = accepted else { continue };
             let g = guard.clone();
+            let c = cache.clone();
             tokio::spawn(async move {
-                let _ = session(stream, &g).await;
+                let _ = session(stream, g.as_deref(), &c).await;
             });
         }
         let _ = std::fs::remove_file(&path);
@@ -50,13 +54,31 @@ pub(crate) fn serve(
     Ok(())
 }
 
-async fn session(stream: UnixStream, guard: &Guard) -> std::io::Result<()> {
+async fn session(
+    stream: UnixStream,
+    guard: Option<&Guard>,
+    cache: &CachedSubscribers,
+) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     BufReader::new(rd).read_line(&mut line).await?;
     let now = Instant::now();
-    let reply = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-        ["bans"] => {
+    let reply = match (
+        line.split_whitespace().collect::<Vec<_>>().as_slice(),
+        guard,
+    ) {
+        (["forget", user, domain], _) => {
+            cache.forget(user, domain);
+            "forgotten\n".to_string()
+        }
+        (["forget-all"], _) => {
+            cache.forget_all();
+            "forgotten\n".to_string()
+        }
+        (["bans" | "unban", ..], None) => {
+            "error: the security guard is off (SECURITY_RATE_LIMIT=0)\n".to_string()
+        }
+        (["bans"], Some(guard)) => {
             let mut out = String::new();
             for b in guard.bans(now) {
                 let who = match b.scope {
@@ -71,7 +93,7 @@ async fn session(stream: UnixStream, guard: &Guard) -> std::io::Result<()> {
             }
             out
         }
-        ["unban", who] => match parse_scope(who) {
+        (["unban", who], Some(guard)) => match parse_scope(who) {
             Some(scope) => {
                 if guard.unban(scope, now) {
                     match scope {
@@ -112,6 +134,26 @@ async fn request(cfg: &Config, command: &str) -> anyhow::Result<String> {
     let mut out = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out).await?;
     Ok(out)
+}
+
+/// After a CLI command changed subscriber rows: the running server (if any, with this
+/// DATA_DIR) forgets them, `None` meaning every row. Without a running server nothing is held.
+pub(crate) async fn subscribers_changed(cfg: &Config, who: Option<(String, String)>) {
+    let command = match &who {
+        // Names with white space cannot travel in this line protocol: forget everything.
+        Some((u, d)) if !u.contains(char::is_whitespace) && !d.contains(char::is_whitespace) => {
+            format!("forget {u} {d}")
+        }
+        _ => "forget-all".to_string(),
+    };
+    match request(cfg, &command).await {
+        Ok(r) if r.trim() == "forgotten" => {}
+        Ok(r) => eprintln!(
+            "note: the running server did not confirm the change ({}); it counts within SUBSCRIBER_CACHE_TTL",
+            r.trim()
+        ),
+        Err(_) => {}
+    }
 }
 
 /// `careflow-sip bans`.

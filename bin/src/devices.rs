@@ -229,6 +229,16 @@ fn cli_error(e: DeviceError) -> anyhow::Error {
 }
 
 pub(crate) async fn run(cfg: &Config, cmd: DeviceCommand) -> anyhow::Result<()> {
+    // A device sharing its user's credentials changes the user's HA1 when added or rotated.
+    let writes = !matches!(cmd, DeviceCommand::List { .. } | DeviceCommand::Show { .. });
+    run_command(cfg, cmd).await?;
+    if writes {
+        crate::control::subscribers_changed(cfg, None).await;
+    }
+    Ok(())
+}
+
+async fn run_command(cfg: &Config, cmd: DeviceCommand) -> anyhow::Result<()> {
     let db = crate::users::open_subscribers(cfg).await?;
     let s = service(cfg, db.clone(), db.clone())?;
     let audit = |action: &'static str, d: &Device, detail: String| {

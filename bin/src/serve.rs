@@ -190,9 +190,12 @@ pub(crate) async fn run(
         redis_node.is_some().then(|| events.clone()),
     );
     let cancel = CancellationToken::new();
-    if let Some(g) = control_guard {
-        crate::control::serve(&crate::control::socket_path(&cfg), g, cancel.clone())?;
-    }
+    crate::control::serve(
+        &crate::control::socket_path(&cfg),
+        control_guard,
+        cached_subscribers.clone(),
+        cancel.clone(),
+    )?;
     let server = careflow_server::start(
         server_cfg,
         subscribers.clone(),

@@ -104,6 +104,29 @@ pub(crate) async fn open_subscribers(
 }
 
 pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
+    // Which rows a running server may hold that this command changes (`None`: any).
+    let changed = match &cmd {
+        UserCommand::Passwd { user, domain, .. }
+        | UserCommand::Disable { user, domain }
+        | UserCommand::Enable { user, domain }
+        | UserCommand::Remove { user, domain } => Some(Some((
+            user.clone(),
+            domain
+                .clone()
+                .unwrap_or_else(|| cfg.sip_domain.clone())
+                .to_ascii_lowercase(),
+        ))),
+        UserCommand::Import { .. } | UserCommand::ImportKamailio { .. } => Some(None),
+        _ => None,
+    };
+    run_command(cfg, cmd).await?;
+    if let Some(who) = changed {
+        crate::control::subscribers_changed(cfg, who).await;
+    }
+    Ok(())
+}
+
+async fn run_command(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
     let store = open_subscribers(cfg).await?;
     let dom = |d: Option<String>| {
         d.unwrap_or_else(|| cfg.sip_domain.clone())

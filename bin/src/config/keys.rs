@@ -357,7 +357,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "subscriber_cache_ttl",
         "60",
-        "Seconds a subscriber row read for authentication is answered from memory (a phone's registration, busy-lamp SUBSCRIBEs and calls then cost one database read). Changes made through this server's API are seen at once, and another node's credential changes when it announces them over Redis; changes this process cannot see (the `careflow-sip user` CLI, a database edited by hand) count within this time. 0: no cache.",
+        "Seconds a subscriber row read for authentication is answered from memory (a phone's registration, busy-lamp SUBSCRIBEs and calls then cost one database read). Changes made through this server's API or its CLI (which tells it over the control socket) are seen at once, another node's credential changes when it announces them over Redis; changes nobody announces (a database edited by another program) count within this time. 0: no cache.",
     ),
     (
         "subscriber_cache_size",

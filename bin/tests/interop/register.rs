@@ -250,12 +250,7 @@ fn normalize(resp: &str) -> String {
 #[test]
 fn wrong_password_and_unknown_user_get_the_same_answer() {
     // Every level logged, so a debug line carrying a secret would be caught too.
-    // The CLI (another process) disables alice below: without the subscriber cache its change
-    // counts at once (tests/interop/subscriber_cache.rs covers the cache's own behaviour).
-    let server = Server::start_with(
-        "example.test",
-        &[("RUST_LOG", "trace"), ("SUBSCRIBER_CACHE_TTL", "0")],
-    );
+    let server = Server::start_with("example.test", &[("RUST_LOG", "trace")]);
     server.add_user("alice", "right-password");
     let ua = Ua::new(server.sip_addr());
     let wrong = ua.register("alice", "wrong-password", "example.test", "c-wrong", "");
