@@ -109,13 +109,9 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         UserCommand::Passwd { user, domain, .. }
         | UserCommand::Disable { user, domain }
         | UserCommand::Enable { user, domain }
-        | UserCommand::Remove { user, domain } => Some(Some((
-            user.clone(),
-            domain
-                .clone()
-                .unwrap_or_else(|| cfg.sip_domain.clone())
-                .to_ascii_lowercase(),
-        ))),
+        | UserCommand::Remove { user, domain } => {
+            Some(Some((user.clone(), domain_or_default(cfg, domain.clone()))))
+        }
         UserCommand::Import { .. } | UserCommand::ImportKamailio { .. } => Some(None),
         _ => None,
     };
@@ -126,12 +122,16 @@ pub(crate) async fn run(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The domain a user command names, else SIP_DOMAIN; lower case.
+fn domain_or_default(cfg: &Config, domain: Option<String>) -> String {
+    domain
+        .unwrap_or_else(|| cfg.sip_domain.clone())
+        .to_ascii_lowercase()
+}
+
 async fn run_command(cfg: &Config, cmd: UserCommand) -> anyhow::Result<()> {
     let store = open_subscribers(cfg).await?;
-    let dom = |d: Option<String>| {
-        d.unwrap_or_else(|| cfg.sip_domain.clone())
-            .to_ascii_lowercase()
-    };
+    let dom = |d: Option<String>| domain_or_default(cfg, d);
     match cmd {
         UserCommand::Add {
             user,

@@ -153,7 +153,7 @@ fn sipp_registers(server: &Server, user: &str, auth: &str, password: &str) -> bo
     out.status.success()
 }
 
-fn api_key(server: &Server) -> String {
+pub(crate) fn api_key(server: &Server) -> String {
     let out = server.cli_ok(&["apikey", "create", "ops"]);
     out.lines().last().unwrap().trim().to_string()
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::http;
 use crate::cluster::flush;
+use crate::provision::api_key;
 use crate::support::*;
 
 const HITS: &str = "careflow_sip_subscriber_cache_hits_total";
@@ -30,13 +31,7 @@ fn repeated_lookups_come_from_memory_and_changes_through_the_api_and_the_cli_cou
     let ttl = 3;
     let server = Server::start_with("cache.test", &[("SUBSCRIBER_CACHE_TTL", "3")]);
     server.add_user("alice", "pw-alice-1");
-    let key = server
-        .cli_ok(&["apikey", "create", "ops"])
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = api_key(&server);
 
     // A registration and its refreshes: one database read.
     for _ in 0..3 {
@@ -115,13 +110,7 @@ fn a_subscriber_disabled_on_one_node_is_refused_at_once_on_the_other() {
     let a = node(&secret);
     let b = node(&secret);
     a.add_user("carol", "pw-carol");
-    let key = a
-        .cli_ok(&["apikey", "create", "ops"])
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = api_key(&a);
 
     // carol's phone registers on B, twice: B holds her row.
     for _ in 0..2 {

@@ -90,7 +90,7 @@ impl NonceIssuer {
 
     /// Verifies a nonce presented by a client.
     pub fn check(&self, nonce: &str, realm: &str, now: u64) -> NonceCheck {
-        let Some(raw) = decode_hex::<32>(nonce) else {
+        let Some(raw) = careflow_proto::digest::unhex::<32>(nonce) else {
             return NonceCheck::Invalid;
         };
         let issued_at = u64::from_be_bytes(raw[0..8].try_into().unwrap_or_default());
@@ -191,20 +191,6 @@ impl ReplayGuard {
 
 fn push_hex(s: &mut String, b: &[u8]) {
     s.push_str(&careflow_proto::digest::hex(b));
-}
-
-fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let b = s.as_bytes();
-    if b.len() != N * 2 {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        let h = (b[2 * i] as char).to_digit(16)?;
-        let l = (b[2 * i + 1] as char).to_digit(16)?;
-        *o = (h * 16 + l) as u8;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

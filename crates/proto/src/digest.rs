@@ -96,6 +96,20 @@ impl HexBuf {
     }
 }
 
+/// `N` bytes from `2 * N` hex digits (either case); `None` for anything else.
+pub fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let t = text.as_bytes();
+    if t.len() != 2 * N {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; N];
+    for (o, pair) in out.iter_mut().zip(t.chunks_exact(2)) {
+        *o = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(out)
+}
+
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -52,25 +52,16 @@ impl Compact {
     }
 }
 
-/// `Some(None)` for "", `Some(Some(bytes))` for `N` bytes of lower-case hex, `None` otherwise.
+/// `Some(None)` for "", `Some(Some(bytes))` for `N` bytes of lower-case hex (what
+/// [`careflow_proto::digest::hex`] writes back), `None` otherwise.
 fn unhex<const N: usize>(text: &str) -> Option<Option<[u8; N]>> {
     if text.is_empty() {
         return Some(None);
     }
-    let t = text.as_bytes();
-    if t.len() != 2 * N {
+    if text.bytes().any(|c| c.is_ascii_uppercase()) {
         return None;
     }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; N];
-    for (o, pair) in out.iter_mut().zip(t.chunks_exact(2)) {
-        *o = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
-    Some(Some(out))
+    careflow_proto::digest::unhex(text).map(Some)
 }
 
 /// A [`SubscriberStore`] that answers repeated authentication lookups from memory.
@@ -263,6 +254,11 @@ mod tests {
         }
     }
 
+    /// `user@example.org`'s row, which must exist.
+    async fn held(c: &CachedSubscribers, user: &str) -> AuthRow {
+        c.auth_row(user, "example.org").await.unwrap().unwrap()
+    }
+
     fn md5(c: char) -> String {
         c.to_string().repeat(32)
     }
@@ -288,22 +284,9 @@ mod tests {
                 .await
                 .unwrap()
         );
-        assert_eq!(
-            c.auth_row("alice", "example.org")
-                .await
-                .unwrap()
-                .unwrap()
-                .ha1_md5,
-            md5('2')
-        );
+        assert_eq!(held(&c, "alice").await.ha1_md5, md5('2'));
         assert!(c.set_enabled("alice", "example.org", false).await.unwrap());
-        assert!(
-            !c.auth_row("alice", "example.org")
-                .await
-                .unwrap()
-                .unwrap()
-                .enabled
-        );
+        assert!(!held(&c, "alice").await.enabled);
         assert!(c.remove("alice", "example.org").await.unwrap());
         assert_eq!(c.auth_row("alice", "example.org").await.unwrap(), None);
     }
@@ -314,44 +297,17 @@ mod tests {
         // Unknown, then added by another writer (the CLI): found at once.
         assert_eq!(c.auth_row("bob", "example.org").await.unwrap(), None);
         db.add(row("bob", '1')).await.unwrap();
-        assert_eq!(
-            c.auth_row("bob", "example.org")
-                .await
-                .unwrap()
-                .unwrap()
-                .ha1_md5,
-            md5('1')
-        );
+        assert_eq!(held(&c, "bob").await.ha1_md5, md5('1'));
         // Changed by another writer: the cached row holds until it is forgotten (or expires).
         db.set_ha1("bob", "example.org", &md5('2'), &"6".repeat(64))
             .await
             .unwrap();
-        assert_eq!(
-            c.auth_row("bob", "example.org")
-                .await
-                .unwrap()
-                .unwrap()
-                .ha1_md5,
-            md5('1')
-        );
+        assert_eq!(held(&c, "bob").await.ha1_md5, md5('1'));
         c.forget("bob", "example.org");
-        assert_eq!(
-            c.auth_row("bob", "example.org")
-                .await
-                .unwrap()
-                .unwrap()
-                .ha1_md5,
-            md5('2')
-        );
+        assert_eq!(held(&c, "bob").await.ha1_md5, md5('2'));
         db.set_enabled("bob", "example.org", false).await.unwrap();
         c.forget_all();
-        assert!(
-            !c.auth_row("bob", "example.org")
-                .await
-                .unwrap()
-                .unwrap()
-                .enabled
-        );
+        assert!(!held(&c, "bob").await.enabled);
     }
 
     #[tokio::test]
@@ -397,13 +353,6 @@ mod tests {
         c.add(row("dave", '1')).await.unwrap();
         c.auth_row("dave", "example.org").await.unwrap();
         c.import(vec![row("dave", '9')]).await.unwrap();
-        assert_eq!(
-            c.auth_row("dave", "example.org")
-                .await
-                .unwrap()
-                .unwrap()
-                .ha1_md5,
-            md5('9')
-        );
+        assert_eq!(held(&c, "dave").await.ha1_md5, md5('9'));
     }
 }
