@@ -6,8 +6,9 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use careflow_core::Transport;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::outbox::Outbox;
 
 /// Identifies one stream connection for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,7 +37,7 @@ impl Wire {
 struct Entry {
     peer: SocketAddr,
     transport: Transport,
-    tx: mpsc::Sender<Wire>,
+    tx: Outbox,
     /// Cancelled to close the connection from outside its own tasks (a peer that stopped
     /// reading).
     close: CancellationToken,
@@ -45,7 +46,7 @@ struct Entry {
 /// A connection's writer, and how to close the connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Writer {
-    pub(crate) tx: mpsc::Sender<Wire>,
+    pub(crate) tx: Outbox,
     pub(crate) close: CancellationToken,
     pub(crate) peer: SocketAddr,
 }
@@ -67,7 +68,7 @@ impl ConnTable {
         id: ConnId,
         peer: SocketAddr,
         transport: Transport,
-        tx: mpsc::Sender<Wire>,
+        tx: Outbox,
         close: CancellationToken,
     ) {
         if let Ok(mut t) = self.inner.lock() {
@@ -138,7 +139,7 @@ mod tests {
     #[test]
     fn a_connection_id_finds_its_connection_only_with_its_peer() {
         let table = ConnTable::default();
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = crate::outbox::outbox(1);
         let phone: SocketAddr = "198.51.100.7:40001".parse().expect("addr");
         let other: SocketAddr = "198.51.100.8:40002".parse().expect("addr");
         // After a restart, id 5 went to another peer's connection.

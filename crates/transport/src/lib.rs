@@ -9,9 +9,11 @@
 mod conn;
 mod icmp;
 mod mmsg;
+mod outbox;
 mod sockbuf;
 mod stream;
 pub mod tls;
+mod tls_stream;
 mod udp;
 
 use std::net::SocketAddr;

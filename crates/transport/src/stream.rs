@@ -15,9 +15,10 @@ use careflow_proto::framing::{Frame, next_frame};
 use careflow_proto::websocket::{self, Event, Reassembler};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 use crate::conn::Wire;
+use crate::outbox::{Outbox, outbox};
+use crate::tls_stream::ServerTlsStream;
 
 mod write;
 use crate::{ConnId, Inbound, Transport, Transports, next_conn_id};
@@ -138,7 +139,7 @@ async fn accept_one(t: &Transports, stream: TcpStream, peer: SocketAddr, transpo
             };
             let accepted = tokio::time::timeout(
                 t.inner.opts.limits.partial_timeout,
-                tls.acceptor.accept(stream),
+                ServerTlsStream::accept(stream, tls.config.clone()),
             )
             .await;
             match accepted {
@@ -163,7 +164,7 @@ where
         return;
     }
     let id = next_conn_id();
-    let (tx, rx) = mpsc::channel::<Wire>(QUEUE);
+    let (tx, rx) = outbox(QUEUE);
     let close = t.inner.cancel.child_token();
     t.inner
         .conns
@@ -250,7 +251,7 @@ struct Conn<'a> {
     peer: SocketAddr,
     local: SocketAddr,
     transport: Transport,
-    tx: mpsc::Sender<Wire>,
+    tx: Outbox,
     /// Closes this connection (its writer found the peer not reading, or the queue full).
     close: tokio_util::sync::CancellationToken,
 }

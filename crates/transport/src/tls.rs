@@ -145,7 +145,9 @@ impl ResolvesServerCert for CertStore {
 /// A ready TLS server configuration and the store its certificate can be reloaded through.
 #[derive(Clone)]
 pub struct TlsServer {
-    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    /// For SIP connections (served by [`crate::tls_stream::ServerTlsStream`]).
+    pub(crate) config: Arc<rustls::ServerConfig>,
+    acceptor: tokio_rustls::TlsAcceptor,
     /// The certificate store (reload on SIGHUP).
     pub certs: Arc<CertStore>,
 }
@@ -219,8 +221,10 @@ impl TlsServer {
         // records for a failed read and give up. TLS 1.2 session ids stay cached, bounded.
         config.send_tls13_tickets = 0;
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+        let config = Arc::new(config);
         Ok(Self {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            acceptor: tokio_rustls::TlsAcceptor::from(config.clone()),
+            config,
             certs,
         })
     }

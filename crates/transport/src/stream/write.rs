@@ -10,10 +10,10 @@ use bytes::{Bytes, BytesMut};
 use careflow_proto::websocket;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 use super::{Conn, HANDSHAKE_TIMEOUT};
 use crate::conn::Wire;
+use crate::outbox::{NotQueued, Outbox, OutboxReader, outbox};
 use crate::{Outbound, Transport, TransportError, Transports, next_conn_id};
 
 /// Messages queued for one connection. A peer this far behind is not reading: it is
@@ -27,7 +27,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) async fn write_loop<W>(
     t: Transports,
     mut wr: W,
-    mut rx: mpsc::Receiver<Wire>,
+    mut rx: OutboxReader,
     ws: bool,
     close: tokio_util::sync::CancellationToken,
     peer: SocketAddr,
@@ -45,7 +45,13 @@ pub(super) async fn write_loop<W>(
             Wire::Sip(b) | Wire::Raw(b) => (b, false),
             Wire::Close(b) => (b, true),
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)).await {
+        // The flush matters for TLS: a record the socket could not take whole at once waits in
+        // the TLS stream until the next write or flush.
+        let written = async {
+            wr.write_all(&bytes).await?;
+            wr.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, written).await {
             Ok(Ok(())) if !last => {}
             Ok(Ok(())) => break,
             Ok(Err(_)) => {
@@ -88,8 +94,8 @@ enum Queued {
 fn enqueue(t: &Transports, w: &crate::conn::Writer, bytes: Bytes) -> Queued {
     match w.tx.try_send(Wire::Sip(bytes)) {
         Ok(()) => Queued::Yes,
-        Err(mpsc::error::TrySendError::Closed(w)) => Queued::Closed(w.into_bytes()),
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(NotQueued::Closed(w)) => Queued::Closed(w.into_bytes()),
+        Err(NotQueued::Full) => {
             t.inner.stats.send_dropped.fetch_add(1, Ordering::Relaxed);
             if !w.close.is_cancelled() {
                 t.inner.stats.stalled_closed.fetch_add(1, Ordering::Relaxed);
@@ -124,7 +130,8 @@ pub(crate) async fn send(t: &Transports, out: Outbound) -> Result<(), TransportE
         }
         None => return Err(closed()),
     };
-    tx.send(Wire::Sip(out.bytes)).await.map_err(|_| closed())
+    // The connection was just opened: its queue is empty.
+    tx.try_send(Wire::Sip(out.bytes)).map_err(|_| closed())
 }
 
 /// Dials `dest`, from the address `from` when given: the connection then leaves by the
@@ -135,7 +142,7 @@ async fn connect(
     dest: SocketAddr,
     transport: Transport,
     from: Option<std::net::IpAddr>,
-) -> Result<mpsc::Sender<Wire>, TransportError> {
+) -> Result<Outbox, TransportError> {
     let err = |source| TransportError::Send { dest, source };
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
     let dial = async {
@@ -183,13 +190,13 @@ fn serve_outgoing<S>(
     dest: SocketAddr,
     local: SocketAddr,
     transport: Transport,
-) -> mpsc::Sender<Wire>
+) -> Outbox
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
     let id = next_conn_id();
-    let (tx, rx) = mpsc::channel::<Wire>(QUEUE);
+    let (tx, rx) = outbox(QUEUE);
     let close = t.inner.cancel.child_token();
     t.inner
         .conns
