@@ -47,17 +47,14 @@ pub(crate) async fn run(app: Arc<App>, cfg: KeepaliveConfig, cancel: Cancellatio
 
 impl App {
     async fn keepalive_round(&self, cfg: KeepaliveConfig) {
-        let Ok(all) = self.location.all(unix_now()).await else {
+        // A sleeping push device is not pinged: it does not answer, and need not.
+        let pinged = |b: &Binding| {
+            needs_keepalive(b) && !crate::push::survives_its_flow(self.push.as_deref(), b)
+        };
+        let Ok(all) = self.location.all_where(unix_now(), &pinged).await else {
             return;
         };
-        let nated: HashMap<u64, &Binding> = all
-            .iter()
-            // A sleeping push device is not pinged: it does not answer, and need not.
-            .filter(|b| {
-                needs_keepalive(b) && !crate::push::survives_its_flow(self.push.as_deref(), b)
-            })
-            .map(|b| (b.id, b))
-            .collect();
+        let nated: HashMap<u64, &Binding> = all.iter().map(|b| (b.id, b)).collect();
         let round = match self.keepalives.lock() {
             Ok(mut t) => t.round(nated.keys().copied(), cfg.max_failures),
             Err(_) => return,

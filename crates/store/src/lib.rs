@@ -264,6 +264,18 @@ pub trait LocationStore: Send + Sync {
     async fn lookup(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError>;
     /// Every live binding at `now`.
     async fn all(&self, now: u64) -> Result<Vec<Binding>, StoreError>;
+    /// The live bindings at `now` that `keep` accepts. A store holding its bindings in memory
+    /// answers without copying the others: a periodic scan for a few (the NAT keep-alive
+    /// round, every 30 s) must not allocate a copy of 100,000 bindings each time.
+    async fn all_where(
+        &self,
+        now: u64,
+        keep: &(dyn for<'b> Fn(&'b Binding) -> bool + Send + Sync),
+    ) -> Result<Vec<Binding>, StoreError> {
+        let mut all = self.all(now).await?;
+        all.retain(|b| keep(b));
+        Ok(all)
+    }
     /// Removes bindings expired at `now`; returns how many.
     async fn remove_expired(&self, now: u64) -> Result<usize, StoreError>;
     /// Number of bindings held (for metrics).

@@ -211,6 +211,14 @@ impl LocationStore for EmbeddedLocation {
     }
 
     async fn all(&self, now: u64) -> Result<Vec<Binding>, StoreError> {
+        self.all_where(now, &|_| true).await
+    }
+
+    async fn all_where(
+        &self,
+        now: u64,
+        keep: &(dyn for<'b> Fn(&'b Binding) -> bool + Send + Sync),
+    ) -> Result<Vec<Binding>, StoreError> {
         let mut out = Vec::new();
         for s in &self.shards {
             let map = s.lock().map_err(|_| poisoned())?;
@@ -218,6 +226,7 @@ impl LocationStore for EmbeddedLocation {
                 v.iter()
                     .filter(|b| b.expires_at() > now)
                     .map(|b| b.binding(aor))
+                    .filter(|b| keep(b))
             }));
         }
         out.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.id.cmp(&b.id)));
@@ -462,5 +471,26 @@ mod tests {
         drop(loc);
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(read_journal(&path, 1700).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn all_where_returns_the_live_bindings_it_is_asked_for() {
+        let loc = EmbeddedLocation::in_memory();
+        for (contact, expires) in [
+            ("<sip:a@192.0.2.7:5070>", 600),
+            ("<sip:b@192.0.2.7:5071>", 60),
+        ] {
+            loc.update("alice@example.com", &register(contact, expires, 1, 1000))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let b_only = |b: &Binding| b.contact.contains("sip:b@");
+        let got = loc.all_where(1000, &b_only).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].contact.contains("sip:b@"));
+        assert_eq!(loc.all(1000).await.unwrap().len(), 2);
+        // Expired bindings are not offered to the filter's caller.
+        assert!(loc.all_where(1100, &b_only).await.unwrap().is_empty());
     }
 }
