@@ -75,7 +75,8 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// `algorithms` in the order challenges are sent (one header per algorithm).
+    /// `algorithms` in the order challenges are sent (one header per algorithm); nonce counts
+    /// are remembered for a window of `max_tracked_nonces` issued nonces ([`ReplayGuard`]).
     pub fn new(nonces: NonceIssuer, algorithms: Vec<Algorithm>, max_tracked_nonces: usize) -> Self {
         Self {
             nonces,

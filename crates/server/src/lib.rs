@@ -93,7 +93,9 @@ pub async fn start(
     let auth = Authenticator::new(
         NonceIssuer::new(cfg.secret, cfg.nonce_ttl_secs, u64::from_le_bytes(counter)),
         cfg.auth_algorithms.clone(),
-        1_000_000,
+        // Nonces issued within NONCE_TTL whose counts are remembered: 4 bytes each once a
+        // nonce of their block is used (16 MB at most); 13,000 challenges a second for 300 s.
+        4_000_000,
     );
     let txs = ServerTransactions::new(cfg.timers, cfg.max_transactions);
     let app = Arc::new_cyclic(|weak| {
