@@ -46,16 +46,6 @@ pub struct NewSubscriber {
     pub ha1_sha256: String,
 }
 
-impl Subscriber {
-    /// The HA1 for an algorithm.
-    pub fn ha1(&self, alg: careflow_proto::digest::Algorithm) -> &str {
-        match alg {
-            careflow_proto::digest::Algorithm::Md5 => &self.ha1_md5,
-            careflow_proto::digest::Algorithm::Sha256 => &self.ha1_sha256,
-        }
-    }
-}
-
 /// What authenticating a subscriber needs of their row (all a cache of it keeps).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthRow {

@@ -145,9 +145,9 @@ impl ResolvesServerCert for CertStore {
 /// A ready TLS server configuration and the store its certificate can be reloaded through.
 #[derive(Clone)]
 pub struct TlsServer {
-    /// For SIP connections (served by [`crate::tls_stream::ServerTlsStream`]).
+    /// SIP connections are served with it by [`crate::tls_stream::ServerTlsStream`], other
+    /// listeners through [`Self::acceptor`].
     pub(crate) config: Arc<rustls::ServerConfig>,
-    acceptor: tokio_rustls::TlsAcceptor,
     /// The certificate store (reload on SIGHUP).
     pub certs: Arc<CertStore>,
 }
@@ -184,7 +184,7 @@ impl TlsServer {
 
     /// The acceptor, for a listener outside this crate.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        self.acceptor.clone()
+        tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
 
     fn build(
@@ -221,10 +221,8 @@ impl TlsServer {
         // records for a failed read and give up. TLS 1.2 session ids stay cached, bounded.
         config.send_tls13_tickets = 0;
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
-        let config = Arc::new(config);
         Ok(Self {
-            acceptor: tokio_rustls::TlsAcceptor::from(config.clone()),
-            config,
+            config: Arc::new(config),
             certs,
         })
     }
