@@ -1,7 +1,8 @@
 //! `careflow-sip backup DIR` and `careflow-sip restore DIR` for the embedded store: the
 //! subscriber database (with the API keys), the registration journal, the nonce secret and the
 //! generated TLS certificate. A backup is a consistent copy taken while the server runs
-//! (SQLite `VACUUM INTO`); a restore checks every file first and keeps what it replaces.
+//! (SQLite `VACUUM INTO`; the append-only journal copied and cut after its last whole
+//! record); a restore checks every file first and keeps what it replaces.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,12 @@ const MANIFEST: &str = "careflow-sip-backup.txt";
 /// Plain files copied as they are (the secret and the generated certificate).
 const PLAIN_FILES: &[&str] = &["secret", "tls-selfsigned.crt", "tls-selfsigned.key"];
 
+/// The registration journal's name in a backup.
+const JOURNAL: &str = "location.journal";
+/// The SQLite registration journal of earlier versions (in backups they made, and in a
+/// DATA_DIR this version has not started on yet).
+const LEGACY_JOURNAL: &str = "location.db";
+
 /// The SQLite files of the embedded store: (name in the backup, path in DATA_DIR).
 fn databases(cfg: &Config) -> Vec<(&'static str, PathBuf)> {
     let mut out = Vec::new();
@@ -21,9 +28,25 @@ fn databases(cfg: &Config) -> Vec<(&'static str, PathBuf)> {
         out.push(("careflow.db", path.clone()));
     }
     if cfg.redis_url.is_none() {
-        out.push(("location.db", cfg.location_path()));
+        out.push((LEGACY_JOURNAL, cfg.legacy_location_path()));
     }
     out
+}
+
+/// Copies the registration journal while the server may append to it; the copy ends after
+/// its last whole record. Returns the number of records.
+fn copy_journal(from: &Path, to: &Path) -> anyhow::Result<usize> {
+    std::fs::copy(from, to).with_context(|| format!("cannot copy {}", from.display()))?;
+    let r = careflow_store::location::check_journal(to)?;
+    if r.discarded > 0 {
+        // A record being appended while we copied.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(to)
+            .and_then(|f| f.set_len(r.good_len))
+            .with_context(|| format!("cannot write {}", to.display()))?;
+    }
+    Ok(r.records)
 }
 
 fn schema_version(db: &Path) -> anyhow::Result<i64> {
@@ -87,6 +110,12 @@ pub(crate) fn backup(cfg: &Config, dest: &Path) -> anyhow::Result<()> {
         manifest.push_str(&format!("{name} schema {v}\n"));
         println!("{name}: copied (schema version {v})");
     }
+    let journal = cfg.location_path();
+    if cfg.redis_url.is_none() && journal.exists() {
+        let records = copy_journal(&journal, &dest.join(JOURNAL))?;
+        manifest.push_str(&format!("{JOURNAL} records {records}\n"));
+        println!("{JOURNAL}: copied ({records} records)");
+    }
     for name in PLAIN_FILES {
         let src = cfg.data_dir.join(name);
         if src.exists() {
@@ -139,12 +168,30 @@ pub(crate) fn restore(cfg: &Config, src: &Path) -> anyhow::Result<()> {
                 "{name} has schema version {v}, newer than this careflow-sip knows ({newest}): restore with the version that made it"
             );
         }
-        plan.push((from, path));
+        if name == LEGACY_JOURNAL {
+            // A backup made before the journal was a plain file: the server imports it on
+            // start, unless a journal is there; that one is set aside.
+            plan.push((None, cfg.location_path()));
+        }
+        plan.push((Some(from), path));
+    }
+    let journal = src.join(JOURNAL);
+    if journal.exists() && cfg.redis_url.is_none() {
+        let r = careflow_store::location::check_journal(&journal)?;
+        if r.discarded > 0 {
+            bail!(
+                "{} is damaged after record {}: {} bytes cannot be read",
+                journal.display(),
+                r.records,
+                r.discarded
+            );
+        }
+        plan.push((Some(journal), cfg.location_path()));
     }
     for name in PLAIN_FILES {
         let from = src.join(name);
         if from.exists() {
-            plan.push((from, cfg.data_dir.join(name)));
+            plan.push((Some(from), cfg.data_dir.join(name)));
         }
     }
     if plan.is_empty() {
@@ -162,6 +209,7 @@ pub(crate) fn restore(cfg: &Config, src: &Path) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot move {} aside", old.display()))?;
             }
         }
+        let Some(from) = from else { continue };
         std::fs::copy(from, to).with_context(|| format!("cannot write {}", to.display()))?;
         println!("{}: restored", to.display());
     }

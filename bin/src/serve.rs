@@ -103,13 +103,17 @@ pub(crate) async fn run(
             Arc::new(store)
         }
         None => Arc::new(
-            EmbeddedLocation::open(&cfg.location_path(), careflow_server::unix_now())
-                .with_context(|| {
-                    format!(
-                        "cannot open registration journal {}",
-                        cfg.location_path().display()
-                    )
-                })?,
+            EmbeddedLocation::open(
+                &cfg.location_path(),
+                Some(&cfg.legacy_location_path()),
+                careflow_server::unix_now(),
+            )
+            .with_context(|| {
+                format!(
+                    "cannot open registration journal {}",
+                    cfg.location_path().display()
+                )
+            })?,
         ),
     };
     tracing::info!(bindings = location.count(), "location service loaded");

@@ -388,7 +388,11 @@ pub(crate) async fn registrations(cfg: &Config, user: Option<&str>) -> anyhow::R
                 .all(now)
                 .await?
         }
-        None => careflow_store::location::read_journal(&cfg.location_path(), now)?,
+        None => careflow_store::location::read_journal(
+            &cfg.location_path(),
+            Some(&cfg.legacy_location_path()),
+            now,
+        )?,
     };
     let filter = user.map(|u| {
         if u.contains('@') {

@@ -460,6 +460,11 @@ impl Config {
 
     /// Path of the registration journal.
     pub fn location_path(&self) -> PathBuf {
+        self.data_dir.join("location.journal")
+    }
+
+    /// Path of the SQLite registration journal of earlier versions, imported on start.
+    pub fn legacy_location_path(&self) -> PathBuf {
         self.data_dir.join("location.db")
     }
 }

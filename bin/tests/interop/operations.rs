@@ -28,7 +28,7 @@ fn a_backup_taken_while_running_brings_back_users_keys_and_registrations() {
     let out = server.cli_ok(&["backup", dir.to_str().unwrap()]);
     for line in [
         "careflow.db: copied",
-        "location.db: copied",
+        "location.journal: copied",
         "secret: copied",
     ] {
         assert!(out.contains(line), "{out}");
@@ -456,4 +456,55 @@ fn sighup_applies_limits_and_the_log_level_and_names_what_needs_a_restart() {
         "{}",
         server.log()
     );
+}
+
+/// A backup made by a version that kept registrations in SQLite (`location.db`) restores:
+/// the server imports that journal on start, in place of the journal it replaces.
+#[test]
+fn a_backup_with_the_sqlite_journal_of_an_earlier_version_restores() {
+    let mut server = Server::start("localhost");
+    server.add_user("finn", "pw-finn-legacy");
+    assert_eq!(register(&server, "finn", "pw-finn-legacy", "lg-1"), 200);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("backup-0.1");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("careflow-sip-backup.txt"),
+        "careflow-sip 0.1.0 backup\nlocation.db schema 2\n",
+    )
+    .unwrap();
+    let conn = rusqlite::Connection::open(dir.join("location.db")).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);
+         INSERT INTO schema_migrations VALUES (1, 0), (2, 0);
+         CREATE TABLE binding (id INTEGER PRIMARY KEY, aor TEXT NOT NULL, contact TEXT NOT NULL,
+           call_id TEXT NOT NULL, cseq INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+           registered_at INTEGER NOT NULL, q INTEGER, instance TEXT, reg_id INTEGER,
+           transport TEXT NOT NULL, source TEXT NOT NULL, user_agent TEXT, path TEXT);
+         CREATE INDEX idx_binding_aor ON binding (aor);
+         INSERT INTO binding VALUES (41, 'finn@localhost', '<sip:finn@192.0.2.44:5062>', 'old-1',
+           1, 4102444800, 1764000000, NULL, NULL, NULL, 'udp', '192.0.2.44:5062',
+           'Grandstream GXP2170', NULL);",
+    )
+    .unwrap();
+    drop(conn);
+    server.stop();
+    let out = server.cli_ok(&["restore", dir.to_str().unwrap()]);
+    assert!(out.contains("restore complete"), "{out}");
+    let aside = std::fs::read_dir(server.data_dir())
+        .unwrap()
+        .flatten()
+        .any(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.starts_with("location.journal.before-restore-")
+        });
+    assert!(aside, "the journal the restore replaces is kept");
+    server.start_again();
+    let finn = server.bindings_of("finn");
+    assert_eq!(finn.len(), 1, "{finn:?} {}", server.log());
+    assert!(finn[0].contains("192.0.2.44:5062"), "{finn:?}");
+    assert!(server.data_dir().join("location.db.imported").exists());
+    // Registering goes on in the journal it was imported into.
+    assert_eq!(register(&server, "finn", "pw-finn-legacy", "lg-2"), 200);
+    assert_eq!(server.bindings_of("finn").len(), 2);
 }

@@ -31,6 +31,30 @@ impl Transport {
         }
     }
 
+    /// A one-byte code, for binary encodings (flow tokens, the registration journal); never
+    /// renumber.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Udp => 0,
+            Self::Tcp => 1,
+            Self::Tls => 2,
+            Self::Ws => 3,
+            Self::Wss => 4,
+        }
+    }
+
+    /// The transport of a [`Transport::code`].
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => Self::Udp,
+            1 => Self::Tcp,
+            2 => Self::Tls,
+            3 => Self::Ws,
+            4 => Self::Wss,
+            _ => return None,
+        })
+    }
+
     /// The token written in a Via header.
     pub fn via_token(self) -> &'static str {
         match self {

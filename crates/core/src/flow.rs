@@ -28,27 +28,6 @@ pub struct Flow {
     pub addr: SocketAddr,
 }
 
-fn transport_code(t: Transport) -> u8 {
-    match t {
-        Transport::Udp => 0,
-        Transport::Tcp => 1,
-        Transport::Tls => 2,
-        Transport::Ws => 3,
-        Transport::Wss => 4,
-    }
-}
-
-fn transport_from(code: u8) -> Option<Transport> {
-    Some(match code {
-        0 => Transport::Udp,
-        1 => Transport::Tcp,
-        2 => Transport::Tls,
-        3 => Transport::Ws,
-        4 => Transport::Wss,
-        _ => return None,
-    })
-}
-
 fn mac(secret: &[u8; 32], body: &[u8]) -> [u8; MAC_LEN] {
     signature(secret, b"careflow-flow", body)
 }
@@ -79,7 +58,7 @@ impl Flow {
 
     /// The flow's bytes in a token: transport, connection, address, port.
     pub(crate) fn write(&self, body: &mut Vec<u8>) {
-        body.push(transport_code(self.transport));
+        body.push(self.transport.code());
         body.extend_from_slice(&self.conn.unwrap_or(0).to_be_bytes());
         match self.addr.ip() {
             IpAddr::V4(ip) => body.extend_from_slice(&ip.octets()),
@@ -90,7 +69,7 @@ impl Flow {
 
     /// Reads what [`Self::write`] wrote (the whole of `body`).
     pub(crate) fn read(body: &[u8]) -> Option<Self> {
-        let transport = transport_from(*body.first()?)?;
+        let transport = Transport::from_code(*body.first()?)?;
         let conn = u64::from_be_bytes(body.get(1..9)?.try_into().ok()?);
         let rest = &body[9..];
         let (ip, port) = match rest.len() {

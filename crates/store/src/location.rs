@@ -1,29 +1,32 @@
 //! The embedded location service: bindings in memory, sharded by AoR, and journaled to an
-//! SQLite file so that a restart or a crash loses no registration.
+//! append-only file ([`journal`]) so that a restart or a crash loses no registration.
 //!
-//! Every change is written by one journal thread that commits whatever has queued up in one
-//! transaction (group commit), and [`LocationStore::update`] returns only after the commit,
-//! so a 200 OK is never sent for a binding that is not on disk.
+//! Every change is written by one journal thread that appends whatever has queued up with one
+//! write (group commit), and [`LocationStore::update`] returns only after that write, so a
+//! 200 OK is never sent for a binding the journal does not have.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use async_trait::async_trait;
 use careflow_core::registrar::{Outcome, Reject};
 use careflow_core::{Binding, Transport};
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::migrations::{LOCATION_MIGRATIONS, migrate};
 
 mod compact;
+pub mod journal;
 use crate::sqlite::open_sqlite;
 use crate::{LocationStore, StoreError, UpdateFn};
 use compact::{Stored, UserAgents};
+use journal::{Replay, Sink, Writer};
 
 const SHARDS: usize = 16;
 
@@ -33,16 +36,16 @@ type Shard = Mutex<HashMap<Box<str>, Box<[Stored]>>>;
 /// In-memory bindings with an optional on-disk journal.
 #[derive(Debug)]
 pub struct EmbeddedLocation {
-    shards: Vec<Shard>,
+    shards: Arc<[Shard]>,
     count: AtomicUsize,
     journal: Option<mpsc::Sender<JournalOp>>,
     agents: UserAgents,
 }
 
+/// Framed journal records of one change, and who waits for them to be written.
 #[derive(Debug)]
 struct JournalOp {
-    aor: String,
-    bindings: Vec<Binding>,
+    record: Vec<u8>,
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
@@ -57,37 +60,103 @@ impl EmbeddedLocation {
         }
     }
 
-    /// Opens the journal at `path`, loads the bindings still alive at `now` and starts the
-    /// journal thread.
-    pub fn open(path: &Path, now: u64) -> Result<Self, StoreError> {
-        let mut conn = open_sqlite(path)?;
-        migrate(&mut conn, LOCATION_MIGRATIONS)?;
-        // The journal is written, and read only at start-up: a small page cache suffices.
-        conn.execute_batch("PRAGMA cache_size=-256;")?;
-        let mut me = Self::in_memory();
-        // Row by row into the compact form (rows come ordered by AoR): no second copy of the
-        // whole journal in memory while starting.
-        let mut aor = String::new();
-        let mut group: Vec<Stored> = Vec::new();
-        load_each(&conn, now, |b| {
-            if b.aor != aor {
-                me.put_loaded(&aor, std::mem::take(&mut group))?;
-                aor.clone_from(&b.aor);
-            }
-            group.push(Stored::keep(b, &me.agents));
-            Ok(())
-        })?;
-        me.put_loaded(&aor, group)?;
-        conn.execute("DELETE FROM binding WHERE expires_at <= ?1", [now as i64])?;
+    /// Opens the journal at `path`, loads the bindings still alive at `now`, writes them as
+    /// the journal's new start and starts the journal thread. When there is no journal yet
+    /// and `legacy` names the SQLite journal of earlier versions (`location.db`), its
+    /// bindings are imported and the file is kept as `location.db.imported`.
+    pub fn open(path: &Path, legacy: Option<&Path>, now: u64) -> Result<Self, StoreError> {
+        let me = Self::in_memory();
+        let mut imported = None;
+        if path.exists() {
+            let r = journal::replay(path, |aor, bindings| {
+                me.put_loaded(&aor, bindings, now).map_err(io::Error::other)
+            })
+            .map_err(|e| journal_error(path, "cannot read", e))?;
+            me.keep_damaged(path, r);
+        } else if let Some(db) = legacy.filter(|db| db.exists()) {
+            let conn = open_legacy(db)?;
+            let mut aor = String::new();
+            let mut group: Vec<Binding> = Vec::new();
+            load_each(&conn, now, |b| {
+                if b.aor != aor {
+                    me.put_loaded(&aor, std::mem::take(&mut group), now)?;
+                    aor.clone_from(&b.aor);
+                }
+                group.push(b);
+                Ok(())
+            })?;
+            me.put_loaded(&aor, group, now)?;
+            drop(conn);
+            imported = Some(db);
+        }
+        let count = me.live_count()?;
+        me.count.store(count, Ordering::Relaxed);
+        let shards = Arc::clone(&me.shards);
+        let writer = Writer::rewrite(path, |sink| snapshot(&shards, sink))
+            .map_err(|e| journal_error(path, "cannot write", e))?;
+        if let Some(db) = imported {
+            retire_legacy(db, count);
+        }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("location-journal".into())
-            .spawn(move || journal_thread(conn, rx))
+            .spawn(move || journal_thread(writer, shards, rx))
             .map_err(|e| {
                 StoreError::backend("location journal", format!("cannot start its thread: {e}"))
             })?;
-        me.journal = Some(tx);
-        Ok(me)
+        Ok(Self {
+            journal: Some(tx),
+            ..me
+        })
+    }
+
+    /// A journal that ended in a torn or damaged record is kept beside the new one.
+    fn keep_damaged(&self, path: &Path, r: Replay) {
+        if r.discarded == 0 {
+            return;
+        }
+        let kept = journal::sibling(path, &format!(".damaged-{}", std::process::id()));
+        let copied = std::fs::copy(path, &kept);
+        tracing::warn!(
+            journal = %path.display(),
+            records = r.records,
+            discarded_bytes = r.discarded,
+            kept = %kept.display(),
+            copied = copied.is_ok(),
+            "the registration journal ends in a torn or damaged record (a crash or a power cut while writing): the records before it are loaded, the file is kept as it was"
+        );
+    }
+
+    /// Replaces what an AoR holds with the bindings of a loaded record still alive at `now`.
+    fn put_loaded(&self, aor: &str, bindings: Vec<Binding>, now: u64) -> Result<(), StoreError> {
+        if aor.is_empty() {
+            return Ok(());
+        }
+        let mut map = self.shard(aor).lock().map_err(|_| poisoned())?;
+        let live: Box<[Stored]> = bindings
+            .into_iter()
+            .filter(|b| b.expires_at > now)
+            .map(|b| Stored::keep(b, &self.agents))
+            .collect();
+        if live.is_empty() {
+            map.remove(aor);
+        } else {
+            map.insert(aor.into(), live);
+        }
+        Ok(())
+    }
+
+    fn live_count(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for s in self.shards.iter() {
+            n += s
+                .lock()
+                .map_err(|_| poisoned())?
+                .values()
+                .map(|v| v.len())
+                .sum::<usize>();
+        }
+        Ok(n)
     }
 
     fn shard(&self, aor: &str) -> &Shard {
@@ -96,29 +165,18 @@ impl EmbeddedLocation {
         &self.shards[(h.finish() as usize) % SHARDS]
     }
 
-    fn put_loaded(&self, aor: &str, group: Vec<Stored>) -> Result<(), StoreError> {
-        if group.is_empty() {
-            return Ok(());
-        }
-        self.count.fetch_add(group.len(), Ordering::Relaxed);
-        let mut map = self.shard(aor).lock().map_err(|_| poisoned())?;
-        map.insert(aor.into(), group.into_boxed_slice());
-        Ok(())
-    }
-
     fn set(
         &self,
         map: &mut HashMap<Box<str>, Box<[Stored]>>,
         aor: &str,
         new: Vec<Binding>,
-    ) -> Vec<Binding> {
+    ) -> Vec<u8> {
         let old_len = map.get(aor).map_or(0, |v| v.len());
         let new_len = new.len();
-        let journal_copy = if self.journal.is_some() {
-            new.clone()
-        } else {
-            Vec::new()
-        };
+        let mut record = Vec::new();
+        if self.journal.is_some() {
+            journal::put_record(&mut record, aor, new.iter());
+        }
         if new.is_empty() {
             map.remove(aor);
         } else {
@@ -138,7 +196,7 @@ impl EmbeddedLocation {
         } else {
             self.count.fetch_sub(old_len - new_len, Ordering::Relaxed);
         }
-        journal_copy
+        record
     }
 
     fn send(&self, op: JournalOp) -> Result<(), StoreError> {
@@ -180,12 +238,11 @@ impl LocationStore for EmbeddedLocation {
             if !outcome.changed {
                 return Ok(Ok(outcome));
             }
-            let copy = self.set(&mut map, aor, outcome.bindings.clone());
+            let record = self.set(&mut map, aor, outcome.bindings.clone());
             let (done, rx) = oneshot::channel();
             // Sent under the shard lock so journal order matches the order of changes.
             self.send(JournalOp {
-                aor: aor.to_string(),
-                bindings: copy,
+                record,
                 done: Some(done),
             })?;
             (rx, outcome)
@@ -220,7 +277,7 @@ impl LocationStore for EmbeddedLocation {
         keep: &(dyn for<'b> Fn(&'b Binding) -> bool + Send + Sync),
     ) -> Result<Vec<Binding>, StoreError> {
         let mut out = Vec::new();
-        for s in &self.shards {
+        for s in self.shards.iter() {
             let map = s.lock().map_err(|_| poisoned())?;
             out.extend(map.iter().flat_map(|(aor, v)| {
                 v.iter()
@@ -235,7 +292,7 @@ impl LocationStore for EmbeddedLocation {
 
     async fn remove_expired(&self, now: u64) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for s in &self.shards {
+        for s in self.shards.iter() {
             let mut map = s.lock().map_err(|_| poisoned())?;
             let stale: Vec<String> = map
                 .iter()
@@ -253,12 +310,8 @@ impl LocationStore for EmbeddedLocation {
                     })
                     .unwrap_or_default();
                 removed += map.get(aor.as_str()).map_or(0, |v| v.len()) - live.len();
-                let copy = self.set(&mut map, &aor, live);
-                self.send(JournalOp {
-                    aor,
-                    bindings: copy,
-                    done: None,
-                })?;
+                let record = self.set(&mut map, &aor, live);
+                self.send(JournalOp { record, done: None })?;
             }
             // After a burst the map gives its room back.
             let len = map.len();
@@ -275,6 +328,7 @@ impl LocationStore for EmbeddedLocation {
     }
 }
 
+/// All bindings of the SQLite journal of earlier versions alive at `now`.
 fn load(conn: &Connection, now: u64) -> Result<Vec<Binding>, StoreError> {
     let mut out = Vec::new();
     load_each(conn, now, |b| {
@@ -337,11 +391,43 @@ fn load_each(
     Ok(())
 }
 
-/// How long the journal waits for more changes before committing, so that one commit (and
-/// its WAL write and file locks) covers many registrations under load.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+fn journal_error(path: &Path, what: &str, e: io::Error) -> StoreError {
+    StoreError::backend(
+        "location journal",
+        format!("{what} {}: {e}", path.display()),
+    )
+}
 
-fn journal_thread(mut conn: Connection, rx: mpsc::Receiver<JournalOp>) {
+/// Every AoR's bindings as framed records, one shard at a time (each shard locked only
+/// while it is encoded).
+fn snapshot(shards: &[Shard], sink: Sink<'_>) -> io::Result<()> {
+    let mut buf = Vec::new();
+    for s in shards {
+        buf.clear();
+        {
+            let map = s
+                .lock()
+                .map_err(|_| io::Error::other("location shard lock poisoned"))?;
+            for (aor, stored) in map.iter() {
+                let bindings: Vec<Binding> = stored.iter().map(|b| b.binding(aor)).collect();
+                journal::put_record(&mut buf, aor, bindings.iter());
+            }
+        }
+        sink(&buf)?;
+    }
+    Ok(())
+}
+
+/// How long the journal waits for more changes before writing, so that one write (and one
+/// wake-up of this thread) covers many registrations under load.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+/// After a failed rewrite (a full disk), appending goes on and the rewrite is tried again
+/// this much later.
+const REWRITE_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn journal_thread(mut writer: Writer, shards: Arc<[Shard]>, rx: mpsc::Receiver<JournalOp>) {
+    let mut buf = Vec::new();
+    let mut next_rewrite = std::time::Instant::now();
     while let Ok(first) = rx.recv() {
         // Sleep instead of waiting on the channel: senders then find no parked receiver to
         // wake, so a batch costs one wake-up instead of one per change.
@@ -350,59 +436,99 @@ fn journal_thread(mut conn: Connection, rx: mpsc::Receiver<JournalOp>) {
         while let Ok(op) = rx.try_recv() {
             batch.push(op);
         }
-        let result = write_batch(&mut conn, &batch).map_err(|e| e.to_string());
+        buf.clear();
+        for op in &batch {
+            buf.extend_from_slice(&op.record);
+        }
+        let result = writer.append(&buf).map_err(|e| e.to_string());
         if let Err(e) = &result {
-            tracing::error!(error = %e, ops = batch.len(), "location journal write failed");
+            tracing::error!(journal = %writer.path().display(), error = %e, changes = batch.len(),
+                "registration journal write failed");
         }
         for op in batch {
             if let Some(done) = op.done {
                 let _ = done.send(result.clone());
             }
         }
-    }
-}
-
-fn write_batch(conn: &mut Connection, batch: &[JournalOp]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut del = tx.prepare_cached("DELETE FROM binding WHERE aor = ?1")?;
-        let mut ins = tx.prepare_cached(
-            "INSERT OR REPLACE INTO binding (id, aor, contact, call_id, cseq, expires_at, registered_at, q, instance, reg_id, transport, source, user_agent, path)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        )?;
-        for op in batch {
-            del.execute([&op.aor])?;
-            for b in &op.bindings {
-                ins.execute(params![
-                    b.id as i64,
-                    b.aor,
-                    b.contact,
-                    b.call_id,
-                    i64::from(b.cseq),
-                    b.expires_at as i64,
-                    b.registered_at as i64,
-                    b.q.map(i64::from),
-                    b.instance,
-                    b.reg_id.map(i64::from),
-                    b.transport.as_str(),
-                    b.source.to_string(),
-                    b.user_agent,
-                    (!b.path.is_empty()).then(|| b.path.join("\n")),
-                ])?;
+        // A burst's buffer is given back.
+        if buf.capacity() > 1 << 20 {
+            buf = Vec::new();
+        }
+        if writer.wants_rewrite() && std::time::Instant::now() >= next_rewrite {
+            // Changes queued meanwhile are appended after the snapshot: each record is an
+            // AoR's whole state, so replaying them again after it ends in the same state.
+            match Writer::rewrite(writer.path(), |sink| snapshot(&shards, sink)) {
+                Ok(w) => writer = w,
+                Err(e) => {
+                    tracing::error!(journal = %writer.path().display(), error = %e,
+                        "cannot rewrite the registration journal; appending to it as before");
+                    next_rewrite = std::time::Instant::now() + REWRITE_RETRY;
+                }
             }
         }
     }
-    tx.commit()
 }
 
-/// Reads the bindings on disk without starting a server (for `careflow-sip registrations`).
-pub fn read_journal(path: &Path, now: u64) -> Result<Vec<Binding>, StoreError> {
+/// Reads the bindings alive at `now` without starting a server (for `careflow-sip
+/// registrations`): from the journal at `path`, or when there is none yet, from the SQLite
+/// journal of earlier versions at `legacy`.
+pub fn read_journal(
+    path: &Path,
+    legacy: Option<&Path>,
+    now: u64,
+) -> Result<Vec<Binding>, StoreError> {
     if !path.exists() {
-        return Ok(Vec::new());
+        return match legacy.filter(|db| db.exists()) {
+            Some(db) => load(&open_legacy(db)?, now),
+            None => Ok(Vec::new()),
+        };
     }
-    let mut conn = open_sqlite(path)?;
+    let mut by_aor: HashMap<String, Vec<Binding>> = HashMap::new();
+    journal::replay(path, |aor, bindings| {
+        if bindings.is_empty() {
+            by_aor.remove(&aor);
+        } else {
+            by_aor.insert(aor, bindings);
+        }
+        Ok(())
+    })
+    .map_err(|e| journal_error(path, "cannot read", e))?;
+    let mut out: Vec<Binding> = by_aor
+        .into_values()
+        .flatten()
+        .filter(|b| b.expires_at > now)
+        .collect();
+    out.sort_by(|a, b| a.aor.cmp(&b.aor).then(a.id.cmp(&b.id)));
+    Ok(out)
+}
+
+/// Reads the whole journal at `path` (a backup's copy) and says how it ends.
+pub fn check_journal(path: &Path) -> Result<Replay, StoreError> {
+    journal::replay(path, |_, _| Ok(())).map_err(|e| journal_error(path, "cannot read", e))
+}
+
+/// The SQLite journal of earlier versions, brought to its last schema to be read.
+fn open_legacy(db: &Path) -> Result<Connection, StoreError> {
+    let mut conn = open_sqlite(db)?;
     migrate(&mut conn, LOCATION_MIGRATIONS)?;
-    load(&conn, now)
+    Ok(conn)
+}
+
+/// Once its bindings are in the new journal, the SQLite journal is renamed so that it is not
+/// imported again; it is kept for an operator who wants to look.
+fn retire_legacy(db: &Path, count: usize) {
+    let kept = journal::sibling(db, ".imported");
+    match std::fs::rename(db, &kept) {
+        Ok(()) => {
+            for side in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(journal::sibling(db, side));
+            }
+            tracing::info!(from = %db.display(), kept = %kept.display(), bindings = count,
+                "registrations imported from the SQLite journal of an earlier version");
+        }
+        Err(e) => tracing::warn!(from = %db.display(), error = %e,
+            "registrations imported from the SQLite journal of an earlier version, but it cannot be renamed; the new journal is used from now on"),
+    }
 }
 
 #[cfg(test)]
@@ -440,8 +566,8 @@ mod tests {
     #[tokio::test]
     async fn persists_across_reopen_and_expires() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("location.db");
-        let loc = EmbeddedLocation::open(&path, 1000).unwrap();
+        let path = dir.path().join("location.journal");
+        let loc = EmbeddedLocation::open(&path, None, 1000).unwrap();
         let o = loc
             .update(
                 "alice@example.com",
@@ -453,13 +579,13 @@ mod tests {
         assert_eq!(o.bindings.len(), 1);
         assert_eq!(loc.count(), 1);
         drop(loc);
-        let loc = EmbeddedLocation::open(&path, 1100).unwrap();
+        let loc = EmbeddedLocation::open(&path, None, 1100).unwrap();
         let b = loc.lookup("alice@example.com", 1100).await.unwrap();
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].transport, Transport::Tcp);
         assert_eq!(b[0].source.to_string(), "192.0.2.7:5070");
         assert_eq!(b[0].path, vec!["<sip:edge.example.com;lr>".to_string()]);
-        assert_eq!(read_journal(&path, 1100).unwrap().len(), 1);
+        assert_eq!(read_journal(&path, None, 1100).unwrap().len(), 1);
         assert_eq!(loc.remove_expired(1700).await.unwrap(), 1);
         assert_eq!(loc.count(), 0);
         // refused updates change nothing
@@ -470,7 +596,83 @@ mod tests {
         assert!(r.is_err());
         drop(loc);
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(read_journal(&path, 1700).unwrap().is_empty());
+        assert!(read_journal(&path, None, 1700).unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rewrite_while_changes_go_on_loses_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("location.journal");
+        let loc = Arc::new(EmbeddedLocation::open(&path, None, 1000).unwrap());
+        // 500 phones refresh 120 times: about 10 MB of records, past the size at which the
+        // journal thread rewrites the file while the next round's changes queue up.
+        let rounds = 120u32;
+        for round in 1..=rounds {
+            let mut tasks = tokio::task::JoinSet::new();
+            for u in 0..500 {
+                let loc = loc.clone();
+                tasks.spawn(async move {
+                    let aor = format!("u{u}@clinic.example");
+                    let decide = register("<sip:a@192.0.2.7:5070>", 600 + round, round, 1000);
+                    loc.update(&aor, &decide).await.unwrap().unwrap();
+                });
+            }
+            while let Some(t) = tasks.join_next().await {
+                t.unwrap();
+            }
+        }
+        let on_disk = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            on_disk < 8 << 20,
+            "the journal was never rewritten: {on_disk} bytes"
+        );
+        drop(loc);
+        let loc = EmbeddedLocation::open(&path, None, 1000).unwrap();
+        assert_eq!(loc.count(), 500);
+        for u in [0, 250, 499] {
+            let b = loc
+                .lookup(&format!("u{u}@clinic.example"), 1000)
+                .await
+                .unwrap();
+            assert_eq!(b.len(), 1);
+            assert_eq!(b[0].cseq, rounds, "u{u}: an older state came back");
+            assert_eq!(b[0].expires_at, 1000 + 600 + u64::from(rounds));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_journal_torn_by_a_crash_loads_what_it_holds_and_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("location.journal");
+        let loc = EmbeddedLocation::open(&path, None, 1000).unwrap();
+        loc.update(
+            "alice@example.com",
+            &register("<sip:a@192.0.2.7:5070>", 600, 1, 1000),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        drop(loc);
+        // A power cut in the middle of the next write.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        io::Write::write_all(&mut f, &[200, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap();
+        drop(f);
+        let loc = EmbeddedLocation::open(&path, None, 1100).unwrap();
+        assert_eq!(
+            loc.lookup("alice@example.com", 1100).await.unwrap().len(),
+            1
+        );
+        let kept: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".damaged-"))
+            .collect();
+        assert_eq!(kept.len(), 1, "the damaged journal is kept for a look");
+        // The new journal starts clean.
+        assert_eq!(read_journal(&path, None, 1100).unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -245,11 +245,29 @@ mod tests {
             )
             .unwrap();
         }
-        let loc = crate::location::EmbeddedLocation::open(&path, now).unwrap();
+        let journal = dir.path().join("location.journal");
+        let loc = crate::location::EmbeddedLocation::open(&journal, Some(&path), now).unwrap();
         let found = block_on(loc.lookup("anna@clinic.example", now)).unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].contact, "<sip:anna@192.0.2.7:5060>");
         assert_eq!(found[0].user_agent.as_deref(), Some("Yealink SIP-T46S"));
         assert!(found[0].path.is_empty());
+        drop(loc);
+        // Imported once: the SQLite file is set aside and the new journal has the binding.
+        assert!(!path.exists());
+        assert!(dir.path().join("location.db.imported").exists());
+        assert_eq!(
+            crate::location::read_journal(&journal, Some(&path), now)
+                .unwrap()
+                .len(),
+            1
+        );
+        let again = crate::location::EmbeddedLocation::open(&journal, Some(&path), now).unwrap();
+        assert_eq!(
+            block_on(again.lookup("anna@clinic.example", now))
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

@@ -101,7 +101,7 @@ async fn stores(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn LocationSto
         ("in memory", Arc::new(EmbeddedLocation::in_memory())),
         (
             "journal",
-            Arc::new(EmbeddedLocation::open(&dir.join("location.db"), NOW).unwrap()),
+            Arc::new(EmbeddedLocation::open(&dir.join("location.journal"), None, NOW).unwrap()),
         ),
         ("redis", redis().await),
     ]
@@ -195,10 +195,10 @@ async fn concurrent_registrations_of_one_user_lose_nothing() {
 #[tokio::test]
 async fn bindings_outlive_the_process_that_wrote_them() {
     let dir = tempfile::tempdir().unwrap();
-    let journal = dir.path().join("location.db");
+    let journal = dir.path().join("location.journal");
     let a = aor("carol");
     {
-        let store = EmbeddedLocation::open(&journal, NOW).unwrap();
+        let store = EmbeddedLocation::open(&journal, None, NOW).unwrap();
         register(
             &store,
             &a,
@@ -210,7 +210,7 @@ async fn bindings_outlive_the_process_that_wrote_them() {
         .await
         .unwrap();
     }
-    let reopened = EmbeddedLocation::open(&journal, NOW + 5).unwrap();
+    let reopened = EmbeddedLocation::open(&journal, None, NOW + 5).unwrap();
     assert_eq!(
         reopened.lookup(&a, NOW + 5).await.unwrap().len(),
         1,
