@@ -115,19 +115,22 @@ impl CachedSubscribers {
 
     /// Forgets `username@domain` (it changed somewhere this store did not see).
     pub fn forget(&self, username: &str, domain: &str) {
+        self.inner.refresh();
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.with_cache(|c| c.remove(&(username.into(), domain.into())));
     }
 
     /// Forgets every row (changes were missed and cannot be named).
     pub fn forget_all(&self) {
+        self.inner.refresh();
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.with_cache(TtlCache::clear);
     }
 
     /// Drops the expired rows (a full cache also does it; this returns memory when lookups
-    /// stop).
+    /// stop), and lets the store end a read snapshot left open by the last lookups.
     pub fn expire(&self, now: Instant) {
+        self.inner.refresh();
         self.with_cache(|c| c.expire(now));
     }
 
@@ -166,6 +169,10 @@ impl SubscriberStore for CachedSubscribers {
 
     async fn find(&self, username: &str, domain: &str) -> Result<Option<Subscriber>, StoreError> {
         self.inner.find(username, domain).await
+    }
+
+    fn refresh(&self) {
+        self.inner.refresh();
     }
 
     async fn add(&self, s: NewSubscriber) -> Result<(), StoreError> {

@@ -125,6 +125,10 @@ pub trait SubscriberStore: Send + Sync {
     async fn auth_row(&self, username: &str, domain: &str) -> Result<Option<AuthRow>, StoreError> {
         Ok(self.find(username, domain).await?.map(AuthRow::from))
     }
+    /// Makes the next read see every change committed so far by any process (a store whose
+    /// lookups share a read snapshot ends it). Called when a change made elsewhere is
+    /// announced.
+    fn refresh(&self) {}
     /// Adds a subscriber; [`StoreError::Conflict`] when it exists.
     async fn add(&self, s: NewSubscriber) -> Result<(), StoreError>;
     /// Replaces both HA1 digests; false when there is no such subscriber.

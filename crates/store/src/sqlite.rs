@@ -2,10 +2,17 @@
 //!
 //! Calls run inline under a mutex: a primary-key lookup in a local SQLite file takes a few
 //! microseconds, less than handing the work to a blocking thread would cost.
+//!
+//! Authentication lookups share one read transaction for up to [`SNAPSHOT_AGE`]: starting and
+//! ending a read transaction for each (file and WAL-index locks, four `fcntl` calls) cost as
+//! much as the lookup itself. Every other call, and every announced change
+//! ([`SubscriberStore::refresh`]: this server's CLI tells it over the control socket), ends
+//! the snapshot first, so what a lookup misses is only a change by another program that is
+//! at most that old.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use careflow_core::audit::{AuditEntry, AuditEvent};
@@ -56,7 +63,43 @@ impl DbUrl {
 /// Subscribers in SQLite.
 #[derive(Debug)]
 pub struct SqliteSubscribers {
-    conn: Mutex<Connection>,
+    conn: Mutex<Held>,
+}
+
+/// How long authentication lookups share one read transaction.
+const SNAPSHOT_AGE: Duration = Duration::from_millis(100);
+
+/// The connection, and when the read transaction lookups share began.
+#[derive(Debug)]
+struct Held {
+    conn: Connection,
+    snapshot_since: Option<Instant>,
+    snapshot_age: Duration,
+}
+
+impl Held {
+    fn end_snapshot(&mut self) {
+        if self.snapshot_since.take().is_some()
+            && !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("COMMIT")
+        {
+            tracing::warn!(error = %e, "sqlite: ending the lookups' read transaction failed");
+        }
+    }
+
+    /// The connection inside a read transaction at most [`SNAPSHOT_AGE`] old.
+    fn snapshot(&mut self) -> Result<&Connection, StoreError> {
+        let fresh = self
+            .snapshot_since
+            .is_some_and(|t| t.elapsed() < self.snapshot_age)
+            && !self.conn.is_autocommit();
+        if !fresh {
+            self.end_snapshot();
+            self.conn.execute_batch("BEGIN")?;
+            self.snapshot_since = Some(Instant::now());
+        }
+        Ok(&self.conn)
+    }
 }
 
 pub(crate) fn open_sqlite(path: &Path) -> Result<Connection, StoreError> {
@@ -92,19 +135,41 @@ impl SqliteSubscribers {
         // subscriber cache already spares the hot path the database. Pages are read into
         // SQLite's own page cache (2 MiB) instead.
         Ok(Self {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(Held {
+                conn,
+                snapshot_since: None,
+                snapshot_age: SNAPSHOT_AGE,
+            }),
         })
     }
 
+    fn held(&self) -> Result<std::sync::MutexGuard<'_, Held>, StoreError> {
+        self.conn
+            .lock()
+            .map_err(|_| StoreError::backend("sqlite", "store lock poisoned"))
+    }
+
+    /// Runs `f` outside any snapshot: it sees every commit, and its writes commit.
     fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut c = self
-            .conn
-            .lock()
-            .map_err(|_| StoreError::backend("sqlite", "store lock poisoned"))?;
-        f(&mut c)
+        let mut h = self.held()?;
+        h.end_snapshot();
+        f(&mut h.conn)
+    }
+
+    /// Runs the read `f` in the lookups' shared read transaction.
+    fn read_in_snapshot<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut h = self.held()?;
+        let r = f(h.snapshot()?);
+        if r.is_err() {
+            h.end_snapshot();
+        }
+        r
     }
 }
 
@@ -129,7 +194,7 @@ fn row_to_subscriber(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscriber> {
 #[async_trait]
 impl SubscriberStore for SqliteSubscribers {
     async fn auth_row(&self, username: &str, domain: &str) -> Result<Option<AuthRow>, StoreError> {
-        self.with(|c| {
+        self.read_in_snapshot(|c| {
             let mut st = c.prepare_cached(
                 "SELECT enabled, ha1_md5, ha1_sha256 FROM subscriber WHERE username = ?1 AND domain = ?2",
             )?;
@@ -143,6 +208,12 @@ impl SubscriberStore for SqliteSubscribers {
                 })
                 .optional()?)
         })
+    }
+
+    fn refresh(&self) {
+        if let Ok(mut h) = self.held() {
+            h.end_snapshot();
+        }
     }
 
     async fn find(&self, username: &str, domain: &str) -> Result<Option<Subscriber>, StoreError> {
@@ -527,6 +598,50 @@ mod tests {
             ha1_md5: "a".repeat(32),
             ha1_sha256: "b".repeat(64),
         }
+    }
+
+    #[tokio::test]
+    async fn lookups_share_a_snapshot_that_writes_and_announced_changes_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("careflow.db");
+        let s = SqliteSubscribers::open(&path).unwrap();
+        // Long enough that this test never races the snapshot's own end.
+        s.held().unwrap().snapshot_age = Duration::from_secs(600);
+        let add = |u: &str| NewSubscriber {
+            careflow_user_id: None,
+            ..sub(u)
+        };
+        let found = |u: &'static str| {
+            let s = &s;
+            async move { s.auth_row(u, "example.com").await.unwrap().is_some() }
+        };
+        s.add(add("alice")).await.unwrap();
+        assert!(found("alice").await);
+        // Another process (the CLI) adds bob: lookups in the snapshot do not see him yet...
+        let cli = SqliteSubscribers::open(&path).unwrap();
+        cli.add(add("bob")).await.unwrap();
+        assert!(!found("bob").await);
+        // ...until the change is announced.
+        s.refresh();
+        assert!(found("bob").await);
+        // This store's own calls end the snapshot before they run: its writes commit at once
+        // and are seen by the next lookup, and by other processes.
+        s.add(add("carol")).await.unwrap();
+        assert!(cli.find("carol", "example.com").await.unwrap().is_some());
+        assert!(found("carol").await);
+        cli.set_enabled("carol", "example.com", false)
+            .await
+            .unwrap();
+        assert!(
+            s.find("carol", "example.com")
+                .await
+                .unwrap()
+                .is_some_and(|c| !c.enabled)
+        );
+        // A snapshot lasts its age at most.
+        cli.add(add("dave")).await.unwrap();
+        s.held().unwrap().snapshot_age = Duration::ZERO;
+        assert!(found("dave").await);
     }
 
     #[tokio::test]
