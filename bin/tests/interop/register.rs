@@ -27,6 +27,16 @@ pub(crate) fn sipp_users(
 }
 
 fn run_sipp(server: &Server, inf: &std::path::Path, transport: &str, count: usize) {
+    run_sipp_at(server, inf, transport, count, 100);
+}
+
+fn run_sipp_at(
+    server: &Server,
+    inf: &std::path::Path,
+    transport: &str,
+    count: usize,
+    rate: u32,
+) {
     let local = free_port();
     let out = Command::new("sipp")
         .arg(server.sip_addr().to_string())
@@ -51,7 +61,7 @@ fn run_sipp(server: &Server, inf: &std::path::Path, transport: &str, count: usiz
             "-m",
             &count.to_string(),
             "-r",
-            "100",
+            &rate.to_string(),
             "-nostdin",
             "-timeout",
             "60s",
@@ -96,6 +106,28 @@ fn sipp_registers_many_users_over_udp_and_tcp() {
     assert_eq!(b.len(), 1, "{b:?}");
     assert!(b[0].contains(" udp "), "{b:?}");
     assert_eq!(server.metric("careflow_sip_auth_failures_total"), 0);
+}
+
+/// A gateway (here sipp) registers 2,000 users over one TCP connection and closes it: every
+/// binding goes with it within seconds (one AoR at a time, each waiting for a journal write,
+/// took 20 s).
+#[test]
+fn a_connection_carrying_thousands_of_registrations_takes_them_all_when_it_closes() {
+    require("sipp", "sip-tester");
+    let server = Server::start("sipp.test");
+    let tmp = tempfile::tempdir().unwrap();
+    let (import, inf) = sipp_users(tmp.path(), 2000);
+    let out = server.cli_ok(&["user", "import", import.to_str().unwrap()]);
+    assert!(out.contains("imported 2000"), "{out}");
+    run_sipp_at(&server, &inf, "t1", 2000, 1000);
+    assert_eq!(server.metric("careflow_sip_registrations_total"), 2000);
+    assert_eq!(
+        server.metric_becomes("careflow_sip_flow_bindings_dropped_total", 2000),
+        2000,
+        "{}",
+        server.log()
+    );
+    assert_eq!(server.metric("careflow_sip_active_bindings"), 0);
 }
 
 #[test]
