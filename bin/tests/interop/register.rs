@@ -30,13 +30,7 @@ fn run_sipp(server: &Server, inf: &std::path::Path, transport: &str, count: usiz
     run_sipp_at(server, inf, transport, count, 100);
 }
 
-fn run_sipp_at(
-    server: &Server,
-    inf: &std::path::Path,
-    transport: &str,
-    count: usize,
-    rate: u32,
-) {
+fn run_sipp_at(server: &Server, inf: &std::path::Path, transport: &str, count: usize, rate: u32) {
     let local = free_port();
     let out = Command::new("sipp")
         .arg(server.sip_addr().to_string())

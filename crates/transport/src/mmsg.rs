@@ -38,7 +38,8 @@ impl Batch {
             .map(|(&(n, src), buf)| (&buf[..n.min(buf.len())], src))
     }
 
-    /// Takes the datagrams waiting on `sock` (at least one; waits for the first).
+    /// Takes the datagrams waiting on `sock` (at least one; waits for the first); the number
+    /// received.
     pub(crate) async fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
         // ERROR too: an ICMP error for an earlier send (IP_RECVERR) makes the socket report
         // only an error, and the receive must end with it (as `recv_from` does).
@@ -51,7 +52,22 @@ impl Batch {
             } else {
                 Interest::ERROR
             };
-            match sock.try_io(which, || self.recv_now(sock)) {
+            let mut drained = 0;
+            let r = sock.try_io(which, || {
+                let n = self.recv_now(sock)?;
+                if which == Interest::READABLE && n > 0 && n < BATCH {
+                    // A batch that did not fill took all that was waiting: say WouldBlock so
+                    // that tokio clears the readiness now (the next datagram's arrival sets it
+                    // again) rather than after one more call that finds nothing.
+                    drained = n;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained > 0 => {
+                    return Ok(drained);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,
             }
@@ -96,7 +112,7 @@ impl Batch {
                 self.got.push((m.msg_len as usize, src));
             }
         }
-        Ok(self.got.len())
+        Ok(n as usize)
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -137,6 +153,46 @@ mod tests {
         assert_eq!(got[1], (b"second".to_vec(), b.local_addr().unwrap()));
         // Larger than a slot: cut to it (the caller sees a full slot and calls it oversize).
         assert_eq!(got[2].0, vec![7u8; 64]);
+    }
+
+    #[tokio::test]
+    async fn after_a_batch_that_took_everything_the_next_datagram_still_wakes_the_receiver() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut batch = Batch::new(64);
+        for round in 0..50u8 {
+            // One, or several at once, then nothing: each partial batch clears the readiness.
+            // Every other round they are sent while the receiver is already parked.
+            let send = {
+                let tx = tx.try_clone().unwrap();
+                move || {
+                    for k in 0..=(round % 3) {
+                        tx.send_to(&[round, k], to).unwrap();
+                    }
+                }
+            };
+            if round % 2 == 0 {
+                send();
+            } else {
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    send();
+                });
+            }
+            let mut got = 0;
+            while got < usize::from(round % 3) + 1 {
+                let n = tokio::time::timeout(std::time::Duration::from_secs(2), batch.recv(&rx))
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("round {round}: a datagram did not wake the receiver")
+                    })
+                    .unwrap();
+                assert!(batch.datagrams().all(|(d, _)| d[0] == round));
+                got += n;
+            }
+            assert_eq!(got, usize::from(round % 3) + 1);
+        }
     }
 }
 
