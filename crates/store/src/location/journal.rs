@@ -19,7 +19,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 
 use careflow_core::{Binding, Transport};
@@ -99,14 +99,17 @@ fn put_binding(out: &mut Vec<u8>, b: &Binding) {
     put_opt_str(out, b.instance.as_deref());
     put_opt_u32(out, b.reg_id);
     out.push(b.transport.code());
-    match b.source.ip() {
-        IpAddr::V4(ip) => {
+    match b.source {
+        SocketAddr::V4(a) => {
             out.push(4);
-            out.extend_from_slice(&ip.octets());
+            out.extend_from_slice(&a.ip().octets());
         }
-        IpAddr::V6(ip) => {
+        SocketAddr::V6(a) => {
+            // A link-local address is only reachable through its interface (the scope).
             out.push(6);
-            out.extend_from_slice(&ip.octets());
+            out.extend_from_slice(&a.ip().octets());
+            put_u32(out, a.flowinfo());
+            put_u32(out, a.scope_id());
         }
     }
     out.extend_from_slice(&b.source.port().to_le_bytes());
@@ -190,12 +193,19 @@ impl<'a> Cursor<'a> {
         let instance = self.opt_string()?;
         let reg_id = self.opt_u32()?;
         let transport = Transport::from_code(self.u8()?)?;
-        let ip = match self.u8()? {
-            4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>()?)),
-            6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>()?)),
+        let source = match self.u8()? {
+            4 => {
+                let ip = Ipv4Addr::from(self.array::<4>()?);
+                SocketAddr::V4(SocketAddrV4::new(ip, u16::from_le_bytes(self.array()?)))
+            }
+            6 => {
+                let ip = Ipv6Addr::from(self.array::<16>()?);
+                let (flowinfo, scope) = (self.u32()?, self.u32()?);
+                let port = u16::from_le_bytes(self.array()?);
+                SocketAddr::V6(SocketAddrV6::new(ip, port, flowinfo, scope))
+            }
             _ => return None,
         };
-        let port = u16::from_le_bytes(self.array()?);
         let user_agent = self.opt_string()?;
         let hops = self.u32()? as usize;
         let mut path = Vec::with_capacity(hops.min(16));
@@ -214,7 +224,7 @@ impl<'a> Cursor<'a> {
             instance,
             reg_id,
             transport,
-            source: SocketAddr::new(ip, port),
+            source,
             user_agent,
             conn: None,
             path,
@@ -418,7 +428,7 @@ mod tests {
             instance: Some("<urn:uuid:00000000-0000-0000-0000-000000000001>".into()),
             reg_id: Some(1),
             transport: Transport::Wss,
-            source: "[2001:db8::7]:40000".parse().unwrap(),
+            source: "[fe80::7%2]:40000".parse().unwrap(),
             user_agent: Some("Yealink SIP-T46S".into()),
             conn: Some(9),
             path: vec!["<sip:edge.example.com;lr>".into(), "<sip:b;lr>".into()],
