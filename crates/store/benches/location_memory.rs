@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p careflow-store --bench location_memory [-- --max 1000000]`. The RSS is
 //! the whole process's (read from /proc/self/statm), so only the growth per contact is printed;
-//! the journal is off (its memory is SQLite's page cache, capped at 256 KiB).
+//! the journal is off (it holds one batch of records at a time).
 #![allow(unreachable_pub, clippy::unwrap_used)]
 
 use std::net::SocketAddr;

@@ -8,7 +8,8 @@
 //! much as the lookup itself. Every other call, and every announced change
 //! ([`SubscriberStore::refresh`]: this server's CLI tells it over the control socket), ends
 //! the snapshot first, so what a lookup misses is only a change by another program that is
-//! at most that old.
+//! at most that old. A user not found in the snapshot is looked up again outside it: one
+//! just added anywhere registers at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -194,7 +195,7 @@ fn row_to_subscriber(r: &rusqlite::Row<'_>) -> rusqlite::Result<Subscriber> {
 #[async_trait]
 impl SubscriberStore for SqliteSubscribers {
     async fn auth_row(&self, username: &str, domain: &str) -> Result<Option<AuthRow>, StoreError> {
-        self.read_in_snapshot(|c| {
+        let query = |c: &Connection| -> Result<Option<AuthRow>, StoreError> {
             let mut st = c.prepare_cached(
                 "SELECT enabled, ha1_md5, ha1_sha256 FROM subscriber WHERE username = ?1 AND domain = ?2",
             )?;
@@ -207,7 +208,14 @@ impl SubscriberStore for SqliteSubscribers {
                     })
                 })
                 .optional()?)
-        })
+        };
+        let found = self.read_in_snapshot(query)?;
+        if found.is_some() {
+            return Ok(found);
+        }
+        // Not in a snapshot that may predate the user: a user just added (by the CLI, which
+        // announces no additions, or another program) registers at once, as before.
+        self.with(|c| query(c))
     }
 
     fn refresh(&self) {
@@ -616,14 +624,24 @@ mod tests {
             async move { s.auth_row(u, "example.com").await.unwrap().is_some() }
         };
         s.add(add("alice")).await.unwrap();
+        s.add(add("bob")).await.unwrap();
         assert!(found("alice").await);
-        // Another process (the CLI) adds bob: lookups in the snapshot do not see him yet...
+        // Another process (the CLI) changes bob: lookups in the snapshot do not see it yet...
         let cli = SqliteSubscribers::open(&path).unwrap();
-        cli.add(add("bob")).await.unwrap();
-        assert!(!found("bob").await);
+        cli.set_enabled("bob", "example.com", false).await.unwrap();
+        let enabled = |u: &'static str| {
+            let s = &s;
+            async move { s.auth_row(u, "example.com").await.unwrap().unwrap().enabled }
+        };
+        assert!(enabled("bob").await);
         // ...until the change is announced.
         s.refresh();
-        assert!(found("bob").await);
+        assert!(!enabled("bob").await);
+        // A user another process adds is found at once: a miss looks again outside the
+        // snapshot.
+        assert!(found("alice").await);
+        cli.add(add("erin")).await.unwrap();
+        assert!(found("erin").await);
         // This store's own calls end the snapshot before they run: its writes commit at once
         // and are seen by the next lookup, and by other processes.
         s.add(add("carol")).await.unwrap();
