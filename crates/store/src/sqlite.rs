@@ -8,7 +8,7 @@
 //! much as the lookup itself. Every other call, and every announced change
 //! ([`SubscriberStore::refresh`]: this server's CLI tells it over the control socket), ends
 //! the snapshot first, so what a lookup misses is only a change by another program that is
-//! at most that old. A user not found in the snapshot is looked up again outside it: one
+//! at most that old. A user an older snapshot lacks is looked up again in a new one: one
 //! just added anywhere registers at once.
 
 use std::path::{Path, PathBuf};
@@ -88,8 +88,9 @@ impl Held {
         }
     }
 
-    /// The connection inside a read transaction at most [`SNAPSHOT_AGE`] old.
-    fn snapshot(&mut self) -> Result<&Connection, StoreError> {
+    /// Puts the connection inside a read transaction at most [`SNAPSHOT_AGE`] old; true
+    /// when it had to begin a new one.
+    fn begin_if_stale(&mut self) -> Result<bool, StoreError> {
         let fresh = self
             .snapshot_since
             .is_some_and(|t| t.elapsed() < self.snapshot_age)
@@ -99,7 +100,7 @@ impl Held {
             self.conn.execute_batch("BEGIN")?;
             self.snapshot_since = Some(Instant::now());
         }
-        Ok(&self.conn)
+        Ok(!fresh)
     }
 }
 
@@ -160,13 +161,21 @@ impl SqliteSubscribers {
         f(&mut h.conn)
     }
 
-    /// Runs the read `f` in the lookups' shared read transaction.
-    fn read_in_snapshot<T>(
+    /// Runs the lookup `f` in the lookups' shared read transaction. What a snapshot that
+    /// began earlier lacks is looked for again in a new one: a user just added (by the CLI,
+    /// which announces no additions, or another program) registers at once.
+    fn lookup_in_snapshot<T>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+        f: impl Fn(&Connection) -> Result<Option<T>, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
         let mut h = self.held()?;
-        let r = f(h.snapshot()?);
+        let began = h.begin_if_stale()?;
+        let mut r = f(&h.conn);
+        if matches!(r, Ok(None)) && !began {
+            h.end_snapshot();
+            h.begin_if_stale()?;
+            r = f(&h.conn);
+        }
         if r.is_err() {
             h.end_snapshot();
         }
@@ -209,13 +218,7 @@ impl SubscriberStore for SqliteSubscribers {
                 })
                 .optional()?)
         };
-        let found = self.read_in_snapshot(query)?;
-        if found.is_some() {
-            return Ok(found);
-        }
-        // Not in a snapshot that may predate the user: a user just added (by the CLI, which
-        // announces no additions, or another program) registers at once, as before.
-        self.with(|c| query(c))
+        self.lookup_in_snapshot(query)
     }
 
     fn refresh(&self) {
