@@ -21,7 +21,25 @@ pub fn local_tag(msg: &Message) -> String {
     let mut h = DefaultHasher::new();
     msg.call_id().hash(&mut h);
     msg.from().and_then(|f| f.tag()).hash(&mut h);
-    format!("cf{:x}", h.finish())
+    let mut tag = String::with_capacity(18);
+    tag.push_str("cf");
+    push_hex(&mut tag, h.finish(), false);
+    tag
+}
+
+/// Appends `n` in lower-case hex to `out`: all 16 digits with `pad`, else without leading
+/// zeros (as `{:016x}` and `{:x}` would; these values are made for every forwarded request and
+/// every response of ours, and `fmt` costs several times the hashing).
+fn push_hex(out: &mut String, n: u64, pad: bool) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digits = if pad {
+        16
+    } else {
+        (16 - n.leading_zeros() as usize / 4).max(1)
+    };
+    for i in (0..digits).rev() {
+        out.push(DIGITS[((n >> (i * 4)) & 0xf) as usize] as char);
+    }
 }
 
 /// Max-Forwards handling (§16.3 step 3, §16.6 step 3): the value to forward with, or `None`
@@ -50,22 +68,40 @@ pub fn loop_hash(msg: &Message) -> String {
     for r in msg.headers_named(HeaderName::Route) {
         r.trim().hash(&mut h);
     }
-    format!("{:016x}", h.finish())
+    let mut hash = String::with_capacity(16);
+    push_hex(&mut hash, h.finish(), true);
+    hash
 }
 
 /// A branch for a request we forward: magic cookie, loop hash, and a part unique per
 /// client transaction.
 pub fn branch(loop_hash: &str, unique: u64) -> String {
-    format!("{}{loop_hash}.{unique:x}", careflow_proto::MAGIC_COOKIE)
+    let cookie = careflow_proto::MAGIC_COOKIE;
+    let mut b = String::with_capacity(cookie.len() + loop_hash.len() + 17);
+    b.push_str(cookie);
+    b.push_str(loop_hash);
+    b.push('.');
+    push_hex(&mut b, unique, false);
+    b
 }
 
 /// Loop detection (§16.3 step 4): a Via of ours carrying the branch prefix this request
-/// would get again.
+/// would get again. The hash is made only when a Via of ours with one of our branches is
+/// there: almost every request has none.
 pub fn is_loop(msg: &Message, is_our_via: impl Fn(&Via<'_>) -> bool) -> bool {
-    let prefix = format!("{}{}.", careflow_proto::MAGIC_COOKIE, loop_hash(msg));
-    msg.values(HeaderName::Via)
-        .filter_map(Via::parse)
-        .any(|v| is_our_via(&v) && v.branch().is_some_and(|b| b.starts_with(&prefix)))
+    let cookie = careflow_proto::MAGIC_COOKIE;
+    let mut hash: Option<String> = None;
+    msg.values(HeaderName::Via).filter_map(Via::parse).any(|v| {
+        let Some(rest) = v.branch().and_then(|b| b.strip_prefix(cookie)) else {
+            return false;
+        };
+        if !is_our_via(&v) {
+            return false;
+        }
+        let hash = hash.get_or_insert_with(|| loop_hash(msg));
+        rest.strip_prefix(hash.as_str())
+            .is_some_and(|r| r.starts_with('.'))
+    })
 }
 
 /// What Route processing (§16.4) decided.
@@ -148,6 +184,30 @@ mod tests {
         assert_eq!(
             next_max_forwards(&msg("Max-Forwards: 0\r\n", "sip:b@example.com")),
             None
+        );
+    }
+
+    #[test]
+    fn hex_as_fmt_writes_it() {
+        for n in [
+            0,
+            1,
+            0xf,
+            0x10,
+            0xdead_beef,
+            u64::MAX,
+            1 << 63,
+            0x0123_4567_89ab_cdef,
+        ] {
+            let (mut padded, mut short) = (String::new(), String::new());
+            push_hex(&mut padded, n, true);
+            push_hex(&mut short, n, false);
+            assert_eq!(padded, format!("{n:016x}"));
+            assert_eq!(short, format!("{n:x}"));
+        }
+        assert_eq!(
+            branch("00ff00ff00ff00ff", 0xabc),
+            format!("{}00ff00ff00ff00ff.abc", careflow_proto::MAGIC_COOKIE)
         );
     }
 
