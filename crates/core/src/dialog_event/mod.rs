@@ -97,6 +97,10 @@ pub struct Leg {
     /// When the call started, for `duration` and ordering.
     pub since: Instant,
     branches: HashMap<String, (DialogState, Option<String>)>,
+    /// Its place among the user's legs (they are kept in `seq` order): found by Call-ID through
+    /// `by_call` without comparing the Call-ID of every other call of the user (a ward's main
+    /// number has hundreds at a time).
+    seq: u64,
 }
 
 impl Leg {
@@ -165,26 +169,27 @@ pub const MAX_TERMINATED_KEPT: usize = 4;
 #[derive(Debug, Default)]
 pub struct Calls {
     by_aor: HashMap<String, Vec<Leg>>,
-    /// The AoRs with a leg of each call: a response touches only those, however many calls
-    /// there are.
-    by_call: HashMap<String, Vec<String>>,
+    /// The legs of each call (their AoR and `seq`): a response touches only those, however
+    /// many calls there are.
+    by_call: HashMap<String, Vec<(String, u64)>>,
+    next_seq: u64,
 }
 
 impl Calls {
     /// A call of `aor` started (an INVITE forked for or from it). Returns false when the leg
     /// is known already (a retransmission, a challenged INVITE sent again).
     pub fn start(&mut self, aor: &str, leg: NewLeg, now: Instant) -> bool {
-        let aors = self.by_call.entry(leg.call_id.clone()).or_default();
-        if !aors.iter().any(|a| a == aor) {
-            aors.push(aor.to_string());
-        }
+        let known = self.by_call.entry(leg.call_id.clone()).or_default();
         let legs = self.by_aor.entry(aor.to_string()).or_default();
-        if legs
-            .iter()
-            .any(|l| l.call_id == leg.call_id && l.direction == leg.direction)
-        {
+        let again = known.iter().any(|(a, seq)| {
+            a == aor && find(legs, *seq).is_some_and(|l| l.direction == leg.direction)
+        });
+        if again {
             return false;
         }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        known.push((aor.to_string(), seq));
         legs.push(Leg {
             call_id: leg.call_id,
             direction: leg.direction,
@@ -195,6 +200,7 @@ impl Calls {
             state: DialogState::Trying,
             since: now,
             branches: HashMap::new(),
+            seq,
         });
         true
     }
@@ -285,10 +291,9 @@ impl Calls {
 
     /// The ringing (early) leg of the call `call_id` where `aor` is called, for pickup.
     pub fn ringing(&self, aor: &str, call_id: &str) -> Option<&Leg> {
-        self.legs(aor).iter().find(|l| {
-            l.call_id == call_id
-                && l.direction == Direction::Recipient
-                && l.state < DialogState::Confirmed
+        self.legs_of_call(call_id).find_map(|(a, l)| {
+            (a == aor && l.direction == Direction::Recipient && l.state < DialogState::Confirmed)
+                .then_some(l)
         })
     }
 
@@ -316,32 +321,51 @@ impl Calls {
             !legs.is_empty()
         });
         let by_aor = &self.by_aor;
-        self.by_call.retain(|call_id, aors| {
-            aors.retain(|a| {
-                by_aor
-                    .get(a)
-                    .is_some_and(|legs| legs.iter().any(|l| &l.call_id == call_id))
-            });
-            !aors.is_empty()
+        self.by_call.retain(|_, legs| {
+            legs.retain(|(a, seq)| by_aor.get(a).is_some_and(|l| find(l, *seq).is_some()));
+            !legs.is_empty()
         });
     }
 
+    /// The legs of the call `call_id`, each with its AoR.
+    fn legs_of_call<'a>(&'a self, call_id: &str) -> impl Iterator<Item = (&'a str, &'a Leg)> {
+        self.by_call
+            .get(call_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|(aor, seq)| Some((aor.as_str(), find(self.by_aor.get(aor)?, *seq)?)))
+    }
+
     fn each_leg(&mut self, call_id: &str, mut f: impl FnMut(&mut Leg) -> bool) -> Vec<String> {
-        let mut changed = Vec::new();
-        for aor in self.by_call.get(call_id).into_iter().flatten() {
-            let Some(legs) = self.by_aor.get_mut(aor) else {
+        let mut changed: Vec<String> = Vec::new();
+        for (aor, seq) in self.by_call.get(call_id).into_iter().flatten() {
+            let Some(leg) = self
+                .by_aor
+                .get_mut(aor)
+                .and_then(|legs| find_mut(legs, *seq))
+            else {
                 continue;
             };
-            let mut any = false;
-            for leg in legs.iter_mut().filter(|l| l.call_id == call_id) {
-                any |= f(leg);
-            }
-            if any {
+            // A user who calls itself has two legs of the call: one change each.
+            if f(leg) && !changed.contains(aor) {
                 changed.push(aor.clone());
             }
         }
         changed
     }
+}
+
+/// The leg `seq` among a user's legs (kept in `seq` order).
+fn find(legs: &[Leg], seq: u64) -> Option<&Leg> {
+    legs.binary_search_by_key(&seq, |l| l.seq)
+        .ok()
+        .map(|i| &legs[i])
+}
+
+fn find_mut(legs: &mut [Leg], seq: u64) -> Option<&mut Leg> {
+    legs.binary_search_by_key(&seq, |l| l.seq)
+        .ok()
+        .map(|i| &mut legs[i])
 }
 
 #[cfg(test)]
@@ -363,6 +387,73 @@ mod tests {
                 target: Some("sip:2002@192.0.2.1:5060".into()),
             },
         }
+    }
+
+    fn call_with_id(call_id: &str, direction: Direction) -> NewLeg {
+        NewLeg {
+            call_id: call_id.into(),
+            ..call(direction)
+        }
+    }
+
+    #[test]
+    fn a_busy_line_finds_each_call_among_hundreds_and_a_self_call_is_one_change() {
+        let t0 = Instant::now();
+        let mut c = Calls::default();
+        let main = "2000@ward.test";
+        for i in 0..300 {
+            assert!(c.start(
+                main,
+                call_with_id(&format!("c{i}"), Direction::Recipient),
+                t0
+            ));
+        }
+        // Calls end out of order; the others keep their state and place.
+        for i in (0..300).step_by(3) {
+            assert_eq!(c.end(&format!("c{i}"), t0), vec![main.to_string()]);
+        }
+        assert_eq!(
+            c.response("c151", "b", 180, Some("desk"), None),
+            vec![main.to_string()]
+        );
+        assert_eq!(
+            c.response("c150", "b", 180, Some("desk"), None),
+            Vec::<String>::new(),
+            "c150 ended"
+        );
+        assert!(c.ringing(main, "c151").is_some());
+        assert!(c.ringing(main, "c152").is_some(), "not answered: may be picked up");
+        assert!(c.ringing(main, "c150").is_none(), "ended");
+        assert!(!c.start(main, call_with_id("c151", Direction::Recipient), t0));
+        let legs = c.legs(main);
+        let ended = legs
+            .iter()
+            .filter(|l| l.state == DialogState::Terminated)
+            .count();
+        assert_eq!(ended, MAX_TERMINATED_KEPT);
+        assert_eq!(legs.len(), 200 + MAX_TERMINATED_KEPT);
+        assert!(legs.windows(2).all(|w| w[0].seq < w[1].seq), "oldest first");
+        // A user calling itself has both legs of the call.
+        let me = "2001@ward.test";
+        assert!(c.start(me, call_with_id("self", Direction::Initiator), t0));
+        assert!(c.start(me, call_with_id("self", Direction::Recipient), t0));
+        assert_eq!(
+            c.response("self", "b", 180, Some("t"), None),
+            vec![me.to_string()]
+        );
+        assert_eq!(
+            c.legs(me)
+                .iter()
+                .filter(|l| l.state == DialogState::Early)
+                .count(),
+            2
+        );
+        assert_eq!(c.end("self", t0), vec![me.to_string()]);
+        // Once swept, a call is forgotten everywhere.
+        c.sweep(t0 + TERMINATED_KEPT);
+        assert!(!c.knows("self") && !c.knows("c3") && c.knows("c151"));
+        assert_eq!(c.legs(main).len(), 200);
+        assert_eq!(c.end("c151", t0), vec![main.to_string()]);
     }
 
     #[test]

@@ -87,16 +87,10 @@ pub fn pickup<'c>(
     policy: &WatchPolicy,
 ) -> Result<(&'c str, &'c Leg), PickupRefusal> {
     let mut forbidden = false;
-    for aor in calls.by_call.get(&replaces.call_id).into_iter().flatten() {
-        let Some(legs) = calls.by_aor.get(aor) else {
+    for (aor, leg) in calls.legs_of_call(&replaces.call_id) {
+        if leg.from_tag != replaces.from_tag && leg.from_tag != replaces.to_tag {
             continue;
-        };
-        let Some(leg) = legs.iter().find(|l| {
-            l.call_id == replaces.call_id
-                && (l.from_tag == replaces.from_tag || l.from_tag == replaces.to_tag)
-        }) else {
-            continue;
-        };
+        }
         if calls.ringing(aor, &leg.call_id).is_none() {
             continue;
         }
@@ -104,7 +98,7 @@ pub fn pickup<'c>(
             forbidden = true;
             continue;
         }
-        return Ok((aor.as_str(), leg));
+        return Ok((aor, leg));
     }
     Err(if forbidden {
         PickupRefusal::Forbidden

@@ -47,6 +47,8 @@ impl Leg {
             state,
             since: Instant::now(),
             branches: HashMap::new(),
+            // Not one of this node's legs: never looked up by `seq`.
+            seq: 0,
         }
     }
 }
