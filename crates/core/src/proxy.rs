@@ -20,7 +20,7 @@ pub use table::{
 pub fn local_tag(msg: &Message) -> String {
     let mut h = DefaultHasher::new();
     msg.call_id().hash(&mut h);
-    msg.from().and_then(|f| f.tag()).hash(&mut h);
+    msg.from_tag().hash(&mut h);
     let mut tag = String::with_capacity(18);
     tag.push_str("cf");
     push_hex(&mut tag, h.finish(), false);
@@ -61,8 +61,8 @@ pub fn next_max_forwards(msg: &Message) -> Option<u32> {
 pub fn loop_hash(msg: &Message) -> String {
     let mut h = DefaultHasher::new();
     msg.request_uri_str().hash(&mut h);
-    msg.from().and_then(|f| f.tag()).hash(&mut h);
-    msg.to().and_then(|t| t.tag()).hash(&mut h);
+    msg.from_tag().hash(&mut h);
+    msg.to_tag().hash(&mut h);
     msg.call_id().hash(&mut h);
     msg.cseq().map(|c| c.0).hash(&mut h);
     for r in msg.headers_named(HeaderName::Route) {

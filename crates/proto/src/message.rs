@@ -5,6 +5,8 @@
 //! [`Message::validate`] checks the headers a transaction needs, so that a request with a bad
 //! header can still be answered with a 400 naming it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use smallvec::SmallVec;
 
@@ -92,6 +94,54 @@ pub struct Message {
     headers: Fields,
     body: Span,
     defect: Option<ParseError>,
+    /// The From and To tags, found on first use.
+    from_tag: Memo,
+    to_tag: Memo,
+}
+
+/// A span of the message found on first use and kept: the From and To tags are read by
+/// validation, loop detection, the transaction and dialog keys, call records and the lamps,
+/// and each read parsed the whole header again (70 parses per proxied call). Atomic so a
+/// `Message` stays `Sync` (it is held across awaits); a race only computes the same span twice.
+#[derive(Debug)]
+struct Memo(AtomicU64);
+
+impl Memo {
+    const UNSET: u64 = u64::MAX;
+    /// Looked for, not there. Neither value is a span: spans end below `u32::MAX`.
+    const ABSENT: u64 = u64::MAX - 1;
+
+    fn new() -> Self {
+        Self(AtomicU64::new(Self::UNSET))
+    }
+
+    fn get_or(&self, find: impl FnOnce() -> Option<Span>) -> Option<Span> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::UNSET => {
+                let span = find();
+                self.set(span);
+                span
+            }
+            Self::ABSENT => None,
+            v => Some(Span {
+                start: (v >> 32) as u32,
+                end: v as u32,
+            }),
+        }
+    }
+
+    fn set(&self, span: Option<Span>) {
+        let v = span.map_or(Self::ABSENT, |s| {
+            (u64::from(s.start) << 32) | u64::from(s.end)
+        });
+        self.0.store(v, Ordering::Relaxed);
+    }
+}
+
+impl Clone for Memo {
+    fn clone(&self) -> Self {
+        Self(AtomicU64::new(self.0.load(Ordering::Relaxed)))
+    }
 }
 
 impl Message {
@@ -195,6 +245,8 @@ impl Message {
             headers,
             body: Span::new(body_start, body_start),
             defect,
+            from_tag: Memo::new(),
+            to_tag: Memo::new(),
         };
         msg.frame_body(body_start);
         Ok(msg)
@@ -253,8 +305,17 @@ impl Message {
         if self.values(HeaderName::Contact).nth(MAX_CONTACTS).is_some() {
             return Err(ParseError::in_header(K::TooManyValues, "Contact"));
         }
-        self.single(HeaderName::From, "From", |v| NameAddr::parse(v).is_some())?;
-        self.single(HeaderName::To, "To", |v| NameAddr::parse(v).is_some())?;
+        // The tags are kept while the headers are parsed here anyway.
+        self.single(HeaderName::From, "From", |v| {
+            NameAddr::parse(v)
+                .map(|n| self.from_tag.set(n.tag().map(|t| self.span_of(t))))
+                .is_some()
+        })?;
+        self.single(HeaderName::To, "To", |v| {
+            NameAddr::parse(v)
+                .map(|n| self.to_tag.set(n.tag().map(|t| self.span_of(t))))
+                .is_some()
+        })?;
         self.single(HeaderName::CallId, "Call-ID", |v| {
             !v.is_empty() && !v.contains(char::is_whitespace)
         })?;
@@ -429,6 +490,29 @@ impl Message {
     /// The To header.
     pub fn to(&self) -> Option<NameAddr<'_>> {
         self.header(HeaderName::To).and_then(NameAddr::parse)
+    }
+
+    /// The From header's `tag` parameter.
+    pub fn from_tag(&self) -> Option<&str> {
+        let span = self
+            .from_tag
+            .get_or(|| self.from()?.tag().map(|t| self.span_of(t)));
+        span.map(|s| self.text(s))
+    }
+
+    /// The To header's `tag` parameter (a request with one is in a dialog).
+    pub fn to_tag(&self) -> Option<&str> {
+        let span = self
+            .to_tag
+            .get_or(|| self.to()?.tag().map(|t| self.span_of(t)));
+        span.map(|s| self.text(s))
+    }
+
+    /// Where `part`, a slice of this message's header text, lies in the buffer.
+    fn span_of(&self, part: &str) -> Span {
+        let start = part.as_ptr() as usize - self.buf.as_ptr() as usize;
+        debug_assert!(start + part.len() <= self.buf.len());
+        Span::new(start, start + part.len())
     }
 
     /// Call-ID, trimmed.
@@ -658,6 +742,42 @@ mod field_tests {
         assert_eq!(m.other_header("X-B"), Some(""));
         assert_eq!(m.header(HeaderName::Subject), Some("s"));
         assert_eq!(m.field_line(&f[2]), "Subject:\u{3000}s\r\n".as_bytes());
+    }
+
+    #[test]
+    fn tags_are_the_parsed_headers_tags_before_and_after_validation_and_in_clones() {
+        let cases = [
+            (
+                "From: \"A;tag=no\" <sip:a@x;tag=uri>;tag=f1\r\nTo: <sip:b@x>\r\n",
+                Some("f1"),
+                None,
+            ),
+            (
+                "From: sip:a@x ; tag = f2 \r\nTo: B <sip:b@x>;x=1;TAG=t2\r\n",
+                Some("f2"),
+                Some("t2"),
+            ),
+            ("From: <sip:a@x>\r\nTo: <sip:b@x>;tag=\r\n", None, None),
+        ];
+        for (headers, from, to) in cases {
+            let text = format!(
+                "INVITE sip:b@x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n{headers}Call-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"
+            );
+            let lazy = Message::parse(Bytes::from(text.clone()), &ParseLimits::default()).unwrap();
+            let parsed = (
+                lazy.from().and_then(|f| f.tag()),
+                lazy.to().and_then(|t| t.tag()),
+            );
+            assert_eq!((lazy.from_tag(), lazy.to_tag()), parsed, "{headers:?}");
+            assert_eq!((lazy.from_tag(), lazy.to_tag()), (from, to), "{headers:?}");
+            let validated = Message::parse(Bytes::from(text), &ParseLimits::default()).unwrap();
+            let _ = validated.validate();
+            let copy = validated.clone();
+            assert_eq!((validated.from_tag(), validated.to_tag()), (from, to));
+            assert_eq!((copy.from_tag(), copy.to_tag()), (from, to));
+        }
+        let none = parse("Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\n");
+        assert_eq!((none.from_tag(), none.to_tag()), (None, None));
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl App {
         };
         let start = CallStart {
             call_id: call_id.to_string(),
-            from_tag: from.tag().unwrap_or_default().to_string(),
+            from_tag: msg.from_tag().unwrap_or_default().to_string(),
             caller: from.uri.aor().unwrap_or_default(),
             caller_device: Device {
                 source: Some(ctx.source.to_string()),
@@ -186,11 +186,11 @@ impl App {
 
     /// A BYE: the end of an answered call.
     pub(crate) fn cdr_bye(&self, msg: &Message) {
-        let (Some(call_id), Some(from)) = (msg.call_id(), msg.from()) else {
+        let Some(call_id) = msg.call_id() else {
             return;
         };
         let reason = msg.other_header("Reason").map(str::to_string);
-        let tag = from.tag().unwrap_or_default();
+        let tag = msg.from_tag().unwrap_or_default();
         if let Some(Some(rec)) = self.with_cdr(|c| c.bye(call_id, tag, reason, now_ms())) {
             self.queue_record(rec);
         }

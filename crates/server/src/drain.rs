@@ -36,7 +36,7 @@ impl App {
 
     /// While draining, a new out-of-dialog request is refused with 503 (true: it was).
     pub(crate) fn refuse_while_draining(&self, msg: &Message, ctx: &Ctx) -> bool {
-        if !self.draining() || msg.to().and_then(|t| t.tag()).is_some() {
+        if !self.draining() || msg.to_tag().is_some() {
             return false;
         }
         if matches!(msg.method(), Method::Cancel | Method::Ack) {

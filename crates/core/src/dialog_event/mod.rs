@@ -422,7 +422,10 @@ mod tests {
             "c150 ended"
         );
         assert!(c.ringing(main, "c151").is_some());
-        assert!(c.ringing(main, "c152").is_some(), "not answered: may be picked up");
+        assert!(
+            c.ringing(main, "c152").is_some(),
+            "not answered: may be picked up"
+        );
         assert!(c.ringing(main, "c150").is_none(), "ended");
         assert!(!c.start(main, call_with_id("c151", Direction::Recipient), t0));
         let legs = c.legs(main);

@@ -48,7 +48,7 @@ impl TxKey {
             k.push_str("2543|");
             k.push_str(msg.request_uri_str());
             k.push('|');
-            k.push_str(msg.from().and_then(|f| f.tag()).unwrap_or(""));
+            k.push_str(msg.from_tag().unwrap_or(""));
             k.push('|');
             k.push_str(msg.call_id().unwrap_or(""));
             k.push('|');

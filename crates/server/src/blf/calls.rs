@@ -18,7 +18,9 @@ impl App {
         let (Some(call_id), Some(from), Some(to)) = (msg.call_id(), msg.from(), msg.to()) else {
             return;
         };
-        let Some(from_tag) = from.tag() else { return };
+        let Some(from_tag) = msg.from_tag() else {
+            return;
+        };
         let party = |n: &NameAddr<'_>, target: Option<String>| Party {
             identity: n.uri.raw.to_string(),
             display: n
@@ -112,7 +114,7 @@ impl App {
         ) else {
             return;
         };
-        let to_tag = msg.to().and_then(|t| t.tag().map(str::to_string));
+        let to_tag = msg.to_tag().map(str::to_string);
         let target = msg
             .header(HeaderName::Contact)
             .and_then(NameAddr::parse)

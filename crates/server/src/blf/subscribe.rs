@@ -27,7 +27,7 @@ impl App {
             return false;
         }
         let package = package_of(msg);
-        if package.is_none() && msg.to().and_then(|t| t.tag()).is_some() {
+        if package.is_none() && msg.to_tag().is_some() {
             return false;
         }
         let Some(uri) = msg.request_uri() else {
@@ -65,7 +65,7 @@ impl App {
             msg.request_uri().as_ref().and_then(aor_of),
             msg.from().as_ref().map(|f| &f.uri).and_then(aor_of),
             msg.call_id().map(str::to_string),
-            msg.from().and_then(|f| f.tag()).map(str::to_string),
+            msg.from_tag().map(str::to_string),
         ) else {
             self.send_response(&msg, &ctx, 400, refuse(400));
             return;
@@ -74,7 +74,7 @@ impl App {
         // A refresh (in the subscription's dialog) watches what the subscription does; one for
         // a subscription we do not have (ended, or from before a restart) gets 481, and the
         // phone subscribes afresh at once (RFC 6665 §4.1.2.2).
-        let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
+        let in_dialog = msg.to_tag().is_some();
         let watched = if in_dialog {
             let known = self
                 .watchers

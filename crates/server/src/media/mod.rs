@@ -103,8 +103,8 @@ impl Anchored {
 
 fn seen<'a>(msg: &'a Message, body: &'a str, source: IpAddr) -> Option<Seen<'a>> {
     Some(Seen {
-        from_tag: msg.from()?.tag()?,
-        to_tag: msg.to().and_then(|t| t.tag()),
+        from_tag: msg.from_tag()?,
+        to_tag: msg.to_tag(),
         body,
         source,
         via_branch: msg.top_via().and_then(|v| v.branch()),
@@ -164,7 +164,7 @@ impl MediaAnchor {
         };
         let (Some(call_id), Some(from_tag)) = (
             msg.call_id().map(str::to_string),
-            msg.from().and_then(|f| f.tag()).map(str::to_string),
+            msg.from_tag().map(str::to_string),
         ) else {
             return Anchored::unchanged(msg);
         };

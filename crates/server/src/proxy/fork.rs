@@ -70,7 +70,7 @@ impl App {
             // the callee, the other the caller. An entry facing a UA behind NAT or on its own
             // connection carries a flow token so in-dialog requests find the way back to it;
             // when both sides need one, both entries are written.
-            let record = msg.to().and_then(|t| t.tag()).is_none() || msg.method() == Method::Invite;
+            let record = msg.to_tag().is_none() || msg.method() == Method::Invite;
             let out_token = target.flow_token(&self.cfg.secret);
             let double = target.transport != ctx.transport
                 || out_addr != in_addr

@@ -251,7 +251,7 @@ impl App {
     /// one of our users without credentials (407 at once), or one that `decide` refuses before
     /// any lookup (another domain without a gateway, a caller from outside without peering).
     fn answered_at_once(&self, msg: &Message) -> bool {
-        if msg.to().and_then(|t| t.tag()).is_some() {
+        if msg.to_tag().is_some() {
             return false;
         }
         let ours = |host: &str| self.serves_domain(&host.to_ascii_lowercase());
@@ -313,7 +313,7 @@ impl App {
         {
             return;
         }
-        if msg.to().and_then(|t| t.tag()) == Some(crate::app::to_tag(&msg).as_str()) {
+        if msg.to_tag() == Some(crate::app::to_tag(&msg).as_str()) {
             return;
         }
         let app = self.clone();

@@ -28,8 +28,7 @@ impl App {
                     Some(m) => m,
                     None => msg,
                 };
-                let initial =
-                    msg.method() == Method::Invite && msg.to().and_then(|t| t.tag()).is_none();
+                let initial = msg.method() == Method::Invite && msg.to_tag().is_none();
                 // Before forking: with no branch of its own, the request must already be held.
                 let held = !sleepers.is_empty() && self.hold_for_sleepers(&msg, &ctx, sleepers);
                 if (initial || held) && !self.came_over_cluster(&ctx) {
@@ -89,7 +88,7 @@ impl App {
             return Err(refuse(482, "Loop Detected"));
         }
         let step = proxy::route_step(msg, |u| self.passes_route(u));
-        let in_dialog = msg.to().and_then(|t| t.tag()).is_some();
+        let in_dialog = msg.to_tag().is_some();
         if in_dialog {
             // In-dialog requests pass only along a route set we recorded; anything else would
             // make us an open relay.

@@ -172,7 +172,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             inv.send_response(100, trying, now);
             inv
         });
-        let call = is_invite && request.to().and_then(|t| t.tag()).is_none();
+        let call = is_invite && request.to_tag().is_none();
         let fw = Forward {
             request,
             upstream,
