@@ -55,10 +55,19 @@ impl<'a> Uri<'a> {
     /// Parses a URI. Whitespace anywhere inside it is an error.
     pub fn parse(raw: &'a str) -> Option<Self> {
         let raw = scan::trim(raw);
-        if raw.is_empty() || raw.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return None;
+        let b = raw.as_bytes();
+        // One pass finds the scheme's colon and the last '@' and refuses control bytes and
+        // spaces: URIs are short, and a `memchr` search per delimiter cost more than this.
+        let (mut colon, mut at) = (None, None);
+        for (i, &c) in b.iter().enumerate() {
+            match c {
+                0..=b' ' | 0x7f => return None,
+                b':' if colon.is_none() => colon = Some(i),
+                b'@' => at = Some(i),
+                _ => {}
+            }
         }
-        let colon = raw.find(':')?;
+        let colon = colon?;
         let scheme = &raw[..colon];
         let mut sb = scheme.bytes();
         if !sb.next()?.is_ascii_alphabetic()
@@ -84,13 +93,13 @@ impl<'a> Uri<'a> {
             });
         }
         // The user part may contain ';' '?' and ':' (RFC 4475 §3.1.1.2), but '@' is never
-        // unescaped after it, so the last '@' ends the userinfo.
-        let (userinfo, hostpart) = match rest.rfind('@') {
-            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        // unescaped after it, so the last '@' ends the userinfo (the scheme has none).
+        let (userinfo, hostpart) = match at {
+            Some(at) => (Some(&raw[colon + 1..at]), &raw[at + 1..]),
             None => (None, rest),
         };
         let (user, password) = match userinfo {
-            Some(ui) => match ui.find(':') {
+            Some(ui) => match ui.bytes().position(|c| c == b':') {
                 Some(c) => (Some(&ui[..c]), Some(&ui[c + 1..])),
                 None => (Some(ui), None),
             },
@@ -99,11 +108,23 @@ impl<'a> Uri<'a> {
         if user == Some("") {
             return None;
         }
-        let (hostport, headers) = match hostpart.find('?') {
+        // Parameters start at the first ';' before the first '?', which starts the headers.
+        let (mut semi, mut question) = (None, None);
+        for (i, c) in hostpart.bytes().enumerate() {
+            match c {
+                b';' if semi.is_none() => semi = Some(i),
+                b'?' => {
+                    question = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let (hostport, headers) = match question {
             Some(q) => (&hostpart[..q], Some(&hostpart[q + 1..])),
             None => (hostpart, None),
         };
-        let (hostport, params) = match hostport.find(';') {
+        let (hostport, params) = match semi {
             Some(s) => (&hostport[..s], &hostport[s + 1..]),
             None => (hostport, ""),
         };
@@ -160,7 +181,7 @@ pub(crate) fn split_host_port(hp: &str) -> Option<(&str, Option<u16>)> {
         let port = rest.strip_prefix(':')?;
         return Some((host, Some(parse_port(port)?)));
     }
-    match hp.rfind(':') {
+    match hp.bytes().rposition(|c| c == b':') {
         Some(c) => Some((&hp[..c], Some(parse_port(&hp[c + 1..])?))),
         None => Some((hp, None)),
     }
@@ -183,6 +204,112 @@ fn valid_host(h: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Uri::parse` as it was written first, on `str` searches.
+    fn reference_parse(raw: &str) -> Option<Uri<'_>> {
+        let raw = scan::trim(raw);
+        if raw.is_empty() || raw.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return None;
+        }
+        let colon = raw.find(':')?;
+        let scheme = &raw[..colon];
+        let mut sb = scheme.bytes();
+        if !sb.next()?.is_ascii_alphabetic()
+            || !sb.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        {
+            return None;
+        }
+        let rest = &raw[colon + 1..];
+        if !(scheme.eq_ignore_ascii_case("sip") || scheme.eq_ignore_ascii_case("sips")) {
+            if rest.is_empty() {
+                return None;
+            }
+            return Some(Uri {
+                raw,
+                scheme,
+                user: None,
+                password: None,
+                host: Host(""),
+                port: None,
+                params: Params::new(""),
+                headers: None,
+                opaque: Some(rest),
+            });
+        }
+        // The user part may contain ';' '?' and ':' (RFC 4475 §3.1.1.2), but '@' is never
+        // unescaped after it, so the last '@' ends the userinfo.
+        let (userinfo, hostpart) = match rest.rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        let (user, password) = match userinfo {
+            Some(ui) => match ui.find(':') {
+                Some(c) => (Some(&ui[..c]), Some(&ui[c + 1..])),
+                None => (Some(ui), None),
+            },
+            None => (None, None),
+        };
+        if user == Some("") {
+            return None;
+        }
+        let (hostport, headers) = match hostpart.find('?') {
+            Some(q) => (&hostpart[..q], Some(&hostpart[q + 1..])),
+            None => (hostpart, None),
+        };
+        let (hostport, params) = match hostport.find(';') {
+            Some(s) => (&hostport[..s], &hostport[s + 1..]),
+            None => (hostport, ""),
+        };
+        let (host, port) = reference_split_host_port(hostport)?;
+        if !valid_host(host) {
+            return None;
+        }
+        Some(Uri {
+            raw,
+            scheme,
+            user,
+            password,
+            host: Host(host),
+            port,
+            params: Params::new(params),
+            headers,
+            opaque: None,
+        })
+    }
+
+    fn reference_split_host_port(hp: &str) -> Option<(&str, Option<u16>)> {
+        if hp.starts_with('[') {
+            return split_host_port(hp);
+        }
+        match hp.rfind(':') {
+            Some(c) => Some((&hp[..c], Some(parse_port(&hp[c + 1..])?))),
+            None => Some((hp, None)),
+        }
+    }
+
+    #[test]
+    fn parse_reads_any_input_as_the_str_search_version() {
+        let alphabet = [
+            "sip:", "sips", "tel", ":", "@", ";", "?", "=", "a", "[", "]", "::1", "5060", " ", "-",
+            ".", "b@", "x;lr", "\t", "é",
+        ];
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..100_000 {
+            let mut s = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 60) + 1 {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                s.push_str(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            for candidate in [s.clone(), format!("sip:{s}"), format!("sip:u@{s}")] {
+                assert_eq!(
+                    Uri::parse(&candidate),
+                    reference_parse(&candidate),
+                    "{candidate:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn full_sip_uri() {

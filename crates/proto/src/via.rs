@@ -36,7 +36,7 @@ impl<'a> Via<'a> {
         let rest = scan::trim(rest).strip_prefix('/')?;
         let (transport, rest) = take_token(scan::trim(rest))?;
         let rest = scan::trim(rest);
-        let (sent_by, params) = match rest.find(';') {
+        let (sent_by, params) = match crate::name_addr::position(rest, b';') {
             Some(i) => (scan::trim(&rest[..i]), &rest[i + 1..]),
             None => (rest, ""),
         };
