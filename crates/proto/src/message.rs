@@ -94,9 +94,10 @@ pub struct Message {
     headers: Fields,
     body: Span,
     defect: Option<ParseError>,
-    /// The From and To tags, found on first use.
+    /// The From and To tags and the top Via's branch, found on first use.
     from_tag: Memo,
     to_tag: Memo,
+    top_branch: Memo,
 }
 
 /// A span of the message found on first use and kept: the From and To tags are read by
@@ -247,6 +248,7 @@ impl Message {
             defect,
             from_tag: Memo::new(),
             to_tag: Memo::new(),
+            top_branch: Memo::new(),
         };
         msg.frame_body(body_start);
         Ok(msg)
@@ -291,7 +293,10 @@ impl Message {
         }
         let mut vias = 0;
         for v in self.values(HeaderName::Via) {
-            Via::parse(v).ok_or(ParseError::in_header(K::BadHeaderValue, "Via"))?;
+            let via = Via::parse(v).ok_or(ParseError::in_header(K::BadHeaderValue, "Via"))?;
+            if vias == 0 {
+                self.top_branch.set(via.branch().map(|b| self.span_of(b)));
+            }
             vias += 1;
         }
         if vias == 0 {
@@ -480,6 +485,14 @@ impl Message {
     /// The topmost Via.
     pub fn top_via(&self) -> Option<Via<'_>> {
         self.values(HeaderName::Via).next().and_then(Via::parse)
+    }
+
+    /// The topmost Via's `branch` parameter (what matches a response to its transaction).
+    pub fn top_via_branch(&self) -> Option<&str> {
+        let span = self
+            .top_branch
+            .get_or(|| self.top_via()?.branch().map(|b| self.span_of(b)));
+        span.map(|s| self.text(s))
     }
 
     /// The From header.
@@ -775,7 +788,11 @@ mod field_tests {
             let copy = validated.clone();
             assert_eq!((validated.from_tag(), validated.to_tag()), (from, to));
             assert_eq!((copy.from_tag(), copy.to_tag()), (from, to));
+            assert_eq!(lazy.top_via_branch(), Some("z9hG4bK1"));
+            assert_eq!(copy.top_via_branch(), Some("z9hG4bK1"));
         }
+        let second = parse("Via: SIP/2.0/UDP h;rport\r\nVia: SIP/2.0/UDP g;branch=z9hG4bK2\r\n");
+        assert_eq!(second.top_via_branch(), None, "the top Via has none");
         let none = parse("Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\n");
         assert_eq!((none.from_tag(), none.to_tag()), (None, None));
     }

@@ -210,8 +210,8 @@ impl InboundHandler for App {
             return;
         }
         if !msg.is_request() {
-            if let Some(branch) = msg.top_via().and_then(|v| v.branch().map(str::to_string))
-                && (self.keepalive_answered(&branch) || self.notify_answered(&msg, &branch))
+            if let Some(branch) = msg.top_via_branch()
+                && (self.keepalive_answered(branch) || self.notify_answered(&msg, branch))
             {
                 return;
             }

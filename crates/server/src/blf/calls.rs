@@ -109,7 +109,7 @@ impl App {
         }
         let (Some(call_id), Some(branch), Some(code)) = (
             msg.call_id(),
-            msg.top_via().and_then(|v| v.branch().map(str::to_string)),
+            msg.top_via_branch().map(str::to_string),
             msg.status(),
         ) else {
             return;

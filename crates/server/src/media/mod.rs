@@ -107,7 +107,7 @@ fn seen<'a>(msg: &'a Message, body: &'a str, source: IpAddr) -> Option<Seen<'a>>
         to_tag: msg.to_tag(),
         body,
         source,
-        via_branch: msg.top_via().and_then(|v| v.branch()),
+        via_branch: msg.top_via_branch(),
     })
 }
 

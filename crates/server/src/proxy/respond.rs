@@ -60,7 +60,7 @@ impl App {
         // 430 Flow Failed (or 408: the flow's device did not answer) from one flow of a device
         // with others: the next one is tried first (RFC 5626 §5.3).
         if matches!(msg.status(), Some(430 | 408))
-            && let Some(branch) = msg.top_via().and_then(|v| v.branch().map(str::to_string))
+            && let Some(branch) = msg.top_via_branch().map(str::to_string)
             && self.alternate_flows.has(&branch)
         {
             let app = self.clone();

@@ -39,10 +39,9 @@ impl BranchKey {
 
     /// The key a response names by its top Via branch and CSeq method.
     pub fn of_response(msg: &Message) -> Option<Self> {
-        let via = msg.top_via()?;
         let (_, method) = msg.cseq()?;
         Some(Self {
-            branch: via.branch()?.into(),
+            branch: msg.top_via_branch()?.into(),
             cancel: method.eq_ignore_ascii_case("CANCEL"),
         })
     }
