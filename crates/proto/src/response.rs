@@ -189,18 +189,8 @@ fn write_top_via(out: &mut BytesMut, value: &str, source: Option<SocketAddr>) {
 }
 
 /// Writes `n` in decimal without the formatting machinery (status codes, ports, lengths).
-fn put_decimal(out: &mut BytesMut, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[i..]);
+fn put_decimal(out: &mut BytesMut, n: u64) {
+    out.put_slice(scan::decimal(n, &mut [0; 20]));
 }
 
 struct Writer<'a>(&'a mut BytesMut);

@@ -37,6 +37,21 @@ pub fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(is_token_char)
 }
 
+/// `n` in decimal ASCII, written into the end of `buf` (no formatting machinery: status
+/// codes, ports, lengths and keys are written for every message).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
 /// Trims linear whitespace (including folding) from both ends.
 pub fn trim(s: &str) -> &str {
     let b = s.as_bytes();

@@ -68,18 +68,9 @@ impl TxKey {
 
 /// Appends `n` in decimal: a key is made for every request, and `to_string` allocated twice.
 fn push_decimal(out: &mut String, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend(digits[i..].iter().map(|&d| char::from(d)));
+    let mut buf = [0; 20];
+    let digits = careflow_proto::scan::decimal(n, &mut buf);
+    out.extend(digits.iter().map(|&d| char::from(d)));
 }
 
 /// What to do with a received request.
