@@ -31,14 +31,15 @@ pub fn local_tag(msg: &Message) -> String {
 /// zeros (as `{:016x}` and `{:x}` would; these values are made for every forwarded request and
 /// every response of ours, and `fmt` costs several times the hashing).
 fn push_hex(out: &mut String, n: u64, pad: bool) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digits = if pad {
-        16
-    } else {
-        (16 - n.leading_zeros() as usize / 4).max(1)
-    };
-    for i in (0..digits).rev() {
-        out.push(DIGITS[((n >> (i * 4)) & 0xf) as usize] as char);
+    let start = out.len();
+    crate::flow::push_hex(out, &n.to_be_bytes());
+    if !pad {
+        let zeros = out[start..]
+            .bytes()
+            .take_while(|&c| c == b'0')
+            .count()
+            .min(15);
+        out.drain(start..start + zeros);
     }
 }
 
