@@ -22,6 +22,8 @@ mod response;
 pub mod rewrite;
 pub mod scan;
 pub mod stun;
+#[cfg(test)]
+mod test_inputs;
 mod uri;
 mod via;
 pub mod websocket;

@@ -261,14 +261,7 @@ mod tests {
         let alphabet = [
             ";", "=", "\"", "\\", "<", ">", "a", "bc", " ", "\r\n ", "tag", ",", "é",
         ];
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..50_000 {
-            let mut s = String::new();
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            for _ in 0..(seed >> 60) + 1 {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                s.push_str(alphabet[(seed >> 33) as usize % alphabet.len()]);
-            }
+        for s in crate::test_inputs::generated(&alphabet, 0x9e37_79b9_7f4a_7c15, 50_000) {
             let got: Vec<_> = Params::new(&s).iter().collect();
             assert_eq!(got, reference_iter(&s), "{s:?}");
         }

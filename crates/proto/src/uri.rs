@@ -293,14 +293,7 @@ mod tests {
             "sip:", "sips", "tel", ":", "@", ";", "?", "=", "a", "[", "]", "::1", "5060", " ", "-",
             ".", "b@", "x;lr", "\t", "é",
         ];
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..100_000 {
-            let mut s = String::new();
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            for _ in 0..(seed >> 60) + 1 {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                s.push_str(alphabet[(seed >> 33) as usize % alphabet.len()]);
-            }
+        for s in crate::test_inputs::generated(&alphabet, 0x2545_f491_4f6c_dd1d, 100_000) {
             for candidate in [s.clone(), format!("sip:{s}"), format!("sip:u@{s}")] {
                 assert_eq!(
                     Uri::parse(&candidate),
