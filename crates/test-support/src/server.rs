@@ -56,6 +56,19 @@ impl Server {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
+        // A port found free can be taken before the server binds it (another test's client
+        // socket gets it from the same ephemeral range): start again on other ports.
+        for _ in 0..3 {
+            match s.try_spawn() {
+                Ok(()) => return s,
+                Err(log) if log.contains("Address already in use") => {
+                    (s.port, s.http, s.port2, s.port3) =
+                        (free_port(), free_port(), free_port(), free_port());
+                    std::fs::remove_file(s.log_path()).ok();
+                }
+                Err(log) => panic!("careflow-sip exited:\n{log}"),
+            }
+        }
         s.spawn();
         s
     }
@@ -118,6 +131,13 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("careflow-sip exited:\n{log}");
+        }
+    }
+
+    /// Starts the server and waits for `/healthz`; its log when it exited instead.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -137,12 +157,13 @@ impl Server {
                 .http_get("/healthz")
                 .is_some_and(|(code, _)| code == 200)
             {
-                return;
+                return Ok(());
             }
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                panic!("careflow-sip exited with {status}:\n{}", self.log());
+                self.child = None;
+                return Err(format!("{status}:\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
