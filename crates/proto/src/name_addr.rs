@@ -70,53 +70,81 @@ impl<'a> Iterator for ParamsIter<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             let s = self.rest?;
-            let b = s.as_bytes();
-            let (mut end, mut eq) = (b.len(), None);
-            let (mut in_quotes, mut in_angle) = (false, false);
-            let mut i = 0;
-            while i < b.len() {
-                let c = b[i];
-                if c == b'=' && eq.is_none() {
-                    eq = Some(i);
-                }
-                if in_quotes {
-                    match c {
-                        b'\\' => {
-                            // The escaped byte is skipped, but still the item's first `=`
-                            // when it is one (as `str::find` would see it).
-                            i += 1;
-                            if eq.is_none() && b.get(i) == Some(&b'=') {
-                                eq = Some(i);
-                            }
-                        }
-                        b'"' => in_quotes = false,
-                        _ => {}
-                    }
-                } else if in_angle {
-                    in_angle = c != b'>';
-                } else if c == b'"' {
-                    in_quotes = true;
-                } else if c == b'<' {
-                    in_angle = true;
-                } else if c == b';' {
-                    end = i;
-                    break;
-                }
-                i += 1;
-            }
-            self.rest = (end < b.len()).then(|| &s[end + 1..]);
+            let (end, eq) = item_bounds(s.as_bytes());
+            self.rest = (end < s.len()).then(|| &s[end + 1..]);
             let item = &s[..end];
-            if scan::trim(item).is_empty() {
-                self.rest?;
-                continue;
-            }
             return Some(match eq {
                 Some(e) => (scan::trim(&item[..e]), Some(scan::trim(&item[e + 1..]))),
-                None => (scan::trim(item), None),
+                None => {
+                    let name = scan::trim(item);
+                    if name.is_empty() {
+                        // `;;` or a trailing `;`: no item.
+                        self.rest?;
+                        continue;
+                    }
+                    (name, None)
+                }
             });
         }
     }
 }
+
+/// The end of the first item of `b` (the position of its ending `;`, or the length) and the
+/// position of its first `=`, quoted or not.
+fn item_bounds(b: &[u8]) -> (usize, Option<usize>) {
+    let mut eq = None;
+    let mut i = 0;
+    loop {
+        // Past a quoted string left open by the last byte `i` may be beyond the end.
+        i += scan::skip_until(b.get(i..).unwrap_or_default(), PARAM_SPECIAL);
+        let Some(&c) = b.get(i) else {
+            return (b.len(), eq);
+        };
+        match c {
+            b';' => return (i, eq),
+            b'=' => {
+                eq.get_or_insert(i);
+                i += 1;
+            }
+            b'"' => {
+                i += 1;
+                while let Some(&q) = b.get(i) {
+                    match q {
+                        b'"' => break,
+                        // The escaped byte is skipped, but still the item's first `=` when it
+                        // is one (as `str::find` would see it).
+                        b'\\' => i += 1,
+                        _ => {}
+                    }
+                    if b.get(i) == Some(&b'=') {
+                        eq.get_or_insert(i);
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            _ => {
+                // `<`: up to the closing `>`.
+                i += 1;
+                while let Some(&a) = b.get(i) {
+                    i += 1;
+                    match a {
+                        b'>' => break,
+                        b'=' => {
+                            eq.get_or_insert(i - 1);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes that end a run of ordinary parameter text: `;` (the item's end), `=` (its first one
+/// splits name and value), and the openers of the quoted strings and `<...>` inside which a
+/// `;` does not count.
+const PARAM_SPECIAL: [u8; 4] = *b";=\"<";
 
 /// A name-addr or addr-spec with its header parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

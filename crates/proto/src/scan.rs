@@ -52,7 +52,42 @@ pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[i..]
 }
 
+/// The position of the first byte of `b` that is one of `set`, or `b.len()`. Eight bytes are
+/// compared at once (SWAR): the runs between delimiters in header values (branches, tags,
+/// hosts) are 8-40 bytes, short enough that a `memchr` call's set-up costs more than it saves
+/// and long enough that one byte at a time is the parser's largest cost.
+#[inline]
+pub fn skip_until<const N: usize>(b: &[u8], set: [u8; N]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut i = 0;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(w);
+        let mut hits = 0;
+        for c in set {
+            // A zero byte of `x` is a byte equal to `c`. The borrow of the subtraction can
+            // only mark bytes above a true zero byte, so the lowest mark is exact.
+            let x = word ^ (ONES * u64::from(c));
+            hits |= x.wrapping_sub(ONES) & !x & HIGHS;
+        }
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&c) = b.get(i) {
+        if set.contains(&c) {
+            return i;
+        }
+        i += 1;
+    }
+    b.len()
+}
+
 /// Trims linear whitespace (including folding) from both ends.
+#[inline]
 pub fn trim(s: &str) -> &str {
     let b = s.as_bytes();
     let mut start = 0;
@@ -213,6 +248,40 @@ pub fn pct_decode(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skip_until_finds_the_first_byte_of_the_set_at_every_position() {
+        // Every length up to three words, the wanted byte at every position, the bytes around
+        // it everything else (high bytes and the set's neighbours included): the word compare
+        // must agree with a byte-by-byte search, and a later match never hides an earlier one.
+        let set = *b";=\"<";
+        let fillers = [b'a', 0x00, 0x7f, 0x80, 0xff, b':', b'>', b'!', b'#'];
+        for len in 0..24 {
+            for filler in fillers {
+                let mut b = vec![filler; len];
+                assert_eq!(skip_until(&b, set), len, "none in {b:?}");
+                for at in 0..len {
+                    for &c in &set {
+                        b[at] = c;
+                        if at + 1 < len {
+                            b[len - 1] = b'=';
+                        }
+                        assert_eq!(skip_until(&b, set), at, "{b:?}");
+                        b.fill(filler);
+                    }
+                }
+            }
+        }
+        for s in crate::test_inputs::generated(
+            &["ab", ";", "=", "\"", "<", ">", "é", " ", "xyz12345"],
+            7,
+            20_000,
+        ) {
+            let b = s.as_bytes();
+            let want = b.iter().position(|c| set.contains(c)).unwrap_or(b.len());
+            assert_eq!(skip_until(b, set), want, "{s:?}");
+        }
+    }
 
     #[test]
     fn list_split_respects_quotes_and_angles() {
