@@ -5,6 +5,7 @@
 //! [`Message::validate`] checks the headers a transaction needs, so that a request with a bad
 //! header can still be answered with a 400 naming it.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -13,9 +14,9 @@ use smallvec::SmallVec;
 use crate::error::{ParseError, ParseErrorKind as K};
 use crate::header::HeaderName;
 use crate::method::Method;
-use crate::name_addr::NameAddr;
+use crate::name_addr::{NameAddr, Params};
 use crate::scan;
-use crate::uri::Uri;
+use crate::uri::{Host, Uri};
 use crate::via::Via;
 
 /// Bounds applied while parsing untrusted input.
@@ -98,6 +99,44 @@ pub struct Message {
     from_tag: Memo,
     to_tag: Memo,
     top_branch: Memo,
+    /// The top Via, parsed on first use: validation, the transaction key, the response's
+    /// destination, forking and the lamps each read it (five to eight parses per message).
+    top_via: OnceLock<Option<ViaSpans>>,
+    /// From and To, parsed on first use (read by validation, authentication, routing, call
+    /// records and the lamps).
+    from: OnceLock<Option<NameAddrSpans>>,
+    to: OnceLock<Option<NameAddrSpans>>,
+}
+
+/// Where the parts of a parsed [`NameAddr`] are in the message.
+#[derive(Debug, Clone, Copy)]
+struct NameAddrSpans {
+    display: Option<Span>,
+    uri: UriSpans,
+    params: Span,
+}
+
+/// Where the parts of a parsed [`Uri`] are in the message.
+#[derive(Debug, Clone, Copy)]
+struct UriSpans {
+    raw: Span,
+    scheme: Span,
+    user: Option<Span>,
+    password: Option<Span>,
+    host: Span,
+    port: Option<u16>,
+    params: Span,
+    headers: Option<Span>,
+    opaque: Option<Span>,
+}
+
+/// Where the parts of a parsed [`Via`] are in the message.
+#[derive(Debug, Clone, Copy)]
+struct ViaSpans {
+    transport: Span,
+    host: Span,
+    port: Option<u16>,
+    params: Span,
 }
 
 /// A span of the message found on first use and kept: the From and To tags are read by
@@ -249,6 +288,9 @@ impl Message {
             from_tag: Memo::new(),
             to_tag: Memo::new(),
             top_branch: Memo::new(),
+            top_via: OnceLock::new(),
+            from: OnceLock::new(),
+            to: OnceLock::new(),
         };
         msg.frame_body(body_start);
         Ok(msg)
@@ -293,10 +335,12 @@ impl Message {
         }
         let mut vias = 0;
         for v in self.values(HeaderName::Via) {
-            let via = Via::parse(v).ok_or(ParseError::in_header(K::BadHeaderValue, "Via"))?;
-            if vias == 0 {
-                self.top_branch.set(via.branch().map(|b| self.span_of(b)));
-            }
+            let via = if vias == 0 {
+                self.top_via()
+            } else {
+                Via::parse(v)
+            };
+            via.ok_or(ParseError::in_header(K::BadHeaderValue, "Via"))?;
             vias += 1;
         }
         if vias == 0 {
@@ -310,17 +354,10 @@ impl Message {
         if self.values(HeaderName::Contact).nth(MAX_CONTACTS).is_some() {
             return Err(ParseError::in_header(K::TooManyValues, "Contact"));
         }
-        // The tags are kept while the headers are parsed here anyway.
-        self.single(HeaderName::From, "From", |v| {
-            NameAddr::parse(v)
-                .map(|n| self.from_tag.set(n.tag().map(|t| self.span_of(t))))
-                .is_some()
-        })?;
-        self.single(HeaderName::To, "To", |v| {
-            NameAddr::parse(v)
-                .map(|n| self.to_tag.set(n.tag().map(|t| self.span_of(t))))
-                .is_some()
-        })?;
+        // `from()` and `to()` parse the first field of each, the one `single` checks, and
+        // keep it for the message's later readers.
+        self.single(HeaderName::From, "From", |_| self.from().is_some())?;
+        self.single(HeaderName::To, "To", |_| self.to().is_some())?;
         self.single(HeaderName::CallId, "Call-ID", |v| {
             !v.is_empty() && !v.contains(char::is_whitespace)
         })?;
@@ -484,7 +521,21 @@ impl Message {
 
     /// The topmost Via.
     pub fn top_via(&self) -> Option<Via<'_>> {
-        self.values(HeaderName::Via).next().and_then(Via::parse)
+        let spans = self.top_via.get_or_init(|| {
+            let via = self.values(HeaderName::Via).next().and_then(Via::parse)?;
+            Some(ViaSpans {
+                transport: self.span_in(via.transport),
+                host: self.span_in(via.host.as_str()),
+                port: via.port,
+                params: self.span_in(via.params.as_str()),
+            })
+        });
+        spans.map(|v| Via {
+            transport: self.text(v.transport),
+            host: Host(self.text(v.host)),
+            port: v.port,
+            params: Params::new(self.text(v.params)),
+        })
     }
 
     /// The topmost Via's `branch` parameter (what matches a response to its transaction).
@@ -497,12 +548,58 @@ impl Message {
 
     /// The From header.
     pub fn from(&self) -> Option<NameAddr<'_>> {
-        self.header(HeaderName::From).and_then(NameAddr::parse)
+        self.name_addr(&self.from, HeaderName::From)
     }
 
     /// The To header.
     pub fn to(&self) -> Option<NameAddr<'_>> {
-        self.header(HeaderName::To).and_then(NameAddr::parse)
+        self.name_addr(&self.to, HeaderName::To)
+    }
+
+    /// The first `name` header as a name-addr, parsed once into `memo`.
+    fn name_addr(
+        &self,
+        memo: &OnceLock<Option<NameAddrSpans>>,
+        name: HeaderName,
+    ) -> Option<NameAddr<'_>> {
+        let spans = memo.get_or_init(|| {
+            let n = self.header(name).and_then(NameAddr::parse)?;
+            let opt = |p: Option<&str>| p.map(|p| self.span_in(p));
+            let u = &n.uri;
+            Some(NameAddrSpans {
+                display: opt(n.display),
+                uri: UriSpans {
+                    raw: self.span_in(u.raw),
+                    scheme: self.span_in(u.scheme),
+                    user: opt(u.user),
+                    password: opt(u.password),
+                    host: self.span_in(u.host.as_str()),
+                    port: u.port,
+                    params: self.span_in(u.params.as_str()),
+                    headers: opt(u.headers),
+                    opaque: opt(u.opaque),
+                },
+                params: self.span_in(n.params.as_str()),
+            })
+        });
+        let n = spans.as_ref()?;
+        let opt = |s: Option<Span>| s.map(|s| self.text(s));
+        let u = &n.uri;
+        Some(NameAddr {
+            display: opt(n.display),
+            uri: Uri {
+                raw: self.text(u.raw),
+                scheme: self.text(u.scheme),
+                user: opt(u.user),
+                password: opt(u.password),
+                host: Host(self.text(u.host)),
+                port: u.port,
+                params: Params::new(self.text(u.params)),
+                headers: opt(u.headers),
+                opaque: opt(u.opaque),
+            },
+            params: Params::new(self.text(n.params)),
+        })
     }
 
     /// The From header's `tag` parameter.
@@ -519,6 +616,19 @@ impl Message {
             .to_tag
             .get_or(|| self.to()?.tag().map(|t| self.span_of(t)));
         span.map(|s| self.text(s))
+    }
+
+    /// [`Self::span_of`] for a part that may be empty text from elsewhere (a parser's `""`
+    /// for an absent part): that is kept as an empty span.
+    fn span_in(&self, part: &str) -> Span {
+        let base = self.buf.as_ptr() as usize;
+        let at = part.as_ptr() as usize;
+        if at >= base && at + part.len() <= base + self.buf.len() {
+            self.span_of(part)
+        } else {
+            debug_assert!(part.is_empty());
+            Span::default()
+        }
     }
 
     /// Where `part`, a slice of this message's header text, lies in the buffer.
@@ -795,6 +905,62 @@ mod field_tests {
         assert_eq!(second.top_via_branch(), None, "the top Via has none");
         let none = parse("Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\n");
         assert_eq!((none.from_tag(), none.to_tag()), (None, None));
+    }
+
+    #[test]
+    fn kept_top_via_from_and_to_are_what_parsing_the_header_gives() {
+        // Every part, present or absent, equal to a fresh parse of the same text and at the
+        // same place in the buffer (rewriting code splices by position); before and after
+        // validation, and in a clone made before first use.
+        let vias = [
+            "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK-1;rport",
+            "SIP/2.0/TCP [2001:db8::1];received=192.0.2.1 ; branch=z9hG4bKx",
+            "SIP / 2.0 / WSS host.invalid",
+            "SIP/2.0/UDP bad host",
+        ];
+        let addrs = [
+            "\"Ward 7\" <sip:2001:pw@example.com:5070;transport=tcp?subject=x>;tag=a1;x=\"q;\"",
+            "sip:b@example.com;tag=t",
+            "Bob <sips:b@example.com>",
+            "<tel:+15551234>;tag=9",
+            "<urn:service:sos>",
+            "<sip:example.com;lr>",
+            "not an address <",
+        ];
+        for via in vias {
+            for (from, to) in addrs.iter().zip(addrs.iter().rev()) {
+                let text = format!(
+                    "INVITE sip:b@x SIP/2.0\r\nVia: {via}\r\nVia: SIP/2.0/UDP g;branch=z9hG4bK2\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"
+                );
+                let m = Message::parse(Bytes::from(text), &ParseLimits::default()).unwrap();
+                let copy = m.clone();
+                let fresh_via = m.values(HeaderName::Via).next().and_then(Via::parse);
+                let fresh_from = m.header(HeaderName::From).and_then(NameAddr::parse);
+                let fresh_to = m.header(HeaderName::To).and_then(NameAddr::parse);
+                let same = |m: &Message| {
+                    let (v, f, t) = (m.top_via(), m.from(), m.to());
+                    assert_eq!(v, fresh_via, "{via:?}");
+                    assert_eq!(f, fresh_from, "{from:?}");
+                    assert_eq!(t, fresh_to, "{to:?}");
+                    if let (Some(v), Some(fresh)) = (v, fresh_via) {
+                        assert_eq!(v.host.as_str().as_ptr(), fresh.host.as_str().as_ptr());
+                    }
+                    if let (Some(f), Some(fresh)) = (f, fresh_from) {
+                        assert_eq!(f.uri.raw.as_ptr(), fresh.uri.raw.as_ptr());
+                        assert_eq!(f.params.as_str().len(), fresh.params.as_str().len());
+                    }
+                };
+                same(&m);
+                same(&m); // from the memo
+                let _ = m.validate();
+                same(&m);
+                same(&copy);
+                assert_eq!(
+                    m.validate().is_ok(),
+                    fresh_via.is_some() && fresh_from.is_some() && fresh_to.is_some()
+                );
+            }
+        }
     }
 
     #[test]
