@@ -99,13 +99,24 @@ pub struct Message {
     from_tag: Memo,
     to_tag: Memo,
     top_branch: Memo,
-    /// The top Via, parsed on first use: validation, the transaction key, the response's
-    /// destination, forking and the lamps each read it (five to eight parses per message).
+    /// Headers kept once parsed. Inline, not boxed: parsing and validating a message
+    /// allocates nothing.
+    parsed: Parsed,
+}
+
+/// The parts of a message that are parsed on first use and kept.
+#[derive(Debug, Clone, Default)]
+struct Parsed {
+    /// The top Via: validation, the transaction key, the response's destination, forking and
+    /// the lamps each read it (five to eight parses per message).
     top_via: OnceLock<Option<ViaSpans>>,
-    /// From and To, parsed on first use (read by validation, authentication, routing, call
+    /// From, To and the first Contact (read by validation, authentication, routing, call
     /// records and the lamps).
     from: OnceLock<Option<NameAddrSpans>>,
     to: OnceLock<Option<NameAddrSpans>>,
+    contact: OnceLock<Option<NameAddrSpans>>,
+    /// The Request-URI as parsed when the start line was checked (routing reads it often).
+    request_uri: OnceLock<Option<UriSpans>>,
 }
 
 /// Where the parts of a parsed [`NameAddr`] are in the message.
@@ -204,7 +215,7 @@ impl Message {
         let mut defect = None;
         let line_end = memchr::memchr(b'\n', head.as_bytes()).map_or(head.len(), |i| i + 1);
         let sl = without_line_break(&head[..line_end]);
-        let (start, first, second) = parse_start_line(sl, pos, &mut defect)?;
+        let (start, first, second, request_uri) = parse_start_line(sl, b, &mut defect)?;
         let start_line = Span::new(pos, pos + line_end);
 
         let mut headers = Fields::new();
@@ -288,9 +299,10 @@ impl Message {
             from_tag: Memo::new(),
             to_tag: Memo::new(),
             top_branch: Memo::new(),
-            top_via: OnceLock::new(),
-            from: OnceLock::new(),
-            to: OnceLock::new(),
+            parsed: Parsed {
+                request_uri: OnceLock::from(request_uri),
+                ..Parsed::default()
+            },
         };
         msg.frame_body(body_start);
         Ok(msg)
@@ -441,7 +453,10 @@ impl Message {
 
     /// The parsed Request-URI.
     pub fn request_uri(&self) -> Option<Uri<'_>> {
-        Uri::parse(self.request_uri_str())
+        let spans = self.parsed.request_uri.get_or_init(|| {
+            Uri::parse(self.request_uri_str()).map(|u| UriSpans::of(&self.buf, &u))
+        });
+        spans.as_ref().map(|u| u.uri(self))
     }
 
     /// Status code of a response.
@@ -521,13 +536,13 @@ impl Message {
 
     /// The topmost Via.
     pub fn top_via(&self) -> Option<Via<'_>> {
-        let spans = self.top_via.get_or_init(|| {
+        let spans = self.parsed.top_via.get_or_init(|| {
             let via = self.values(HeaderName::Via).next().and_then(Via::parse)?;
             Some(ViaSpans {
-                transport: self.span_in(via.transport),
-                host: self.span_in(via.host.as_str()),
+                transport: span_in(&self.buf, via.transport),
+                host: span_in(&self.buf, via.host.as_str()),
                 port: via.port,
-                params: self.span_in(via.params.as_str()),
+                params: span_in(&self.buf, via.params.as_str()),
             })
         });
         spans.map(|v| Via {
@@ -548,12 +563,18 @@ impl Message {
 
     /// The From header.
     pub fn from(&self) -> Option<NameAddr<'_>> {
-        self.name_addr(&self.from, HeaderName::From)
+        self.name_addr(&self.parsed.from, HeaderName::From)
     }
 
     /// The To header.
     pub fn to(&self) -> Option<NameAddr<'_>> {
-        self.name_addr(&self.to, HeaderName::To)
+        self.name_addr(&self.parsed.to, HeaderName::To)
+    }
+
+    /// The first Contact field as one name-addr (a field listing several does not parse: a
+    /// request or response sets one; a REGISTER's list is read with [`Self::values`]).
+    pub fn contact(&self) -> Option<NameAddr<'_>> {
+        self.name_addr(&self.parsed.contact, HeaderName::Contact)
     }
 
     /// The first `name` header as a name-addr, parsed once into `memo`.
@@ -564,40 +585,16 @@ impl Message {
     ) -> Option<NameAddr<'_>> {
         let spans = memo.get_or_init(|| {
             let n = self.header(name).and_then(NameAddr::parse)?;
-            let opt = |p: Option<&str>| p.map(|p| self.span_in(p));
-            let u = &n.uri;
             Some(NameAddrSpans {
-                display: opt(n.display),
-                uri: UriSpans {
-                    raw: self.span_in(u.raw),
-                    scheme: self.span_in(u.scheme),
-                    user: opt(u.user),
-                    password: opt(u.password),
-                    host: self.span_in(u.host.as_str()),
-                    port: u.port,
-                    params: self.span_in(u.params.as_str()),
-                    headers: opt(u.headers),
-                    opaque: opt(u.opaque),
-                },
-                params: self.span_in(n.params.as_str()),
+                display: n.display.map(|d| span_in(&self.buf, d)),
+                uri: UriSpans::of(&self.buf, &n.uri),
+                params: span_in(&self.buf, n.params.as_str()),
             })
         });
         let n = spans.as_ref()?;
-        let opt = |s: Option<Span>| s.map(|s| self.text(s));
-        let u = &n.uri;
         Some(NameAddr {
-            display: opt(n.display),
-            uri: Uri {
-                raw: self.text(u.raw),
-                scheme: self.text(u.scheme),
-                user: opt(u.user),
-                password: opt(u.password),
-                host: Host(self.text(u.host)),
-                port: u.port,
-                params: Params::new(self.text(u.params)),
-                headers: opt(u.headers),
-                opaque: opt(u.opaque),
-            },
+            display: n.display.map(|d| self.text(d)),
+            uri: n.uri.uri(self),
             params: Params::new(self.text(n.params)),
         })
     }
@@ -616,19 +613,6 @@ impl Message {
             .to_tag
             .get_or(|| self.to()?.tag().map(|t| self.span_of(t)));
         span.map(|s| self.text(s))
-    }
-
-    /// [`Self::span_of`] for a part that may be empty text from elsewhere (a parser's `""`
-    /// for an absent part): that is kept as an empty span.
-    fn span_in(&self, part: &str) -> Span {
-        let base = self.buf.as_ptr() as usize;
-        let at = part.as_ptr() as usize;
-        if at >= base && at + part.len() <= base + self.buf.len() {
-            self.span_of(part)
-        } else {
-            debug_assert!(part.is_empty());
-            Span::default()
-        }
     }
 
     /// Where `part`, a slice of this message's header text, lies in the buffer.
@@ -679,6 +663,53 @@ fn parse_cseq(v: &str) -> Option<(u32, &str)> {
         return None;
     }
     Some((n as u32, m))
+}
+
+/// Where `part`, a slice of `buf`, lies in it; a part that is empty text from elsewhere (a
+/// parser's `""` for an absent part) is kept as an empty span.
+fn span_in(buf: &[u8], part: &str) -> Span {
+    let base = buf.as_ptr() as usize;
+    let at = part.as_ptr() as usize;
+    if at >= base && at + part.len() <= base + buf.len() {
+        Span::new(at - base, at - base + part.len())
+    } else {
+        debug_assert!(part.is_empty());
+        Span::default()
+    }
+}
+
+impl UriSpans {
+    /// The spans of `u`, parsed from text of `buf`.
+    fn of(buf: &[u8], u: &Uri<'_>) -> Self {
+        let opt = |p: Option<&str>| p.map(|p| span_in(buf, p));
+        Self {
+            raw: span_in(buf, u.raw),
+            scheme: span_in(buf, u.scheme),
+            user: opt(u.user),
+            password: opt(u.password),
+            host: span_in(buf, u.host.as_str()),
+            port: u.port,
+            params: span_in(buf, u.params.as_str()),
+            headers: opt(u.headers),
+            opaque: opt(u.opaque),
+        }
+    }
+
+    /// The URI again, over `msg`'s text.
+    fn uri<'m>(&self, msg: &'m Message) -> Uri<'m> {
+        let opt = |s: Option<Span>| s.map(|s| msg.text(s));
+        Uri {
+            raw: msg.text(self.raw),
+            scheme: msg.text(self.scheme),
+            user: opt(self.user),
+            password: opt(self.password),
+            host: Host(msg.text(self.host)),
+            port: self.port,
+            params: Params::new(msg.text(self.params)),
+            headers: opt(self.headers),
+            opaque: opt(self.opaque),
+        }
+    }
 }
 
 fn set_defect(slot: &mut Option<ParseError>, e: ParseError) {
@@ -756,11 +787,17 @@ fn without_line_break(line: &str) -> &str {
     &line[..end]
 }
 
+/// What [`parse_start_line`] finds.
+type StartLineParts = (StartLine, Span, Span, Option<UriSpans>);
+
+/// The start line `sl` (text of `buf`): what it is, its second and third parts, and for a
+/// request the parsed Request-URI's spans (`None` inside when it does not parse).
 fn parse_start_line(
     sl: &str,
-    base: usize,
+    buf: &[u8],
     defect: &mut Option<ParseError>,
-) -> Result<(StartLine, Span, Span), ParseError> {
+) -> Result<StartLineParts, ParseError> {
+    let base = span_in(buf, sl).start as usize;
     let bad = ParseError::new(K::BadStartLine);
     if let Some(rest) = sl.strip_prefix("SIP/") {
         // Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
@@ -780,6 +817,7 @@ fn parse_start_line(
             StartLine::Response(code_n as u16),
             Span::new(cstart, cstart + code.len()),
             Span::new(rstart, base + sl.len()),
+            None,
         ));
     }
     // Request-Line = Method SP Request-URI SP SIP-Version
@@ -815,6 +853,7 @@ fn parse_start_line(
         StartLine::Request(Method::from_token(method.as_bytes())),
         Span::new(base, base + sp1),
         Span::new(base + sp1 + 1, base + sp2),
+        parsed.map(|u| UriSpans::of(buf, &u)),
     ))
 }
 
@@ -930,18 +969,21 @@ mod field_tests {
         for via in vias {
             for (from, to) in addrs.iter().zip(addrs.iter().rev()) {
                 let text = format!(
-                    "INVITE sip:b@x SIP/2.0\r\nVia: {via}\r\nVia: SIP/2.0/UDP g;branch=z9hG4bK2\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"
+                    "INVITE sip:b@x SIP/2.0\r\nVia: {via}\r\nVia: SIP/2.0/UDP g;branch=z9hG4bK2\r\nFrom: {from}\r\nTo: {to}\r\nContact: {to}\r\nContact: <sip:second@h>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"
                 );
                 let m = Message::parse(Bytes::from(text), &ParseLimits::default()).unwrap();
                 let copy = m.clone();
                 let fresh_via = m.values(HeaderName::Via).next().and_then(Via::parse);
                 let fresh_from = m.header(HeaderName::From).and_then(NameAddr::parse);
                 let fresh_to = m.header(HeaderName::To).and_then(NameAddr::parse);
+                let fresh_contact = m.header(HeaderName::Contact).and_then(NameAddr::parse);
+                assert_eq!(fresh_contact, fresh_to, "the first Contact field");
                 let same = |m: &Message| {
                     let (v, f, t) = (m.top_via(), m.from(), m.to());
                     assert_eq!(v, fresh_via, "{via:?}");
                     assert_eq!(f, fresh_from, "{from:?}");
                     assert_eq!(t, fresh_to, "{to:?}");
+                    assert_eq!(m.contact(), fresh_contact, "{to:?}");
                     if let (Some(v), Some(fresh)) = (v, fresh_via) {
                         assert_eq!(v.host.as_str().as_ptr(), fresh.host.as_str().as_ptr());
                     }
@@ -961,6 +1003,38 @@ mod field_tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_kept_request_uri_is_what_parsing_it_gives() {
+        for uri in [
+            "sip:2002@example.com;user=phone",
+            "sips:[2001:db8::2]:5061;transport=tls",
+            "tel:+15551234",
+            "sip:example.com",
+            "sip:a@b?subject=x",
+            "sip:",
+            "<sip:a@b>",
+        ] {
+            let text = format!(
+                "INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n"
+            );
+            let m = Message::parse(Bytes::from(text), &ParseLimits::default()).unwrap();
+            let fresh = Uri::parse(m.request_uri_str());
+            assert_eq!(m.request_uri(), fresh, "{uri:?}");
+            assert_eq!(m.clone().request_uri(), fresh, "{uri:?}");
+            if let (Some(kept), Some(fresh)) = (m.request_uri(), fresh) {
+                assert_eq!(kept.raw.as_ptr(), fresh.raw.as_ptr());
+            }
+            let usable = fresh.is_some_and(|u| !(u.is_sip() && u.headers.is_some()));
+            assert_eq!(m.validate().is_ok(), usable, "{uri:?}");
+        }
+        let resp = Message::parse(
+            Bytes::from_static(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\r\n"),
+            &ParseLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(resp.request_uri(), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use careflow_core::cdr::{CallRecord, CallRecords, CallStart, Device, Disposition};
-use careflow_proto::{HeaderName, Message, NameAddr};
+use careflow_proto::{HeaderName, Message};
 use careflow_store::events::EventKind;
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +38,7 @@ fn transport_name(t: careflow_core::Transport) -> String {
 
 /// The device a message's Contact and `User-Agent`/`Server` describe.
 fn device_of(msg: &Message, agent: HeaderName) -> Device {
-    let contact = msg.header(HeaderName::Contact).and_then(NameAddr::parse);
+    let contact = msg.contact();
     Device {
         instance: contact.as_ref().and_then(|c| {
             c.params

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use careflow_core::dialog_event::{Direction, NewLeg, Party};
 use careflow_core::transaction::TxKey;
-use careflow_proto::{HeaderName, Message, NameAddr};
+use careflow_proto::{Message, NameAddr};
 
 use super::aor_of;
 use crate::app::{App, Ctx};
@@ -29,10 +29,7 @@ impl App {
                 .filter(|d| !d.is_empty()),
             target,
         };
-        let caller_target = msg
-            .header(HeaderName::Contact)
-            .and_then(NameAddr::parse)
-            .map(|n| n.uri.raw.to_string());
+        let caller_target = msg.contact().map(|n| n.uri.raw.to_string());
         let (caller, callee) = (party(&from, caller_target), party(&to, None));
         let ours = |n: &NameAddr<'_>| {
             aor_of(&n.uri).filter(|_| self.serves_domain(&n.uri.host.as_str().to_ascii_lowercase()))
@@ -41,10 +38,7 @@ impl App {
         let Ok(mut w) = self.watchers.lock() else {
             return;
         };
-        if let Some(contact) = msg
-            .header(HeaderName::Contact)
-            .and_then(NameAddr::parse)
-            .map(|n| n.uri.raw.to_string())
+        if let Some(contact) = msg.contact().map(|n| n.uri.raw.to_string())
             && let Some(invite) = ctx.key.clone().or_else(|| TxKey::of(msg))
         {
             let flow = crate::routing::Target {
@@ -115,10 +109,7 @@ impl App {
             return;
         };
         let to_tag = msg.to_tag().map(str::to_string);
-        let target = msg
-            .header(HeaderName::Contact)
-            .and_then(NameAddr::parse)
-            .map(|n| n.uri.raw.to_string());
+        let target = msg.contact().map(|n| n.uri.raw.to_string());
         let changed = {
             let Ok(mut w) = self.watchers.lock() else {
                 return;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use careflow_core::dialog_event::subscriptions::{Package, Refusal, Request, SubId};
-use careflow_proto::{HeaderName, Message, Method, NameAddr, scan};
+use careflow_proto::{HeaderName, Message, Method, scan};
 
 use super::aor_of;
 use crate::app::{App, Ctx};
@@ -124,11 +124,7 @@ impl App {
             self.send_response(&msg, &ctx, 403, refuse(403));
             return;
         }
-        let Some(contact) = msg
-            .header(HeaderName::Contact)
-            .and_then(NameAddr::parse)
-            .map(|n| n.uri.raw.to_string())
-        else {
+        let Some(contact) = msg.contact().map(|n| n.uri.raw.to_string()) else {
             let b = self
                 .reply(&msg, &ctx, 400)
                 .reason("Missing Contact")

@@ -573,8 +573,7 @@ impl App {
     pub(crate) fn sender_needs_flow(msg: &Message, ctx: &Ctx) -> bool {
         ctx.conn.is_some()
             || msg
-                .header(HeaderName::Contact)
-                .and_then(careflow_proto::NameAddr::parse)
+                .contact()
                 .is_some_and(|na| na.uri.host.ip() != Some(ctx.source.ip()))
     }
 }
