@@ -128,6 +128,18 @@ impl OutboxReader {
     }
 }
 
+impl OutboxReader {
+    /// The next queued message if one is waiting, without waiting.
+    pub(crate) fn try_recv(&mut self) -> Option<Wire> {
+        let mut q = self.shared.queue.lock().ok()?;
+        let wire = q.items.pop_front();
+        if q.items.is_empty() {
+            q.items = VecDeque::new();
+        }
+        wire
+    }
+}
+
 impl Drop for OutboxReader {
     fn drop(&mut self) {
         if let Ok(mut q) = self.shared.queue.lock() {

@@ -169,7 +169,14 @@ where
     t.inner
         .conns
         .insert(id, peer, tr, tx.clone(), close.clone());
-    let writer = tokio::spawn(write_loop(t.clone(), wr, rx, ws, close.clone(), peer));
+    let writer = tokio::spawn(write_loop(
+        t.inner.stats.clone(),
+        wr,
+        rx,
+        ws,
+        close.clone(),
+        peer,
+    ));
     {
         let conn = Conn {
             t,

@@ -3,6 +3,7 @@
 //! connection of ours when a message has none.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tokio::net::TcpStream;
 use super::{Conn, HANDSHAKE_TIMEOUT};
 use crate::conn::Wire;
 use crate::outbox::{NotQueued, Outbox, OutboxReader, outbox};
-use crate::{Outbound, Transport, TransportError, Transports, next_conn_id};
+use crate::{Outbound, Transport, TransportError, TransportStats, Transports, next_conn_id};
 
 /// Messages queued for one connection. A peer this far behind is not reading: it is
 /// disconnected rather than parking senders (a phone that never reads must not hold memory or
@@ -25,7 +26,7 @@ pub(super) const QUEUE: usize = 256;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn write_loop<W>(
-    t: Transports,
+    stats: Arc<TransportStats>,
     mut wr: W,
     mut rx: OutboxReader,
     ws: bool,
@@ -40,11 +41,23 @@ pub(super) async fn write_loop<W>(
             i = rx.recv() => i,
         };
         let Some(item) = item else { break };
-        let (bytes, last) = match item {
-            Wire::Sip(b) if ws => (websocket::encode_message(&b), false),
-            Wire::Sip(b) | Wire::Raw(b) => (b, false),
-            Wire::Close(b) => (b, true),
-        };
+        let (mut bytes, mut last) = wire_bytes(item, ws);
+        // What else is already queued goes in the same write: a reader hands over every
+        // request a segment carried before the writer runs (a phone's REGISTER and its
+        // retry, a burst over one trunk), and one write per response cost one TCP segment
+        // and one wake-up of the peer each.
+        let mut joined: Option<BytesMut> = None;
+        while !last && joined.as_ref().map_or(bytes.len(), BytesMut::len) < JOIN_MAX {
+            let Some(next) = rx.try_recv() else { break };
+            let (more, end) = wire_bytes(next, ws);
+            joined
+                .get_or_insert_with(|| BytesMut::from(&bytes[..]))
+                .extend_from_slice(&more);
+            last = end;
+        }
+        if let Some(j) = joined {
+            bytes = j.freeze();
+        }
         // The flush matters for TLS: a record the socket could not take whole at once waits in
         // the TLS stream until the next write or flush.
         let written = async {
@@ -59,7 +72,7 @@ pub(super) async fn write_loop<W>(
                 return;
             }
             Err(_) => {
-                t.inner.stats.stalled_closed.fetch_add(1, Ordering::Relaxed);
+                stats.stalled_closed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, timeout_s = WRITE_TIMEOUT.as_secs(),
                     "closing connection: the peer does not read");
                 close.cancel();
@@ -69,6 +82,19 @@ pub(super) async fn write_loop<W>(
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), wr.shutdown()).await;
 }
+
+/// The bytes a queued item puts on the wire, and whether the connection closes after them.
+fn wire_bytes(item: Wire, ws: bool) -> (Bytes, bool) {
+    match item {
+        Wire::Sip(b) if ws => (websocket::encode_message(&b), false),
+        Wire::Sip(b) | Wire::Raw(b) => (b, false),
+        Wire::Close(b) => (b, true),
+    }
+}
+
+/// Once this many bytes are gathered for one write, no more queued messages join it (a
+/// message is never split).
+const JOIN_MAX: usize = 64 * 1024;
 
 pub(crate) fn try_send(t: &Transports, out: Outbound) -> Option<Outbound> {
     let Some(w) = t.inner.conns.writer(out.conn, out.dest, out.transport) else {
@@ -205,7 +231,14 @@ where
     let t2 = t.clone();
     let tx2 = tx.clone();
     t.inner.tracker.spawn(async move {
-        let writer = tokio::spawn(write_loop(t2.clone(), wr, rx, false, close.clone(), dest));
+        let writer = tokio::spawn(write_loop(
+            t2.inner.stats.clone(),
+            wr,
+            rx,
+            false,
+            close.clone(),
+            dest,
+        ));
         let conn = Conn {
             t: &t2,
             id,
@@ -223,4 +256,93 @@ where
         t2.inner.handler.closed(id);
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Keeps each `write` call's bytes.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn written(items: Vec<Wire>, ws: bool) -> Vec<Vec<u8>> {
+        let (tx, rx) = outbox(QUEUE);
+        for w in items {
+            tx.try_send(w).unwrap();
+        }
+        drop(tx);
+        let rec = Recorder::default();
+        let peer = "127.0.0.1:5060".parse().unwrap();
+        let close = tokio_util::sync::CancellationToken::new();
+        write_loop(Arc::default(), rec.clone(), rx, ws, close, peer).await;
+        rec.0.lock().unwrap().clone()
+    }
+
+    fn sip(s: &'static str) -> Wire {
+        Wire::Sip(Bytes::from_static(s.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn messages_queued_together_leave_in_one_write_in_their_order() {
+        let writes = written(
+            vec![sip("one\r\n"), sip("two\r\n"), sip("three\r\n")],
+            false,
+        )
+        .await;
+        assert_eq!(writes, vec![b"one\r\ntwo\r\nthree\r\n".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn websocket_messages_joined_in_a_write_keep_a_frame_each() {
+        let writes = written(vec![sip("a"), sip("bc")], true).await;
+        let mut want = websocket::encode_message(b"a").to_vec();
+        want.extend_from_slice(&websocket::encode_message(b"bc"));
+        assert_eq!(writes, vec![want]);
+    }
+
+    #[tokio::test]
+    async fn nothing_queued_after_a_close_is_written_and_a_large_queue_is_cut_in_several_writes() {
+        let closing = written(
+            vec![
+                sip("last"),
+                Wire::Close(Bytes::from_static(b"bye")),
+                sip("never"),
+            ],
+            false,
+        )
+        .await;
+        assert_eq!(closing, vec![b"lastbye".to_vec()]);
+        let big = vec![0x41u8; 40 * 1024];
+        let items = (0..3)
+            .map(|_| Wire::Sip(Bytes::from(big.clone())))
+            .collect::<Vec<_>>();
+        let writes = written(items, false).await;
+        // Gathering stops once 64 KiB are reached: the first two (80 KiB) go together, the
+        // third alone.
+        assert_eq!(writes.len(), 2);
+        assert_eq!(writes[0].len(), 80 * 1024);
+        assert_eq!(writes[1].len(), 40 * 1024);
+    }
 }
