@@ -137,30 +137,25 @@ pub fn find_unquoted(s: &str, sep: u8) -> Option<usize> {
     // Most values hold no separator at all: one SIMD search settles them.
     memchr::memchr(sep, b)?;
     let mut i = 0;
-    let mut in_quotes = false;
-    let mut in_angle = false;
-    while i < b.len() {
-        let c = b[i];
-        if in_quotes {
-            match c {
-                b'\\' => i += 1,
-                b'"' => in_quotes = false,
-                _ => {}
+    loop {
+        i += skip_until(b.get(i..)?, [sep, b'"', b'<']);
+        match *b.get(i)? {
+            b'"' => {
+                // To the closing quote, past quoted pairs.
+                i += 1;
+                loop {
+                    i += skip_until(b.get(i..)?, [b'"', b'\\']);
+                    match *b.get(i)? {
+                        b'"' => break,
+                        _ => i += 2,
+                    }
+                }
+                i += 1;
             }
-        } else if in_angle {
-            if c == b'>' {
-                in_angle = false;
-            }
-        } else if c == b'"' {
-            in_quotes = true;
-        } else if c == b'<' {
-            in_angle = true;
-        } else if c == sep {
-            return Some(i);
+            b'<' => i += 1 + skip_until(b.get(i + 1..)?, [b'>']) + 1,
+            _ => return Some(i),
         }
-        i += 1;
     }
-    None
 }
 
 /// Removes surrounding quotes and resolves `\x` quoted-pairs. Unquoted input is returned trimmed.
@@ -248,6 +243,61 @@ pub fn pct_decode(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `find_unquoted` as it was written first, one byte and one state at a time: the word
+    /// compares must find the same separator in any input.
+    fn reference_find_unquoted(s: &str, sep: u8) -> Option<usize> {
+        let b = s.as_bytes();
+        let (mut i, mut in_quotes, mut in_angle) = (0, false, false);
+        while i < b.len() {
+            let c = b[i];
+            if in_quotes {
+                match c {
+                    b'\\' => i += 1,
+                    b'"' => in_quotes = false,
+                    _ => {}
+                }
+            } else if in_angle {
+                in_angle = c != b'>';
+            } else if c == b'"' {
+                in_quotes = true;
+            } else if c == b'<' {
+                in_angle = true;
+            } else if c == sep {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    #[test]
+    fn find_unquoted_finds_what_the_byte_by_byte_version_finds() {
+        let alphabet = [
+            ",",
+            ";",
+            "\"",
+            "\\",
+            "<",
+            ">",
+            "a",
+            "bc",
+            " ",
+            "é",
+            "realm=\"x,y\"",
+            "0123456789",
+        ];
+        for s in crate::test_inputs::generated(&alphabet, 11, 100_000) {
+            for sep in [b',', b';'] {
+                assert_eq!(
+                    find_unquoted(&s, sep),
+                    reference_find_unquoted(&s, sep),
+                    "{s:?} {}",
+                    sep as char
+                );
+            }
+        }
+    }
 
     #[test]
     fn skip_until_finds_the_first_byte_of_the_set_at_every_position() {
