@@ -105,16 +105,19 @@ impl<'m> ResponseBuilder<'m> {
             match f.name {
                 HeaderName::Via if first_via => {
                     first_via = false;
-                    write_top_via(&mut out, req.field_value(f), self.source);
+                    write_top_via(&mut out, req.field_value(f), req.top_via(), self.source);
                 }
                 HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
                     out.put_slice(req.field_line(f));
                 }
                 HeaderName::To => {
                     let value = req.field_value(f);
+                    // `to()` is the first To field's, kept by the request (a second To field
+                    // makes the request invalid; its answer copies that field as it is).
                     let needs_tag = self.code > 100
                         && self.to_tag.is_some()
-                        && crate::NameAddr::parse(value).is_some_and(|n| n.tag().is_none());
+                        && std::ptr::eq(value, req.header(HeaderName::To).unwrap_or_default())
+                        && req.to().is_some_and(|n| n.tag().is_none());
                     if needs_tag {
                         out.put_slice(b"To: ");
                         out.put_slice(scan::trim(value).as_bytes());
@@ -140,13 +143,19 @@ impl<'m> ResponseBuilder<'m> {
 /// Writes the first Via value with `received` and a filled `rport` (the value is rebuilt from
 /// its parsed parts; that is allowed for the hop we answer), keeping any further values of the
 /// same field line unchanged.
-fn write_top_via(out: &mut BytesMut, value: &str, source: Option<SocketAddr>) {
+/// `top` is the request's top Via (the first value of this field), parsed.
+fn write_top_via(
+    out: &mut BytesMut,
+    value: &str,
+    top: Option<Via<'_>>,
+    source: Option<SocketAddr>,
+) {
     let (first, rest) = match scan::find_unquoted(value, b',') {
         Some(i) => (scan::trim(&value[..i]), Some(&value[i..])),
         None => (scan::trim(value), None),
     };
     out.put_slice(b"Via: ");
-    match (source, Via::parse(first)) {
+    match (source, top) {
         (Some(src), Some(via)) => {
             out.put_slice(b"SIP/2.0/");
             out.put_slice(via.transport.as_bytes());
