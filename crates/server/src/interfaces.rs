@@ -135,11 +135,14 @@ impl Interfaces {
 
 /// Our Via for a request sent over `transport` from `addr` with `branch`.
 pub(crate) fn via_at(transport: Transport, addr: SocketAddr, branch: &str) -> String {
-    format!(
-        "SIP/2.0/{} {};branch={branch}",
-        transport.via_token(),
-        fmt_addr(addr)
-    )
+    let mut via = String::with_capacity(48 + branch.len());
+    via.push_str("SIP/2.0/");
+    via.push_str(transport.via_token());
+    via.push(' ');
+    push_addr(&mut via, addr);
+    via.push_str(";branch=");
+    via.push_str(branch);
+    via
 }
 
 /// Our Record-Route entry at `addr`, with a flow token as its user part when one is given.
@@ -148,15 +151,84 @@ pub(crate) fn record_route_at(
     addr: SocketAddr,
     token: Option<&str>,
 ) -> String {
-    match token {
-        Some(t) => format!("<sip:{t}@{};transport={transport};lr>", fmt_addr(addr)),
-        None => format!("<sip:{};transport={transport};lr>", fmt_addr(addr)),
+    let mut rr = String::with_capacity(48 + token.map_or(0, str::len));
+    rr.push_str("<sip:");
+    if let Some(t) = token {
+        rr.push_str(t);
+        rr.push('@');
     }
+    push_addr(&mut rr, addr);
+    rr.push_str(";transport=");
+    rr.push_str(transport.as_str());
+    rr.push_str(";lr>");
+    rr
 }
 
 pub(crate) fn fmt_addr(a: SocketAddr) -> String {
+    let mut s = String::with_capacity(21);
+    push_addr(&mut s, a);
+    s
+}
+
+/// Appends `a` as a Via sent-by or URI host-port (`1.2.3.4:5060`, `[2001:db8::1]:5060`),
+/// IPv4 without the formatting machinery (this is written into every forwarded request).
+pub(crate) fn push_addr(out: &mut String, a: SocketAddr) {
+    let mut digits = [0u8; 20];
+    let mut decimal = |out: &mut String, n: u64| {
+        let d = careflow_proto::scan::decimal(n, &mut digits);
+        out.extend(d.iter().map(|&b| char::from(b)));
+    };
     match a {
-        SocketAddr::V4(v4) => v4.to_string(),
-        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+        SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                decimal(out, u64::from(octet));
+            }
+        }
+        SocketAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "[{}]", v6.ip());
+        }
+    }
+    out.push(':');
+    decimal(out, u64::from(a.port()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_via_and_record_route_read_as_the_formatted_ones_did() {
+        let addrs: [SocketAddr; 5] = [
+            "127.0.0.1:5060".parse().unwrap(),
+            "0.0.0.0:0".parse().unwrap(),
+            "255.255.255.255:65535".parse().unwrap(),
+            "10.20.3.104:15060".parse().unwrap(),
+            "[2001:db8::1]:5061".parse().unwrap(),
+        ];
+        for a in addrs {
+            let formatted = match a {
+                SocketAddr::V4(v4) => v4.to_string(),
+                SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+            };
+            assert_eq!(fmt_addr(a), formatted);
+            for t in [Transport::Udp, Transport::Tls, Transport::Wss] {
+                assert_eq!(
+                    via_at(t, a, "z9hG4bKcf.1"),
+                    format!("SIP/2.0/{} {formatted};branch=z9hG4bKcf.1", t.via_token())
+                );
+                assert_eq!(
+                    record_route_at(t, a, Some("tok")),
+                    format!("<sip:tok@{formatted};transport={t};lr>")
+                );
+                assert_eq!(
+                    record_route_at(t, a, None),
+                    format!("<sip:{formatted};transport={t};lr>")
+                );
+            }
+        }
     }
 }

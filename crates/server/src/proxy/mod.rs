@@ -98,14 +98,25 @@ impl Hop {
     /// What this hop reaches (a device's contact over one flow): a late branch is added only
     /// for a flow the call was not forked to yet.
     fn flow_id(&self) -> String {
-        format!(
-            "{}|{}|{}|{:?}|{}",
-            self.uri,
-            self.target.transport,
-            self.target.dest,
-            self.target.conn.map(|c| c.0),
-            self.routes.join(",")
-        )
+        let mut id = String::with_capacity(self.uri.len() + 48);
+        id.push_str(&self.uri);
+        id.push('|');
+        id.push_str(self.target.transport.as_str());
+        id.push('|');
+        crate::interfaces::push_addr(&mut id, self.target.dest);
+        id.push('|');
+        if let Some(c) = self.target.conn {
+            let mut digits = [0u8; 20];
+            let d = scan::decimal(c.0, &mut digits);
+            id.extend(d.iter().map(|&b| char::from(b)));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if i > 0 {
+                id.push(',');
+            }
+            id.push_str(r);
+        }
+        id
     }
 
     fn callee(&self) -> crate::media::Callee {
