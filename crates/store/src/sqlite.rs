@@ -425,13 +425,15 @@ impl CallRecordStore for SqliteSubscribers {
     }
 
     async fn add_calls(&self, node: &str, records: &[CallRecord]) -> Result<(), StoreError> {
-        let sql = calls::insert_sql(|i| format!("?{i}"));
+        // Built once: a batch is written every 100 ms while calls end.
+        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let sql = SQL.get_or_init(|| calls::insert_sql(|i| format!("?{i}")));
         self.with(|c| {
             // One transaction and one prepared statement for the batch: a commit per call
             // cost more than the rest of the call.
             let tx = c.transaction()?;
             {
-                let mut st = tx.prepare_cached(&sql)?;
+                let mut st = tx.prepare_cached(sql)?;
                 for r in records {
                     let params: Vec<rusqlite::types::Value> =
                         calls::values(node, r).iter().map(sqlite_value).collect();
