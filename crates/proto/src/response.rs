@@ -186,7 +186,20 @@ fn write_top_via(
             if has_rport || via.host.ip() != Some(src.ip()) {
                 // RFC 3261 §20.42 and RFC 5118: received carries an IPv6 address without
                 // brackets (as `IpAddr` displays it).
-                let _ = write!(Writer(out), ";received={}", src.ip());
+                out.put_slice(b";received=");
+                match src.ip() {
+                    std::net::IpAddr::V4(v4) => {
+                        for (i, octet) in v4.octets().into_iter().enumerate() {
+                            if i > 0 {
+                                out.put_u8(b'.');
+                            }
+                            put_decimal(out, u64::from(octet));
+                        }
+                    }
+                    ip @ std::net::IpAddr::V6(_) => {
+                        let _ = write!(Writer(out), "{ip}");
+                    }
+                }
             }
         }
         _ => out.put_slice(first.as_bytes()),
@@ -298,6 +311,29 @@ mod tests {
         let parsed = Message::parse(out.clone(), &ParseLimits::default()).unwrap();
         parsed.validate().unwrap();
         assert_eq!(parsed.status(), Some(200));
+    }
+
+    #[test]
+    fn received_is_the_source_address_as_it_displays() {
+        let r = req(
+            "OPTIONS sip:example.com SIP/2.0\nVia: SIP/2.0/UDP h.example;rport;branch=z9hG4bK1\nFrom: <sip:a@example.com>;tag=f\nTo: <sip:a@example.com>\nCall-ID: c1\nCSeq: 1 OPTIONS\n\n",
+        );
+        for src in [
+            "0.0.0.0:1",
+            "10.0.200.5:5060",
+            "255.255.255.255:65535",
+            "[2001:db8::1]:5062",
+        ] {
+            let src: SocketAddr = src.parse().unwrap();
+            let out = ResponseBuilder::new(&r, 200).source(src).build();
+            let s = std::str::from_utf8(&out).unwrap();
+            let want = format!(
+                "Via: SIP/2.0/UDP h.example;rport={};branch=z9hG4bK1;received={}\r\n",
+                src.port(),
+                src.ip()
+            );
+            assert!(s.contains(&want), "{s}");
+        }
     }
 
     #[test]
