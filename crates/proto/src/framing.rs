@@ -2,7 +2,7 @@
 //! the empty line. "Need more bytes" is not an error; CRLF keep-alives (RFC 5626 §4.4.1) are
 //! recognised between messages.
 
-use crate::message::find;
+use crate::message::find_blank_line;
 use crate::scan;
 
 /// What the start of a stream buffer holds.
@@ -49,7 +49,7 @@ pub fn next_frame(buf: &[u8], max_size: usize) -> Result<Frame, FrameError> {
         let len = if buf.starts_with(b"\r\n") { 2 } else { 1 };
         return Ok(Frame::KeepAlive { len, ping: false });
     }
-    let Some(end) = find(buf, b"\r\n\r\n") else {
+    let Some(end) = find_blank_line(buf) else {
         if buf.len() > max_size {
             return Err(FrameError::TooLarge);
         }
@@ -68,7 +68,19 @@ pub fn next_frame(buf: &[u8], max_size: usize) -> Result<Frame, FrameError> {
 }
 
 fn content_length(head: &[u8]) -> Result<usize, FrameError> {
-    for line in head.split(|&b| b == b'\n').skip(1) {
+    // Line starts from one SIMD pass; only a line whose name can be `Content-Length` or `l`
+    // (first byte after any white space `c` or `l`) is looked at further. The first line is
+    // the start line.
+    let mut newlines = memchr::memchr_iter(b'\n', head);
+    let mut next_start = newlines.next().map(|i| i + 1);
+    while let Some(start) = next_start {
+        let end = newlines.next();
+        next_start = end.map(|e| e + 1);
+        let line = &head[start..end.unwrap_or(head.len())];
+        let first = line.iter().find(|&&b| !scan::is_lws(b));
+        if !matches!(first, Some(b'c' | b'C' | b'l' | b'L')) {
+            continue;
+        }
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
@@ -96,6 +108,52 @@ fn trim_bytes(b: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `content_length` as it was first written, every line split and searched for its colon.
+    fn reference_content_length(head: &[u8]) -> Result<usize, FrameError> {
+        for line in head.split(|&b| b == b'\n').skip(1) {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let name = trim_bytes(&line[..colon]);
+            if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
+                let v = std::str::from_utf8(&line[colon + 1..])
+                    .map_err(|_| FrameError::BadContentLength)?;
+                let n = scan::parse_u64(v).ok_or(FrameError::BadContentLength)?;
+                return usize::try_from(n).map_err(|_| FrameError::TooLarge);
+            }
+        }
+        Ok(0)
+    }
+
+    #[test]
+    fn content_length_reads_what_the_line_by_line_version_reads() {
+        let alphabet = [
+            "\r\n",
+            "\n",
+            "Content-Length",
+            "content-length",
+            "l",
+            "L",
+            "c",
+            " ",
+            "\t",
+            ":",
+            "12",
+            "x",
+            "Via",
+            "é",
+            "99999999999999999999999",
+        ];
+        for s in crate::test_inputs::generated(&alphabet, 5, 100_000) {
+            let head = format!("REGISTER sip:x SIP/2.0\r\n{s}\r\n");
+            assert_eq!(
+                format!("{:?}", content_length(head.as_bytes())),
+                format!("{:?}", reference_content_length(head.as_bytes())),
+                "{s:?}"
+            );
+        }
+    }
 
     const MSG: &[u8] = b"MESSAGE sip:a@b SIP/2.0\r\nl: 5\r\n\r\nhello";
 

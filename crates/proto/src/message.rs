@@ -718,13 +718,18 @@ fn set_defect(slot: &mut Option<ParseError>, e: ParseError) {
     }
 }
 
-/// Returns (end of header lines incl. the last line's CRLF, start of body).
-fn find_head_end(b: &[u8], from: usize) -> Option<(usize, usize)> {
+/// Where the first `\r\n\r\n` starts (the end of a message's head).
+pub(crate) fn find_blank_line(hay: &[u8]) -> Option<usize> {
     // Built once: a `memmem::find` call builds its searcher every time.
     static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+    HEAD_END.find(hay)
+}
+
+/// Returns (end of header lines incl. the last line's CRLF, start of body).
+fn find_head_end(b: &[u8], from: usize) -> Option<(usize, usize)> {
     let hay = &b[from..];
-    if let Some(i) = HEAD_END.find(hay) {
+    if let Some(i) = find_blank_line(hay) {
         return Some((from + i + 2, from + i + 4));
     }
     if let Some(i) = find(hay, b"\n\n") {
