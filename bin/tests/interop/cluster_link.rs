@@ -155,15 +155,20 @@ fn an_aor_with_devices_on_three_nodes_rings_each_once_and_cancel_reaches_all() {
     assert_eq!(b.metric("careflow_sip_cluster_nodes"), 3);
     a.add_user("alice", "pw-alice-n");
     a.add_user("bob", "pw-bob-n");
-    let devices: Vec<Ua> = [&a, &b, &c]
-        .iter()
-        .enumerate()
-        .map(|(i, node)| {
+    // `register_behind_nat` names the device 192.168.7.(port % 250): three devices need three
+    // different ones, or two share a Contact and the later registration replaces the earlier
+    // binding (CI failed once so: two device ports were equal modulo 250).
+    let mut devices: Vec<Ua> = Vec::new();
+    for (i, node) in [&a, &b, &c].iter().enumerate() {
+        let dev = loop {
             let dev = Ua::new(node.sip_addr());
-            register_behind_nat(&dev, "bob", "pw-bob-n", &format!("bob-dev-{i}"));
-            dev
-        })
-        .collect();
+            if !devices.iter().any(|d| d.port() % 250 == dev.port() % 250) {
+                break dev;
+            }
+        };
+        register_behind_nat(&dev, "bob", "pw-bob-n", &format!("bob-dev-{i}"));
+        devices.push(dev);
+    }
     // Every node lists every device, each with the node holding it.
     let listed = a.bindings_of("bob");
     assert_eq!(listed.len(), 3, "{listed:?}");
