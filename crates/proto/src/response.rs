@@ -189,12 +189,7 @@ fn write_top_via(
                 out.put_slice(b";received=");
                 match src.ip() {
                     std::net::IpAddr::V4(v4) => {
-                        for (i, octet) in v4.octets().into_iter().enumerate() {
-                            if i > 0 {
-                                out.put_u8(b'.');
-                            }
-                            put_decimal(out, u64::from(octet));
-                        }
+                        out.put_slice(scan::ipv4(v4, &mut [0; 15]).as_bytes());
                     }
                     ip @ std::net::IpAddr::V6(_) => {
                         let _ = write!(Writer(out), "{ip}");

@@ -52,6 +52,30 @@ pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[i..]
 }
 
+/// Appends `n` in decimal to `out` (see [`decimal`]).
+pub fn push_decimal(out: &mut String, n: u64) {
+    let mut buf = [0; 20];
+    out.extend(decimal(n, &mut buf).iter().map(|&d| char::from(d)));
+}
+
+/// `ip` in dotted decimal, written into `buf` (as `Ipv4Addr` displays it, without the
+/// formatting machinery: our Via, Record-Route and every `received=` carry one).
+pub fn ipv4(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
+    let mut len = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        for d in decimal(u64::from(octet), &mut [0; 20]) {
+            buf[len] = *d;
+            len += 1;
+        }
+    }
+    // Only ASCII digits and dots were written.
+    std::str::from_utf8(&buf[..len]).unwrap_or_default()
+}
+
 /// The position of the first byte of `b` that is one of `set`, or `b.len()`. Eight bytes are
 /// compared at once (SWAR): the runs between delimiters in header values (branches, tags,
 /// hosts) are 8-40 bytes, short enough that a `memchr` call's set-up costs more than it saves
@@ -243,6 +267,25 @@ pub fn pct_decode(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_and_ipv4_read_as_display_writes_them() {
+        for n in [0, 7, 10, 5060, 65_535, u64::from(u32::MAX), u64::MAX] {
+            let mut s = String::from("x");
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x{n}"));
+        }
+        for ip in [
+            "0.0.0.0",
+            "10.0.200.5",
+            "127.0.0.1",
+            "255.255.255.255",
+            "192.168.7.27",
+        ] {
+            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+            assert_eq!(ipv4(ip, &mut [0; 15]), ip.to_string());
+        }
+    }
 
     /// `find_unquoted` as it was written first, one byte and one state at a time: the word
     /// compares must find the same separator in any input.

@@ -173,27 +173,15 @@ pub(crate) fn fmt_addr(a: SocketAddr) -> String {
 /// Appends `a` as a Via sent-by or URI host-port (`1.2.3.4:5060`, `[2001:db8::1]:5060`),
 /// IPv4 without the formatting machinery (this is written into every forwarded request).
 pub(crate) fn push_addr(out: &mut String, a: SocketAddr) {
-    let mut digits = [0u8; 20];
-    let mut decimal = |out: &mut String, n: u64| {
-        let d = careflow_proto::scan::decimal(n, &mut digits);
-        out.extend(d.iter().map(|&b| char::from(b)));
-    };
     match a {
-        SocketAddr::V4(v4) => {
-            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                decimal(out, u64::from(octet));
-            }
-        }
+        SocketAddr::V4(v4) => out.push_str(careflow_proto::scan::ipv4(*v4.ip(), &mut [0; 15])),
         SocketAddr::V6(v6) => {
             use std::fmt::Write as _;
             let _ = write!(out, "[{}]", v6.ip());
         }
     }
     out.push(':');
-    decimal(out, u64::from(a.port()));
+    careflow_proto::scan::push_decimal(out, u64::from(a.port()));
 }
 
 #[cfg(test)]

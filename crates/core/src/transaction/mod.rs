@@ -41,7 +41,7 @@ impl TxKey {
             k.push('|');
             k.extend(via.host.as_str().chars().map(|c| c.to_ascii_lowercase()));
             k.push(':');
-            push_decimal(&mut k, u64::from(via.port.unwrap_or(0)));
+            careflow_proto::scan::push_decimal(&mut k, u64::from(via.port.unwrap_or(0)));
             k.push('|');
             k.push_str(method);
         } else {
@@ -52,7 +52,7 @@ impl TxKey {
             k.push('|');
             k.push_str(msg.call_id().unwrap_or(""));
             k.push('|');
-            push_decimal(&mut k, u64::from(msg.cseq().map_or(0, |c| c.0)));
+            careflow_proto::scan::push_decimal(&mut k, u64::from(msg.cseq().map_or(0, |c| c.0)));
             k.push(' ');
             k.push_str(method);
             k.push('|');
@@ -64,13 +64,6 @@ impl TxKey {
         }
         Some(Self(k))
     }
-}
-
-/// Appends `n` in decimal: a key is made for every request, and `to_string` allocated twice.
-fn push_decimal(out: &mut String, n: u64) {
-    let mut buf = [0; 20];
-    let digits = careflow_proto::scan::decimal(n, &mut buf);
-    out.extend(digits.iter().map(|&d| char::from(d)));
 }
 
 /// What to do with a received request.
@@ -243,15 +236,6 @@ mod tests {
     use careflow_proto::ParseLimits;
 
     use super::*;
-
-    #[test]
-    fn decimal_as_to_string_writes_it() {
-        for n in [0, 7, 10, 5060, 65_535, u64::from(u32::MAX), u64::MAX] {
-            let mut s = String::from("x");
-            push_decimal(&mut s, n);
-            assert_eq!(s, format!("x{n}"));
-        }
-    }
 
     fn msg(branch: &str) -> Message {
         let s = format!(

@@ -106,9 +106,7 @@ impl Hop {
         crate::interfaces::push_addr(&mut id, self.target.dest);
         id.push('|');
         if let Some(c) = self.target.conn {
-            let mut digits = [0u8; 20];
-            let d = scan::decimal(c.0, &mut digits);
-            id.extend(d.iter().map(|&b| char::from(b)));
+            scan::push_decimal(&mut id, c.0);
         }
         for (i, r) in self.routes.iter().enumerate() {
             if i > 0 {
