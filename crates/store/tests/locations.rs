@@ -82,6 +82,11 @@ fn aor(name: &str) -> String {
     )
 }
 
+/// Held by each test for its whole run: every test uses Redis database 15, which `redis()`
+/// flushes, and tests run side by side (a flush between another test's write and its read
+/// made CI fail once).
+static REDIS_DB15: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn redis() -> Arc<dyn LocationStore> {
     let flushed = std::process::Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-n", "15", "FLUSHDB"])
@@ -109,6 +114,7 @@ async fn stores(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn LocationSto
 
 #[tokio::test]
 async fn bindings_are_added_refreshed_expired_and_removed_alike() {
+    let _db15 = REDIS_DB15.lock().await;
     let dir = tempfile::tempdir().unwrap();
     for (name, store) in stores(dir.path()).await {
         let a = aor("alice");
@@ -169,6 +175,7 @@ async fn bindings_are_added_refreshed_expired_and_removed_alike() {
 
 #[tokio::test]
 async fn concurrent_registrations_of_one_user_lose_nothing() {
+    let _db15 = REDIS_DB15.lock().await;
     let dir = tempfile::tempdir().unwrap();
     for (name, store) in stores(dir.path()).await {
         let a = aor("bob");
@@ -194,6 +201,7 @@ async fn concurrent_registrations_of_one_user_lose_nothing() {
 
 #[tokio::test]
 async fn bindings_outlive_the_process_that_wrote_them() {
+    let _db15 = REDIS_DB15.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("location.journal");
     let a = aor("carol");
@@ -237,6 +245,7 @@ async fn bindings_outlive_the_process_that_wrote_them() {
 
 #[tokio::test]
 async fn a_node_rewriting_an_aor_keeps_the_flows_and_owner_routes_of_another() {
+    let _db15 = REDIS_DB15.lock().await;
     let url = "redis://127.0.0.1:6379/15";
     let x = RedisLocation::open(url, "node-x".into()).await.unwrap();
     let y = RedisLocation::open(url, "node-y".into()).await.unwrap();
