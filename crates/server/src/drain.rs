@@ -4,8 +4,10 @@
 //! written), and calls being set up get until the grace period ends to be answered; then their
 //! branches are CANCELled and their callers answered 503. Only then do the listeners close.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use careflow_proto::{Message, Method};
@@ -25,6 +27,35 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Handles a request on the calling task as far as it goes without waiting, and the rest (if
+/// any) in a task of its own; counted for the drain either way.
+///
+/// With the embedded stores a REGISTER or a call's routing never waits, and a task per request
+/// cost a spawn, a schedule, moves of the ~1 KiB message and (for REGISTER) its checks done
+/// twice, once to answer challenges without a task and once in it (issue 22). A network store
+/// or DNS makes the future wait: it is then spawned where it stands. The first poll uses a
+/// no-op waker; tokio polls a spawned task once at once, which registers the task's own
+/// waker, so nothing that became ready in between is missed. `work` is moved (copied) here and
+/// into the box: a caller with a large state machine boxes it inside `work`.
+pub(crate) fn handle_now_or_in_task<F>(app: &Arc<App>, work: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let busy = InFlight::new(app);
+    // Boxed so that the pinned future keeps its address when it moves into a task.
+    let mut task = Box::pin(async move {
+        work.await;
+        drop(busy);
+    });
+    if task
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending()
+    {
+        tokio::spawn(task);
     }
 }
 

@@ -12,11 +12,11 @@ use crate::app::{App, Ctx};
 use crate::auth::{AuthError, Challenger, Prepared};
 use crate::clock::unix_now;
 
-/// A REGISTER answered before any store access.
-enum Early {
-    /// 401 with a fresh challenge: sent statelessly.
+/// The answer to a REGISTER.
+enum Answer {
+    /// 401 with a fresh challenge: sent statelessly (no transaction is kept for it).
     Challenge(bytes::Bytes),
-    /// Any other refusal.
+    /// Any other answer, kept by the transaction for retransmissions.
     Reply(u16, bytes::Bytes),
 }
 
@@ -67,35 +67,26 @@ fn extensions<'m>(msg: &'m Message, contacts: &[ContactValue<'_>]) -> Extensions
 }
 
 impl App {
-    /// The synchronous half of REGISTER, run on the receiving task: everything that needs no
-    /// store. Challenges (the first answer to every registration) are sent from here without
-    /// spawning a task or keeping transaction state; only requests with plausible credentials
-    /// go on to [`Self::handle_register`].
+    /// Answers a REGISTER. Challenges (the first answer to every registration) are made
+    /// before any store access and keep no transaction state; with the embedded stores the
+    /// whole registration completes on the receiving task (see
+    /// [`crate::drain::handle_now_or_in_task`]).
     pub(crate) fn register_or_challenge(self: &Arc<Self>, msg: Message, ctx: Ctx) {
-        match self.precheck(&msg, &ctx, unix_now()) {
-            Err(Early::Challenge(bytes)) => {
-                self.forget_transaction(&ctx);
-                self.send_response(&msg, &ctx, 401, bytes);
+        let app = self.clone();
+        crate::drain::handle_now_or_in_task(self, async move {
+            // Boxed as routing is (see `App::spawn_routing`).
+            match Box::pin(app.register(&msg, &ctx)).await {
+                Answer::Challenge(bytes) => {
+                    app.forget_transaction(&ctx);
+                    app.send_response(&msg, &ctx, 401, bytes);
+                }
+                Answer::Reply(code, bytes) => app.send_response(&msg, &ctx, code, bytes),
             }
-            Err(Early::Reply(code, bytes)) => self.send_response(&msg, &ctx, code, bytes),
-            Ok(_) => {
-                let app = self.clone();
-                let busy = crate::drain::InFlight::new(self);
-                tokio::spawn(async move {
-                    app.handle_register(msg, ctx).await;
-                    drop(busy);
-                });
-            }
-        }
-    }
-
-    async fn handle_register(self: Arc<Self>, msg: Message, ctx: Ctx) {
-        let (code, bytes) = self.register(&msg, &ctx).await;
-        self.send_response(&msg, &ctx, code, bytes);
+        });
     }
 
     /// Checks that need no store: extensions, AoR, contacts, credentials and nonce.
-    fn precheck<'m>(&self, msg: &'m Message, ctx: &Ctx, now: u64) -> Result<Checked<'m>, Early> {
+    fn precheck<'m>(&self, msg: &'m Message, ctx: &Ctx, now: u64) -> Result<Checked<'m>, Answer> {
         let unsupported: Vec<&str> = msg
             .values(HeaderName::Require)
             .filter(|t| !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)))
@@ -104,21 +95,21 @@ impl App {
             let b = self
                 .reply(msg, ctx, 420)
                 .header("Unsupported", unsupported.join(", "));
-            return Err(Early::Reply(420, b.build()));
+            return Err(Answer::Reply(420, b.build()));
         }
         // validate() guaranteed To parses.
         let Some(to) = msg.to() else {
-            return Err(Early::Reply(400, self.reply(msg, ctx, 400).build()));
+            return Err(Answer::Reply(400, self.reply(msg, ctx, 400).build()));
         };
         let (Some(aor), true) = (to.uri.aor(), to.uri.is_sip()) else {
-            return Err(Early::Reply(
+            return Err(Answer::Reply(
                 400,
                 self.reply(msg, ctx, 400).reason("Bad To URI").build(),
             ));
         };
         let domain = to.uri.host.as_str().to_ascii_lowercase();
         if !self.serves_domain(&domain) {
-            return Err(Early::Reply(
+            return Err(Answer::Reply(
                 403,
                 self.reply(msg, ctx, 403)
                     .reason("Domain Not Served")
@@ -132,7 +123,7 @@ impl App {
             match ContactValue::parse(v) {
                 Some(c) => contacts.push(c),
                 None => {
-                    return Err(Early::Reply(
+                    return Err(Answer::Reply(
                         400,
                         self.reply(msg, ctx, 400).reason("Bad Contact").build(),
                     ));
@@ -154,8 +145,8 @@ impl App {
                 let (code, bytes) =
                     digest.answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
                 match e {
-                    AuthError::Missing | AuthError::Refused { .. } => Early::Challenge(bytes),
-                    AuthError::WrongIdentity | AuthError::Store => Early::Reply(code, bytes),
+                    AuthError::Missing | AuthError::Refused { .. } => Answer::Challenge(bytes),
+                    AuthError::WrongIdentity | AuthError::Store => Answer::Reply(code, bytes),
                 }
             })?;
         Ok(Checked {
@@ -191,7 +182,7 @@ impl App {
         }))
     }
 
-    async fn register(&self, msg: &Message, ctx: &Ctx) -> (u16, bytes::Bytes) {
+    async fn register(&self, msg: &Message, ctx: &Ctx) -> Answer {
         let now = unix_now();
         let Checked {
             aor,
@@ -201,13 +192,13 @@ impl App {
             expires,
         } = match self.precheck(msg, ctx, now) {
             Ok(c) => c,
-            Err(Early::Challenge(b)) => return (401, b),
-            Err(Early::Reply(code, b)) => return (code, b),
+            Err(answer) => return answer,
         };
         if let Err(e) = self.digest().verify(msg, ctx, &domain, &auth, now).await {
-            return self
-                .digest()
-                .answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
+            let (code, bytes) =
+                self.digest()
+                    .answer(msg, ctx, Challenger::Registrar, &domain, &e, now);
+            return Answer::Reply(code, bytes);
         }
 
         let ext = extensions(msg, &contacts);
@@ -216,7 +207,7 @@ impl App {
             let b = self
                 .reply(msg, ctx, 439)
                 .reason("First Hop Lacks Outbound Support");
-            return (439, b.build());
+            return Answer::Reply(439, b.build());
         }
         // RFC 8599 §5.6.1: a service we do not push through is refused (a device removing its
         // binding is not); one we serve is named in the 2xx.
@@ -227,7 +218,7 @@ impl App {
                 let b = self
                     .reply(msg, ctx, 555)
                     .reason("Push Notification Service Not Supported");
-                return (555, b.build());
+                return Answer::Reply(555, b.build());
             }
             Some(crate::push::Registration::Served(caps)) => Some(caps),
             _ => None,
@@ -321,7 +312,7 @@ impl App {
                     aor = %aor, contacts = outcome.bindings.len(), source = %ctx.source,
                     transport = %ctx.transport, "registered"
                 );
-                (
+                Answer::Reply(
                     200,
                     self.ok(msg, ctx, &outcome, &ext, push_caps.as_deref(), now),
                 )
@@ -333,13 +324,13 @@ impl App {
                 if let Reject::IntervalTooBrief(min) = reject {
                     b = b.header("Min-Expires", min);
                 }
-                (code, b.build())
+                Answer::Reply(code, b.build())
             }
             Err(e) => {
                 self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, aor = %aor, "location update failed");
                 // The device keeps its old binding and tries again (RFC 3261 §21.5.4).
-                (
+                Answer::Reply(
                     503,
                     self.reply(msg, ctx, 503).header("Retry-After", 5).build(),
                 )

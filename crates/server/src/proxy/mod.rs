@@ -292,16 +292,14 @@ impl App {
         }
     }
 
-    /// Routes and forwards `msg` in a task of its own (lookups wait on stores and DNS), counted
-    /// for the shutdown drain.
+    /// Routes and forwards `msg`: now, or in a task of its own once it must wait (a network
+    /// store, DNS); counted for the shutdown drain.
     fn spawn_routing(self: &Arc<Self>, msg: Message, ctx: Ctx) {
         let app = self.clone();
-        let busy = crate::drain::InFlight::new(self);
-        tokio::spawn(async move {
-            // Routing's state machine is ~7 KiB: boxed when it starts, the task holds a
-            // pointer, and tokio's moves of the task (spawn, completion) copy ~1 KiB, not 7.
+        crate::drain::handle_now_or_in_task(self, async move {
+            // Routing's state machine is ~7 KiB: boxed when it starts, so the future handed
+            // over (and moved into a task if it waits) is ~1 KiB.
             Box::pin(app.route_request(msg, ctx)).await;
-            drop(busy);
         });
     }
 
@@ -328,9 +326,7 @@ impl App {
             return;
         }
         let app = self.clone();
-        let busy = crate::drain::InFlight::new(self);
-        tokio::spawn(async move {
-            let _busy = busy;
+        crate::drain::handle_now_or_in_task(self, async move {
             // Boxed as routing is (see `spawn_routing`).
             Box::pin(async move {
                 // An ACK may answer a late offer of an anchored call.
