@@ -1,6 +1,5 @@
 //! REGISTER: digest authentication, then the registrar rules applied to the location service.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -302,10 +301,13 @@ impl App {
                         "devices": outcome.bindings.len(),
                     })
                 };
-                if added.load(Ordering::Relaxed) > 0 {
+                // Nobody reads the events unless an event stream, a webhook or a cluster
+                // relay does: the detail is not built for nothing (it formats an address).
+                let events = self.cfg.events.has_readers();
+                if events && added.load(Ordering::Relaxed) > 0 {
                     self.publish(EventKind::DeviceRegistered, &aor, detail());
                 }
-                if removed.load(Ordering::Relaxed) > 0 {
+                if events && removed.load(Ordering::Relaxed) > 0 {
                     self.publish(EventKind::DeviceUnregistered, &aor, detail());
                 }
                 tracing::info!(
@@ -314,7 +316,15 @@ impl App {
                 );
                 Answer::Reply(
                     200,
-                    self.ok(msg, ctx, &outcome, &ext, push_caps.as_deref(), now),
+                    self.ok(
+                        msg,
+                        ctx,
+                        &outcome,
+                        &req.contacts,
+                        &ext,
+                        push_caps.as_deref(),
+                        now,
+                    ),
                 )
             }
             Ok(Err(reject)) => {
@@ -343,6 +353,7 @@ impl App {
         msg: &Message,
         ctx: &Ctx,
         outcome: &Outcome,
+        own: &[ContactValue<'_>],
         ext: &Extensions<'_>,
         push_caps: Option<&str>,
         now: u64,
@@ -364,20 +375,21 @@ impl App {
         }
         // One Contact line per binding with the expiry actually granted (RFC 3261 §10.3 step 8).
         // Another device's push token is not this one's business (RFC 8599).
-        let own: Vec<&str> = msg
-            .values(HeaderName::Contact)
-            .filter_map(careflow_proto::NameAddr::parse)
-            .map(|na| na.uri.raw)
-            .collect();
         let mut line = String::new();
         for binding in &outcome.bindings {
-            line.clear();
-            let contact = if own.iter().any(|c| c.eq_ignore_ascii_case(&binding.contact)) {
+            let mine = own.iter().any(|c| {
+                matches!(c, ContactValue::Address(na) if na.uri.raw.eq_ignore_ascii_case(&binding.contact))
+            });
+            let contact = if mine {
                 std::borrow::Cow::Borrowed(binding.contact.as_str())
             } else {
                 careflow_core::push::redacted(&binding.contact)
             };
-            let _ = write!(line, "<{contact}>;expires={}", binding.expires_in(now));
+            line.clear();
+            line.push('<');
+            line.push_str(&contact);
+            line.push_str(">;expires=");
+            scan::push_decimal(&mut line, binding.expires_in(now));
             b = b.header("Contact", &line);
         }
         with_httpdate(now, |date| b.header("Date", date).build())

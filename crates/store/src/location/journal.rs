@@ -37,8 +37,10 @@ const REWRITE_FACTOR: u64 = 4;
 pub(crate) fn put_record<'a>(
     out: &mut Vec<u8>,
     aor: &str,
-    bindings: impl ExactSizeIterator<Item = &'a Binding>,
+    bindings: impl ExactSizeIterator<Item = &'a Binding> + Clone,
 ) {
+    // Reserved at once: growing from empty took ~7 reallocations per registration.
+    out.reserve(FRAME + 8 + aor.len() + bindings.clone().map(binding_len_bound).sum::<usize>());
     let start = out.len();
     out.extend_from_slice(&[0; FRAME]);
     put_str(out, aor);
@@ -118,6 +120,17 @@ fn put_binding(out: &mut Vec<u8>, b: &Binding) {
     for p in &b.path {
         put_str(out, p);
     }
+}
+
+/// At least the bytes [`put_binding`] writes for `b`: its strings and their length prefixes,
+/// plus the fixed fields (88 bytes with every option set and an IPv6 source).
+fn binding_len_bound(b: &Binding) -> usize {
+    let opt = |s: Option<&str>| s.map_or(0, str::len);
+    96 + b.contact.len()
+        + b.call_id.len()
+        + opt(b.instance.as_deref())
+        + opt(b.user_agent.as_deref())
+        + b.path.iter().map(|p| 4 + p.len()).sum::<usize>()
 }
 
 /// Reads a payload; `None` on anything out of shape.
@@ -448,6 +461,21 @@ mod tests {
             conn: None,
             path: Vec::new(),
             ..binding(aor, 3)
+        }
+    }
+
+    #[test]
+    fn a_record_is_written_within_the_room_reserved_for_it() {
+        // Every option set and an IPv6 source is the longest fixed part; the plain binding
+        // the shortest.
+        for b in [binding("a@x", 1), plain("a@x"), binding("a@x", 200)] {
+            let mut one = Vec::new();
+            put_binding(&mut one, &b);
+            assert!(one.len() <= binding_len_bound(&b), "{} > bound", one.len());
+            assert!(
+                binding_len_bound(&b) - one.len() <= 96,
+                "the bound is not loose"
+            );
         }
     }
 
