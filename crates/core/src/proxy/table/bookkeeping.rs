@@ -17,12 +17,12 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
     ) {
         self.branches.insert(
             bk.clone(),
-            Branch {
+            Box::new(Branch {
                 tx,
                 forward,
                 to,
                 done: false,
-            },
+            }),
         );
         self.drain_branch(&bk);
         self.schedule_branch(&bk);

@@ -81,8 +81,10 @@ enum Timed {
 #[derive(Debug)]
 pub struct ProxyTable<U, D> {
     cfg: ProxyConfig,
-    forwards: HashMap<TxKey, Forward<U>>,
-    branches: HashMap<BranchKey, Branch<D>>,
+    /// Boxed: a forward holds its request (~1 KiB) and a branch its transaction, and inline
+    /// values were copied on every insert and every rehash.
+    forwards: HashMap<TxKey, Box<Forward<U>>>,
+    branches: HashMap<BranchKey, Box<Branch<D>>>,
     /// Deadlines, one entry pushed whenever a transaction's deadline changes; entries that
     /// no longer match the transaction's current deadline are skipped when popped.
     timers: BinaryHeap<Reverse<(Instant, Timed)>>,
@@ -173,7 +175,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             inv
         });
         let call = is_invite && request.to_tag().is_none();
-        let fw = Forward {
+        let fw = Box::new(Forward {
             request,
             upstream,
             invite,
@@ -185,7 +187,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             local_final: false,
             cancelled: false,
             held_until: None,
-        };
+        });
         self.forwards.insert(key.clone(), fw);
         self.drain_forward(&key);
         self.schedule_forward(&key);
