@@ -33,23 +33,32 @@ impl Drop for InFlight {
 /// Handles a request on the calling task as far as it goes without waiting, and the rest (if
 /// any) in a task of its own; counted for the drain either way.
 ///
-/// With the embedded stores a REGISTER or a call's routing never waits, and a task per request
-/// cost a spawn, a schedule, moves of the ~1 KiB message and (for REGISTER) its checks done
-/// twice, once to answer challenges without a task and once in it (issue 22). A network store
-/// or DNS makes the future wait: it is then spawned where it stands. The first poll uses a
-/// no-op waker; tokio polls a spawned task once at once, which registers the task's own
-/// waker, so nothing that became ready in between is missed. `work` is moved (copied) here and
-/// into the box: a caller with a large state machine boxes it inside `work`.
+/// With the embedded stores a call's routing never waits, and a REGISTER only for the journal
+/// write that makes its binding durable; a task per request cost a spawn, a schedule, moves of
+/// the ~1 KiB message and (for REGISTER) its checks done twice, once to answer challenges
+/// without a task and once in it (issue 22). A network store, DNS or rtpengine makes the
+/// future wait: it is then spawned where it stands. `work` is moved (copied) here and into a
+/// box: a caller with a large state machine boxes it inside `work`.
 pub(crate) fn handle_now_or_in_task<F>(app: &Arc<App>, work: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
     let busy = InFlight::new(app);
-    // Boxed so that the pinned future keeps its address when it moves into a task.
-    let mut task = Box::pin(async move {
+    run_now_or_spawn(async move {
         work.await;
         drop(busy);
     });
+}
+
+/// Polls `fut` once here, with a no-op waker, and spawns it if it is pending. Nothing that
+/// becomes ready in between is missed: tokio polls a new task at once, and that poll
+/// registers the task's own waker.
+fn run_now_or_spawn<F>(fut: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    // Boxed so that the pinned future keeps its address when it moves into a task.
+    let mut task = Box::pin(fut);
     if task
         .as_mut()
         .poll(&mut Context::from_waker(Waker::noop()))
@@ -126,5 +135,63 @@ impl App {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_now_or_spawn;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn work_that_need_not_wait_is_done_before_the_call_returns() {
+        let done = Arc::new(AtomicU32::new(0));
+        let d = done.clone();
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        run_now_or_spawn(async move {
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks(),
+            tasks,
+            "no task was spawned"
+        );
+    }
+
+    #[tokio::test]
+    async fn work_that_waits_finishes_in_a_task_even_when_woken_before_the_task_first_runs() {
+        let done = Arc::new(AtomicU32::new(0));
+        // Woken at once, while only the no-op waker is registered: the task's first poll
+        // must see it.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let (d, n) = (done.clone(), notify.clone());
+        run_now_or_spawn(async move {
+            d.fetch_add(1, Ordering::SeqCst);
+            let _ = rx.await;
+            n.notified().await;
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            1,
+            "ran up to its first wait here"
+        );
+        tx.send(()).unwrap();
+        notify.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while done.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the spawned rest of the work finished");
     }
 }
