@@ -52,19 +52,23 @@ where
 
 /// Polls `fut` once here, with a no-op waker, and spawns it if it is pending. Nothing that
 /// becomes ready in between is missed: tokio polls a new task at once, and that poll
-/// registers the task's own waker.
+/// registers the task's own waker. A panic ends only this piece of work, as it would end a
+/// task, not the receive loop that called.
 fn run_now_or_spawn<F>(fut: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
     // Boxed so that the pinned future keeps its address when it moves into a task.
     let mut task = Box::pin(fut);
-    if task
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-        .is_pending()
-    {
-        tokio::spawn(task);
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        task.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }));
+    match polled {
+        Ok(std::task::Poll::Ready(())) => {}
+        Ok(std::task::Poll::Pending) => {
+            tokio::spawn(task);
+        }
+        Err(_) => tracing::error!("handling a request panicked; that request is dropped"),
     }
 }
 
@@ -163,6 +167,24 @@ mod tests {
             tasks,
             "no task was spawned"
         );
+    }
+
+    #[tokio::test]
+    async fn a_panic_ends_the_work_not_the_caller() {
+        let dropped = Arc::new(AtomicU32::new(0));
+        struct Guard(Arc<AtomicU32>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let g = Guard(dropped.clone());
+        run_now_or_spawn(async move {
+            let _g = g;
+            panic!("a bug in one request's handling");
+        });
+        // Still here; what the work held was released (the drain count is such a guard).
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

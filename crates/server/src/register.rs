@@ -316,15 +316,7 @@ impl App {
                 );
                 Answer::Reply(
                     200,
-                    self.ok(
-                        msg,
-                        ctx,
-                        &outcome,
-                        &req.contacts,
-                        &ext,
-                        push_caps.as_deref(),
-                        now,
-                    ),
+                    self.ok(msg, ctx, &outcome, &req, &ext, push_caps.as_deref()),
                 )
             }
             Ok(Err(reject)) => {
@@ -353,11 +345,11 @@ impl App {
         msg: &Message,
         ctx: &Ctx,
         outcome: &Outcome,
-        own: &[ContactValue<'_>],
+        req: &RegisterRequest<'_>,
         ext: &Extensions<'_>,
         push_caps: Option<&str>,
-        now: u64,
     ) -> bytes::Bytes {
+        let (own, now) = (&req.contacts, req.now);
         let mut b = self.reply(msg, ctx, 200);
         if let Some(caps) = push_caps {
             b = b.header("Feature-Caps", caps);
