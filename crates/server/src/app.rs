@@ -250,7 +250,7 @@ impl App {
         release_free_memory();
     }
 
-    /// True when `host` is one of our domains.
+    /// True when `host` is one of our domains, in any case (callers need not lower-case it).
     pub(crate) fn serves_domain(&self, host: &str) -> bool {
         self.cfg
             .domains

@@ -9,7 +9,7 @@ impl App {
         if !self.names_a_proxy(u) {
             return false;
         }
-        if self.serves_domain(&u.host.as_str().to_ascii_lowercase()) && u.port.is_none() {
+        if self.serves_domain(u.host.as_str()) && u.port.is_none() {
             return true;
         }
         self.interfaces.names_listener(u)

@@ -19,7 +19,7 @@ impl App {
         let Some(ruri) = Uri::parse(msg.request_uri_str()) else {
             return;
         };
-        if ruri.user.is_none() || !self.serves_domain(&ruri.host.as_str().to_ascii_lowercase()) {
+        if ruri.user.is_none() || !self.serves_domain(ruri.host.as_str()) {
             return;
         }
         let Some(aor) = ruri.aor() else { return };

@@ -263,7 +263,7 @@ impl App {
         if msg.to_tag().is_some() {
             return false;
         }
-        let ours = |host: &str| self.serves_domain(&host.to_ascii_lowercase());
+        let ours = |host: &str| self.serves_domain(host);
         let from_ours = msg.from().is_some_and(|f| ours(f.uri.host.as_str()));
         let to_ours = msg
             .request_uri()

@@ -140,10 +140,10 @@ impl App {
             return Err(refuse(416, "Unsupported URI Scheme"));
         };
         let ours =
-            ruri.user.is_some() && self.serves_domain(&ruri.host.as_str().to_ascii_lowercase());
+            ruri.user.is_some() && self.serves_domain(ruri.host.as_str());
         let from_ours = msg
             .from()
-            .is_some_and(|f| self.serves_domain(&f.uri.host.as_str().to_ascii_lowercase()));
+            .is_some_and(|f| self.serves_domain(f.uri.host.as_str()));
         if !ours {
             // Another domain: only our authenticated users, only through the configured gateway.
             let Some(gw) = self.cfg.outbound_gateway.clone() else {
@@ -549,7 +549,7 @@ impl App {
     /// registered through another node after its node died, keeps its Contact).
     async fn rebound(&self, msg: &Message) -> Option<Hop> {
         let to = msg.to()?;
-        if !self.serves_domain(&to.uri.host.as_str().to_ascii_lowercase()) {
+        if !self.serves_domain(to.uri.host.as_str()) {
             return None;
         }
         let aor = to.uri.aor()?;
