@@ -31,9 +31,8 @@ impl App {
         };
         let caller_target = msg.contact().map(|n| n.uri.raw.to_string());
         let (caller, callee) = (party(&from, caller_target), party(&to, None));
-        let ours = |n: &NameAddr<'_>| {
-            aor_of(&n.uri).filter(|_| self.serves_domain(n.uri.host.as_str()))
-        };
+        let ours =
+            |n: &NameAddr<'_>| aor_of(&n.uri).filter(|_| self.serves_domain(n.uri.host.as_str()));
         let now = Instant::now();
         let Ok(mut w) = self.watchers.lock() else {
             return;

@@ -36,8 +36,7 @@ impl App {
         // An initial SUBSCRIBE names the watched user at our domain; a refresh comes to the
         // Contact we gave (the user at one of our listeners).
         if uri.user.is_none()
-            || !(self.serves_domain(uri.host.as_str())
-                || self.interfaces.names_listener(&uri))
+            || !(self.serves_domain(uri.host.as_str()) || self.interfaces.names_listener(&uri))
         {
             return false;
         }

@@ -139,8 +139,7 @@ impl App {
         let Some(ruri) = Uri::parse(&ruri_text) else {
             return Err(refuse(416, "Unsupported URI Scheme"));
         };
-        let ours =
-            ruri.user.is_some() && self.serves_domain(ruri.host.as_str());
+        let ours = ruri.user.is_some() && self.serves_domain(ruri.host.as_str());
         let from_ours = msg
             .from()
             .is_some_and(|f| self.serves_domain(f.uri.host.as_str()));
