@@ -67,8 +67,9 @@ fn extensions<'m>(msg: &'m Message, contacts: &[ContactValue<'_>]) -> Extensions
 
 impl App {
     /// Answers a REGISTER. Challenges (the first answer to every registration) are made
-    /// before any store access and keep no transaction state; with the embedded stores the
-    /// whole registration completes on the receiving task (see
+    /// before any store access and keep no transaction state. Everything runs on the receiving
+    /// task until it must wait: with the embedded stores that is only the journal write that
+    /// makes a new binding durable before its 200 (see
     /// [`crate::drain::handle_now_or_in_task`]).
     pub(crate) fn register_or_challenge(self: &Arc<Self>, msg: Message, ctx: Ctx) {
         let app = self.clone();
