@@ -8,7 +8,7 @@
 //! until a sweep (at most one per [`SWEEP_EVERY`]) has dropped expired ones: bounded memory,
 //! nothing kept beside the entries, and at worst lookups go to the database as without it.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! BYE) and finished when the call ends, or when it never connected. Times are Unix
 //! milliseconds given by the caller: nothing here reads a clock.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 /// How a call ended, as a telephony operator reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -14,7 +14,9 @@
 //! trigger: counters live in two generations that rotate (a full or old generation is dropped
 //! whole, entries still in use are carried into the new one when touched), and the ban table is
 //! swept of expired bans at most once a second.
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};

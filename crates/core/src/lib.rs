@@ -16,6 +16,7 @@
 //! - [`cdr`]: call detail records, one per call, from the proxy's view of it.
 //! - [`binding`]: the location-service record shared by the registrar and the stores.
 //! - [`cache`]: a bounded time-to-live cache for the rows every authenticated request reads.
+//! - [`scanner`]: which User-Agents name a SIP scanner.
 #![warn(missing_docs)]
 
 pub mod audit;
@@ -36,6 +37,7 @@ pub mod proxy;
 pub mod push;
 pub mod ratelimit;
 pub mod registrar;
+pub mod scanner;
 pub mod transaction;
 
 pub use binding::{Binding, Transport};

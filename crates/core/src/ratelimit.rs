@@ -4,7 +4,7 @@
 //!
 //! Sans-IO: every call takes `now`.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

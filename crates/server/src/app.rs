@@ -60,7 +60,7 @@ pub struct App {
     pub(crate) media: Arc<crate::media::MediaAnchor>,
     /// Responses waiting, by Call-ID, behind an earlier response of the call that is still at
     /// rtpengine (so they leave in arrival order).
-    pub(crate) held_responses: Mutex<std::collections::HashMap<String, HeldResponses>>,
+    pub(crate) held_responses: Mutex<foldhash::HashMap<String, HeldResponses>>,
     /// Shutting down: new out-of-dialog requests get 503.
     pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Requests being handled in spawned tasks.
@@ -75,7 +75,7 @@ pub struct App {
     pub(crate) push: Option<Arc<crate::push::Pusher>>,
     /// Requests held for pushed devices, kept while a device may wake for them (one woken
     /// after its call ended still gets the INVITE and a CANCEL).
-    pub(crate) pushed_requests: Mutex<std::collections::HashMap<TxKey, (Message, Ctx)>>,
+    pub(crate) pushed_requests: Mutex<foldhash::HashMap<TxKey, (Message, Ctx)>>,
     /// Busy lamps: the users' call legs and the dialog-event subscriptions.
     pub(crate) watchers: Mutex<crate::watchers::Watchers>,
     /// Call detail records of the calls in progress; none when records are off.

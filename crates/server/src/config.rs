@@ -39,8 +39,8 @@ pub struct ServerConfig {
     pub outbound_gateway: Option<String>,
     /// Route requests from other domains to our users without authentication.
     pub allow_inbound: bool,
-    /// User-Agent fragments (lower case) whose requests are dropped silently.
-    pub scanner_user_agents: Vec<String>,
+    /// User-Agent fragments whose requests are dropped silently.
+    pub scanner_user_agents: careflow_core::scanner::ScannerAgents,
     /// OPTIONS keep-alives to devices behind NAT.
     pub keepalive: KeepaliveConfig,
     /// Per-source limits, brute-force counting and bans (shared with the transports).

@@ -20,14 +20,8 @@ const PROXY_SUPPORTED: &[&str] = &["outbound", "path"];
 impl App {
     /// True when the User-Agent names a known scanner.
     fn is_scanner(&self, msg: &Message) -> bool {
-        let Some(ua) = msg.header(HeaderName::UserAgent) else {
-            return false;
-        };
-        let ua = ua.to_ascii_lowercase();
-        self.cfg
-            .scanner_user_agents
-            .iter()
-            .any(|f| ua.contains(f.as_str()))
+        msg.header(HeaderName::UserAgent)
+            .is_some_and(|ua| self.cfg.scanner_user_agents.matches(ua))
     }
 
     fn handle_invalid(&self, msg: &Message, ctx: &Ctx, kind: ParseErrorKind, reason: &'static str) {

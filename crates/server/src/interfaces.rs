@@ -2,7 +2,7 @@
 //! cached), and the Via and Record-Route values that name them. The proxy writes these into
 //! what it forwards; keep-alives leave by the listener facing the device.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, OnceLock};
 

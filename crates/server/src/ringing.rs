@@ -2,7 +2,7 @@
 //! registers a device while its call rings (a phone that rebooted, a tab that reconnected
 //! through another node after its node died), the call gains a branch to it.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 

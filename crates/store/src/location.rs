@@ -5,9 +5,7 @@
 //! write (group commit), and [`LocationStore::update`] returns only after that write, so a
 //! 200 OK is never sent for a binding the journal does not have.
 
-use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +30,7 @@ const SHARDS: usize = 16;
 
 /// An AoR's bindings, compact ([`compact`]), keyed by the AoR.
 type Shard = Mutex<HashMap<Box<str>, Box<[Stored]>>>;
+type HashMap<K, V> = foldhash::HashMap<K, V>;
 
 /// In-memory bindings with an optional on-disk journal.
 #[derive(Debug)]
@@ -160,9 +159,8 @@ impl EmbeddedLocation {
     }
 
     fn shard(&self, aor: &str) -> &Shard {
-        let mut h = DefaultHasher::new();
-        aor.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        let h = foldhash::fast::FixedState::default().hash_one(aor);
+        &self.shards[(h as usize) % SHARDS]
     }
 
     fn set(
@@ -483,7 +481,7 @@ pub fn read_journal(
             None => Ok(Vec::new()),
         };
     }
-    let mut by_aor: HashMap<String, Vec<Binding>> = HashMap::new();
+    let mut by_aor: HashMap<String, Vec<Binding>> = HashMap::default();
     journal::replay(path, |aor, bindings| {
         if bindings.is_empty() {
             by_aor.remove(&aor);

@@ -1,6 +1,6 @@
 //! The table of open stream connections, by id and by peer address.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 

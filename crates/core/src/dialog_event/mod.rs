@@ -15,7 +15,7 @@ pub mod presence;
 pub mod shared;
 pub mod subscriptions;
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
 /// A dialog's state as RFC 4235 §3.7.1 names it, in the order a call goes through them.

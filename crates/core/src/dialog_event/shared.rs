@@ -3,7 +3,7 @@
 //! and show the union. A full list per (node, user) makes every message idempotent and a lost
 //! one repaired by the next; a list not refreshed within a TTL (its node died) is dropped.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
 use super::{DialogState, Direction, Leg, NewLeg};

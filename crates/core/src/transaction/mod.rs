@@ -10,7 +10,9 @@
 //! the table has a size bound so a flood cannot grow it without limit.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use foldhash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;

@@ -1,6 +1,6 @@
 //! The anchored calls the application holds (by Call-ID), for `media`.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::time::Instant;
 
 use careflow_core::media::{Leg, Session};

@@ -17,7 +17,9 @@
 //! as 503 (§16.9).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -91,7 +93,7 @@ pub struct ProxyTable<U, D> {
     transmits: VecDeque<Transmit<U, D>>,
     events: VecDeque<Event>,
     /// INVITEs sent to a device only to be CANCELled ([`Self::ring_and_cancel`]).
-    farewells: std::collections::HashSet<BranchKey>,
+    farewells: foldhash::HashSet<BranchKey>,
 }
 
 impl<U: Clone, D: Clone> ProxyTable<U, D> {
