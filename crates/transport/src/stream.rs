@@ -7,6 +7,7 @@
 //! of the close so bindings over it can go.
 
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,8 @@ use careflow_proto::framing::{Frame, next_frame};
 use careflow_proto::websocket::{self, Event, Reassembler};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFuture;
 
 use crate::conn::Wire;
 use crate::outbox::{Outbox, outbox};
@@ -280,26 +283,47 @@ impl Conn<'_> {
         true
     }
 
-    /// Reads more bytes; false on EOF, error, idle timeout or shutdown.
+    /// Reads more bytes, unless the connection is closed or `deadline` passes first.
+    ///
+    /// `timer` and `closed` live as long as the connection's reader, so a read arms nothing
+    /// (a `timeout` and a cancellation waiter made and dropped per read were ~1,300
+    /// instructions per message over TCP). The timer is moved only when `deadline` is earlier
+    /// than the one it holds; when it fires before `deadline` (which moved later since, as
+    /// reads came in) it is re-armed, so an active connection's timer wakes once per idle
+    /// period, not once per read.
     async fn fill<R: AsyncRead + Unpin>(
-        &self,
         rd: &mut R,
         buf: &mut BytesMut,
-        wait: Duration,
+        mut timer: Pin<&mut Sleep>,
+        mut closed: Pin<&mut WaitForCancellationFuture<'_>>,
+        deadline: Instant,
     ) -> Fill {
         // An empty, released buffer stays unallocated until bytes arrive (`read_buf` then
         // reserves a little); once traffic flows it reads in chunks.
         if buf.capacity() > 0 && buf.capacity() - buf.len() < 512 {
             buf.reserve(READ_CHUNK);
         }
-        let read = tokio::select! {
-            _ = self.close.cancelled() => return Fill::Closed,
-            r = tokio::time::timeout(wait, rd.read_buf(buf)) => r,
-        };
-        match read {
-            Ok(Ok(0)) | Ok(Err(_)) => Fill::Closed,
-            Ok(Ok(_)) => Fill::Data,
-            Err(_) => Fill::Quiet,
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = closed.as_mut() => return Fill::Closed,
+                r = rd.read_buf(buf) => {
+                    return match r {
+                        Ok(0) | Err(_) => Fill::Closed,
+                        Ok(_) => Fill::Data,
+                    };
+                }
+                _ = timer.as_mut() => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Fill::Quiet;
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
         }
     }
 
@@ -307,6 +331,9 @@ impl Conn<'_> {
         let limits = self.t.inner.opts.limits;
         let mut partial_since: Option<Instant> = None;
         let mut progressed = false;
+        let mut last_read = Instant::now();
+        let mut timer = pin!(tokio::time::sleep(limits.idle_timeout));
+        let mut closed = pin!(self.close.cancelled());
         loop {
             loop {
                 match next_frame(&buf, limits.max_message_size) {
@@ -342,12 +369,12 @@ impl Conn<'_> {
                 partial_since = Some(Instant::now());
             }
             progressed = false;
-            let wait = match partial_since {
-                Some(t) => limits.partial_timeout.saturating_sub(t.elapsed()),
-                None => limits.idle_timeout,
+            let deadline = match partial_since {
+                Some(t) => after(t, limits.partial_timeout),
+                None => after(last_read, limits.idle_timeout),
             };
-            match self.fill(&mut rd, &mut buf, wait).await {
-                Fill::Data => {}
+            match Self::fill(&mut rd, &mut buf, timer.as_mut(), closed.as_mut(), deadline).await {
+                Fill::Data => last_read = Instant::now(),
                 Fill::Closed => return,
                 Fill::Quiet if partial_since.is_some() => {
                     tracing::warn!(
@@ -373,6 +400,8 @@ impl Conn<'_> {
         let mut last_heard = Instant::now();
         let mut unanswered_pings = 0u32;
         let mut partial_since: Option<Instant> = None;
+        let mut timer = pin!(tokio::time::sleep(opts.ws.ping_interval));
+        let mut closed = pin!(self.close.cancelled());
         loop {
             let mut progressed = false;
             loop {
@@ -426,14 +455,8 @@ impl Conn<'_> {
             let partial_left = partial_since.map_or(Duration::MAX, |t| {
                 opts.limits.partial_timeout.saturating_sub(t.elapsed())
             });
-            match self
-                .fill(
-                    &mut rd,
-                    &mut buf,
-                    ping_every.min(idle_left).min(partial_left),
-                )
-                .await
-            {
+            let deadline = after(Instant::now(), ping_every.min(idle_left).min(partial_left));
+            match Self::fill(&mut rd, &mut buf, timer.as_mut(), closed.as_mut(), deadline).await {
                 Fill::Data => {
                     last_heard = Instant::now();
                     unanswered_pings = 0;
@@ -463,6 +486,12 @@ impl Conn<'_> {
     }
 }
 
+/// `t + d`, or a year after `t` when that does not fit (a timeout configured as "never").
+fn after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// An idle connection holds no read buffer: the next read starts small (64 bytes, enough
 /// to learn that traffic resumed) and [`Conn::fill`] grows it. Measured: 2 KiB less per idle
 /// TLS or WebSocket connection.
@@ -472,8 +501,105 @@ fn release_if_empty(buf: &mut BytesMut) {
     }
 }
 
+#[derive(Debug, PartialEq)]
 enum Fill {
     Data,
     Closed,
     Quiet,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::sync::CancellationToken;
+
+    async fn fill_once(
+        rd: &mut tokio::io::DuplexStream,
+        timer: Pin<&mut Sleep>,
+        close: &CancellationToken,
+        deadline: Instant,
+    ) -> (Fill, BytesMut) {
+        let mut buf = BytesMut::new();
+        let closed = pin!(close.cancelled());
+        let got = Conn::fill(rd, &mut buf, timer, closed, deadline).await;
+        (got, buf)
+    }
+
+    #[tokio::test]
+    async fn a_quiet_read_ends_at_its_deadline_even_when_the_timer_was_set_earlier() {
+        // The timer still holds an earlier deadline (reads moved the idle deadline later):
+        // it fires first, is re-armed, and the read ends only at the deadline asked for.
+        let (_peer, mut rd) = tokio::io::duplex(64);
+        let close = CancellationToken::new();
+        let start = Instant::now();
+        let mut timer = pin!(tokio::time::sleep(Duration::from_millis(50)));
+        let deadline = start + Duration::from_millis(400);
+        let (got, _) = fill_once(&mut rd, timer.as_mut(), &close, deadline).await;
+        assert_eq!(got, Fill::Quiet);
+        assert!(Instant::now() >= deadline, "ended {:?} early", deadline - Instant::now());
+    }
+
+    #[tokio::test]
+    async fn an_earlier_deadline_moves_the_timer() {
+        // A partial message's deadline is earlier than the idle one the timer holds.
+        let (_peer, mut rd) = tokio::io::duplex(64);
+        let close = CancellationToken::new();
+        let start = Instant::now();
+        let mut timer = pin!(tokio::time::sleep(Duration::from_secs(3600)));
+        let deadline = start + Duration::from_millis(100);
+        let read = fill_once(&mut rd, timer.as_mut(), &close, deadline);
+        let (got, _) = tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the timer was not moved to the earlier deadline");
+        assert_eq!(got, Fill::Quiet);
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[tokio::test]
+    async fn data_ends_the_read_and_the_same_timer_serves_the_next_one() {
+        let (mut peer, mut rd) = tokio::io::duplex(64);
+        let close = CancellationToken::new();
+        let mut timer = pin!(tokio::time::sleep(Duration::from_millis(100)));
+        for round in 0..5 {
+            let deadline = Instant::now() + Duration::from_millis(300);
+            peer.write_all(b"OPTIONS").await.unwrap();
+            let (got, buf) = fill_once(&mut rd, timer.as_mut(), &close, deadline).await;
+            assert_eq!(got, Fill::Data, "round {round}");
+            assert_eq!(&buf[..], b"OPTIONS");
+            // Longer than the first deadline the timer held: it must not end a later read.
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        let deadline = Instant::now() + Duration::from_millis(150);
+        let (got, _) = fill_once(&mut rd, timer.as_mut(), &close, deadline).await;
+        assert_eq!(got, Fill::Quiet);
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[tokio::test]
+    async fn end_of_stream_and_shutdown_close_the_read() {
+        let (peer, mut rd) = tokio::io::duplex(64);
+        let close = CancellationToken::new();
+        let mut timer = pin!(tokio::time::sleep(Duration::from_secs(3600)));
+        let far = Instant::now() + Duration::from_secs(3600);
+        drop(peer);
+        let (got, _) = fill_once(&mut rd, timer.as_mut(), &close, far).await;
+        assert_eq!(got, Fill::Closed, "end of stream");
+
+        let (_peer, mut rd) = tokio::io::duplex(64);
+        let canceller = close.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            canceller.cancel();
+        });
+        let (got, _) = fill_once(&mut rd, timer.as_mut(), &close, far).await;
+        assert_eq!(got, Fill::Closed, "shutdown");
+    }
+
+    #[test]
+    fn a_deadline_too_far_to_represent_is_a_year_away() {
+        let now = Instant::now();
+        assert_eq!(after(now, Duration::from_secs(5)), now + Duration::from_secs(5));
+        assert!(after(now, Duration::MAX) > now + Duration::from_secs(300 * 24 * 3600));
+    }
 }
