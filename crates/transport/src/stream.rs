@@ -537,7 +537,11 @@ mod tests {
         let deadline = start + Duration::from_millis(400);
         let (got, _) = fill_once(&mut rd, timer.as_mut(), &close, deadline).await;
         assert_eq!(got, Fill::Quiet);
-        assert!(Instant::now() >= deadline, "ended {:?} early", deadline - Instant::now());
+        assert!(
+            Instant::now() >= deadline,
+            "ended {:?} early",
+            deadline - Instant::now()
+        );
     }
 
     #[tokio::test]
@@ -599,7 +603,10 @@ mod tests {
     #[test]
     fn a_deadline_too_far_to_represent_is_a_year_away() {
         let now = Instant::now();
-        assert_eq!(after(now, Duration::from_secs(5)), now + Duration::from_secs(5));
+        assert_eq!(
+            after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
         assert!(after(now, Duration::MAX) > now + Duration::from_secs(300 * 24 * 3600));
     }
 }
