@@ -158,7 +158,7 @@ pub(crate) async fn run(
             state_file: Some(cfg.data_dir.join("subscriptions.json")),
         },
         allow_inbound: cfg.allow_inbound,
-        scanner_user_agents: careflow_core::scanner::ScannerAgents::new(&cfg.scanner_user_agents),
+        scanner_user_agents: cfg.scanner_user_agents.clone(),
         keepalive: cfg.keepalive,
         media: Some(cfg.media.clone()),
         cluster: match (&cfg.cluster, redis.clone()) {

@@ -94,8 +94,8 @@ pub struct Config {
     pub blf_quirks: Vec<(String, careflow_core::dialog_event::info::Quirks)>,
     /// Accept requests from other domains.
     pub allow_inbound: bool,
-    /// User-Agent fragments of scanners (lower case).
-    pub scanner_user_agents: Vec<String>,
+    /// User-Agent fragments of scanners (`SCANNER_USER_AGENTS`).
+    pub scanner_user_agents: careflow_core::scanner::ScannerAgents,
     /// Per-source limits and bans; None when the rate limit is 0.
     pub guard: Option<careflow_core::guard::GuardConfig>,
     /// How long SIGTERM drains.
@@ -439,7 +439,7 @@ impl Config {
                     .unwrap_or_else(|| "careflow-sip".to_string()),
                 n => n.to_string(),
             },
-            scanner_user_agents: security::scanner_user_agents(&r),
+            scanner_user_agents: security::scanner_user_agents(&r)?,
             allow_inbound: r.flag("allow_inbound")?,
         })
     }

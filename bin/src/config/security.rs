@@ -2,6 +2,7 @@
 //! scanner User-Agents.
 
 use careflow_core::guard::{Cidr, GuardConfig};
+use careflow_core::scanner::ScannerAgents;
 
 use super::ConfigError;
 use super::raw::{Raw, invalid};
@@ -32,9 +33,8 @@ pub(super) fn guard(r: &Raw<'_>) -> Result<Option<GuardConfig>, ConfigError> {
     Ok((rate > 0).then_some(cfg))
 }
 
-/// User-Agent fragments of scanners, lower case.
-pub(super) fn scanner_user_agents(r: &Raw<'_>) -> Vec<String> {
-    r.list("scanner_user_agents")
-        .map(str::to_ascii_lowercase)
-        .collect()
+/// The User-Agent fragments of scanners, as one matcher.
+pub(super) fn scanner_user_agents(r: &Raw<'_>) -> Result<ScannerAgents, ConfigError> {
+    ScannerAgents::new(r.list("scanner_user_agents"))
+        .map_err(|e| invalid("scanner_user_agents", e.to_string()))
 }

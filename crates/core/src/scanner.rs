@@ -5,54 +5,57 @@
 
 use aho_corasick::AhoCorasick;
 
-/// The configured scanner fragments and one matcher for all of them.
+/// One matcher for all configured scanner fragments; none when there are none.
 #[derive(Clone, Debug, Default)]
 pub struct ScannerAgents {
-    fragments: Vec<String>,
     matcher: Option<AhoCorasick>,
 }
+
+/// The fragments could not be made into one matcher (only a list far beyond any real one).
+#[derive(Debug)]
+pub struct ScannerListError(aho_corasick::BuildError);
+
+impl std::fmt::Display for ScannerListError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the list of User-Agent fragments is too large: {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ScannerListError {}
 
 impl ScannerAgents {
     /// Fragments are matched anywhere in the User-Agent, ignoring ASCII case; empty ones are
     /// ignored (they would match every client).
-    pub fn new<I, S>(fragments: I) -> Self
+    pub fn new<I, S>(fragments: I) -> Result<Self, ScannerListError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let fragments: Vec<String> = fragments
+        let fragments: Vec<S> = fragments
             .into_iter()
-            .map(|f| f.as_ref().trim().to_ascii_lowercase())
-            .filter(|f| !f.is_empty())
+            .filter(|f| !f.as_ref().trim().is_empty())
             .collect();
-        let matcher = (!fragments.is_empty())
-            .then(|| {
-                AhoCorasick::builder()
-                    .ascii_case_insensitive(true)
-                    .build(&fragments)
-                    .ok()
-            })
-            .flatten();
-        Self { fragments, matcher }
+        if fragments.is_empty() {
+            return Ok(Self::default());
+        }
+        let matcher = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(fragments.iter().map(|f| f.as_ref().trim()))
+            .map_err(ScannerListError)?;
+        Ok(Self {
+            matcher: Some(matcher),
+        })
     }
 
     /// True when `user_agent` contains one of the fragments.
     pub fn matches(&self, user_agent: &str) -> bool {
-        match &self.matcher {
-            Some(m) => m.is_match(user_agent),
-            // Only when the automaton could not be built (it has a size limit a list of
-            // User-Agent fragments does not reach): the same answer, found the slow way.
-            None if !self.fragments.is_empty() => {
-                let ua = user_agent.to_ascii_lowercase();
-                self.fragments.iter().any(|f| ua.contains(f.as_str()))
-            }
-            None => false,
-        }
-    }
-
-    /// The fragments, lower case, as configured.
-    pub fn fragments(&self) -> &[String] {
-        &self.fragments
+        self.matcher
+            .as_ref()
+            .is_some_and(|m| m.is_match(user_agent))
     }
 }
 
@@ -75,7 +78,7 @@ mod tests {
 
     #[test]
     fn scanners_are_found_anywhere_in_any_case() {
-        let s = ScannerAgents::new(DEFAULTS);
+        let s = ScannerAgents::new(DEFAULTS).unwrap();
         for ua in [
             "friendly-scanner",
             "Friendly-Scanner 1.0",
@@ -92,7 +95,7 @@ mod tests {
 
     #[test]
     fn real_phones_and_clients_pass() {
-        let s = ScannerAgents::new(DEFAULTS);
+        let s = ScannerAgents::new(DEFAULTS).unwrap();
         for ua in [
             "",
             "Yealink SIP-T46U 108.86.0.20",
@@ -113,7 +116,7 @@ mod tests {
     fn same_answer_as_lower_casing_and_searching() {
         // The definition this replaced: lower-case the header, then a substring search per
         // fragment. Generated headers mixing fragment pieces, case and other bytes.
-        let s = ScannerAgents::new(DEFAULTS);
+        let s = ScannerAgents::new(DEFAULTS).unwrap();
         let pieces = [
             "Friendly",
             "-scanner",
@@ -155,16 +158,17 @@ mod tests {
 
     #[test]
     fn no_fragments_match_nothing() {
-        let s = ScannerAgents::new(["", "  "]);
-        assert!(s.fragments().is_empty());
+        let s = ScannerAgents::new(["", "  "]).unwrap();
         assert!(!s.matches("friendly-scanner"));
+        assert!(!s.matches(""));
         assert!(!ScannerAgents::default().matches("sipvicious"));
     }
 
     #[test]
-    fn fragments_are_kept_lower_case() {
-        let s = ScannerAgents::new(["SIPVicious", " Friendly-Scanner "]);
-        assert_eq!(s.fragments(), ["sipvicious", "friendly-scanner"]);
-        assert!(s.matches("sipvicious"));
+    fn fragments_are_configured_in_any_case_and_trimmed() {
+        let s = ScannerAgents::new(["SIPVicious", " Friendly-Scanner "]).unwrap();
+        assert!(s.matches("sipvicious 0.3"));
+        assert!(s.matches("x friendly-scanner"));
+        assert!(!s.matches("Friendly Scanner"));
     }
 }

@@ -11,12 +11,11 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-
-use foldhash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use careflow_proto::Message;
+use foldhash::{HashMap, HashMapExt};
 
 pub mod client;
 pub mod invite_server;

@@ -18,12 +18,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-
-use foldhash::{HashMap, HashMapExt};
 use std::time::Instant;
 
 use bytes::Bytes;
 use careflow_proto::{Message, Method, ResponseBuilder};
+use foldhash::{HashMap, HashMapExt};
 
 use crate::transaction::TxKey;
 use crate::transaction::client::{ClientEvent, ClientState, ClientTransaction};
