@@ -3,11 +3,11 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::UdpSocket;
+use crate::udp_socket::UdpSock;
 
 /// Asks the kernel to queue ICMP errors on the socket's error queue.
 #[cfg(target_os = "linux")]
-pub(crate) fn enable(sock: &UdpSocket) {
+pub(crate) fn enable(sock: &UdpSock) {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     let (level, name) = match sock.local_addr() {
@@ -31,11 +31,11 @@ pub(crate) fn enable(sock: &UdpSocket) {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn enable(_sock: &UdpSocket) {}
+pub(crate) fn enable(_sock: &UdpSock) {}
 
 /// Destinations of datagrams the network refused, read from the error queue (non-blocking).
 #[cfg(target_os = "linux")]
-pub(crate) fn drain(sock: &UdpSocket) -> Vec<SocketAddr> {
+pub(crate) fn drain(sock: &UdpSock) -> Vec<SocketAddr> {
     use std::os::fd::AsRawFd;
     let mut out = Vec::new();
     for _ in 0..64 {
@@ -67,7 +67,7 @@ pub(crate) fn drain(sock: &UdpSocket) -> Vec<SocketAddr> {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn drain(_sock: &UdpSocket) -> Vec<SocketAddr> {
+pub(crate) fn drain(_sock: &UdpSock) -> Vec<SocketAddr> {
     Vec::new()
 }
 

@@ -15,6 +15,7 @@ mod stream;
 pub mod tls;
 mod tls_stream;
 mod udp;
+mod udp_socket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 pub use careflow_core::Transport;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -256,7 +257,7 @@ impl Transports {
             };
             match s.transport {
                 Transport::Udp => {
-                    let sock = UdpSocket::bind(s.addr).await.map_err(bind_err)?;
+                    let sock = udp_socket::UdpSock::bind(s.addr).map_err(bind_err)?;
                     icmp::enable(&sock);
                     sockbuf::enlarge(&sock);
                     let addr = sock.local_addr().map_err(bind_err)?;

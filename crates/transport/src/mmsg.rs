@@ -5,8 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use crate::udp_socket::UdpSock;
 
 /// Datagrams taken per call; each slot holds a whole datagram of the largest size accepted,
 /// so this bounds the memory a listener keeps (8 x 64 KiB by default).
@@ -40,22 +39,16 @@ impl Batch {
 
     /// Takes the datagrams waiting on `sock` (at least one; waits for the first); the number
     /// received.
-    pub(crate) async fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
-        // ERROR too: an ICMP error for an earlier send (IP_RECVERR) makes the socket report
+    pub(crate) async fn recv(&mut self, sock: &UdpSock) -> io::Result<usize> {
+        // Errors too: an ICMP error for an earlier send (IP_RECVERR) makes the socket report
         // only an error, and the receive must end with it (as `recv_from` does).
         loop {
-            let ready = sock.ready(Interest::READABLE | Interest::ERROR).await?;
-            // `try_io` takes one interest (a combined one never counts as ready): the one that
-            // woke us, so that a WouldBlock clears that readiness.
-            let which = if ready.is_readable() {
-                Interest::READABLE
-            } else {
-                Interest::ERROR
-            };
+            let mut guard = sock.ready_to_receive().await?;
+            let readable = guard.ready().is_readable();
             let mut drained = 0;
-            let r = sock.try_io(which, || {
+            let r = guard.try_io(|_| {
                 let n = self.recv_now(sock)?;
-                if which == Interest::READABLE && n > 0 && n < BATCH {
+                if readable && n > 0 && n < BATCH {
                     // A batch that did not fill took all that was waiting: say WouldBlock so
                     // that tokio clears the readiness now (the next datagram's arrival sets it
                     // again) rather than after one more call that finds nothing.
@@ -65,17 +58,17 @@ impl Batch {
                 Ok(n)
             });
             match r {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained > 0 => {
-                    return Ok(drained);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return r,
+                Ok(r) => return r,
+                // The WouldBlock said after a partial batch: its datagrams are taken.
+                Err(_would_block) if drained > 0 => return Ok(drained),
+                // It would block with nothing taken: the readiness is cleared; wait again.
+                Err(_would_block) => continue,
             }
         }
     }
 
     #[cfg(target_os = "linux")]
-    fn recv_now(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+    fn recv_now(&mut self, sock: &UdpSock) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         // SAFETY (for the zeroed values): iovec, sockaddr_storage and mmsghdr are plain data
         // for which all-zero is valid.
@@ -116,7 +109,7 @@ impl Batch {
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn recv_now(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+    fn recv_now(&mut self, sock: &UdpSock) -> io::Result<usize> {
         let (n, src) = sock.try_recv_from(&mut self.slots[0])?;
         self.got.clear();
         self.got.push((n, src));
@@ -128,9 +121,13 @@ impl Batch {
 mod tests {
     use super::*;
 
+    fn bind() -> UdpSock {
+        UdpSock::bind("127.0.0.1:0".parse().unwrap()).unwrap()
+    }
+
     #[tokio::test]
     async fn waiting_datagrams_come_in_one_batch_with_their_sources_and_sizes() {
-        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rx = bind();
         let to = rx.local_addr().unwrap();
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -157,7 +154,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_batch_that_took_everything_the_next_datagram_still_wakes_the_receiver() {
-        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rx = bind();
         let to = rx.local_addr().unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut batch = Batch::new(64);
@@ -211,7 +208,7 @@ mod icmp_tests {
 
     #[tokio::test]
     async fn an_icmp_error_for_a_send_wakes_a_parked_receive_with_an_error() {
-        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let sock = Arc::new(UdpSock::bind("127.0.0.1:0".parse().unwrap()).unwrap());
         crate::icmp::enable(&sock);
         let dead = dead_port().await;
         let rx = sock.clone();

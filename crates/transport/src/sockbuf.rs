@@ -3,14 +3,14 @@
 //! overflow the kernel's default (about 200 KiB, some 150 datagrams at loopback truesize) and
 //! be dropped, to come back as retransmissions half a second later.
 
-use tokio::net::UdpSocket;
+use crate::udp_socket::UdpSock;
 
 /// What we ask for; the kernel caps it at `net.core.rmem_max`.
 pub(crate) const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 
 /// Sets the receive buffer of `sock` to [`UDP_RECEIVE_BUFFER`], logging what it got.
 #[cfg(target_os = "linux")]
-pub(crate) fn enlarge(sock: &UdpSocket) {
+pub(crate) fn enlarge(sock: &UdpSock) {
     use std::os::fd::AsRawFd;
     let want = UDP_RECEIVE_BUFFER as libc::c_int;
     // SAFETY: the fd is an open socket owned by `sock`; the option value points to a c_int
@@ -51,4 +51,4 @@ pub(crate) fn enlarge(sock: &UdpSocket) {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn enlarge(_sock: &UdpSocket) {}
+pub(crate) fn enlarge(_sock: &UdpSock) {}

@@ -6,12 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 
+use crate::udp_socket::UdpSock;
 use crate::{Inbound, Outbound, Transport, TransportError, Transports};
 
-pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
+pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSock>) {
     let max = t.inner.opts.limits.max_message_size;
     // One byte more than accepted: a datagram that fills a slot was cut, and is oversize.
     let mut batch = crate::mmsg::Batch::new(max + 1);
@@ -46,7 +46,7 @@ pub(crate) async fn recv_loop(t: Transports, sock: Arc<UdpSocket>) {
 /// One received datagram (`bytes` is at most `max` + 1 long: longer means cut).
 fn datagram(
     t: &Transports,
-    sock: &UdpSocket,
+    sock: &UdpSock,
     local: SocketAddr,
     max: usize,
     bytes: &[u8],
@@ -160,7 +160,7 @@ pub(crate) async fn drain_backlog(t: Transports, l: Arc<Listener>) {
 #[derive(Debug)]
 pub(crate) struct Listener {
     pub(crate) addr: SocketAddr,
-    pub(crate) sock: Arc<UdpSocket>,
+    pub(crate) sock: Arc<UdpSock>,
     pub(crate) backlog: Backlog,
 }
 

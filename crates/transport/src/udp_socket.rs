@@ -1,0 +1,154 @@
+//! A UDP listener's socket, registered with the reactor for reading only.
+//!
+//! `tokio::net::UdpSocket` registers for reading and writing. For UDP the kernel reports
+//! "writable" again each time a datagram we sent leaves the send buffer (on loopback: when its
+//! receiver reads it; on a network: when the NIC has sent it), so the reactor was handed one
+//! more event per datagram sent, for which nobody waited: during calls 8.8 `epoll_wait` calls
+//! per call instead of 6.2, and a parked server woken for nothing (issue 22). Sends never wait
+//! here (a full buffer is rare and its datagrams queue, see `udp::Backlog`); only the
+//! backlog's drain asks for writability, through a registration of its own that exists while
+//! it waits.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::Interest;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+
+/// A bound, non-blocking UDP socket whose readiness for reading (and errors) wakes its
+/// receive loop.
+#[derive(Debug)]
+pub(crate) struct UdpSock {
+    fd: AsyncFd<std::net::UdpSocket>,
+}
+
+impl UdpSock {
+    /// Binds `addr`; must be called within a tokio runtime.
+    pub(crate) fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let sock = std::net::UdpSocket::bind(addr)?;
+        sock.set_nonblocking(true)?;
+        // Errors (EPOLLERR: an ICMP error queued by IP_RECVERR) are reported whatever the
+        // registration asks for.
+        Ok(Self {
+            fd: register(sock, Interest::READABLE)?,
+        })
+    }
+
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.fd.get_ref().local_addr()
+    }
+
+    /// Sends now or fails (`WouldBlock` when the send buffer is full); never waits.
+    pub(crate) fn try_send_to(&self, buf: &[u8], dest: SocketAddr) -> io::Result<usize> {
+        self.fd.get_ref().send_to(buf, dest)
+    }
+
+    /// Waits until the socket is readable or has an error queued; the guard says which, and
+    /// its `try_io` clears that readiness when the operation would block.
+    pub(crate) async fn ready_to_receive(
+        &self,
+    ) -> io::Result<AsyncFdReadyGuard<'_, std::net::UdpSocket>> {
+        self.fd.ready(Interest::READABLE | Interest::ERROR).await
+    }
+
+    /// Sends `buf`, waiting for room in the send buffer if it is full. The wait registers a
+    /// duplicate of the socket for writability, dropped when the send is done, so that the
+    /// listener's own registration never wakes for it.
+    pub(crate) async fn send_to(&self, buf: &[u8], dest: SocketAddr) -> io::Result<usize> {
+        match self.try_send_to(buf, dest) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+        let dup = register(self.fd.get_ref().try_clone()?, Interest::WRITABLE)?;
+        loop {
+            let mut guard = dup.writable().await?;
+            match guard.try_io(|s| s.get_ref().send_to(buf, dest)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// Registers `sock` with the current runtime's reactor for `interest`.
+fn register(
+    sock: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: a `std::net::UdpSocket` owns its open descriptor until it is dropped, and the
+    // `AsyncFd` owns the socket (its `as_raw_fd` always returns that descriptor).
+    Ok(unsafe { AsyncFd::register_with_interest(sock, interest) }?)
+}
+
+impl AsRawFd for UdpSock {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+#[cfg(target_os = "linux")]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Times the calling thread has slept and been woken.
+    fn wakeups_of_this_thread() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn datagrams_leaving_the_send_buffer_do_not_wake_the_parked_reactor() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sock = Arc::new(UdpSock::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = peer.local_addr().unwrap();
+            let before = wakeups_of_this_thread();
+            // While this thread is parked in the reactor, 50 datagrams are sent from our
+            // socket and read by their receiver, each freeing our send buffer again.
+            let sender = {
+                let sock = sock.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16];
+                    for _ in 0..50 {
+                        std::thread::sleep(Duration::from_millis(3));
+                        sock.try_send_to(b"hello", to).unwrap();
+                        peer.recv_from(&mut buf).unwrap();
+                    }
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let woken = wakeups_of_this_thread() - before;
+            sender.join().unwrap();
+            // The sleep's own timer and little else; a registration for writing woke the
+            // thread once per datagram (~50).
+            assert!(woken < 20, "reactor woken {woken} times by our own sends");
+        });
+    }
+
+    #[tokio::test]
+    async fn a_datagram_that_comes_in_makes_the_socket_ready_to_receive() {
+        let sock = UdpSock::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(50), sock.ready_to_receive()).await;
+        assert!(quiet.is_err(), "ready with nothing to receive");
+        peer.send_to(b"in", sock.local_addr().unwrap()).unwrap();
+        let guard = tokio::time::timeout(Duration::from_secs(2), sock.ready_to_receive())
+            .await
+            .expect("a datagram must wake the receiver")
+            .unwrap();
+        assert!(guard.ready().is_readable());
+    }
+}
