@@ -45,6 +45,8 @@ pub struct InviteServerTransaction {
     retransmit: Option<(Instant, Duration)>,
     /// Timer H, I or L, or the bound on Proceeding.
     deadline: Instant,
+    /// A 100 Trying held until then, and dropped if another response goes first.
+    trying: Option<(Instant, Bytes)>,
     transmit: VecDeque<Bytes>,
     events: VecDeque<ServerEvent>,
 }
@@ -55,7 +57,7 @@ const MAX_PROCEEDING: Duration = Duration::from_secs(180);
 
 impl InviteServerTransaction {
     /// A new transaction for a received INVITE. The caller sends 100 Trying at once through
-    /// [`Self::send_response`].
+    /// [`Self::send_response`], or holds it with [`Self::hold_trying`].
     pub fn new(reliable: bool, timers: TimerConfig, now: Instant) -> Self {
         Self {
             reliable,
@@ -64,6 +66,7 @@ impl InviteServerTransaction {
             last_response: None,
             retransmit: None,
             deadline: now + MAX_PROCEEDING + 64 * timers.t1,
+            trying: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -79,9 +82,20 @@ impl InviteServerTransaction {
         self.state == ServerState::Terminated
     }
 
+    /// Holds `trying` (a 100 Trying) until `due`: it is sent then, or at once when the INVITE
+    /// is retransmitted before, unless another response was sent first. RFC 3261 §17.2.1 lets
+    /// a transaction skip the 100 when its user answers within 200 ms; a proxy whose callee
+    /// rings at once then sends the caller one response instead of two.
+    pub fn hold_trying(&mut self, trying: Bytes, due: Instant) {
+        if self.state == ServerState::Proceeding && self.last_response.is_none() {
+            self.trying = Some((due, trying));
+        }
+    }
+
     /// The transaction user sends a response with status `code`. Returns false (and sends
     /// nothing) when the state does not allow it, e.g. a second final response.
     pub fn send_response(&mut self, code: u16, bytes: Bytes, now: Instant) -> bool {
+        self.trying = None;
         match (self.state, code) {
             (ServerState::Proceeding, 100..=199) => {
                 self.last_response = Some(bytes.clone());
@@ -110,11 +124,24 @@ impl InviteServerTransaction {
 
     /// The INVITE was received again: resend the last provisional or final response.
     pub fn handle_retransmission(&mut self) {
+        if self.release_trying() {
+            return;
+        }
         if matches!(self.state, ServerState::Proceeding | ServerState::Completed)
             && let Some(r) = &self.last_response
         {
             self.transmit.push_back(r.clone());
         }
+    }
+
+    /// Sends the held 100 Trying, if any (then it is the response retransmissions get).
+    fn release_trying(&mut self) -> bool {
+        let Some((_, trying)) = self.trying.take() else {
+            return false;
+        };
+        self.last_response = Some(trying.clone());
+        self.transmit.push_back(trying);
+        true
     }
 
     /// An ACK matched this transaction (only non-2xx ACKs do, RFC 3261 §17.2.3).
@@ -139,10 +166,17 @@ impl InviteServerTransaction {
         if self.is_terminated() {
             return None;
         }
-        Some(
-            self.retransmit
-                .map_or(self.deadline, |(at, _)| at.min(self.deadline)),
-        )
+        let mut next = self.deadline;
+        for at in [
+            self.retransmit.map(|(at, _)| at),
+            self.trying.as_ref().map(|t| t.0),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            next = next.min(at);
+        }
+        Some(next)
     }
 
     /// Fires the timers due at `now`.
@@ -156,7 +190,11 @@ impl InviteServerTransaction {
             }
             self.state = ServerState::Terminated;
             self.retransmit = None;
+            self.trying = None;
             return;
+        }
+        if self.trying.as_ref().is_some_and(|(due, _)| now >= *due) {
+            self.release_trying();
         }
         if let Some((at, interval)) = self.retransmit
             && now >= at
@@ -277,6 +315,58 @@ mod tests {
         );
         tx.handle_timeout(t0 + Duration::from_secs(33));
         assert!(tx.is_terminated());
+    }
+
+    #[test]
+    fn a_held_trying_goes_out_when_due_and_is_what_retransmissions_get_then() {
+        let t0 = Instant::now();
+        let mut tx = InviteServerTransaction::new(false, TimerConfig::default(), t0);
+        let due = t0 + Duration::from_millis(100);
+        tx.hold_trying(Bytes::from_static(b"100"), due);
+        assert_eq!(tx.poll_transmit(), None, "held, not sent");
+        assert_eq!(tx.poll_timeout(), Some(due));
+        tx.handle_timeout(t0 + Duration::from_millis(99));
+        assert_eq!(tx.poll_transmit(), None);
+        tx.handle_timeout(due);
+        assert_eq!(tx.poll_transmit(), Some(Bytes::from_static(b"100")));
+        assert_eq!(tx.poll_transmit(), None, "once");
+        assert!(tx.poll_timeout().is_some_and(|t| t > due));
+        tx.handle_retransmission();
+        assert_eq!(tx.poll_transmit(), Some(Bytes::from_static(b"100")));
+    }
+
+    #[test]
+    fn a_held_trying_is_dropped_when_another_response_goes_first() {
+        let t0 = Instant::now();
+        let mut tx = InviteServerTransaction::new(false, TimerConfig::default(), t0);
+        let due = t0 + Duration::from_millis(100);
+        tx.hold_trying(Bytes::from_static(b"100"), due);
+        assert!(tx.send_response(180, Bytes::from_static(b"180"), t0));
+        assert_eq!(drain(&mut tx), 1);
+        tx.handle_timeout(due);
+        assert_eq!(tx.poll_transmit(), None, "the 180 made the 100 needless");
+        tx.handle_retransmission();
+        assert_eq!(tx.poll_transmit(), Some(Bytes::from_static(b"180")));
+        // A final response first: no 100 after it either.
+        let mut tx = InviteServerTransaction::new(false, TimerConfig::default(), t0);
+        tx.hold_trying(Bytes::from_static(b"100"), due);
+        assert!(tx.send_response(486, Bytes::from_static(b"486"), t0));
+        assert_eq!(drain(&mut tx), 1);
+        tx.handle_timeout(due);
+        assert_eq!(tx.poll_transmit(), None);
+    }
+
+    #[test]
+    fn a_retransmitted_invite_gets_the_held_trying_at_once_and_only_once() {
+        let t0 = Instant::now();
+        let mut tx = InviteServerTransaction::new(false, TimerConfig::default(), t0);
+        let due = t0 + Duration::from_millis(100);
+        tx.hold_trying(Bytes::from_static(b"100"), due);
+        tx.handle_retransmission();
+        assert_eq!(tx.poll_transmit(), Some(Bytes::from_static(b"100")));
+        assert_eq!(tx.poll_transmit(), None);
+        tx.handle_timeout(due);
+        assert_eq!(tx.poll_transmit(), None, "not again when the hold ends");
     }
 
     #[test]

@@ -38,6 +38,12 @@ mod types;
 use aggregate::{call_id_of, local_response};
 pub use types::{BranchKey, Event, Fork, Full, NewBranch, ProxyConfig, Record, Transmit, Upstream};
 
+/// How long an INVITE's 100 Trying is held: a callee that rings or answers sooner makes it
+/// needless (RFC 3261 §17.2.1: a transaction whose user answers within 200 ms may skip it),
+/// and the caller gets one response instead of two; one that does not gets the 100 well
+/// before its first retransmission (T1, 500 ms). The driver's timer tick adds up to its period.
+pub const TRYING_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// One forwarded request: the server side and its branches.
 #[derive(Debug)]
 struct Forward<U> {
@@ -142,9 +148,10 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
         true
     }
 
-    /// Opens the server side of an INVITE before it is routed (transaction first): 100
-    /// Trying goes out at once (§16.2), so retransmissions arriving while routing waits on a
-    /// store are absorbed by [`Self::handle_retransmission`].
+    /// Opens the server side of an INVITE before it is routed (transaction first), so
+    /// retransmissions arriving while routing waits on a store are absorbed by
+    /// [`Self::handle_retransmission`] (the first one gets 100 Trying at once). The 100 itself
+    /// is held for [`TRYING_AFTER`] (§16.2, §17.2.1).
     pub fn open(
         &mut self,
         key: TxKey,
@@ -172,7 +179,7 @@ impl<U: Clone, D: Clone> ProxyTable<U, D> {
             let trying = ResponseBuilder::new(&request, 100)
                 .source(upstream.source)
                 .build();
-            inv.send_response(100, trying, now);
+            inv.hold_trying(trying, now + TRYING_AFTER);
             inv
         });
         let call = is_invite && request.to_tag().is_none();

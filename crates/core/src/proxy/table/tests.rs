@@ -183,7 +183,8 @@ fn fork_relays_provisionals_and_sends_the_best_final_once_all_answered() {
     let mut h = Harness::new();
     let req = request("INVITE", "c1");
     h.call(&req, &[1, 2]);
-    assert_eq!(h.sent(), (vec![100], down(&[(1, "INVITE"), (2, "INVITE")])));
+    // The 100 Trying is held (`TRYING_AFTER`); the 180 below makes it needless.
+    assert_eq!(h.sent(), (vec![], down(&[(1, "INVITE"), (2, "INVITE")])));
     h.table.handle_response(&response(&req, 1, 180, &[]), h.now);
     assert_eq!(h.upstream(), vec![180]);
     // A 486 is held while branch 2 may still answer; the branch gets its ACK.
@@ -312,7 +313,7 @@ fn an_unanswered_branch_is_retransmitted_then_times_out_as_408() {
     h.run_until(Duration::from_millis(31_900));
     let (up, sent) = h.sent();
     assert_eq!(sent.len(), 6, "retransmissions: {sent:?}");
-    assert!(up.is_empty());
+    assert_eq!(up, vec![100], "the held 100 Trying, nothing else");
     h.run_until(Duration::from_millis(32_100));
     assert_eq!(h.upstream(), vec![408]);
     let resp_events = h.events();
@@ -377,7 +378,7 @@ fn a_cancel_while_routing_answers_487_and_nothing_is_forked() {
     h.table
         .open(key.clone(), req.clone(), upstream(), h.now)
         .expect("room");
-    assert_eq!(h.upstream(), vec![100]);
+    assert_eq!(h.upstream(), Vec::<u16>::new(), "100 Trying held");
     assert!(h.table.handle_cancel(&key, h.now));
     assert_eq!(h.upstream(), vec![487]);
     assert_eq!(
@@ -406,6 +407,42 @@ fn a_cancel_while_routing_answers_487_and_nothing_is_forked() {
         !h.table
             .handle_cancel(&Harness::key(&request("INVITE", "other")), h.now)
     );
+}
+
+#[test]
+fn the_100_trying_is_held_and_spared_when_the_callee_rings_in_time() {
+    let mut h = Harness::new();
+    let req = request("INVITE", "t1");
+    h.call(&req, &[1]);
+    assert_eq!(h.sent(), (vec![], down(&[(1, "INVITE")])));
+    // The callee rings within TRYING_AFTER: the caller gets the 180 and never a 100.
+    h.advance(TRYING_AFTER / 2);
+    h.table.handle_response(&response(&req, 1, 180, &[]), h.now);
+    assert_eq!(h.upstream(), vec![180]);
+    h.run_until(Duration::from_secs(5));
+    assert_eq!(h.upstream(), Vec::<u16>::new());
+    h.table.handle_response(&response(&req, 1, 200, &[]), h.now);
+    assert_eq!(h.upstream(), vec![200]);
+    // A callee that does not: the 100 goes up when the hold ends, once.
+    let slow = request("INVITE", "t2");
+    let start = h.now;
+    h.call(&slow, &[2]);
+    h.sent();
+    h.advance(TRYING_AFTER - Duration::from_millis(1));
+    assert_eq!(h.upstream(), Vec::<u16>::new());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.upstream(), vec![100]);
+    assert_eq!(h.now - start, TRYING_AFTER);
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.upstream(), Vec::<u16>::new());
+    // Whatever the hold did, the transaction still ends: the proceeding bound is kept.
+    h.table
+        .handle_response(&response(&slow, 2, 180, &[]), h.now);
+    h.table
+        .handle_response(&response(&slow, 2, 200, &[]), h.now);
+    h.sent();
+    h.run_until(Duration::from_secs(60));
+    assert!(h.table.is_empty(), "left: {}", h.table.len());
 }
 
 #[test]
@@ -504,7 +541,11 @@ fn no_branch_means_500() {
     let mut h = Harness::new();
     let req = request("INVITE", "c13");
     h.call(&req, &[]);
-    assert_eq!(h.upstream(), vec![100, 500]);
+    assert_eq!(
+        h.upstream(),
+        vec![500],
+        "no 100 Trying before an answer at once"
+    );
     let msg = request("OPTIONS", "o1");
     assert_eq!(h.fork(&msg, &[]), Fork::NoBranches);
     assert_eq!(h.upstream(), vec![500]);
