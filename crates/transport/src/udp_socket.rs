@@ -3,9 +3,9 @@
 //! `tokio::net::UdpSocket` registers for reading and writing. For UDP the kernel reports
 //! "writable" again each time a datagram we sent leaves the send buffer (on loopback: when its
 //! receiver reads it; on a network: when the NIC has sent it), so the reactor was handed one
-//! more event per datagram sent, for which nobody waited: during calls 8.8 `epoll_wait` calls
-//! per call instead of 6.2, and a parked server woken for nothing (issue 22). Sends never wait
-//! here (a full buffer is rare and its datagrams queue, see `udp::Backlog`); only the
+//! more event per datagram sent, for which nobody waited (during calls 8.8 `epoll_wait` calls
+//! per call instead of 6.2; a server parked by then is woken by it) (issue 22). Sends never
+//! wait here (a full buffer is rare and its datagrams queue, see `udp::Backlog`); only the
 //! backlog's drain asks for writability, through a registration of its own that exists while
 //! it waits.
 
