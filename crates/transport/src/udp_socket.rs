@@ -44,6 +44,13 @@ impl UdpSock {
         self.fd.get_ref().send_to(buf, dest)
     }
 
+    /// Receives one datagram now or fails (`WouldBlock` when none is waiting); where
+    /// `recvmmsg` is missing (see `mmsg.rs`).
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.fd.get_ref().recv_from(buf)
+    }
+
     /// Waits until the socket is readable or has an error queued; the guard says which, and
     /// its `try_io` clears that readiness when the operation would block.
     pub(crate) async fn ready_to_receive(
