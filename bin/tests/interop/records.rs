@@ -466,6 +466,42 @@ fn sipp_call(server: &Server, uac: &str, uas: &str, pause_ms: u32) {
     );
 }
 
+/// Another program holds the database's write lock (the CLI importing users, an operator's
+/// `sqlite3` shell) while a call ends: its record waits for the lock, SIP traffic does not,
+/// and the record is written once the lock is gone. Writes once ran on the runtime's worker
+/// and held every SIP message for as long as they waited (up to `busy_timeout`, 5 s).
+#[test]
+fn a_database_locked_by_another_program_holds_up_no_sip_traffic_and_loses_no_record() {
+    require("sipp", "sip-tester");
+    let (server, key) = records_server(None);
+    let other = rusqlite::Connection::open(server.data_dir().join("careflow.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    sipp_call(&server, "uac-hung-up.xml", "uas-hangup.xml", 0);
+    // Past the records' 100 ms gathering: their write is waiting for the lock.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    for i in 0..3 {
+        let ua = Ua::new(server.sip_addr());
+        let r = ua.register("2002", "pw-2002", DOMAIN, &format!("locked-{i}"), "");
+        assert_eq!(status(&r), 200, "{r}\n{}", server.log());
+    }
+    let took = started.elapsed();
+    assert_eq!(
+        server.metric("careflow_sip_call_records_written_total"),
+        0,
+        "the record was written although the database was locked"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "three registrations took {took:?} while the database was locked\n{}",
+        server.log()
+    );
+    other.execute_batch("COMMIT").unwrap();
+    let all = calls(&server, &key, "?limit=10", 1);
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(all[0]["disposition"], "answered", "{all:#?}");
+}
+
 #[test]
 fn sipp_calls_of_every_disposition_make_one_record_each_on_sqlite() {
     sipp_dispositions(None);

@@ -1,18 +1,26 @@
-//! The embedded subscriber store: one SQLite file, opened in WAL mode.
+//! The embedded subscriber store: one SQLite file, opened in WAL mode, through two connections.
 //!
-//! Calls run inline under a mutex: a primary-key lookup in a local SQLite file takes a few
-//! microseconds, less than handing the work to a blocking thread would cost.
+//! Authentication lookups run inline under a mutex on their own connection: a primary-key
+//! lookup in a local SQLite file takes a few microseconds, less than handing the work to a
+//! blocking thread would cost, and in WAL mode a reader never waits for a writer.
+//!
+//! Everything else (provisioning, call records, audit entries, API keys) runs on a blocking
+//! thread with the other connection. A write can wait up to `busy_timeout` for another
+//! program's write transaction (the CLI importing users, an operator's `sqlite3` session) and a
+//! commit may checkpoint the WAL with `fsync`; run inline, either stopped every SIP message
+//! of the runtime's worker for as long (a 3 s lock held elsewhere held OPTIONS for 2.7 s).
 //!
 //! Authentication lookups share one read transaction for up to [`SNAPSHOT_AGE`]: starting and
 //! ending a read transaction for each (file and WAL-index locks, four `fcntl` calls) cost as
-//! much as the lookup itself. Every other call, and every announced change
-//! ([`SubscriberStore::refresh`]: this server's CLI tells it over the control socket), ends
-//! the snapshot first, so what a lookup misses is only a change by another program that is
-//! at most that old. A user an older snapshot lacks is looked up again in a new one: one
-//! just added anywhere registers at once.
+//! much as the lookup itself. Every call through the other connection, and every announced
+//! change ([`SubscriberStore::refresh`]: this server's CLI tells it over the control socket),
+//! ends the snapshot once it is done, so the server's own writes are seen by the next lookup
+//! and what a lookup misses is only a change by another program that is at most that old. A
+//! user an older snapshot lacks is looked up again in a new one: one just added anywhere
+//! registers at once.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -64,7 +72,10 @@ impl DbUrl {
 /// Subscribers in SQLite.
 #[derive(Debug)]
 pub struct SqliteSubscribers {
-    conn: Mutex<Held>,
+    /// Authentication lookups, inline.
+    lookups: Mutex<Held>,
+    /// Every other call, on a blocking thread.
+    writer: Arc<Mutex<Connection>>,
 }
 
 /// How long authentication lookups share one read transaction.
@@ -130,35 +141,56 @@ pub(crate) fn unix_now() -> i64 {
 impl SqliteSubscribers {
     /// Opens (creating if needed) and migrates the store.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let mut conn = open_sqlite(path)?;
-        migrate(&mut conn, SUBSCRIBER_MIGRATIONS)?;
+        let mut writer = open_sqlite(path)?;
+        migrate(&mut writer, SUBSCRIBER_MIGRATIONS)?;
+        let conn = open_sqlite(path)?;
         // No memory map: a map makes every page a lookup touched part of the server's resident
         // memory (18 MB for 100,000 subscribers: 190 bytes per contact, issue 22), while the
         // subscriber cache already spares the hot path the database. Pages are read into
         // SQLite's own page cache (2 MiB) instead.
         Ok(Self {
-            conn: Mutex::new(Held {
+            lookups: Mutex::new(Held {
                 conn,
                 snapshot_since: None,
                 snapshot_age: SNAPSHOT_AGE,
             }),
+            writer: Arc::new(Mutex::new(writer)),
         })
     }
 
     fn held(&self) -> Result<std::sync::MutexGuard<'_, Held>, StoreError> {
-        self.conn
+        self.lookups
             .lock()
             .map_err(|_| StoreError::backend("sqlite", "store lock poisoned"))
     }
 
-    /// Runs `f` outside any snapshot: it sees every commit, and its writes commit.
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut h = self.held()?;
-        h.end_snapshot();
-        f(&mut h.conn)
+    /// Runs `f` on the writer connection, on a blocking thread when there is a runtime (the
+    /// caller's task waits, its worker does not), outside any snapshot: it sees every commit
+    /// and its writes commit. The lookups' snapshot ends afterwards, so the next lookup sees
+    /// what `f` wrote.
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let writer = Arc::clone(&self.writer);
+        let run = move || {
+            let mut c = writer
+                .lock()
+                .map_err(|_| StoreError::backend("sqlite", "store lock poisoned"))?;
+            f(&mut c)
+        };
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt.spawn_blocking(run).await.unwrap_or_else(|e| {
+                Err(StoreError::backend(
+                    "sqlite",
+                    format!("the store's blocking thread failed: {e}"),
+                ))
+            }),
+            Err(_) => run(),
+        };
+        self.refresh();
+        result
     }
 
     /// Runs the lookup `f` in the lookups' shared read transaction. What a snapshot that
@@ -228,7 +260,8 @@ impl SubscriberStore for SqliteSubscribers {
     }
 
     async fn find(&self, username: &str, domain: &str) -> Result<Option<Subscriber>, StoreError> {
-        self.with(|c| {
+        let (username, domain) = (username.to_owned(), domain.to_owned());
+        self.with(move |c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM subscriber WHERE username = ?1 AND domain = ?2"
             ))?;
@@ -236,11 +269,12 @@ impl SubscriberStore for SqliteSubscribers {
                 .query_row(params![username, domain], row_to_subscriber)
                 .optional()?)
         })
+        .await
     }
 
     async fn add(&self, s: NewSubscriber) -> Result<(), StoreError> {
         let now = unix_now();
-        self.with(|c| {
+        self.with(move |c| {
             c.execute(
                 "INSERT INTO subscriber (username, domain, email, careflow_user_id, careflow_care4w_id, enabled, ha1_md5, ha1_sha256, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, ?8)",
@@ -251,7 +285,7 @@ impl SubscriberStore for SqliteSubscribers {
                 other => other,
             })?;
             Ok(())
-        })
+        }).await
     }
 
     async fn set_ha1(
@@ -261,12 +295,14 @@ impl SubscriberStore for SqliteSubscribers {
         md5: &str,
         sha256: &str,
     ) -> Result<bool, StoreError> {
-        self.with(|c| {
+        let (username, domain) = (username.to_owned(), domain.to_owned());
+        let (md5, sha256) = (md5.to_owned(), sha256.to_owned());
+        self.with(move |c| {
             Ok(c.execute(
                 "UPDATE subscriber SET ha1_md5 = ?3, ha1_sha256 = ?4, updated_at = ?5 WHERE username = ?1 AND domain = ?2",
                 params![username, domain, md5, sha256, unix_now()],
             )? > 0)
-        })
+        }).await
     }
 
     async fn set_enabled(
@@ -275,21 +311,24 @@ impl SubscriberStore for SqliteSubscribers {
         domain: &str,
         enabled: bool,
     ) -> Result<bool, StoreError> {
-        self.with(|c| {
+        let (username, domain) = (username.to_owned(), domain.to_owned());
+        self.with(move |c| {
             Ok(c.execute(
                 "UPDATE subscriber SET enabled = ?3, updated_at = ?4 WHERE username = ?1 AND domain = ?2",
                 params![username, domain, i64::from(enabled), unix_now()],
             )? > 0)
-        })
+        }).await
     }
 
     async fn remove(&self, username: &str, domain: &str) -> Result<bool, StoreError> {
-        self.with(|c| {
+        let (username, domain) = (username.to_owned(), domain.to_owned());
+        self.with(move |c| {
             Ok(c.execute(
                 "DELETE FROM subscriber WHERE username = ?1 AND domain = ?2",
                 params![username, domain],
             )? > 0)
         })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<Subscriber>, StoreError> {
@@ -300,10 +339,12 @@ impl SubscriberStore for SqliteSubscribers {
             let rows = st.query_map([], row_to_subscriber)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
+        .await
     }
 
     async fn find_by_careflow_user(&self, user_id: &str) -> Result<Option<Subscriber>, StoreError> {
-        self.with(|c| {
+        let user_id = user_id.to_owned();
+        self.with(move |c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM subscriber WHERE careflow_user_id = ?1"
             ))?;
@@ -311,6 +352,7 @@ impl SubscriberStore for SqliteSubscribers {
                 .query_row(params![user_id], row_to_subscriber)
                 .optional()?)
         })
+        .await
     }
 
     async fn search(
@@ -320,7 +362,7 @@ impl SubscriberStore for SqliteSubscribers {
         offset: usize,
     ) -> Result<Vec<Subscriber>, StoreError> {
         let pattern = crate::like_pattern(query);
-        self.with(|c| {
+        self.with(move |c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM subscriber
                  WHERE username LIKE ?1 ESCAPE '\\' OR email LIKE ?1 ESCAPE '\\'
@@ -333,11 +375,12 @@ impl SubscriberStore for SqliteSubscribers {
             )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
+        .await
     }
 
     async fn import(&self, rows: Vec<NewSubscriber>) -> Result<usize, StoreError> {
         let now = unix_now();
-        self.with(|c| {
+        self.with(move |c| {
             let tx = c.transaction()?;
             {
                 let mut st = tx.prepare(
@@ -353,14 +396,15 @@ impl SubscriberStore for SqliteSubscribers {
             }
             tx.commit()?;
             Ok(rows.len())
-        })
+        }).await
     }
 }
 
 #[async_trait]
 impl ApiKeyStore for SqliteSubscribers {
     async fn create_key(&self, name: &str, sha256_hex: &str) -> Result<(), StoreError> {
-        self.with(|c| {
+        let (name, sha256_hex) = (name.to_owned(), sha256_hex.to_owned());
+        self.with(move |c| {
             c.execute(
                 "INSERT INTO api_key (name, key_sha256, created_at) VALUES (?1, ?2, ?3)",
                 params![name, sha256_hex, unix_now()],
@@ -371,6 +415,7 @@ impl ApiKeyStore for SqliteSubscribers {
             })?;
             Ok(())
         })
+        .await
     }
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
@@ -386,19 +431,23 @@ impl ApiKeyStore for SqliteSubscribers {
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
+        .await
     }
 
     async fn revoke_key(&self, name: &str) -> Result<bool, StoreError> {
-        self.with(|c| {
+        let name = name.to_owned();
+        self.with(move |c| {
             Ok(c.execute(
                 "UPDATE api_key SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
                 params![name, unix_now()],
             )? > 0)
         })
+        .await
     }
 
     async fn key_name(&self, sha256_hex: &str) -> Result<Option<String>, StoreError> {
-        self.with(|c| {
+        let sha256_hex = sha256_hex.to_owned();
+        self.with(move |c| {
             Ok(c.query_row(
                 "SELECT name FROM api_key WHERE key_sha256 = ?1 AND revoked_at IS NULL",
                 params![sha256_hex],
@@ -406,6 +455,7 @@ impl ApiKeyStore for SqliteSubscribers {
             )
             .optional()?)
         })
+        .await
     }
 }
 
@@ -428,27 +478,30 @@ impl CallRecordStore for SqliteSubscribers {
         // Built once: a batch is written every 100 ms while calls end.
         static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let sql = SQL.get_or_init(|| calls::insert_sql(|i| format!("?{i}")));
-        self.with(|c| {
+        let rows: Vec<Vec<rusqlite::types::Value>> = records
+            .iter()
+            .map(|r| sqlite_values(&calls::values(node, r)))
+            .collect();
+        self.with(move |c| {
             // One transaction and one prepared statement for the batch: a commit per call
             // cost more than the rest of the call.
             let tx = c.transaction()?;
             {
                 let mut st = tx.prepare_cached(sql)?;
-                for r in records {
-                    let params: Vec<rusqlite::types::Value> =
-                        calls::values(node, r).iter().map(sqlite_value).collect();
+                for params in rows {
                     st.execute(rusqlite::params_from_iter(params))?;
                 }
             }
             tx.commit()?;
             Ok(())
         })
+        .await
     }
 
     async fn calls(&self, q: &CallQuery) -> Result<Vec<StoredCall>, StoreError> {
         let (sql, vals) = calls::query_sql(q, |i| format!("?{i}"));
         let params: Vec<rusqlite::types::Value> = vals.iter().map(sqlite_value).collect();
-        self.with(|c| {
+        self.with(move |c| {
             let mut st = c.prepare(&sql)?;
             let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
                 let id: i64 = r.get(0)?;
@@ -468,14 +521,16 @@ impl CallRecordStore for SqliteSubscribers {
             }
             Ok(out)
         })
+        .await
     }
 
     async fn purge_calls(&self, ended_before: u64) -> Result<u64, StoreError> {
         let before = i64::try_from(ended_before).unwrap_or(i64::MAX);
-        self.with(|c| {
+        self.with(move |c| {
             let n = c.execute("DELETE FROM call_record WHERE ended_at < ?1", [before])?;
             Ok(n as u64)
         })
+        .await
     }
 }
 
@@ -487,12 +542,13 @@ impl crate::devices::Sql for SqliteSubscribers {
 
     async fn exec(&self, sql: String, vals: Vec<Val>) -> Result<u64, StoreError> {
         let params = sqlite_values(&vals);
-        self.with(|c| {
+        self.with(move |c| {
             let n = c
                 .prepare_cached(&sql)?
                 .execute(rusqlite::params_from_iter(params))?;
             Ok(n as u64)
         })
+        .await
     }
 
     async fn rows(
@@ -502,7 +558,7 @@ impl crate::devices::Sql for SqliteSubscribers {
         kinds: &'static [Kind],
     ) -> Result<Vec<Vec<Val>>, StoreError> {
         let params = sqlite_values(&vals);
-        self.with(|c| {
+        self.with(move |c| {
             let mut st = c.prepare_cached(&sql)?;
             let rows = st.query_map(rusqlite::params_from_iter(params), |r| {
                 let mut v = Vec::with_capacity(kinds.len());
@@ -516,6 +572,7 @@ impl crate::devices::Sql for SqliteSubscribers {
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
+        .await
     }
 }
 
@@ -562,16 +619,20 @@ impl AuditStore for SqliteSubscribers {
                     .optional()?
                     .map(|(s, h)| (u64::try_from(s).unwrap_or(0), h)))
                 })
+                .await
             },
             |entry| async move {
                 let params = sqlite_values(&audit::values(&entry));
-                match self.with(|c| {
-                    c.execute(
-                        &audit::insert_sql(|i| format!("?{i}")),
-                        rusqlite::params_from_iter(params),
-                    )?;
-                    Ok(())
-                }) {
+                let inserted = self
+                    .with(move |c| {
+                        c.execute(
+                            &audit::insert_sql(|i| format!("?{i}")),
+                            rusqlite::params_from_iter(params),
+                        )?;
+                        Ok(())
+                    })
+                    .await;
+                match inserted {
                     Ok(()) => Ok(true),
                     Err(StoreError::Conflict(_)) => Ok(false),
                     Err(e) => Err(e),
@@ -588,12 +649,14 @@ impl AuditStore for SqliteSubscribers {
             limit.min(100_000)
         );
         let after = i64::try_from(after).unwrap_or(i64::MAX);
-        self.with(|c| audit_rows(c, &sql, vec![rusqlite::types::Value::Integer(after)]))
+        self.with(move |c| audit_rows(c, &sql, vec![rusqlite::types::Value::Integer(after)]))
+            .await
     }
 
     async fn audit_entries(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
         let (sql, vals) = audit::query_sql(q, |i| format!("?{i}"));
-        self.with(|c| audit_rows(c, &sql, sqlite_values(&vals)))
+        self.with(move |c| audit_rows(c, &sql, sqlite_values(&vals)))
+            .await
     }
 }
 
@@ -665,6 +728,38 @@ mod tests {
         cli.add(add("dave")).await.unwrap();
         s.held().unwrap().snapshot_age = Duration::ZERO;
         assert!(found("dave").await);
+    }
+
+    /// Another program's write transaction (the CLI importing users, an operator's `sqlite3`
+    /// session) makes a write wait for up to `busy_timeout`. The runtime's one thread is not
+    /// held meanwhile (run inline, the write held it until it failed), lookups still answer,
+    /// and the write lands once the lock is gone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_waiting_for_another_programs_lock_holds_neither_the_runtime_nor_lookups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("careflow.db");
+        let s = Arc::new(SqliteSubscribers::open(&path).unwrap());
+        let sub = |u: &str| NewSubscriber {
+            careflow_user_id: None,
+            ..sub(u)
+        };
+        s.add(sub("alice")).await.unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let write = {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move { s.add(sub("bob")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !write.is_finished(),
+            "the write neither waits for the lock nor lets this task run meanwhile"
+        );
+        assert!(s.auth_row("alice", "example.com").await.unwrap().is_some());
+        assert!(s.auth_row("bob", "example.com").await.unwrap().is_none());
+        other.execute_batch("COMMIT").unwrap();
+        write.await.unwrap().unwrap();
+        assert!(s.auth_row("bob", "example.com").await.unwrap().is_some());
     }
 
     #[tokio::test]
