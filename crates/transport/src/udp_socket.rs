@@ -26,7 +26,11 @@ pub(crate) struct UdpSock {
 impl UdpSock {
     /// Binds `addr`; must be called within a tokio runtime.
     pub(crate) fn bind(addr: SocketAddr) -> io::Result<Self> {
-        let sock = std::net::UdpSocket::bind(addr)?;
+        Self::from_std(std::net::UdpSocket::bind(addr)?)
+    }
+
+    /// Takes over a bound socket; must be called within a tokio runtime.
+    fn from_std(sock: std::net::UdpSocket) -> io::Result<Self> {
         sock.set_nonblocking(true)?;
         // Errors (EPOLLERR: an ICMP error queued by IP_RECVERR) are reported whatever the
         // registration asks for.
@@ -157,5 +161,123 @@ mod tests {
             .expect("a datagram must wake the receiver")
             .unwrap();
         assert!(guard.ready().is_readable());
+    }
+
+    /// The wait for room in a full send buffer (a burst bigger than a NIC drains; loopback
+    /// never fills one, it frees each datagram as it sends it). In a network namespace of the
+    /// test's own, a `tbf` qdisc at 1 kbit/s on a veth holds the datagrams, and with them the
+    /// sender's buffer, until the qdisc is deleted. Needs root and iproute2.
+    #[cfg(feature = "system-tests")]
+    #[test]
+    fn a_send_into_a_full_buffer_waits_for_room_and_goes_when_there_is_some() {
+        use std::os::fd::AsRawFd as _;
+        use std::process::Command;
+
+        let ns = format!("cfudp{}", std::process::id() % 100_000);
+        let run = |prog: &str, args: &[&str]| {
+            let out = Command::new(prog)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{prog} (iproute2): {e}"));
+            assert!(
+                out.status.success(),
+                "{prog} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        struct Namespace(String);
+        impl Drop for Namespace {
+            fn drop(&mut self) {
+                let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        run("ip", &["netns", "add", &ns]);
+        let _gone = Namespace(ns.clone());
+        run(
+            "ip",
+            &[
+                "-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+            ],
+        );
+        run(
+            "ip",
+            &["-n", &ns, "addr", "add", "10.99.0.1/24", "dev", "veth0"],
+        );
+        run("ip", &["-n", &ns, "link", "set", "veth0", "up"]);
+        run("ip", &["-n", &ns, "link", "set", "veth1", "up"]);
+        // A neighbour that needs no ARP: its datagrams go straight to the qdisc.
+        let neighbour = ["neigh", "add", "10.99.0.3", "lladdr", "02:00:00:00:00:03"];
+        run(
+            "ip",
+            &[&["-n", &ns][..], &neighbour, &["dev", "veth0"]].concat(),
+        );
+        let tc = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &ns, "tc", "qdisc"];
+            all.extend_from_slice(args);
+            run("ip", &all);
+        };
+        tc(&[
+            "add", "dev", "veth0", "root", "tbf", "rate", "1kbit", "burst", "1600", "limit",
+            "100000",
+        ]);
+
+        // The socket is made inside the namespace (a thread may enter one; the socket stays
+        // in it wherever it is used).
+        let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        let std_sock = std::thread::spawn(move || {
+            // SAFETY: plain system calls on descriptors this thread owns.
+            assert_eq!(
+                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let sock = std::net::UdpSocket::bind("10.99.0.1:0").unwrap();
+            let smallest: libc::c_int = 1;
+            let set = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&smallest as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(set, 0);
+            sock
+        })
+        .join()
+        .unwrap();
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sock = UdpSock::from_std(std_sock).unwrap();
+            let dest: SocketAddr = "10.99.0.3:5060".parse().unwrap();
+            let datagram = [0u8; 500];
+            let mut fitted = 0;
+            loop {
+                match sock.try_send_to(&datagram, dest) {
+                    Ok(_) => fitted += 1,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("send failed: {e}"),
+                }
+                assert!(fitted < 1000, "the send buffer never filled");
+            }
+            let send = sock.send_to(&datagram, dest);
+            tokio::pin!(send);
+            let early = tokio::time::timeout(Duration::from_millis(300), &mut send).await;
+            assert!(
+                early.is_err(),
+                "a send into a full buffer ({fitted} datagrams) must wait, got {early:?}"
+            );
+            tc(&["del", "dev", "veth0", "root"]);
+            let sent = tokio::time::timeout(Duration::from_secs(5), send)
+                .await
+                .expect("the waiting send goes once the buffer has room")
+                .unwrap();
+            assert_eq!(sent, datagram.len());
+        });
     }
 }
