@@ -194,24 +194,23 @@ mod tests {
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         run("ip", &["netns", "add", &ns]);
         let _gone = Namespace(ns.clone());
-        run(
-            "ip",
-            &[
-                "-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-            ],
-        );
-        run(
-            "ip",
-            &["-n", &ns, "addr", "add", "10.99.0.1/24", "dev", "veth0"],
-        );
-        run("ip", &["-n", &ns, "link", "set", "veth0", "up"]);
-        run("ip", &["-n", &ns, "link", "set", "veth1", "up"]);
+        let ip = |args: &[&str]| run("ip", &[&["-n", ns.as_str()][..], args].concat());
+        ip(&[
+            "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+        ]);
+        ip(&["addr", "add", "10.99.0.1/24", "dev", "veth0"]);
+        ip(&["link", "set", "veth0", "up"]);
+        ip(&["link", "set", "veth1", "up"]);
         // A neighbour that needs no ARP: its datagrams go straight to the qdisc.
-        let neighbour = ["neigh", "add", "10.99.0.3", "lladdr", "02:00:00:00:00:03"];
-        run(
-            "ip",
-            &[&["-n", &ns][..], &neighbour, &["dev", "veth0"]].concat(),
-        );
+        ip(&[
+            "neigh",
+            "add",
+            "10.99.0.3",
+            "lladdr",
+            "02:00:00:00:00:03",
+            "dev",
+            "veth0",
+        ]);
         let tc = |args: &[&str]| {
             let mut all = vec!["netns", "exec", &ns, "tc", "qdisc"];
             all.extend_from_slice(args);
