@@ -8,24 +8,38 @@ use crate::udp_socket::UdpSock;
 /// What we ask for; the kernel caps it at `net.core.rmem_max`.
 pub(crate) const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 
-/// Sets the receive buffer of `sock` to [`UDP_RECEIVE_BUFFER`], logging what it got.
+/// Sets the socket-level buffer size `option` (`SO_RCVBUF`, `SO_SNDBUF`) of `sock` to
+/// `bytes`; the kernel caps and doubles what it grants.
 #[cfg(target_os = "linux")]
-pub(crate) fn enlarge(sock: &UdpSock) {
-    use std::os::fd::AsRawFd;
-    let want = UDP_RECEIVE_BUFFER as libc::c_int;
+pub(crate) fn set_buffer(
+    sock: &impl std::os::fd::AsRawFd,
+    option: libc::c_int,
+    bytes: libc::c_int,
+) -> std::io::Result<()> {
     // SAFETY: the fd is an open socket owned by `sock`; the option value points to a c_int
     // that outlives the call and its exact size is passed.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&want as *const libc::c_int).cast(),
+            option,
+            (&bytes as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "SO_RCVBUF not set");
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Sets the receive buffer of `sock` to [`UDP_RECEIVE_BUFFER`], logging what it got.
+#[cfg(target_os = "linux")]
+pub(crate) fn enlarge(sock: &UdpSock) {
+    use std::os::fd::AsRawFd;
+    if let Err(error) = set_buffer(sock, libc::SO_RCVBUF, UDP_RECEIVE_BUFFER as libc::c_int) {
+        tracing::debug!(%error, "SO_RCVBUF not set");
         return;
     }
     let mut got: libc::c_int = 0;

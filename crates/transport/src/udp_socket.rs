@@ -225,23 +225,14 @@ mod tests {
         // in it wherever it is used).
         let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
         let std_sock = std::thread::spawn(move || {
-            // SAFETY: plain system calls on descriptors this thread owns.
+            // SAFETY: `setns` on a descriptor this thread owns; it moves only this thread.
             assert_eq!(
                 unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
                 0
             );
             let sock = std::net::UdpSocket::bind("10.99.0.1:0").unwrap();
-            let smallest: libc::c_int = 1;
-            let set = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDBUF,
-                    (&smallest as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(set, 0);
+            // The smallest buffer the kernel grants: a few datagrams fill it.
+            crate::sockbuf::set_buffer(&sock, libc::SO_SNDBUF, 1).unwrap();
             sock
         })
         .join()
